@@ -1,0 +1,144 @@
+/* Configuration: one JSON file (DESIGN.md §6), validated against a table of properties.
+ *
+ * The loaded pq_conf_t is read-only after pq_conf_load() returns; SIGHUP loads a new one and
+ * swaps it in. All strings are owned by the conf. */
+#ifndef PROMPTQ_CONF_H
+#define PROMPTQ_CONF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct pq_kv_s {
+    char *key;
+    char *value;
+} pq_kv_t;
+
+typedef struct pq_provider_conf_s {
+    char *name;     /* key in "providers" */
+    char *type;     /* openai | azure_openai | anthropic | gemini | watsonx */
+    char *base_url; /* no trailing slash */
+    char **api_keys;
+    size_t napi_keys;     /* 0 for a local server */
+    pq_kv_t *headers;     /* extra request headers */
+    size_t nheaders;
+    int timeout_ms;         /* default 60000 */
+    int max_concurrency;    /* default 256; 0 = unlimited */
+    int rpm;                /* requests per minute, 0 = unlimited */
+    int tpm;                /* tokens per minute, 0 = unlimited */
+    int retries_per_target; /* default 2 */
+    int max_retry_wait_ms;  /* default 10000 */
+    int retry_base_ms;      /* backoff base, default 200 */
+    int retry_max_ms;       /* backoff cap, default 5000 */
+    int key_rest_ms;        /* a key that answered 429/401 rests this long, default 30000 */
+    int circuit_failures;   /* consecutive failures that open the circuit, default 5 */
+    double circuit_ratio;   /* failure ratio over the window that opens it, default 0.5 */
+    int circuit_window;     /* calls in the ratio window, default 20 */
+    int circuit_cooldown_ms; /* open -> half-open, default 5000 */
+    int probe_interval_ms;   /* default 5000 (at most 5000) */
+    char *probe;             /* "completion" (default) | "models" */
+    char *status_url;        /* statuspage.io status.json, or NULL */
+    char *api_version;       /* azure_openai */
+    char *project_id;        /* watsonx */
+    char *iam_url;           /* watsonx */
+    int default_max_tokens;  /* anthropic, default 4096 */
+} pq_provider_conf_t;
+
+typedef struct pq_target_s {
+    char *provider; /* key in "providers" */
+    char *model;
+    const pq_provider_conf_t *p; /* resolved at load */
+} pq_target_t;
+
+typedef struct pq_route_s {
+    char *name;       /* the model name clients ask for */
+    char *topic_name; /* sanitised for Kafka topic names (without prefix) */
+    pq_target_t *targets;
+    size_t ntargets;
+} pq_route_t;
+
+typedef struct pq_conf_s {
+    char *path; /* file it came from, or NULL */
+
+    /* kafka: pass-through librdkafka properties (bootstrap.servers included, after the
+     * PROMPTQ_KAFKA_BOOTSTRAP override) */
+    pq_kv_t *kafka;
+    size_t nkafka;
+    const char *bootstrap; /* borrowed from kafka[] */
+
+    /* topics */
+    char *topic_prefix; /* "promptq." */
+    int topic_partitions;   /* for topics promptq creates, default 4 */
+
+    /* redis */
+    char *redis_url;    /* after the PROMPTQ_REDIS_URL override */
+    char *redis_host;   /* parsed from redis_url */
+    int redis_port;
+    int redis_db;
+    char *redis_password; /* or NULL */
+    char *redis_prefix; /* "promptq:" */
+    int64_t result_ttl_s;
+    int64_t cache_ttl_s;      /* default 86400 */
+    int cache_temperature_zero; /* cache temperature-0 requests by default; default 0 */
+
+    /* broker */
+    char *listen; /* "127.0.0.1:8080" */
+    int broker_threads;
+    char *spool_dir;
+    int64_t spool_max_bytes; /* default 1 GiB */
+    pq_kv_t *api_keys; /* key -> tenant; empty = open */
+    size_t napi_keys;
+    int sync_timeout_ms;
+    int ack_timeout_ms;
+    int64_t max_body_bytes; /* 0 = derived from message.max.bytes */
+    int max_prompt_bytes;   /* default 1 MiB */
+    int backlog;            /* listen backlog, default 4096 */
+    char *instance_id;      /* default hostname-pid */
+
+    /* worker */
+    int max_inflight;
+    char *group_id;
+    int64_t park_ttl_s;
+    int64_t max_response_bytes;
+    int max_deliveries; /* redeliveries before a job is poison, default 5 */
+    int lease_ms;       /* default 30000 */
+    int worker_threads; /* default 1 */
+
+    /* log */
+    char *log_level; /* "info" */
+    int log_json;
+
+    pq_provider_conf_t *providers;
+    size_t nproviders;
+    pq_route_t *routes;
+    size_t nroutes;
+} pq_conf_t;
+
+/* Loads and validates a config file. ${VAR} in any string is replaced from the environment (an
+ * unset variable is an error naming it); PROMPTQ_KAFKA_BOOTSTRAP and PROMPTQ_REDIS_URL override
+ * the file. Unknown keys and bad values are errors naming their JSON path, e.g.
+ * "providers.openai.rpmm: unknown key". Returns a new conf, or NULL with errstr set. */
+pq_conf_t *pq_conf_load(const char *path, char *errstr, size_t errstr_size);
+
+/* Same, from a JSON text (tests). */
+pq_conf_t *pq_conf_load_str(const char *json, size_t len, char *errstr, size_t errstr_size);
+
+void pq_conf_destroy(pq_conf_t *conf);
+
+/* Finds a route or provider by name; NULL if absent. Borrowed. */
+const pq_route_t *pq_conf_route(const pq_conf_t *conf, const char *name);
+const pq_provider_conf_t *pq_conf_provider(const pq_conf_t *conf, const char *name);
+
+/* Value of a kafka pass-through property, or NULL. Borrowed. */
+const char *pq_conf_kafka_get(const pq_conf_t *conf, const char *key);
+
+/* Resolves the config path for a program: --config PATH from argv, else $PROMPTQ_CONFIG.
+ * Returns NULL if neither is given. Borrowed from argv or the environment. */
+const char *pq_conf_path_from_args(int argc, char **argv);
+
+/* Writes "<prefix><name>" (e.g. "promptq.requests") into buf. */
+void pq_conf_topic(const pq_conf_t *conf, const char *name, char *buf, size_t size);
+
+/* Writes the retry topic of a route ("promptq.retry.<sanitised route>") into buf. */
+void pq_conf_retry_topic(const pq_conf_t *conf, const pq_route_t *route, char *buf, size_t size);
+
+#endif

@@ -1,0 +1,80 @@
+/* The job envelope (DESIGN.md §3): parse, validate, serialise; job ids.
+ * Parsers here are pure: (buf, len) in, result out, no I/O. */
+#ifndef PROMPTQ_ENVELOPE_H
+#define PROMPTQ_ENVELOPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <jansson.h>
+#include "promptq/err.h"
+#include "promptq/hash.h"
+
+#define PQ_ID_MAX 128
+#define PQ_TENANT_MAX 64
+
+/* Caps applied while parsing; a value over a cap is PQ_ERR_TOO_LARGE. */
+typedef struct pq_envelope_limits_s {
+    size_t max_bytes;        /* whole document */
+    size_t max_prompt_bytes; /* sum of message content lengths */
+    size_t max_messages;     /* entries in request.messages */
+} pq_envelope_limits_t;
+
+/* Defaults: 1 MiB document, 1 MiB prompt, 2048 messages. */
+extern const pq_envelope_limits_t pq_envelope_limits_default;
+
+typedef struct pq_envelope_s {
+    json_t *root; /* owned; the normalised envelope (a bare chat body is wrapped as "request") */
+    /* The fields below are borrowed from root and valid until the next change of root. */
+    const char *id;     /* NULL when the producer gave none */
+    const char *tenant; /* "default" when absent */
+    json_t *request;    /* the OpenAI chat-completions body */
+    const char *model;  /* request.model: the route name */
+    json_t *metadata;   /* NULL when absent */
+    int64_t deadline_ms; /* 0 = none */
+    int cache;           /* -1 unset, 0 false, 1 true */
+    const char *callback_url;
+    const char *reply_to;
+    json_t *park;  /* "park" object of a parked job, or NULL */
+    char request_hash[PQ_SHA256_HEX_LEN + 1]; /* pq_request_hash(request) */
+} pq_envelope_t;
+
+/* Parses and validates an envelope (or a bare chat-completions body). Checks: a JSON object;
+ * id, if present, matches [A-Za-z0-9._:-]{1,128}; tenant [A-Za-z0-9._-]{1,64}; request an object
+ * with a non-empty string model and a non-empty messages array of objects, each with a string
+ * role and a content; deadline an RFC 3339 time; cache a boolean; metadata an object; caps.
+ * On success fills out (call pq_envelope_clear after) and returns PQ_OK; otherwise returns
+ * PQ_ERR_INVALID or PQ_ERR_TOO_LARGE with a message naming the field in errstr, and out is
+ * left cleared. */
+pq_err_t pq_envelope_parse(const char *buf, size_t len, const pq_envelope_limits_t *limits,
+                           pq_envelope_t *out, char *errstr, size_t errstr_size);
+
+/* Frees root and zeroes the struct. Safe on a cleared envelope. */
+void pq_envelope_clear(pq_envelope_t *env);
+
+/* Sets "id" (copied) and refreshes the borrowed pointers. Returns 0, -1 if id is invalid. */
+int pq_envelope_set_id(pq_envelope_t *env, const char *id);
+
+/* Sets "reply_to" (copied). Returns 0 or -1. */
+int pq_envelope_set_reply_to(pq_envelope_t *env, const char *reply_to);
+
+/* Compact one-line JSON of the envelope; new string (free()), NULL on failure. */
+char *pq_envelope_dump(const pq_envelope_t *env, size_t *len);
+
+/* 1 if id matches [A-Za-z0-9._:-]{1,128}. */
+int pq_id_valid(const char *id);
+
+/* 1 if tenant matches [A-Za-z0-9._-]{1,64}. */
+int pq_tenant_valid(const char *tenant);
+
+/* Writes "job_" + 26 Crockford base32 characters of a time-sortable unique id (48-bit ms time,
+ * 80 random bits, monotonic within a process) and a NUL: 31 bytes. Thread-safe. */
+#define PQ_JOB_ID_LEN 30
+void pq_id_generate(char out[PQ_JOB_ID_LEN + 1]);
+
+/* The id of a job produced without one: "kafka-" + the first 24 lowercase hex digits of
+ * SHA-256("clusterid/topic/partition/offset/timestamp_ms"). 31 bytes with the NUL. */
+#define PQ_KAFKA_ID_LEN 30
+void pq_id_derive_kafka(const char *cluster_id, const char *topic, int32_t partition,
+                        int64_t offset, int64_t timestamp_ms, char out[PQ_KAFKA_ID_LEN + 1]);
+
+#endif

@@ -1,0 +1,16 @@
+/* Redis key names (DESIGN.md §4). Each writes into buf and returns the length, or -1 when it
+ * does not fit. prefix is the configured redis prefix ("promptq:"). */
+#ifndef PROMPTQ_KEYS_H
+#define PROMPTQ_KEYS_H
+
+#include <stddef.h>
+
+int pq_key_job(char *buf, size_t size, const char *prefix, const char *tenant, const char *id);
+int pq_key_lease(char *buf, size_t size, const char *prefix, const char *tenant, const char *id);
+int pq_key_cache(char *buf, size_t size, const char *prefix, const char *tenant,
+                 const char *hash);
+int pq_key_idem(char *buf, size_t size, const char *prefix, const char *tenant, const char *key);
+int pq_key_reply(char *buf, size_t size, const char *prefix, const char *instance);
+int pq_key_health(char *buf, size_t size, const char *prefix, const char *instance);
+
+#endif

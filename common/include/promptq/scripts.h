@@ -1,0 +1,47 @@
+/* Redis Lua scripts that keep G3: one terminal record per job.
+ *
+ * Job record fields (hash promptq:job:{tenant}:{id}): status, attempts, deliveries, route,
+ * provider, model, request_hash, response, error, result (the whole result record JSON, re-published
+ * verbatim on redelivery), created_at, updated_at (ms since the epoch as decimal strings).
+ * Terminal statuses: succeeded, failed, expired, cancelled. */
+#ifndef PROMPTQ_SCRIPTS_H
+#define PROMPTQ_SCRIPTS_H
+
+/* Broker, before producing. KEYS[1] job key. ARGV[1] request hash, ARGV[2] now ms,
+ * ARGV[3] ttl ms, ARGV[4] route.
+ * Returns 1 created (status queued), 0 exists with the same request hash, -1 exists with another
+ * request hash (409 / id_conflict). */
+extern const char pq_script_job_create[];
+
+/* Broker, when a job it created could not be made durable. KEYS[1] job key. Deletes the record
+ * only if it is still queued and never delivered. Returns 1 deleted, 0 kept. */
+extern const char pq_script_job_drop[];
+
+/* Worker, before a provider call. KEYS[1] job key, KEYS[2] lease key. ARGV[1] request hash,
+ * ARGV[2] now ms, ARGV[3] ttl ms, ARGV[4] route, ARGV[5] lease owner, ARGV[6] lease ms,
+ * ARGV[7] max deliveries.
+ * Returns an array whose first element says what to do:
+ *   {"run", deliveries}      lease taken, status running, deliveries incremented
+ *   {"terminal", result}     already terminal: do not call, re-publish result verbatim
+ *   {"conflict"}             same id, another request: dlq id_conflict
+ *   {"leased", pttl}         another worker holds the lease: try again after pttl ms
+ *   {"poison", deliveries}   delivered more than max deliveries times: fail it as poison */
+extern const char pq_script_job_begin[];
+
+/* Worker, lease renewal while running. KEYS[1] lease key. ARGV[1] owner, ARGV[2] lease ms.
+ * Returns 1 renewed, 0 lost. */
+extern const char pq_script_lease_renew[];
+
+/* The compare-and-set terminal write. KEYS[1] job key, KEYS[2] lease key. ARGV[1] status,
+ * ARGV[2] result record JSON, ARGV[3] response JSON or "", ARGV[4] error JSON or "",
+ * ARGV[5] provider, ARGV[6] model, ARGV[7] attempts, ARGV[8] now ms, ARGV[9] ttl ms,
+ * ARGV[10] route, ARGV[11] request hash.
+ * Returns {1} if this call wrote the terminal state (the caller publishes), or {0, result} if
+ * the job was already terminal (the caller re-publishes that result, never its own). */
+extern const char pq_script_job_finish[];
+
+/* Non-terminal status change (running -> parked, parked -> queued). KEYS[1] job key.
+ * ARGV[1] status, ARGV[2] now ms. Returns 1 set, 0 if the job is terminal or absent. */
+extern const char pq_script_job_status[];
+
+#endif

@@ -1,0 +1,61 @@
+#include "promptq/scripts.h"
+
+#define TERMINAL_CHECK                                                                             \
+    "local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'expired' "      \
+    "or s == 'cancelled' end\n"
+
+const char pq_script_job_create[] =
+    "local h = redis.call('HGET', KEYS[1], 'request_hash')\n"
+    "if h then if h == ARGV[1] then return 0 else return -1 end end\n"
+    "redis.call('HSET', KEYS[1], 'status', 'queued', 'request_hash', ARGV[1], 'created_at',\n"
+    "  ARGV[2], 'updated_at', ARGV[2], 'route', ARGV[4], 'attempts', 0, 'deliveries', 0)\n"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
+    "return 1\n";
+
+const char pq_script_job_drop[] =
+    "local v = redis.call('HMGET', KEYS[1], 'status', 'deliveries')\n"
+    "if v[1] == 'queued' and v[2] == '0' then redis.call('DEL', KEYS[1]) return 1 end\n"
+    "return 0\n";
+
+const char pq_script_job_begin[] = TERMINAL_CHECK
+    "local v = redis.call('HMGET', KEYS[1], 'status', 'request_hash', 'result')\n"
+    "if not v[1] then\n"
+    "  redis.call('HSET', KEYS[1], 'status', 'queued', 'request_hash', ARGV[1], 'created_at',\n"
+    "    ARGV[2], 'updated_at', ARGV[2], 'route', ARGV[4], 'attempts', 0, 'deliveries', 0)\n"
+    "elseif v[2] ~= ARGV[1] then return {'conflict'}\n"
+    "elseif terminal(v[1]) then return {'terminal', v[3] or ''} end\n"
+    "local d = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)\n"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
+    "if d > tonumber(ARGV[7]) then return {'poison', d} end\n"
+    "local ok = redis.call('SET', KEYS[2], ARGV[5], 'NX', 'PX', ARGV[6])\n"
+    "if not ok then\n"
+    "  if redis.call('GET', KEYS[2]) ~= ARGV[5] then\n"
+    "    redis.call('HINCRBY', KEYS[1], 'deliveries', -1)\n"
+    "    return {'leased', redis.call('PTTL', KEYS[2])}\n"
+    "  end\n"
+    "  redis.call('PEXPIRE', KEYS[2], ARGV[6])\n"
+    "end\n"
+    "redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[2])\n"
+    "return {'run', d}\n";
+
+const char pq_script_lease_renew[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
+    "  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end\n"
+    "return 0\n";
+
+const char pq_script_job_finish[] = TERMINAL_CHECK
+    "local v = redis.call('HMGET', KEYS[1], 'status', 'result')\n"
+    "if v[1] and terminal(v[1]) then return {0, v[2] or ''} end\n"
+    "redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2], 'response', ARGV[3],\n"
+    "  'error', ARGV[4], 'provider', ARGV[5], 'model', ARGV[6], 'attempts', ARGV[7],\n"
+    "  'updated_at', ARGV[8], 'route', ARGV[10], 'request_hash', ARGV[11])\n"
+    "redis.call('HSETNX', KEYS[1], 'created_at', ARGV[8])\n"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[9])\n"
+    "redis.call('DEL', KEYS[2])\n"
+    "return {1}\n";
+
+const char pq_script_job_status[] = TERMINAL_CHECK
+    "local s = redis.call('HGET', KEYS[1], 'status')\n"
+    "if not s or terminal(s) then return 0 end\n"
+    "redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])\n"
+    "return 1\n";
