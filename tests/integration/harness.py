@@ -102,6 +102,59 @@ def http_json(method, url, body=None, headers=None, timeout=None):
     return status, hdrs, doc
 
 
+def post_many(url, bodies, concurrency=16, headers=None, timeout=None):
+    """POSTs every body (dict -> JSON) to url over `concurrency` keep-alive connections.
+    Returns [(status, headers, json-or-None)] in the order of bodies."""
+    import http.client
+    import queue
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    path = u.path or "/"
+    work = queue.Queue()
+    for i, b in enumerate(bodies):
+        work.put(i)
+    out = [None] * len(bodies)
+    hdrs = {"Content-Type": "application/json"}
+    hdrs.update(headers or {})
+
+    def worker():
+        conn = None
+        while True:
+            try:
+                i = work.get_nowait()
+            except queue.Empty:
+                break
+            b = bodies[i]
+            data = json.dumps(b).encode() if isinstance(b, (dict, list)) else b
+            # One attempt only: a blind resend could submit the same prompt twice.
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout or T(60))
+                conn.request("POST", path, body=data, headers=hdrs)
+                resp = conn.getresponse()
+                raw = resp.read()
+                try:
+                    doc = json.loads(raw) if raw else None
+                except ValueError:
+                    doc = None
+                out[i] = (resp.status, {k.lower(): v for k, v in resp.getheaders()}, doc)
+            except (OSError, http.client.HTTPException) as e:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                out[i] = (0, {}, {"exception": repr(e)})
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 class Proc:
     """A process started by a Stack, in its own process group, output in a log file."""
 
