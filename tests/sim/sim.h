@@ -1,0 +1,187 @@
+/* promptq-sim internals: a provider simulator on one libevent loop.
+ *
+ * Layout: sim_main.c (flags, loop, signals), sim_server.c (listeners, modes, pending calls,
+ * control API, stats), sim_state.c (the control state: pure parse/serialise), sim_core.c (the
+ * shared "answer for this prompt" core), and one file per wire format (sim_openai.c, ...), each
+ * exporting a table of routes listed in sim_routes.c. Adding a format touches that one new file
+ * and one line of sim_routes.c. */
+#ifndef PROMPTQ_SIM_H
+#define PROMPTQ_SIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <event2/event.h>
+#include <event2/http.h>
+#include <jansson.h>
+
+/* Largest request body accepted (evhttp answers 413 above it). */
+#define PQ_SIM_MAX_BODY (16u << 20)
+/* Distinct keys kept in stats by_path and in the models list (beyond: "other" / not added). */
+#define PQ_SIM_MAX_KEYS     256
+#define PQ_SIM_MAX_API_KEYS 16
+
+/* ---- control state (sim_state.c) ---- */
+
+typedef enum {
+    PQ_SIM_MODE_OK = 0,
+    PQ_SIM_MODE_DOWN,
+    PQ_SIM_MODE_ERROR,
+    PQ_SIM_MODE_RATE_LIMIT,
+    PQ_SIM_MODE_HANG,
+    PQ_SIM_MODE_MALFORMED,
+} pq_sim_mode_t;
+
+typedef struct {
+    pq_sim_mode_t mode;
+    int status;             /* error mode and failure_rate answers; default 500 */
+    char retry_after[64];   /* Retry-After value; default "1" */
+    int retry_after_set;    /* retry_after given explicitly (then also sent in error mode) */
+    int64_t retry_after_ms; /* -1: no retry-after-ms header */
+    int64_t latency_ms;     /* delay before every answer (not down/hang) */
+    double failure_rate;    /* ok mode: this fraction of answers become `status` */
+    char *error_body;       /* owned; NULL: the format's own error JSON */
+} pq_sim_state_t;
+
+/* Defaults: ok, 500, "1", no ms, 0, 0.0, no body. */
+void pq_sim_state_init(pq_sim_state_t *st);
+
+/* Frees error_body; st stays usable (defaults). NULL is a no-op. */
+void pq_sim_state_clear(pq_sim_state_t *st);
+
+/* Parses a whole-state JSON body (absent fields take defaults) into out, which it initialises.
+ * Returns 0, or -1 with a message naming the field in errstr (out is then cleared). Pure. */
+int pq_sim_state_parse(const char *buf, size_t len, pq_sim_state_t *out, char *errstr,
+                       size_t errstr_size);
+
+/* New reference: the state as JSON. */
+json_t *pq_sim_state_to_json(const pq_sim_state_t *st);
+
+const char *pq_sim_mode_name(pq_sim_mode_t mode);
+
+/* ---- answer core (sim_core.c) ---- */
+
+typedef struct {
+    char *text; /* new: "echo: " + prompt, possibly truncated; NUL-terminated */
+    size_t len;
+    int truncated; /* cut to 4 * max_tokens bytes: finish "length" */
+} pq_sim_answer_t;
+
+/* The deterministic answer for a prompt. max_tokens <= 0: no limit. Truncation keeps UTF-8
+ * sequences whole. Returns 0, or -1 when out of memory. Pure. */
+int pq_sim_core_answer(const char *prompt, size_t len, int64_t max_tokens, pq_sim_answer_t *out);
+
+void pq_sim_answer_free(pq_sim_answer_t *a);
+
+/* Token estimate: bytes / 4 rounded up, at least 1. */
+int64_t pq_sim_core_tokens(size_t bytes);
+
+/* Text of an OpenAI-style content value: a string, or an array of parts whose "text" parts are
+ * concatenated, or null (""). Returns 0 with *out new (NUL-terminated; caller frees) or -1 when
+ * content is none of those. Pure. */
+int pq_sim_core_text(const json_t *content, char **out, size_t *len);
+
+/* json_dump_callback sink appending to an evbuffer (data). */
+int pq_sim_core_dump_cb(const char *buf, size_t size, void *data);
+
+/* ---- calls and routes (sim_server.c, one file per format) ---- */
+
+typedef struct pq_sim_s pq_sim_t;
+typedef struct pq_sim_call_s pq_sim_call_t;
+
+typedef enum {
+    PQ_SIM_E_INVALID = 0, /* 400 and other client errors */
+    PQ_SIM_E_AUTH,        /* 401 */
+    PQ_SIM_E_NOT_FOUND,   /* 404, 405 */
+    PQ_SIM_E_RATE,        /* 429 */
+    PQ_SIM_E_SERVER,      /* 5xx */
+} pq_sim_ekind_t;
+
+typedef struct {
+    pq_sim_ekind_t kind;
+    const char *message;
+    const char *param; /* may be NULL */
+    const char *code;  /* may be NULL */
+} pq_sim_error_t;
+
+typedef struct {
+    const char *name;
+    /* Copies the API key the client presented into buf; returns 0, or -1 when there is none. */
+    int (*auth_key)(struct evhttp_request *req, char *buf, size_t size);
+    /* Writes this format's error document with pq_sim_call_json(). */
+    void (*error)(pq_sim_call_t *call, int status, const pq_sim_error_t *err);
+} pq_sim_format_t;
+
+typedef struct {
+    const pq_sim_format_t *format;
+    int method; /* EVHTTP_REQ_GET / EVHTTP_REQ_POST */
+    /* 1 if path belongs to this route; may copy a path parameter with pq_sim_call_set_arg(). */
+    int (*match)(const char *path, pq_sim_call_t *call);
+    /* Answers a call in ok mode: a good answer or a validation error. */
+    void (*handle)(pq_sim_call_t *call);
+    int needs_auth;
+} pq_sim_route_t;
+
+/* Route tables, each ended by an entry with match == NULL (sim_routes.c lists them). */
+extern const pq_sim_route_t pq_sim_openai_routes[];
+extern const pq_sim_route_t *const pq_sim_route_tables[];
+/* Format used for answers to paths no route matches. */
+extern const pq_sim_format_t pq_sim_openai_format;
+
+/* The request body, linearised (borrowed, valid for the call's life; not NUL-terminated). */
+const char *pq_sim_call_body(pq_sim_call_t *call, size_t *len);
+
+/* The evhttp request (borrowed). */
+struct evhttp_request *pq_sim_call_request(pq_sim_call_t *call);
+
+/* Path parameter stored by a route's match (e.g. a model named in the path), or "". */
+const char *pq_sim_call_arg(const pq_sim_call_t *call);
+void pq_sim_call_set_arg(pq_sim_call_t *call, const char *s, size_t len);
+
+/* Sets the answer: status and body doc (taken: decref'd here), Content-Type application/json. */
+void pq_sim_call_json(pq_sim_call_t *call, int status, json_t *doc);
+
+/* Sets an error answer in the call's format (validation errors of a handler; the simulated
+ * errors of the control state go through the server, which honours its error_body). */
+void pq_sim_call_error(pq_sim_call_t *call, int status, pq_sim_ekind_t kind, const char *message,
+                       const char *param, const char *code);
+
+/* Counts tokens of a successful answer into the stats. */
+void pq_sim_call_tokens(pq_sim_call_t *call, int64_t tokens);
+
+/* Next answer id number (1, 2, ...). */
+uint64_t pq_sim_next_id(pq_sim_t *sim);
+
+/* Wall clock seconds (cached per loop iteration). */
+int64_t pq_sim_now_s(pq_sim_t *sim);
+
+/* Records a model name for the models list (capped). */
+void pq_sim_model_seen(pq_sim_t *sim, const char *model);
+
+/* Borrowed: object whose keys are the models seen (always holds "sim-model"). */
+const json_t *pq_sim_models(pq_sim_t *sim);
+
+/* Creation time reported for models. */
+int64_t pq_sim_started_s(pq_sim_t *sim);
+
+pq_sim_t *pq_sim_call_sim(pq_sim_call_t *call);
+
+/* ---- server (sim_server.c) ---- */
+
+typedef struct {
+    const char *listen;  /* HOST:PORT, required */
+    const char *control; /* HOST:PORT or NULL */
+    const char *name;
+    const char *keys[PQ_SIM_MAX_API_KEYS];
+    int nkeys;
+} pq_sim_opts_t;
+
+/* Binds the listeners and prints "listening=H:P control=H:P". NULL + errstr on failure.
+ * opts: borrowed during the call only. */
+pq_sim_t *pq_sim_new(struct event_base *base, const pq_sim_opts_t *opts, char *errstr,
+                     size_t errstr_size);
+
+/* Drops pending calls, closes listeners. NULL is a no-op. */
+void pq_sim_destroy(pq_sim_t *sim);
+
+#endif

@@ -1,0 +1,966 @@
+/* promptq-sim server: the provider listener, the control listener, modes, held calls, stats.
+ *
+ * Every provider request becomes a call linked into sim->calls until it is answered or dropped.
+ * A call is answered at once, after latency_ms (a timer), or never (hang). While a call is held
+ * evhttp does not read from its connection, so a one-shot read event on the socket notices the
+ * client giving up (EOF) and frees the connection.
+ *
+ * "down" frees the provider evhttp: its listening socket (connect() then gets ECONNREFUSED),
+ * every idle keep-alive connection, and every held call (reset with SO_LINGER 0). Any other mode
+ * binds the same address and port again. On a change away from "hang", hanging calls are
+ * answered under the new state (with its latency); a change to "down" drops them. */
+#include "sim.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
+#include <event2/util.h>
+
+#include "promptq/log.h"
+#include "promptq/util.h"
+
+#define LISTEN_BACKLOG    8192
+#define IDLE_TIMEOUT_S    300
+#define MAX_HEADERS       (64 * 1024)
+#define REBIND_RETRY_MS   100
+#define APPLY_FALLBACK_MS 200
+#define PATH_KEY_MAX      200
+
+typedef enum { STAGE_NEW = 0, STAGE_HANG, STAGE_DELAY } stage_t;
+
+struct pq_sim_call_s {
+    pq_sim_t *sim;
+    struct evhttp_request *req;
+    const pq_sim_route_t *route;   /* NULL: no route for this path and method */
+    const pq_sim_format_t *format; /* for error answers */
+    int path_known;                /* some route has this path (other method: 405) */
+    stage_t stage;
+    int status;
+    int64_t tokens;
+    struct event *timer; /* latency */
+    struct event *watch; /* client close while held */
+    pq_sim_call_t *prev, *next;
+    char arg[256];
+};
+
+typedef struct {
+    pq_sim_t *sim;
+    int is_main;
+} listener_ctx_t;
+
+struct pq_sim_s {
+    struct event_base *base;
+    char name[64];
+    char *keys[PQ_SIM_MAX_API_KEYS];
+    int nkeys;
+
+    struct sockaddr_storage main_addr; /* with the real port once bound */
+    socklen_t main_addrlen;
+    struct evhttp *http;     /* provider listener; NULL while down */
+    struct evhttp *ctl_http; /* control listener; NULL without --control */
+    listener_ctx_t main_ctx, ctl_ctx;
+    struct event *apply_ev; /* deferred listener up/down, and re-bind retries */
+
+    pq_sim_state_t state;
+    pq_sim_call_t *calls; /* every call not yet answered */
+
+    int64_t requests, inflight, max_inflight, tokens;
+    json_t *by_status, *by_path, *models;
+    uint64_t next_id;
+    uint64_t rng;
+    int64_t started_s;
+};
+
+static void on_request(struct evhttp_request *req, void *arg);
+
+/* ---- small helpers ---- */
+
+static double rng_next(pq_sim_t *sim)
+{
+    /* xorshift64* */
+    uint64_t x = sim->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    sim->rng = x;
+    return (double)((x * 0x2545F4914F6CDD1DULL) >> 11) / 9007199254740992.0;
+}
+
+static const char *reason_phrase(int status)
+{
+    switch (status) {
+    case 200:
+        return "OK";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 408:
+        return "Request Timeout";
+    case 413:
+        return "Payload Too Large";
+    case 415:
+        return "Unsupported Media Type";
+    case 422:
+        return "Unprocessable Entity";
+    case 429:
+        return "Too Many Requests";
+    case 500:
+        return "Internal Server Error";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    case 529:
+        return "Overloaded";
+    default:
+        return status < 400 ? "OK" : "Error";
+    }
+}
+
+static void counter_inc(json_t *obj, const char *key, int64_t by)
+{
+    json_t *v = json_object_get(obj, key);
+    if (v)
+        json_integer_set(v, json_integer_value(v) + by);
+    else
+        json_object_set_new(obj, key, json_integer(by));
+}
+
+static void set_header(struct evhttp_request *req, const char *name, const char *value)
+{
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_remove_header(h, name);
+    evhttp_add_header(h, name, value);
+}
+
+/* Sends a JSON document as a whole answer (control API, requests outside calls). doc: taken. */
+static void send_json(struct evhttp_request *req, int status, json_t *doc)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(req);
+
+    set_header(req, "Content-Type", "application/json");
+    if (doc)
+        json_dump_callback(doc, pq_sim_core_dump_cb, out, JSON_COMPACT);
+    json_decref(doc);
+    evhttp_send_reply(req, status, reason_phrase(status), NULL);
+}
+
+static const char *request_path(struct evhttp_request *req)
+{
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    const char *p = uri ? evhttp_uri_get_path(uri) : NULL;
+    return p && *p ? p : "/";
+}
+
+/* "H:P" or "[H]:P" of a bound socket. */
+static void sock_name(evutil_socket_t fd, char *buf, size_t size)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    char host[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+            evutil_inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof(host));
+            port = ntohs(s6->sin6_port);
+            snprintf(buf, size, "[%s]:%d", host, port);
+            return;
+        }
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+        evutil_inet_ntop(AF_INET, &s4->sin_addr, host, sizeof(host));
+        port = ntohs(s4->sin_port);
+    }
+    snprintf(buf, size, "%s:%d", host, port);
+}
+
+static int addr_parse(const char *hostport, struct sockaddr_storage *ss, socklen_t *sslen,
+                      char *errstr, size_t errstr_size)
+{
+    char host[256], *colon;
+    struct addrinfo hints, *res = NULL;
+    int outlen = (int)sizeof(*ss), rc;
+
+    if (!strchr(hostport, ':')) {
+        snprintf(errstr, errstr_size, "%s: expected HOST:PORT", hostport);
+        return -1;
+    }
+    memset(ss, 0, sizeof(*ss));
+    if (evutil_parse_sockaddr_port(hostport, (struct sockaddr *)ss, &outlen) == 0) {
+        *sslen = (socklen_t)outlen;
+        return 0;
+    }
+    pq_strlcpy(host, hostport, sizeof(host));
+    colon = strrchr(host, ':');
+    *colon = '\0';
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    rc = getaddrinfo(host, colon + 1, &hints, &res);
+    if (rc != 0 || !res) {
+        snprintf(errstr, errstr_size, "%s: %s", hostport, gai_strerror(rc));
+        return -1;
+    }
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *sslen = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+static void accept_error_cb(struct evconnlistener *lev, void *arg)
+{
+    int err = EVUTIL_SOCKET_ERROR();
+    PQ_WARN("accept: %s", evutil_socket_error_to_string(err));
+}
+
+/* A configured evhttp listening on sa (backlog LISTEN_BACKLOG); NULL + errstr on failure. */
+static struct evhttp *http_open(pq_sim_t *sim, const struct sockaddr *sa, socklen_t salen,
+                                listener_ctx_t *ctx, char *errstr, size_t errstr_size)
+{
+    struct evconnlistener *lev;
+    struct evhttp *http;
+
+    lev = evconnlistener_new_bind(sim->base, NULL, NULL,
+                                  LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
+                                  LISTEN_BACKLOG, sa, (int)salen);
+    if (!lev) {
+        snprintf(errstr, errstr_size, "bind: %s",
+                 evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+        return NULL;
+    }
+    http = evhttp_new(sim->base);
+    if (!http) {
+        snprintf(errstr, errstr_size, "evhttp_new failed");
+        goto out_free_lev;
+    }
+    if (!evhttp_bind_listener(http, lev)) {
+        snprintf(errstr, errstr_size, "evhttp_bind_listener failed");
+        goto out_free_http;
+    }
+    evconnlistener_set_error_cb(lev, accept_error_cb);
+    evhttp_set_gencb(http, on_request, ctx);
+    evhttp_set_max_body_size(http, PQ_SIM_MAX_BODY);
+    evhttp_set_max_headers_size(http, MAX_HEADERS);
+    evhttp_set_timeout(http, IDLE_TIMEOUT_S);
+    evhttp_set_default_content_type(http, "application/json");
+    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
+                                         EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
+                                         EVHTTP_REQ_PATCH);
+    return http;
+
+out_free_http:
+    evhttp_free(http);
+out_free_lev:
+    evconnlistener_free(lev);
+    return NULL;
+}
+
+/* The fd of the (only) listening socket of http. */
+static void bound_fd_cb(struct evhttp_bound_socket *bound, void *arg)
+{
+    *(evutil_socket_t *)arg = evhttp_bound_socket_get_fd(bound);
+}
+
+static evutil_socket_t http_fd(struct evhttp *http)
+{
+    evutil_socket_t fd = -1;
+    evhttp_foreach_bound_socket(http, bound_fd_cb, &fd);
+    return fd;
+}
+
+/* ---- calls ---- */
+
+static void call_free(pq_sim_call_t *c)
+{
+    pq_sim_t *sim = c->sim;
+
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        sim->calls = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    if (c->timer)
+        event_free(c->timer);
+    if (c->watch)
+        event_free(c->watch);
+    sim->inflight--;
+    free(c);
+}
+
+static void call_send(pq_sim_call_t *c)
+{
+    pq_sim_t *sim = c->sim;
+    char key[16];
+
+    snprintf(key, sizeof(key), "%d", c->status);
+    counter_inc(sim->by_status, key, 1);
+    if (c->status == 200)
+        sim->tokens += c->tokens;
+    evhttp_send_reply(c->req, c->status, reason_phrase(c->status), NULL);
+    call_free(c);
+}
+
+static evutil_socket_t call_fd(pq_sim_call_t *c)
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(c->req);
+    struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+    return bev ? bufferevent_getfd(bev) : -1;
+}
+
+/* The client of a held call closed (or reset) its connection: free it and the connection. */
+static void call_watch_cb(evutil_socket_t fd, short what, void *arg)
+{
+    pq_sim_call_t *c = arg;
+    struct evhttp_connection *evcon;
+    char b;
+    ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+
+    if (n > 0)
+        return; /* pipelined bytes: stop watching, the answer will tell */
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        event_add(c->watch, NULL);
+        return;
+    }
+    PQ_DBG("client left a held call");
+    evcon = evhttp_request_get_connection(c->req);
+    call_free(c);
+    if (evcon)
+        evhttp_connection_free(evcon);
+}
+
+static void call_watch(pq_sim_call_t *c)
+{
+    evutil_socket_t fd;
+
+    if (c->watch)
+        return;
+    fd = call_fd(c);
+    if (fd < 0)
+        return;
+    c->watch = event_new(c->sim->base, fd, EV_READ, call_watch_cb, c);
+    if (c->watch)
+        event_add(c->watch, NULL);
+}
+
+static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    call_send(arg);
+}
+
+static void call_retry_headers(pq_sim_call_t *c, int always)
+{
+    const pq_sim_state_t *st = &c->sim->state;
+    char ms[32];
+
+    if (always || st->retry_after_set)
+        set_header(c->req, "Retry-After", st->retry_after);
+    if (st->retry_after_ms >= 0) {
+        snprintf(ms, sizeof(ms), "%lld", (long long)st->retry_after_ms);
+        set_header(c->req, "retry-after-ms", ms);
+    }
+}
+
+static pq_sim_ekind_t kind_for_status(int status)
+{
+    if (status == 429)
+        return PQ_SIM_E_RATE;
+    if (status == 401 || status == 403)
+        return PQ_SIM_E_AUTH;
+    if (status == 404 || status == 405)
+        return PQ_SIM_E_NOT_FOUND;
+    if (status >= 500)
+        return PQ_SIM_E_SERVER;
+    return PQ_SIM_E_INVALID;
+}
+
+/* A simulated (state-driven) error: the state's error_body if set, else the format's JSON. */
+static void call_sim_error(pq_sim_call_t *c, int status, const char *message, const char *code)
+{
+    const pq_sim_state_t *st = &c->sim->state;
+    struct evbuffer *out;
+
+    if (!st->error_body) {
+        pq_sim_call_error(c, status, kind_for_status(status), message, NULL, code);
+        return;
+    }
+    out = evhttp_request_get_output_buffer(c->req);
+    evbuffer_drain(out, evbuffer_get_length(out));
+    evbuffer_add(out, st->error_body, strlen(st->error_body));
+    set_header(c->req, "Content-Type", "application/json");
+    c->status = status;
+}
+
+static void call_handle(pq_sim_call_t *c)
+{
+    if (c->route) {
+        c->route->handle(c);
+    } else if (c->path_known) {
+        pq_sim_call_error(c, 405, PQ_SIM_E_NOT_FOUND, "Method not allowed for this path.", NULL,
+                          "method_not_allowed");
+    } else {
+        char msg[320];
+        snprintf(msg, sizeof(msg), "Invalid URL (%.16s %.256s)",
+                 evhttp_request_get_command(c->req) == EVHTTP_REQ_GET ? "GET" : "POST",
+                 request_path(c->req));
+        pq_sim_call_error(c, 404, PQ_SIM_E_NOT_FOUND, msg, NULL, "unknown_url");
+    }
+}
+
+/* Masks a key the way providers echo it: a short head, stars, the last 4 characters. */
+static void key_mask(const char *key, char *buf, size_t size)
+{
+    size_t n = strlen(key), head = n >= 12 ? 4 : 0, tail = n >= 12 ? 4 : 0;
+
+    if (size < 16) {
+        if (size)
+            buf[0] = '\0';
+        return;
+    }
+    snprintf(buf, size, "%.*s****%s", (int)head, key, key + n - tail);
+}
+
+/* 0 if the call may proceed; otherwise sets a 401 answer. */
+static int call_auth(pq_sim_call_t *c)
+{
+    pq_sim_t *sim = c->sim;
+    char key[512], masked[64], msg[256];
+
+    if (!sim->nkeys || (c->route && !c->route->needs_auth))
+        return 0;
+    if (c->format->auth_key(c->req, key, sizeof(key)) != 0) {
+        pq_sim_call_error(c, 401, PQ_SIM_E_AUTH,
+                          "You didn't provide an API key. You need to provide your API key in "
+                          "an Authorization header using Bearer auth (i.e. Authorization: "
+                          "Bearer YOUR_KEY).",
+                          NULL, NULL);
+        return -1;
+    }
+    for (int i = 0; i < sim->nkeys; i++)
+        if (!strcmp(key, sim->keys[i]))
+            return 0;
+    key_mask(key, masked, sizeof(masked));
+    snprintf(msg, sizeof(msg), "Incorrect API key provided: %s.", masked);
+    pq_sim_call_error(c, 401, PQ_SIM_E_AUTH, msg, NULL, "invalid_api_key");
+    return -1;
+}
+
+/* Cuts the answer body to half its length: never valid JSON (an object cut short). */
+static void body_truncate(pq_sim_call_t *c)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(c->req);
+    size_t len = evbuffer_get_length(out), keep = len / 2;
+    char *tmp;
+
+    if (len < 2) {
+        evbuffer_drain(out, len);
+        evbuffer_add(out, "{\"id\":", 6);
+        return;
+    }
+    tmp = malloc(keep);
+    if (!tmp) {
+        evbuffer_drain(out, len);
+        evbuffer_add(out, "{", 1);
+        return;
+    }
+    evbuffer_remove(out, tmp, keep);
+    evbuffer_drain(out, evbuffer_get_length(out));
+    evbuffer_add(out, tmp, keep);
+    free(tmp);
+}
+
+/* Decides the answer under the current state (status, headers, body). */
+static void call_prepare(pq_sim_call_t *c)
+{
+    const pq_sim_state_t *st = &c->sim->state;
+    struct evbuffer *out = evhttp_request_get_output_buffer(c->req);
+
+    evbuffer_drain(out, evbuffer_get_length(out));
+    c->tokens = 0;
+    if (st->mode == PQ_SIM_MODE_MALFORMED) {
+        call_handle(c);
+        c->status = 200;
+        c->tokens = 0;
+        body_truncate(c);
+        return;
+    }
+    if (call_auth(c))
+        return;
+    if (st->mode == PQ_SIM_MODE_ERROR) {
+        call_sim_error(c, st->status, "The server had an error while processing your request.",
+                       NULL);
+        call_retry_headers(c, 0);
+        return;
+    }
+    if (st->mode == PQ_SIM_MODE_RATE_LIMIT) {
+        call_sim_error(c, 429,
+                       "Rate limit reached for requests (simulated). Please try again later.",
+                       "rate_limit_exceeded");
+        call_retry_headers(c, 1);
+        return;
+    }
+    if (st->failure_rate > 0.0 && rng_next(c->sim) < st->failure_rate) {
+        call_sim_error(c, st->status, "The server had an error while processing your request.",
+                       NULL);
+        call_retry_headers(c, 0);
+        return;
+    }
+    call_handle(c);
+}
+
+/* Answers now, or after latency_ms. */
+static void call_schedule(pq_sim_call_t *c)
+{
+    int64_t ms = c->sim->state.latency_ms;
+    struct timeval tv;
+
+    if (ms <= 0) {
+        call_send(c);
+        return;
+    }
+    c->stage = STAGE_DELAY;
+    c->timer = evtimer_new(c->sim->base, call_timer_cb, c);
+    if (!c->timer) {
+        call_send(c);
+        return;
+    }
+    tv.tv_sec = (time_t)(ms / 1000);
+    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    evtimer_add(c->timer, &tv);
+    call_watch(c);
+}
+
+static void route_find(pq_sim_call_t *c, const char *path, int method)
+{
+    for (const pq_sim_route_t *const *t = pq_sim_route_tables; *t; t++) {
+        for (const pq_sim_route_t *r = *t; r->match; r++) {
+            c->arg[0] = '\0';
+            if (!r->match(path, c))
+                continue;
+            c->path_known = 1;
+            c->format = r->format;
+            if (r->method == method || (r->method == EVHTTP_REQ_GET && method == EVHTTP_REQ_HEAD)) {
+                c->route = r;
+                return;
+            }
+        }
+    }
+    c->arg[0] = '\0';
+}
+
+static void provider_request(pq_sim_t *sim, struct evhttp_request *req, const char *path)
+{
+    pq_sim_call_t *c;
+    char key[PATH_KEY_MAX + 1];
+
+    sim->requests++;
+    pq_strlcpy(key, path, sizeof(key));
+    if (!json_object_get(sim->by_path, key) && json_object_size(sim->by_path) >= PQ_SIM_MAX_KEYS)
+        pq_strlcpy(key, "other", sizeof(key));
+    counter_inc(sim->by_path, key, 1);
+
+    c = calloc(1, sizeof(*c));
+    if (!c) {
+        evhttp_send_error(req, 500, "out of memory");
+        return;
+    }
+    c->sim = sim;
+    c->req = req;
+    c->format = &pq_sim_openai_format;
+    c->status = 500;
+    c->next = sim->calls;
+    if (sim->calls)
+        sim->calls->prev = c;
+    sim->calls = c;
+    if (++sim->inflight > sim->max_inflight)
+        sim->max_inflight = sim->inflight;
+
+    route_find(c, path, evhttp_request_get_command(req));
+    if (sim->state.mode == PQ_SIM_MODE_HANG) {
+        c->stage = STAGE_HANG;
+        call_watch(c);
+        return;
+    }
+    call_prepare(c);
+    call_schedule(c);
+}
+
+/* ---- listener state ---- */
+
+/* Drops every held call (reset to the client) and frees the provider listener. */
+static void main_close(pq_sim_t *sim)
+{
+    struct linger lg = {1, 0};
+    int dropped = 0;
+
+    while (sim->calls) {
+        evutil_socket_t fd = call_fd(sim->calls);
+        if (fd >= 0)
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        call_free(sim->calls);
+        dropped++;
+    }
+    evhttp_free(sim->http);
+    sim->http = NULL;
+    PQ_INFO("%s: provider listener closed (%d held calls dropped)", sim->name, dropped);
+}
+
+static int main_open(pq_sim_t *sim, char *errstr, size_t errstr_size)
+{
+    sim->http = http_open(sim, (struct sockaddr *)&sim->main_addr, sim->main_addrlen,
+                          &sim->main_ctx, errstr, errstr_size);
+    return sim->http ? 0 : -1;
+}
+
+/* Brings the provider listener in line with the mode; retries a failed re-bind. */
+static void apply_listener(pq_sim_t *sim)
+{
+    char err[256];
+    struct timeval tv = {0, REBIND_RETRY_MS * 1000};
+
+    if (sim->state.mode == PQ_SIM_MODE_DOWN) {
+        if (sim->http)
+            main_close(sim);
+        return;
+    }
+    if (sim->http)
+        return;
+    if (main_open(sim, err, sizeof(err)) == 0) {
+        PQ_INFO("%s: provider listener open again", sim->name);
+        return;
+    }
+    PQ_WARN("%s: re-bind failed (%s), retrying", sim->name, err);
+    evtimer_add(sim->apply_ev, &tv);
+}
+
+static void apply_cb(evutil_socket_t fd, short what, void *arg)
+{
+    apply_listener(arg);
+}
+
+static void apply_after_reply(struct evhttp_request *req, void *arg)
+{
+    pq_sim_t *sim = arg;
+    event_active(sim->apply_ev, EV_TIMEOUT, 0);
+}
+
+/* Hanging calls get answered under the new (non-hang, non-down) state. */
+static void release_hanging(pq_sim_t *sim)
+{
+    pq_sim_call_t *c, *next;
+
+    for (c = sim->calls; c; c = next) {
+        next = c->next;
+        if (c->stage != STAGE_HANG)
+            continue;
+        if (c->watch) {
+            event_free(c->watch);
+            c->watch = NULL;
+        }
+        c->stage = STAGE_NEW;
+        call_prepare(c);
+        call_schedule(c);
+    }
+}
+
+/* ---- control API ---- */
+
+static void control_set_state(pq_sim_t *sim, struct evhttp_request *req, int via_main)
+{
+    struct evbuffer *in = evhttp_request_get_input_buffer(req);
+    size_t len = evbuffer_get_length(in);
+    const char *body = len ? (const char *)evbuffer_pullup(in, -1) : "{}";
+    pq_sim_state_t st;
+    pq_sim_mode_t old = sim->state.mode;
+    char err[256];
+    int listener_change;
+
+    if (!len)
+        len = 2;
+    if (pq_sim_state_parse(body, len, &st, err, sizeof(err))) {
+        send_json(req, 400, json_pack("{s:b, s:{s:s}}", "ok", 0, "error", "message", err));
+        return;
+    }
+    pq_sim_state_clear(&sim->state);
+    sim->state = st;
+    PQ_INFO("%s: state mode=%s status=%d latency_ms=%lld failure_rate=%g", sim->name,
+            pq_sim_mode_name(st.mode), st.status, (long long)st.latency_ms, st.failure_rate);
+
+    if (old == PQ_SIM_MODE_HANG && st.mode != PQ_SIM_MODE_HANG && st.mode != PQ_SIM_MODE_DOWN)
+        release_hanging(sim);
+
+    listener_change = (st.mode == PQ_SIM_MODE_DOWN) != (sim->http == NULL);
+    if (listener_change && via_main) {
+        /* This answer travels on the listener being closed: act once it has been written. */
+        struct timeval tv = {0, APPLY_FALLBACK_MS * 1000};
+        evhttp_request_set_on_complete_cb(req, apply_after_reply, sim);
+        evtimer_add(sim->apply_ev, &tv);
+    }
+    send_json(req, 200,
+              json_pack("{s:b, s:o}", "ok", 1, "state", pq_sim_state_to_json(&sim->state)));
+    if (listener_change && !via_main)
+        apply_listener(sim);
+}
+
+static json_t *stats_json(pq_sim_t *sim)
+{
+    return json_pack("{s:s, s:s, s:b, s:I, s:O, s:O, s:I, s:I, s:I}", "name", sim->name, "mode",
+                     pq_sim_mode_name(sim->state.mode), "listening", sim->http != NULL, "requests",
+                     (json_int_t)sim->requests, "by_status", sim->by_status, "by_path",
+                     sim->by_path, "inflight", (json_int_t)sim->inflight, "max_inflight",
+                     (json_int_t)sim->max_inflight, "tokens", (json_int_t)sim->tokens);
+}
+
+static void control_request(pq_sim_t *sim, struct evhttp_request *req, const char *path,
+                            int via_main)
+{
+    enum evhttp_cmd_type m = evhttp_request_get_command(req);
+
+    if (!strcmp(path, "/_sim/state")) {
+        if (m == EVHTTP_REQ_GET)
+            send_json(req, 200, pq_sim_state_to_json(&sim->state));
+        else if (m == EVHTTP_REQ_POST || m == EVHTTP_REQ_PUT)
+            control_set_state(sim, req, via_main);
+        else
+            send_json(req, 405, json_pack("{s:{s:s}}", "error", "message", "use GET or POST"));
+    } else if (!strcmp(path, "/_sim/stats") && m == EVHTTP_REQ_GET) {
+        send_json(req, 200, stats_json(sim));
+    } else if (!strcmp(path, "/_sim/reset") && m == EVHTTP_REQ_POST) {
+        sim->requests = 0;
+        sim->tokens = 0;
+        sim->max_inflight = sim->inflight;
+        json_object_clear(sim->by_status);
+        json_object_clear(sim->by_path);
+        send_json(req, 200, json_pack("{s:b}", "ok", 1));
+    } else {
+        send_json(req, 404, json_pack("{s:{s:s}}", "error", "message", "unknown control path"));
+    }
+}
+
+static void on_request(struct evhttp_request *req, void *arg)
+{
+    listener_ctx_t *ctx = arg;
+    const char *path = request_path(req);
+
+    if (!strncmp(path, "/_sim/", 6)) {
+        control_request(ctx->sim, req, path, ctx->is_main);
+        return;
+    }
+    if (!ctx->is_main) {
+        send_json(req, 404,
+                  json_pack("{s:{s:s}}", "error", "message",
+                            "the control listener serves /_sim/ paths only"));
+        return;
+    }
+    provider_request(ctx->sim, req, path);
+}
+
+/* ---- accessors for the formats ---- */
+
+const char *pq_sim_call_body(pq_sim_call_t *call, size_t *len)
+{
+    struct evbuffer *in = evhttp_request_get_input_buffer(call->req);
+
+    *len = evbuffer_get_length(in);
+    if (!*len)
+        return "";
+    return (const char *)evbuffer_pullup(in, -1);
+}
+
+struct evhttp_request *pq_sim_call_request(pq_sim_call_t *call)
+{
+    return call->req;
+}
+
+const char *pq_sim_call_arg(const pq_sim_call_t *call)
+{
+    return call->arg;
+}
+
+void pq_sim_call_set_arg(pq_sim_call_t *call, const char *s, size_t len)
+{
+    if (len >= sizeof(call->arg))
+        len = sizeof(call->arg) - 1;
+    memcpy(call->arg, s, len);
+    call->arg[len] = '\0';
+}
+
+void pq_sim_call_json(pq_sim_call_t *call, int status, json_t *doc)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(call->req);
+
+    evbuffer_drain(out, evbuffer_get_length(out));
+    if (doc)
+        json_dump_callback(doc, pq_sim_core_dump_cb, out, JSON_COMPACT);
+    json_decref(doc);
+    set_header(call->req, "Content-Type", "application/json");
+    call->status = status;
+}
+
+void pq_sim_call_error(pq_sim_call_t *call, int status, pq_sim_ekind_t kind, const char *message,
+                       const char *param, const char *code)
+{
+    pq_sim_error_t e = {kind, message, param, code};
+    call->format->error(call, status, &e);
+}
+
+void pq_sim_call_tokens(pq_sim_call_t *call, int64_t tokens)
+{
+    call->tokens += tokens;
+}
+
+pq_sim_t *pq_sim_call_sim(pq_sim_call_t *call)
+{
+    return call->sim;
+}
+
+uint64_t pq_sim_next_id(pq_sim_t *sim)
+{
+    return ++sim->next_id;
+}
+
+int64_t pq_sim_now_s(pq_sim_t *sim)
+{
+    struct timeval tv;
+    if (event_base_gettimeofday_cached(sim->base, &tv) != 0)
+        return pq_now_ms() / 1000;
+    return (int64_t)tv.tv_sec;
+}
+
+void pq_sim_model_seen(pq_sim_t *sim, const char *model)
+{
+    if (json_object_get(sim->models, model) || json_object_size(sim->models) >= PQ_SIM_MAX_KEYS)
+        return;
+    json_object_set_new(sim->models, model, json_true());
+}
+
+const json_t *pq_sim_models(pq_sim_t *sim)
+{
+    return sim->models;
+}
+
+int64_t pq_sim_started_s(pq_sim_t *sim)
+{
+    return sim->started_s;
+}
+
+/* ---- life cycle ---- */
+
+pq_sim_t *pq_sim_new(struct event_base *base, const pq_sim_opts_t *opts, char *errstr,
+                     size_t errstr_size)
+{
+    pq_sim_t *sim;
+    struct sockaddr_storage ctl_addr;
+    socklen_t ctl_len = 0;
+    char main_name[128], ctl_name[128], err[256];
+
+    sim = calloc(1, sizeof(*sim));
+    if (!sim) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return NULL;
+    }
+    sim->base = base;
+    pq_strlcpy(sim->name, opts->name ? opts->name : "sim", sizeof(sim->name));
+    pq_sim_state_init(&sim->state);
+    sim->main_ctx.sim = sim;
+    sim->main_ctx.is_main = 1;
+    sim->ctl_ctx.sim = sim;
+    sim->rng = (uint64_t)pq_mono_ms() * 0x9E3779B97F4A7C15ULL ^ (uint64_t)getpid();
+    if (!sim->rng)
+        sim->rng = 88172645463325252ULL;
+    sim->started_s = pq_now_ms() / 1000;
+    sim->by_status = json_object();
+    sim->by_path = json_object();
+    sim->models = json_object();
+    sim->apply_ev = evtimer_new(base, apply_cb, sim);
+    if (!sim->by_status || !sim->by_path || !sim->models || !sim->apply_ev) {
+        snprintf(errstr, errstr_size, "out of memory");
+        goto out_destroy;
+    }
+    json_object_set_new(sim->models, "sim-model", json_true());
+    for (int i = 0; i < opts->nkeys && i < PQ_SIM_MAX_API_KEYS; i++) {
+        sim->keys[i] = strdup(opts->keys[i]);
+        if (!sim->keys[i]) {
+            snprintf(errstr, errstr_size, "out of memory");
+            goto out_destroy;
+        }
+        sim->nkeys++;
+    }
+
+    if (addr_parse(opts->listen, &sim->main_addr, &sim->main_addrlen, errstr, errstr_size))
+        goto out_destroy;
+    if (opts->control && addr_parse(opts->control, &ctl_addr, &ctl_len, errstr, errstr_size))
+        goto out_destroy;
+    if (opts->control) {
+        sim->ctl_http =
+            http_open(sim, (struct sockaddr *)&ctl_addr, ctl_len, &sim->ctl_ctx, err, sizeof(err));
+        if (!sim->ctl_http) {
+            snprintf(errstr, errstr_size, "--control %s: %s", opts->control, err);
+            goto out_destroy;
+        }
+    }
+    if (main_open(sim, err, sizeof(err))) {
+        snprintf(errstr, errstr_size, "--listen %s: %s", opts->listen, err);
+        goto out_destroy;
+    }
+    /* Keep the real port (port 0 asks the kernel for one) for re-binding after "down". */
+    sim->main_addrlen = sizeof(sim->main_addr);
+    getsockname(http_fd(sim->http), (struct sockaddr *)&sim->main_addr, &sim->main_addrlen);
+
+    sock_name(http_fd(sim->http), main_name, sizeof(main_name));
+    if (sim->ctl_http)
+        sock_name(http_fd(sim->ctl_http), ctl_name, sizeof(ctl_name));
+    else
+        pq_strlcpy(ctl_name, main_name, sizeof(ctl_name));
+    printf("listening=%s control=%s\n", main_name, ctl_name);
+    fflush(stdout);
+    PQ_INFO("%s: listening=%s control=%s keys=%d", sim->name, main_name, ctl_name, sim->nkeys);
+    return sim;
+
+out_destroy:
+    pq_sim_destroy(sim);
+    return NULL;
+}
+
+void pq_sim_destroy(pq_sim_t *sim)
+{
+    if (!sim)
+        return;
+    if (sim->http)
+        main_close(sim);
+    while (sim->calls)
+        call_free(sim->calls);
+    if (sim->ctl_http)
+        evhttp_free(sim->ctl_http);
+    if (sim->apply_ev)
+        event_free(sim->apply_ev);
+    for (int i = 0; i < sim->nkeys; i++)
+        free(sim->keys[i]);
+    json_decref(sim->by_status);
+    json_decref(sim->by_path);
+    json_decref(sim->models);
+    pq_sim_state_clear(&sim->state);
+    free(sim);
+}
