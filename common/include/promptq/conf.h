@@ -18,21 +18,21 @@ typedef struct pq_provider_conf_s {
     char *type;     /* openai | azure_openai | anthropic | gemini | watsonx */
     char *base_url; /* no trailing slash */
     char **api_keys;
-    size_t napi_keys;     /* 0 for a local server */
-    pq_kv_t *headers;     /* extra request headers */
+    size_t napi_keys; /* 0 for a local server */
+    pq_kv_t *headers; /* extra request headers */
     size_t nheaders;
-    int timeout_ms;         /* default 60000 */
-    int max_concurrency;    /* default 256; 0 = unlimited */
-    int rpm;                /* requests per minute, 0 = unlimited */
-    int tpm;                /* tokens per minute, 0 = unlimited */
-    int retries_per_target; /* default 2 */
-    int max_retry_wait_ms;  /* default 10000 */
-    int retry_base_ms;      /* backoff base, default 200 */
-    int retry_max_ms;       /* backoff cap, default 5000 */
-    int key_rest_ms;        /* a key that answered 429/401 rests this long, default 30000 */
-    int circuit_failures;   /* consecutive failures that open the circuit, default 5 */
-    double circuit_ratio;   /* failure ratio over the window that opens it, default 0.5 */
-    int circuit_window;     /* calls in the ratio window, default 20 */
+    int timeout_ms;          /* default 60000 */
+    int max_concurrency;     /* default 256; 0 = unlimited */
+    int rpm;                 /* requests per minute, 0 = unlimited */
+    int tpm;                 /* tokens per minute, 0 = unlimited */
+    int retries_per_target;  /* default 2 */
+    int max_retry_wait_ms;   /* default 10000 */
+    int retry_base_ms;       /* backoff base, default 200 */
+    int retry_max_ms;        /* backoff cap, default 5000 */
+    int key_rest_ms;         /* a key that answered 429/401 rests this long, default 30000 */
+    int circuit_failures;    /* consecutive failures that open the circuit, default 5 */
+    double circuit_ratio;    /* failure ratio over the window that opens it, default 0.5 */
+    int circuit_window;      /* calls in the ratio window, default 20 */
     int circuit_cooldown_ms; /* open -> half-open, default 5000 */
     int probe_interval_ms;   /* default 5000 (at most 5000) */
     char *probe;             /* "completion" (default) | "models" */
@@ -66,26 +66,28 @@ typedef struct pq_conf_s {
     const char *bootstrap; /* borrowed from kafka[] */
 
     /* topics */
-    char *topic_prefix; /* "promptq." */
-    int topic_partitions;   /* for topics promptq creates, default 4 */
+    char *topic_prefix;   /* "promptq." */
+    int topic_partitions; /* for topics promptq creates, default 4 */
 
     /* redis */
-    char *redis_url;    /* after the PROMPTQ_REDIS_URL override */
-    char *redis_host;   /* parsed from redis_url */
+    char *redis_url;  /* after the PROMPTQ_REDIS_URL override */
+    char *redis_host; /* parsed from redis_url */
     int redis_port;
     int redis_db;
     char *redis_password; /* or NULL */
-    char *redis_prefix; /* "promptq:" */
+    char *redis_prefix;   /* "promptq:" */
     int64_t result_ttl_s;
-    int64_t cache_ttl_s;      /* default 86400 */
+    int64_t cache_ttl_s;        /* default 86400 */
     int cache_temperature_zero; /* cache temperature-0 requests by default; default 0 */
 
     /* broker */
-    char *listen; /* "127.0.0.1:8080" */
+    char *listen;      /* "127.0.0.1:8080" */
+    char *listen_host; /* parsed from listen ("0.0.0.0" when the host part is empty) */
+    int listen_port;   /* parsed from listen; 0 = any free port */
     int broker_threads;
     char *spool_dir;
     int64_t spool_max_bytes; /* default 1 GiB */
-    pq_kv_t *api_keys; /* key -> tenant; empty = open */
+    pq_kv_t *api_keys;       /* key -> tenant; empty = open */
     size_t napi_keys;
     int sync_timeout_ms;
     int ack_timeout_ms;
@@ -140,5 +142,42 @@ void pq_conf_topic(const pq_conf_t *conf, const char *name, char *buf, size_t si
 
 /* Writes the retry topic of a route ("promptq.retry.<sanitised route>") into buf. */
 void pq_conf_retry_topic(const pq_conf_t *conf, const pq_route_t *route, char *buf, size_t size);
+
+/* Parses "redis://[:password@]host[:port][/db]" (host may be "[v6addr]"; the password is
+ * percent-decoded; port defaults to 6379, db to 0). Pure. Returns 0 with *host and *password
+ * new strings (*password NULL when absent), or -1 with errstr set. The URL is never copied into
+ * errstr: it may hold a password. */
+int pq_conf_parse_redis_url(const char *url, char **host, int *port, int *db, char **password,
+                            char *errstr, size_t errstr_size);
+
+/* Command-line helper shared by every program:
+ *
+ *     int main(int argc, char **argv)
+ *     {
+ *         pq_conf_t *conf;
+ *         int rc = pq_conf_cli(argc, argv, "promptq-worker", &conf);
+ *         if (rc != PQ_CONF_CLI_RUN)
+ *             return rc;
+ *         ... run with conf, pq_conf_destroy(conf) at the end ...
+ *     }
+ *
+ * Looks for "--config PATH" / "--config=PATH" (else $PROMPTQ_CONFIG) and "--check-config"
+ * anywhere in argv, without modifying argv; other arguments are the program's own (skip the
+ * config ones with pq_conf_cli_skip()). Outcomes:
+ *   - no config given: prints "<prog>: no config file: pass --config PATH or set
+ *     PROMPTQ_CONFIG" to stderr, returns 2;
+ *   - --config without a value: usage error on stderr, returns 2;
+ *   - the config does not load: prints "<prog>: <path>: <error>" to stderr, returns 1;
+ *   - --check-config and the config loads: prints "<path>: OK" to stdout, returns 0;
+ *   - otherwise: calls pq_log_init(prog, log.level, log.json), sets *out to the new conf (the
+ *     caller owns it) and returns PQ_CONF_CLI_RUN.
+ * *out is NULL unless PQ_CONF_CLI_RUN is returned. */
+#define PQ_CONF_CLI_RUN (-1)
+int pq_conf_cli(int argc, char **argv, const char *prog, pq_conf_t **out);
+
+/* How many argv entries starting at argv[i] belong to pq_conf_cli's flags: 2 for "--config
+ * PATH", 1 for "--config=PATH" or "--check-config" (or a trailing "--config"), 0 otherwise. For
+ * programs that parse the rest of argv themselves. */
+int pq_conf_cli_skip(int argc, char **argv, int i);
 
 #endif

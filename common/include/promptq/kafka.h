@@ -11,15 +11,35 @@ typedef enum {
     PQ_KAFKA_CONSUMER,
 } pq_kafka_role_t;
 
-/* A new rd_kafka_conf_t with promptq's fixed settings for the role (producer: idempotent,
- * acks=all, linger.ms=1; consumer: enable.auto.offset.store=false, auto.offset.reset=earliest,
- * topic.metadata.refresh.interval.ms<=5000) and the config's pass-through "kafka" properties.
+/* A new rd_kafka_conf_t with promptq's fixed settings for the role and the config's
+ * pass-through "kafka" properties (applied after the fixed ones).
+ *   producer: enable.idempotence=true, acks=all, linger.ms=1 unless the config sets linger.ms
+ *             (or queue.buffering.max.ms). message.timeout.ms is left to the caller.
+ *   consumer: group.id=worker.group_id, enable.auto.offset.store=false,
+ *             enable.auto.commit=true, auto.offset.reset=earliest, enable.partition.eof=false,
+ *             topic.metadata.refresh.interval.ms=5000 (a configured value is capped at 5000).
+ * Offsets (G5): the worker stores offsets itself with rd_kafka_offsets_store() (offset + 1, only
+ * up to the lowest job in flight); librdkafka's auto commit then commits only those stored
+ * offsets, periodically and on rd_kafka_consumer_close(). The worker may also call
+ * rd_kafka_commit(rk, NULL, 0) (e.g. on revoke). Both enable.auto.* keys are therefore refused
+ * in the config. Callbacks and opaques are the caller's to add.
  * Pass-through keys that would break G1/G5 are refused with an error naming them (the config
- * loader rejects them too). Returns NULL with errstr set. */
+ * loader rejects them too). Returns a new conf (the caller owns it; rd_kafka_new takes it), or
+ * NULL with errstr set. */
 rd_kafka_conf_t *pq_kafka_conf_new(const pq_conf_t *conf, pq_kafka_role_t role, char *errstr,
                                    size_t errstr_size);
 
 /* 1 if a pass-through kafka property is refused because it would break a guarantee. */
 int pq_kafka_key_refused(const char *key);
+
+/* Why a key is refused (static text, e.g. "acks=all is required for acknowledged = durable
+ * (G1)"), or NULL if it is not. */
+const char *pq_kafka_key_refused_why(const char *key);
+
+/* Sets one pass-through property on rk: refused keys and librdkafka's own errors (unknown
+ * property, bad value) fail with errstr "kafka.<key>: <why>". The value is never copied into
+ * errstr (it may be a password). Returns 0 or -1. */
+int pq_kafka_conf_set(rd_kafka_conf_t *rk, const char *key, const char *value, char *errstr,
+                      size_t errstr_size);
 
 #endif
