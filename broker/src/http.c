@@ -1,0 +1,174 @@
+/* HTTP replies (every one is counted by path and status code), JSON errors and API-key auth. */
+#include "broker.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+#include <event2/keyvalq_struct.h>
+
+#include "promptq/log.h"
+
+static const int counted_codes[PQ_BROKER_NCODES - 1] = {200, 202, 400, 401, 403, 404, 405, 409,
+                                                        413, 415, 422, 429, 500, 503, 504};
+static const char *const path_labels[PQ_PATH__COUNT] = {
+    "/v1/jobs", "/v1/jobs/{id}", "/healthz", "/readyz", "/metrics", "other",
+};
+
+static pq_counter_t *request_counter(pq_bthread_t *t, pq_path_t path, int code)
+{
+    char labels[96];
+    int ci = PQ_BROKER_NCODES - 1;
+
+    for (int i = 0; i < PQ_BROKER_NCODES - 1; i++) {
+        if (counted_codes[i] == code) {
+            ci = i;
+            break;
+        }
+    }
+    if (!t->m_requests[path][ci]) {
+        char codestr[8];
+
+        if (ci == PQ_BROKER_NCODES - 1)
+            snprintf(codestr, sizeof(codestr), "other");
+        else
+            snprintf(codestr, sizeof(codestr), "%d", code);
+        snprintf(labels, sizeof(labels), "path=\"%s\",code=\"%s\"", path_labels[path], codestr);
+        t->m_requests[path][ci] =
+            pq_metrics_counter(t->b->metrics, "promptq_broker_http_requests_total",
+                               "HTTP requests answered, by path and status code", labels);
+    }
+    return t->m_requests[path][ci];
+}
+
+static const char *reason(int code)
+{
+    switch (code) {
+    case 200:
+        return "OK";
+    case 202:
+        return "Accepted";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 409:
+        return "Conflict";
+    case 413:
+        return "Payload Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 503:
+        return "Service Unavailable";
+    default:
+        return "";
+    }
+}
+
+void pq_http_reply(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
+                   const char *body, size_t len)
+{
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+
+    if (body && len)
+        evbuffer_add(evhttp_request_get_output_buffer(req), body, len);
+    if (!evhttp_find_header(h, "Content-Type"))
+        evhttp_add_header(h, "Content-Type", "application/json");
+    pq_counter_add(request_counter(t, path, code), 1);
+    evhttp_send_reply(req, code, reason(code), NULL);
+}
+
+/* Writes s JSON-escaped (without quotes) into out; truncates at a character boundary. */
+static size_t json_escape(char *out, size_t size, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+
+    for (; *s && o + 7 < size; s++) {
+        unsigned char c = (unsigned char)*s;
+
+        if (c == '"' || c == '\\') {
+            out[o++] = '\\';
+            out[o++] = (char)c;
+        } else if (c < 0x20) {
+            out[o++] = '\\';
+            out[o++] = 'u';
+            out[o++] = '0';
+            out[o++] = '0';
+            out[o++] = hex[c >> 4];
+            out[o++] = hex[c & 15];
+        } else {
+            out[o++] = (char)c;
+        }
+    }
+    out[o] = '\0';
+    return o;
+}
+
+void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
+                   const char *type, const char *fmt, ...)
+{
+    char msg[512], esc[1024], body[1200];
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    json_escape(esc, sizeof(esc), msg);
+    n = snprintf(body, sizeof(body), "{\"error\":{\"type\":\"%s\",\"message\":\"%s\"}}", type, esc);
+    if (n < 0 || (size_t)n >= sizeof(body))
+        n = (int)strlen(body);
+    pq_http_reply(t, req, path, code, body, (size_t)n);
+}
+
+/* Compares without an early exit, so the time taken does not reveal a key's prefix. */
+static int key_equal(const char *a, size_t alen, const char *b)
+{
+    size_t blen = strlen(b);
+    unsigned char d = (unsigned char)(alen != blen);
+
+    for (size_t i = 0; i < alen; i++)
+        d |= (unsigned char)(a[i] ^ b[i < blen ? i : 0]);
+    return d == 0 && blen > 0;
+}
+
+int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **tenant)
+{
+    const pq_conf_t *conf = t->bc->conf;
+    const char *h, *key;
+    size_t klen;
+
+    *tenant = NULL;
+    if (conf->napi_keys == 0)
+        return 0;
+    h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate", "Bearer");
+        pq_http_error(t, req, path, 401, "unauthorized",
+                      "missing API key: send Authorization: Bearer KEY");
+        return -1;
+    }
+    key = h + 7;
+    while (*key == ' ')
+        key++;
+    klen = strlen(key);
+    while (klen > 0 && key[klen - 1] == ' ')
+        klen--;
+    for (size_t i = 0; i < conf->napi_keys; i++) {
+        if (key_equal(key, klen, conf->api_keys[i].key)) {
+            *tenant = conf->api_keys[i].value;
+            return 0;
+        }
+    }
+    evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate", "Bearer");
+    pq_http_error(t, req, path, 401, "unauthorized", "invalid API key");
+    return -1;
+}

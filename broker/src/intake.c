@@ -1,0 +1,310 @@
+/* POST /v1/jobs: authenticate, validate, record (best effort) and produce; answer 202 only
+ * from the delivery report (G1), else 503 + Retry-After. */
+#include "broker.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+#include <event2/keyvalq_struct.h>
+
+#include "promptq/keys.h"
+#include "promptq/log.h"
+#include "promptq/scripts.h"
+#include "promptq/util.h"
+
+static void reply_unavailable(pq_bthread_t *t, struct evhttp_request *req, const char *why)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+    pq_counter_add(t->b->m_unavailable, 1);
+    pq_http_error(t, req, PQ_PATH_JOBS, 503, "unavailable", "job not accepted: %s; retry", why);
+}
+
+/* Drops the queued record this request created, so a job that was never accepted leaves no
+ * trace (the script keeps it if a worker already saw the job). */
+static void drop_record(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+    char key[512];
+
+    if (!s->created || !pq_rconn_usable(t))
+        return;
+    if (pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0)
+        return;
+    pq_rconn_command(t, NULL, "EVAL %s 1 %s", pq_script_job_drop, key);
+}
+
+void pq_intake_not_durable(pq_slot_t *s, const char *why)
+{
+    pq_bthread_t *t = s->t;
+
+    PQ_DBG("job %s/%s not durable: %s", s->tenant, s->id, why);
+    drop_record(s);
+    reply_unavailable(t, s->req, why);
+    pq_slot_release(s);
+}
+
+static void reply_accepted(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+    struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
+    char body[64 + PQ_ID_MAX], loc[16 + PQ_ID_MAX];
+    int n;
+
+    /* ids match [A-Za-z0-9._:-]: nothing to escape in JSON or in the path */
+    snprintf(loc, sizeof(loc), "/v1/jobs/%s", s->id);
+    evhttp_add_header(h, "Location", loc);
+    n = snprintf(body, sizeof(body),
+                 "{\"id\":\"%s\",\"status\":\"queued\",\"durability\":\"kafka\"}", s->id);
+    pq_counter_add(t->b->m_accepted, 1);
+    pq_http_reply(t, s->req, PQ_PATH_JOBS, 202, body, (size_t)n);
+    pq_slot_release(s);
+}
+
+/* Hands the envelope to the producer; the answer comes from the delivery report. */
+static void produce(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+    rd_kafka_resp_err_t err;
+
+    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal) {
+        pq_intake_not_durable(s, "Kafka is unreachable");
+        return;
+    }
+    err = rd_kafka_producev(t->rk, RD_KAFKA_V_RKT(t->rkt), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
+                            RD_KAFKA_V_VALUE(s->payload, s->payload_len),
+                            RD_KAFKA_V_KEY(s->id, strlen(s->id)),
+                            RD_KAFKA_V_OPAQUE(pq_slot_handle(s)), RD_KAFKA_V_END);
+    if (err) {
+        pq_counter_add(t->b->m_produce_errors, 1);
+        if (err == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE) {
+            drop_record(s);
+            pq_http_error(t, s->req, PQ_PATH_JOBS, 413, "too_large",
+                          "job of %zu bytes exceeds Kafka's message.max.bytes", s->payload_len);
+            pq_slot_release(s);
+        } else {
+            pq_intake_not_durable(s, rd_kafka_err2str(err));
+        }
+        return;
+    }
+    s->payload = NULL; /* the producer owns it now */
+    s->state = PQ_SLOT_PRODUCING;
+    s->t_produce_us = pq_mono_us();
+    event_del(&s->timer);
+    event_add(&s->timer, t->tv_ack);
+}
+
+void pq_intake_redis_reply(pq_slot_t *s, long long result, int ok)
+{
+    pq_bthread_t *t = s->t;
+
+    if (s->state == PQ_SLOT_PRODUCING) {
+        /* The check timed out and the job went ahead; remember a record it created so a
+         * failure can still drop it. */
+        if (ok && result == 1)
+            s->created = 1;
+        return;
+    }
+    if (s->state != PQ_SLOT_REDIS_CREATE)
+        return;
+    if (!ok) {
+        pq_counter_add(t->b->m_redis_errors, 1);
+    } else if (result == -1) {
+        pq_counter_add(t->b->m_conflicts, 1);
+        pq_http_error(t, s->req, PQ_PATH_JOBS, 409, "id_conflict",
+                      "job id %s was already used with another request", s->id);
+        pq_slot_release(s);
+        return;
+    } else if (result == 1) {
+        s->created = 1;
+    }
+    produce(s);
+}
+
+void pq_intake_timeout(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+
+    if (s->state == PQ_SLOT_REDIS_CREATE) {
+        /* Redis is slow: skip the check (best effort; the worker detects conflicts too). */
+        pq_counter_add(t->b->m_redis_errors, 1);
+        produce(s);
+    } else if (s->state == PQ_SLOT_PRODUCING) {
+        pq_intake_not_durable(s, "Kafka did not confirm in time");
+    }
+}
+
+void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
+{
+    pq_slot_t *s = pq_slot_from_handle(t, m->_private);
+
+    if (!m->err && atomic_load(&t->kafka_up) != 1)
+        atomic_store(&t->kafka_up, 1);
+    if (!s || s->state != PQ_SLOT_PRODUCING) {
+        if (m->err)
+            PQ_DBG("late delivery failure: %s", rd_kafka_err2str(m->err));
+        return; /* already answered (timed out): nothing to touch */
+    }
+    if (!m->err) {
+        pq_hist_observe(t->b->m_ack_latency, (double)(pq_mono_us() - s->t_produce_us) / 1e6);
+        reply_accepted(s);
+        return;
+    }
+    pq_counter_add(t->b->m_produce_errors, 1);
+    switch (m->err) {
+    case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+    case RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE:
+        drop_record(s);
+        pq_http_error(t, s->req, PQ_PATH_JOBS, 413, "too_large",
+                      "job exceeds the Kafka topic's message size limit");
+        pq_slot_release(s);
+        break;
+    case RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED:
+    case RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED:
+    case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
+    case RD_KAFKA_RESP_ERR_INVALID_RECORD:
+    case RD_KAFKA_RESP_ERR_INVALID_MSG:
+        PQ_ERR("produce to %s failed permanently: %s", rd_kafka_topic_name(t->rkt),
+               rd_kafka_err2str(m->err));
+        drop_record(s);
+        pq_http_error(t, s->req, PQ_PATH_JOBS, 500, "internal", "Kafka refused the job: %s",
+                      rd_kafka_err2name(m->err));
+        pq_slot_release(s);
+        break;
+    default:
+        pq_intake_not_durable(s, rd_kafka_err2str(m->err));
+        break;
+    }
+}
+
+/* Checks that (tenant, id) is new or was used with the same request: EVAL job_create. */
+static int check_record(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+    const pq_conf_t *conf = t->bc->conf;
+    char key[512], now[24], ttl[24];
+    const char *argv[8];
+    size_t argvlen[8];
+    int klen;
+
+    if (!pq_rconn_usable(t))
+        return -1;
+    klen = pq_key_job(key, sizeof(key), conf->redis_prefix, s->tenant, s->id);
+    if (klen < 0)
+        return -1;
+    snprintf(now, sizeof(now), "%lld", (long long)pq_now_ms());
+    snprintf(ttl, sizeof(ttl), "%lld", (long long)conf->result_ttl_s * 1000);
+    argv[0] = "EVAL";
+    argv[1] = pq_script_job_create;
+    argv[2] = "1";
+    argv[3] = key;
+    argv[4] = s->hash;
+    argv[5] = now;
+    argv[6] = ttl;
+    argv[7] = s->route;
+    for (int i = 0; i < 8; i++)
+        argvlen[i] = strlen(argv[i]);
+    argvlen[3] = (size_t)klen;
+    if (pq_rconn_commandargv(t, pq_slot_handle(s), 8, argv, argvlen))
+        return -1;
+    s->state = PQ_SLOT_REDIS_CREATE;
+    event_add(&s->timer, t->tv_redis);
+    return 0;
+}
+
+void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
+{
+    const pq_bconf_t *bc = t->bc;
+    struct evbuffer *in = evhttp_request_get_input_buffer(req);
+    size_t len = evbuffer_get_length(in);
+    pq_envelope_t env;
+    const char *key_tenant, *tenant;
+    const char *body;
+    char errstr[256], idbuf[PQ_JOB_ID_LEN + 1];
+    pq_slot_t *s;
+    pq_err_t err;
+    json_t *named;
+
+    memset(&env, 0, sizeof(env));
+    if (pq_http_auth(t, req, PQ_PATH_JOBS, &key_tenant))
+        return;
+    if (len > bc->max_body) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 413, "too_large",
+                      "job body of %zu bytes exceeds the limit of %zu bytes", len, bc->max_body);
+        return;
+    }
+    body = len ? (const char *)evbuffer_pullup(in, -1) : "";
+    err = pq_envelope_parse(body, len, &bc->limits, &env, errstr, sizeof(errstr));
+    if (err == PQ_ERR_TOO_LARGE) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 413, "too_large", "%s", errstr);
+        return;
+    }
+    if (err != PQ_OK) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 400, "invalid_request", "%s", errstr);
+        return;
+    }
+
+    named = json_object_get(env.root, "tenant");
+    if (key_tenant) {
+        if (named && strcmp(json_string_value(named), key_tenant) != 0) {
+            pq_http_error(t, req, PQ_PATH_JOBS, 403, "forbidden",
+                          "this API key may not submit jobs for tenant %s",
+                          json_string_value(named));
+            goto out;
+        }
+        if (!named && json_object_set_new(env.root, "tenant", json_string(key_tenant))) {
+            pq_http_error(t, req, PQ_PATH_JOBS, 500, "internal", "out of memory");
+            goto out;
+        }
+        tenant = key_tenant;
+    } else {
+        tenant = env.tenant ? env.tenant : "default";
+    }
+
+    if (!pq_conf_route(bc->conf, env.model)) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 404, "model_not_found",
+                      "request.model: no route named %s is configured", env.model);
+        goto out;
+    }
+    if (strlen(env.model) > PQ_BROKER_ROUTE_MAX) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 400, "invalid_request", "request.model: too long");
+        goto out;
+    }
+    if (!env.id) {
+        pq_id_generate(idbuf);
+        if (pq_envelope_set_id(&env, idbuf)) {
+            pq_http_error(t, req, PQ_PATH_JOBS, 500, "internal", "cannot set the job id");
+            goto out;
+        }
+    }
+    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal) {
+        reply_unavailable(t, req, "Kafka is unreachable");
+        goto out;
+    }
+
+    s = pq_slot_get(t, PQ_PATH_JOBS, req);
+    if (!s) {
+        reply_unavailable(t, req, "too many requests in flight");
+        goto out;
+    }
+    pq_strlcpy(s->id, env.id, sizeof(s->id));
+    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
+    pq_strlcpy(s->route, env.model, sizeof(s->route));
+    memcpy(s->hash, env.request_hash, sizeof(s->hash));
+    s->payload = pq_envelope_dump(&env, &s->payload_len);
+    pq_envelope_clear(&env);
+    if (!s->payload) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 500, "internal", "cannot serialise the job");
+        pq_slot_release(s);
+        return;
+    }
+    if (check_record(s) != 0) {
+        /* Redis unusable: best effort, produce anyway. */
+        produce(s);
+    }
+    return;
+
+out:
+    pq_envelope_clear(&env);
+}

@@ -1,0 +1,236 @@
+/* promptq-broker: HTTP intake that answers 202 only once a job is durable (DESIGN.md §2 G1, §9).
+ *
+ * The main thread loads the config, starts broker.threads loop threads and then only waits for
+ * signals: SIGTERM/SIGINT stop the loops (each one lets its in-flight requests get their
+ * delivery reports first), SIGHUP reloads API keys, routes and limits. */
+#include "broker.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/thread.h>
+
+#include "promptq/kafka.h"
+#include "promptq/log.h"
+
+int64_t pq_mono_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+pq_bconf_t *pq_bconf_new(pq_conf_t *conf)
+{
+    pq_bconf_t *bc = calloc(1, sizeof(*bc));
+    const char *mmb;
+    long long max = 1000000;
+
+    if (!bc) {
+        pq_conf_destroy(conf);
+        return NULL;
+    }
+    bc->conf = conf;
+    atomic_init(&bc->refs, 1);
+    mmb = pq_conf_kafka_get(conf, "message.max.bytes");
+    if (mmb && atoll(mmb) > 0)
+        max = atoll(mmb);
+    max -= PQ_BROKER_ENVELOPE_HEADROOM;
+    if (max < 1024)
+        max = 1024;
+    if (conf->max_body_bytes > 0 && conf->max_body_bytes < max)
+        max = conf->max_body_bytes;
+    bc->max_body = (size_t)max;
+    bc->limits = pq_envelope_limits_default;
+    bc->limits.max_bytes = bc->max_body;
+    if (conf->max_prompt_bytes > 0)
+        bc->limits.max_prompt_bytes = (size_t)conf->max_prompt_bytes;
+    pq_conf_topic(conf, "requests", bc->topic_requests, sizeof(bc->topic_requests));
+    return bc;
+}
+
+void pq_bconf_ref(pq_bconf_t *bc)
+{
+    atomic_fetch_add(&bc->refs, 1);
+}
+
+void pq_bconf_unref(pq_bconf_t *bc)
+{
+    if (bc && atomic_fetch_sub(&bc->refs, 1) == 1) {
+        pq_conf_destroy(bc->conf);
+        free(bc);
+    }
+}
+
+static int metrics_init(pq_broker_t *b)
+{
+    static const double ack_bounds[] = {0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
+                                        0.05,   0.1,   0.25,  0.5,   1,    2.5};
+
+    b->metrics = pq_metrics_new();
+    if (!b->metrics)
+        return -1;
+    b->m_accepted =
+        pq_metrics_counter(b->metrics, "promptq_broker_jobs_accepted_total",
+                           "Jobs acknowledged with 202 (durable)", "durability=\"kafka\"");
+    b->m_unavailable = pq_metrics_counter(
+        b->metrics, "promptq_broker_unavailable_total",
+        "Jobs answered 503 because they could not be made durable in time", NULL);
+    b->m_redis_errors = pq_metrics_counter(b->metrics, "promptq_broker_redis_errors_total",
+                                           "Redis commands that failed or timed out", NULL);
+    b->m_conflicts = pq_metrics_counter(b->metrics, "promptq_broker_job_conflicts_total",
+                                        "Job ids reused with another request (409)", NULL);
+    b->m_produce_errors = pq_metrics_counter(b->metrics, "promptq_broker_produce_errors_total",
+                                             "Produce calls or delivery reports that failed", NULL);
+    b->m_ack_latency = pq_metrics_histogram(b->metrics, "promptq_broker_produce_ack_seconds",
+                                            "Time from produce to the Kafka delivery report", NULL,
+                                            ack_bounds, sizeof(ack_bounds) / sizeof(ack_bounds[0]));
+    b->m_inflight = pq_metrics_gauge(b->metrics, "promptq_broker_inflight_requests",
+                                     "Requests waiting for Redis or Kafka", NULL);
+    if (!b->m_accepted || !b->m_unavailable || !b->m_redis_errors || !b->m_conflicts ||
+        !b->m_produce_errors || !b->m_ack_latency || !b->m_inflight)
+        return -1;
+    return 0;
+}
+
+/* SIGHUP: loads the file again and hands the new config to every loop. Only what each request
+ * reads (API keys, routes, size limits, ack timeout, log level) changes; Kafka, Redis, listen
+ * address and thread count need a restart. */
+static void reload(pq_broker_t *b)
+{
+    char errstr[512];
+    pq_conf_t *conf;
+    pq_bconf_t *bc;
+    const pq_conf_t *old = b->bconf->conf;
+    int level;
+
+    if (!b->conf_path) {
+        PQ_WARN("SIGHUP ignored: no config path to reload from");
+        return;
+    }
+    conf = pq_conf_load(b->conf_path, errstr, sizeof(errstr));
+    if (!conf) {
+        PQ_ERR("SIGHUP: config not reloaded, keeping the old one: %s", errstr);
+        return;
+    }
+    if (strcmp(conf->listen, old->listen) || strcmp(conf->redis_url, old->redis_url) ||
+        conf->broker_threads != old->broker_threads || conf->nkafka != old->nkafka)
+        PQ_WARN("SIGHUP: listen, redis, kafka and thread changes take effect on restart only");
+    level = pq_log_level_parse(conf->log_level);
+    pq_log_init("promptq-broker", level < 0 ? PQ_LOG_INFO : (pq_log_level_t)level, conf->log_json);
+    bc = pq_bconf_new(conf);
+    if (!bc) {
+        PQ_ERR("SIGHUP: out of memory");
+        return;
+    }
+    if (bc->conf->napi_keys == 0)
+        PQ_WARN("no broker.api_keys configured: running open (tenant from the envelope)");
+    for (int i = 0; i < b->nthreads; i++) {
+        pq_bconf_t *prev;
+
+        pq_bconf_ref(bc);
+        prev = atomic_exchange(&b->threads[i]->next_bc, bc);
+        pq_bconf_unref(prev); /* a reload the loop did not pick up yet */
+        pq_bthread_poke(b->threads[i]);
+    }
+    pq_bconf_unref(b->bconf);
+    b->bconf = bc;
+    PQ_INFO("config reloaded from %s (%zu routes, %zu api keys)", b->conf_path, bc->conf->nroutes,
+            bc->conf->napi_keys);
+}
+
+int main(int argc, char **argv)
+{
+    pq_broker_t b;
+    pq_conf_t *conf = NULL;
+    sigset_t sigs;
+    char errstr[512];
+    int rc, started = 0, exit_code = 1;
+
+    memset(&b, 0, sizeof(b));
+    rc = pq_conf_cli(argc, argv, "promptq-broker", &conf);
+    if (rc != PQ_CONF_CLI_RUN)
+        return rc;
+    b.conf_path = pq_conf_path_from_args(argc, argv);
+
+    signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* the loop threads inherit this */
+
+    if (evthread_use_pthreads() != 0) {
+        PQ_ERR("libevent threading support unavailable");
+        pq_conf_destroy(conf);
+        return 1;
+    }
+    b.bconf = pq_bconf_new(conf);
+    if (!b.bconf || metrics_init(&b)) {
+        PQ_ERR("out of memory");
+        goto out;
+    }
+    conf = b.bconf->conf;
+    if (conf->napi_keys == 0)
+        PQ_WARN("no broker.api_keys configured: running open (tenant from the envelope)");
+
+    b.nthreads = conf->broker_threads > 0 ? conf->broker_threads : 1;
+    b.threads = calloc((size_t)b.nthreads, sizeof(*b.threads));
+    if (!b.threads)
+        goto out;
+    b.port = conf->listen_port;
+    for (int i = 0; i < b.nthreads; i++) {
+        b.threads[i] = calloc(1, sizeof(pq_bthread_t));
+        if (!b.threads[i] || pq_bthread_init(b.threads[i], &b, i, errstr, sizeof(errstr)) ||
+            pq_bthread_listen(b.threads[i], &b.port, errstr, sizeof(errstr))) {
+            PQ_ERR("thread %d: %s", i, b.threads[i] ? errstr : "out of memory");
+            goto out;
+        }
+    }
+    for (int i = 0; i < b.nthreads; i++) {
+        if (pq_bthread_start(b.threads[i], errstr, sizeof(errstr))) {
+            PQ_ERR("thread %d: %s", i, errstr);
+            goto out_stop;
+        }
+        started++;
+    }
+    PQ_INFO("listening on %s:%d with %d threads, max job body %zu bytes, topic %s",
+            conf->listen_host, b.port, b.nthreads, b.bconf->max_body, b.bconf->topic_requests);
+
+    for (;;) {
+        int sig = 0;
+
+        if (sigwait(&sigs, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            reload(&b);
+            continue;
+        }
+        PQ_INFO("%s: stopping (in-flight requests get their delivery reports first)",
+                sig == SIGINT ? "SIGINT" : "SIGTERM");
+        break;
+    }
+    exit_code = 0;
+
+out_stop:
+    for (int i = 0; i < started; i++) {
+        atomic_store(&b.threads[i]->stop, 1);
+        pq_bthread_poke(b.threads[i]);
+    }
+    for (int i = 0; i < started; i++)
+        pthread_join(b.threads[i]->thread, NULL);
+out:
+    for (int i = 0; b.threads && i < b.nthreads; i++)
+        pq_bthread_free(b.threads[i]);
+    free(b.threads);
+    pq_bconf_unref(b.bconf);
+    pq_metrics_destroy(b.metrics);
+    if (exit_code == 0)
+        PQ_INFO("stopped");
+    return exit_code;
+}
