@@ -504,6 +504,22 @@ static int enum_has(const char *enums, const char *s)
     return 0;
 }
 
+/* "a|b|c" -> "a, b, c" */
+static void enum_list(const char *enums, char *list, size_t size)
+{
+    size_t o = 0;
+
+    for (const char *c = enums; *c && o + 3 < size; c++) {
+        if (*c == '|') {
+            list[o++] = ',';
+            list[o++] = ' ';
+        } else {
+            list[o++] = *c;
+        }
+    }
+    list[o] = '\0';
+}
+
 /* A string value: no NUL inside, capped. */
 static int get_string(json_t *v, const char *path, unsigned flags, const char **out, cerr_t *e)
 {
@@ -578,6 +594,12 @@ static int set_kvmap(const prop_t *p, void *base, json_t *v, const char *path, c
             (!header_name_ok(key) || strchr(s, '\r') || strchr(s, '\n'))) {
             fail(e, sub, "not a valid HTTP header");
             goto out_free;
+        }
+        for (size_t j = 0; (p->flags & PF_SECRET_KEYS) && j + 1 < i; j++) {
+            if (!strcmp(kv[j].key, kv[i - 1].key)) {
+                fail(e, sub, "same key as entry %zu", j + 1);
+                goto out_free;
+            }
         }
     }
     kv_free(*FIELD(base, p, pq_kv_t *), *COUNT(base, p));
@@ -684,17 +706,8 @@ static int prop_set(const prop_t *p, void *base, json_t *v, const char *path, ce
             return -1;
         if (p->type == PT_ENUM && !enum_has(p->enums, s)) {
             char list[256];
-            size_t o = 0;
 
-            for (const char *c = p->enums; *c && o + 3 < sizeof(list); c++) {
-                if (*c == '|') {
-                    list[o++] = ',';
-                    list[o++] = ' ';
-                } else {
-                    list[o++] = *c;
-                }
-            }
-            list[o] = '\0';
+            enum_list(p->enums, list, sizeof(list));
             return fail(e, path, "unknown value \"%.64s\": must be one of %s", s, list);
         }
         if (!(copy = strdup(s)))
@@ -1405,13 +1418,83 @@ void pq_conf_retry_topic(const pq_conf_t *conf, const pq_route_t *route, char *b
              route->topic_name);
 }
 
+static const char *type_name(ptype_t t)
+{
+    switch (t) {
+    case PT_INT:
+    case PT_I64:
+        return "integer";
+    case PT_BOOL:
+        return "boolean";
+    case PT_DBL:
+        return "number";
+    case PT_STR:
+    case PT_STR1:
+        return "string";
+    case PT_ENUM:
+        return "enum";
+    case PT_STRLIST:
+        return "list of strings";
+    case PT_KVMAP:
+        return "object of strings";
+    }
+    return "?";
+}
+
+static void print_props(FILE *out, const char *section, const prop_t *t, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const prop_t *p = &t[i];
+        char def[64] = "", range[64] = "";
+
+        switch (p->type) {
+        case PT_INT:
+        case PT_I64:
+            snprintf(def, sizeof(def), "%lld", (long long)p->idef);
+            snprintf(range, sizeof(range), "%lld..%lld", (long long)p->imin, (long long)p->imax);
+            break;
+        case PT_BOOL:
+            snprintf(def, sizeof(def), "%s", p->idef ? "true" : "false");
+            break;
+        case PT_DBL:
+            snprintf(def, sizeof(def), "%g", p->ddef);
+            snprintf(range, sizeof(range), "%g..%g", p->dmin, p->dmax);
+            break;
+        case PT_ENUM:
+            enum_list(p->enums, range, sizeof(range));
+            /* fall through */
+        case PT_STR:
+            if (p->sdef)
+                snprintf(def, sizeof(def), "\"%s\"", p->sdef);
+            break;
+        default:
+            break;
+        }
+        fprintf(out, "| %s.%s | %s | %s | %s | %s%s |\n", section, p->name, type_name(p->type), def,
+                range, (p->flags & PF_REQUIRED) ? "required. " : "", p->desc);
+    }
+}
+
+void pq_conf_print_reference(FILE *out)
+{
+    fprintf(out, "| property | type | default | range | description |\n"
+                 "| --- | --- | --- | --- | --- |\n"
+                 "| kafka.* | string | bootstrap.servers \"" DEFAULT_BOOTSTRAP "\" | | "
+                 "librdkafka properties, passed through (some are refused) |\n");
+    for (size_t i = 0; i < NPROPS(sections); i++)
+        print_props(out, sections[i].name, sections[i].props, sections[i].n);
+    print_props(out, "providers.NAME", provider_props, NPROPS(provider_props));
+    print_props(out, "routes.NAME.N", target_props, NPROPS(target_props));
+}
+
 int pq_conf_cli_skip(int argc, char **argv, int i)
 {
     if (i <= 0 || i >= argc || !argv[i])
         return 0;
     if (!strcmp(argv[i], "--config"))
         return i + 1 < argc ? 2 : 1;
-    if (!strncmp(argv[i], "--config=", 9) || !strcmp(argv[i], "--check-config"))
+    if (!strncmp(argv[i], "--config=", 9) || !strcmp(argv[i], "--check-config") ||
+        !strcmp(argv[i], "--config-help"))
         return 1;
     return 0;
 }
@@ -1441,6 +1524,11 @@ int pq_conf_cli(int argc, char **argv, const char *prog, pq_conf_t **out)
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--check-config"))
             check = 1;
+        if (!strcmp(argv[i], "--config-help")) {
+            pq_conf_print_reference(stdout);
+            fflush(stdout);
+            return 0;
+        }
         if (!strcmp(argv[i], "--config") && i + 1 >= argc) {
             fprintf(stderr, "%s: --config needs a PATH\n", prog);
             return 2;

@@ -617,6 +617,10 @@ static void test_cli(void **state)
         unsetenv("PROMPTQ_CONFIG");
     }
     {
+        const char *a[] = {"prog", "--config-help"}; /* needs no config */
+        assert_int_equal(run_cli(a, 2, &c), 0);
+    }
+    {
         char *a[] = {"prog", "--config", good, "-x", "--check-config", "--config=y", "--config"};
         assert_int_equal(pq_conf_cli_skip(7, a, 0), 0);
         assert_int_equal(pq_conf_cli_skip(7, a, 1), 2);
@@ -626,6 +630,25 @@ static void test_cli(void **state)
         assert_int_equal(pq_conf_cli_skip(7, a, 6), 1);
         assert_string_equal(pq_conf_path_from_args(7, a), good);
     }
+}
+
+/* The reference is generated from the same tables: spot-check a few rows. */
+static void test_reference(void **state)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+
+    (void)state;
+    assert_non_null(f);
+    pq_conf_print_reference(f);
+    fclose(f);
+    assert_non_null(strstr(buf, "| worker.max_inflight | integer | 4096 | 1..1000000 |"));
+    assert_non_null(strstr(buf, "| log.level | enum | \"info\" | debug, info, warn, error |"));
+    assert_non_null(strstr(buf, "| providers.NAME.type | enum |"));
+    assert_non_null(strstr(buf, "| routes.NAME.N.model | string |"));
+    assert_non_null(strstr(buf, "| cache.temperature_zero | boolean | false |"));
+    free(buf);
 }
 
 /* pq_conf_load keeps no global state: threads loading at once all get the same answer. */
@@ -675,6 +698,7 @@ int main(void)
         cmocka_unit_test(test_env_overrides), cmocka_unit_test(test_redis_url),
         cmocka_unit_test(test_read_errors),   cmocka_unit_test(test_kafka_conf),
         cmocka_unit_test(test_cli),           cmocka_unit_test(test_reentrant),
+        cmocka_unit_test(test_reference),
     };
 
     return cmocka_run_group_tests(tests, setup, NULL);
