@@ -303,7 +303,7 @@ pq_err_t pq_envelope_parse(const char *buf, size_t len, const pq_envelope_limits
         err = PQ_ERR_TOO_LARGE;
         goto out_clear;
     }
-    root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
+    root = json_loadb(buf, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
     if (!root) {
         env_err(errstr, errstr_size, "invalid JSON: %s (line %d, column %d)", jerr.text, jerr.line,
                 jerr.column);
