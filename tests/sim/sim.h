@@ -81,8 +81,10 @@ int64_t pq_sim_core_tokens(size_t bytes);
  * content is none of those. Pure. */
 int pq_sim_core_text(const json_t *content, char **out, size_t *len);
 
-/* json_dump_callback sink appending to an evbuffer (data). */
-int pq_sim_core_dump_cb(const char *buf, size_t size, void *data);
+/* Appends doc as compact JSON to out with a single evbuffer_add (one copy, no per-token calls).
+ * Returns 0, or -1 if doc cannot be serialised. */
+struct evbuffer;
+int pq_sim_core_dump(const json_t *doc, struct evbuffer *out);
 
 /* ---- calls and routes (sim_server.c, one file per format) ---- */
 

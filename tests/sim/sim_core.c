@@ -106,7 +106,21 @@ int pq_sim_core_text(const json_t *content, char **out, size_t *len)
     return 0;
 }
 
-int pq_sim_core_dump_cb(const char *buf, size_t size, void *data)
+int pq_sim_core_dump(const json_t *doc, struct evbuffer *out)
 {
-    return evbuffer_add((struct evbuffer *)data, buf, size);
+    char stackbuf[8192], *heap;
+    size_t n = json_dumpb(doc, stackbuf, sizeof(stackbuf), JSON_COMPACT);
+    int rc;
+
+    if (n == 0)
+        return -1;
+    if (n <= sizeof(stackbuf))
+        return evbuffer_add(out, stackbuf, n);
+    /* Larger documents: one exact-size heap buffer, still a single evbuffer_add. */
+    heap = malloc(n);
+    if (!heap)
+        return -1;
+    rc = json_dumpb(doc, heap, n, JSON_COMPACT) == n ? evbuffer_add(out, heap, n) : -1;
+    free(heap);
+    return rc;
 }

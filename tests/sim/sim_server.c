@@ -160,7 +160,7 @@ static void send_json(struct evhttp_request *req, int status, json_t *doc)
 
     set_header(req, "Content-Type", "application/json");
     if (doc)
-        json_dump_callback(doc, pq_sim_core_dump_cb, out, JSON_COMPACT);
+        pq_sim_core_dump(doc, out);
     json_decref(doc);
     evhttp_send_reply(req, status, reason_phrase(status), NULL);
 }
@@ -813,7 +813,7 @@ void pq_sim_call_json(pq_sim_call_t *call, int status, json_t *doc)
 
     evbuffer_drain(out, evbuffer_get_length(out));
     if (doc)
-        json_dump_callback(doc, pq_sim_core_dump_cb, out, JSON_COMPACT);
+        pq_sim_core_dump(doc, out);
     json_decref(doc);
     set_header(call->req, "Content-Type", "application/json");
     call->status = status;
