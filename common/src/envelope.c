@@ -387,6 +387,35 @@ int pq_envelope_set_reply_to(pq_envelope_t *env, const char *reply_to)
     return env_set_string(env, "reply_to", reply_to);
 }
 
+int pq_envelope_set_tenant(pq_envelope_t *env, const char *tenant)
+{
+    if (!pq_tenant_valid(tenant))
+        return -1;
+    return env_set_string(env, "tenant", tenant);
+}
+
+int pq_envelope_set_object(pq_envelope_t *env, const char *key, json_t *value)
+{
+    int rc = -1;
+
+    if (!env || !env->root || !key || (strcmp(key, "park") != 0 && strcmp(key, "error") != 0))
+        goto out_drop;
+    if (!value) {
+        json_object_del(env->root, key);
+        env_refresh(env);
+        return 0;
+    }
+    if (!json_is_object(value))
+        goto out_drop;
+    rc = json_object_set_new(env->root, key, value) == 0 ? 0 : -1;
+    env_refresh(env);
+    return rc;
+
+out_drop:
+    json_decref(value);
+    return rc;
+}
+
 /* jansson escapes control characters inside strings, so JSON_COMPACT output is one line. */
 char *pq_envelope_dump(const pq_envelope_t *env, size_t *len)
 {

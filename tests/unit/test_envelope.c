@@ -211,8 +211,26 @@ static void test_set_id_reply_to(void **state)
     assert_string_equal(env.model, "m");
     assert_string_equal(env.tenant, "default");
     assert_string_equal(env.request_hash, hash);
+    assert_int_equal(pq_envelope_set_tenant(&env, "acme"), 0);
+    assert_string_equal(env.tenant, "acme");
+    assert_int_equal(pq_envelope_set_tenant(&env, "a/b"), -1);
+    assert_string_equal(env.tenant, "acme");
+    /* park / error objects: set, replace, remove; other keys and non-objects refused */
+    assert_null(env.park);
+    assert_int_equal(pq_envelope_set_object(&env, "park", json_pack("{si}", "attempts", 3)), 0);
+    assert_non_null(env.park);
+    assert_int_equal(json_integer_value(json_object_get(env.park, "attempts")), 3);
+    assert_int_equal(pq_envelope_set_object(&env, "error", json_pack("{ss}", "type", "x")), 0);
+    assert_int_equal(pq_envelope_set_object(&env, "error", NULL), 0);
+    assert_null(json_object_get(env.root, "error"));
+    assert_int_equal(pq_envelope_set_object(&env, "request", json_object()), -1);
+    assert_int_equal(pq_envelope_set_object(&env, "park", json_string("x")), -1);
+    assert_non_null(env.park);
+    assert_int_equal(pq_envelope_set_object(&env, "park", NULL), 0);
+    assert_null(env.park);
     dump = pq_envelope_dump(&env, NULL);
     assert_non_null(dump);
+    assert_non_null(strstr(dump, "\"tenant\":\"acme\""));
     assert_non_null(strstr(dump, "\"id\":\"job_02DEF\""));
     assert_non_null(strstr(dump, "\"reply_to\":\"broker-7\""));
     assert_non_null(strstr(dump, "\"request\":{\"model\":\"m\""));

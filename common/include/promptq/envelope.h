@@ -9,13 +9,14 @@
 #include "promptq/err.h"
 #include "promptq/hash.h"
 
-#define PQ_ID_MAX 128
+#define PQ_ID_MAX     128
 #define PQ_TENANT_MAX 64
 
-/* Caps applied while parsing; a value over a cap is PQ_ERR_TOO_LARGE. */
+/* Caps applied while parsing; a value over a cap is PQ_ERR_TOO_LARGE. 0 means no cap. */
 typedef struct pq_envelope_limits_s {
     size_t max_bytes;        /* whole document */
-    size_t max_prompt_bytes; /* sum of message content lengths */
+    size_t max_prompt_bytes; /* sum of message content lengths in bytes (string contents and
+                                content parts' "text") */
     size_t max_messages;     /* entries in request.messages */
 } pq_envelope_limits_t;
 
@@ -25,26 +26,32 @@ extern const pq_envelope_limits_t pq_envelope_limits_default;
 typedef struct pq_envelope_s {
     json_t *root; /* owned; the normalised envelope (a bare chat body is wrapped as "request") */
     /* The fields below are borrowed from root and valid until the next change of root. */
-    const char *id;     /* NULL when the producer gave none */
-    const char *tenant; /* "default" when absent */
-    json_t *request;    /* the OpenAI chat-completions body */
-    const char *model;  /* request.model: the route name */
-    json_t *metadata;   /* NULL when absent */
+    const char *id;      /* NULL when the producer gave none */
+    const char *tenant;  /* "default" when absent */
+    json_t *request;     /* the OpenAI chat-completions body */
+    const char *model;   /* request.model: the route name */
+    json_t *metadata;    /* NULL when absent */
     int64_t deadline_ms; /* 0 = none */
     int cache;           /* -1 unset, 0 false, 1 true */
     const char *callback_url;
     const char *reply_to;
-    json_t *park;  /* "park" object of a parked job, or NULL */
+    json_t *park;                             /* "park" object of a parked job, or NULL */
     char request_hash[PQ_SHA256_HEX_LEN + 1]; /* pq_request_hash(request) */
 } pq_envelope_t;
 
-/* Parses and validates an envelope (or a bare chat-completions body). Checks: a JSON object;
- * id, if present, matches [A-Za-z0-9._:-]{1,128}; tenant [A-Za-z0-9._-]{1,64}; request an object
- * with a non-empty string model and a non-empty messages array of objects, each with a string
- * role and a content; deadline an RFC 3339 time; cache a boolean; metadata an object; caps.
+/* Parses and validates an envelope (or a bare chat-completions body). Checks: a JSON object
+ * without duplicate keys; id, if present, matches [A-Za-z0-9._:-]{1,128}; tenant
+ * [A-Za-z0-9._-]{1,64}; request an object with a non-empty string model and a non-empty messages
+ * array of objects, each with a string role and a content (a string, an array of content part
+ * objects with a string "type", or null; it may be absent when the message has tool_calls or
+ * function_call); deadline an RFC 3339 time; cache a boolean; metadata, park and error objects;
+ * callback_url http(s); reply_to 1..256 bytes; caps. Other top-level keys are refused
+ * ("unknown field \"x\""). A document without "request" but with "model" or "messages" is a
+ * bare chat body and is wrapped as {"request": body}. limits: NULL for the defaults.
  * On success fills out (call pq_envelope_clear after) and returns PQ_OK; otherwise returns
- * PQ_ERR_INVALID or PQ_ERR_TOO_LARGE with a message naming the field in errstr, and out is
- * left cleared. */
+ * PQ_ERR_INVALID or PQ_ERR_TOO_LARGE with a message naming the field in errstr (e.g.
+ * "request.messages[2].role: must be a string", "... over the limit of N (max_prompt_bytes)"),
+ * and out is left cleared. buf: borrowed, need not be NUL-terminated. */
 pq_err_t pq_envelope_parse(const char *buf, size_t len, const pq_envelope_limits_t *limits,
                            pq_envelope_t *out, char *errstr, size_t errstr_size);
 
@@ -57,7 +64,17 @@ int pq_envelope_set_id(pq_envelope_t *env, const char *id);
 /* Sets "reply_to" (copied). Returns 0 or -1. */
 int pq_envelope_set_reply_to(pq_envelope_t *env, const char *reply_to);
 
-/* Compact one-line JSON of the envelope; new string (free()), NULL on failure. */
+/* Sets "tenant" (copied; e.g. the tenant of the caller's API key) and refreshes the borrowed
+ * pointers. Returns 0, -1 if tenant is invalid. */
+int pq_envelope_set_tenant(pq_envelope_t *env, const char *tenant);
+
+/* Sets the top-level object "park" or "error" (value taken, also on failure), or removes it
+ * when value is NULL (e.g. a DLQ redrive drops "error"); refreshes the borrowed pointers.
+ * Returns 0, -1 for another key or a value that is not an object. */
+int pq_envelope_set_object(pq_envelope_t *env, const char *key, json_t *value);
+
+/* Compact one-line JSON of the envelope (key order kept, control characters escaped); new
+ * string (free()), NULL on failure. len: NULL or receives strlen. */
 char *pq_envelope_dump(const pq_envelope_t *env, size_t *len);
 
 /* 1 if id matches [A-Za-z0-9._:-]{1,128}. */
