@@ -1,0 +1,238 @@
+"""promptq-broker intake (no worker): 202 only once Kafka has the job, validation errors, ids,
+API keys, GET of the job record, health endpoints, Kafka outage, concurrency, graceful stop."""
+
+import json
+import signal
+import threading
+
+import harness
+from harness import T, wait_for
+
+ROUTE = "sim-model"
+ROUTES = {ROUTE: [{"provider": "sim", "model": "m"}]}
+PROVIDERS = {"sim": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}}
+
+
+def job(content="hello", **kw):
+    doc = {"request": {"model": ROUTE, "messages": [{"role": "user", "content": content}]}}
+    doc.update(kw)
+    return doc
+
+
+def start(st, extra=None, redis=True):
+    if redis:
+        st.redis()
+    st.devkafka(brokers=1, partitions=4)
+    path, cfg = st.config(providers=PROVIDERS, routes=ROUTES, extra=extra)
+    p = st.spawn("promptq-broker", "--config", path, name="broker")
+    wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
+    assert p.alive(), "broker exited:\n" + p.tail()
+    return p
+
+
+def ready(st):
+    try:
+        return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def post(st, body, headers=None):
+    return harness.http_json("POST", st.broker_url + "/v1/jobs", body, headers)
+
+
+def get(st, path, headers=None):
+    return harness.http_json("GET", st.broker_url + path, None, headers)
+
+
+def err_type(doc):
+    assert isinstance(doc, dict) and "error" in doc, doc
+    assert set(doc["error"]) >= {"type", "message"}, doc
+    return doc["error"]["type"]
+
+
+def metric(st, name, labels=""):
+    status, _, raw = harness.http("GET", st.broker_url + "/metrics")
+    assert status == 200
+    want = name + ("{" + labels + "}" if labels else "")
+    for line in raw.decode().splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_submit_get_and_validation():
+    with harness.Stack("broker-submit") as st:
+        start(st)
+        accepted0 = metric(st, "promptq_broker_jobs_accepted_total", 'durability="kafka"')
+
+        status, hdrs, doc = post(st, job("first"))
+        assert status == 202, (status, doc)
+        assert doc["status"] == "queued" and doc["durability"] == "kafka", doc
+        jid = doc["id"]
+        assert jid.startswith("job_") and len(jid) == 30, jid
+        assert hdrs["location"] == "/v1/jobs/" + jid
+
+        msgs = st.consume("promptq.requests", 1)
+        assert len(msgs) == 1, msgs
+        assert msgs[0]["key"] == jid
+        env = json.loads(msgs[0]["value"])
+        assert env["id"] == jid and env["request"]["messages"][0]["content"] == "first", env
+        assert "\n" not in msgs[0]["value"]
+
+        status, _, rec = get(st, "/v1/jobs/" + jid)
+        assert status == 200, rec
+        assert rec["id"] == jid and rec["status"] == "queued" and rec["route"] == ROUTE, rec
+        assert rec["tenant"] == "default" and rec["attempts"] == 0 and rec["deliveries"] == 0
+        assert rec["created_at"] and rec["updated_at"]
+        assert get(st, "/v1/jobs/job_unknown")[0] == 404
+        # open mode: the tenant is part of the job's identity
+        assert get(st, "/v1/jobs/%s?tenant=other" % jid)[0] == 404
+
+        # the client's own id: same body twice is fine, another body is a conflict
+        body = job("same", id="client-1")
+        assert post(st, body)[0] == 202
+        status, _, doc = post(st, body)
+        assert status == 202 and doc["id"] == "client-1", doc
+        status, _, doc = post(st, job("different", id="client-1"))
+        assert status == 409 and err_type(doc) == "id_conflict", doc
+        # the same id under another tenant is another job
+        assert post(st, job("different", id="client-1", tenant="t2"))[0] == 202
+
+        status, _, raw = harness.http("POST", st.broker_url + "/v1/jobs", b'{"request": {')
+        assert status == 400 and err_type(json.loads(raw)) == "invalid_request"
+        status, _, doc = post(st, {"request": {"model": ROUTE, "messages": "nope"}})
+        assert status == 400 and "request.messages" in doc["error"]["message"], doc
+        status, _, doc = post(st, job(id="bad id!"))
+        assert status == 400 and "id" in doc["error"]["message"], doc
+        status, _, doc = post(st, job(deadline="tomorrow"))
+        assert status == 400 and "deadline" in doc["error"]["message"], doc
+        status, _, doc = post(st, {"request": {"model": "no-such-route", "messages": [
+            {"role": "user", "content": "x"}]}})
+        assert status == 404 and err_type(doc) == "model_not_found", doc
+        status, _, doc = post(st, job("x" * 1_100_000))
+        assert status == 413 and err_type(doc) == "too_large", doc
+
+        assert get(st, "/v1/nothing")[0] == 404
+        status, hdrs, doc = harness.http_json("DELETE", st.broker_url + "/healthz")
+        assert status == 405 and err_type(doc) == "method_not_allowed"
+        assert get(st, "/v1/jobs")[0] == 405
+        status, _, doc = get(st, "/healthz")
+        assert status == 200 and doc == {"status": "ok"}, doc
+
+        # everything accepted is on the topic (the repeated client-1 too), nothing refused is
+        msgs = st.consume("promptq.requests", 5, timeout=T(5))
+        keys = sorted(m["key"] for m in msgs)
+        assert keys == sorted([jid] + ["client-1"] * 3), keys
+
+        assert metric(st, "promptq_broker_jobs_accepted_total",
+                      'durability="kafka"') == accepted0 + 4
+        assert metric(st, "promptq_broker_http_requests_total",
+                      'path="/v1/jobs",code="409"') == 1
+        assert metric(st, "promptq_broker_produce_ack_seconds_count") >= 4
+
+
+def test_api_keys():
+    keys = {"broker": {"api_keys": {"key-acme": "acme", "key-beta": "beta"}}}
+    with harness.Stack("broker-keys") as st:
+        p = start(st, extra=keys)
+        assert post(st, job())[0] == 401
+        status, _, doc = post(st, job(), {"Authorization": "Bearer wrong"})
+        assert status == 401 and err_type(doc) == "unauthorized", doc
+        acme = {"Authorization": "Bearer key-acme"}
+        beta = {"Authorization": "Bearer key-beta"}
+        status, _, doc = post(st, job(), acme)
+        assert status == 202, doc
+        jid = doc["id"]
+        status, _, doc = post(st, job(tenant="beta"), acme)
+        assert status == 403, doc
+        assert post(st, job(tenant="acme"), acme)[0] == 202
+
+        assert get(st, "/v1/jobs/" + jid)[0] == 401
+        status, _, rec = get(st, "/v1/jobs/" + jid, acme)
+        assert status == 200 and rec["tenant"] == "acme", rec
+        status, _, doc = get(st, "/v1/jobs/" + jid, beta)
+        assert status == 404 and err_type(doc) == "not_found", doc
+
+        msgs = st.consume("promptq.requests", 2)
+        assert len(msgs) == 2
+        for m in msgs:
+            assert json.loads(m["value"])["tenant"] == "acme", m
+        with open(p.log_path) as f:
+            log = f.read()
+        assert "key-acme" not in log and "key-beta" not in log
+
+
+def test_kafka_down_then_up():
+    with harness.Stack("broker-kafka-down") as st:
+        start(st)
+        assert post(st, job("before"))[0] == 202
+        st.kafka_.control("down -1")
+        # within the ack timeout (1 s) at most, and at once once the outage is known
+        status, hdrs, doc = post(st, job("during"), None)
+        assert status == 503, (status, doc)
+        assert hdrs.get("retry-after") == "1" and err_type(doc) == "unavailable", (hdrs, doc)
+        wait_for(lambda: get(st, "/readyz")[0] == 503, T(10), "/readyz 503 while Kafka is down")
+        status, hdrs, doc = post(st, job("during-2", id="during-2"))
+        assert status == 503 and hdrs.get("retry-after") == "1", (status, doc)
+        st.kafka_.control("up -1")
+        wait_for(lambda: post(st, job("after"))[0] == 202, T(30), "202 after Kafka is back")
+        assert get(st, "/readyz")[0] == 200
+        assert metric(st, "promptq_broker_unavailable_total") >= 2
+        # the refused job left no queued record behind it
+        assert get(st, "/v1/jobs/during-2")[0] == 404
+
+
+def test_redis_down_still_accepts():
+    with harness.Stack("broker-redis-down") as st:
+        start(st)
+        st.redis_.kill()
+        status, _, doc = post(st, job("no redis"))
+        assert status == 202, doc
+        status, hdrs, doc = get(st, "/v1/jobs/" + doc["id"])
+        assert status == 503 and hdrs.get("retry-after") == "1", doc
+        st.redis_.restart()
+        # the same id and body may be sent again; once Redis is back the record is written
+        wait_for(lambda: post(st, job("redis back", id="rb"))[0] == 202 and
+                 get(st, "/v1/jobs/rb")[0] == 200, T(10), "record written after Redis is back")
+        status, _, rec = get(st, "/v1/jobs/rb")
+        assert rec["status"] == "queued", rec
+
+
+def test_concurrent_500_jobs():
+    with harness.Stack("broker-concurrent") as st:
+        start(st)
+        bodies = [job("prompt %d" % i) for i in range(500)]
+        results = harness.post_many(st.broker_url + "/v1/jobs", bodies, concurrency=16)
+        codes = [r[0] for r in results]
+        assert codes.count(202) == 500, {c: codes.count(c) for c in set(codes)}
+        ids = {r[2]["id"] for r in results}
+        assert len(ids) == 500
+        msgs = st.consume("promptq.requests", 500, timeout=T(60))
+        assert {m["key"] for m in msgs} == ids, (len(msgs), len(ids))
+
+
+def test_sigterm_answers_inflight_and_exits_zero():
+    with harness.Stack("broker-sigterm") as st:
+        p = start(st)
+        out = []
+
+        def client():
+            out.extend(harness.post_many(st.broker_url + "/v1/jobs",
+                                         [job("t %d" % i) for i in range(200)], concurrency=8))
+
+        th = threading.Thread(target=client)
+        th.start()
+        wait_for(lambda: metric(st, "promptq_broker_jobs_accepted_total",
+                                'durability="kafka"') >= 20, T(10), "some jobs accepted")
+        p.kill(signal.SIGTERM)
+        assert p.wait(T(15)) == 0
+        th.join(T(30))
+        accepted = [r[2]["id"] for r in out if r[0] == 202]
+        assert accepted
+        # every 202 is on the topic (G1 across a stop)
+        msgs = st.consume("promptq.requests", len(accepted), timeout=T(30))
+        assert set(accepted) <= {m["key"] for m in msgs}
+
+
+harness.run(globals())
