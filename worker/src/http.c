@@ -1,0 +1,387 @@
+/* libcurl multi socket API on libevent (the hiperfifo pattern, written for promptq). */
+#include "http.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include "promptq/log.h"
+#include "promptq/util.h"
+
+#define FREE_REQS_MAX 1024
+#define KEEP_BUF_MAX  (64 * 1024)
+
+struct pq_http_req_s {
+    pq_http_t *h;
+    CURL *easy;
+    struct curl_slist *headers;
+    char *body;
+    char *resp;
+    size_t resp_len, resp_cap, resp_max;
+    int too_large;
+    int64_t retry_after_ms;
+    int64_t started_ms;
+    pq_http_done_cb *cb;
+    void *opaque;
+    pq_http_req_t *next_free;
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+struct pq_http_s {
+    struct event_base *base;
+    CURLM *multi;
+    struct event *timer;
+    pq_http_req_t *free_reqs;
+    size_t nfree;
+    size_t active;
+};
+
+typedef struct sock_s {
+    struct event *ev;
+    pq_http_t *h;
+} sock_t;
+
+static void check_done(pq_http_t *h);
+
+static void on_socket_event(evutil_socket_t fd, short what, void *arg)
+{
+    pq_http_t *h = arg;
+    int running = 0;
+    int action =
+        ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
+
+    curl_multi_socket_action(h->multi, fd, action, &running);
+    check_done(h);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    pq_http_t *h = arg;
+    int running = 0;
+
+    curl_multi_socket_action(h->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_done(h);
+}
+
+static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    pq_http_t *h = userp;
+    sock_t *sk = socketp;
+    short kind;
+
+    if (what == CURL_POLL_REMOVE) {
+        if (sk) {
+            event_free(sk->ev);
+            free(sk);
+            curl_multi_assign(h->multi, s, NULL);
+        }
+        return 0;
+    }
+    kind = (short)(((what & CURL_POLL_IN) ? EV_READ : 0) | ((what & CURL_POLL_OUT) ? EV_WRITE : 0) |
+                   EV_PERSIST);
+    if (!sk) {
+        sk = calloc(1, sizeof(*sk));
+        if (!sk)
+            return -1;
+        sk->h = h;
+        curl_multi_assign(h->multi, s, sk);
+    } else {
+        event_free(sk->ev);
+    }
+    sk->ev = event_new(h->base, s, kind, on_socket_event, h);
+    if (!sk->ev)
+        return -1;
+    event_add(sk->ev, NULL);
+    return 0;
+}
+
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
+{
+    pq_http_t *h = userp;
+
+    if (timeout_ms < 0) {
+        evtimer_del(h->timer);
+    } else {
+        struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+        evtimer_add(h->timer, &tv);
+    }
+    return 0;
+}
+
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+    pq_http_req_t *r = userp;
+    size_t n = size * nmemb;
+
+    if (r->resp_len + n > r->resp_max) {
+        r->too_large = 1;
+        return 0; /* CURLE_WRITE_ERROR ends the transfer */
+    }
+    if (r->resp_len + n + 1 > r->resp_cap) {
+        size_t cap = r->resp_cap ? r->resp_cap : 4096;
+        char *p;
+        while (cap < r->resp_len + n + 1)
+            cap *= 2;
+        if (cap > r->resp_max + 1)
+            cap = r->resp_max + 1;
+        p = realloc(r->resp, cap);
+        if (!p)
+            return 0;
+        r->resp = p;
+        r->resp_cap = cap;
+    }
+    memcpy(r->resp + r->resp_len, data, n);
+    r->resp_len += n;
+    r->resp[r->resp_len] = '\0';
+    return n;
+}
+
+/* Retry-After: delay-seconds (HTTP dates are rare from LLM providers and treated as absent);
+ * retry-after-ms: milliseconds (OpenAI, Azure). */
+static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+    pq_http_req_t *r = userp;
+    size_t n = size * nmemb;
+    char line[128];
+    size_t len = n < sizeof(line) - 1 ? n : sizeof(line) - 1;
+    const char *v;
+    double d;
+    char *end;
+
+    if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
+        r->retry_after_ms = -1; /* a new response (after 100 Continue or a redirect) */
+        return n;
+    }
+    memcpy(line, data, len);
+    line[len] = '\0';
+    if (strncasecmp(line, "retry-after-ms:", 15) == 0) {
+        v = line + 15;
+        d = strtod(v, &end);
+        if (end != v && d >= 0)
+            r->retry_after_ms = (int64_t)d;
+    } else if (strncasecmp(line, "retry-after:", 12) == 0 && r->retry_after_ms < 0) {
+        v = line + 12;
+        while (*v == ' ' || *v == '\t')
+            v++;
+        d = strtod(v, &end);
+        if (end != v && d >= 0 && d < 1e7)
+            r->retry_after_ms = (int64_t)(d * 1000);
+    }
+    return n;
+}
+
+static pq_err_t map_curl_error(CURLcode rc)
+{
+    switch (rc) {
+    case CURLE_OPERATION_TIMEDOUT:
+        return PQ_ERR_TIMEOUT;
+    case CURLE_OUT_OF_MEMORY:
+        return PQ_ERR_NOMEM;
+    case CURLE_URL_MALFORMAT:
+    case CURLE_UNSUPPORTED_PROTOCOL:
+        return PQ_ERR_CONFIG;
+    default:
+        /* connect, resolve, send/recv, TLS, connection closed mid-answer */
+        return PQ_ERR_CONNECT;
+    }
+}
+
+static void req_recycle(pq_http_t *h, pq_http_req_t *r)
+{
+    curl_slist_free_all(r->headers);
+    r->headers = NULL;
+    free(r->body);
+    r->body = NULL;
+    r->cb = NULL;
+    r->opaque = NULL;
+    if (h->nfree >= FREE_REQS_MAX) {
+        curl_easy_cleanup(r->easy);
+        free(r->resp);
+        free(r);
+        return;
+    }
+    if (r->resp_cap > KEEP_BUF_MAX) {
+        free(r->resp);
+        r->resp = NULL;
+        r->resp_cap = 0;
+    }
+    r->next_free = h->free_reqs;
+    h->free_reqs = r;
+    h->nfree++;
+}
+
+static void check_done(pq_http_t *h)
+{
+    CURLMsg *msg;
+    int left;
+
+    while ((msg = curl_multi_info_read(h->multi, &left))) {
+        pq_http_req_t *r = NULL;
+        pq_http_result_t res;
+
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+        memset(&res, 0, sizeof(res));
+        if (msg->data.result == CURLE_OK) {
+            res.err = PQ_OK;
+            curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
+        } else if (r->too_large) {
+            res.err = PQ_ERR_TOO_LARGE;
+            curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
+        } else {
+            res.err = map_curl_error(msg->data.result);
+        }
+        res.body = r->resp ? r->resp : "";
+        res.body_len = r->resp_len;
+        res.retry_after_ms = r->retry_after_ms;
+        res.detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(msg->data.result);
+        res.elapsed_ms = pq_mono_ms() - r->started_ms;
+        curl_multi_remove_handle(h->multi, r->easy);
+        h->active--;
+        if (r->cb)
+            r->cb(r->opaque, &res);
+        req_recycle(h, r);
+    }
+}
+
+pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errstr,
+                       size_t errstr_size)
+{
+    pq_http_t *h = calloc(1, sizeof(*h));
+
+    if (!h) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return NULL;
+    }
+    h->base = base;
+    h->multi = curl_multi_init();
+    h->timer = evtimer_new(base, on_timer, h);
+    if (!h->multi || !h->timer) {
+        snprintf(errstr, errstr_size, "curl_multi_init or evtimer_new failed");
+        pq_http_destroy(h);
+        return NULL;
+    }
+    curl_multi_setopt(h->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+    curl_multi_setopt(h->multi, CURLMOPT_SOCKETDATA, h);
+    curl_multi_setopt(h->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+    curl_multi_setopt(h->multi, CURLMOPT_TIMERDATA, h);
+    curl_multi_setopt(h->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    if (max_host_conns > 0) {
+        curl_multi_setopt(h->multi, CURLMOPT_MAX_HOST_CONNECTIONS, max_host_conns);
+        curl_multi_setopt(h->multi, CURLMOPT_MAXCONNECTS, max_host_conns * 4);
+    }
+    return h;
+}
+
+void pq_http_destroy(pq_http_t *h)
+{
+    pq_http_req_t *r;
+
+    if (!h)
+        return;
+    /* Transfers still running belong to their owners, who cancel them first; free the pool. */
+    while ((r = h->free_reqs)) {
+        h->free_reqs = r->next_free;
+        curl_easy_cleanup(r->easy);
+        free(r->resp);
+        free(r);
+    }
+    if (h->multi)
+        curl_multi_cleanup(h->multi);
+    if (h->timer)
+        event_free(h->timer);
+    free(h);
+}
+
+pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *headers, char *body,
+                            size_t body_len, long timeout_ms, size_t max_response,
+                            pq_http_done_cb *cb, void *opaque)
+{
+    pq_http_req_t *r = h->free_reqs;
+    struct curl_slist *hs;
+
+    if (r) {
+        h->free_reqs = r->next_free;
+        h->nfree--;
+        curl_easy_reset(r->easy);
+    } else {
+        r = calloc(1, sizeof(*r));
+        if (!r)
+            goto out_fail;
+        r->easy = curl_easy_init();
+        if (!r->easy) {
+            free(r);
+            r = NULL;
+            goto out_fail;
+        }
+    }
+    r->h = h;
+    r->resp_len = 0;
+    r->resp_max = max_response;
+    r->too_large = 0;
+    r->retry_after_ms = -1;
+    r->errbuf[0] = '\0';
+    r->cb = cb;
+    r->opaque = opaque;
+    r->body = body;
+    /* No "Expect: 100-continue" round trip for large bodies. */
+    hs = curl_slist_append(headers, "Expect:");
+    if (!hs) {
+        r->headers = headers;
+        req_recycle(h, r);
+        return NULL;
+    }
+    r->headers = hs;
+    r->started_ms = pq_mono_ms();
+
+    curl_easy_setopt(r->easy, CURLOPT_URL, url);
+    curl_easy_setopt(r->easy, CURLOPT_POST, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(r->easy, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(r->easy, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(r->easy, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(r->easy, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(r->easy, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(r->easy, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(r->easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+    curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 10000 ? timeout_ms : 10000L);
+    curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+    curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(r->easy, CURLOPT_ACCEPT_ENCODING, "");
+
+    if (curl_multi_add_handle(h->multi, r->easy) != CURLM_OK) {
+        req_recycle(h, r);
+        return NULL;
+    }
+    h->active++;
+    return r;
+
+out_fail:
+    curl_slist_free_all(headers);
+    free(body);
+    return NULL;
+}
+
+void pq_http_cancel(pq_http_t *h, pq_http_req_t *req)
+{
+    if (!req)
+        return;
+    curl_multi_remove_handle(h->multi, req->easy);
+    h->active--;
+    req_recycle(h, req);
+}
+
+size_t pq_http_active(const pq_http_t *h)
+{
+    return h->active;
+}

@@ -1,0 +1,51 @@
+/* Outbound HTTP on a libevent loop: libcurl's multi socket API driven by libevent events and a
+ * libevent timer. No threads; thousands of transfers in flight; HTTP/2 where the server speaks
+ * it; TLS verification on; easy handles are reused. */
+#ifndef PQ_WORKER_HTTP_H
+#define PQ_WORKER_HTTP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <event2/event.h>
+#include <curl/curl.h>
+#include "promptq/err.h"
+
+typedef struct pq_http_s pq_http_t;
+typedef struct pq_http_req_s pq_http_req_t;
+
+typedef struct pq_http_result_s {
+    pq_err_t err;     /* PQ_OK when an HTTP answer arrived; else CONNECT, TIMEOUT,
+                         TOO_LARGE (body over the cap), NOMEM, INTERNAL */
+    long status;      /* HTTP status, 0 without an answer */
+    const char *body; /* borrowed until the callback returns; NUL-terminated */
+    size_t body_len;
+    int64_t retry_after_ms; /* Retry-After / retry-after-ms, -1 when absent */
+    const char *detail;     /* libcurl's error text (no URL, no headers), "" if none */
+    int64_t elapsed_ms;
+} pq_http_result_t;
+
+/* Called once per request that was not cancelled, on the loop. */
+typedef void(pq_http_done_cb)(void *opaque, const pq_http_result_t *res);
+
+/* max_host_conns: connections per host (0 = unlimited); transfers beyond it wait inside
+ * libcurl. Returns NULL with errstr set. base: borrowed. */
+pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errstr,
+                       size_t errstr_size);
+
+/* Cancels every transfer (no callbacks) and frees everything. NULL is a no-op. */
+void pq_http_destroy(pq_http_t *h);
+
+/* Starts a POST. url: borrowed (copied by libcurl). headers and body: taken (freed when the
+ * request ends, also on failure). timeout_ms: whole transfer; max_response: body cap in bytes.
+ * Returns a handle valid until the callback runs or pq_http_cancel, or NULL on failure. */
+pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *headers, char *body,
+                            size_t body_len, long timeout_ms, size_t max_response,
+                            pq_http_done_cb *cb, void *opaque);
+
+/* Stops a request; its callback will not run. */
+void pq_http_cancel(pq_http_t *h, pq_http_req_t *req);
+
+/* Transfers in flight. */
+size_t pq_http_active(const pq_http_t *h);
+
+#endif

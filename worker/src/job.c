@@ -1,0 +1,1052 @@
+/* One job's life in the worker:
+ *
+ *   intake -> parse (invalid: dlq) -> BEGIN (Redis lease script)
+ *     run      -> CALL provider target <-> BACKOFF (retryable) -> next target ... -> FINISH
+ *     terminal -> PUBLISH the stored result verbatim
+ *     conflict -> PUBLISH to dlq (id_conflict)
+ *     leased   -> WAIT_LEASE, then BEGIN again
+ *     poison   -> FINISH failed (poison)
+ *   FINISH (compare-and-set terminal write) -> PUBLISH results (+ dlq when failed/expired)
+ *   -> all delivery reports OK -> offset done -> freed.
+ *
+ * A job waiting on Redis while it is down sits on the worker's redis_wait list and is re-issued
+ * when Redis is back. A second copy of an id already in flight in this process waits for the
+ * first (WAIT_LOCAL): the lease owner is per process, so the lease cannot tell them apart. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "promptq/err.h"
+#include "promptq/keys.h"
+#include "promptq/log.h"
+#include "promptq/scripts.h"
+#include "promptq/util.h"
+#include "providers/provider.h"
+#include "worker_int.h"
+
+#define KEY_MAX              320
+#define LOCAL_WAIT_MS        100
+#define REDIS_ERROR_RETRY_MS 1000
+#define PRODUCE_RETRY_MS     100
+#define DELIVERY_RETRY_MS    500
+
+/* Releases our lease and puts a running job back to queued (hand-back at shutdown). */
+static const char release_script[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1])\n"
+    "  if redis.call('HGET', KEYS[2], 'status') == 'running' then\n"
+    "    redis.call('HSET', KEYS[2], 'status', 'queued', 'updated_at', ARGV[2]) end\n"
+    "  return 1 end\n"
+    "return 0\n";
+
+typedef enum {
+    JS_BEGIN,
+    JS_WAIT_LOCAL,
+    JS_WAIT_LEASE,
+    JS_CALL,
+    JS_BACKOFF,
+    JS_FINISH,
+    JS_PUBLISH,
+    JS_GONE,
+} job_state_t;
+
+typedef enum {
+    RS_NONE,
+    RS_BEGIN,
+    RS_FINISH,
+    RS_RELEASE,
+} redis_step_t;
+
+typedef struct pub_s {
+    pq_job_t *job;
+    int topic;
+    int pending; /* produced, report not yet in */
+    int done;
+} pub_t;
+
+struct pq_job_s {
+    pq_worker_t *w;
+    pq_part_t *part;
+    uint64_t seq;
+    int topic;
+    int32_t partition;
+    int64_t offset;
+    char *msg_key; /* invalid jobs only */
+
+    pq_envelope_t env;
+    const pq_route_t *route;
+    char job_key[KEY_MAX];
+    char lease_key[KEY_MAX];
+
+    job_state_t state;
+    redis_step_t rstep;
+    int in_wait, in_table, lease_held, handed_back, nredis;
+    struct event timer, renew;
+
+    pq_http_req_t *http;
+    size_t target;
+    int tries;  /* retryable failures on the current target */
+    int rounds; /* passes over all targets */
+    int any_retryable;
+    int attempts; /* provider calls */
+    int64_t deliveries;
+    const pq_target_t *last_target;
+    pq_err_t err;
+    char errmsg[256];
+    long http_status;
+    json_t *response;
+    int64_t created_ms;
+    int64_t start_mono;
+    const char *status;
+
+    char *result; /* value for promptq.results, or NULL */
+    size_t result_len;
+    char *dlq; /* value for promptq.dlq, or NULL */
+    size_t dlq_len;
+    pub_t pubs[2];
+
+    pq_job_t *hnext;
+    TAILQ_ENTRY(pq_job_s) link;
+    TAILQ_ENTRY(pq_job_s) wait_link;
+};
+
+static void job_begin(pq_job_t *j);
+static void job_attempt(pq_job_t *j);
+static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char *msg);
+static void job_publish(pq_job_t *j);
+static void job_redis_issue(pq_job_t *j);
+
+/* ---- (tenant, id) table of jobs in flight in this process ---- */
+
+static size_t hash_str(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return (size_t)h;
+}
+
+static pq_job_t *table_find(pq_worker_t *w, const char *key)
+{
+    for (pq_job_t *j = w->table[hash_str(key) & w->table_mask]; j; j = j->hnext)
+        if (strcmp(j->job_key, key) == 0)
+            return j;
+    return NULL;
+}
+
+static void table_add(pq_job_t *j)
+{
+    pq_job_t **b = &j->w->table[hash_str(j->job_key) & j->w->table_mask];
+    j->hnext = *b;
+    *b = j;
+    j->in_table = 1;
+}
+
+static void table_remove(pq_job_t *j)
+{
+    pq_job_t **p;
+
+    if (!j->in_table)
+        return;
+    for (p = &j->w->table[hash_str(j->job_key) & j->w->table_mask]; *p; p = &(*p)->hnext) {
+        if (*p == j) {
+            *p = j->hnext;
+            break;
+        }
+    }
+    j->in_table = 0;
+    j->hnext = NULL;
+}
+
+/* ---- helpers ---- */
+
+static void timer_in(pq_job_t *j, int64_t ms)
+{
+    struct timeval tv;
+    if (ms < 0)
+        ms = 0;
+    tv.tv_sec = (time_t)(ms / 1000);
+    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    evtimer_add(&j->timer, &tv);
+}
+
+static const char *tenant_of(const pq_job_t *j)
+{
+    return j->env.tenant ? j->env.tenant : "default";
+}
+
+static const char *id_of(const pq_job_t *j)
+{
+    return j->env.id ? j->env.id : "-";
+}
+
+static int deadline_passed(const pq_job_t *j, int64_t extra_ms)
+{
+    return j->env.deadline_ms > 0 && pq_now_ms() + extra_ms >= j->env.deadline_ms;
+}
+
+static void job_free(pq_job_t *j)
+{
+    evtimer_del(&j->timer);
+    event_del(&j->renew);
+    pq_envelope_clear(&j->env);
+    json_decref(j->response);
+    free(j->result);
+    free(j->dlq);
+    free(j->msg_key);
+    free(j);
+}
+
+/* The job is over: its offset counts as done unless it was handed back. */
+static void job_done(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    pq_part_t *part = j->part;
+
+    if (j->state == JS_GONE)
+        return;
+    j->state = JS_GONE;
+    evtimer_del(&j->timer);
+    event_del(&j->renew);
+    table_remove(j);
+    if (j->in_wait) {
+        TAILQ_REMOVE(&w->redis_wait, j, wait_link);
+        j->in_wait = 0;
+    }
+    PQ_DBG("job %s/%s %s attempts=%d deliveries=%" PRId64 " source=%s/%" PRId32 "/%" PRId64
+           " %" PRId64 "ms",
+           tenant_of(j), id_of(j), j->status ? j->status : "handled", j->attempts, j->deliveries,
+           w->topics[j->topic], j->partition, j->offset, pq_mono_ms() - j->start_mono);
+    if (!j->handed_back && part)
+        pq_worker_offset_done(w, part, j->seq);
+    TAILQ_REMOVE(&w->jobs, j, link);
+    j->part = NULL;
+    pq_worker_job_gone(w, part);
+    if (j->nredis == 0)
+        job_free(j);
+}
+
+/* ---- JSON documents ---- */
+
+static json_t *error_object(const pq_job_t *j)
+{
+    json_t *e = json_object();
+    json_object_set_new(e, "type", json_string(pq_err_name(j->err)));
+    json_object_set_new(e, "message", json_string(j->errmsg[0] ? j->errmsg : pq_err2str(j->err)));
+    json_object_set_new(e, "provider",
+                        j->last_target ? json_string(j->last_target->provider) : json_null());
+    json_object_set_new(e, "status",
+                        j->http_status > 0 ? json_integer(j->http_status) : json_null());
+    return e;
+}
+
+static char *dump(json_t *o, size_t *len)
+{
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    *len = s ? strlen(s) : 0;
+    return s;
+}
+
+/* The result record of DESIGN.md §3. */
+static char *build_result(const pq_job_t *j, size_t *len)
+{
+    pq_worker_t *w = j->w;
+    json_t *o = json_object(), *src = json_object();
+    int64_t now = pq_now_ms();
+    char created[40], completed[40];
+    char *s;
+
+    pq_time_format(j->created_ms, created, sizeof(created));
+    pq_time_format(now, completed, sizeof(completed));
+    json_object_set_new(o, "id", json_string(id_of(j)));
+    json_object_set_new(o, "tenant", json_string(tenant_of(j)));
+    json_object_set_new(o, "status", json_string(j->status));
+    json_object_set_new(o, "route", j->env.model ? json_string(j->env.model) : json_null());
+    json_object_set_new(o, "provider",
+                        j->last_target ? json_string(j->last_target->provider) : json_null());
+    json_object_set_new(o, "model",
+                        j->last_target ? json_string(j->last_target->model) : json_null());
+    json_object_set_new(o, "attempts", json_integer(j->attempts));
+    if (j->response)
+        json_object_set(o, "response", j->response);
+    else
+        json_object_set_new(o, "error", error_object(j));
+    json_object_set(o, "metadata", j->env.metadata ? j->env.metadata : json_null());
+    json_object_set_new(o, "latency_ms",
+                        json_integer(now > j->created_ms ? now - j->created_ms : 0));
+    json_object_set_new(o, "created_at", json_string(created));
+    json_object_set_new(o, "completed_at", json_string(completed));
+    json_object_set_new(src, "topic", json_string(w->topics[j->topic]));
+    json_object_set_new(src, "partition", json_integer(j->partition));
+    json_object_set_new(src, "offset", json_integer(j->offset));
+    json_object_set_new(o, "source", src);
+    s = dump(o, len);
+    json_decref(o);
+    return s;
+}
+
+/* Envelope + "error" for promptq.dlq. */
+static char *build_dlq(const pq_job_t *j, json_t *error, size_t *len)
+{
+    json_t *o = json_copy(j->env.root); /* shallow */
+    char *s;
+
+    if (!o) {
+        json_decref(error);
+        *len = 0;
+        return NULL;
+    }
+    json_object_set_new(o, "error", error);
+    s = dump(o, len);
+    json_decref(o);
+    return s;
+}
+
+/* A JSON string of bytes that may not be UTF-8: invalid bytes become '?'. */
+static json_t *raw_string(const char *buf, size_t len)
+{
+    json_t *s = json_stringn(buf, len);
+    char *copy;
+
+    if (s)
+        return s;
+    copy = malloc(len + 1);
+    if (!copy)
+        return json_string("");
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)buf[i];
+        copy[i] = (c == 0 || c >= 0x80) ? '?' : (char)c;
+    }
+    s = json_stringn(copy, len);
+    free(copy);
+    return s ? s : json_string("");
+}
+
+/* ---- publishing ---- */
+
+static void job_publish(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    const char *key = j->env.id ? j->env.id : j->msg_key;
+    int waiting = 0;
+
+    j->state = JS_PUBLISH;
+    for (int i = 0; i < 2; i++) {
+        pub_t *p = &j->pubs[i];
+        const char *buf = i == 0 ? j->result : j->dlq;
+        size_t len = i == 0 ? j->result_len : j->dlq_len;
+        rd_kafka_resp_err_t err;
+
+        if (!buf || p->done)
+            continue;
+        if (p->pending) {
+            waiting = 1;
+            continue;
+        }
+        p->job = j;
+        p->topic = i == 0 ? PQ_T_RESULTS : PQ_T_DLQ;
+        err = pq_worker_produce(w, p->topic, key, buf, len, p);
+        if (err) {
+            PQ_WARN("job %s/%s: produce to %s: %s", tenant_of(j), id_of(j), w->topics[p->topic],
+                    rd_kafka_err2str(err));
+            pq_counter_add(w->m.produce_errors, 1);
+            timer_in(j,
+                     err == RD_KAFKA_RESP_ERR__QUEUE_FULL ? PRODUCE_RETRY_MS : DELIVERY_RETRY_MS);
+            return;
+        }
+        p->pending = 1;
+        waiting = 1;
+    }
+    if (!waiting)
+        job_done(j);
+}
+
+void pq_job_delivered(pq_worker_t *w, const rd_kafka_message_t *m)
+{
+    pub_t *p = m->_private;
+    pq_job_t *j = p ? p->job : NULL;
+
+    if (!j)
+        return;
+    p->pending = 0;
+    if (m->err) {
+        PQ_ERR("job %s/%s: delivery to %s failed: %s; producing again", tenant_of(j), id_of(j),
+               w->topics[p->topic], rd_kafka_err2str(m->err));
+        pq_counter_add(w->m.produce_errors, 1);
+        if (j->state == JS_PUBLISH && !evtimer_pending(&j->timer, NULL))
+            timer_in(j, DELIVERY_RETRY_MS);
+        return;
+    }
+    p->done = 1;
+    if (j->state == JS_PUBLISH && !evtimer_pending(&j->timer, NULL))
+        job_publish(j);
+}
+
+/* ---- Redis steps ---- */
+
+static void on_redis_reply(void *opaque, redisReply *reply);
+
+static void redis_wait(pq_job_t *j)
+{
+    if (!j->in_wait) {
+        TAILQ_INSERT_TAIL(&j->w->redis_wait, j, wait_link);
+        j->in_wait = 1;
+        pq_counter_add(j->w->m.redis_waits, 1);
+    }
+}
+
+static void job_redis_issue(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    const pq_conf_t *c = w->conf;
+    const char *argv[16];
+    size_t lens[16];
+    char now[24], ttl[24], lease[24], maxd[24], attempts[24];
+    int argc = 0;
+    char *resp = NULL, *err = NULL;
+    size_t resp_len = 0, err_len = 0;
+
+    snprintf(now, sizeof(now), "%" PRId64, pq_now_ms());
+    snprintf(ttl, sizeof(ttl), "%" PRId64, w->ttl_ms);
+    argv[argc++] = "EVAL";
+    switch (j->rstep) {
+    case RS_BEGIN:
+        snprintf(lease, sizeof(lease), "%d", c->lease_ms);
+        snprintf(maxd, sizeof(maxd), "%d", c->max_deliveries);
+        argv[argc++] = pq_script_job_begin;
+        argv[argc++] = "2";
+        argv[argc++] = j->job_key;
+        argv[argc++] = j->lease_key;
+        argv[argc++] = j->env.request_hash;
+        argv[argc++] = now;
+        argv[argc++] = ttl;
+        argv[argc++] = j->env.model;
+        argv[argc++] = w->owner;
+        argv[argc++] = lease;
+        argv[argc++] = maxd;
+        break;
+    case RS_FINISH:
+        if (j->response) {
+            resp = dump(j->response, &resp_len);
+        } else {
+            json_t *e = error_object(j);
+            err = dump(e, &err_len);
+            json_decref(e);
+        }
+        snprintf(attempts, sizeof(attempts), "%d", j->attempts);
+        argv[argc++] = pq_script_job_finish;
+        argv[argc++] = "2";
+        argv[argc++] = j->job_key;
+        argv[argc++] = j->lease_key;
+        argv[argc++] = j->status;
+        argv[argc++] = j->result ? j->result : "";
+        argv[argc++] = resp ? resp : "";
+        argv[argc++] = err ? err : "";
+        argv[argc++] = j->last_target ? j->last_target->provider : "";
+        argv[argc++] = j->last_target ? j->last_target->model : "";
+        argv[argc++] = attempts;
+        argv[argc++] = now;
+        argv[argc++] = ttl;
+        argv[argc++] = j->env.model;
+        argv[argc++] = j->env.request_hash;
+        break;
+    case RS_RELEASE:
+        argv[argc++] = release_script;
+        argv[argc++] = "2";
+        argv[argc++] = j->lease_key;
+        argv[argc++] = j->job_key;
+        argv[argc++] = w->owner;
+        argv[argc++] = now;
+        break;
+    default:
+        return;
+    }
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_redis_command(w->redis, argc, argv, lens, on_redis_reply, j) == 0)
+        j->nredis++;
+    else if (j->rstep != RS_RELEASE)
+        redis_wait(j);
+    free(resp);
+    free(err);
+}
+
+static void on_begin(pq_job_t *j, redisReply *r)
+{
+    pq_worker_t *w = j->w;
+    const char *what;
+    int64_t n = 0;
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+        r->element[0]->type != REDIS_REPLY_STRING) {
+        PQ_ERR("job %s/%s: unexpected reply from the begin script", tenant_of(j), id_of(j));
+        timer_in(j, REDIS_ERROR_RETRY_MS);
+        return;
+    }
+    what = r->element[0]->str;
+    if (r->elements > 1 && r->element[1]->type == REDIS_REPLY_INTEGER)
+        n = r->element[1]->integer;
+
+    if (strcmp(what, "run") == 0) {
+        struct timeval tv;
+        int period = w->conf->lease_ms / 3;
+        j->deliveries = n;
+        j->lease_held = 1;
+        tv.tv_sec = period / 1000;
+        tv.tv_usec = (period % 1000) * 1000;
+        event_add(&j->renew, &tv);
+        if (!j->route || j->route->ntargets == 0) {
+            char msg[200];
+            snprintf(msg, sizeof(msg), "unknown route \"%.120s\"", j->env.model);
+            job_finish(j, "failed", PQ_ERR_NOT_FOUND, msg);
+        } else if (deadline_passed(j, 0)) {
+            job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed before the job ran");
+        } else {
+            job_attempt(j);
+        }
+    } else if (strcmp(what, "terminal") == 0) {
+        table_remove(j);
+        if (r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING &&
+            r->element[1]->len > 0) {
+            j->result = strndup(r->element[1]->str, r->element[1]->len);
+            j->result_len = r->element[1]->len;
+            j->status = "republished";
+            pq_counter_add(w->m.republished, 1);
+            job_publish(j);
+        } else {
+            PQ_WARN("job %s/%s is terminal without a stored result; nothing to re-publish",
+                    tenant_of(j), id_of(j));
+            j->status = "terminal";
+            job_done(j);
+        }
+    } else if (strcmp(what, "conflict") == 0) {
+        table_remove(j);
+        j->err = PQ_ERR_CONFLICT;
+        snprintf(j->errmsg, sizeof(j->errmsg), "id already used by another request in this tenant");
+        j->status = "id_conflict";
+        j->dlq = build_dlq(j, error_object(j), &j->dlq_len);
+        pq_counter_add(w->m.conflicts, 1);
+        pq_counter_add(w->m.dlq, 1);
+        PQ_WARN("job %s/%s: id reused with another request: dlq id_conflict", tenant_of(j),
+                id_of(j));
+        job_publish(j);
+    } else if (strcmp(what, "leased") == 0) {
+        int64_t wait = n;
+        if (wait < 100)
+            wait = 100;
+        if (wait > w->conf->lease_ms)
+            wait = w->conf->lease_ms;
+        j->state = JS_WAIT_LEASE;
+        timer_in(j, wait);
+    } else if (strcmp(what, "poison") == 0) {
+        char msg[160];
+        j->deliveries = n;
+        snprintf(msg, sizeof(msg), "delivered %" PRId64 " times without finishing", n);
+        pq_counter_add(w->m.poison, 1);
+        job_finish(j, "failed", PQ_ERR_POISON, msg);
+    } else {
+        PQ_ERR("job %s/%s: unknown begin outcome", tenant_of(j), id_of(j));
+        timer_in(j, REDIS_ERROR_RETRY_MS);
+    }
+}
+
+static void on_finish(pq_job_t *j, redisReply *r)
+{
+    pq_worker_t *w = j->w;
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER) {
+        PQ_ERR("job %s/%s: unexpected reply from the finish script", tenant_of(j), id_of(j));
+        timer_in(j, REDIS_ERROR_RETRY_MS);
+        return;
+    }
+    j->lease_held = 0;
+    table_remove(j);
+    if (r->element[0]->integer == 1) {
+        if (strcmp(j->status, "succeeded") == 0) {
+            pq_counter_add(w->m.succeeded, 1);
+        } else {
+            if (strcmp(j->status, "expired") == 0)
+                pq_counter_add(w->m.expired, 1);
+            else
+                pq_counter_add(w->m.failed, 1);
+            j->dlq = build_dlq(j, error_object(j), &j->dlq_len);
+            pq_counter_add(w->m.dlq, 1);
+        }
+        pq_hist_observe(w->m.latency, (double)(pq_now_ms() - j->created_ms) / 1000.0);
+    } else {
+        /* Someone else wrote the terminal record first: publish theirs, never ours. */
+        free(j->result);
+        j->result = NULL;
+        j->result_len = 0;
+        if (r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING &&
+            r->element[1]->len > 0) {
+            j->result = strndup(r->element[1]->str, r->element[1]->len);
+            j->result_len = r->element[1]->len;
+        }
+        j->status = "republished";
+        pq_counter_add(w->m.republished, 1);
+    }
+    job_publish(j);
+}
+
+static void on_redis_reply(void *opaque, redisReply *reply)
+{
+    pq_job_t *j = opaque;
+    redis_step_t step = j->rstep;
+
+    j->nredis--;
+    if (j->state == JS_GONE) {
+        if (j->nredis == 0)
+            job_free(j);
+        return;
+    }
+    if (step == RS_RELEASE) {
+        j->rstep = RS_NONE;
+        return;
+    }
+    if (!reply) {
+        redis_wait(j); /* connection lost: the step runs again when Redis is back */
+        return;
+    }
+    if (reply->type == REDIS_REPLY_ERROR) {
+        PQ_ERR("job %s/%s: redis: %.200s", tenant_of(j), id_of(j), reply->str);
+        timer_in(j, REDIS_ERROR_RETRY_MS);
+        return;
+    }
+    j->rstep = RS_NONE;
+    if (step == RS_BEGIN)
+        on_begin(j, reply);
+    else if (step == RS_FINISH)
+        on_finish(j, reply);
+}
+
+void pq_job_redis_up(pq_worker_t *w)
+{
+    pq_job_t *j;
+
+    while ((j = TAILQ_FIRST(&w->redis_wait))) {
+        TAILQ_REMOVE(&w->redis_wait, j, wait_link);
+        j->in_wait = 0;
+        job_redis_issue(j);
+        if (j->in_wait)
+            break; /* down again */
+    }
+}
+
+static void on_renew_reply(void *opaque, redisReply *reply)
+{
+    pq_job_t *j = opaque;
+
+    j->nredis--;
+    if (j->state == JS_GONE) {
+        if (j->nredis == 0)
+            job_free(j);
+        return;
+    }
+    if (reply && reply->type == REDIS_REPLY_INTEGER && reply->integer == 0 && j->lease_held)
+        PQ_WARN("job %s/%s: lease lost while running (another worker may run it too)", tenant_of(j),
+                id_of(j));
+}
+
+static void on_renew_tick(evutil_socket_t fd, short what, void *arg)
+{
+    pq_job_t *j = arg;
+    pq_worker_t *w = j->w;
+    char lease[24];
+    const char *argv[6];
+    size_t lens[6];
+
+    if (!j->lease_held)
+        return;
+    snprintf(lease, sizeof(lease), "%d", w->conf->lease_ms);
+    argv[0] = "EVAL";
+    argv[1] = pq_script_lease_renew;
+    argv[2] = "1";
+    argv[3] = j->lease_key;
+    argv[4] = w->owner;
+    argv[5] = lease;
+    for (int i = 0; i < 6; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_redis_command(w->redis, 6, argv, lens, on_renew_reply, j) == 0)
+        j->nredis++;
+}
+
+/* ---- provider calls ---- */
+
+static int64_t backoff_ms(const pq_provider_conf_t *p, int n)
+{
+    int64_t base = p->retry_base_ms > 0 ? p->retry_base_ms : 200;
+    int64_t max = p->retry_max_ms > 0 ? p->retry_max_ms : 5000;
+    int64_t d = base;
+
+    for (int i = 1; i < n && d < max; i++)
+        d *= 2;
+    if (d > max)
+        d = max;
+    /* jitter: half fixed, half random */
+    return d / 2 + (int64_t)(random() % (d / 2 + 1));
+}
+
+static void job_backoff(pq_job_t *j, int64_t delay)
+{
+    if (deadline_passed(j, delay)) {
+        job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed while retrying");
+        return;
+    }
+    j->state = JS_BACKOFF;
+    timer_in(j, delay);
+}
+
+/* Every target was tried. */
+static void job_exhausted(pq_job_t *j)
+{
+    const pq_provider_conf_t *p0 = j->route->targets[0].p;
+
+    if (!j->any_retryable) {
+        /* every target refused (or could not express the request) */
+        job_finish(j, "failed", j->err ? j->err : PQ_ERR_UNSUPPORTED,
+                   j->errmsg[0] ? j->errmsg : "no target could serve the request");
+        return;
+    }
+    /* Some target failed retryably. Parking (G4) comes with the park/replay issue; until then
+     * the job stays in flight and walks its route again after a backoff. */
+    j->rounds++;
+    j->target = 0;
+    j->tries = 0;
+    j->any_retryable = 0;
+    job_backoff(j, backoff_ms(p0, j->rounds + p0->retries_per_target));
+}
+
+static void next_target(pq_job_t *j)
+{
+    j->target++;
+    j->tries = 0;
+    job_attempt(j);
+}
+
+static void on_http_done(void *opaque, const pq_http_result_t *res)
+{
+    pq_job_t *j = opaque;
+    pq_worker_t *w = j->w;
+    const pq_target_t *t = &j->route->targets[j->target];
+    const pq_provider_ops_t *ops = pq_provider_find(t->p->type);
+    json_t *completion = NULL;
+    char msg[256];
+    pq_err_t err;
+    int64_t delay;
+
+    j->http = NULL;
+    j->http_status = res->status;
+    msg[0] = '\0';
+    if (res->err == PQ_OK) {
+        err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, msg,
+                                  sizeof(msg));
+    } else {
+        err = res->err;
+        if (err == PQ_ERR_TOO_LARGE)
+            snprintf(msg, sizeof(msg), "%s answered more than max_response_bytes", t->provider);
+        else
+            snprintf(msg, sizeof(msg), "%s: %s", t->provider, res->detail);
+    }
+    if (err == PQ_OK) {
+        j->response = completion;
+        j->err = PQ_OK;
+        job_finish(j, "succeeded", PQ_OK, NULL);
+        return;
+    }
+    pq_counter_add(w->m.provider_errors, 1);
+    j->err = err;
+    pq_strlcpy(j->errmsg, msg, sizeof(j->errmsg));
+    PQ_DBG("job %s/%s: %s attempt %d: %s", tenant_of(j), id_of(j), t->provider, j->attempts, msg);
+    if (err == PQ_ERR_TOO_LARGE) {
+        job_finish(j, "failed", err, msg);
+        return;
+    }
+    if (!pq_err_is_retryable(err)) {
+        next_target(j); /* 400/404/422, 401/403 (key rotation comes later) */
+        return;
+    }
+    j->any_retryable = 1;
+    j->tries++;
+    pq_counter_add(w->m.retries, 1);
+    if (j->tries > t->p->retries_per_target) {
+        next_target(j);
+        return;
+    }
+    delay = backoff_ms(t->p, j->tries);
+    if (res->retry_after_ms >= 0) {
+        if (res->retry_after_ms > t->p->max_retry_wait_ms ||
+            deadline_passed(j, res->retry_after_ms)) {
+            next_target(j);
+            return;
+        }
+        delay = res->retry_after_ms;
+    }
+    job_backoff(j, delay);
+}
+
+static void job_attempt(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    char msg[256];
+
+    for (;;) {
+        const pq_target_t *t;
+        const pq_provider_ops_t *ops;
+        pq_provider_req_t req;
+        const char *key = NULL;
+        pq_err_t err;
+
+        if (deadline_passed(j, 0)) {
+            job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed while retrying");
+            return;
+        }
+        if (j->target >= j->route->ntargets) {
+            job_exhausted(j);
+            return;
+        }
+        t = &j->route->targets[j->target];
+        ops = pq_provider_find(t->p->type);
+        if (!ops) {
+            j->err = PQ_ERR_UNSUPPORTED;
+            snprintf(j->errmsg, sizeof(j->errmsg), "provider type \"%s\" (%s) is not supported yet",
+                     t->p->type, t->provider);
+            j->target++;
+            j->tries = 0;
+            continue;
+        }
+        if (t->p->napi_keys > 0)
+            key = t->p->api_keys[(size_t)j->attempts % t->p->napi_keys];
+        msg[0] = '\0';
+        err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));
+        if (err != PQ_OK) {
+            j->err = err;
+            pq_strlcpy(j->errmsg, msg, sizeof(j->errmsg));
+            j->target++;
+            j->tries = 0;
+            continue;
+        }
+        j->last_target = t;
+        j->attempts++;
+        pq_counter_add(w->m.provider_calls, 1);
+        j->http =
+            pq_http_post(w->http, req.url, req.headers, req.body, req.body_len, t->p->timeout_ms,
+                         (size_t)w->conf->max_response_bytes, on_http_done, j);
+        req.headers = NULL;
+        req.body = NULL;
+        pq_provider_req_clear(&req);
+        if (!j->http) {
+            j->err = PQ_ERR_INTERNAL;
+            snprintf(j->errmsg, sizeof(j->errmsg), "could not start the HTTP request");
+            j->any_retryable = 1;
+            job_backoff(j, backoff_ms(t->p, ++j->tries));
+            return;
+        }
+        j->state = JS_CALL;
+        return;
+    }
+}
+
+/* ---- terminal write ---- */
+
+static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char *msg)
+{
+    j->status = status;
+    j->err = err;
+    if (msg)
+        pq_strlcpy(j->errmsg, msg, sizeof(j->errmsg));
+    event_del(&j->renew);
+    free(j->result);
+    j->result = build_result(j, &j->result_len);
+    if (!j->result) {
+        PQ_ERR("job %s/%s: cannot build the result record", tenant_of(j), id_of(j));
+        timer_in(j, REDIS_ERROR_RETRY_MS);
+        j->state = JS_FINISH;
+        j->rstep = RS_FINISH;
+        return;
+    }
+    j->state = JS_FINISH;
+    j->rstep = RS_FINISH;
+    job_redis_issue(j);
+}
+
+static void job_begin(pq_job_t *j)
+{
+    pq_job_t *holder = table_find(j->w, j->job_key);
+
+    if (holder && holder != j) {
+        j->state = JS_WAIT_LOCAL;
+        timer_in(j, LOCAL_WAIT_MS);
+        return;
+    }
+    if (!holder)
+        table_add(j);
+    j->state = JS_BEGIN;
+    j->rstep = RS_BEGIN;
+    job_redis_issue(j);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    pq_job_t *j = arg;
+
+    switch (j->state) {
+    case JS_WAIT_LOCAL:
+    case JS_WAIT_LEASE:
+        job_begin(j);
+        break;
+    case JS_BACKOFF:
+        job_attempt(j);
+        break;
+    case JS_BEGIN:
+    case JS_FINISH:
+        if (!j->result && j->state == JS_FINISH)
+            job_finish(j, j->status, j->err, NULL);
+        else
+            job_redis_issue(j);
+        break;
+    case JS_PUBLISH:
+        job_publish(j);
+        break;
+    default:
+        break;
+    }
+}
+
+/* ---- intake ---- */
+
+static void job_invalid(pq_job_t *j, const rd_kafka_message_t *m, pq_err_t err, const char *why)
+{
+    pq_worker_t *w = j->w;
+    const char *buf = m->payload ? (const char *)m->payload : "";
+    json_t *doc = json_loadb(buf, m->len, 0, NULL);
+    json_t *e = json_object();
+
+    json_object_set_new(e, "type", json_string("invalid"));
+    json_object_set_new(e, "message", json_string(why));
+    if (!json_is_object(doc)) {
+        json_decref(doc);
+        doc = json_object();
+        json_object_set_new(doc, "raw", raw_string(buf, m->len));
+    }
+    json_object_set_new(doc, "error", e);
+    j->dlq = dump(doc, &j->dlq_len);
+    json_decref(doc);
+    if (m->key && m->key_len > 0)
+        j->msg_key = strndup(m->key, m->key_len);
+    j->status = "invalid";
+    pq_counter_add(w->m.invalid, 1);
+    pq_counter_add(w->m.dlq, 1);
+    PQ_WARN("invalid job at %s/%" PRId32 "/%" PRId64 ": %s (%s): dlq", w->topics[j->topic],
+            j->partition, j->offset, why, pq_err_name(err));
+    job_publish(j);
+}
+
+void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m)
+{
+    pq_job_t *j = calloc(1, sizeof(*j));
+    char errbuf[256];
+    rd_kafka_timestamp_type_t tstype;
+    int64_t ts;
+    pq_err_t err;
+
+    if (!j) {
+        /* Not taken in: its offset is never stored, so it comes back after a restart. */
+        PQ_ERR("out of memory taking in %s/%" PRId32 "/%" PRId64, w->topics[topic], m->partition,
+               m->offset);
+        return;
+    }
+    j->w = w;
+    j->topic = topic;
+    j->partition = m->partition;
+    j->offset = m->offset;
+    j->start_mono = pq_mono_ms();
+    evtimer_assign(&j->timer, w->base, on_timer, j);
+    event_assign(&j->renew, w->base, -1, EV_PERSIST, on_renew_tick, j);
+    TAILQ_INSERT_TAIL(&w->jobs, j, link);
+    w->inflight++;
+    pq_counter_add(w->m.received, 1);
+    if (part) {
+        j->seq = pq_offsets_push(&part->offsets, m->offset);
+        if (j->seq != UINT64_MAX) {
+            j->part = part;
+            part->refcnt++;
+        }
+        part->next_taken = m->offset + 1;
+    }
+    ts = rd_kafka_message_timestamp(m, &tstype);
+    j->created_ms = ts > 0 ? ts : pq_now_ms();
+
+    err = pq_envelope_parse(m->payload ? (const char *)m->payload : "", m->len, &w->limits, &j->env,
+                            errbuf, sizeof(errbuf));
+    if (err != PQ_OK) {
+        job_invalid(j, m, err, errbuf);
+        return;
+    }
+    if (!j->env.id) {
+        char id[PQ_KAFKA_ID_LEN + 1];
+        pq_id_derive_kafka(w->cluster_id, w->topics[topic], m->partition, m->offset,
+                           ts > 0 ? ts : 0, id);
+        if (pq_envelope_set_id(&j->env, id) != 0) {
+            job_invalid(j, m, PQ_ERR_INTERNAL, "cannot set the derived id");
+            return;
+        }
+    }
+    if (pq_key_job(j->job_key, sizeof(j->job_key), w->conf->redis_prefix, j->env.tenant,
+                   j->env.id) < 0 ||
+        pq_key_lease(j->lease_key, sizeof(j->lease_key), w->conf->redis_prefix, j->env.tenant,
+                     j->env.id) < 0) {
+        job_invalid(j, m, PQ_ERR_INVALID, "tenant or id too long for a key");
+        return;
+    }
+    j->route = pq_conf_route(w->conf, j->env.model);
+    job_begin(j);
+}
+
+/* ---- shutdown ---- */
+
+void pq_job_hand_back_all(pq_worker_t *w)
+{
+    pq_job_t *j;
+
+    TAILQ_FOREACH(j, &w->jobs, link)
+    {
+        j->handed_back = 1;
+        pq_counter_add(w->m.handed_back, 1);
+        if (j->state == JS_FINISH || j->state == JS_PUBLISH)
+            continue; /* their offsets are not stored any more; redelivery re-publishes */
+        evtimer_del(&j->timer);
+        event_del(&j->renew);
+        if (j->http) {
+            pq_http_cancel(w->http, j->http);
+            j->http = NULL;
+        }
+        if (j->in_wait) {
+            TAILQ_REMOVE(&w->redis_wait, j, wait_link);
+            j->in_wait = 0;
+        }
+        if (j->lease_held) {
+            j->lease_held = 0;
+            j->rstep = RS_RELEASE;
+            job_redis_issue(j);
+        }
+        j->state = JS_WAIT_LOCAL; /* parked: nothing re-arms it */
+    }
+}
+
+void pq_job_free_all(pq_worker_t *w)
+{
+    pq_job_t *j;
+
+    while ((j = TAILQ_FIRST(&w->jobs))) {
+        TAILQ_REMOVE(&w->jobs, j, link);
+        if (j->http)
+            pq_http_cancel(w->http, j->http);
+        pq_part_unref(j->part);
+        j->part = NULL;
+        j->state = JS_GONE;
+        if (j->nredis == 0)
+            job_free(j);
+        /* else: freed by its Redis callback when the connection is torn down */
+    }
+}

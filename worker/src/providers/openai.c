@@ -1,0 +1,167 @@
+/* OpenAI chat completions (and OpenAI-compatible servers: Ollama, vLLM, llama.cpp).
+ * POST {base_url}/chat/completions with the request as is, "model" set to the target's model and
+ * streaming turned off. */
+#include "provider.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static pq_err_t openai_build_request(const pq_target_t *target, const json_t *request,
+                                     const char *key, pq_provider_req_t *out, char *errstr,
+                                     size_t errstr_size)
+{
+    pq_err_t err = PQ_ERR_NOMEM;
+    const pq_provider_conf_t *p = target->p;
+    json_t *body = json_copy((json_t *)request); /* shallow: values are shared, not copied */
+    char line[1024];
+    size_t n;
+
+    memset(out, 0, sizeof(*out));
+    if (!body || !json_is_object(body)) {
+        snprintf(errstr, errstr_size, "request is not an object");
+        err = PQ_ERR_INVALID;
+        goto out_free_body;
+    }
+    if (json_object_set_new(body, "model", json_string(target->model)) != 0)
+        goto out_free_body;
+    json_object_del(body, "stream");
+    json_object_del(body, "stream_options");
+
+    out->body = json_dumps(body, JSON_COMPACT);
+    if (!out->body)
+        goto out_free_body;
+    out->body_len = strlen(out->body);
+
+    n = strlen(p->base_url) + sizeof("/chat/completions");
+    out->url = malloc(n);
+    if (!out->url)
+        goto out_clear;
+    snprintf(out->url, n, "%s/chat/completions", p->base_url);
+
+    out->headers = curl_slist_append(NULL, "Content-Type: application/json");
+    if (!out->headers)
+        goto out_clear;
+    if (key && *key) {
+        struct curl_slist *h;
+        size_t klen = strlen(key);
+        char *auth = malloc(klen + sizeof("Authorization: Bearer "));
+        if (!auth)
+            goto out_clear;
+        memcpy(auth, "Authorization: Bearer ", sizeof("Authorization: Bearer ") - 1);
+        memcpy(auth + sizeof("Authorization: Bearer ") - 1, key, klen + 1);
+        h = curl_slist_append(out->headers, auth);
+        memset(auth, 0, klen + sizeof("Authorization: Bearer ") - 1);
+        free(auth);
+        if (!h)
+            goto out_clear;
+    }
+    for (size_t i = 0; i < p->nheaders; i++) {
+        int len = snprintf(line, sizeof(line), "%s: %s", p->headers[i].key, p->headers[i].value);
+        if (len < 0 || (size_t)len >= sizeof(line)) {
+            snprintf(errstr, errstr_size, "providers.%s.headers.%s: too long", p->name,
+                     p->headers[i].key);
+            err = PQ_ERR_CONFIG;
+            goto out_clear;
+        }
+        if (!curl_slist_append(out->headers, line))
+            goto out_clear;
+    }
+    err = PQ_OK;
+    goto out_free_body;
+
+out_clear:
+    pq_provider_req_clear(out);
+out_free_body:
+    if (err == PQ_ERR_NOMEM)
+        snprintf(errstr, errstr_size, "out of memory");
+    json_decref(body);
+    return err;
+}
+
+/* Copies a short machine-readable token from an error body (error.type or error.code) into buf
+ * when it only holds [A-Za-z0-9_.-]: such tokens cannot carry a key. */
+static void safe_token(const json_t *v, char *buf, size_t size)
+{
+    const char *s = json_string_value(v);
+    size_t n;
+
+    buf[0] = '\0';
+    if (!s)
+        return;
+    n = strlen(s);
+    if (n == 0 || n >= size || n > 64)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '.' || c == '-'))
+            return;
+    }
+    memcpy(buf, s, n + 1);
+}
+
+static pq_err_t openai_parse_response(const pq_target_t *target, long status, const char *body,
+                                      size_t len, json_t **completion, char *errstr,
+                                      size_t errstr_size)
+{
+    pq_err_t err = pq_err_from_http_status(status);
+    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *choices;
+
+    *completion = NULL;
+    if (err != PQ_OK) {
+        char token[80] = "";
+        json_t *e = json_is_object(root) ? json_object_get(root, "error") : NULL;
+        if (json_is_object(e)) {
+            safe_token(json_object_get(e, "type"), token, sizeof(token));
+            if (!token[0])
+                safe_token(json_object_get(e, "code"), token, sizeof(token));
+        }
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
+                 token[0] ? ": " : "", token);
+        goto out;
+    }
+    choices = json_is_object(root) ? json_object_get(root, "choices") : NULL;
+    if (!json_is_array(choices) || json_array_size(choices) == 0) {
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld without choices", target->p->name,
+                 status);
+        err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    for (size_t i = 0; i < json_array_size(choices); i++) {
+        json_t *c = json_array_get(choices, i);
+        if (!json_is_object(c) || !json_is_object(json_object_get(c, "message"))) {
+            snprintf(errstr, errstr_size, "%s answered a choice without a message",
+                     target->p->name);
+            err = PQ_ERR_MALFORMED;
+            goto out;
+        }
+        if (!json_is_integer(json_object_get(c, "index")))
+            json_object_set_new(c, "index", json_integer((json_int_t)i));
+        if (!json_is_string(json_object_get(c, "finish_reason")))
+            json_object_set_new(c, "finish_reason", json_string("stop"));
+    }
+    if (!json_is_string(json_object_get(root, "object")))
+        json_object_set_new(root, "object", json_string("chat.completion"));
+    if (!json_is_integer(json_object_get(root, "created")))
+        json_object_set_new(root, "created", json_integer((json_int_t)time(NULL)));
+    if (!json_is_string(json_object_get(root, "model")))
+        json_object_set_new(root, "model", json_string(target->model));
+    if (!json_is_object(json_object_get(root, "usage")))
+        json_object_set_new(root, "usage",
+                            json_pack("{s:i,s:i,s:i}", "prompt_tokens", 0, "completion_tokens", 0,
+                                      "total_tokens", 0));
+    *completion = root;
+    root = NULL;
+out:
+    json_decref(root);
+    return err;
+}
+
+const pq_provider_ops_t pq_provider_openai = {
+    .type = "openai",
+    .build_request = openai_build_request,
+    .parse_response = openai_parse_response,
+};

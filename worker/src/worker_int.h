@@ -1,0 +1,118 @@
+/* Internals shared by worker.c (loop, Kafka, flow control) and job.c (per-job state machine). */
+#ifndef PQ_WORKER_INT_H
+#define PQ_WORKER_INT_H
+
+#include <stdint.h>
+#include <sys/queue.h>
+#include <event2/event.h>
+#include <event2/event_struct.h>
+#include <jansson.h>
+#include <librdkafka/rdkafka.h>
+#include "promptq/conf.h"
+#include "promptq/envelope.h"
+#include "promptq/metrics.h"
+#include "http.h"
+#include "offsets.h"
+#include "redis.h"
+#include "worker.h"
+
+enum { PQ_T_REQUESTS = 0, PQ_T_BULK, PQ_T_RESULTS, PQ_T_DLQ, PQ_T_COUNT };
+
+/* One assigned partition. Jobs keep a reference, so it outlives its revocation until they end. */
+typedef struct pq_part_s {
+    int topic; /* PQ_T_REQUESTS or PQ_T_BULK */
+    int32_t partition;
+    int revoked;        /* offsets now belong to the new owner: never store them */
+    int dirty;          /* offsets.next advanced since the last store */
+    int refcnt;         /* 1 for the assignment + 1 per job */
+    int64_t next_taken; /* one past the highest offset taken in; -1 none */
+    pq_offsets_t offsets;
+    TAILQ_ENTRY(pq_part_s) link;
+} pq_part_t;
+
+typedef struct pq_job_s pq_job_t;
+TAILQ_HEAD(pq_job_list, pq_job_s);
+TAILQ_HEAD(pq_part_list, pq_part_s);
+
+typedef struct pq_worker_metrics_s {
+    pq_counter_t *received, *succeeded, *failed, *expired, *dlq, *invalid, *republished, *conflicts,
+        *poison, *provider_calls, *provider_errors, *retries, *duplicates, *offset_resets,
+        *handed_back, *redis_waits, *produce_errors;
+    pq_gauge_t *inflight;
+    pq_hist_t *latency;
+} pq_worker_metrics_t;
+
+struct pq_worker_s {
+    const pq_conf_t *conf;
+    struct event_base *base;
+
+    rd_kafka_t *consumer;
+    rd_kafka_t *producer;
+    rd_kafka_queue_t *cqueue, *pqueue;
+    int cpipe[2], ppipe[2];
+    rd_kafka_topic_t *t_results, *t_dlq;
+    char topics[PQ_T_COUNT][256];
+    char *cluster_id;
+
+    pq_http_t *http;
+    pq_redis_t *redis;
+    char owner[192]; /* lease owner: instance id + per-process nonce */
+    pq_envelope_limits_t limits;
+    int64_t ttl_ms;
+
+    struct event *ev_cqueue, *ev_pqueue, *ev_drain, *ev_safety, *ev_stats, *ev_flush;
+    struct event *ev_sigterm, *ev_sigint, *ev_grace, *ev_final;
+
+    struct pq_part_list parts; /* current assignment */
+    struct pq_job_list jobs;   /* every job in flight */
+    struct pq_job_list redis_wait;
+    pq_job_t **table; /* (tenant, id) -> job holding it in this process */
+    size_t table_mask;
+
+    size_t inflight;
+    size_t max_inflight, low_water;
+    int paused;
+    int stopping; /* SIGTERM: take no new work */
+    int no_store; /* grace over: store no more offsets */
+    int64_t final_deadline_ms;
+    int grace_ms;
+
+    pq_metrics_t *metrics;
+    pq_worker_metrics_t m;
+};
+
+/* worker.c, for job.c */
+
+/* The job at (part, seq) is done (its results are durable): store offsets up to the lowest job
+ * still in flight. part may be NULL. */
+void pq_worker_offset_done(pq_worker_t *w, pq_part_t *part, uint64_t seq);
+
+/* Drops one reference; frees the partition at zero. NULL is a no-op. */
+void pq_part_unref(pq_part_t *part);
+
+/* A job left: drop the partition reference and re-check flow control. */
+void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part);
+
+/* Produces value to topic (PQ_T_RESULTS / PQ_T_DLQ) with key; msg_opaque comes back in the
+ * delivery report. value: borrowed, must stay valid until the report. Returns 0 or the error. */
+rd_kafka_resp_err_t pq_worker_produce(pq_worker_t *w, int topic, const char *key, const char *value,
+                                      size_t len, void *msg_opaque);
+
+/* job.c, for worker.c */
+
+/* Takes in one message (never drops it): parses, leases, runs it. */
+void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m);
+
+/* Redis is back: re-issue the steps of jobs that waited for it. */
+void pq_job_redis_up(pq_worker_t *w);
+
+/* A delivery report for a message produced by a job. */
+void pq_job_delivered(pq_worker_t *w, const rd_kafka_message_t *m);
+
+/* Grace period over: stop every job still in flight and release its lease if held. */
+void pq_job_hand_back_all(pq_worker_t *w);
+
+/* Frees every job (at exit). */
+void pq_job_free_all(pq_worker_t *w);
+
+#endif
