@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include <sys/stat.h>
 
 #include "promptq/envelope.h"
 #include "promptq/util.h"
@@ -371,8 +372,13 @@ int main(void)
         return 1;
     }
     while ((de = readdir(dir))) {
+        char sub[1300];
+        struct stat st;
         if (de->d_name[0] == '.')
             continue;
+        snprintf(sub, sizeof(sub), "%s/%s", path, de->d_name);
+        if (stat(sub, &st) != 0 || !S_ISDIR(st.st_mode))
+            continue; /* README.md and the like */
         if (n == cap) {
             cap = cap ? cap * 2 : 64;
             names = realloc(names, cap * sizeof(*names));
