@@ -126,6 +126,10 @@ typedef struct {
 
 /* Route tables, each ended by an entry with match == NULL (sim_routes.c lists them). */
 extern const pq_sim_route_t pq_sim_openai_routes[];
+extern const pq_sim_route_t pq_sim_azure_routes[];
+extern const pq_sim_route_t pq_sim_anthropic_routes[];
+extern const pq_sim_route_t pq_sim_gemini_routes[];
+extern const pq_sim_route_t pq_sim_watsonx_routes[];
 extern const pq_sim_route_t *const pq_sim_route_tables[];
 /* Format used for answers to paths no route matches. */
 extern const pq_sim_format_t pq_sim_openai_format;
@@ -167,6 +171,42 @@ const json_t *pq_sim_models(pq_sim_t *sim);
 int64_t pq_sim_started_s(pq_sim_t *sim);
 
 pq_sim_t *pq_sim_call_sim(pq_sim_call_t *call);
+
+/* Copies the value of query parameter name into buf; 0, or -1 when absent (or too long). */
+int pq_sim_call_query(pq_sim_call_t *call, const char *name, char *buf, size_t size);
+
+/* 1 if key is one of the --key values, or no --key was given; else 0. */
+int pq_sim_key_valid(pq_sim_t *sim, const char *key);
+
+/* Copies the request header name (case-insensitive) into buf; 0, or -1 if absent/too long. */
+int pq_sim_call_header(pq_sim_call_t *call, const char *name, char *buf, size_t size);
+
+/* ---- OpenAI-style chat bodies (sim_openai.c), shared by OpenAI-like formats ---- */
+
+typedef struct {
+    json_t *doc;       /* the parsed body (owned) */
+    const char *model; /* borrowed from doc; NULL when absent and not required */
+    char *text;        /* text of the last message (owned) */
+    size_t text_len;
+    size_t prompt_bytes; /* text bytes of all messages (token estimate) */
+    int64_t max_tokens;  /* max_completion_tokens or max_tokens; 0: none */
+} pq_sim_prompt_t;
+
+/* Validates an OpenAI chat body (Content-Type, JSON object, model, messages, max_tokens) and
+ * fills p. require_model: 0 optional "model", 1 required "model", 2 required "model_id".
+ * Returns 0, or -1 with the 400 answer set (p is then empty). */
+int pq_sim_openai_parse(pq_sim_call_t *call, int require_model, pq_sim_prompt_t *p);
+
+void pq_sim_prompt_free(pq_sim_prompt_t *p);
+
+/* OpenAI's error document {"error":{message,type,param,code}} (also Azure's). */
+void pq_sim_openai_error(pq_sim_call_t *call, int status, const pq_sim_error_t *err);
+
+/* 1 if the request's Content-Type is application/json (parameters allowed). */
+int pq_sim_json_content_type(struct evhttp_request *req);
+
+/* Sets a chat.completion answer for p, showing `model`. */
+void pq_sim_openai_reply(pq_sim_call_t *call, const char *model, const pq_sim_prompt_t *p);
 
 /* ---- server (sim_server.c) ---- */
 

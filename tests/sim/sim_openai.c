@@ -31,7 +31,7 @@ static int openai_auth_key(struct evhttp_request *req, char *buf, size_t size)
     return 0;
 }
 
-static void openai_error(pq_sim_call_t *call, int status, const pq_sim_error_t *e)
+void pq_sim_openai_error(pq_sim_call_t *call, int status, const pq_sim_error_t *e)
 {
     const char *type;
 
@@ -55,7 +55,7 @@ static void openai_error(pq_sim_call_t *call, int status, const pq_sim_error_t *
 const pq_sim_format_t pq_sim_openai_format = {
     .name = "openai",
     .auth_key = openai_auth_key,
-    .error = openai_error,
+    .error = pq_sim_openai_error,
 };
 
 static int match_chat(const char *path, pq_sim_call_t *call)
@@ -97,7 +97,7 @@ static const char *json_type_name(const json_t *v)
     }
 }
 
-static int content_type_ok(struct evhttp_request *req)
+int pq_sim_json_content_type(struct evhttp_request *req)
 {
     const char *ct = evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Type");
     size_t n = sizeof("application/json") - 1;
@@ -250,55 +250,84 @@ static int messages_check(pq_sim_call_t *call, json_t *messages, size_t *prompt_
     return 0;
 }
 
-static void openai_chat(pq_sim_call_t *call)
+void pq_sim_prompt_free(pq_sim_prompt_t *p)
+{
+    if (!p)
+        return;
+    free(p->text);
+    json_decref(p->doc);
+    memset(p, 0, sizeof(*p));
+}
+
+int pq_sim_openai_parse(pq_sim_call_t *call, int require_model, pq_sim_prompt_t *p)
 {
     struct evhttp_request *req = pq_sim_call_request(call);
-    pq_sim_t *sim = pq_sim_call_sim(call);
     json_error_t jerr;
-    json_t *doc, *model, *last = NULL, *resp;
-    const char *body, *model_name;
-    size_t len, prompt_bytes, text_len;
-    int64_t max_tokens, ptok, ctok;
-    char *text = NULL, id[40];
-    pq_sim_answer_t ans;
+    json_t *model, *last = NULL;
+    const char *body;
+    size_t len;
 
-    if (!content_type_ok(req)) {
+    memset(p, 0, sizeof(*p));
+    if (!pq_sim_json_content_type(req)) {
         pq_sim_call_error(call, 400, PQ_SIM_E_INVALID,
                           "Invalid Content-Type header, expected application/json.", NULL,
                           "invalid_content_type");
-        return;
+        return -1;
     }
     body = pq_sim_call_body(call, &len);
-    doc = json_loadb(body, len, 0, &jerr);
-    if (!doc || !json_is_object(doc)) {
+    p->doc = json_loadb(body, len, 0, &jerr);
+    if (!p->doc || !json_is_object(p->doc)) {
         pq_sim_call_error(call, 400, PQ_SIM_E_INVALID,
                           "We could not parse the JSON body of your request. (HINT: This likely "
                           "means you aren't using your HTTP library correctly. The OpenAI API "
                           "expects a JSON payload, but what was sent was not valid JSON.)",
                           NULL, NULL);
-        goto out_free_doc;
+        goto out_fail;
     }
-    model = json_object_get(doc, "model");
-    model_name = json_string_value(model);
-    if (!model_name || !*model_name) {
-        pq_sim_call_error(call, 400, PQ_SIM_E_INVALID, "you must provide a model parameter",
-                          "model", model ? "invalid_type" : "missing_required_parameter");
-        goto out_free_doc;
+    model = json_object_get(p->doc, require_model == 2 ? "model_id" : "model");
+    p->model = json_string_value(model);
+    if (require_model && (!p->model || !*p->model)) {
+        pq_sim_call_error(call, 400, PQ_SIM_E_INVALID,
+                          require_model == 2 ? "Missing required parameter: 'model_id'."
+                                             : "you must provide a model parameter",
+                          require_model == 2 ? "model_id" : "model",
+                          model ? "invalid_type" : "missing_required_parameter");
+        goto out_fail;
     }
-    if (messages_check(call, json_object_get(doc, "messages"), &prompt_bytes, &last))
-        goto out_free_doc;
-    if (max_tokens_get(call, doc, &max_tokens))
-        goto out_free_doc;
-    if (pq_sim_core_text(json_object_get(last, "content"), &text, &text_len) ||
-        pq_sim_core_answer(text, text_len, max_tokens, &ans)) {
+    if (p->model && !*p->model)
+        p->model = NULL;
+    if (messages_check(call, json_object_get(p->doc, "messages"), &p->prompt_bytes, &last))
+        goto out_fail;
+    if (max_tokens_get(call, p->doc, &p->max_tokens))
+        goto out_fail;
+    if (pq_sim_core_text(json_object_get(last, "content"), &p->text, &p->text_len)) {
         pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "out of memory", NULL, NULL);
-        goto out_free_text;
+        goto out_fail;
     }
-    pq_sim_model_seen(sim, model_name);
-    ptok = pq_sim_core_tokens(prompt_bytes);
+    return 0;
+
+out_fail:
+    pq_sim_prompt_free(p);
+    return -1;
+}
+
+void pq_sim_openai_reply(pq_sim_call_t *call, const char *model, const pq_sim_prompt_t *p)
+{
+    pq_sim_t *sim = pq_sim_call_sim(call);
+    int64_t ptok, ctok;
+    pq_sim_answer_t ans;
+    json_t *resp;
+    char id[40];
+
+    if (pq_sim_core_answer(p->text, p->text_len, p->max_tokens, &ans)) {
+        pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "out of memory", NULL, NULL);
+        return;
+    }
+    pq_sim_model_seen(sim, model);
+    ptok = pq_sim_core_tokens(p->prompt_bytes);
     ctok = pq_sim_core_tokens(ans.len);
     snprintf(id, sizeof(id), "chatcmpl-%llu", (unsigned long long)pq_sim_next_id(sim));
-    resp = json_pack("{s:s, s:s, s:I, s:O, s:[{s:i, s:{s:s, s:s%, s:n}, s:s, s:n}], "
+    resp = json_pack("{s:s, s:s, s:I, s:s, s:[{s:i, s:{s:s, s:s%, s:n}, s:s, s:n}], "
                      "s:{s:I, s:I, s:I}, s:s}",
                      "id", id, "object", "chat.completion", "created",
                      (json_int_t)pq_sim_now_s(sim), "model", model, "choices", "index", 0,
@@ -313,10 +342,16 @@ static void openai_chat(pq_sim_call_t *call)
         pq_sim_call_tokens(call, ptok + ctok);
     }
     pq_sim_answer_free(&ans);
-out_free_text:
-    free(text);
-out_free_doc:
-    json_decref(doc);
+}
+
+static void openai_chat(pq_sim_call_t *call)
+{
+    pq_sim_prompt_t p;
+
+    if (pq_sim_openai_parse(call, 1, &p))
+        return;
+    pq_sim_openai_reply(call, p.model, &p);
+    pq_sim_prompt_free(&p);
 }
 
 static json_t *model_object(pq_sim_t *sim, const char *id)

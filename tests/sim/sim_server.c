@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -453,14 +454,12 @@ static int call_auth(pq_sim_call_t *c)
     if (c->format->auth_key(c->req, key, sizeof(key)) != 0) {
         pq_sim_call_error(c, 401, PQ_SIM_E_AUTH,
                           "You didn't provide an API key. You need to provide your API key in "
-                          "an Authorization header using Bearer auth (i.e. Authorization: "
-                          "Bearer YOUR_KEY).",
+                          "the header this API expects (OpenAI: Authorization: Bearer KEY).",
                           NULL, NULL);
         return -1;
     }
-    for (int i = 0; i < sim->nkeys; i++)
-        if (!strcmp(key, sim->keys[i]))
-            return 0;
+    if (pq_sim_key_valid(sim, key))
+        return 0;
     key_mask(key, masked, sizeof(masked));
     snprintf(msg, sizeof(msg), "Incorrect API key provided: %s.", masked);
     pq_sim_call_error(c, 401, PQ_SIM_E_AUTH, msg, NULL, "invalid_api_key");
@@ -834,6 +833,48 @@ void pq_sim_call_tokens(pq_sim_call_t *call, int64_t tokens)
 pq_sim_t *pq_sim_call_sim(pq_sim_call_t *call)
 {
     return call->sim;
+}
+
+int pq_sim_call_query(pq_sim_call_t *call, const char *name, char *buf, size_t size)
+{
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(call->req);
+    const char *q = uri ? evhttp_uri_get_query(uri) : NULL;
+    struct evkeyvalq params;
+    const char *v;
+    int rc = -1;
+
+    if (!q)
+        return -1;
+    TAILQ_INIT(&params);
+    if (evhttp_parse_query_str(q, &params) == 0) {
+        v = evhttp_find_header(&params, name);
+        if (v && strlen(v) < size) {
+            pq_strlcpy(buf, v, size);
+            rc = 0;
+        }
+    }
+    evhttp_clear_headers(&params);
+    return rc;
+}
+
+int pq_sim_call_header(pq_sim_call_t *call, const char *name, char *buf, size_t size)
+{
+    const char *v = evhttp_find_header(evhttp_request_get_input_headers(call->req), name);
+
+    if (!v || strlen(v) >= size)
+        return -1;
+    pq_strlcpy(buf, v, size);
+    return 0;
+}
+
+int pq_sim_key_valid(pq_sim_t *sim, const char *key)
+{
+    if (!sim->nkeys)
+        return 1;
+    for (int i = 0; i < sim->nkeys; i++)
+        if (key && !strcmp(key, sim->keys[i]))
+            return 1;
+    return 0;
 }
 
 uint64_t pq_sim_next_id(pq_sim_t *sim)
