@@ -351,7 +351,10 @@ pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *he
     curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
     curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 10000 ? timeout_ms : 10000L);
     curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
-    curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, 1L);
+    /* Wait for a connection being set up to tell whether it multiplexes (HTTP/2 over TLS)
+     * rather than opening another; plain http:// is HTTP/1.1 here, and waiting there would
+     * hold every new transfer until the first answer arrives. */
+    curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, strncmp(url, "https://", 8) == 0 ? 1L : 0L);
     curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYHOST, 2L);
     curl_easy_setopt(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);

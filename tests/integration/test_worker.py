@@ -1,0 +1,232 @@
+"""promptq-worker on its own: envelopes produced straight to promptq.requests (no broker), a real
+redis-server, promptq-devkafka and promptq-sim. Checks G2/G3/G5 from the worker's side: one result
+per job, derived ids, dlq for invalid/unknown/conflicting jobs, deduplicated redeliveries,
+retries through a provider outage and no job lost when the worker is SIGKILLed mid-flight.
+"""
+
+import collections
+import json
+import re
+import signal
+import time
+
+import harness
+from harness import T, wait_for
+
+REQ = "promptq.requests"
+RESULTS = "promptq.results"
+DLQ = "promptq.dlq"
+
+
+def stack_up(st, sim_state=None, worker=None):
+    r = st.redis()
+    st.devkafka(brokers=1, partitions=4)
+    s = st.sim("a")
+    if sim_state:
+        s.set_state(sim_state)
+    extra = {"worker": {"lease_ms": 3000}}
+    if worker:
+        harness._merge(extra, {"worker": worker})
+    path, _ = st.config(extra=extra)
+    return r, s, path
+
+
+def start_worker(st, path, name="worker", *args):
+    return st.spawn("promptq-worker", "--config", path, *args, name=name)
+
+
+def envelope(job_id, prompt, route="sim-model", **kw):
+    e = {"request": {"model": route, "messages": [{"role": "user", "content": prompt}]}}
+    if job_id is not None:
+        e["id"] = job_id
+    e.update(kw)
+    return e
+
+
+def values(msgs):
+    return [json.loads(m["value"]) for m in msgs]
+
+
+def by_id(docs):
+    out = collections.defaultdict(list)
+    for d in docs:
+        out[d.get("id")].append(d)
+    return out
+
+
+def wait_results(st, ids, timeout):
+    """Waits until every id has at least one result; returns {id: [result docs]} (all ids)."""
+    want = set(ids)
+    got = {}
+
+    def have_all():
+        got.clear()
+        got.update(by_id(values(st.consume_all(RESULTS))))
+        return want <= set(got)
+
+    try:
+        wait_for(have_all, timeout, "results for %d jobs" % len(want), interval=0.5)
+    except AssertionError:
+        missing = sorted(want - set(got))
+        raise AssertionError("%d of %d jobs without a result, e.g. %s" %
+                             (len(missing), len(want), missing[:5]))
+    return got
+
+
+def content(result):
+    return result["response"]["choices"][0]["message"]["content"]
+
+
+def test_jobs_with_ids():
+    with harness.Stack("worker_ids") as st:
+        r, s, path = stack_up(st)
+        w = start_worker(st, path)
+        n = 300
+        ids = ["job-%03d" % i for i in range(n)]
+        st.produce(REQ, [envelope(i, "prompt %s" % i, metadata={"n": k})
+                         for k, i in enumerate(ids)], keys=ids)
+        got = wait_results(st, ids, T(60))
+        time.sleep(0.5)  # a duplicate would be published right behind
+        got = by_id(values(st.consume_all(RESULTS)))
+        for k, i in enumerate(ids):
+            assert len(got[i]) == 1, (i, len(got[i]))
+            res = got[i][0]
+            assert res["status"] == "succeeded", res
+            assert content(res) == "echo: prompt %s" % i, res
+            assert res["tenant"] == "default" and res["route"] == "sim-model", res
+            assert res["provider"] == "sim" and res["model"] == "sim-model", res
+            assert res["attempts"] == 1 and res["metadata"] == {"n": k}, res
+            assert res["response"]["object"] == "chat.completion", res
+            assert res["source"]["topic"] == REQ and res["source"]["offset"] >= 0, res
+            assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$", res["completed_at"])
+        for i in ids[::10]:
+            assert r.cli("HGET", "promptq:job:default:" + i, "status") == "succeeded", i
+        assert s.stats()["requests"] == n
+        assert w.alive()
+
+
+def test_bare_bodies_get_kafka_ids():
+    with harness.Stack("worker_bare") as st:
+        r, s, path = stack_up(st)
+        start_worker(st, path)
+        n = 50
+        bodies = [{"model": "sim-model", "messages": [{"role": "user", "content": "bare %d" % i}]}
+                  for i in range(n)]
+        st.produce(REQ, bodies)
+
+        def all_in():
+            return len(st.consume_all(RESULTS)) >= n
+        wait_for(all_in, T(60), "%d results" % n, interval=0.5)
+        time.sleep(0.5)
+        docs = values(st.consume_all(RESULTS))
+        assert len(docs) == n, len(docs)
+        ids = [d["id"] for d in docs]
+        assert len(set(ids)) == n, "ids not unique"
+        for d in docs:
+            assert re.match(r"^kafka-[0-9a-f]{24}$", d["id"]), d["id"]
+            assert d["status"] == "succeeded"
+        assert sorted(content(d) for d in docs) == sorted("echo: bare %d" % i for i in range(n))
+        assert r.cli("HGET", "promptq:job:default:" + ids[0], "status") == "succeeded"
+
+
+def test_unknown_route_invalid_and_conflicts():
+    with harness.Stack("worker_dlq") as st:
+        r, s, path = stack_up(st)
+        start_worker(st, path)
+        st.produce(REQ, [envelope("unknown-1", "hi", route="no-such-route")], keys=["unknown-1"])
+        st.produce(REQ, ["this is {not json"], keys=["garbage"])
+        st.produce(REQ, [{"id": "bad id with spaces", "request": {"model": "sim-model"}}],
+                   keys=["badid"])
+        # the same envelope twice: the second is not sent to the provider
+        dup = envelope("dup-1", "twice")
+        st.produce(REQ, [dup, dup], keys=["dup-1", "dup-1"])
+
+        got = wait_results(st, ["unknown-1", "dup-1"], T(30))
+        unk = got["unknown-1"][0]
+        assert unk["status"] == "failed" and unk["error"]["type"] == "not_found", unk
+        assert unk["attempts"] == 0, unk
+
+        wait_for(lambda: len(got_dup(st)) >= 2, T(20), "dup-1 re-published")
+        dups = got_dup(st)
+        assert len(dups) == 2 and dups[0] == dups[1], dups  # verbatim
+        assert s.stats()["requests"] == 1, s.stats()
+
+        # the same id with another request: dlq id_conflict, the record is untouched
+        st.produce(REQ, [envelope("dup-1", "another prompt")], keys=["dup-1"])
+
+        def dlq_types():
+            return [(d.get("id"), d["error"]["type"]) for d in values(st.consume_all(DLQ))]
+        wait_for(lambda: ("dup-1", "id_conflict") in dlq_types(), T(20), "dlq id_conflict")
+        dlq = values(st.consume_all(DLQ))
+        types = collections.Counter(d["error"]["type"] for d in dlq)
+        assert types["invalid"] == 2, dlq
+        assert any(d.get("raw") == "this is {not json" for d in dlq), dlq
+        assert any(d.get("id") == "bad id with spaces" and d["error"]["type"] == "invalid"
+                   for d in dlq), dlq
+        unk_dlq = [d for d in dlq if d.get("id") == "unknown-1"]
+        assert len(unk_dlq) == 1 and unk_dlq[0]["error"]["type"] == "not_found", dlq
+        assert unk_dlq[0]["request"]["model"] == "no-such-route"
+        assert r.cli("HGET", "promptq:job:default:dup-1", "status") == "succeeded"
+        assert s.stats()["requests"] == 1
+        assert len(got_dup(st)) == 2  # no result for the conflicting copy
+
+
+def got_dup(st):
+    return [d for d in values(st.consume_all(RESULTS)) if d.get("id") == "dup-1"]
+
+
+def test_provider_500_then_ok():
+    with harness.Stack("worker_retry") as st:
+        r, s, path = stack_up(st, sim_state={"mode": "error", "status": 500})
+        start_worker(st, path)
+        st.produce(REQ, [envelope("retry-1", "survive")], keys=["retry-1"])
+        wait_for(lambda: s.stats()["requests"] >= 2, T(10), "retries against the 500s")
+        time.sleep(3 - 0.5)
+        s.set_state({"mode": "ok"})
+        got = wait_results(st, ["retry-1"], T(30))
+        res = got["retry-1"][0]
+        assert res["status"] == "succeeded" and content(res) == "echo: survive", res
+        assert res["attempts"] >= 3, res
+        assert len(got["retry-1"]) == 1
+
+
+def test_sigkill_mid_flight_loses_nothing():
+    with harness.Stack("worker_kill") as st:
+        r, s, path = stack_up(st, sim_state={"latency_ms": 2000})
+        w = start_worker(st, path)
+        n = 100
+        ids = ["kill-%03d" % i for i in range(n)]
+        st.produce(REQ, [envelope(i, "p %s" % i) for i in ids], keys=ids)
+        wait_for(lambda: s.stats()["inflight"] >= 50, T(20), "calls in flight at the sim")
+        w.kill(signal.SIGKILL)
+        w.wait(T(5))
+        s.set_state({"latency_ms": 50})
+        start_worker(st, path, name="worker2")
+        got = wait_results(st, ids, T(60))
+        for i in ids:
+            assert got[i][0]["status"] == "succeeded" and content(got[i][0]) == "echo: p " + i
+        # a result, once published, is the one stored in Redis
+        stored = json.loads(r.cli("HGET", "promptq:job:default:" + ids[0], "result"))
+        assert stored == got[ids[0]][0]
+
+
+def test_sigterm_hands_back_and_exits_0():
+    with harness.Stack("worker_term") as st:
+        r, s, path = stack_up(st, sim_state={"latency_ms": 4000})
+        w = start_worker(st, path, "worker", "--grace-ms", "1000")
+        ids = ["term-%02d" % i for i in range(20)]
+        st.produce(REQ, [envelope(i, "t %s" % i) for i in ids], keys=ids)
+        wait_for(lambda: s.stats()["inflight"] >= 20, T(20), "calls in flight at the sim")
+        t0 = time.monotonic()
+        w.kill(signal.SIGTERM)
+        assert w.wait(T(10)) == 0
+        assert time.monotonic() - t0 < T(8)
+        # handed back: leases released at once, so a new worker runs them without waiting
+        assert r.cli("EXISTS", "promptq:lease:default:" + ids[0]) == "0"
+        s.set_state({"latency_ms": 0})
+        start_worker(st, path, name="worker2")
+        got = wait_results(st, ids, T(30))
+        assert all(got[i][0]["status"] == "succeeded" for i in ids)
+
+
+harness.run(globals())
