@@ -194,6 +194,7 @@ def test_down_then_up_same_port():
             assert is_refused(e), repr(e)
         s.set_state({})  # all defaults: ok
         assert chat(s, "hi")[0] == 200
+        assert s.proc.stop() == 0
 
 
 def test_error_status():
@@ -269,6 +270,18 @@ def test_hang():
         resp = conn.getresponse()
         doc = json.loads(resp.read())
         assert resp.status == 200 and doc["choices"][0]["message"]["content"] == "echo: wait"
+        conn.close()
+        # SIGTERM with a call still held (latency) exits 0 and drops it.
+        s.set_state({"latency_ms": 10000})
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=T(10))
+        conn.request("GET", "/v1/models")
+        wait_for(lambda: s.stats()["inflight"] == 1, T(5), "the call to be held")
+        assert s.proc.stop() == 0
+        try:
+            conn.getresponse().read()
+            raise AssertionError("held call answered after SIGTERM")
+        except (OSError, http.client.HTTPException):
+            pass
         conn.close()
 
 
@@ -375,6 +388,80 @@ def test_many_concurrent_held_connections():
         finally:
             for c in socks:
                 c.close()
+
+
+def test_other_wire_formats():
+    with harness.Stack("sim_formats") as st:
+        s = st.sim("a", args=("--key", "k-good"))
+        msgs = [{"role": "user", "content": "fmt"}]
+        # Azure OpenAI: api-key header, api-version required, deployment in the path.
+        az = s.url + "/openai/deployments/dep1/chat/completions"
+        status, _, raw = harness.http("POST", az + "?api-version=2024-10-21", {"messages": msgs},
+                                      headers={"api-key": "k-good"})
+        doc = json.loads(raw)
+        assert status == 200 and doc["model"] == "dep1", raw
+        assert doc["choices"][0]["message"]["content"] == "echo: fmt"
+        assert harness.http("POST", az, {"messages": msgs}, headers={"api-key": "k-good"})[0] == 400
+        assert harness.http("POST", az + "?api-version=x", {"messages": msgs},
+                            headers={"api-key": "bad"})[0] == 401
+
+        # Anthropic Messages: x-api-key + anthropic-version, max_tokens required.
+        ah = {"x-api-key": "k-good", "anthropic-version": "2023-06-01"}
+        body = {"model": "claude-x", "max_tokens": 2, "system": "be terse",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "long prompt"}]}]}
+        status, _, raw = harness.http("POST", s.url + "/v1/messages", body, headers=ah)
+        doc = json.loads(raw)
+        assert status == 200 and doc["type"] == "message" and doc["id"].startswith("msg_"), raw
+        assert doc["content"] == [{"type": "text", "text": "echo: lo"}]
+        assert doc["stop_reason"] == "max_tokens" and doc["usage"]["output_tokens"] == 2
+        del body["max_tokens"]
+        status, _, raw = harness.http("POST", s.url + "/v1/messages", body, headers=ah)
+        doc = json.loads(raw)
+        assert status == 400 and doc["type"] == "error"
+        assert doc["error"]["type"] == "invalid_request_error" and "max_tokens" in doc["error"]["message"]
+        status, _, raw = harness.http("POST", s.url + "/v1/messages", body,
+                                      headers={"x-api-key": "nope", "anthropic-version": "x"})
+        assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
+
+        # Gemini generateContent: key in x-goog-api-key or ?key=.
+        g = s.url + "/v1beta/models/gemini-x:generateContent"
+        gbody = {"contents": [{"role": "user", "parts": [{"text": "gem"}]}]}
+        status, _, raw = harness.http("POST", g, gbody, headers={"x-goog-api-key": "k-good"})
+        doc = json.loads(raw)
+        assert status == 200, raw
+        cand = doc["candidates"][0]
+        assert cand["content"]["parts"][0]["text"] == "echo: gem" and cand["finishReason"] == "STOP"
+        assert doc["usageMetadata"]["totalTokenCount"] >= 2
+        status, _, raw = harness.http("POST", g + "?key=k-good", {"contents": []})
+        assert status == 400 and json.loads(raw)["error"]["status"] == "INVALID_ARGUMENT"
+
+        # watsonx: IAM apikey -> token, then chat with the token.
+        form = "grant_type=urn:ibm:params:oauth:grant-type:apikey&apikey=%s"
+        ct = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, _, raw = harness.http("POST", s.url + "/identity/token", form % "k-good", headers=ct)
+        tok = json.loads(raw)
+        assert status == 200 and tok["token_type"] == "Bearer" and tok["expires_in"] > 0, raw
+        assert harness.http("POST", s.url + "/identity/token", form % "k-bad", headers=ct)[0] == 400
+        wx = s.url + "/ml/v1/text/chat?version=2024-05-01"
+        wbody = {"model_id": "ibm/granite", "project_id": "p1", "messages": msgs}
+        status, _, raw = harness.http("POST", wx, wbody,
+                                      headers={"Authorization": "Bearer " + tok["access_token"]})
+        doc = json.loads(raw)
+        assert status == 200 and doc["model_id"] == "ibm/granite", raw
+        assert doc["choices"][0]["message"]["content"] == "echo: fmt"
+        status, _, raw = harness.http("POST", wx, wbody, headers={"Authorization": "Bearer forged"})
+        assert status == 401 and json.loads(raw)["status_code"] == 401
+
+        # Modes apply to every format, each answering in its own error shape.
+        s.set_state({"mode": "error", "status": 529})
+        status, _, raw = harness.http("POST", s.url + "/v1/messages", body, headers=ah)
+        assert status == 529 and json.loads(raw)["error"]["type"] == "overloaded_error"
+        s.set_state({"mode": "rate_limit", "retry_after": "3"})
+        status, hdrs, raw = harness.http("POST", g, gbody, headers={"x-goog-api-key": "k-good"})
+        assert status == 429 and hdrs["retry-after"] == "3"
+        assert json.loads(raw)["error"]["status"] == "RESOURCE_EXHAUSTED"
+        # SIGTERM exits 0 (under ASan this also fails on leaks).
+        assert s.proc.stop() == 0
 
 
 harness.run(globals())
