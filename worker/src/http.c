@@ -12,8 +12,11 @@
 #define FREE_REQS_MAX 1024
 #define KEEP_BUF_MAX  (64 * 1024)
 
+typedef struct shard_s shard_t;
+
 struct pq_http_req_s {
     pq_http_t *h;
+    shard_t *shard;
     CURL *easy;
     struct curl_slist *headers;
     char *body;
@@ -28,10 +31,22 @@ struct pq_http_req_s {
     char errbuf[CURL_ERROR_SIZE];
 };
 
-struct pq_http_s {
-    struct event_base *base;
+/* libcurl 7.88 walks a multi handle's connection cache on every transfer removal, so many
+ * connections are spread over several multi handles (shards), transfers round-robin. */
+#define SHARDS_MAX      8
+#define CONNS_PER_SHARD 64
+
+struct shard_s {
+    pq_http_t *h;
     CURLM *multi;
     struct event *timer;
+};
+
+struct pq_http_s {
+    struct event_base *base;
+    shard_t shards[SHARDS_MAX];
+    int nshards;
+    int next_shard;
     pq_http_req_t *free_reqs;
     size_t nfree;
     size_t active;
@@ -39,14 +54,13 @@ struct pq_http_s {
 
 typedef struct sock_s {
     struct event *ev;
-    pq_http_t *h;
 } sock_t;
 
-static void check_done(pq_http_t *h);
+static void check_done(shard_t *h);
 
 static void on_socket_event(evutil_socket_t fd, short what, void *arg)
 {
-    pq_http_t *h = arg;
+    shard_t *h = arg;
     int running = 0;
     int action =
         ((what & EV_READ) ? CURL_CSELECT_IN : 0) | ((what & EV_WRITE) ? CURL_CSELECT_OUT : 0);
@@ -57,7 +71,7 @@ static void on_socket_event(evutil_socket_t fd, short what, void *arg)
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
-    pq_http_t *h = arg;
+    shard_t *h = arg;
     int running = 0;
 
     curl_multi_socket_action(h->multi, CURL_SOCKET_TIMEOUT, 0, &running);
@@ -66,7 +80,7 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
 
 static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
 {
-    pq_http_t *h = userp;
+    shard_t *h = userp;
     sock_t *sk = socketp;
     short kind;
 
@@ -84,12 +98,11 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
         sk = calloc(1, sizeof(*sk));
         if (!sk)
             return -1;
-        sk->h = h;
         curl_multi_assign(h->multi, s, sk);
     } else {
         event_free(sk->ev);
     }
-    sk->ev = event_new(h->base, s, kind, on_socket_event, h);
+    sk->ev = event_new(h->h->base, s, kind, on_socket_event, h);
     if (!sk->ev)
         return -1;
     event_add(sk->ev, NULL);
@@ -98,7 +111,7 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
 
 static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
 {
-    pq_http_t *h = userp;
+    shard_t *h = userp;
 
     if (timeout_ms < 0) {
         evtimer_del(h->timer);
@@ -211,12 +224,14 @@ static void req_recycle(pq_http_t *h, pq_http_req_t *r)
     h->nfree++;
 }
 
-static void check_done(pq_http_t *h)
+static void check_done(shard_t *sh)
 {
+    pq_http_t *h = sh->h;
+
     CURLMsg *msg;
     int left;
 
-    while ((msg = curl_multi_info_read(h->multi, &left))) {
+    while ((msg = curl_multi_info_read(sh->multi, &left))) {
         pq_http_req_t *r = NULL;
         pq_http_result_t res;
 
@@ -238,7 +253,7 @@ static void check_done(pq_http_t *h)
         res.retry_after_ms = r->retry_after_ms;
         res.detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(msg->data.result);
         res.elapsed_ms = pq_mono_ms() - r->started_ms;
-        curl_multi_remove_handle(h->multi, r->easy);
+        curl_multi_remove_handle(sh->multi, r->easy);
         h->active--;
         if (r->cb)
             r->cb(r->opaque, &res);
@@ -250,27 +265,42 @@ pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errst
                        size_t errstr_size)
 {
     pq_http_t *h = calloc(1, sizeof(*h));
+    long per_shard = 0;
 
     if (!h) {
         snprintf(errstr, errstr_size, "out of memory");
         return NULL;
     }
     h->base = base;
-    h->multi = curl_multi_init();
-    h->timer = evtimer_new(base, on_timer, h);
-    if (!h->multi || !h->timer) {
-        snprintf(errstr, errstr_size, "curl_multi_init or evtimer_new failed");
-        pq_http_destroy(h);
-        return NULL;
+    h->nshards = 1;
+    if (max_host_conns > CONNS_PER_SHARD) {
+        h->nshards = (int)((max_host_conns + CONNS_PER_SHARD - 1) / CONNS_PER_SHARD);
+        if (h->nshards > SHARDS_MAX)
+            h->nshards = SHARDS_MAX;
+    } else if (max_host_conns == 0) {
+        h->nshards = SHARDS_MAX;
     }
-    curl_multi_setopt(h->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
-    curl_multi_setopt(h->multi, CURLMOPT_SOCKETDATA, h);
-    curl_multi_setopt(h->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
-    curl_multi_setopt(h->multi, CURLMOPT_TIMERDATA, h);
-    curl_multi_setopt(h->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
-    if (max_host_conns > 0) {
-        curl_multi_setopt(h->multi, CURLMOPT_MAX_HOST_CONNECTIONS, max_host_conns);
-        curl_multi_setopt(h->multi, CURLMOPT_MAXCONNECTS, max_host_conns * 4);
+    if (max_host_conns > 0)
+        per_shard = (max_host_conns + h->nshards - 1) / h->nshards;
+    for (int i = 0; i < h->nshards; i++) {
+        shard_t *sh = &h->shards[i];
+        sh->h = h;
+        sh->multi = curl_multi_init();
+        sh->timer = evtimer_new(base, on_timer, sh);
+        if (!sh->multi || !sh->timer) {
+            snprintf(errstr, errstr_size, "curl_multi_init or evtimer_new failed");
+            pq_http_destroy(h);
+            return NULL;
+        }
+        curl_multi_setopt(sh->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+        curl_multi_setopt(sh->multi, CURLMOPT_SOCKETDATA, sh);
+        curl_multi_setopt(sh->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+        curl_multi_setopt(sh->multi, CURLMOPT_TIMERDATA, sh);
+        curl_multi_setopt(sh->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+        if (per_shard > 0) {
+            curl_multi_setopt(sh->multi, CURLMOPT_MAX_HOST_CONNECTIONS, per_shard);
+            curl_multi_setopt(sh->multi, CURLMOPT_MAXCONNECTS, per_shard * 2);
+        }
     }
     return h;
 }
@@ -288,10 +318,12 @@ void pq_http_destroy(pq_http_t *h)
         free(r->resp);
         free(r);
     }
-    if (h->multi)
-        curl_multi_cleanup(h->multi);
-    if (h->timer)
-        event_free(h->timer);
+    for (int i = 0; i < h->nshards; i++) {
+        if (h->shards[i].multi)
+            curl_multi_cleanup(h->shards[i].multi);
+        if (h->shards[i].timer)
+            event_free(h->shards[i].timer);
+    }
     free(h);
 }
 
@@ -362,7 +394,9 @@ pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *he
     curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(r->easy, CURLOPT_ACCEPT_ENCODING, "");
 
-    if (curl_multi_add_handle(h->multi, r->easy) != CURLM_OK) {
+    r->shard = &h->shards[h->next_shard];
+    h->next_shard = (h->next_shard + 1) % h->nshards;
+    if (curl_multi_add_handle(r->shard->multi, r->easy) != CURLM_OK) {
         req_recycle(h, r);
         return NULL;
     }
@@ -379,7 +413,7 @@ void pq_http_cancel(pq_http_t *h, pq_http_req_t *req)
 {
     if (!req)
         return;
-    curl_multi_remove_handle(h->multi, req->easy);
+    curl_multi_remove_handle(req->shard->multi, req->easy);
     h->active--;
     req_recycle(h, req);
 }
