@@ -229,4 +229,53 @@ def test_sigterm_hands_back_and_exits_0():
         assert all(got[i][0]["status"] == "succeeded" for i in ids)
 
 
+def test_redis_outage_pauses_then_resumes():
+    with harness.Stack("worker_redis") as st:
+        r, s, path = stack_up(st)
+        w = start_worker(st, path)
+        first = ["before-%02d" % i for i in range(10)]
+        st.produce(REQ, [envelope(i, i) for i in first], keys=first)
+        wait_results(st, first, T(30))
+        r.kill()
+        wait_for(lambda: "consumption paused: redis unavailable" in open(w.log_path).read(),
+                 T(10), "the worker to pause on the Redis outage")
+        calls = s.stats()["requests"]
+        later = ["during-%02d" % i for i in range(30)]
+        st.produce(REQ, [envelope(i, i) for i in later], keys=later)
+        time.sleep(2)
+        assert s.stats()["requests"] == calls, "provider called while Redis was down"
+        r.restart()
+        got = wait_results(st, later, T(30))
+        assert all(got[i][0]["status"] == "succeeded" and content(got[i][0]) == "echo: " + i
+                   for i in later)
+        assert all(r.cli("HGET", "promptq:job:default:" + i, "status") == "succeeded"
+                   for i in later[:5])
+
+
+def test_offset_reset_is_logged_and_counted():
+    """A committed offset that fell out of the log (devkafka evicts beyond ~5 MB per partition)
+    resets to earliest; the worker says so as an error (G5)."""
+    with harness.Stack("worker_reset") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=1)
+        st.sim("a")
+        path, _ = st.config(extra={"worker": {"lease_ms": 3000}})
+        w = start_worker(st, path)
+        ids = ["reset-%d" % i for i in range(5)]
+        st.produce(REQ, [envelope(i, i) for i in ids], keys=ids)
+        wait_results(st, ids, T(30))
+        assert w.stop(T(15)) == 0  # commits offset 5
+        filler = "x" * 2000
+        for _ in range(4):  # ~8 MB: offsets 0..5 are evicted
+            st.produce(REQ, [filler] * 1000)
+        w2 = start_worker(st, path, name="worker2")
+        wait_for(lambda: "offset reset" in open(w2.log_path).read(), T(30),
+                 "the offset reset to be logged")
+        log = open(w2.log_path).read()
+        line = [x for x in log.splitlines() if "offset reset" in x][0]
+        assert " error " in line or "\"level\":\"error\"" in line, line
+        assert w2.stop(T(15)) == 0
+        assert "offset_resets=1" in open(w2.log_path).read().splitlines()[-2]
+
+
 harness.run(globals())
