@@ -318,6 +318,7 @@ void pq_bthread_poke(pq_bthread_t *t)
 int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_t errstr_size)
 {
     struct timeval tv_redis = {0, PQ_BROKER_REDIS_TIMEOUT_MS * 1000};
+    struct event_config *cfg;
 
     t->b = b;
     t->no = no;
@@ -328,7 +329,14 @@ int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_
     t->bc = b->bconf;
     atomic_init(&t->next_bc, NULL);
 
-    t->base = event_base_new();
+    /* The changelist coalesces the epoll_ctl calls evhttp makes while it toggles read and
+     * write interest on a connection within one loop iteration. */
+    cfg = event_config_new();
+    if (cfg) {
+        event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+        t->base = event_base_new_with_config(cfg);
+        event_config_free(cfg);
+    }
     if (!t->base) {
         snprintf(errstr, errstr_size, "event_base_new failed");
         return -1;

@@ -169,7 +169,17 @@ static void on_reply(redisAsyncContext *ac, void *r, void *handle)
 
 int pq_rconn_usable(const pq_bthread_t *t)
 {
-    return t->rc && t->redis_connected && t->redis_pending < PQ_BROKER_REDIS_PENDING_MAX;
+    int64_t since;
+
+    if (!t->rc || !t->redis_connected || t->redis_pending >= PQ_BROKER_REDIS_PENDING_MAX)
+        return 0;
+    if (t->redis_pending == 0)
+        return 1;
+    /* A command has waited longer than a request may: Redis is stalled, do not queue more
+     * behind it (the watchdog reconnects). */
+    since = t->redis_last_reply_ms > t->redis_oldest_sent_ms ? t->redis_last_reply_ms
+                                                             : t->redis_oldest_sent_ms;
+    return pq_mono_ms() - since < PQ_BROKER_REDIS_TIMEOUT_MS;
 }
 
 static void sent(pq_bthread_t *t)

@@ -4,6 +4,7 @@ API keys, GET of the job record, health endpoints, Kafka outage, concurrency, gr
 import json
 import signal
 import threading
+import time
 
 import harness
 from harness import T, wait_for
@@ -197,6 +198,45 @@ def test_redis_down_still_accepts():
                  get(st, "/v1/jobs/rb")[0] == 200, T(10), "record written after Redis is back")
         status, _, rec = get(st, "/v1/jobs/rb")
         assert rec["status"] == "queued", rec
+
+        # a Redis that hangs delays a job by its timeout at most, never blocks it
+        st.redis_.proc.kill(signal.SIGSTOP)
+        try:
+            for i in range(5):
+                t0 = time.monotonic()
+                status, _, doc = post(st, job("stalled %d" % i))
+                assert status == 202, doc
+                assert time.monotonic() - t0 < T(1.0), time.monotonic() - t0
+            status, hdrs, doc = get(st, "/v1/jobs/rb")
+            assert status == 503 and hdrs.get("retry-after") == "1", doc
+        finally:
+            st.redis_.proc.kill(signal.SIGCONT)
+        wait_for(lambda: get(st, "/v1/jobs/rb")[0] == 200, T(10), "reads after Redis resumes")
+
+
+def test_sighup_reloads_keys_and_routes():
+    with harness.Stack("broker-sighup") as st:
+        p = start(st)
+        assert post(st, job())[0] == 202
+        path = st.dir + "/config.json"
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["broker"]["api_keys"] = {"key-new": "acme"}
+        cfg["routes"]["second"] = [{"provider": "sim", "model": "m2"}]
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        p.kill(signal.SIGHUP)
+        wait_for(lambda: post(st, job())[0] == 401, T(10), "API keys enforced after SIGHUP")
+        body = {"request": {"model": "second", "messages": [{"role": "user", "content": "x"}]}}
+        status, _, doc = post(st, body, {"Authorization": "Bearer key-new"})
+        assert status == 202, doc
+        # a broken file is refused and the running config stays
+        with open(path, "w") as f:
+            f.write("{broken")
+        p.kill(signal.SIGHUP)
+        time.sleep(0.5)
+        assert p.alive()
+        assert post(st, body, {"Authorization": "Bearer key-new"})[0] == 202
 
 
 def test_concurrent_500_jobs():
