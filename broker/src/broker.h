@@ -207,6 +207,10 @@ int pq_rconn_command(pq_bthread_t *t, void *handle, const char *fmt, ...);
 int pq_rconn_commandargv(pq_bthread_t *t, void *handle, int argc, const char **argv,
                          const size_t *argvlen);
 
+/* SHA1 of a script for EVALSHA; the scripts are loaded on every (re)connect. script is one of
+ * pq_script_job_create, pq_script_job_drop. */
+const char *pq_rconn_sha(const char *script);
+
 /* kprod.c: the thread's producer */
 int pq_kprod_start(pq_bthread_t *t, char *errstr, size_t errstr_size);
 /* Flushes for at most timeout_ms, then destroys the producer. */

@@ -32,7 +32,7 @@ static void drop_record(pq_slot_t *s)
         return;
     if (pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0)
         return;
-    pq_rconn_command(t, NULL, "EVAL %s 1 %s", pq_script_job_drop, key);
+    pq_rconn_command(t, NULL, "EVALSHA %s 1 %s", pq_rconn_sha(pq_script_job_drop), key);
 }
 
 void pq_intake_not_durable(pq_slot_t *s, const char *why)
@@ -178,7 +178,7 @@ void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
     }
 }
 
-/* Checks that (tenant, id) is new or was used with the same request: EVAL job_create. */
+/* Checks that (tenant, id) is new or was used with the same request: job_create. */
 static int check_record(pq_slot_t *s)
 {
     pq_bthread_t *t = s->t;
@@ -195,8 +195,8 @@ static int check_record(pq_slot_t *s)
         return -1;
     snprintf(now, sizeof(now), "%lld", (long long)pq_now_ms());
     snprintf(ttl, sizeof(ttl), "%lld", (long long)conf->result_ttl_s * 1000);
-    argv[0] = "EVAL";
-    argv[1] = pq_script_job_create;
+    argv[0] = "EVALSHA";
+    argv[1] = pq_rconn_sha(pq_script_job_create);
     argv[2] = "1";
     argv[3] = key;
     argv[4] = s->hash;

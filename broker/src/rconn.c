@@ -9,14 +9,65 @@
 
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/hiredis.h>
+#include <openssl/evp.h>
 
 #include "promptq/log.h"
+#include "promptq/scripts.h"
 #include "promptq/util.h"
 
 #define RCONN_RETRY_MIN_MS 100
 #define RCONN_RETRY_MAX_MS 2000
 #define RCONN_WATCH_MS     250
 #define RCONN_STALL_MS     2000
+
+/* EVALSHA instead of EVAL: Redis then neither receives nor hashes the script per job. */
+static struct {
+    const char *script;
+    char sha[41];
+} scripts[2];
+static pthread_once_t scripts_once = PTHREAD_ONCE_INIT;
+
+static void scripts_init(void)
+{
+    static const char hex[] = "0123456789abcdef";
+
+    scripts[0].script = pq_script_job_create;
+    scripts[1].script = pq_script_job_drop;
+    for (int i = 0; i < 2; i++) {
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned int mdlen = 0;
+
+        EVP_Digest(scripts[i].script, strlen(scripts[i].script), md, &mdlen, EVP_sha1(), NULL);
+        for (unsigned int j = 0; j < mdlen && j < 20; j++) {
+            scripts[i].sha[2 * j] = hex[md[j] >> 4];
+            scripts[i].sha[2 * j + 1] = hex[md[j] & 15];
+        }
+        scripts[i].sha[40] = '\0';
+    }
+}
+
+const char *pq_rconn_sha(const char *script)
+{
+    pthread_once(&scripts_once, scripts_init);
+    for (int i = 0; i < 2; i++)
+        if (scripts[i].script == script)
+            return scripts[i].sha;
+    return NULL;
+}
+
+static void on_setup_reply(redisAsyncContext *ac, void *r, void *privdata);
+
+/* Queues SCRIPT LOAD for the broker's scripts; commands on one connection run in order, so
+ * every EVALSHA sent after this finds them. */
+static void load_scripts(pq_bthread_t *t)
+{
+    pthread_once(&scripts_once, scripts_init);
+    for (int i = 0; i < 2; i++) {
+        if (redisAsyncCommand(t->rc, on_setup_reply, "SCRIPT LOAD", "SCRIPT LOAD %s",
+                              scripts[i].script) == REDIS_OK)
+            t->redis_pending++;
+    }
+}
 
 static void schedule_retry(pq_bthread_t *t)
 {
@@ -108,6 +159,7 @@ static void connect_now(pq_bthread_t *t)
         t->redis_pending++;
         redisAsyncCommand(ac, on_setup_reply, "SELECT", "SELECT %d", conf->redis_db);
     }
+    load_scripts(t);
 }
 
 static void retry_cb(evutil_socket_t fd, short what, void *arg)
@@ -153,6 +205,8 @@ static void on_reply(redisAsyncContext *ac, void *r, void *handle)
         if (reply->type == REDIS_REPLY_ERROR) {
             pq_counter_add(t->b->m_redis_errors, 1);
             PQ_WARN("thread %d: redis error: %s", t->no, reply->str);
+            if (!strncmp(reply->str, "NOSCRIPT", 8) && t->redis_connected)
+                load_scripts(t); /* someone flushed the script cache */
         }
     }
     if (!handle || !(s = pq_slot_from_handle(t, handle)))
