@@ -87,6 +87,12 @@ def test_submit_get_and_validation():
         assert rec["tenant"] == "default" and rec["attempts"] == 0 and rec["deliveries"] == 0
         assert rec["created_at"] and rec["updated_at"]
         assert get(st, "/v1/jobs/job_unknown")[0] == 404
+        # a terminal job answers its stored result record verbatim
+        result = '{"id":"done-1","tenant":"default","status":"succeeded","attempts":1}'
+        st.redis_.cli("HSET", "promptq:job:default:done-1", "status", "succeeded",
+                      "result", result, "attempts", "1")
+        status, _, raw = harness.http("GET", st.broker_url + "/v1/jobs/done-1")
+        assert status == 200 and raw.decode() == result, raw
         # open mode: the tenant is part of the job's identity
         assert get(st, "/v1/jobs/%s?tenant=other" % jid)[0] == 404
 
