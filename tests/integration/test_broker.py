@@ -170,6 +170,19 @@ def test_api_keys():
         assert "key-acme" not in log and "key-beta" not in log
 
 
+def test_body_cap_follows_message_max_bytes():
+    with harness.Stack("broker-cap") as st:
+        start(st, extra={"kafka": {"message.max.bytes": "20000"}})
+        status, _, doc = post(st, job("y" * 15000))
+        assert status == 202, doc
+        status, _, doc = post(st, job("y" * 19500))
+        assert status == 413 and err_type(doc) == "too_large", doc
+    with harness.Stack("broker-cap-conf") as st:
+        start(st, extra={"broker": {"max_body_bytes": 4096}})
+        assert post(st, job("z" * 3000))[0] == 202
+        assert post(st, job("z" * 5000))[0] == 413
+
+
 def test_kafka_down_then_up():
     with harness.Stack("broker-kafka-down") as st:
         start(st)
