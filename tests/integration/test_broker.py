@@ -202,6 +202,17 @@ def test_kafka_down_then_up():
         # the refused job left no queued record behind it
         assert get(st, "/v1/jobs/during-2")[0] == 404
 
+        # Kafka slower than ack_timeout_ms (1 s): 503, and the record this request created is
+        # dropped again
+        st.kafka_.control("rtt -1 2500")
+        t0 = time.monotonic()
+        status, hdrs, doc = post(st, job("slow", id="slow-1"))
+        assert status == 503 and hdrs.get("retry-after") == "1", (status, doc)
+        assert time.monotonic() - t0 < T(2.0)
+        assert get(st, "/v1/jobs/slow-1")[0] == 404
+        st.kafka_.control("rtt -1 0")
+        wait_for(lambda: post(st, job("fast again"))[0] == 202, T(30), "202 after rtt is back")
+
 
 def test_redis_down_still_accepts():
     with harness.Stack("broker-redis-down") as st:
