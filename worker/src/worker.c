@@ -196,6 +196,10 @@ static void on_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const
                buf);
         return;
     }
+    /* The one "kafka" section feeds both clients: consumer-only keys on the producer (and the
+     * other way round) are expected, not worth a warning. */
+    if (strcmp(fac, "CONFWARN") == 0 && strstr(buf, "will be ignored by this"))
+        level = LOG_DEBUG;
     if (level <= LOG_ERR)
         PQ_ERR("kafka %s: %s", fac, buf);
     else if (level == LOG_WARNING)
