@@ -368,17 +368,28 @@ static void seg_free(seg_t *seg)
     free(seg);
 }
 
+/* Makes room for n more records in the index. */
+static int seg_reserve(seg_t *seg, size_t n)
+{
+    size_t cap = seg->cap ? seg->cap : 64;
+    rec_ent_t *r;
+
+    if (seg->nrec + n <= seg->cap)
+        return 0;
+    while (cap < seg->nrec + n)
+        cap *= 2;
+    r = realloc(seg->recs, cap * sizeof(*r));
+    if (!r)
+        return -1;
+    seg->recs = r;
+    seg->cap = cap;
+    return 0;
+}
+
 static int seg_add_rec(seg_t *seg, uint64_t off, uint32_t len)
 {
-    if (seg->nrec == seg->cap) {
-        size_t cap = seg->cap ? seg->cap * 2 : 64;
-        rec_ent_t *r = realloc(seg->recs, cap * sizeof(*r));
-
-        if (!r)
-            return -1;
-        seg->recs = r;
-        seg->cap = cap;
-    }
+    if (seg_reserve(seg, 1) != 0)
+        return -1;
     seg->recs[seg->nrec].off = off;
     seg->recs[seg->nrec].len = len;
     seg->recs[seg->nrec].state = REC_PENDING;
@@ -585,7 +596,8 @@ static int recover(pq_spool_t *sp, char *errstr, size_t errstr_size)
         }
         seqs[n++] = seq;
     }
-    qsort(seqs, n, sizeof(*seqs), cmp_u64);
+    if (n > 1)
+        qsort(seqs, n, sizeof(*seqs), cmp_u64);
     for (size_t i = 0; i < n; i++) {
         seg_t *seg = seg_new(seqs[i]);
 
@@ -738,9 +750,12 @@ static void write_batch(pq_spool_t *sp)
         sp->qtail = NULL;
     last->next = NULL;
     base = seg->size;
+    /* Index room first, so that a committed record is always indexed (and never deleted with
+     * its segment before it is drained). */
+    if (seg_reserve(seg, n) == 0)
+        iov = malloc(n * sizeof(*iov));
     pthread_mutex_unlock(&sp->mu);
 
-    iov = malloc(n * sizeof(*iov));
     if (!iov) {
         err_no = ENOMEM;
     } else {
@@ -781,13 +796,9 @@ static void write_batch(pq_spool_t *sp)
     if (ok) {
         uint64_t off = base;
         for (it = batch; it; it = it->next) {
-            if (seg_add_rec(seg, off, (uint32_t)it->len) != 0) {
-                /* Durable but not indexed: it is drained after a restart. */
-                PQ_ERR("spool %s: out of memory indexing %s", sp->dir, seg->name);
-            } else {
-                sp->st.pending_records++;
-                sp->st.pending_bytes += it->len;
-            }
+            seg_add_rec(seg, off, (uint32_t)it->len); /* cannot fail: reserved above */
+            sp->st.pending_records++;
+            sp->st.pending_bytes += it->len;
             off += it->len;
         }
         seg->size += bytes;

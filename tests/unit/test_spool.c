@@ -479,6 +479,41 @@ static void test_drain_live(void **state)
     tdir_remove(&td);
 }
 
+/* Topics longer than 255 bytes (the read-back buffer grows for them) and empty keys/values. */
+static void test_long_topic(void **state)
+{
+    tdir_t td;
+    pq_spool_t *sp;
+    pq_spool_rec_t *rec;
+    char topic[1001];
+
+    tdir_make(&td);
+    cbs_reset();
+    memset(topic, 't', 1000);
+    topic[1000] = '\0';
+    sp = open_dir(td.dir, NULL);
+    assert_int_equal(pq_spool_append(sp, topic, NULL, 0, "v", 1, on_done, NULL), PQ_OK);
+    assert_int_equal(pq_spool_append(sp, "x", "k", 1, NULL, 0, on_done, NULL), PQ_OK);
+    cbs_wait(2);
+    pq_spool_close(sp);
+    sp = open_dir(td.dir, NULL);
+    assert_int_equal(pq_spool_next(sp, 0, &rec), PQ_OK);
+    assert_string_equal(rec->topic, topic);
+    assert_int_equal(rec->topic_len, 1000);
+    assert_null(rec->key);
+    assert_int_equal(rec->key_len, 0);
+    assert_int_equal(rec->value_len, 1);
+    assert_memory_equal(rec->value, "v", 1);
+    pq_spool_ack(sp, rec);
+    assert_int_equal(pq_spool_next(sp, 0, &rec), PQ_OK);
+    assert_string_equal(rec->topic, "x");
+    assert_int_equal(rec->key_len, 1);
+    assert_int_equal(rec->value_len, 0);
+    pq_spool_ack(sp, rec);
+    pq_spool_close(sp);
+    tdir_remove(&td);
+}
+
 /* A crafted segment: `good` framed records followed by `tail`. Opens the spool over it and
  * checks that exactly the good records survive and the file was cut back to them. */
 static void check_recovery(const unsigned char *tail, size_t tail_len, int good, int corrupt)
@@ -891,13 +926,15 @@ static void bench_cb(void *opaque, pq_err_t err)
     pthread_mutex_unlock(&bench_mu);
 }
 
-/* Each thread keeps up to `window` appends outstanding, like an event loop with many clients. */
+/* Each thread keeps up to `window` appends outstanding (PQ_SPOOL_BENCH_WINDOW, default 64), like
+ * an event loop with many clients. */
 static void *bench_main(void *arg)
 {
     bench_t *b = arg;
     unsigned char val[1024];
     long outstanding = 0;
-    const long window = 64;
+    const char *w = getenv("PQ_SPOOL_BENCH_WINDOW");
+    const long window = w && atol(w) > 0 ? atol(w) : 64;
 
     memset(val, 'v', sizeof(val));
     for (int i = 0; i < b->n; i++) {
@@ -943,7 +980,9 @@ static void test_bench(void **state)
         pthread_join(th[t], NULL);
     t1 = pq_mono_ms();
     pq_spool_stats(sp, &st);
-    print_message("bench: %d threads x %d appends of 1 KiB (window 64 each): %.0f appends/s, "
+    print_message("bench: %d threads x %d appends of 1 KiB (PQ_SPOOL_BENCH_WINDOW outstanding "
+                  "each, default 64): "
+                  "%.0f appends/s, "
                   "%" PRIu64 " fsyncs, %.1f records per fsync\n",
                   THREADS, PER, (double)THREADS * PER * 1000.0 / (double)(t1 - t0 ? t1 - t0 : 1),
                   st.fsyncs, st.fsyncs ? (double)st.appended / (double)st.fsyncs : 0.0);
@@ -970,6 +1009,7 @@ int main(void)
         cmocka_unit_test(test_scan_classify),
         cmocka_unit_test(test_concurrent_append_reopen),
         cmocka_unit_test(test_drain_live),
+        cmocka_unit_test(test_long_topic),
         cmocka_unit_test(test_recover_torn_length),
         cmocka_unit_test(test_recover_torn_payload),
         cmocka_unit_test(test_recover_bad_crc_last),
