@@ -1243,7 +1243,12 @@ int pq_spool_full(pq_spool_t *sp)
     int full;
 
     pthread_mutex_lock(&sp->mu);
-    full = sp->st.disk_bytes + sp->queued_bytes + sp->opts.max_record_bytes > sp->opts.max_bytes;
+    uint64_t used = sp->st.disk_bytes + sp->queued_bytes;
+    uint64_t headroom = sp->opts.max_bytes / 8;
+
+    if (headroom > sp->opts.max_record_bytes)
+        headroom = sp->opts.max_record_bytes;
+    full = used + headroom > sp->opts.max_bytes;
     pthread_mutex_unlock(&sp->mu);
     return full;
 }

@@ -821,6 +821,12 @@ static void test_caps(void **state)
     assert_int_equal(pq_spool_append(sp, TOPIC, NULL, 0, big, 1000, on_done, NULL), PQ_OK);
     cbs_wait(accepted + 1);
     pq_spool_close(sp);
+    /* a cap below the default record cap (8 MiB) does not make the spool look full at once */
+    pq_spool_opts_init(&opts);
+    opts.max_bytes = 1 << 20;
+    sp = open_dir(td.dir, &opts);
+    assert_int_equal(pq_spool_full(sp), 0);
+    pq_spool_close(sp);
     tdir_remove(&td);
 }
 

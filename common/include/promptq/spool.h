@@ -29,6 +29,25 @@
  * batch (group commit; the directory is fsync'd when a segment is created or deleted), and then
  * calls each record's callback in append order. pq_spool_next/ack/nack (the drain side) are
  * thread-safe too; acks typically come from the Kafka delivery-report thread.
+ *
+ * Wiring into the broker (sketch):
+ *   startup   opts.max_bytes = conf->broker.spool_max_bytes; opts.max_record_bytes = the largest
+ *             produce (message.max.bytes + headroom); sp = pq_spool_open(spool_dir, &opts, ...)
+ *             (fail to start on NULL: the error says who holds the lock).
+ *   intake    no delivery report within ack_timeout_ms, or Kafka known down, and the error is
+ *             retryable: pq_spool_append(sp, topic, id, idlen, payload, len, cb, slot). Permanent
+ *             produce errors are never spooled. PQ_ERR_UNAVAILABLE -> 503 + Retry-After,
+ *             PQ_ERR_TOO_LARGE -> 413. cb runs on the writer thread: hop to the slot's loop
+ *             (e.g. event_active or a locked queue + evuser) and answer 202 "spooled" on PQ_OK,
+ *             503 otherwise.
+ *   drainer   one thread: while Kafka is up, pq_spool_next(sp, 1000, &rec) and produce
+ *             rec->topic/key/value with the rec as message opaque; in the delivery report
+ *             pq_spool_ack (delivered) or pq_spool_nack (failed: back off before the next
+ *             pq_spool_next). Cap the records in flight. A restart drains what is left by
+ *             itself (pq_spool_open loads it as pending).
+ *   /readyz   unready when pq_spool_full(sp) (and Kafka is down); metrics from pq_spool_stats
+ *             (pending_records, pending_bytes, appended / fsyncs = records per fsync).
+ *   shutdown  stop the drainer (ack/nack what it holds), then pq_spool_close(sp).
  */
 #ifndef PROMPTQ_SPOOL_H
 #define PROMPTQ_SPOOL_H
@@ -151,8 +170,9 @@ void pq_spool_nack(pq_spool_t *spool, pq_spool_rec_t *rec);
  * Either pointer may be NULL. */
 void pq_spool_pending(pq_spool_t *spool, uint64_t *records, uint64_t *bytes);
 
-/* 1 if a record of max_record_bytes would no longer fit under max_bytes: /readyz turns unready
- * and the broker answers 503 + Retry-After. */
+/* 1 if the free room under max_bytes is below min(max_record_bytes, max_bytes / 8): /readyz
+ * turns unready and the broker answers 503 + Retry-After (appends that still fit are accepted
+ * until pq_spool_append refuses them). */
 int pq_spool_full(pq_spool_t *spool);
 
 /* A consistent snapshot of the counters. Average records per fsync = appended / fsyncs. */
