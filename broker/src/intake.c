@@ -278,10 +278,6 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
             goto out;
         }
     }
-    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal) {
-        reply_unavailable(t, req, "Kafka is unreachable");
-        goto out;
-    }
 
     s = pq_slot_get(t, PQ_PATH_JOBS, req);
     if (!s) {
@@ -297,6 +293,11 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
     if (!s->payload) {
         pq_http_error(t, req, PQ_PATH_JOBS, 500, "internal", "cannot serialise the job");
         pq_slot_release(s);
+        return;
+    }
+    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal) {
+        /* Kafka known down: answer at once, without creating a record */
+        pq_intake_not_durable(s, "Kafka is unreachable");
         return;
     }
     if (check_record(s) != 0) {
