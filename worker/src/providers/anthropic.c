@@ -1,0 +1,787 @@
+/* Anthropic Messages API (https://docs.anthropic.com/en/api/messages).
+ *
+ * POST {base_url}/v1/messages with x-api-key, anthropic-version: 2023-06-01 and a JSON body.
+ *
+ * Request mapping from OpenAI chat completions:
+ *   - system and developer messages are joined (separated by a blank line) into the top-level
+ *     "system" string, wherever they appear in the conversation;
+ *   - user/assistant messages keep their role; tool messages become user messages holding
+ *     tool_result blocks; assistant tool_calls become tool_use blocks;
+ *   - consecutive messages of the same role are MERGED into one message (their content blocks
+ *     concatenated in order), as Anthropic wants alternating turns; a conversation whose first
+ *     turn is the assistant's is PQ_ERR_UNSUPPORTED (Anthropic wants a user turn first, and
+ *     inventing one would change the prompt);
+ *   - max_completion_tokens, else max_tokens, else the provider's default_max_tokens;
+ *     stop -> stop_sequences; temperature (0..1 only), top_p, top_k pass; user ->
+ *     metadata.user_id; tools (type function) -> tools with input_schema; tool_choice auto /
+ *     none / required / {function} -> {type auto|none|any|tool}; parallel_tool_calls false ->
+ *     disable_parallel_tool_use;
+ *   - text and image (data: or http(s) URL) content parts are kept; other parts, n > 1,
+ *     logprobs, logit_bias, non-zero penalties, response_format other than text, audio,
+ *     functions, prediction and temperature > 1 are PQ_ERR_UNSUPPORTED (the target is skipped);
+ *   - stream, stream_options, seed, store, metadata, service_tier and unknown fields are dropped.
+ *
+ * Answer mapping: text blocks joined -> message.content, tool_use blocks -> message.tool_calls,
+ * stop_reason end_turn/stop_sequence/pause_turn -> stop, max_tokens -> length, tool_use ->
+ * tool_calls, refusal -> content_filter; usage input (+ cache) / output -> prompt / completion
+ * / total. Errors {"type":"error","error":{"type","message"}}: rate_limit_error and 429 are
+ * rate_limited, overloaded_error and 529 overloaded (both retryable), 401/403 authentication. */
+#include "provider.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define ANTHROPIC_VERSION "2023-06-01"
+
+/* ---- small local helpers (kept static: every adapter file stands alone) ---- */
+
+static int header_add(struct curl_slist **list, const char *name, const char *value)
+{
+    size_t n = strlen(name), v = strlen(value);
+    char *line = malloc(n + v + 3);
+    struct curl_slist *l;
+
+    if (!line)
+        return -1;
+    memcpy(line, name, n);
+    line[n] = ':';
+    line[n + 1] = ' ';
+    memcpy(line + n + 2, value, v + 1);
+    l = curl_slist_append(*list, line);
+    explicit_bzero(line, n + v + 2); /* may hold a key */
+    free(line);
+    if (!l)
+        return -1;
+    *list = l;
+    return 0;
+}
+
+/* Copies an error type or code into buf when it is a word of letters and underscores (at most
+ * 48): such vocabulary ("rate_limit_error", "RESOURCE_EXHAUSTED") cannot be a key, which always
+ * has digits or dashes. Anything else leaves buf empty: error bodies may echo keys (G6). */
+static void safe_token(const json_t *v, char *buf, size_t size)
+{
+    const char *s = json_string_value(v);
+    size_t n = s ? strlen(s) : 0;
+
+    buf[0] = '\0';
+    if (n == 0 || n >= size || n > 48)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
+            return;
+    }
+    memcpy(buf, s, n + 1);
+}
+
+/* 1 when an optional request field is present with a value that asks for something (not null,
+ * false, 0, "" or an empty array/object). */
+static int field_set(const json_t *v)
+{
+    if (!v || json_is_null(v) || json_is_false(v))
+        return 0;
+    if (json_is_number(v))
+        return json_number_value(v) != 0.0;
+    if (json_is_string(v))
+        return json_string_length(v) > 0;
+    if (json_is_array(v))
+        return json_array_size(v) > 0;
+    if (json_is_object(v))
+        return json_object_size(v) > 0;
+    return 1;
+}
+
+/* ---- request ---- */
+
+typedef struct conv_s {
+    json_t *messages; /* Anthropic messages being built */
+    json_t *system;   /* array of system strings */
+    char *errstr;
+    size_t errstr_size;
+} conv_t;
+
+/* Parses "data:<media type>;base64,<data>"; 0 with the parts, -1 if not such a URL. */
+static int data_url(const char *url, const char **mt, size_t *mt_len, const char **data)
+{
+    const char *semi, *comma;
+
+    if (strncmp(url, "data:", 5) != 0)
+        return -1;
+    semi = strchr(url + 5, ';');
+    comma = semi ? strchr(semi, ',') : NULL;
+    if (!semi || !comma || (size_t)(comma - semi) != sizeof(";base64") - 1 ||
+        strncmp(semi, ";base64", sizeof(";base64") - 1) != 0)
+        return -1;
+    *mt = url + 5;
+    *mt_len = (size_t)(semi - (url + 5));
+    *data = comma + 1;
+    return 0;
+}
+
+static pq_err_t image_block(conv_t *c, const json_t *part, size_t mi, json_t *blocks)
+{
+    json_t *iu = json_object_get(part, "image_url");
+    const char *url = json_string_value(json_is_object(iu) ? json_object_get(iu, "url") : iu);
+    const char *mt, *data;
+    size_t mt_len;
+    json_t *src;
+
+    if (!url) {
+        snprintf(c->errstr, c->errstr_size, "messages[%zu]: image_url part without a url", mi);
+        return PQ_ERR_INVALID;
+    }
+    if (data_url(url, &mt, &mt_len, &data) == 0)
+        src =
+            json_pack("{s:s, s:s%, s:s}", "type", "base64", "media_type", mt, mt_len, "data", data);
+    else if (strncmp(url, "https://", 8) == 0 || strncmp(url, "http://", 7) == 0)
+        src = json_pack("{s:s, s:s}", "type", "url", "url", url);
+    else {
+        snprintf(c->errstr, c->errstr_size,
+                 "anthropic cannot express messages[%zu]: image URL is neither data: nor http(s)",
+                 mi);
+        return PQ_ERR_UNSUPPORTED;
+    }
+    if (!src ||
+        json_array_append_new(blocks, json_pack("{s:s, s:o}", "type", "image", "source", src)) != 0)
+        return PQ_ERR_NOMEM;
+    return PQ_OK;
+}
+
+/* Appends the blocks for an OpenAI content value (string, null or parts). text_only: images
+ * are refused (system messages). */
+static pq_err_t content_blocks(conv_t *c, const json_t *content, size_t mi, int text_only,
+                               json_t *blocks)
+{
+    size_t j;
+    json_t *part;
+
+    if (!content || json_is_null(content))
+        return PQ_OK;
+    if (json_is_string(content)) {
+        if (json_string_length(content) == 0)
+            return PQ_OK;
+        return json_array_append_new(blocks,
+                                     json_pack("{s:s, s:O}", "type", "text", "text", content)) != 0
+                   ? PQ_ERR_NOMEM
+                   : PQ_OK;
+    }
+    if (!json_is_array(content)) {
+        snprintf(c->errstr, c->errstr_size,
+                 "messages[%zu].content: expected a string or an array of parts", mi);
+        return PQ_ERR_INVALID;
+    }
+    json_array_foreach(content, j, part)
+    {
+        const char *type = json_string_value(json_object_get(part, "type"));
+        json_t *text = json_object_get(part, "text");
+        pq_err_t err;
+
+        if (type && strcmp(type, "text") == 0 && json_is_string(text)) {
+            if (json_string_length(text) > 0 &&
+                json_array_append_new(blocks,
+                                      json_pack("{s:s, s:O}", "type", "text", "text", text)) != 0)
+                return PQ_ERR_NOMEM;
+        } else if (type && strcmp(type, "image_url") == 0 && !text_only) {
+            if ((err = image_block(c, part, mi, blocks)) != PQ_OK)
+                return err;
+        } else if (!type) {
+            snprintf(c->errstr, c->errstr_size, "messages[%zu].content[%zu]: part without a type",
+                     mi, j);
+            return PQ_ERR_INVALID;
+        } else {
+            char tok[80];
+            safe_token(json_object_get(part, "type"), tok, sizeof(tok));
+            snprintf(c->errstr, c->errstr_size,
+                     "anthropic cannot express messages[%zu].content[%zu] (part type %s)", mi, j,
+                     tok[0] ? tok : "?");
+            return PQ_ERR_UNSUPPORTED;
+        }
+    }
+    return PQ_OK;
+}
+
+static pq_err_t tool_use_blocks(conv_t *c, const json_t *calls, size_t mi, json_t *blocks)
+{
+    size_t j;
+    json_t *call;
+
+    if (!calls || json_is_null(calls))
+        return PQ_OK;
+    if (!json_is_array(calls)) {
+        snprintf(c->errstr, c->errstr_size, "messages[%zu].tool_calls: expected an array", mi);
+        return PQ_ERR_INVALID;
+    }
+    json_array_foreach(calls, j, call)
+    {
+        json_t *fn = json_object_get(call, "function"), *input, *id = json_object_get(call, "id");
+        const char *type = json_string_value(json_object_get(call, "type"));
+        const char *args = json_string_value(json_object_get(fn, "arguments"));
+        json_t *name = json_object_get(fn, "name");
+
+        if (type && strcmp(type, "function") != 0) {
+            snprintf(c->errstr, c->errstr_size,
+                     "anthropic cannot express messages[%zu].tool_calls[%zu] (not a function)", mi,
+                     j);
+            return PQ_ERR_UNSUPPORTED;
+        }
+        if (!json_is_string(id) || !json_is_string(name)) {
+            snprintf(c->errstr, c->errstr_size,
+                     "messages[%zu].tool_calls[%zu]: id and function.name are required", mi, j);
+            return PQ_ERR_INVALID;
+        }
+        input = (args && *args) ? json_loads(args, 0, NULL) : json_object();
+        if (!json_is_object(input)) {
+            json_decref(input);
+            snprintf(c->errstr, c->errstr_size,
+                     "messages[%zu].tool_calls[%zu].function.arguments: not a JSON object", mi, j);
+            return PQ_ERR_INVALID;
+        }
+        if (json_array_append_new(blocks, json_pack("{s:s, s:O, s:O, s:o}", "type", "tool_use",
+                                                    "id", id, "name", name, "input", input)) != 0)
+            return PQ_ERR_NOMEM;
+    }
+    return PQ_OK;
+}
+
+/* Adds one turn, merged into the previous one when the role repeats. blocks: taken. */
+static pq_err_t turn_add(conv_t *c, const char *role, json_t *blocks)
+{
+    size_t n = json_array_size(c->messages);
+    json_t *last = n ? json_array_get(c->messages, n - 1) : NULL;
+
+    if (json_array_size(blocks) == 0) {
+        json_decref(blocks);
+        return PQ_OK;
+    }
+    if (last && strcmp(json_string_value(json_object_get(last, "role")), role) == 0) {
+        int rc = json_array_extend(json_object_get(last, "content"), blocks);
+        json_decref(blocks);
+        return rc ? PQ_ERR_NOMEM : PQ_OK;
+    }
+    return json_array_append_new(c->messages,
+                                 json_pack("{s:s, s:o}", "role", role, "content", blocks)) != 0
+               ? PQ_ERR_NOMEM
+               : PQ_OK;
+}
+
+static pq_err_t convert_message(conv_t *c, const json_t *m, size_t mi)
+{
+    const char *role = json_string_value(json_object_get(m, "role"));
+    json_t *content = json_object_get(m, "content");
+    json_t *blocks = json_array();
+    pq_err_t err = PQ_OK;
+
+    if (!blocks)
+        return PQ_ERR_NOMEM;
+    if (!role) {
+        snprintf(c->errstr, c->errstr_size, "messages[%zu]: role is required", mi);
+        err = PQ_ERR_INVALID;
+    } else if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
+        size_t j;
+        json_t *b;
+        err = content_blocks(c, content, mi, 1, blocks);
+        json_array_foreach(blocks, j, b)
+        {
+            if (err == PQ_OK && json_array_append(c->system, json_object_get(b, "text")) != 0)
+                err = PQ_ERR_NOMEM;
+        }
+        json_decref(blocks);
+        return err;
+    } else if (strcmp(role, "user") == 0) {
+        err = content_blocks(c, content, mi, 0, blocks);
+    } else if (strcmp(role, "assistant") == 0) {
+        err = content_blocks(c, content, mi, 0, blocks);
+        if (err == PQ_OK)
+            err = tool_use_blocks(c, json_object_get(m, "tool_calls"), mi, blocks);
+        if (err == PQ_OK && field_set(json_object_get(m, "function_call"))) {
+            snprintf(c->errstr, c->errstr_size,
+                     "anthropic cannot express messages[%zu].function_call", mi);
+            err = PQ_ERR_UNSUPPORTED;
+        }
+    } else if (strcmp(role, "tool") == 0) {
+        json_t *id = json_object_get(m, "tool_call_id"), *inner = json_array();
+        if (!inner) {
+            err = PQ_ERR_NOMEM;
+        } else if (!json_is_string(id)) {
+            json_decref(inner);
+            snprintf(c->errstr, c->errstr_size, "messages[%zu]: tool_call_id is required", mi);
+            err = PQ_ERR_INVALID;
+        } else if ((err = content_blocks(c, content, mi, 0, inner)) != PQ_OK) {
+            json_decref(inner);
+        } else if (json_array_append_new(blocks, json_pack("{s:s, s:O, s:o}", "type", "tool_result",
+                                                           "tool_use_id", id, "content", inner)) !=
+                   0) {
+            err = PQ_ERR_NOMEM;
+        }
+        role = "user";
+    } else if (strcmp(role, "function") == 0) {
+        snprintf(c->errstr, c->errstr_size,
+                 "anthropic cannot express messages[%zu] (role function)", mi);
+        err = PQ_ERR_UNSUPPORTED;
+    } else {
+        snprintf(c->errstr, c->errstr_size, "messages[%zu]: unknown role", mi);
+        err = PQ_ERR_INVALID;
+    }
+    if (err != PQ_OK) {
+        json_decref(blocks);
+        return err;
+    }
+    return turn_add(c, role, blocks);
+}
+
+/* A turn holding one text block is sent as a plain string. */
+static void simplify_turns(json_t *messages)
+{
+    size_t i;
+    json_t *m;
+
+    json_array_foreach(messages, i, m)
+    {
+        json_t *content = json_object_get(m, "content");
+        json_t *b = json_array_get(content, 0);
+        const char *type = json_string_value(json_object_get(b, "type"));
+        if (json_array_size(content) == 1 && type && strcmp(type, "text") == 0)
+            json_object_set(m, "content", json_object_get(b, "text"));
+    }
+}
+
+static char *join_system(const json_t *parts)
+{
+    size_t i, n = 0, off = 0;
+    json_t *s;
+    char *out;
+
+    json_array_foreach(parts, i, s) n += json_string_length(s) + 2;
+    out = malloc(n + 1);
+    if (!out)
+        return NULL;
+    json_array_foreach(parts, i, s)
+    {
+        if (i > 0) {
+            memcpy(out + off, "\n\n", 2);
+            off += 2;
+        }
+        memcpy(out + off, json_string_value(s), json_string_length(s));
+        off += json_string_length(s);
+    }
+    out[off] = '\0';
+    return out;
+}
+
+static const char *const unsupported_fields[] = {
+    "logprobs",           "top_logprobs", "logit_bias", "frequency_penalty",
+    "presence_penalty",   "audio",        "functions",  "function_call",
+    "web_search_options", "prediction",   NULL,
+};
+
+/* Fields with no Anthropic equivalent, or values it cannot express. */
+static pq_err_t check_unsupported(const json_t *req, char *errstr, size_t errstr_size)
+{
+    const char *bad = NULL;
+    json_t *v, *mod;
+    size_t i;
+
+    for (i = 0; unsupported_fields[i] && !bad; i++)
+        if (field_set(json_object_get(req, unsupported_fields[i])))
+            bad = unsupported_fields[i];
+    v = json_object_get(req, "n");
+    if (!bad && json_is_integer(v) && json_integer_value(v) > 1)
+        bad = "n > 1";
+    v = json_object_get(req, "response_format");
+    if (!bad && json_is_object(v)) {
+        const char *t = json_string_value(json_object_get(v, "type"));
+        if (t && strcmp(t, "text") != 0)
+            bad = "response_format";
+    }
+    mod = json_object_get(req, "modalities");
+    json_array_foreach(mod, i, v)
+    {
+        if (!bad && (!json_is_string(v) || strcmp(json_string_value(v), "text") != 0))
+            bad = "modalities";
+    }
+    v = json_object_get(req, "temperature");
+    if (!bad && json_is_number(v) && json_number_value(v) > 1.0)
+        bad = "temperature > 1";
+    if (!bad)
+        return PQ_OK;
+    snprintf(errstr, errstr_size, "anthropic cannot express %s", bad);
+    return PQ_ERR_UNSUPPORTED;
+}
+
+static pq_err_t map_tools(const json_t *req, json_t *body, char *errstr, size_t errstr_size)
+{
+    json_t *tools = json_object_get(req, "tools"), *choice = json_object_get(req, "tool_choice");
+    json_t *out, *t, *tc = NULL;
+    size_t i;
+
+    if (field_set(tools)) {
+        if (!json_is_array(tools)) {
+            snprintf(errstr, errstr_size, "tools: expected an array");
+            return PQ_ERR_INVALID;
+        }
+        if (!(out = json_array()) || json_object_set_new(body, "tools", out) != 0)
+            return PQ_ERR_NOMEM;
+        json_array_foreach(tools, i, t)
+        {
+            const char *type = json_string_value(json_object_get(t, "type"));
+            json_t *fn = json_object_get(t, "function"), *o;
+            json_t *name = json_object_get(fn, "name"), *params = json_object_get(fn, "parameters");
+            json_t *desc = json_object_get(fn, "description");
+
+            if (!type || strcmp(type, "function") != 0) {
+                snprintf(errstr, errstr_size,
+                         "anthropic cannot express tools[%zu] (not a function)", i);
+                return PQ_ERR_UNSUPPORTED;
+            }
+            if (!json_is_string(name)) {
+                snprintf(errstr, errstr_size, "tools[%zu].function.name is required", i);
+                return PQ_ERR_INVALID;
+            }
+            o = json_pack("{s:O}", "name", name);
+            if (!o || json_array_append_new(out, o) != 0)
+                return PQ_ERR_NOMEM;
+            if (json_is_string(desc) && json_object_set(o, "description", desc) != 0)
+                return PQ_ERR_NOMEM;
+            if (json_object_set_new(o, "input_schema",
+                                    json_is_object(params) ? json_incref(params)
+                                                           : json_pack("{s:s}", "type", "object")))
+                return PQ_ERR_NOMEM;
+        }
+    }
+    if (json_is_string(choice)) {
+        const char *s = json_string_value(choice);
+        const char *type = strcmp(s, "required") == 0 ? "any" : s;
+        if (strcmp(type, "auto") != 0 && strcmp(type, "none") != 0 && strcmp(type, "any") != 0) {
+            snprintf(errstr, errstr_size, "tool_choice: unknown value");
+            return PQ_ERR_INVALID;
+        }
+        tc = json_pack("{s:s}", "type", type);
+    } else if (json_is_object(choice)) {
+        json_t *name = json_object_get(json_object_get(choice, "function"), "name");
+        if (!json_is_string(name)) {
+            snprintf(errstr, errstr_size, "anthropic cannot express this tool_choice");
+            return PQ_ERR_UNSUPPORTED;
+        }
+        tc = json_pack("{s:s, s:O}", "type", "tool", "name", name);
+    } else if (json_is_false(json_object_get(req, "parallel_tool_calls")) && field_set(tools)) {
+        tc = json_pack("{s:s}", "type", "auto");
+    } else {
+        return PQ_OK;
+    }
+    if (!tc)
+        return PQ_ERR_NOMEM;
+    if (json_is_false(json_object_get(req, "parallel_tool_calls")) &&
+        strcmp(json_string_value(json_object_get(tc, "type")), "none") != 0 &&
+        json_object_set_new(tc, "disable_parallel_tool_use", json_true()) != 0) {
+        json_decref(tc);
+        return PQ_ERR_NOMEM;
+    }
+    return json_object_set_new(body, "tool_choice", tc) ? PQ_ERR_NOMEM : PQ_OK;
+}
+
+static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t *body, char *errstr,
+                           size_t errstr_size)
+{
+    conv_t c = {json_array(), json_array(), errstr, errstr_size};
+    json_t *msgs = json_object_get(req, "messages"), *m, *v;
+    json_int_t max_tokens =
+        target->p->default_max_tokens > 0 ? target->p->default_max_tokens : 4096;
+    pq_err_t err;
+    size_t i;
+
+    if (!c.messages || !c.system) {
+        err = PQ_ERR_NOMEM;
+        goto out;
+    }
+    if ((err = check_unsupported(req, errstr, errstr_size)) != PQ_OK)
+        goto out;
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
+        snprintf(errstr, errstr_size, "messages: a non-empty array is required");
+        err = PQ_ERR_INVALID;
+        goto out;
+    }
+    json_array_foreach(msgs, i, m)
+    {
+        if (!json_is_object(m)) {
+            snprintf(errstr, errstr_size, "messages[%zu]: expected an object", i);
+            err = PQ_ERR_INVALID;
+            goto out;
+        }
+        if ((err = convert_message(&c, m, i)) != PQ_OK)
+            goto out;
+    }
+    if (json_array_size(c.messages) == 0) {
+        snprintf(errstr, errstr_size, "messages: no user or assistant content");
+        err = PQ_ERR_INVALID;
+        goto out;
+    }
+    if (strcmp(json_string_value(json_object_get(json_array_get(c.messages, 0), "role")), "user") !=
+        0) {
+        snprintf(errstr, errstr_size,
+                 "anthropic cannot express a conversation that starts with the assistant");
+        err = PQ_ERR_UNSUPPORTED;
+        goto out;
+    }
+    simplify_turns(c.messages);
+
+    v = json_object_get(req, "max_completion_tokens");
+    if (!field_set(v))
+        v = json_object_get(req, "max_tokens");
+    if (field_set(v)) {
+        if (!json_is_integer(v) || json_integer_value(v) < 1) {
+            snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
+            err = PQ_ERR_INVALID;
+            goto out;
+        }
+        max_tokens = json_integer_value(v);
+    }
+    err = PQ_ERR_NOMEM;
+    if (json_object_set_new(body, "model", json_string(target->model)) ||
+        json_object_set_new(body, "max_tokens", json_integer(max_tokens)))
+        goto out;
+    if (json_array_size(c.system) > 0) {
+        char *s = join_system(c.system);
+        if (!s || json_object_set_new(body, "system", json_string(s))) {
+            free(s);
+            goto out;
+        }
+        free(s);
+    }
+    if (json_object_set(body, "messages", c.messages))
+        goto out;
+
+    v = json_object_get(req, "stop");
+    if (json_is_string(v) && json_string_length(v) > 0) {
+        if (json_object_set_new(body, "stop_sequences", json_pack("[O]", v)))
+            goto out;
+    } else if (json_is_array(v) && json_array_size(v) > 0) {
+        if (json_object_set(body, "stop_sequences", v))
+            goto out;
+    } else if (v && !json_is_null(v) && !json_is_array(v) && !json_is_string(v)) {
+        snprintf(errstr, errstr_size, "stop: expected a string or an array of strings");
+        err = PQ_ERR_INVALID;
+        goto out;
+    }
+    if (json_is_number(v = json_object_get(req, "temperature")) &&
+        json_object_set(body, "temperature", v))
+        goto out;
+    if (json_is_number(v = json_object_get(req, "top_p")) && json_object_set(body, "top_p", v))
+        goto out;
+    if (json_is_integer(v = json_object_get(req, "top_k")) && json_object_set(body, "top_k", v))
+        goto out;
+    if (json_is_string(v = json_object_get(req, "user")) && json_string_length(v) > 0 &&
+        json_object_set_new(body, "metadata", json_pack("{s:O}", "user_id", v)))
+        goto out;
+    err = map_tools(req, body, errstr, errstr_size);
+out:
+    if (err == PQ_ERR_NOMEM)
+        snprintf(errstr, errstr_size, "out of memory");
+    json_decref(c.messages);
+    json_decref(c.system);
+    return err;
+}
+
+static pq_err_t anthropic_build_request(const pq_target_t *target, const json_t *request,
+                                        const char *key, pq_provider_req_t *out, char *errstr,
+                                        size_t errstr_size)
+{
+    const pq_provider_conf_t *p = target->p;
+    json_t *body = json_object();
+    pq_err_t err = PQ_ERR_NOMEM;
+
+    memset(out, 0, sizeof(*out));
+    if (!body)
+        goto out_nomem;
+    if (!json_is_object(request)) {
+        snprintf(errstr, errstr_size, "request is not an object");
+        err = PQ_ERR_INVALID;
+        goto out_free_body;
+    }
+    if (key && strpbrk(key, "\r\n")) {
+        snprintf(errstr, errstr_size, "providers.%s: api key contains a line break", p->name);
+        err = PQ_ERR_CONFIG;
+        goto out_free_body;
+    }
+    if ((err = build_body(target, request, body, errstr, errstr_size)) != PQ_OK)
+        goto out_free_body;
+    err = PQ_ERR_NOMEM;
+    if (!(out->body = json_dumps(body, JSON_COMPACT)))
+        goto out_nomem;
+    out->body_len = strlen(out->body);
+    if (asprintf(&out->url, "%s/v1/messages", p->base_url) < 0) {
+        out->url = NULL;
+        goto out_nomem;
+    }
+    if (header_add(&out->headers, "Content-Type", "application/json") ||
+        header_add(&out->headers, "anthropic-version", ANTHROPIC_VERSION) ||
+        (key && *key && header_add(&out->headers, "x-api-key", key)))
+        goto out_nomem;
+    for (size_t i = 0; i < p->nheaders; i++)
+        if (header_add(&out->headers, p->headers[i].key, p->headers[i].value))
+            goto out_nomem;
+    err = PQ_OK;
+    goto out_free_body;
+
+out_nomem:
+    snprintf(errstr, errstr_size, "out of memory");
+    pq_provider_req_clear(out);
+out_free_body:
+    json_decref(body);
+    return err;
+}
+
+/* ---- answer ---- */
+
+static const char *finish_reason(const char *stop_reason)
+{
+    if (!stop_reason)
+        return "stop";
+    if (strcmp(stop_reason, "max_tokens") == 0 ||
+        strcmp(stop_reason, "model_context_window_exceeded") == 0)
+        return "length";
+    if (strcmp(stop_reason, "tool_use") == 0)
+        return "tool_calls";
+    if (strcmp(stop_reason, "refusal") == 0)
+        return "content_filter";
+    return "stop"; /* end_turn, stop_sequence, pause_turn */
+}
+
+static json_int_t usage_int(const json_t *usage, const char *name)
+{
+    json_t *v = json_object_get(usage, name);
+    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
+}
+
+/* Builds the OpenAI message from the content blocks; NULL on a bad block or no memory. */
+static json_t *message_from_blocks(const json_t *content)
+{
+    json_t *msg = json_pack("{s:s}", "role", "assistant"), *calls = NULL, *b;
+    size_t i, len = 0, off = 0;
+    char *text = NULL;
+
+    if (!msg)
+        return NULL;
+    json_array_foreach(content, i, b)
+    {
+        const char *type = json_string_value(json_object_get(b, "type"));
+        json_t *t = json_object_get(b, "text");
+        if (!type)
+            goto out_fail;
+        if (strcmp(type, "text") == 0) {
+            if (!json_is_string(t))
+                goto out_fail;
+            len += json_string_length(t);
+        }
+    }
+    if (!(text = malloc(len + 1)))
+        goto out_fail;
+    json_array_foreach(content, i, b)
+    {
+        const char *type = json_string_value(json_object_get(b, "type"));
+        if (strcmp(type, "text") == 0) {
+            json_t *t = json_object_get(b, "text");
+            memcpy(text + off, json_string_value(t), json_string_length(t));
+            off += json_string_length(t);
+        } else if (strcmp(type, "tool_use") == 0) {
+            json_t *id = json_object_get(b, "id"), *name = json_object_get(b, "name"), *call;
+            char *args;
+            if (!json_is_string(id) || !json_is_string(name))
+                goto out_fail;
+            args = json_is_object(json_object_get(b, "input"))
+                       ? json_dumps(json_object_get(b, "input"), JSON_COMPACT)
+                       : strdup("{}");
+            call = args ? json_pack("{s:O, s:s, s:{s:O, s:s}}", "id", id, "type", "function",
+                                    "function", "name", name, "arguments", args)
+                        : NULL;
+            free(args);
+            if (!call || (!calls && !(calls = json_array())) ||
+                json_array_append_new(calls, call) != 0)
+                goto out_fail;
+        }
+        /* thinking, redacted_thinking and server tool blocks have no OpenAI form */
+    }
+    text[off] = '\0';
+    if (json_object_set_new(msg, "content",
+                            (off == 0 && calls) ? json_null() : json_stringn(text, off)))
+        goto out_fail;
+    if (calls && json_object_set_new(msg, "tool_calls", calls))
+        goto out_fail_calls_owned;
+    free(text);
+    return msg;
+
+out_fail:
+    json_decref(calls);
+out_fail_calls_owned:
+    free(text);
+    json_decref(msg);
+    return NULL;
+}
+
+static pq_err_t anthropic_parse_response(const pq_target_t *target, long status, const char *body,
+                                         size_t len, json_t **completion, char *errstr,
+                                         size_t errstr_size)
+{
+    pq_err_t err = pq_err_from_http_status(status);
+    json_t *root = json_loadb(body, len, 0, NULL), *content, *msg, *usage, *e;
+    const char *type = json_string_value(json_object_get(root, "type"));
+    json_int_t in, out;
+
+    *completion = NULL;
+    if (err == PQ_OK && type && strcmp(type, "error") == 0)
+        err = PQ_ERR_MALFORMED; /* an error object in a 2xx answer */
+    if (err != PQ_OK) {
+        char token[80] = "";
+        e = json_object_get(root, "error");
+        safe_token(json_object_get(e, "type"), token, sizeof(token));
+        if (strcmp(token, "overloaded_error") == 0)
+            err = PQ_ERR_OVERLOADED;
+        else if (strcmp(token, "rate_limit_error") == 0)
+            err = PQ_ERR_RATE_LIMITED;
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
+                 token[0] ? ": " : "", token);
+        goto out;
+    }
+    content = json_object_get(root, "content");
+    if (!json_is_array(content)) {
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld without content", target->p->name,
+                 status);
+        err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    if (!(msg = message_from_blocks(content))) {
+        snprintf(errstr, errstr_size, "%s answered unreadable content blocks", target->p->name);
+        err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    usage = json_object_get(root, "usage");
+    in = usage_int(usage, "input_tokens") + usage_int(usage, "cache_creation_input_tokens") +
+         usage_int(usage, "cache_read_input_tokens");
+    out = usage_int(usage, "output_tokens");
+    *completion = json_pack(
+        "{s:s, s:s, s:I, s:s, s:[{s:i, s:o, s:s, s:n}], s:{s:I, s:I, s:I}}", "id",
+        json_is_string(json_object_get(root, "id")) ? json_string_value(json_object_get(root, "id"))
+                                                    : "msg_unknown",
+        "object", "chat.completion", "created", (json_int_t)time(NULL), "model",
+        json_is_string(json_object_get(root, "model"))
+            ? json_string_value(json_object_get(root, "model"))
+            : target->model,
+        "choices", "index", 0, "message", msg, "finish_reason",
+        finish_reason(json_string_value(json_object_get(root, "stop_reason"))), "logprobs", "usage",
+        "prompt_tokens", in, "completion_tokens", out, "total_tokens", in + out);
+    if (!*completion) {
+        snprintf(errstr, errstr_size, "out of memory");
+        err = PQ_ERR_NOMEM;
+    }
+out:
+    json_decref(root);
+    return err;
+}
+
+const pq_provider_ops_t pq_provider_anthropic = {
+    .type = "anthropic",
+    .build_request = anthropic_build_request,
+    .parse_response = anthropic_parse_response,
+};

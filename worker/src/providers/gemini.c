@@ -1,0 +1,602 @@
+/* Google Gemini API, generateContent
+ * (https://ai.google.dev/api/generate-content#method:-models.generatecontent).
+ *
+ * POST {base_url}/v1beta/models/{model}:generateContent with x-goog-api-key (base_url may
+ * already end in /v1beta or /v1; the target model may carry a "models/" prefix).
+ *
+ * Request mapping from OpenAI chat completions:
+ *   - system and developer messages -> systemInstruction {parts:[{text}]} (one part each);
+ *   - user -> role "user", assistant -> role "model"; consecutive messages of the same role are
+ *     merged into one Content (parts concatenated) so turns alternate;
+ *   - text parts -> {text}; data: URL images -> {inlineData {mimeType, data}};
+ *   - generationConfig: temperature, top_p -> topP, top_k -> topK, max_completion_tokens or
+ *     max_tokens -> maxOutputTokens, stop -> stopSequences, n -> candidateCount, seed,
+ *     presence_penalty, frequency_penalty, response_format json_object -> responseMimeType
+ *     application/json;
+ *   - tools, tool_choice, tool messages and assistant tool_calls, image URLs that are not data:
+ *     URLs, response_format json_schema, logprobs, logit_bias, audio and functions are
+ *     PQ_ERR_UNSUPPORTED (the target is skipped);
+ *   - stream, stream_options, user, store, metadata, service_tier and unknown fields are dropped.
+ *
+ * Answer mapping: each candidate -> a choice (index from the candidate or its position), text
+ * parts joined (thought parts skipped), finishReason STOP -> stop, MAX_TOKENS -> length,
+ * SAFETY, RECITATION, BLOCKLIST, PROHIBITED_CONTENT, SPII, IMAGE_SAFETY -> content_filter,
+ * others -> stop; usageMetadata promptTokenCount / candidatesTokenCount (+ thoughtsTokenCount) /
+ * totalTokenCount -> usage. A prompt blocked by promptFeedback.blockReason is PQ_ERR_REFUSED.
+ * Errors {"error":{"code","message","status"}}: 400 with reason API_KEY_INVALID is an
+ * authentication error (Gemini answers a bad key with 400). */
+#include "provider.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- small local helpers (kept static: every adapter file stands alone) ---- */
+
+static int header_add(struct curl_slist **list, const char *name, const char *value)
+{
+    size_t n = strlen(name), v = strlen(value);
+    char *line = malloc(n + v + 3);
+    struct curl_slist *l;
+
+    if (!line)
+        return -1;
+    memcpy(line, name, n);
+    line[n] = ':';
+    line[n + 1] = ' ';
+    memcpy(line + n + 2, value, v + 1);
+    l = curl_slist_append(*list, line);
+    explicit_bzero(line, n + v + 2); /* may hold a key */
+    free(line);
+    if (!l)
+        return -1;
+    *list = l;
+    return 0;
+}
+
+/* An error type or code when it is a word of letters and underscores (keys are not). */
+static void safe_token(const json_t *v, char *buf, size_t size)
+{
+    const char *s = json_string_value(v);
+    size_t n = s ? strlen(s) : 0;
+
+    buf[0] = '\0';
+    if (n == 0 || n >= size || n > 48)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
+            return;
+    }
+    memcpy(buf, s, n + 1);
+}
+
+static int field_set(const json_t *v)
+{
+    if (!v || json_is_null(v) || json_is_false(v))
+        return 0;
+    if (json_is_number(v))
+        return json_number_value(v) != 0.0;
+    if (json_is_string(v))
+        return json_string_length(v) > 0;
+    if (json_is_array(v))
+        return json_array_size(v) > 0;
+    if (json_is_object(v))
+        return json_object_size(v) > 0;
+    return 1;
+}
+
+/* Percent-encodes s for a URL path segment (unreserved characters kept). New string. */
+static char *path_escape(const char *s)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = strlen(s), o = 0;
+    char *out = malloc(3 * n + 1);
+
+    if (!out)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+            c == '-' || c == '.' || c == '_' || c == '~') {
+            out[o++] = (char)c;
+        } else {
+            out[o++] = '%';
+            out[o++] = hex[c >> 4];
+            out[o++] = hex[c & 15];
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+/* ---- request ---- */
+
+static pq_err_t unsupported(const char *what, size_t mi, char *errstr, size_t errstr_size)
+{
+    if (mi == (size_t)-1)
+        snprintf(errstr, errstr_size, "gemini cannot express %s", what);
+    else
+        snprintf(errstr, errstr_size, "gemini cannot express messages[%zu] (%s)", mi, what);
+    return PQ_ERR_UNSUPPORTED;
+}
+
+static pq_err_t image_part(const json_t *part, size_t mi, json_t *parts, char *errstr,
+                           size_t errstr_size)
+{
+    json_t *iu = json_object_get(part, "image_url");
+    const char *url = json_string_value(json_is_object(iu) ? json_object_get(iu, "url") : iu);
+    const char *semi, *comma;
+
+    if (!url) {
+        snprintf(errstr, errstr_size, "messages[%zu]: image_url part without a url", mi);
+        return PQ_ERR_INVALID;
+    }
+    semi = strncmp(url, "data:", 5) == 0 ? strchr(url + 5, ';') : NULL;
+    comma = semi ? strchr(semi, ',') : NULL;
+    if (!comma || strncmp(semi, ";base64,", 8) != 0)
+        return unsupported("image URL that is not a base64 data: URL", mi, errstr, errstr_size);
+    return json_array_append_new(parts,
+                                 json_pack("{s:{s:s%, s:s}}", "inlineData", "mimeType", url + 5,
+                                           (size_t)(semi - (url + 5)), "data", comma + 1))
+               ? PQ_ERR_NOMEM
+               : PQ_OK;
+}
+
+/* Appends Gemini parts for an OpenAI content value. text_only: images refused. */
+static pq_err_t content_parts(const json_t *content, size_t mi, int text_only, json_t *parts,
+                              char *errstr, size_t errstr_size)
+{
+    size_t j;
+    json_t *part;
+
+    if (!content || json_is_null(content))
+        return PQ_OK;
+    if (json_is_string(content)) {
+        if (json_string_length(content) == 0)
+            return PQ_OK;
+        return json_array_append_new(parts, json_pack("{s:O}", "text", content)) ? PQ_ERR_NOMEM
+                                                                                 : PQ_OK;
+    }
+    if (!json_is_array(content)) {
+        snprintf(errstr, errstr_size,
+                 "messages[%zu].content: expected a string or an array of parts", mi);
+        return PQ_ERR_INVALID;
+    }
+    json_array_foreach(content, j, part)
+    {
+        const char *type = json_string_value(json_object_get(part, "type"));
+        json_t *text = json_object_get(part, "text");
+        pq_err_t err;
+
+        if (type && strcmp(type, "text") == 0 && json_is_string(text)) {
+            if (json_string_length(text) > 0 &&
+                json_array_append_new(parts, json_pack("{s:O}", "text", text)))
+                return PQ_ERR_NOMEM;
+        } else if (type && strcmp(type, "image_url") == 0 && !text_only) {
+            if ((err = image_part(part, mi, parts, errstr, errstr_size)) != PQ_OK)
+                return err;
+        } else if (!type) {
+            snprintf(errstr, errstr_size, "messages[%zu].content[%zu]: part without a type", mi, j);
+            return PQ_ERR_INVALID;
+        } else {
+            return unsupported("content part type", mi, errstr, errstr_size);
+        }
+    }
+    return PQ_OK;
+}
+
+/* Adds one Content, merged into the previous one when the role repeats. parts: taken. */
+static pq_err_t content_add(json_t *contents, const char *role, json_t *parts)
+{
+    size_t n = json_array_size(contents);
+    json_t *last = n ? json_array_get(contents, n - 1) : NULL;
+    int rc;
+
+    if (json_array_size(parts) == 0) {
+        json_decref(parts);
+        return PQ_OK;
+    }
+    if (last && strcmp(json_string_value(json_object_get(last, "role")), role) == 0) {
+        rc = json_array_extend(json_object_get(last, "parts"), parts);
+        json_decref(parts);
+        return rc ? PQ_ERR_NOMEM : PQ_OK;
+    }
+    return json_array_append_new(contents, json_pack("{s:s, s:o}", "role", role, "parts", parts))
+               ? PQ_ERR_NOMEM
+               : PQ_OK;
+}
+
+static pq_err_t convert_messages(const json_t *msgs, json_t *contents, json_t *sys_parts,
+                                 char *errstr, size_t errstr_size)
+{
+    size_t i;
+    json_t *m;
+
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
+        snprintf(errstr, errstr_size, "messages: a non-empty array is required");
+        return PQ_ERR_INVALID;
+    }
+    json_array_foreach(msgs, i, m)
+    {
+        const char *role = json_string_value(json_object_get(m, "role"));
+        json_t *content = json_object_get(m, "content"), *parts;
+        pq_err_t err;
+
+        if (!json_is_object(m) || !role) {
+            snprintf(errstr, errstr_size, "messages[%zu]: an object with a role is required", i);
+            return PQ_ERR_INVALID;
+        }
+        if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
+            if ((err = content_parts(content, i, 1, sys_parts, errstr, errstr_size)) != PQ_OK)
+                return err;
+            continue;
+        }
+        if (strcmp(role, "tool") == 0 || strcmp(role, "function") == 0)
+            return unsupported("tool results", i, errstr, errstr_size);
+        if (strcmp(role, "user") != 0 && strcmp(role, "assistant") != 0) {
+            snprintf(errstr, errstr_size, "messages[%zu]: unknown role", i);
+            return PQ_ERR_INVALID;
+        }
+        if (field_set(json_object_get(m, "tool_calls")) ||
+            field_set(json_object_get(m, "function_call")))
+            return unsupported("tool calls", i, errstr, errstr_size);
+        if (!(parts = json_array()))
+            return PQ_ERR_NOMEM;
+        if ((err = content_parts(content, i, 0, parts, errstr, errstr_size)) != PQ_OK) {
+            json_decref(parts);
+            return err;
+        }
+        if ((err = content_add(contents, strcmp(role, "user") == 0 ? "user" : "model", parts)))
+            return err;
+    }
+    if (json_array_size(contents) == 0) {
+        snprintf(errstr, errstr_size, "messages: no user or assistant content");
+        return PQ_ERR_INVALID;
+    }
+    return PQ_OK;
+}
+
+static const char *const unsupported_fields[] = {
+    "tools",      "tool_choice", "functions",          "function_call", "logprobs", "top_logprobs",
+    "logit_bias", "audio",       "web_search_options", "prediction",    NULL,
+};
+
+static pq_err_t generation_config(const json_t *req, json_t *gc, char *errstr, size_t errstr_size)
+{
+    static const struct {
+        const char *from, *to;
+        int integer;
+    } pass[] = {
+        {"temperature", "temperature", 0},
+        {"top_p", "topP", 0},
+        {"top_k", "topK", 1},
+        {"seed", "seed", 1},
+        {"presence_penalty", "presencePenalty", 0},
+        {"frequency_penalty", "frequencyPenalty", 0},
+    };
+    json_t *v, *rf;
+
+    for (size_t i = 0; i < sizeof(pass) / sizeof(pass[0]); i++) {
+        v = json_object_get(req, pass[i].from);
+        if (!v || json_is_null(v))
+            continue;
+        if (pass[i].integer ? !json_is_integer(v) : !json_is_number(v)) {
+            snprintf(errstr, errstr_size, "%s: expected a number", pass[i].from);
+            return PQ_ERR_INVALID;
+        }
+        if (json_object_set(gc, pass[i].to, v))
+            return PQ_ERR_NOMEM;
+    }
+    v = json_object_get(req, "max_completion_tokens");
+    if (!field_set(v))
+        v = json_object_get(req, "max_tokens");
+    if (field_set(v)) {
+        if (!json_is_integer(v) || json_integer_value(v) < 1) {
+            snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
+            return PQ_ERR_INVALID;
+        }
+        if (json_object_set(gc, "maxOutputTokens", v))
+            return PQ_ERR_NOMEM;
+    }
+    v = json_object_get(req, "stop");
+    if (json_is_string(v) && json_string_length(v) > 0) {
+        if (json_object_set_new(gc, "stopSequences", json_pack("[O]", v)))
+            return PQ_ERR_NOMEM;
+    } else if (json_is_array(v) && json_array_size(v) > 0) {
+        if (json_object_set(gc, "stopSequences", v))
+            return PQ_ERR_NOMEM;
+    } else if (v && !json_is_null(v) && !json_is_array(v) && !json_is_string(v)) {
+        snprintf(errstr, errstr_size, "stop: expected a string or an array of strings");
+        return PQ_ERR_INVALID;
+    }
+    v = json_object_get(req, "n");
+    if (json_is_integer(v) && json_integer_value(v) != 1 &&
+        json_object_set(gc, "candidateCount", v))
+        return PQ_ERR_NOMEM;
+    rf = json_object_get(req, "response_format");
+    if (json_is_object(rf)) {
+        const char *t = json_string_value(json_object_get(rf, "type"));
+        if (t && strcmp(t, "json_object") == 0) {
+            if (json_object_set_new(gc, "responseMimeType", json_string("application/json")))
+                return PQ_ERR_NOMEM;
+        } else if (t && strcmp(t, "text") != 0) {
+            return unsupported("response_format", (size_t)-1, errstr, errstr_size);
+        }
+    }
+    v = json_object_get(req, "modalities");
+    for (size_t i = 0; i < json_array_size(v); i++) {
+        const char *s = json_string_value(json_array_get(v, i));
+        if (!s || strcmp(s, "text") != 0)
+            return unsupported("modalities", (size_t)-1, errstr, errstr_size);
+    }
+    return PQ_OK;
+}
+
+static pq_err_t build_body(const json_t *req, json_t *body, char *errstr, size_t errstr_size)
+{
+    json_t *contents = json_array(), *sys = json_array(), *gc = json_object();
+    pq_err_t err = PQ_ERR_NOMEM;
+
+    if (!contents || !sys || !gc)
+        goto out;
+    for (size_t i = 0; unsupported_fields[i]; i++)
+        if (field_set(json_object_get(req, unsupported_fields[i]))) {
+            err = unsupported(unsupported_fields[i], (size_t)-1, errstr, errstr_size);
+            goto out;
+        }
+    if ((err = convert_messages(json_object_get(req, "messages"), contents, sys, errstr,
+                                errstr_size)) != PQ_OK)
+        goto out;
+    if ((err = generation_config(req, gc, errstr, errstr_size)) != PQ_OK)
+        goto out;
+    err = PQ_ERR_NOMEM;
+    if (json_object_set(body, "contents", contents))
+        goto out;
+    if (json_array_size(sys) > 0 &&
+        json_object_set_new(body, "systemInstruction", json_pack("{s:O}", "parts", sys)))
+        goto out;
+    if (json_object_size(gc) > 0 && json_object_set(body, "generationConfig", gc))
+        goto out;
+    err = PQ_OK;
+out:
+    if (err == PQ_ERR_NOMEM)
+        snprintf(errstr, errstr_size, "out of memory");
+    json_decref(contents);
+    json_decref(sys);
+    json_decref(gc);
+    return err;
+}
+
+static pq_err_t gemini_build_request(const pq_target_t *target, const json_t *request,
+                                     const char *key, pq_provider_req_t *out, char *errstr,
+                                     size_t errstr_size)
+{
+    const pq_provider_conf_t *p = target->p;
+    const char *model = target->model, *version = "/v1beta";
+    json_t *body = json_object();
+    pq_err_t err = PQ_ERR_NOMEM;
+    char *esc = NULL;
+
+    memset(out, 0, sizeof(*out));
+    if (!body)
+        goto out_nomem;
+    if (!json_is_object(request)) {
+        snprintf(errstr, errstr_size, "request is not an object");
+        err = PQ_ERR_INVALID;
+        goto out_free;
+    }
+    if (key && strpbrk(key, "\r\n")) {
+        snprintf(errstr, errstr_size, "providers.%s: api key contains a line break", p->name);
+        err = PQ_ERR_CONFIG;
+        goto out_free;
+    }
+    if ((err = build_body(request, body, errstr, errstr_size)) != PQ_OK)
+        goto out_free;
+    err = PQ_ERR_NOMEM;
+    if (!(out->body = json_dumps(body, JSON_COMPACT)))
+        goto out_nomem;
+    out->body_len = strlen(out->body);
+    if (strncmp(model, "models/", 7) == 0)
+        model += 7;
+    if (ends_with(p->base_url, "/v1beta") || ends_with(p->base_url, "/v1"))
+        version = "";
+    if (!(esc = path_escape(model)))
+        goto out_nomem;
+    if (asprintf(&out->url, "%s%s/models/%s:generateContent", p->base_url, version, esc) < 0) {
+        out->url = NULL;
+        goto out_nomem;
+    }
+    if (header_add(&out->headers, "Content-Type", "application/json") ||
+        (key && *key && header_add(&out->headers, "x-goog-api-key", key)))
+        goto out_nomem;
+    for (size_t i = 0; i < p->nheaders; i++)
+        if (header_add(&out->headers, p->headers[i].key, p->headers[i].value))
+            goto out_nomem;
+    err = PQ_OK;
+    goto out_free;
+
+out_nomem:
+    snprintf(errstr, errstr_size, "out of memory");
+    pq_provider_req_clear(out);
+out_free:
+    free(esc);
+    json_decref(body);
+    return err;
+}
+
+/* ---- answer ---- */
+
+static const char *finish_reason(const char *r)
+{
+    static const char *const filtered[] = {
+        "SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", NULL};
+    if (!r)
+        return "stop";
+    if (strcmp(r, "MAX_TOKENS") == 0)
+        return "length";
+    for (size_t i = 0; filtered[i]; i++)
+        if (strcmp(r, filtered[i]) == 0)
+            return "content_filter";
+    return "stop"; /* STOP, OTHER, LANGUAGE, MALFORMED_FUNCTION_CALL, ... */
+}
+
+/* OpenAI choice for one candidate, or NULL when it is unreadable (or no memory). */
+static json_t *choice_from_candidate(const json_t *cand, size_t pos)
+{
+    json_t *parts = json_object_get(json_object_get(cand, "content"), "parts"), *p, *idx;
+    const char *fr = json_string_value(json_object_get(cand, "finishReason"));
+    const char *mapped = finish_reason(fr);
+    json_t *content;
+    size_t i, len = 0, off = 0;
+    char *text;
+
+    if (!json_is_object(cand))
+        return NULL;
+    if (!json_is_array(parts)) {
+        /* a filtered candidate carries no content; anything else without content is broken */
+        if (strcmp(mapped, "content_filter") != 0)
+            return NULL;
+        content = json_null();
+    } else {
+        json_array_foreach(parts, i, p)
+        {
+            json_t *t = json_object_get(p, "text");
+            if (!json_is_object(p) || (t && !json_is_string(t)))
+                return NULL;
+            if (t && !json_is_true(json_object_get(p, "thought")))
+                len += json_string_length(t);
+        }
+        if (!(text = malloc(len + 1)))
+            return NULL;
+        json_array_foreach(parts, i, p)
+        {
+            json_t *t = json_object_get(p, "text");
+            if (t && !json_is_true(json_object_get(p, "thought"))) {
+                memcpy(text + off, json_string_value(t), json_string_length(t));
+                off += json_string_length(t);
+            }
+        }
+        content = json_stringn(text, off);
+        free(text);
+    }
+    idx = json_object_get(cand, "index");
+    return json_pack("{s:I, s:{s:s, s:o}, s:s, s:n}", "index",
+                     json_is_integer(idx) ? json_integer_value(idx) : (json_int_t)pos, "message",
+                     "role", "assistant", "content", content, "finish_reason", mapped, "logprobs");
+}
+
+static json_int_t usage_int(const json_t *usage, const char *name)
+{
+    json_t *v = json_object_get(usage, name);
+    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
+}
+
+/* 1 when an error body says the API key is invalid (Gemini answers that with HTTP 400). */
+static int key_invalid(const json_t *error)
+{
+    json_t *details = json_object_get(error, "details"), *d;
+    size_t i;
+
+    json_array_foreach(details, i, d)
+    {
+        const char *reason = json_string_value(json_object_get(d, "reason"));
+        if (reason && strcmp(reason, "API_KEY_INVALID") == 0)
+            return 1;
+    }
+    return 0;
+}
+
+static pq_err_t gemini_parse_response(const pq_target_t *target, long status, const char *body,
+                                      size_t len, json_t **completion, char *errstr,
+                                      size_t errstr_size)
+{
+    pq_err_t err = pq_err_from_http_status(status);
+    json_t *root = json_loadb(body, len, 0, NULL), *cands, *c, *choices = NULL, *usage, *id;
+    json_t *block;
+    json_int_t pt, ct, tt;
+    size_t i;
+
+    *completion = NULL;
+    if (err != PQ_OK) {
+        char token[80] = "";
+        json_t *e = json_object_get(root, "error");
+        safe_token(json_object_get(e, "status"), token, sizeof(token));
+        if (err == PQ_ERR_REFUSED && key_invalid(e)) {
+            err = PQ_ERR_AUTH;
+            snprintf(token, sizeof(token), "API_KEY_INVALID");
+        }
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
+                 token[0] ? ": " : "", token);
+        goto out;
+    }
+    cands = json_object_get(root, "candidates");
+    block = json_object_get(json_object_get(root, "promptFeedback"), "blockReason");
+    if (json_is_object(root) && json_array_size(cands) == 0 && block) {
+        char token[80] = "";
+        safe_token(block, token, sizeof(token));
+        snprintf(errstr, errstr_size, "%s blocked the prompt%s%s", target->p->name,
+                 token[0] ? ": " : "", token);
+        err = PQ_ERR_REFUSED;
+        goto out;
+    }
+    if (!json_is_array(cands) || json_array_size(cands) == 0) {
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld without candidates", target->p->name,
+                 status);
+        err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    if (!(choices = json_array()))
+        goto out_nomem;
+    json_array_foreach(cands, i, c)
+    {
+        json_t *choice = choice_from_candidate(c, i);
+        if (!choice) {
+            snprintf(errstr, errstr_size, "%s answered a candidate without content",
+                     target->p->name);
+            err = PQ_ERR_MALFORMED;
+            goto out;
+        }
+        if (json_array_append_new(choices, choice))
+            goto out_nomem;
+    }
+    usage = json_object_get(root, "usageMetadata");
+    pt = usage_int(usage, "promptTokenCount");
+    ct = usage_int(usage, "candidatesTokenCount") + usage_int(usage, "thoughtsTokenCount");
+    tt = usage_int(usage, "totalTokenCount");
+    if (tt == 0)
+        tt = pt + ct;
+    id = json_object_get(root, "responseId");
+    *completion = json_pack("{s:s, s:s, s:I, s:s, s:O, s:{s:I, s:I, s:I}}", "id",
+                            json_is_string(id) ? json_string_value(id) : "gemini-unknown", "object",
+                            "chat.completion", "created", (json_int_t)time(NULL), "model",
+                            json_is_string(json_object_get(root, "modelVersion"))
+                                ? json_string_value(json_object_get(root, "modelVersion"))
+                                : target->model,
+                            "choices", choices, "usage", "prompt_tokens", pt, "completion_tokens",
+                            ct, "total_tokens", tt);
+    if (!*completion)
+        goto out_nomem;
+    goto out;
+
+out_nomem:
+    snprintf(errstr, errstr_size, "out of memory");
+    err = PQ_ERR_NOMEM;
+out:
+    json_decref(choices);
+    json_decref(root);
+    return err;
+}
+
+const pq_provider_ops_t pq_provider_gemini = {
+    .type = "gemini",
+    .build_request = gemini_build_request,
+    .parse_response = gemini_parse_response,
+};

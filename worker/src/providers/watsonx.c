@@ -1,0 +1,578 @@
+/* IBM watsonx.ai chat (https://cloud.ibm.com/apidocs/watsonx-ai#text-chat) and the IBM Cloud
+ * IAM token exchange (https://cloud.ibm.com/docs/iam?topic=iam-iamtoken_from_apikey).
+ *
+ * POST {base_url}/ml/v1/text/chat?version=2025-02-06 with Authorization: Bearer <IAM token>
+ * (the `key` given to build_request is the token, see watsonx.h).
+ *
+ * Request mapping from OpenAI chat completions: body {model_id: target model, project_id,
+ * messages, ...}; developer messages become system messages; system and assistant contents
+ * given as text parts are joined into a string (watsonx takes a string there); user content
+ * parts, tool messages and assistant tool_calls pass unchanged. max_completion_tokens or
+ * max_tokens -> max_tokens; stop (string or array) -> stop array; temperature, top_p, n, seed,
+ * presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs, response_format
+ * and tools pass; tool_choice "auto"/"none"/"required" -> tool_choice_option, a {function}
+ * object -> tool_choice. functions, function_call, audio, prediction, web_search_options and
+ * non-text modalities are PQ_ERR_UNSUPPORTED; stream, stream_options, user, store, metadata,
+ * service_tier, parallel_tool_calls and unknown fields are dropped.
+ *
+ * Answer: OpenAI-like {id, model_id, created, choices, usage}; model_id -> model, choices get an
+ * index and a finish_reason (time_limit -> length). Errors {"errors":[{"code","message"}],
+ * "trace","status_code"}: errors[0].code names the error in errstr. */
+#include "watsonx.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "promptq/util.h"
+
+#define WATSONX_VERSION    "2025-02-06"
+#define IAM_GRANT_APIKEY   "urn:ibm:params:oauth:grant-type:apikey"
+#define IAM_TOKEN_MAX      (64 * 1024)
+#define IAM_REFRESH_MARGIN 60 /* seconds before expiration */
+
+/* ---- small local helpers (kept static: every adapter file stands alone) ---- */
+
+static int header_add(struct curl_slist **list, const char *name, const char *value)
+{
+    size_t n = strlen(name), v = strlen(value);
+    char *line = malloc(n + v + 3);
+    struct curl_slist *l;
+
+    if (!line)
+        return -1;
+    memcpy(line, name, n);
+    line[n] = ':';
+    line[n + 1] = ' ';
+    memcpy(line + n + 2, value, v + 1);
+    l = curl_slist_append(*list, line);
+    explicit_bzero(line, n + v + 2); /* may hold a token */
+    free(line);
+    if (!l)
+        return -1;
+    *list = l;
+    return 0;
+}
+
+/* An error type or code when it is a word of letters and underscores (keys are not). */
+static void safe_token(const json_t *v, char *buf, size_t size)
+{
+    const char *s = json_string_value(v);
+    size_t n = s ? strlen(s) : 0;
+
+    buf[0] = '\0';
+    if (n == 0 || n >= size || n > 48)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
+            return;
+    }
+    memcpy(buf, s, n + 1);
+}
+
+static int field_set(const json_t *v)
+{
+    if (!v || json_is_null(v) || json_is_false(v))
+        return 0;
+    if (json_is_number(v))
+        return json_number_value(v) != 0.0;
+    if (json_is_string(v))
+        return json_string_length(v) > 0;
+    if (json_is_array(v))
+        return json_array_size(v) > 0;
+    if (json_is_object(v))
+        return json_object_size(v) > 0;
+    return 1;
+}
+
+/* application/x-www-form-urlencoded value (unreserved characters kept, the rest %XX). */
+static char *form_escape(const char *s)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = strlen(s), o = 0;
+    char *out = malloc(3 * n + 1);
+
+    if (!out)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+            c == '-' || c == '.' || c == '_' || c == '~') {
+            out[o++] = (char)c;
+        } else {
+            out[o++] = '%';
+            out[o++] = hex[c >> 4];
+            out[o++] = hex[c & 15];
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+/* ---- request ---- */
+
+/* Joins the text of string-or-parts content into a new JSON string; NULL if a part is not
+ * text (or no memory). */
+static json_t *content_text(const json_t *content)
+{
+    size_t i, n = 0, off = 0;
+    json_t *part, *out;
+    char *buf;
+
+    if (json_is_string(content) || json_is_null(content))
+        return json_incref((json_t *)content);
+    if (!json_is_array(content))
+        return NULL;
+    json_array_foreach(content, i, part)
+    {
+        const char *type = json_string_value(json_object_get(part, "type"));
+        if (!type || strcmp(type, "text") != 0 || !json_is_string(json_object_get(part, "text")))
+            return NULL;
+        n += json_string_length(json_object_get(part, "text"));
+    }
+    if (!(buf = malloc(n + 1)))
+        return NULL;
+    json_array_foreach(content, i, part)
+    {
+        json_t *t = json_object_get(part, "text");
+        memcpy(buf + off, json_string_value(t), json_string_length(t));
+        off += json_string_length(t);
+    }
+    out = json_stringn(buf, off);
+    free(buf);
+    return out;
+}
+
+static pq_err_t convert_messages(const json_t *msgs, json_t *out, char *errstr, size_t errstr_size)
+{
+    size_t i;
+    json_t *m;
+
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
+        snprintf(errstr, errstr_size, "messages: a non-empty array is required");
+        return PQ_ERR_INVALID;
+    }
+    json_array_foreach(msgs, i, m)
+    {
+        const char *role = json_string_value(json_object_get(m, "role"));
+        json_t *copy, *content = json_object_get(m, "content");
+
+        if (!json_is_object(m) || !role) {
+            snprintf(errstr, errstr_size, "messages[%zu]: an object with a role is required", i);
+            return PQ_ERR_INVALID;
+        }
+        if (strcmp(role, "function") == 0 || field_set(json_object_get(m, "function_call"))) {
+            snprintf(errstr, errstr_size, "watsonx cannot express messages[%zu] (function)", i);
+            return PQ_ERR_UNSUPPORTED;
+        }
+        if (!(copy = json_copy(m)) || json_array_append_new(out, copy))
+            return PQ_ERR_NOMEM;
+        if (strcmp(role, "developer") == 0 &&
+            json_object_set_new(copy, "role", json_string("system")))
+            return PQ_ERR_NOMEM;
+        if (strcmp(role, "user") != 0 && strcmp(role, "tool") != 0 && content) {
+            json_t *text = content_text(content);
+            if (!text) {
+                snprintf(errstr, errstr_size,
+                         "watsonx cannot express messages[%zu] (non-text content for role %s)", i,
+                         strcmp(role, "assistant") == 0 ? "assistant" : "system");
+                return PQ_ERR_UNSUPPORTED;
+            }
+            if (json_object_set_new(copy, "content", text))
+                return PQ_ERR_NOMEM;
+        }
+    }
+    return PQ_OK;
+}
+
+static const char *const pass_fields[] = {
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    NULL,
+};
+
+static const char *const unsupported_fields[] = {
+    "functions", "function_call", "audio", "prediction", "web_search_options", NULL,
+};
+
+static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t *body, char *errstr,
+                           size_t errstr_size)
+{
+    json_t *msgs = json_array(), *v;
+    pq_err_t err = PQ_ERR_NOMEM;
+    size_t i;
+
+    if (!msgs)
+        goto out;
+    for (i = 0; unsupported_fields[i]; i++)
+        if (field_set(json_object_get(req, unsupported_fields[i]))) {
+            snprintf(errstr, errstr_size, "watsonx cannot express %s", unsupported_fields[i]);
+            err = PQ_ERR_UNSUPPORTED;
+            goto out;
+        }
+    v = json_object_get(req, "modalities");
+    for (i = 0; i < json_array_size(v); i++) {
+        const char *s = json_string_value(json_array_get(v, i));
+        if (!s || strcmp(s, "text") != 0) {
+            snprintf(errstr, errstr_size, "watsonx cannot express modalities");
+            err = PQ_ERR_UNSUPPORTED;
+            goto out;
+        }
+    }
+    if ((err = convert_messages(json_object_get(req, "messages"), msgs, errstr, errstr_size)))
+        goto out;
+    err = PQ_ERR_NOMEM;
+    if (json_object_set_new(body, "model_id", json_string(target->model)) ||
+        json_object_set_new(body, "project_id", json_string(target->p->project_id)) ||
+        json_object_set(body, "messages", msgs))
+        goto out;
+    v = json_object_get(req, "max_completion_tokens");
+    if (!field_set(v))
+        v = json_object_get(req, "max_tokens");
+    if (field_set(v)) {
+        if (!json_is_integer(v) || json_integer_value(v) < 1) {
+            snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
+            err = PQ_ERR_INVALID;
+            goto out;
+        }
+        if (json_object_set(body, "max_tokens", v))
+            goto out;
+    }
+    v = json_object_get(req, "stop");
+    if (json_is_string(v) && json_string_length(v) > 0) {
+        if (json_object_set_new(body, "stop", json_pack("[O]", v)))
+            goto out;
+    } else if (json_is_array(v) && json_array_size(v) > 0) {
+        if (json_object_set(body, "stop", v))
+            goto out;
+    }
+    for (i = 0; pass_fields[i]; i++) {
+        v = json_object_get(req, pass_fields[i]);
+        if (v && !json_is_null(v) && json_object_set(body, pass_fields[i], v))
+            goto out;
+    }
+    v = json_object_get(req, "tool_choice");
+    if (json_is_string(v)) {
+        if (json_object_set(body, "tool_choice_option", v))
+            goto out;
+    } else if (json_is_object(v)) {
+        if (json_object_set(body, "tool_choice", v))
+            goto out;
+    }
+    err = PQ_OK;
+out:
+    if (err == PQ_ERR_NOMEM)
+        snprintf(errstr, errstr_size, "out of memory");
+    json_decref(msgs);
+    return err;
+}
+
+static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *request,
+                                      const char *key, pq_provider_req_t *out, char *errstr,
+                                      size_t errstr_size)
+{
+    const pq_provider_conf_t *p = target->p;
+    json_t *body = json_object();
+    pq_err_t err = PQ_ERR_NOMEM;
+
+    memset(out, 0, sizeof(*out));
+    if (!body)
+        goto out_nomem;
+    if (!json_is_object(request)) {
+        snprintf(errstr, errstr_size, "request is not an object");
+        err = PQ_ERR_INVALID;
+        goto out_free;
+    }
+    if (!p->project_id) {
+        snprintf(errstr, errstr_size, "providers.%s.project_id is required", p->name);
+        err = PQ_ERR_CONFIG;
+        goto out_free;
+    }
+    if (key && strpbrk(key, "\r\n")) {
+        snprintf(errstr, errstr_size, "providers.%s: token contains a line break", p->name);
+        err = PQ_ERR_CONFIG;
+        goto out_free;
+    }
+    if ((err = build_body(target, request, body, errstr, errstr_size)) != PQ_OK)
+        goto out_free;
+    err = PQ_ERR_NOMEM;
+    if (!(out->body = json_dumps(body, JSON_COMPACT)))
+        goto out_nomem;
+    out->body_len = strlen(out->body);
+    if (asprintf(&out->url, "%s/ml/v1/text/chat?version=" WATSONX_VERSION, p->base_url) < 0) {
+        out->url = NULL;
+        goto out_nomem;
+    }
+    if (header_add(&out->headers, "Content-Type", "application/json") ||
+        header_add(&out->headers, "Accept", "application/json"))
+        goto out_nomem;
+    if (key && *key) {
+        size_t n = strlen(key);
+        char *auth = malloc(n + sizeof("Bearer "));
+        int rc;
+        if (!auth)
+            goto out_nomem;
+        memcpy(auth, "Bearer ", 7);
+        memcpy(auth + 7, key, n + 1);
+        rc = header_add(&out->headers, "Authorization", auth);
+        explicit_bzero(auth, n + 7);
+        free(auth);
+        if (rc)
+            goto out_nomem;
+    }
+    for (size_t i = 0; i < p->nheaders; i++)
+        if (header_add(&out->headers, p->headers[i].key, p->headers[i].value))
+            goto out_nomem;
+    err = PQ_OK;
+    goto out_free;
+
+out_nomem:
+    snprintf(errstr, errstr_size, "out of memory");
+    pq_provider_req_clear(out);
+out_free:
+    json_decref(body);
+    return err;
+}
+
+/* ---- answer ---- */
+
+static const char *finish_reason(const char *r)
+{
+    if (!r)
+        return "stop";
+    if (strcmp(r, "length") == 0 || strcmp(r, "time_limit") == 0 || strcmp(r, "max_tokens") == 0)
+        return "length";
+    if (strcmp(r, "tool_calls") == 0 || strcmp(r, "content_filter") == 0)
+        return r;
+    return "stop";
+}
+
+static json_int_t usage_int(const json_t *usage, const char *name)
+{
+    json_t *v = json_object_get(usage, name);
+    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
+}
+
+static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, const char *body,
+                                       size_t len, json_t **completion, char *errstr,
+                                       size_t errstr_size)
+{
+    pq_err_t err = pq_err_from_http_status(status);
+    json_t *root = json_loadb(body, len, 0, NULL), *choices, *c, *out = NULL, *usage, *v;
+    json_int_t pt, ct, tt;
+    size_t i;
+
+    *completion = NULL;
+    if (err != PQ_OK) {
+        char token[80] = "";
+        json_t *e0 = json_array_get(json_object_get(root, "errors"), 0);
+        safe_token(json_object_get(e0, "code"), token, sizeof(token));
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
+                 token[0] ? ": " : "", token);
+        goto out;
+    }
+    choices = json_object_get(root, "choices");
+    if (!json_is_array(choices) || json_array_size(choices) == 0) {
+        snprintf(errstr, errstr_size, "%s answered HTTP %ld without choices", target->p->name,
+                 status);
+        err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    if (!(out = json_array()))
+        goto out_nomem;
+    json_array_foreach(choices, i, c)
+    {
+        json_t *msg = json_object_get(c, "message"), *idx = json_object_get(c, "index"), *oc;
+        if (!json_is_object(msg) ||
+            (!json_object_get(msg, "content") && !json_object_get(msg, "tool_calls"))) {
+            snprintf(errstr, errstr_size, "%s answered a choice without a message",
+                     target->p->name);
+            err = PQ_ERR_MALFORMED;
+            goto out;
+        }
+        oc = json_pack(
+            "{s:I, s:O, s:s, s:O}", "index",
+            json_is_integer(idx) ? json_integer_value(idx) : (json_int_t)i, "message", msg,
+            "finish_reason", finish_reason(json_string_value(json_object_get(c, "finish_reason"))),
+            "logprobs",
+            json_object_get(c, "logprobs") ? json_object_get(c, "logprobs") : json_null());
+        if (!oc || json_array_append_new(out, oc))
+            goto out_nomem;
+        if (!json_object_get(msg, "role") &&
+            json_object_set_new(json_object_get(oc, "message"), "role", json_string("assistant")))
+            goto out_nomem;
+    }
+    usage = json_object_get(root, "usage");
+    pt = usage_int(usage, "prompt_tokens");
+    ct = usage_int(usage, "completion_tokens");
+    tt = usage_int(usage, "total_tokens");
+    if (tt == 0)
+        tt = pt + ct;
+    v = json_object_get(root, "model_id");
+    if (!json_is_string(v))
+        v = json_object_get(root, "model");
+    *completion = json_pack(
+        "{s:s, s:s, s:I, s:s, s:O, s:{s:I, s:I, s:I}}", "id",
+        json_is_string(json_object_get(root, "id")) ? json_string_value(json_object_get(root, "id"))
+                                                    : "chat-unknown",
+        "object", "chat.completion", "created",
+        json_is_integer(json_object_get(root, "created"))
+            ? json_integer_value(json_object_get(root, "created"))
+            : (json_int_t)time(NULL),
+        "model", json_is_string(v) ? json_string_value(v) : target->model, "choices", out, "usage",
+        "prompt_tokens", pt, "completion_tokens", ct, "total_tokens", tt);
+    if (!*completion)
+        goto out_nomem;
+    goto out;
+
+out_nomem:
+    snprintf(errstr, errstr_size, "out of memory");
+    err = PQ_ERR_NOMEM;
+out:
+    json_decref(out);
+    json_decref(root);
+    return err;
+}
+
+const pq_provider_ops_t pq_provider_watsonx = {
+    .type = "watsonx",
+    .build_request = watsonx_build_request,
+    .parse_response = watsonx_parse_response,
+};
+
+/* ---- IAM token exchange ---- */
+
+/* An IAM error code ("BXNIM0415E": capitals, digits, a final capital) into buf, else "". */
+static void iam_code(const json_t *v, char *buf, size_t size)
+{
+    const char *s = json_string_value(v);
+    size_t n = s ? strlen(s) : 0, i = 0, letters, digits;
+
+    buf[0] = '\0';
+    if (n < 6 || n > 16 || n >= size)
+        return;
+    while (i < n && s[i] >= 'A' && s[i] <= 'Z')
+        i++;
+    letters = i;
+    while (i < n && s[i] >= '0' && s[i] <= '9')
+        i++;
+    digits = i - letters;
+    if (letters < 2 || digits < 3 || i != n - 1 || s[i] < 'A' || s[i] > 'Z')
+        return;
+    memcpy(buf, s, n + 1);
+}
+
+pq_err_t pq_watsonx_token_request(const pq_provider_conf_t *p, const char *apikey,
+                                  pq_provider_req_t *out, char *errstr, size_t errstr_size)
+{
+    static const char prefix[] = "grant_type=" IAM_GRANT_APIKEY "&apikey=";
+    pq_err_t err = PQ_ERR_NOMEM;
+    char *esc = NULL;
+    size_t n;
+
+    memset(out, 0, sizeof(*out));
+    if (!p->iam_url || !*p->iam_url) {
+        snprintf(errstr, errstr_size, "providers.%s.iam_url is required", p->name);
+        return PQ_ERR_CONFIG;
+    }
+    if (!apikey || !*apikey) {
+        snprintf(errstr, errstr_size, "providers.%s: watsonx needs an api key", p->name);
+        return PQ_ERR_CONFIG;
+    }
+    if (!(esc = form_escape(apikey)))
+        goto out_nomem;
+    n = sizeof(prefix) - 1 + strlen(esc);
+    if (!(out->body = malloc(n + 1)))
+        goto out_nomem;
+    memcpy(out->body, prefix, sizeof(prefix) - 1);
+    memcpy(out->body + sizeof(prefix) - 1, esc, strlen(esc) + 1);
+    out->body_len = n;
+    if (!(out->url = strdup(p->iam_url)))
+        goto out_nomem;
+    if (header_add(&out->headers, "Content-Type", "application/x-www-form-urlencoded") ||
+        header_add(&out->headers, "Accept", "application/json"))
+        goto out_nomem;
+    err = PQ_OK;
+    goto out_free;
+
+out_nomem:
+    snprintf(errstr, errstr_size, "out of memory");
+    if (out->body)
+        explicit_bzero(out->body, out->body_len);
+    pq_provider_req_clear(out);
+out_free:
+    if (esc) {
+        explicit_bzero(esc, strlen(esc));
+        free(esc);
+    }
+    return err;
+}
+
+pq_err_t pq_watsonx_token_parse(long status, const char *body, size_t len, char **token,
+                                int64_t *expires_at_ms, char *errstr, size_t errstr_size)
+{
+    pq_err_t err = pq_err_from_http_status(status);
+    json_t *root = json_loadb(body, len, 0, NULL), *at, *exp, *ein;
+    int64_t expiration, lifetime, margin;
+
+    *token = NULL;
+    *expires_at_ms = 0;
+    if (err != PQ_OK) {
+        char code[80] = "";
+        iam_code(json_object_get(root, "errorCode"), code, sizeof(code));
+        if (status == 400) /* IAM's answer to an unknown or malformed API key */
+            err = PQ_ERR_AUTH;
+        snprintf(errstr, errstr_size, "IAM answered HTTP %ld%s%s", status, code[0] ? ": " : "",
+                 code);
+        goto out;
+    }
+    at = json_object_get(root, "access_token");
+    exp = json_object_get(root, "expiration");
+    ein = json_object_get(root, "expires_in");
+    if (!json_is_string(at) || json_string_length(at) == 0 ||
+        json_string_length(at) > IAM_TOKEN_MAX || strpbrk(json_string_value(at), "\r\n") != NULL) {
+        snprintf(errstr, errstr_size, "IAM answered HTTP %ld without a usable access_token",
+                 status);
+        err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    lifetime = json_is_integer(ein) ? (int64_t)json_integer_value(ein) : 3600;
+    if (json_is_integer(exp) && json_integer_value(exp) > 0)
+        expiration = (int64_t)json_integer_value(exp);
+    else if (json_is_integer(ein) && json_integer_value(ein) > 0)
+        expiration = pq_now_ms() / 1000 + lifetime;
+    else {
+        snprintf(errstr, errstr_size, "IAM answered HTTP %ld without an expiration", status);
+        err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    margin = lifetime < 5 * 60 ? lifetime / 5 : IAM_REFRESH_MARGIN;
+    if (margin < 0)
+        margin = 0;
+    if (!(*token = strdup(json_string_value(at)))) {
+        snprintf(errstr, errstr_size, "out of memory");
+        err = PQ_ERR_NOMEM;
+        goto out;
+    }
+    *expires_at_ms = (expiration - margin) * 1000;
+out:
+    if (root) {
+        /* wipe the token copy jansson holds before freeing it */
+        json_t *t = json_object_get(root, "access_token");
+        if (json_is_string(t))
+            explicit_bzero((char *)json_string_value(t), json_string_length(t));
+    }
+    json_decref(root);
+    return err;
+}
