@@ -305,11 +305,15 @@ static void schedule_resubmit(batch_t *b, int ji, int64_t delay)
         finish(b, j, S_LOST, "out of memory");
 }
 
-static int64_t backoff(bjob_t *j)
+/* Next poll delay of a job: doubling from 50 ms up to 1 s, or up to pending/2 ms with many
+ * jobs pending, so that the steady poll load stays near 2000 requests/s at most. */
+static int64_t backoff(batch_t *b, bjob_t *j)
 {
-    int64_t d = j->delay_ms;
+    int64_t d = j->delay_ms, cap = (int64_t)(b->njobs - b->terminal) / 2;
 
-    j->delay_ms = j->delay_ms * 2 > PQ_CLI_POLL_MAX_MS ? PQ_CLI_POLL_MAX_MS : j->delay_ms * 2;
+    if (cap < PQ_CLI_POLL_MAX_MS)
+        cap = PQ_CLI_POLL_MAX_MS;
+    j->delay_ms = j->delay_ms * 2 > cap ? (int)cap : j->delay_ms * 2;
     return d;
 }
 
@@ -376,7 +380,7 @@ static void submit_done(batch_t *b, slot_t *s)
             return;
         }
         j->delay_ms = PQ_CLI_POLL_MIN_MS;
-        schedule_poll(b, ji, backoff(j));
+        schedule_poll(b, ji, backoff(b, j));
         return;
     }
     if ((s->r.status == 503 || s->r.status == 429) && ++j->tries < BATCH_SUBMIT_TRIES) {
@@ -386,9 +390,15 @@ static void submit_done(batch_t *b, slot_t *s)
         return;
     }
     answer_error(&s->r, err, sizeof(err));
+    if (s->r.status == 401 || s->r.status == 403) {
+        /* every other line would get the same answer: say it once and stop */
+        if (!b->abort_rc) {
+            clear_bar(b);
+            b->abort_rc = pq_cli_report(b->c, NULL, &s->r);
+        }
+        b->reports = BATCH_MAX_REPORTS;
+    }
     finish(b, j, S_REJECTED, err);
-    if (s->r.status == 401 || s->r.status == 403)
-        b->abort_rc = PQ_CLI_EXIT_FAILED; /* every other line would get the same answer */
 }
 
 static void poll_done(batch_t *b, slot_t *s)
@@ -400,7 +410,7 @@ static void poll_done(batch_t *b, slot_t *s)
     if (s->r.status == 0) {
         if (transport_failed(b, &s->r))
             return;
-        schedule_poll(b, ji, backoff(j));
+        schedule_poll(b, ji, backoff(b, j));
         return;
     }
     b->any_answer = 1;
@@ -418,14 +428,14 @@ static void poll_done(batch_t *b, slot_t *s)
                 set_status(b, j, st);
                 j->delay_ms = PQ_CLI_POLL_MIN_MS;
             }
-            schedule_poll(b, ji, backoff(j));
+            schedule_poll(b, ji, backoff(b, j));
         }
         json_decref(rec);
         return;
     }
     if (s->r.status == 404 || s->r.status == 429 || s->r.status / 100 == 5) {
         /* 404: the queued record is written best effort; 5xx/429: come back later */
-        int64_t d = backoff(j);
+        int64_t d = backoff(b, j);
 
         if (s->r.retry_after_s > 0 && s->r.retry_after_s * 1000LL > d)
             d = s->r.retry_after_s * 1000LL > 5000 ? 5000 : s->r.retry_after_s * 1000LL;
@@ -433,9 +443,14 @@ static void poll_done(batch_t *b, slot_t *s)
         return;
     }
     answer_error(&s->r, err, sizeof(err));
+    if (s->r.status == 401 || s->r.status == 403) {
+        if (!b->abort_rc) {
+            clear_bar(b);
+            b->abort_rc = pq_cli_report(b->c, NULL, &s->r);
+        }
+        b->reports = BATCH_MAX_REPORTS;
+    }
     finish(b, j, S_LOST, err);
-    if (s->r.status == 401 || s->r.status == 403)
-        b->abort_rc = PQ_CLI_EXIT_FAILED;
 }
 
 static void reap(batch_t *b)
@@ -587,7 +602,7 @@ static void print_results(batch_t *b)
     if (b->c->json) {
         for (size_t i = 0; i < b->njobs; i++) {
             bjob_t *j = &b->jobs[i];
-            json_t *o = json_pack("{s:i,s:s?,s:s,s:s?}", "line", j->line, "id", j->id, "status",
+            json_t *o = json_pack("{s:i,s:s*,s:s,s:s*}", "line", j->line, "id", j->id, "status",
                                   status_names[j->status], "error", j->error);
 
             if (o) {

@@ -355,7 +355,8 @@ int pq_cli_report(const pq_cli_t *c, const char *what, const pq_cli_resp_t *r)
     pq_cli_errorf("%ld %s: %s", r->status, tbuf, mbuf);
     if (r->status == 404 && what && type && !strcmp(type, "not_found") && msg &&
         !strcmp(msg, "no such path"))
-        pq_cli_errorf("the broker at %s does not serve %s (an older broker?)", c->url, what);
+        pq_cli_errorf("the broker at %s does not serve %s (not in this broker version)", c->url,
+                      what);
     json_decref(doc);
     return PQ_CLI_EXIT_FAILED;
 }

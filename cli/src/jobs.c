@@ -327,6 +327,11 @@ static int wait_job(pq_cli_t *c, const char *id, int fresh)
                 json_decref(rec);
                 goto out;
             }
+            if (strcmp(last, status)) {
+                if (!c->json && c->stderr_tty)
+                    fprintf(stderr, "promptq: %s %s\n", id, status);
+                delay = PQ_CLI_POLL_MIN_MS; /* it moves: look again soon */
+            }
             pq_strlcpy(last, status, sizeof(last));
             json_decref(rec);
         } else if (r.status == 404 && fresh) {
