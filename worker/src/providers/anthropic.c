@@ -354,7 +354,10 @@ static char *join_system(const json_t *parts)
     json_t *s;
     char *out;
 
-    json_array_foreach(parts, i, s) n += json_string_length(s) + 2;
+    json_array_foreach(parts, i, s)
+    {
+        n += json_string_length(s) + 2;
+    }
     out = malloc(n + 1);
     if (!out)
         return NULL;
