@@ -27,7 +27,8 @@
 /* Global options and the reusable HTTP handle; one per process. */
 typedef struct pq_cli_s {
     char url[1024];     /* broker base URL without a trailing slash */
-    const char *key;    /* API key or NULL; borrowed from argv/env; never printed */
+    const char *key;    /* API key or NULL (key_own or the environment's); never printed */
+    char *key_own;      /* --key's value (new); the argv copy is wiped so ps does not show it */
     int json;           /* --json: machine output */
     int64_t timeout_ms; /* --timeout: overall limit of the command; 0 = none */
     int64_t start_ms;   /* monotonic start of the command */

@@ -49,6 +49,12 @@ void pq_cli_term(pq_cli_t *c)
         free(c->auth);
     }
     c->auth = NULL;
+    if (c->key_own) {
+        memset(c->key_own, 0, strlen(c->key_own));
+        free(c->key_own);
+    }
+    c->key_own = NULL;
+    c->key = NULL;
 }
 
 int pq_cli_set_url(pq_cli_t *c, const char *url)

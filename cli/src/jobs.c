@@ -507,6 +507,9 @@ int pq_cli_cmd_submit(pq_cli_t *c, int argc, char **argv)
             rc = pq_cli_report(c, "POST /v1/jobs", &r);
             goto out;
         }
+        if (c->stderr_tty)
+            fprintf(stderr, "promptq: %ld from the broker, retrying in %.1f s\n", r.status,
+                    (double)pause / 1000.0);
         sleep_ms(pause);
     }
     ans = pq_cli_resp_json(&r);

@@ -76,7 +76,13 @@ int pq_cli_global_opt(pq_cli_t *c, int argc, char **argv, int *i)
     if (pq_cli_opt_is(arg, "--key")) {
         if (!(v = pq_cli_opt_value(argc, argv, i, "--key")))
             return -1;
-        c->key = *v ? v : NULL;
+        if (c->key_own) {
+            memset(c->key_own, 0, strlen(c->key_own));
+            free(c->key_own);
+        }
+        c->key_own = *v ? strdup(v) : NULL;
+        c->key = c->key_own;
+        memset((char *)v, 0, strlen(v)); /* hide it from /proc/PID/cmdline */
         return 1;
     }
     if (!strcmp(arg, "--json")) {

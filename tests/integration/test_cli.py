@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 
 import harness
 from harness import T, wait_for
@@ -78,12 +79,11 @@ def test_usage_and_unreachable():
     assert cli("--url", url, "get", "job_x")[0] == 3
     assert cli("get", "job_x", env={"PROMPTQ_URL": url})[0] == 3
     assert cli("--url", url, "health")[0] == 3
-    path = os.path.join(harness.LOG_DIR, "cli-unreachable.jsonl")
-    os.makedirs(harness.LOG_DIR, exist_ok=True)
-    with open(path, "w") as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
         f.write("one\ntwo\n")
-    code, _, err = cli("--url", url, "batch", path, "--model", ROUTE)
-    assert code == 3, (code, err)
+        f.flush()
+        code, _, err = cli("--url", url, "batch", f.name, "--model", ROUTE)
+    assert code == 3 and "cannot reach the broker" in err, (code, err)
 
 
 def test_submit_get_watch_and_errors():
