@@ -240,8 +240,14 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             e = rd_kafka_incremental_assign(rk, parts);
         else
             rd_kafka_assign(rk, parts);
-        if (w->paused && parts->cnt > 0)
-            rd_kafka_pause_partitions(rk, parts);
+        /* librdkafka keeps a partition's pause flag across unassign/assign: a partition paused
+         * while we owned it before would otherwise stay silent now. */
+        if (parts->cnt > 0) {
+            if (w->paused)
+                rd_kafka_pause_partitions(rk, parts);
+            else
+                rd_kafka_resume_partitions(rk, parts);
+        }
         PQ_INFO("assigned %d partitions", parts->cnt);
     } else {
         if (err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
