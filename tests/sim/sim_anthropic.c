@@ -101,7 +101,8 @@ static void anthropic_messages(pq_sim_call_t *call)
     struct evhttp_request *req = pq_sim_call_request(call);
     pq_sim_t *sim = pq_sim_call_sim(call);
     json_t *doc, *messages, *m, *maxt, *system, *resp;
-    const char *body, *model, *role;
+    const char *body, *model, *role, *prev_role = "";
+    json_t *temp;
     size_t len, i, prompt_bytes = 0, text_len = 0;
     char *text = NULL, msg[MSG_MAX], id[48], version[64];
     pq_sim_answer_t ans;
@@ -136,6 +137,12 @@ static void anthropic_messages(pq_sim_call_t *call)
         invalid(call, "max_tokens: Input should be a valid integer greater than or equal to 1");
         goto out_free;
     }
+    temp = json_object_get(doc, "temperature");
+    if (temp &&
+        (!json_is_number(temp) || json_number_value(temp) < 0.0 || json_number_value(temp) > 1.0)) {
+        invalid(call, "temperature: Input should be less than or equal to 1");
+        goto out_free;
+    }
     system = json_object_get(doc, "system");
     if (system) {
         nb = content_bytes(system, NULL, NULL);
@@ -166,6 +173,19 @@ static void anthropic_messages(pq_sim_call_t *call)
             invalid(call, msg);
             goto out_free;
         }
+        if (i == 0 && strcmp(role, "user")) {
+            invalid(call, "messages: first message must use the \"user\" role");
+            goto out_free;
+        }
+        if (i > 0 && !strcmp(role, prev_role)) {
+            snprintf(msg, sizeof(msg),
+                     "messages: roles must alternate between \"user\" and \"assistant\", but "
+                     "found multiple \"%s\" roles in a row",
+                     role);
+            invalid(call, msg);
+            goto out_free;
+        }
+        prev_role = role;
         nb = content_bytes(json_object_get(m, "content"), &text, &text_len);
         if (nb < 0) {
             snprintf(msg, sizeof(msg),

@@ -3,6 +3,7 @@
  * names the deployment as its model when the body has none. */
 #include "sim.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define DEPLOY_PREFIX "/openai/deployments/"
@@ -35,7 +36,21 @@ static int match_chat(const char *path, pq_sim_call_t *call)
         return 0;
     if (memchr(dep, '/', n - plen - slen))
         return 0;
-    pq_sim_call_set_arg(call, dep, n - plen - slen);
+    /* the deployment name as Azure sees it: percent-decoded */
+    {
+        char raw[256];
+        size_t rlen = n - plen - slen, dlen;
+        char *dec;
+        if (rlen >= sizeof(raw))
+            return 0;
+        memcpy(raw, dep, rlen);
+        raw[rlen] = '\0';
+        dec = evhttp_uridecode(raw, 0, &dlen);
+        if (!dec)
+            return 0;
+        pq_sim_call_set_arg(call, dec, dlen);
+        free(dec);
+    }
     return 1;
 }
 

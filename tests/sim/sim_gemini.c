@@ -67,8 +67,21 @@ static const char *status_name(int status)
     }
 }
 
+/* Gemini answers a wrong API key with 400 INVALID_ARGUMENT, not 401: the reason is in
+ * details[] (google.rpc.ErrorInfo reason API_KEY_INVALID). */
 static void gemini_error(pq_sim_call_t *call, int status, const pq_sim_error_t *e)
 {
+    if (e->kind == PQ_SIM_E_AUTH && e->code && !strcmp(e->code, "invalid_api_key")) {
+        pq_sim_call_json(call, 400,
+                         json_pack("{s:{s:i, s:s, s:s, s:[{s:s, s:s, s:s, s:{s:s}}]}}", "error",
+                                   "code", 400, "message",
+                                   "API key not valid. Please pass a valid API key.", "status",
+                                   "INVALID_ARGUMENT", "details", "@type",
+                                   "type.googleapis.com/google.rpc.ErrorInfo", "reason",
+                                   "API_KEY_INVALID", "domain", "googleapis.com", "metadata",
+                                   "service", "generativelanguage.googleapis.com"));
+        return;
+    }
     pq_sim_call_json(call, status,
                      json_pack("{s:{s:i, s:s, s:s}}", "error", "code", status, "message",
                                e->message, "status", status_name(status)));

@@ -81,7 +81,7 @@ out_free_body:
 }
 
 /* Copies a short machine-readable token from an error body (error.type or error.code) into buf
- * when it only holds [A-Za-z0-9_.-]: such tokens cannot carry a key. */
+ * when it only holds [A-Za-z_]: such tokens cannot carry a key. */
 static void safe_token(const json_t *v, char *buf, size_t size)
 {
     const char *s = json_string_value(v);
@@ -95,8 +95,9 @@ static void safe_token(const json_t *v, char *buf, size_t size)
         return;
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '.' || c == '-'))
+        /* letters and underscore only: error vocabulary ("invalid_api_key"), never a key
+         * fragment (keys hold digits and dashes) (G6) */
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
             return;
     }
     memcpy(buf, s, n + 1);

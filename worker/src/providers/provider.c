@@ -5,7 +5,8 @@
 #include <string.h>
 
 static const pq_provider_ops_t *const registry[] = {
-    &pq_provider_openai,
+    &pq_provider_openai, &pq_provider_azure_openai, &pq_provider_anthropic,
+    &pq_provider_gemini, &pq_provider_watsonx,
 };
 
 const pq_provider_ops_t *pq_provider_find(const char *type)

@@ -46,7 +46,11 @@ const pq_provider_ops_t *pq_provider_find(const char *type);
 /* Frees the fields of req and zeroes it. Safe on a zeroed req. */
 void pq_provider_req_clear(pq_provider_req_t *req);
 
-/* Adapters. */
+/* Adapters (watsonx.h has the IAM token helpers of pq_provider_watsonx). */
 extern const pq_provider_ops_t pq_provider_openai;
+extern const pq_provider_ops_t pq_provider_azure_openai;
+extern const pq_provider_ops_t pq_provider_anthropic;
+extern const pq_provider_ops_t pq_provider_gemini;
+extern const pq_provider_ops_t pq_provider_watsonx;
 
 #endif

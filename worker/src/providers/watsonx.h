@@ -1,5 +1,5 @@
 /* IBM watsonx.ai: IAM token exchange helpers for the worker (the chat adapter itself is
- * pq_provider_watsonx, declared here until provider.h lists it).
+ * pq_provider_watsonx, declared in provider.h).
  *
  * watsonx authenticates chat calls with a short-lived IAM access token, not with the API key:
  * the worker exchanges each configured API key for a token (pq_watsonx_token_request, then an
@@ -12,8 +12,6 @@
 #include <stdint.h>
 
 #include "provider.h"
-
-extern const pq_provider_ops_t pq_provider_watsonx;
 
 /* Builds the IAM token request: POST p->iam_url (default https://iam.cloud.ibm.com/identity/token)
  * with Content-Type application/x-www-form-urlencoded, Accept application/json and the body
