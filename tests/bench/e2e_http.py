@@ -97,6 +97,32 @@ def proc_cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
+def thread_cpu_s(pid):
+    """{tid: (name, utime + stime seconds)} for every thread of a process."""
+    out = {}
+    base = "/proc/%d/task" % pid
+    for tid in os.listdir(base):
+        try:
+            with open("%s/%s/stat" % (base, tid)) as f:
+                s = f.read()
+        except OSError:
+            continue
+        name = s[s.index("(") + 1:s.rindex(")")]
+        fields = s[s.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / CLK)
+    return out
+
+
+def busiest_thread(before, after):
+    """(name, CPU s) of the thread that used most CPU between two thread_cpu_s() readings."""
+    best = ("-", 0.0)
+    for tid, (name, c) in after.items():
+        d = c - before.get(tid, (name, 0.0))[1]
+        if d > best[1]:
+            best = (name, d)
+    return best
+
+
 def proc_hwm_kb(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -359,6 +385,7 @@ def one_run(idx, args, inputs):
         base = offs.total(RESULTS, parts)
         counts0 = broker_counts(st)
         cpu0 = {n: proc_cpu_s(p) for n, p in procs.items()}
+        thr0 = {n: thread_cpu_s(p) for n, p in procs.items()}
         r["hwm_reset"] = all(proc_reset_hwm(p) for p in procs.values())
         busy0, load0 = system_busy_s(), loadavg()
         ab_done = threading.Event()
@@ -392,6 +419,7 @@ def one_run(idx, args, inputs):
                                                                               args.timeout))
             time.sleep(0.05)
         cpu1 = {n: proc_cpu_s(p) for n, p in procs.items()}
+        thr1 = {n: thread_cpu_s(p) for n, p in procs.items()}
         hwm = {n: proc_hwm_kb(p) for n, p in procs.items()}
         busy1, load1 = system_busy_s(), loadavg()
         th.join(10)
@@ -413,6 +441,8 @@ def one_run(idx, args, inputs):
             "e2e_s": e2e_s, "e2e_jobs_per_s": accepted / e2e_s,
             "results_at_intake_end": at_intake_end,
             "cpu_s": {n: cpu1[n] - cpu0[n] for n in procs}, "client_cpu_s": ab_out["cpu"],
+            "busiest_thread": {n: busiest_thread(thr0[n], thr1[n]) for n in procs},
+            "stack_cpu_us_per_job": ours * 1e6 / accepted if accepted else None,
             "peak_rss_mb": {n: hwm[n] / 1024.0 for n in procs},
             "machine_busy_s": busy1 - busy0, "others_cpu_s": max(0.0, busy1 - busy0 - ours),
             "cores": os.cpu_count(), "load_before": load0, "load_after": load1,
@@ -462,11 +492,16 @@ def fmt_run(r):
                      % (r["peer_http"]["req_per_s"], ARGS.connections, r["peer_http"]["time_s"]))
         lines.append("  peer redis  %8.0f EVAL/s  (redis-benchmark -c %d, job_finish-sized EVAL)"
                      % (r["peer_redis"]["ops_per_s"], ARGS.connections))
-    lines.append("  %-10s %8s %12s %12s" % ("process", "CPU s", "CPU us/job", "peak RSS MB"))
+    lines.append("  %-10s %8s %12s %12s   %s" % ("process", "CPU s", "CPU us/job", "peak RSS MB",
+                                               "busiest thread: CPU s (% of the window)"))
     for name in ("broker", "worker", "devkafka", "redis", "sim"):
         c = r["cpu_s"][name]
-        lines.append("  %-10s %8.2f %12.1f %12.1f" % (name, c, c * 1e6 / n, r["peak_rss_mb"][name]))
+        tn, tc = r["busiest_thread"][name]
+        lines.append("  %-10s %8.2f %12.1f %12.1f   %s: %.2f (%.0f%%)" % (
+            name, c, c * 1e6 / n, r["peak_rss_mb"][name], tn, tc, 100.0 * tc / r["e2e_s"]))
     lines.append("  %-10s %8.2f %12.1f" % ("ab client", r["client_cpu_s"], r["client_cpu_s"] * 1e6 / n))
+    lines.append("  %-10s %8.2f %12.1f" % ("all above", r["stack_cpu_us_per_job"] * n / 1e6,
+                                           r["stack_cpu_us_per_job"]))
     lines.append("  machine busy %.2f CPU s over %.2f s on %d cores (others: %.2f s); load %.2f -> %.2f"
                  % (r["machine_busy_s"], r["e2e_s"], r["cores"], r["others_cpu_s"], r["load_before"],
                     r["load_after"]))
@@ -499,6 +534,11 @@ def summary(runs):
     for name in ("broker", "worker", "devkafka", "redis", "sim"):
         rows.append(row("%s CPU s" % name, [r["cpu_s"][name] for r in runs], "%.2f"))
     rows.append(row("ab client CPU s", [r["client_cpu_s"] for r in runs], "%.2f"))
+    rows.append(row("all processes CPU us/job", [r["stack_cpu_us_per_job"] for r in runs]))
+    rows.append(row("worker busiest thread %", [100.0 * r["busiest_thread"]["worker"][1] / r["e2e_s"]
+                                               for r in runs]))
+    rows.append(row("broker busiest thread %", [100.0 * r["busiest_thread"]["broker"][1] / r["e2e_s"]
+                                               for r in runs]))
     for name in ("broker", "worker", "devkafka", "redis", "sim"):
         rows.append(row("%s peak RSS MB" % name, [r["peak_rss_mb"][name] for r in runs], "%.1f"))
     rows.append(row("others' CPU s in window", [r["others_cpu_s"] for r in runs], "%.2f"))
