@@ -281,7 +281,9 @@ class Proc:
 
 
 class Redis:
-    def __init__(self, stack):
+    def __init__(self, stack, persist=False):
+        """persist: append-only file fsync'd on every write, so a restart keeps the data (what
+        a production Redis for promptq runs with)."""
         self.stack = stack
         self.port = free_port()
         self.dir = os.path.join(stack.dir, "redis-%d" % self.port)
@@ -289,7 +291,8 @@ class Redis:
         self.url = "redis://127.0.0.1:%d/0" % self.port
         self.proc = stack.spawn(
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
+            "--appendonly", "yes" if persist else "no", "--appendfsync", "always",
+            "--dir", self.dir, "--protected-mode", "no",
             name="redis-%d" % self.port)
         self.wait_ready()
 
@@ -318,7 +321,7 @@ class Redis:
             pass
 
     def restart(self):
-        """Starts redis-server again on the same port (data is gone: no persistence)."""
+        """Starts redis-server again on the same port (data survives only with persist=True)."""
         if self.proc.alive():
             self.kill()
         self.proc.start()
@@ -439,8 +442,8 @@ class Stack:
         self.procs.append(p)
         return p
 
-    def redis(self):
-        self.redis_ = Redis(self)
+    def redis(self, persist=False):
+        self.redis_ = Redis(self, persist)
         return self.redis_
 
     def devkafka(self, brokers=1, partitions=4, extra_args=()):
