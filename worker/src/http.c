@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 #include "promptq/log.h"
 #include "promptq/util.h"
 
@@ -150,8 +151,8 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
-/* Retry-After: delay-seconds (HTTP dates are rare from LLM providers and treated as absent);
- * retry-after-ms: milliseconds (OpenAI, Azure). */
+/* Retry-After: delay-seconds or an HTTP date (RFC 9110 §10.2.3); retry-after-ms: milliseconds
+ * (OpenAI, Azure), preferred when both come. */
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
     pq_http_req_t *r = userp;
@@ -168,6 +169,8 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
     }
     memcpy(line, data, len);
     line[len] = '\0';
+    while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == '\n'))
+        line[--len] = '\0';
     if (strncasecmp(line, "retry-after-ms:", 15) == 0) {
         v = line + 15;
         d = strtod(v, &end);
@@ -178,8 +181,17 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
         while (*v == ' ' || *v == '\t')
             v++;
         d = strtod(v, &end);
-        if (end != v && d >= 0 && d < 1e7)
+        while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n')
+            end++;
+        if (end != v && *end == '\0' && d >= 0 && d < 1e7) {
             r->retry_after_ms = (int64_t)(d * 1000);
+        } else if (end == v || *end != '\0') {
+            time_t t = curl_getdate(v, NULL); /* "Wed, 21 Oct 2015 07:28:00 GMT" */
+            if (t != (time_t)-1) {
+                int64_t ms = (int64_t)t * 1000 - pq_now_ms();
+                r->retry_after_ms = ms > 0 ? ms : 0;
+            }
+        }
     }
     return n;
 }
@@ -327,9 +339,9 @@ void pq_http_destroy(pq_http_t *h)
     free(h);
 }
 
-pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *headers, char *body,
-                            size_t body_len, long timeout_ms, size_t max_response,
-                            pq_http_done_cb *cb, void *opaque)
+static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slist *headers,
+                                 char *body, size_t body_len, int get, long timeout_ms,
+                                 size_t max_response, pq_http_done_cb *cb, void *opaque)
 {
     pq_http_req_t *r = h->free_reqs;
     struct curl_slist *hs;
@@ -369,9 +381,13 @@ pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *he
     r->started_ms = pq_mono_ms();
 
     curl_easy_setopt(r->easy, CURLOPT_URL, url);
-    curl_easy_setopt(r->easy, CURLOPT_POST, 1L);
-    curl_easy_setopt(r->easy, CURLOPT_POSTFIELDS, body);
-    curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    if (get) {
+        curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
+    } else {
+        curl_easy_setopt(r->easy, CURLOPT_POST, 1L);
+        curl_easy_setopt(r->easy, CURLOPT_POSTFIELDS, body ? body : "");
+        curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    }
     curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, r->headers);
     curl_easy_setopt(r->easy, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(r->easy, CURLOPT_WRITEDATA, r);
@@ -407,6 +423,19 @@ out_fail:
     curl_slist_free_all(headers);
     free(body);
     return NULL;
+}
+
+pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *headers, char *body,
+                            size_t body_len, long timeout_ms, size_t max_response,
+                            pq_http_done_cb *cb, void *opaque)
+{
+    return http_start(h, url, headers, body, body_len, 0, timeout_ms, max_response, cb, opaque);
+}
+
+pq_http_req_t *pq_http_get(pq_http_t *h, const char *url, struct curl_slist *headers,
+                           long timeout_ms, size_t max_response, pq_http_done_cb *cb, void *opaque)
+{
+    return http_start(h, url, headers, NULL, 0, 1, timeout_ms, max_response, cb, opaque);
 }
 
 void pq_http_cancel(pq_http_t *h, pq_http_req_t *req)

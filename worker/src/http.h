@@ -19,7 +19,8 @@ typedef struct pq_http_result_s {
     long status;      /* HTTP status, 0 without an answer */
     const char *body; /* borrowed until the callback returns; NUL-terminated */
     size_t body_len;
-    int64_t retry_after_ms; /* Retry-After / retry-after-ms, -1 when absent */
+    int64_t retry_after_ms; /* retry-after-ms, else Retry-After (seconds or HTTP date), -1 when
+                               absent */
     const char *detail;     /* libcurl's error text (no URL, no headers), "" if none */
     int64_t elapsed_ms;
 } pq_http_result_t;
@@ -41,6 +42,10 @@ void pq_http_destroy(pq_http_t *h);
 pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *headers, char *body,
                             size_t body_len, long timeout_ms, size_t max_response,
                             pq_http_done_cb *cb, void *opaque);
+
+/* Starts a GET (probes); like pq_http_post without a body. headers: taken. */
+pq_http_req_t *pq_http_get(pq_http_t *h, const char *url, struct curl_slist *headers,
+                           long timeout_ms, size_t max_response, pq_http_done_cb *cb, void *opaque);
 
 /* Stops a request; its callback will not run. */
 void pq_http_cancel(pq_http_t *h, pq_http_req_t *req);

@@ -21,6 +21,7 @@
 #include "promptq/log.h"
 #include "promptq/scripts.h"
 #include "promptq/util.h"
+#include "prov.h"
 #include "providers/provider.h"
 #include "worker_int.h"
 
@@ -42,6 +43,9 @@ typedef enum {
     JS_BEGIN,
     JS_WAIT_LOCAL,
     JS_WAIT_LEASE,
+    JS_CACHE,  /* cache lookup */
+    JS_QUEUED, /* waiting for a provider slot (concurrency, rpm/tpm) */
+    JS_TOKEN,  /* waiting for a watsonx IAM token */
     JS_CALL,
     JS_BACKOFF,
     JS_FINISH,
@@ -54,6 +58,7 @@ typedef enum {
     RS_BEGIN,
     RS_FINISH,
     RS_RELEASE,
+    RS_CACHE_GET,
 } redis_step_t;
 
 typedef struct pub_s {
@@ -87,7 +92,23 @@ struct pq_job_s {
     int tries;  /* retryable failures on the current target */
     int rounds; /* passes over all targets */
     int any_retryable;
-    int attempts; /* provider calls */
+    int attempts;      /* provider calls */
+    int pass_attempts; /* provider calls in this pass over the route (worker.max_attempts) */
+    pq_prov_t *prov;   /* the current target's provider state */
+    pq_circuit_t *circ;
+    pq_slot_wait_t sw;
+    pq_token_wait_t tw;
+    int key;           /* key index of the slot held */
+    int slot_held;     /* a provider slot is ours (released when the call ends) */
+    int probe;         /* this call is the half-open probe of circ */
+    int refreshed;     /* watsonx: token refreshed after a 401 on this target */
+    uint64_t excluded; /* keys of the current target that refused this job */
+    double cost;       /* estimated tokens (tpm) */
+    char token_used[2048];
+    json_t *alog; /* attempt log */
+    int cacheable;
+    char cache_key[KEY_MAX + 80];
+    json_t *cached; /* the cache entry that answered, or NULL */
     int64_t deliveries;
     const pq_target_t *last_target;
     pq_err_t err;
@@ -114,6 +135,9 @@ static void job_attempt(pq_job_t *j);
 static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char *msg);
 static void job_publish(pq_job_t *j);
 static void job_redis_issue(pq_job_t *j);
+static void job_run(pq_job_t *j);
+static void job_cache_store(pq_job_t *j);
+static void on_cache_get(pq_job_t *j, redisReply *r);
 
 /* ---- (tenant, id) table of jobs in flight in this process ---- */
 
@@ -190,6 +214,9 @@ static void job_free(pq_job_t *j)
     event_del(&j->renew);
     pq_envelope_clear(&j->env);
     json_decref(j->response);
+    json_decref(j->alog);
+    json_decref(j->cached);
+    explicit_bzero(j->token_used, sizeof(j->token_used));
     free(j->result);
     free(j->dlq);
     free(j->msg_key);
@@ -246,7 +273,25 @@ static char *dump(json_t *o, size_t *len)
     return s;
 }
 
-/* The result record of DESIGN.md §3. */
+/* The provider and model that answered: "cache" and the cached answer's model for a cache
+ * hit (the original provider is in the result's "cached_from"). */
+static const char *result_provider(const pq_job_t *j)
+{
+    if (j->cached)
+        return "cache";
+    return j->last_target ? j->last_target->provider : NULL;
+}
+
+static const char *result_model(const pq_job_t *j)
+{
+    if (j->cached)
+        return json_string_value(json_object_get(j->cached, "model"));
+    return j->last_target ? j->last_target->model : NULL;
+}
+
+/* The result record of DESIGN.md §3, plus "attempt_log" (one entry per call or skipped target:
+ * provider, model, status, outcome, latency_ms; at most 64) and, for a cache hit,
+ * "cached_from" {provider, model}. */
 static char *build_result(const pq_job_t *j, size_t *len)
 {
     pq_worker_t *w = j->w;
@@ -262,10 +307,16 @@ static char *build_result(const pq_job_t *j, size_t *len)
     json_object_set_new(o, "status", json_string(j->status));
     json_object_set_new(o, "route", j->env.model ? json_string(j->env.model) : json_null());
     json_object_set_new(o, "provider",
-                        j->last_target ? json_string(j->last_target->provider) : json_null());
-    json_object_set_new(o, "model",
-                        j->last_target ? json_string(j->last_target->model) : json_null());
+                        result_provider(j) ? json_string(result_provider(j)) : json_null());
+    json_object_set_new(o, "model", result_model(j) ? json_string(result_model(j)) : json_null());
     json_object_set_new(o, "attempts", json_integer(j->attempts));
+    if (j->alog)
+        json_object_set(o, "attempt_log", j->alog);
+    if (j->cached)
+        json_object_set_new(o, "cached_from",
+                            json_pack("{s:O, s:O}", "provider",
+                                      json_object_get(j->cached, "provider"), "model",
+                                      json_object_get(j->cached, "model")));
     if (j->response)
         json_object_set(o, "response", j->response);
     else
@@ -441,13 +492,17 @@ static void job_redis_issue(pq_job_t *j)
         argv[argc++] = j->result ? j->result : "";
         argv[argc++] = resp ? resp : "";
         argv[argc++] = err ? err : "";
-        argv[argc++] = j->last_target ? j->last_target->provider : "";
-        argv[argc++] = j->last_target ? j->last_target->model : "";
+        argv[argc++] = result_provider(j) ? result_provider(j) : "";
+        argv[argc++] = result_model(j) ? result_model(j) : "";
         argv[argc++] = attempts;
         argv[argc++] = now;
         argv[argc++] = ttl;
         argv[argc++] = j->env.model;
         argv[argc++] = j->env.request_hash;
+        break;
+    case RS_CACHE_GET:
+        argv[0] = "GET";
+        argv[argc++] = j->cache_key;
         break;
     case RS_RELEASE:
         argv[argc++] = release_script;
@@ -501,7 +556,7 @@ static void on_begin(pq_job_t *j, redisReply *r)
         } else if (deadline_passed(j, 0)) {
             job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed before the job ran");
         } else {
-            job_attempt(j);
+            job_run(j);
         }
     } else if (strcmp(what, "terminal") == 0) {
         table_remove(j);
@@ -608,6 +663,11 @@ static void on_redis_reply(void *opaque, redisReply *reply)
         redis_wait(j); /* connection lost: the step runs again when Redis is back */
         return;
     }
+    if (reply->type == REDIS_REPLY_ERROR && step == RS_CACHE_GET) {
+        j->rstep = RS_NONE;
+        job_attempt(j); /* an unreadable cache is a miss */
+        return;
+    }
     if (reply->type == REDIS_REPLY_ERROR) {
         PQ_ERR("job %s/%s: redis: %.200s", tenant_of(j), id_of(j), reply->str);
         timer_in(j, REDIS_ERROR_RETRY_MS);
@@ -618,6 +678,8 @@ static void on_redis_reply(void *opaque, redisReply *reply)
         on_begin(j, reply);
     else if (step == RS_FINISH)
         on_finish(j, reply);
+    else if (step == RS_CACHE_GET)
+        on_cache_get(j, reply);
 }
 
 void pq_job_redis_up(pq_worker_t *w)
@@ -671,8 +733,21 @@ static void on_renew_tick(evutil_socket_t fd, short what, void *arg)
         j->nredis++;
 }
 
-/* ---- provider calls ---- */
+/* ---- provider calls ----
+ *
+ * Per target: circuit check -> slot (key, concurrency, rpm/tpm) -> [watsonx token] -> build ->
+ * HTTP -> classify. Retryable errors retry the same target (backoff with full jitter, or the
+ * Retry-After when it is short enough); 401/403 try the provider's next key; refusals and
+ * exhausted retries move to the next target. Every attempt and skip lands in the attempt log. */
 
+#define ATTEMPT_LOG_MAX 64
+
+static int is_watsonx(const pq_target_t *t)
+{
+    return strcmp(t->p->type, "watsonx") == 0;
+}
+
+/* Exponential backoff with full jitter: uniform in [0, min(retry_max_ms, base * 2^(n-1))]. */
 static int64_t backoff_ms(const pq_provider_conf_t *p, int n)
 {
     int64_t base = p->retry_base_ms > 0 ? p->retry_base_ms : 200;
@@ -683,8 +758,7 @@ static int64_t backoff_ms(const pq_provider_conf_t *p, int n)
         d *= 2;
     if (d > max)
         d = max;
-    /* jitter: half fixed, half random */
-    return d / 2 + (int64_t)(random() % (d / 2 + 1));
+    return (int64_t)(random() % (d + 1));
 }
 
 static void job_backoff(pq_job_t *j, int64_t delay)
@@ -697,31 +771,191 @@ static void job_backoff(pq_job_t *j, int64_t delay)
     timer_in(j, delay);
 }
 
-/* Every target was tried. */
-static void job_exhausted(pq_job_t *j)
+/* Tokens a call may use, for tpm: prompt bytes / 4 + max_tokens. */
+static double job_cost(pq_job_t *j)
 {
-    const pq_provider_conf_t *p0 = j->route->targets[0].p;
+    const json_t *msgs, *m, *mt;
+    size_t i, bytes = 0;
 
-    if (!j->any_retryable) {
-        /* every target refused (or could not express the request) */
-        job_finish(j, "failed", j->err ? j->err : PQ_ERR_UNSUPPORTED,
-                   j->errmsg[0] ? j->errmsg : "no target could serve the request");
-        return;
+    if (j->cost > 0)
+        return j->cost;
+    msgs = json_object_get(j->env.request, "messages");
+    json_array_foreach(msgs, i, m)
+    {
+        const json_t *c = json_object_get(m, "content"), *part;
+        size_t k;
+        if (json_is_string(c))
+            bytes += json_string_length(c);
+        else
+            json_array_foreach(c, k, part) bytes +=
+                json_string_length(json_object_get(part, "text"));
     }
-    /* Some target failed retryably. Parking (G4) comes with the park/replay issue; until then
-     * the job stays in flight and walks its route again after a backoff. */
-    j->rounds++;
-    j->target = 0;
-    j->tries = 0;
-    j->any_retryable = 0;
-    job_backoff(j, backoff_ms(p0, j->rounds + p0->retries_per_target));
+    mt = json_object_get(j->env.request, "max_completion_tokens");
+    if (!json_is_integer(mt))
+        mt = json_object_get(j->env.request, "max_tokens");
+    j->cost =
+        (double)(bytes + 3) / 4.0 +
+        (json_is_integer(mt) && json_integer_value(mt) > 0 ? (double)json_integer_value(mt) : 0.0);
+    if (j->cost < 1.0)
+        j->cost = 1.0;
+    return j->cost;
+}
+
+/* One line of the attempt log, the attempt metric and the attempt's log line. status: HTTP
+ * status or 0; latency_ms < 0 for a skip (no call made). */
+static void attempt_note(pq_job_t *j, const pq_target_t *t, pq_err_t outcome, long status,
+                         int64_t latency_ms, const char *msg)
+{
+    json_t *e;
+
+    if (j->circ)
+        pq_circuit_count(j->circ, outcome, latency_ms);
+    if (outcome == PQ_OK)
+        PQ_DBG("job %s/%s: %s/%s HTTP %ld ok in %" PRId64 " ms", tenant_of(j), id_of(j),
+               t->provider, t->model, status, latency_ms);
+    else if (latency_ms >= 0)
+        PQ_INFO("job %s/%s: attempt %d on %s/%s: HTTP %ld %s in %" PRId64 " ms: %s", tenant_of(j),
+                id_of(j), j->attempts, t->provider, t->model, status, pq_err_name(outcome),
+                latency_ms, msg ? msg : "");
+    else
+        PQ_INFO("job %s/%s: %s/%s skipped: %s: %s", tenant_of(j), id_of(j), t->provider, t->model,
+                pq_err_name(outcome), msg ? msg : "");
+    if (!j->alog)
+        j->alog = json_array();
+    if (!j->alog || json_array_size(j->alog) >= ATTEMPT_LOG_MAX)
+        return;
+    e = json_pack("{s:s, s:s, s:o, s:s, s:o}", "provider", t->provider, "model", t->model, "status",
+                  status > 0 ? json_integer(status) : json_null(), "outcome",
+                  outcome == PQ_OK ? "ok" : pq_err_name(outcome), "latency_ms",
+                  latency_ms >= 0 ? json_integer(latency_ms) : json_null());
+    if (e)
+        json_array_append_new(j->alog, e);
+}
+
+/* Records why the current target did not serve the job. */
+static void note_error(pq_job_t *j, const pq_target_t *t, pq_err_t err, long status,
+                       const char *msg)
+{
+    j->err = err;
+    j->http_status = status;
+    j->last_target = t;
+    pq_strlcpy(j->errmsg, msg, sizeof(j->errmsg));
+    if (pq_err_is_retryable(err))
+        j->any_retryable = 1;
+}
+
+static void give_back_probe(pq_job_t *j)
+{
+    if (j->probe && j->circ)
+        pq_circuit_probe_abort(j->circ);
+    j->probe = 0;
+}
+
+static void release_slot(pq_job_t *j, int64_t tokens, int refund)
+{
+    if (!j->slot_held)
+        return;
+    j->slot_held = 0;
+    pq_prov_release(j->prov, j->key, j->cost, tokens, refund);
 }
 
 static void next_target(pq_job_t *j)
 {
+    give_back_probe(j);
     j->target++;
     j->tries = 0;
+    j->excluded = 0;
+    j->refreshed = 0;
     job_attempt(j);
+}
+
+/* The single place where "every target of the route failed, some of them retryably" is
+ * decided (G4). Parking hooks in here; until then the job walks its route again after a
+ * backoff, staying in flight. */
+static void job_all_targets_down(pq_job_t *j)
+{
+    const pq_provider_conf_t *p0 = j->route->targets[0].p;
+
+    PQ_INFO("job %s/%s: all %zu targets of route %s are down (last: %s)", tenant_of(j), id_of(j),
+            j->route->ntargets, j->route->name, j->errmsg);
+    j->rounds++;
+    j->target = 0;
+    j->tries = 0;
+    j->excluded = 0;
+    j->refreshed = 0;
+    j->any_retryable = 0;
+    j->pass_attempts = 0;
+    job_backoff(j, backoff_ms(p0, j->rounds + p0->retries_per_target));
+}
+
+/* Every target was tried (or the attempt budget of this pass is spent). */
+static void job_exhausted(pq_job_t *j)
+{
+    char msg[sizeof(j->errmsg)];
+
+    give_back_probe(j);
+    if (j->any_retryable) {
+        job_all_targets_down(j);
+        return;
+    }
+    /* every target refused (or could not express the request) */
+    if (j->errmsg[0])
+        snprintf(msg, sizeof(msg), "every target refused the request; last: %.200s", j->errmsg);
+    else
+        snprintf(msg, sizeof(msg), "no target could serve the request");
+    job_finish(j, "failed", j->err ? j->err : PQ_ERR_UNSUPPORTED, msg);
+}
+
+/* A failed call or a failed step before it, on the current target. */
+static void attempt_failed(pq_job_t *j, pq_err_t err, long status, int64_t retry_after,
+                           const char *msg)
+{
+    pq_worker_t *w = j->w;
+    const pq_target_t *t = &j->route->targets[j->target];
+    int64_t delay;
+
+    note_error(j, t, err, status, msg);
+    if (err == PQ_ERR_TOO_LARGE) {
+        job_finish(j, "failed", err, msg);
+        return;
+    }
+    if (err == PQ_ERR_AUTH) {
+        /* watsonx: a 401 may be an expired token; refresh it once before moving on */
+        if (is_watsonx(t) && status == 401 && !j->refreshed) {
+            j->refreshed = 1;
+            j->state = JS_BACKOFF;
+            timer_in(j, 0);
+            return;
+        }
+        if (status == 401 || status == 0)
+            pq_prov_key_rest(j->prov, j->key, t->p->key_rest_ms, 1);
+        if (j->key < 64)
+            j->excluded |= 1ULL << j->key;
+        j->refreshed = 0;
+        job_attempt(j); /* the next key, or the next target when none is left */
+        return;
+    }
+    if (!pq_err_is_retryable(err)) {
+        next_target(j); /* 400/404/422, unsupported */
+        return;
+    }
+    if (err == PQ_ERR_RATE_LIMITED && status == 429)
+        pq_prov_key_rest(j->prov, j->key, retry_after >= 0 ? retry_after : t->p->key_rest_ms, 0);
+    j->tries++;
+    pq_counter_add(w->m.retries, 1);
+    if (j->tries > t->p->retries_per_target) {
+        next_target(j);
+        return;
+    }
+    delay = backoff_ms(t->p, j->tries);
+    if (retry_after >= 0) {
+        if (retry_after > t->p->max_retry_wait_ms || deadline_passed(j, retry_after)) {
+            next_target(j);
+            return;
+        }
+        delay = retry_after;
+    }
+    job_backoff(j, delay);
 }
 
 static void on_http_done(void *opaque, const pq_http_result_t *res)
@@ -730,13 +964,13 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     pq_worker_t *w = j->w;
     const pq_target_t *t = &j->route->targets[j->target];
     const pq_provider_ops_t *ops = pq_provider_find(t->p->type);
-    json_t *completion = NULL;
+    json_t *completion = NULL, *total;
     char msg[256];
     pq_err_t err;
-    int64_t delay;
+    int64_t tokens = -1;
+    int probe = j->probe;
 
     j->http = NULL;
-    j->http_status = res->status;
     msg[0] = '\0';
     if (res->err == PQ_OK) {
         err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, msg,
@@ -748,41 +982,159 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         else
             snprintf(msg, sizeof(msg), "%s: %s", t->provider, res->detail);
     }
+    if (is_watsonx(t) && err == PQ_ERR_AUTH)
+        pq_prov_token_invalidate(j->prov, j->key, j->token_used);
+    if (completion) {
+        total = json_object_get(json_object_get(completion, "usage"), "total_tokens");
+        if (json_is_integer(total))
+            tokens = json_integer_value(total);
+    }
+    release_slot(j, tokens, 0);
+    j->probe = 0;
+    /* health: connect, timeout, 5xx, malformed fail the circuit; rate limits and refusals
+     * prove the provider answers */
+    if (j->circ)
+        pq_circuit_record(j->circ, pq_err_is_retryable(err) && err != PQ_ERR_RATE_LIMITED, probe);
+    attempt_note(j, t, err, res->status, res->elapsed_ms, msg);
     if (err == PQ_OK) {
         j->response = completion;
         j->err = PQ_OK;
+        j->http_status = res->status;
+        j->last_target = t;
+        job_cache_store(j);
         job_finish(j, "succeeded", PQ_OK, NULL);
         return;
     }
     pq_counter_add(w->m.provider_errors, 1);
-    j->err = err;
-    pq_strlcpy(j->errmsg, msg, sizeof(j->errmsg));
-    PQ_DBG("job %s/%s: %s attempt %d: %s", tenant_of(j), id_of(j), t->provider, j->attempts, msg);
-    if (err == PQ_ERR_TOO_LARGE) {
-        job_finish(j, "failed", err, msg);
-        return;
-    }
-    if (!pq_err_is_retryable(err)) {
-        next_target(j); /* 400/404/422, 401/403 (key rotation comes later) */
-        return;
-    }
-    j->any_retryable = 1;
-    j->tries++;
-    pq_counter_add(w->m.retries, 1);
-    if (j->tries > t->p->retries_per_target) {
+    attempt_failed(j, err, res->status, res->retry_after_ms, msg);
+}
+
+/* Builds and sends the call with key (an API key, a watsonx token, or NULL). */
+static void job_send(pq_job_t *j, const char *key)
+{
+    pq_worker_t *w = j->w;
+    const pq_target_t *t = &j->route->targets[j->target];
+    const pq_provider_ops_t *ops = pq_provider_find(t->p->type);
+    pq_provider_req_t req;
+    char msg[256] = "";
+    pq_err_t err;
+
+    memset(&req, 0, sizeof(req));
+    err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));
+    if (err != PQ_OK) {
+        /* the target cannot express the request (or its config is unusable): skip it */
+        release_slot(j, -1, 1);
+        give_back_probe(j);
+        if (err == PQ_ERR_UNSUPPORTED)
+            pq_counter_add(w->m.skips, 1);
+        attempt_note(j, t, err, 0, -1, msg);
+        note_error(j, t, err, 0, msg);
         next_target(j);
         return;
     }
-    delay = backoff_ms(t->p, j->tries);
-    if (res->retry_after_ms >= 0) {
-        if (res->retry_after_ms > t->p->max_retry_wait_ms ||
-            deadline_passed(j, res->retry_after_ms)) {
-            next_target(j);
+    if (is_watsonx(t))
+        pq_strlcpy(j->token_used, key ? key : "", sizeof(j->token_used));
+    j->attempts++;
+    j->pass_attempts++;
+    pq_counter_add(w->m.provider_calls, 1);
+    j->http = pq_http_post(w->http, req.url, req.headers, req.body, req.body_len, t->p->timeout_ms,
+                           (size_t)w->conf->max_response_bytes, on_http_done, j);
+    req.headers = NULL;
+    req.body = NULL;
+    pq_provider_req_clear(&req);
+    if (!j->http) {
+        release_slot(j, -1, 1);
+        give_back_probe(j);
+        note_error(j, t, PQ_ERR_INTERNAL, 0, "could not start the HTTP request");
+        j->any_retryable = 1;
+        job_backoff(j, backoff_ms(t->p, ++j->tries));
+        return;
+    }
+    j->state = JS_CALL;
+}
+
+static void on_token(void *opaque, const char *token, pq_err_t err)
+{
+    pq_job_t *j = opaque;
+    const pq_target_t *t = &j->route->targets[j->target];
+    char msg[160];
+
+    if (token) {
+        job_send(j, token);
+        return;
+    }
+    release_slot(j, -1, 1);
+    give_back_probe(j);
+    snprintf(msg, sizeof(msg), "%s: IAM token exchange failed (%s)", t->provider, pq_err_name(err));
+    attempt_note(j, t, err, 0, -1, msg);
+    j->refreshed = 1; /* a fresh token was just asked for */
+    attempt_failed(j, err, 0, -1, msg);
+}
+
+/* A slot (and key) is ours. */
+static void job_granted(pq_job_t *j, int key)
+{
+    const pq_target_t *t = &j->route->targets[j->target];
+    const char *token = NULL;
+    pq_err_t err = PQ_OK;
+
+    j->slot_held = 1;
+    j->key = key;
+    if (!is_watsonx(t)) {
+        job_send(j, pq_prov_key(j->prov, key));
+        return;
+    }
+    j->tw.cb = on_token;
+    j->tw.opaque = j;
+    switch (pq_prov_token(j->prov, key, &j->tw, &token, &err)) {
+    case 0:
+        job_send(j, token);
+        break;
+    case 1:
+        j->state = JS_TOKEN;
+        break;
+    default:
+        on_token(j, NULL, err);
+        break;
+    }
+}
+
+/* No key of the target is usable for this job right now. */
+static void job_no_key(pq_job_t *j, pq_err_t err, int64_t wake)
+{
+    const pq_target_t *t = &j->route->targets[j->target];
+    int64_t wait = wake - pq_mono_ms();
+    char msg[200];
+
+    give_back_probe(j);
+    if (err == PQ_ERR_RATE_LIMITED) {
+        if (wait < 0)
+            wait = 0;
+        if (wait <= t->p->max_retry_wait_ms && j->tries < t->p->retries_per_target &&
+            !deadline_passed(j, wait)) {
+            j->tries++;
+            job_backoff(j, wait);
             return;
         }
-        delay = res->retry_after_ms;
+        snprintf(msg, sizeof(msg), "every key of %s is resting after rate limits", t->provider);
+    } else {
+        snprintf(msg, sizeof(msg), "every key of %s was refused", t->provider);
     }
-    job_backoff(j, delay);
+    attempt_note(j, t, err, 0, -1, msg);
+    if (err == PQ_ERR_RATE_LIMITED || j->err == PQ_OK || j->last_target != t)
+        note_error(j, t, err, err == PQ_ERR_AUTH ? j->http_status : 0, msg);
+    next_target(j);
+}
+
+static void on_slot(void *opaque, int key, pq_err_t err, int64_t wake_ms)
+{
+    pq_job_t *j = opaque;
+
+    evtimer_del(&j->timer); /* the deadline watch */
+    if (key < 0)
+        job_no_key(j, err, wake_ms);
+    else
+        job_granted(j, key);
 }
 
 static void job_attempt(pq_job_t *j)
@@ -792,59 +1144,159 @@ static void job_attempt(pq_job_t *j)
 
     for (;;) {
         const pq_target_t *t;
-        const pq_provider_ops_t *ops;
-        pq_provider_req_t req;
-        const char *key = NULL;
-        pq_err_t err;
+        int a, key = -1, rc;
+        int64_t wake = 0;
+        pq_err_t err = PQ_OK;
 
         if (deadline_passed(j, 0)) {
             job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed while retrying");
             return;
         }
-        if (j->target >= j->route->ntargets) {
+        if (j->target >= j->route->ntargets || j->pass_attempts >= w->conf->max_attempts) {
             job_exhausted(j);
             return;
         }
         t = &j->route->targets[j->target];
-        ops = pq_provider_find(t->p->type);
-        if (!ops) {
-            j->err = PQ_ERR_UNSUPPORTED;
-            snprintf(j->errmsg, sizeof(j->errmsg), "provider type \"%s\" (%s) is not supported yet",
-                     t->p->type, t->provider);
+        j->prov = pq_provs_get(w->provs, t->p);
+        j->circ = j->prov ? pq_prov_circuit(j->prov, t) : NULL;
+        if (!pq_provider_find(t->p->type) || !j->prov) {
+            snprintf(msg, sizeof(msg), "provider type \"%s\" (%s) is not supported", t->p->type,
+                     t->provider);
+            pq_counter_add(w->m.skips, 1);
+            attempt_note(j, t, PQ_ERR_UNSUPPORTED, 0, -1, msg);
+            note_error(j, t, PQ_ERR_UNSUPPORTED, 0, msg);
             j->target++;
             j->tries = 0;
+            j->excluded = 0;
             continue;
         }
-        if (t->p->napi_keys > 0)
-            key = t->p->api_keys[(size_t)j->attempts % t->p->napi_keys];
-        msg[0] = '\0';
-        err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));
-        if (err != PQ_OK) {
-            j->err = err;
-            pq_strlcpy(j->errmsg, msg, sizeof(j->errmsg));
-            j->target++;
-            j->tries = 0;
-            continue;
+        if (!j->probe) {
+            a = j->circ ? pq_circuit_allow(j->circ) : 1;
+            if (a == 0) {
+                snprintf(msg, sizeof(msg), "circuit of %s/%s is open", t->provider, t->model);
+                pq_counter_add(w->m.skips, 1);
+                attempt_note(j, t, PQ_ERR_CIRCUIT_OPEN, 0, -1, msg);
+                note_error(j, t, PQ_ERR_CIRCUIT_OPEN, 0, msg);
+                j->target++;
+                j->tries = 0;
+                j->excluded = 0;
+                continue;
+            }
+            j->probe = a == 2;
         }
-        j->last_target = t;
-        j->attempts++;
-        pq_counter_add(w->m.provider_calls, 1);
-        j->http =
-            pq_http_post(w->http, req.url, req.headers, req.body, req.body_len, t->p->timeout_ms,
-                         (size_t)w->conf->max_response_bytes, on_http_done, j);
-        req.headers = NULL;
-        req.body = NULL;
-        pq_provider_req_clear(&req);
-        if (!j->http) {
-            j->err = PQ_ERR_INTERNAL;
-            snprintf(j->errmsg, sizeof(j->errmsg), "could not start the HTTP request");
-            j->any_retryable = 1;
-            job_backoff(j, backoff_ms(t->p, ++j->tries));
-            return;
+        j->sw.cost = j->prov && pq_prov_conf(j->prov)->tpm > 0 ? job_cost(j) : 1.0;
+        j->cost = j->sw.cost;
+        j->sw.excluded = j->excluded;
+        j->sw.cb = on_slot;
+        j->sw.opaque = j;
+        rc = pq_prov_acquire(j->prov, &j->sw, &key, &err, &wake);
+        if (rc == 0) {
+            job_granted(j, key);
+        } else if (rc == 1) {
+            j->state = JS_QUEUED;
+            if (j->env.deadline_ms > 0)
+                timer_in(j, j->env.deadline_ms - pq_now_ms());
+        } else {
+            job_no_key(j, err, wake);
         }
-        j->state = JS_CALL;
         return;
     }
+}
+
+/* ---- cache (DESIGN §4) ---- */
+
+static int job_cacheable(const pq_job_t *j)
+{
+    const json_t *temp;
+
+    if (j->env.cache == 1)
+        return 1;
+    if (j->env.cache == 0 || !j->w->conf->cache_temperature_zero)
+        return 0;
+    temp = json_object_get(j->env.request, "temperature");
+    return json_is_number(temp) && json_number_value(temp) == 0.0;
+}
+
+static void on_cache_set_reply(void *opaque, redisReply *reply)
+{
+    pq_job_t *j = opaque;
+
+    j->nredis--;
+    if (j->state == JS_GONE && j->nredis == 0)
+        job_free(j);
+}
+
+/* Stores a fresh answer under promptq:cache:{tenant}:{request hash}: {"provider","model",
+ * "response"}; best effort. */
+static void job_cache_store(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    json_t *doc;
+    char *val, ttl[24];
+    const char *argv[6];
+    size_t lens[6], len;
+
+    if (!j->cacheable || !j->last_target || !j->cache_key[0])
+        return;
+    doc = json_pack("{s:s, s:s, s:O}", "provider", j->last_target->provider, "model",
+                    j->last_target->model, "response", j->response);
+    val = dump(doc, &len);
+    json_decref(doc);
+    if (!val)
+        return;
+    snprintf(ttl, sizeof(ttl), "%" PRId64, w->conf->cache_ttl_s * 1000);
+    argv[0] = "SET";
+    argv[1] = j->cache_key;
+    argv[2] = val;
+    argv[3] = "PX";
+    argv[4] = ttl;
+    for (int i = 0; i < 5; i++)
+        lens[i] = strlen(argv[i]);
+    lens[2] = len;
+    if (pq_redis_command(w->redis, 5, argv, lens, on_cache_set_reply, j) == 0) {
+        j->nredis++;
+        pq_counter_add(w->m.cache_stores, 1);
+    }
+    free(val);
+}
+
+/* The job runs: look in the cache first when it is cacheable, else call providers. */
+static void job_run(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+
+    j->cacheable = job_cacheable(j);
+    if (j->cacheable && pq_key_cache(j->cache_key, sizeof(j->cache_key), w->conf->redis_prefix,
+                                     tenant_of(j), j->env.request_hash) >= 0) {
+        j->state = JS_CACHE;
+        j->rstep = RS_CACHE_GET;
+        job_redis_issue(j);
+        return;
+    }
+    j->cache_key[0] = '\0';
+    job_attempt(j);
+}
+
+static void on_cache_get(pq_job_t *j, redisReply *r)
+{
+    pq_worker_t *w = j->w;
+    json_t *doc = NULL, *resp;
+
+    if (r->type == REDIS_REPLY_STRING)
+        doc = json_loadb(r->str, r->len, 0, NULL);
+    resp = json_object_get(doc, "response");
+    if (json_is_object(resp) && json_is_string(json_object_get(doc, "provider")) &&
+        json_is_string(json_object_get(doc, "model"))) {
+        pq_counter_add(w->m.cache_hits, 1);
+        PQ_DBG("job %s/%s: cache hit", tenant_of(j), id_of(j));
+        j->cached = doc;
+        j->response = json_incref(resp);
+        job_finish(j, "succeeded", PQ_OK, NULL);
+        return;
+    }
+    json_decref(doc);
+    pq_counter_add(w->m.cache_misses, 1);
+    job_attempt(j);
 }
 
 /* ---- terminal write ---- */
@@ -898,6 +1350,13 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     case JS_BACKOFF:
         job_attempt(j);
         break;
+    case JS_QUEUED:
+        /* the deadline passed while waiting for a slot */
+        pq_prov_cancel(j->prov, &j->sw);
+        give_back_probe(j);
+        job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed while waiting for a provider");
+        break;
+    case JS_CACHE:
     case JS_BEGIN:
     case JS_FINISH:
         if (!j->result && j->state == JS_FINISH)
@@ -1005,6 +1464,21 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
 
 /* ---- shutdown ---- */
 
+/* Cancels the job's call or wait, gives its slot and probe role back. */
+static void job_stop_calls(pq_job_t *j)
+{
+    if (j->http) {
+        pq_http_cancel(j->w->http, j->http);
+        j->http = NULL;
+    }
+    if (j->prov) {
+        pq_prov_cancel(j->prov, &j->sw);
+        pq_prov_token_cancel(j->prov, &j->tw);
+    }
+    release_slot(j, -1, 1);
+    give_back_probe(j);
+}
+
 void pq_job_hand_back_all(pq_worker_t *w)
 {
     pq_job_t *j;
@@ -1017,10 +1491,7 @@ void pq_job_hand_back_all(pq_worker_t *w)
             continue; /* their offsets are not stored any more; redelivery re-publishes */
         evtimer_del(&j->timer);
         event_del(&j->renew);
-        if (j->http) {
-            pq_http_cancel(w->http, j->http);
-            j->http = NULL;
-        }
+        job_stop_calls(j);
         if (j->in_wait) {
             TAILQ_REMOVE(&w->redis_wait, j, wait_link);
             j->in_wait = 0;
@@ -1040,8 +1511,7 @@ void pq_job_free_all(pq_worker_t *w)
 
     while ((j = TAILQ_FIRST(&w->jobs))) {
         TAILQ_REMOVE(&w->jobs, j, link);
-        if (j->http)
-            pq_http_cancel(w->http, j->http);
+        job_stop_calls(j);
         pq_part_unref(j->part);
         j->part = NULL;
         j->state = JS_GONE;

@@ -317,7 +317,13 @@ static void drain_consumer(pq_worker_t *w)
     int n;
 
     for (n = 0; n < DRAIN_BUDGET; n++) {
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(w->consumer, 0);
+        rd_kafka_message_t *m;
+        /* Full: pause now, not after the batch, so librdkafka drops what it prefetched for
+         * the paused partitions (fetched again on resume) instead of handing it all over.
+         * Polling goes on while paused (max.poll.interval.ms); what still comes is taken. */
+        if (!w->paused && w->inflight >= w->max_inflight)
+            update_flow(w);
+        m = rd_kafka_consumer_poll(w->consumer, 0);
         if (!m)
             break;
         if (m->err)
@@ -326,7 +332,7 @@ static void drain_consumer(pq_worker_t *w)
             on_message(w, m);
         rd_kafka_message_destroy(m);
     }
-    if (n == DRAIN_BUDGET)
+    if (n == DRAIN_BUDGET && w->inflight < w->max_inflight)
         event_active(w->ev_drain, 0, 0); /* more waiting: let other events run first */
     update_flow(w);
 }
@@ -500,6 +506,14 @@ static void metrics_init(pq_worker_t *w)
                                         "job steps that waited for Redis", NULL);
     m->produce_errors = pq_metrics_counter(mm, "promptq_worker_produce_errors_total",
                                            "result/dlq produce or delivery failures", NULL);
+    m->skips = pq_metrics_counter(mm, "promptq_worker_target_skips_total",
+                                  "targets skipped (open circuit, request not expressible)", NULL);
+    m->cache_hits = pq_metrics_counter(mm, "promptq_worker_cache_total", "response cache lookups",
+                                       "outcome=\"hit\"");
+    m->cache_misses = pq_metrics_counter(mm, "promptq_worker_cache_total", "response cache lookups",
+                                         "outcome=\"miss\"");
+    m->cache_stores = pq_metrics_counter(mm, "promptq_worker_cache_total", "response cache lookups",
+                                         "outcome=\"stored\"");
     m->inflight = pq_metrics_gauge(mm, "promptq_worker_inflight", "jobs in flight", NULL);
     m->latency = pq_metrics_histogram(mm, "promptq_worker_job_seconds",
                                       "job latency from produce to terminal write", NULL,
@@ -513,6 +527,16 @@ static rd_kafka_t *consumer_new(pq_worker_t *w, char *errstr, size_t errstr_size
 
     if (!kc)
         return NULL;
+    /* Bound librdkafka's prefetch (default 100000 messages / 64 MB per partition) near
+     * max_inflight, unless the kafka section sets it: in-flight stays near the cap and a pause
+     * drops little. */
+    if (!pq_conf_kafka_get(w->conf, "queued.min.messages")) {
+        char v[24];
+        snprintf(v, sizeof(v), "%zu", w->max_inflight < 100 ? (size_t)100 : w->max_inflight);
+        rd_kafka_conf_set(kc, "queued.min.messages", v, NULL, 0);
+    }
+    if (!pq_conf_kafka_get(w->conf, "queued.max.messages.kbytes"))
+        rd_kafka_conf_set(kc, "queued.max.messages.kbytes", "16384", NULL, 0);
     rd_kafka_conf_set_opaque(kc, w);
     rd_kafka_conf_set_rebalance_cb(kc, on_rebalance);
     rd_kafka_conf_set_log_cb(kc, on_kafka_log);
@@ -602,6 +626,9 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     }
     w->http = pq_http_new(w->base, max_conns, errstr, errstr_size);
     if (!w->http)
+        goto out_fail;
+    w->provs = pq_provs_new(w->base, conf, w->http, w->metrics, errstr, errstr_size);
+    if (!w->provs)
         goto out_fail;
     w->redis = pq_redis_new(w->base, conf->redis_host, conf->redis_port, conf->redis_password,
                             conf->redis_db, 5000, on_redis_state, w, errstr, errstr_size);
@@ -738,6 +765,7 @@ void pq_worker_destroy(pq_worker_t *w)
         rd_kafka_destroy(w->producer);
     free(w->cluster_id);
     pq_redis_destroy(w->redis);
+    pq_provs_destroy(w->provs);
     pq_http_destroy(w->http);
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (*evs[i])

@@ -13,6 +13,7 @@
 #include "promptq/metrics.h"
 #include "http.h"
 #include "offsets.h"
+#include "prov.h"
 #include "redis.h"
 #include "worker.h"
 
@@ -37,7 +38,8 @@ TAILQ_HEAD(pq_part_list, pq_part_s);
 typedef struct pq_worker_metrics_s {
     pq_counter_t *received, *succeeded, *failed, *expired, *dlq, *invalid, *republished, *conflicts,
         *poison, *provider_calls, *provider_errors, *retries, *duplicates, *offset_resets,
-        *handed_back, *redis_waits, *produce_errors;
+        *handed_back, *redis_waits, *produce_errors, *skips, *cache_hits, *cache_misses,
+        *cache_stores;
     pq_gauge_t *inflight;
     pq_hist_t *latency;
 } pq_worker_metrics_t;
@@ -55,6 +57,7 @@ struct pq_worker_s {
     char *cluster_id;
 
     pq_http_t *http;
+    pq_provs_t *provs; /* keys, slots, rate limits, circuits, tokens per provider */
     pq_redis_t *redis;
     char owner[192]; /* lease owner: instance id + per-process nonce */
     pq_envelope_limits_t limits;

@@ -104,6 +104,7 @@ typedef struct pq_conf_s {
     int64_t max_response_bytes;
     int max_deliveries; /* redeliveries before a job is poison, default 5 */
     int lease_ms;       /* default 30000 */
+    int max_attempts;   /* provider calls per job per pass over its route, default 10 */
     int worker_threads; /* default 1 */
 
     /* log */

@@ -1,0 +1,129 @@
+/* Runtime state of the configured providers, shared by every job on a worker loop (DESIGN.md §8):
+ *
+ *   - API keys rotated round-robin among rested ones (a key that answered 429 rests for its
+ *     Retry-After or key_rest_ms, one that answered 401 rests key_rest_ms);
+ *   - calls in flight capped by max_concurrency, the rest wait in a FIFO on the loop (no busy
+ *     waiting: a timer or a released slot wakes the queue);
+ *   - rpm and tpm token buckets per key (one second of burst; tpm may go into debt by one
+ *     request, so large requests pass and the average rate holds), applying to all traffic;
+ *   - a circuit breaker per (provider, model): opens on circuit_failures consecutive failures or
+ *     a failure ratio >= circuit_ratio over the last circuit_window calls (at least
+ *     min(circuit_window, 10) calls), stays open circuit_cooldown_ms, then half-opens for ONE
+ *     probe (the configured probe, or a job's call when no probe is in flight); while it stays
+ *     open it is probed every min(circuit_cooldown_ms, probe_interval_ms);
+ *   - watsonx IAM tokens per (provider, key): one exchange in flight per key, waiters queue,
+ *     cached until the refresh time pq_watsonx_token_parse gives;
+ *   - metrics: promptq_worker_attempts_total{provider,model,outcome} and
+ *     promptq_worker_provider_seconds{provider}.
+ * Everything runs on the loop's thread. */
+#ifndef PQ_WORKER_PROV_H
+#define PQ_WORKER_PROV_H
+
+#include <stdint.h>
+#include <sys/queue.h>
+#include <event2/event.h>
+#include "promptq/conf.h"
+#include "promptq/err.h"
+#include "promptq/metrics.h"
+#include "http.h"
+
+typedef struct pq_provs_s pq_provs_t;
+typedef struct pq_prov_s pq_prov_t;
+typedef struct pq_circuit_s pq_circuit_t;
+
+/* Slot granted: key >= 0 is the key index (0 for a provider without keys) and err PQ_OK; the
+ * slot is held until pq_prov_release. No usable key: key -1 and err PQ_ERR_AUTH (every key
+ * this waiter may use was refused) or PQ_ERR_RATE_LIMITED (they all rest; wake_ms is the
+ * monotonic time the first one wakes). */
+typedef void(pq_slot_cb)(void *opaque, int key, pq_err_t err, int64_t wake_ms);
+
+/* A call waiting for a slot; embedded in its owner, which fills cost, excluded, cb, opaque. */
+typedef struct pq_slot_wait_s {
+    TAILQ_ENTRY(pq_slot_wait_s) link;
+    int queued;
+    double cost;       /* estimated tokens of the call (tpm) */
+    uint64_t excluded; /* bit i: key i (i < 64) refused this waiter, do not use it */
+    pq_slot_cb *cb;
+    void *opaque;
+} pq_slot_wait_t;
+
+/* token: borrowed for the callback only; NULL with err set on failure (PQ_ERR_AUTH when IAM
+ * refused the key). */
+typedef void(pq_token_cb)(void *opaque, const char *token, pq_err_t err);
+
+typedef struct pq_token_wait_s {
+    TAILQ_ENTRY(pq_token_wait_s) link;
+    int queued;
+    int key;
+    pq_token_cb *cb;
+    void *opaque;
+} pq_token_wait_t;
+
+/* base, conf, http, metrics: borrowed, must outlive the result. NULL + errstr on failure. */
+pq_provs_t *pq_provs_new(struct event_base *base, const pq_conf_t *conf, pq_http_t *http,
+                         pq_metrics_t *metrics, char *errstr, size_t errstr_size);
+
+/* Cancels probes and token exchanges and frees. Waiters must be gone. NULL is a no-op. */
+void pq_provs_destroy(pq_provs_t *ps);
+
+/* The state of a configured provider (p points into conf->providers). Borrowed. */
+pq_prov_t *pq_provs_get(pq_provs_t *ps, const pq_provider_conf_t *p);
+
+/* Provider config of a state. Borrowed. */
+const pq_provider_conf_t *pq_prov_conf(const pq_prov_t *pv);
+
+/* The key string of index key, NULL for a provider without keys. Borrowed. */
+const char *pq_prov_key(const pq_prov_t *pv, int key);
+
+/* Asks for a call slot. Returns 0 when granted now (*key set; the callback does not run), 1
+ * when queued (the callback runs later, from the loop), -1 when no key is usable (*err and
+ * *wake_ms as in pq_slot_cb). */
+int pq_prov_acquire(pq_prov_t *pv, pq_slot_wait_t *w, int *key, pq_err_t *err, int64_t *wake_ms);
+
+/* Leaves the queue (no callback). No-op when not queued. */
+void pq_prov_cancel(pq_prov_t *pv, pq_slot_wait_t *w);
+
+/* Gives a slot back. cost: what acquire charged; tokens: tokens the provider reported using
+ * (corrects the tpm bucket), or -1 when unknown (or when the call never happened: refund
+ * with refund = 1). */
+void pq_prov_release(pq_prov_t *pv, int key, double cost, int64_t tokens, int refund);
+
+/* A key answered 429 (auth = 0) or 401 (auth = 1): it rests ms milliseconds. */
+void pq_prov_key_rest(pq_prov_t *pv, int key, int64_t ms, int auth);
+
+/* watsonx IAM token of key: returns 0 with *token set (borrowed: copy it before returning to
+ * the loop), 1 when the exchange is in flight (the callback runs later), -1 on a local failure
+ * (*err set). */
+int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token, pq_err_t *err);
+
+/* Leaves the token queue (no callback). No-op when not queued. */
+void pq_prov_token_cancel(pq_prov_t *pv, pq_token_wait_t *w);
+
+/* The chat endpoint refused token: drop it from the cache if it is still the cached one. */
+void pq_prov_token_invalidate(pq_prov_t *pv, int key, const char *token);
+
+/* IAM exchanges started (tests, stats). */
+uint64_t pq_prov_token_fetches(const pq_prov_t *pv);
+
+/* The circuit of (provider, model) of target (created on first use). Borrowed. */
+pq_circuit_t *pq_prov_circuit(pq_prov_t *pv, const pq_target_t *target);
+
+/* 1: call allowed; 2: allowed as the half-open probe (report it with probe = 1, or give the
+ * role back with pq_circuit_probe_abort); 0: open, skip the target. */
+int pq_circuit_allow(pq_circuit_t *c);
+
+/* Outcome of a call: failure = 1 for a health failure (connect, timeout, 5xx, malformed).
+ * probe: the call was the half-open probe. */
+void pq_circuit_record(pq_circuit_t *c, int failure, int probe);
+
+/* The probe role given by pq_circuit_allow was not used. */
+void pq_circuit_probe_abort(pq_circuit_t *c);
+
+/* Counts one attempt of (provider, model) with its outcome (PQ_OK or an error code) and, when
+ * latency_ms >= 0, its latency. */
+void pq_circuit_count(pq_circuit_t *c, pq_err_t outcome, int64_t latency_ms);
+
+/* "closed", "open" or "half_open". */
+const char *pq_circuit_state(const pq_circuit_t *c);
+
+#endif
