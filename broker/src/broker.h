@@ -23,6 +23,7 @@
 #include "promptq/conf.h"
 #include "promptq/envelope.h"
 #include "promptq/metrics.h"
+#include "promptq/spool.h"
 
 /* Room the broker keeps below message.max.bytes for what it adds to a client's envelope (id,
  * tenant, reply_to) and for the Kafka record overhead. */
@@ -65,6 +66,7 @@ void pq_bconf_ref(pq_bconf_t *bc);
 void pq_bconf_unref(pq_bconf_t *bc);
 
 typedef struct pq_bthread_s pq_bthread_t;
+typedef struct pq_drain_s pq_drain_t;
 
 /* Process-wide state. */
 typedef struct pq_broker_s {
@@ -74,8 +76,31 @@ typedef struct pq_broker_s {
     pq_bthread_t **threads;
     int port; /* the port actually bound (listen port 0 = any) */
 
+    /* The local spool (G1): jobs Kafka did not confirm in time; drained by one thread. */
+    pq_spool_t *spool;
+    pq_drain_t *drain;
+    atomic_int kafka_state; /* process-wide view for logs: -1 unknown, 0 down, 1 up */
+
     pq_metrics_t *metrics;
     pq_counter_t *m_accepted;
+    pq_counter_t *m_accepted_spooled;
+    pq_counter_t *m_spool_refused_full;
+    pq_counter_t *m_spool_refused_error;
+    pq_counter_t *m_drained;
+    pq_counter_t *m_drain_failed;
+    pq_counter_t *m_drain_dropped;
+    pq_counter_t *m_producer_recreated;
+    pq_counter_t *m_late_delivered;
+    /* from pq_spool_stats when /metrics is rendered */
+    pthread_mutex_t spool_stats_mu;
+    pq_spool_stats_t spool_last;
+    pq_gauge_t *m_spool_pending_records;
+    pq_gauge_t *m_spool_pending_bytes;
+    pq_gauge_t *m_spool_disk_bytes;
+    pq_gauge_t *m_spool_per_fsync;
+    pq_counter_t *m_spool_committed;
+    pq_counter_t *m_spool_fsyncs;
+    pq_counter_t *m_spool_write_failed;
     pq_counter_t *m_unavailable;
     pq_counter_t *m_redis_errors;
     pq_counter_t *m_conflicts;
@@ -89,6 +114,8 @@ typedef enum {
     PQ_SLOT_REDIS_CREATE, /* POST: waiting for pq_script_job_create */
     PQ_SLOT_PRODUCING,    /* POST: waiting for the delivery report */
     PQ_SLOT_GET,          /* GET /v1/jobs/{id}: waiting for HGETALL */
+    PQ_SLOT_SPOOLING,     /* POST: handed to the spool, waiting for its fsync (no timer: the
+                           * spool calls back exactly once; the slot is not reused before) */
 } pq_slot_state_t;
 
 /* One request waiting for Redis or Kafka. Slots are pooled per thread. */
@@ -153,6 +180,15 @@ struct pq_bthread_s {
     struct event *redis_retry_ev;
     struct event *redis_watch_ev;
 
+    /* spool completions, pushed by the spool's writer thread, served on this loop */
+    pthread_mutex_t spool_mu;
+    int spool_mu_ready;
+    struct pq_spool_done_s *spool_done; /* guarded by spool_mu */
+    size_t spool_ndone, spool_cap;
+    struct pq_spool_done_s *spool_work; /* the loop's swapped-out batch */
+    size_t spool_work_cap;
+    struct event *spool_ev;
+
     /* metrics: counters by path and status code, registered on first use */
     pq_counter_t *m_requests[PQ_PATH__COUNT][PQ_BROKER_NCODES];
 };
@@ -188,8 +224,37 @@ void pq_intake_redis_reply(pq_slot_t *s, long long result, int ok);
 void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m);
 void pq_intake_timeout(pq_slot_t *s);
 /* Every job that could not be made durable in time ends here (ack deadline passed, Kafka known
- * down, delivery failed retryably, shutting down). The spool takes over here later. */
+ * down, delivery failed retryably, producer recreated, shutting down): the job goes to the
+ * spool and is answered 202 "spooled" once it is fsync'd, or 503 + Retry-After if the spool
+ * cannot take it. */
 void pq_intake_not_durable(pq_slot_t *s, const char *why);
+/* The spool's answer for a slot in PQ_SLOT_SPOOLING (on the slot's loop). */
+void pq_intake_spooled(pq_slot_t *s, pq_err_t err);
+
+/* bspool.c: the broker's side of the spool */
+/* Opens the spool (conf->spool_dir; fails if another process holds it). Returns 0, or -1 with
+ * errstr set. */
+int pq_bspool_open(pq_broker_t *b, char *errstr, size_t errstr_size);
+/* Starts the drainer thread (after the loops are initialised, before they run). */
+int pq_bspool_start(pq_broker_t *b, char *errstr, size_t errstr_size);
+/* Stops the drainer (what it holds goes back to the spool), then closes the spool. Every
+ * pending callback has run when this returns. NULL-safe on a broker without a spool. */
+void pq_bspool_close(pq_broker_t *b);
+/* Per-loop completion queue: set up before the loop runs, freed after pq_bspool_close. */
+int pq_bspool_thread_init(pq_bthread_t *t);
+void pq_bspool_thread_free(pq_bthread_t *t);
+/* Hands the slot's payload to the spool (slot state becomes PQ_SLOT_SPOOLING on PQ_OK; the
+ * answer comes through pq_intake_spooled). Returns PQ_OK, PQ_ERR_UNAVAILABLE (full or
+ * closing), PQ_ERR_TOO_LARGE or another error; on error the slot is untouched. */
+pq_err_t pq_bspool_append(pq_slot_t *s);
+/* 1 if the spool has no room for more jobs (readiness). */
+int pq_bspool_full(pq_broker_t *b);
+/* 1 if any producer of the process (a loop's or the drainer's) reaches Kafka. */
+int pq_bspool_kafka_up(pq_broker_t *b);
+/* Recomputes the process-wide Kafka state and logs a change (any thread). */
+void pq_bspool_kafka_changed(pq_broker_t *b);
+/* Refreshes the spool gauges and counters before /metrics is rendered. */
+void pq_bspool_metrics(pq_broker_t *b);
 
 /* jobs.c: GET /v1/jobs/{id} */
 void pq_jobs_get(pq_bthread_t *t, struct evhttp_request *req, const char *id);
@@ -215,6 +280,11 @@ const char *pq_rconn_sha(const char *script);
 int pq_kprod_start(pq_bthread_t *t, char *errstr, size_t errstr_size);
 /* Flushes for at most timeout_ms, then destroys the producer. */
 void pq_kprod_stop(pq_bthread_t *t, int timeout_ms);
+/* A producer configuration with the broker's defaults (statistics for up/down, reconnect
+ * backoff, message timeout). Returns a new conf or NULL with errstr set. */
+rd_kafka_conf_t *pq_kprod_conf(const pq_conf_t *conf, char *errstr, size_t errstr_size);
+/* 1 if a statistics JSON shows a broker connection in state UP. */
+int pq_kprod_stats_up(const char *json, size_t len);
 
 int64_t pq_mono_us(void);
 

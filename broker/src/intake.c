@@ -1,5 +1,11 @@
 /* POST /v1/jobs: authenticate, validate, record (best effort) and produce; answer 202 only
- * from the delivery report (G1), else 503 + Retry-After. */
+ * from the delivery report (G1), or once the job is fsync'd into the local spool when Kafka did
+ * not confirm in time (or is known down); else 503 + Retry-After.
+ *
+ * The job id is written into the envelope before the first produce, so a job that is both
+ * spooled (ack deadline passed) and then delivered late by the loop's producer reaches Kafka
+ * twice with the same (tenant, id): the worker runs it once (G3). The loop's producer gets its
+ * own copy of the payload (RD_KAFKA_MSG_F_COPY) so the slot still has it for the spool. */
 #include "broker.h"
 
 #include <stdio.h>
@@ -13,6 +19,17 @@
 #include "promptq/log.h"
 #include "promptq/scripts.h"
 #include "promptq/util.h"
+
+/* Retry-After when the spool is full: it empties only as fast as Kafka takes it back. */
+#define RETRY_AFTER_FULL "5"
+
+static void reply_unavailable_after(pq_bthread_t *t, struct evhttp_request *req,
+                                    const char *retry_after, const char *why)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", retry_after);
+    pq_counter_add(t->b->m_unavailable, 1);
+    pq_http_error(t, req, PQ_PATH_JOBS, 503, "unavailable", "job not accepted: %s; retry", why);
+}
 
 static void reply_unavailable(pq_bthread_t *t, struct evhttp_request *req, const char *why)
 {
@@ -38,14 +55,35 @@ static void drop_record(pq_slot_t *s)
 void pq_intake_not_durable(pq_slot_t *s, const char *why)
 {
     pq_bthread_t *t = s->t;
+    pq_err_t err;
 
-    PQ_DBG("job %s/%s not durable: %s", s->tenant, s->id, why);
+    if (s->state == PQ_SLOT_SPOOLING)
+        return; /* already on its way to disk */
+    event_del(&s->timer);
+    err = pq_bspool_append(s);
+    if (err == PQ_OK) {
+        PQ_DBG("job %s/%s spooled: %s", s->tenant, s->id, why);
+        return;
+    }
+    PQ_DBG("job %s/%s not durable (%s) and not spooled: %s", s->tenant, s->id, why,
+           pq_err2str(err));
     drop_record(s);
-    reply_unavailable(t, s->req, why);
+    if (err == PQ_ERR_TOO_LARGE) {
+        pq_counter_add(t->b->m_spool_refused_error, 1);
+        pq_http_error(t, s->req, PQ_PATH_JOBS, 413, "too_large",
+                      "job of %zu bytes exceeds the spool's record limit", s->payload_len);
+    } else if (err == PQ_ERR_UNAVAILABLE) {
+        pq_counter_add(t->b->m_spool_refused_full, 1);
+        reply_unavailable_after(t, s->req, RETRY_AFTER_FULL,
+                                "Kafka did not confirm it in time and the local spool is full");
+    } else {
+        pq_counter_add(t->b->m_spool_refused_error, 1);
+        reply_unavailable(t, s->req, why);
+    }
     pq_slot_release(s);
 }
 
-static void reply_accepted(pq_slot_t *s)
+static void reply_accepted(pq_slot_t *s, int spooled)
 {
     pq_bthread_t *t = s->t;
     struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
@@ -55,10 +93,25 @@ static void reply_accepted(pq_slot_t *s)
     /* ids match [A-Za-z0-9._:-]: nothing to escape in JSON or in the path */
     snprintf(loc, sizeof(loc), "/v1/jobs/%s", s->id);
     evhttp_add_header(h, "Location", loc);
-    n = snprintf(body, sizeof(body),
-                 "{\"id\":\"%s\",\"status\":\"queued\",\"durability\":\"kafka\"}", s->id);
-    pq_counter_add(t->b->m_accepted, 1);
+    n = snprintf(body, sizeof(body), "{\"id\":\"%s\",\"status\":\"queued\",\"durability\":\"%s\"}",
+                 s->id, spooled ? "spooled" : "kafka");
+    pq_counter_add(spooled ? t->b->m_accepted_spooled : t->b->m_accepted, 1);
     pq_http_reply(t, s->req, PQ_PATH_JOBS, 202, body, (size_t)n);
+    pq_slot_release(s);
+}
+
+void pq_intake_spooled(pq_slot_t *s, pq_err_t err)
+{
+    pq_bthread_t *t = s->t;
+
+    if (err == PQ_OK) {
+        reply_accepted(s, 1);
+        return;
+    }
+    /* Writing or syncing failed: nothing was acknowledged. */
+    pq_counter_add(t->b->m_spool_refused_error, 1);
+    drop_record(s);
+    reply_unavailable(t, s->req, "Kafka did not confirm it in time and the local spool failed");
     pq_slot_release(s);
 }
 
@@ -68,11 +121,11 @@ static void produce(pq_slot_t *s)
     pq_bthread_t *t = s->t;
     rd_kafka_resp_err_t err;
 
-    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal) {
+    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal || !t->rk) {
         pq_intake_not_durable(s, "Kafka is unreachable");
         return;
     }
-    err = rd_kafka_producev(t->rk, RD_KAFKA_V_RKT(t->rkt), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
+    err = rd_kafka_producev(t->rk, RD_KAFKA_V_RKT(t->rkt), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
                             RD_KAFKA_V_VALUE(s->payload, s->payload_len),
                             RD_KAFKA_V_KEY(s->id, strlen(s->id)),
                             RD_KAFKA_V_OPAQUE(pq_slot_handle(s)), RD_KAFKA_V_END);
@@ -88,7 +141,6 @@ static void produce(pq_slot_t *s)
         }
         return;
     }
-    s->payload = NULL; /* the producer owns it now */
     s->state = PQ_SLOT_PRODUCING;
     s->t_produce_us = pq_mono_us();
     event_del(&s->timer);
@@ -99,7 +151,7 @@ void pq_intake_redis_reply(pq_slot_t *s, long long result, int ok)
 {
     pq_bthread_t *t = s->t;
 
-    if (s->state == PQ_SLOT_PRODUCING) {
+    if (s->state == PQ_SLOT_PRODUCING || s->state == PQ_SLOT_SPOOLING) {
         /* The check timed out and the job went ahead; remember a record it created so a
          * failure can still drop it. */
         if (ok && result == 1)
@@ -139,16 +191,20 @@ void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
 {
     pq_slot_t *s = pq_slot_from_handle(t, m->_private);
 
-    if (!m->err && atomic_load(&t->kafka_up) != 1)
-        atomic_store(&t->kafka_up, 1);
+    if (!m->err && atomic_exchange(&t->kafka_up, 1) != 1)
+        pq_bspool_kafka_changed(t->b);
     if (!s || s->state != PQ_SLOT_PRODUCING) {
+        /* Already answered (spooled at the ack deadline): the spooled copy is produced again
+         * by the drainer, with the same id (G3 makes the second one harmless). */
         if (m->err)
             PQ_DBG("late delivery failure: %s", rd_kafka_err2str(m->err));
-        return; /* already answered (timed out): nothing to touch */
+        else
+            pq_counter_add(t->b->m_late_delivered, 1);
+        return;
     }
     if (!m->err) {
         pq_hist_observe(t->b->m_ack_latency, (double)(pq_mono_us() - s->t_produce_us) / 1e6);
-        reply_accepted(s);
+        reply_accepted(s, 0);
         return;
     }
     pq_counter_add(t->b->m_produce_errors, 1);
@@ -293,11 +349,6 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
     if (!s->payload) {
         pq_http_error(t, req, PQ_PATH_JOBS, 500, "internal", "cannot serialise the job");
         pq_slot_release(s);
-        return;
-    }
-    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal) {
-        /* Kafka known down: answer at once, without creating a record */
-        pq_intake_not_durable(s, "Kafka is unreachable");
         return;
     }
     if (check_record(s) != 0) {

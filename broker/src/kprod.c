@@ -52,8 +52,10 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
     pq_bthread_t *t = opaque;
 
     if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
-        if (atomic_exchange(&t->kafka_up, 0) != 0)
-            PQ_WARN("thread %d: all Kafka brokers are down: new jobs get 503", t->no);
+        if (atomic_exchange(&t->kafka_up, 0) != 0) {
+            PQ_DBG("thread %d: all Kafka brokers are down: new jobs are spooled", t->no);
+            pq_bspool_kafka_changed(t->b);
+        }
         return;
     }
     if (err == RD_KAFKA_RESP_ERR__FATAL) {
@@ -76,11 +78,18 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
 {
     pq_bthread_t *t = opaque;
-    int up = strstr(json, "\"state\":\"UP\"") != NULL;
 
-    if (up && atomic_exchange(&t->kafka_up, 1) != 1)
-        PQ_INFO("thread %d: Kafka reachable", t->no);
+    if (pq_kprod_stats_up(json, len) && atomic_exchange(&t->kafka_up, 1) != 1) {
+        PQ_DBG("thread %d: Kafka reachable", t->no);
+        pq_bspool_kafka_changed(t->b);
+    }
     return 0;
+}
+
+int pq_kprod_stats_up(const char *json, size_t len)
+{
+    (void)len; /* librdkafka NUL-terminates the statistics */
+    return strstr(json, "\"state\":\"UP\"") != NULL;
 }
 
 static int set_default(rd_kafka_conf_t *kc, const pq_conf_t *conf, const char *key,
@@ -93,11 +102,9 @@ static int set_default(rd_kafka_conf_t *kc, const pq_conf_t *conf, const char *k
     return 0;
 }
 
-static rd_kafka_t *producer_new(pq_bthread_t *t, char *errstr, size_t errstr_size)
+rd_kafka_conf_t *pq_kprod_conf(const pq_conf_t *conf, char *errstr, size_t errstr_size)
 {
-    const pq_conf_t *conf = t->bc->conf;
     rd_kafka_conf_t *kc = pq_kafka_conf_new(conf, PQ_KAFKA_PRODUCER, errstr, errstr_size);
-    rd_kafka_t *rk;
 
     if (!kc)
         return NULL;
@@ -110,6 +117,16 @@ static rd_kafka_t *producer_new(pq_bthread_t *t, char *errstr, size_t errstr_siz
         rd_kafka_conf_destroy(kc);
         return NULL;
     }
+    return kc;
+}
+
+static rd_kafka_t *producer_new(pq_bthread_t *t, char *errstr, size_t errstr_size)
+{
+    rd_kafka_conf_t *kc = pq_kprod_conf(t->bc->conf, errstr, errstr_size);
+    rd_kafka_t *rk;
+
+    if (!kc)
+        return NULL;
     rd_kafka_conf_set_opaque(kc, t);
     rd_kafka_conf_set_dr_msg_cb(kc, dr_cb);
     rd_kafka_conf_set_error_cb(kc, error_cb);
@@ -147,7 +164,8 @@ static void recreate_cb(evutil_socket_t fd, short what, void *arg)
     rd_kafka_t *rk;
 
     if (t->rk) {
-        /* Fail what is queued now (the requests get 503) before the old producer goes. */
+        /* Fail what the old producer holds: each waiting request's delivery report fails and
+         * its job goes to the spool (already answered ones are in the spool already). */
         rd_kafka_purge(t->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
         poll_all(t);
         rd_kafka_topic_destroy(t->rkt);
@@ -166,6 +184,7 @@ static void recreate_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     t->kafka_fatal = 0;
+    pq_counter_add(t->b->m_producer_recreated, 1);
     PQ_INFO("thread %d: producer recreated", t->no);
 }
 

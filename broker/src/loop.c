@@ -129,23 +129,26 @@ static void serve_healthz(pq_bthread_t *t, struct evhttp_request *req)
     pq_http_reply(t, req, PQ_PATH_HEALTHZ, 200, ok, sizeof(ok) - 1);
 }
 
+/* Ready while a job can be made durable: Kafka reachable, or room left in the spool. */
 static void serve_readyz(pq_bthread_t *t, struct evhttp_request *req)
 {
-    static const char ok[] = "{\"status\":\"ready\"}";
-    int ready = 0;
+    int kafka = pq_bspool_kafka_up(t->b);
+    int full = pq_bspool_full(t->b);
+    char body[128];
+    int n;
 
-    for (int i = 0; i < t->b->nthreads; i++)
-        if (atomic_load(&t->b->threads[i]->kafka_up) == 1)
-            ready = 1;
-    if (t->stopping)
-        ready = 0;
-    if (ready) {
-        pq_http_reply(t, req, PQ_PATH_READYZ, 200, ok, sizeof(ok) - 1);
+    if (!t->stopping && (kafka || !full)) {
+        n = snprintf(body, sizeof(body),
+                     "{\"status\":\"ready\",\"kafka\":\"%s\",\"durability\":\"%s\"}",
+                     kafka ? "up" : "down", kafka ? "kafka" : "spooled");
+        pq_http_reply(t, req, PQ_PATH_READYZ, 200, body, (size_t)n);
         return;
     }
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After",
+                      t->stopping ? "1" : "5");
     pq_http_error(t, req, PQ_PATH_READYZ, 503, "unavailable",
-                  t->stopping ? "shutting down" : "no Kafka broker reachable");
+                  t->stopping ? "shutting down"
+                              : "no Kafka broker reachable and the spool is full");
 }
 
 static void free_rendered(const void *data, size_t len, void *arg)
@@ -156,9 +159,11 @@ static void free_rendered(const void *data, size_t len, void *arg)
 static void serve_metrics(pq_bthread_t *t, struct evhttp_request *req)
 {
     size_t len = 0;
-    char *text = pq_metrics_render(t->b->metrics, &len);
+    char *text;
     struct evbuffer *out = evhttp_request_get_output_buffer(req);
 
+    pq_bspool_metrics(t->b);
+    text = pq_metrics_render(t->b->metrics, &len);
     if (!text) {
         pq_http_error(t, req, PQ_PATH_METRICS, 500, "internal", "cannot render metrics");
         return;
@@ -251,15 +256,22 @@ static void apply_conf(pq_bthread_t *t)
     t->tv_ack = event_base_init_common_timeout(t->base, &tv);
 }
 
+/* Spooled jobs get this much longer than the stop deadline to be fsync'd and answered. */
+#define PQ_BROKER_SPOOL_GRACE_MS 5000
+
 static void shutdown_tick(evutil_socket_t fd, short what, void *arg)
 {
     pq_bthread_t *t = arg;
     struct timeval grace = {0, 100000};
+    int64_t now = pq_mono_ms();
 
-    if (t->inflight > 0 && pq_mono_ms() < t->stop_deadline_ms)
+    if (t->inflight > 0 && now < t->stop_deadline_ms)
         return;
-    if (t->inflight > 0) {
-        /* Deadline passed: answer whatever is still waiting. */
+    if (t->inflight > 0 && now < t->stop_deadline_ms + PQ_BROKER_SPOOL_GRACE_MS) {
+        /* Deadline passed: what still waits for Kafka goes to the spool and is answered from
+         * there; reads are answered now. */
+        int waiting = 0;
+
         for (uint32_t i = 1; i <= t->nslots; i++) {
             pq_slot_t *s = slot_at(t, i);
 
@@ -267,7 +279,13 @@ static void shutdown_tick(evutil_socket_t fd, short what, void *arg)
                 pq_intake_not_durable(s, "shutting down");
             else if (s->state == PQ_SLOT_GET)
                 pq_jobs_timeout(s);
+            if (s->state == PQ_SLOT_SPOOLING)
+                waiting++;
         }
+        if (waiting > 0)
+            return;
+    } else if (t->inflight > 0) {
+        PQ_WARN("thread %d: %u requests still waiting for the spool at exit", t->no, t->inflight);
     }
     event_del(t->shutdown_ev);
     /* Let the last replies reach the sockets before the loop ends. */
@@ -357,6 +375,10 @@ int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_
     t->tv_redis = event_base_init_common_timeout(t->base, &tv_redis);
     apply_conf(t);
 
+    if (pq_bspool_thread_init(t)) {
+        snprintf(errstr, errstr_size, "cannot set up the spool completion queue");
+        return -1;
+    }
     if (pq_kprod_start(t, errstr, errstr_size))
         return -1;
     if (pq_rconn_start(t)) {
@@ -450,6 +472,7 @@ void pq_bthread_free(pq_bthread_t *t)
         event_free(t->ctl_ev);
     if (t->shutdown_ev)
         event_free(t->shutdown_ev);
+    pq_bspool_thread_free(t);
     for (uint32_t i = 0; i < t->nslots / PQ_BROKER_SLOT_CHUNK; i++) {
         for (uint32_t j = 0; j < PQ_BROKER_SLOT_CHUNK; j++) {
             event_del(&t->chunks[i][j].timer);

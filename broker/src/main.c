@@ -92,8 +92,53 @@ static int metrics_init(pq_broker_t *b)
                                             ack_bounds, sizeof(ack_bounds) / sizeof(ack_bounds[0]));
     b->m_inflight = pq_metrics_gauge(b->metrics, "promptq_broker_inflight_requests",
                                      "Requests waiting for Redis or Kafka", NULL);
+    b->m_accepted_spooled =
+        pq_metrics_counter(b->metrics, "promptq_broker_jobs_accepted_total",
+                           "Jobs acknowledged with 202 (durable)", "durability=\"spooled\"");
+    b->m_spool_refused_full = pq_metrics_counter(
+        b->metrics, "promptq_broker_spool_refusals_total",
+        "Jobs the spool could not take (answered 503 or 413)", "reason=\"full\"");
+    b->m_spool_refused_error = pq_metrics_counter(
+        b->metrics, "promptq_broker_spool_refusals_total",
+        "Jobs the spool could not take (answered 503 or 413)", "reason=\"error\"");
+    b->m_drained = pq_metrics_counter(b->metrics, "promptq_broker_spool_drained_total",
+                                      "Spooled jobs produced to Kafka by the drainer", NULL);
+    b->m_drain_failed = pq_metrics_counter(b->metrics, "promptq_broker_spool_drain_failures_total",
+                                           "Drainer deliveries that failed and were retried", NULL);
+    b->m_drain_dropped =
+        pq_metrics_counter(b->metrics, "promptq_broker_spool_drain_dropped_total",
+                           "Spooled jobs Kafka refused permanently (logged, dropped)", NULL);
+    b->m_producer_recreated =
+        pq_metrics_counter(b->metrics, "promptq_broker_producer_recreated_total",
+                           "Producers recreated after a fatal idempotent-producer error", NULL);
+    b->m_late_delivered = pq_metrics_counter(
+        b->metrics, "promptq_broker_late_deliveries_total",
+        "Delivery reports that came after the job was spooled (it reaches Kafka twice)", NULL);
+    b->m_spool_pending_records =
+        pq_metrics_gauge(b->metrics, "promptq_broker_spool_pending_records",
+                         "Spooled jobs not yet confirmed by Kafka", NULL);
+    b->m_spool_pending_bytes =
+        pq_metrics_gauge(b->metrics, "promptq_broker_spool_pending_bytes",
+                         "Framed bytes of the spooled jobs not yet confirmed by Kafka", NULL);
+    b->m_spool_disk_bytes = pq_metrics_gauge(b->metrics, "promptq_broker_spool_disk_bytes",
+                                             "Size of the spool's segment files", NULL);
+    b->m_spool_per_fsync =
+        pq_metrics_gauge(b->metrics, "promptq_broker_spool_records_per_fsync",
+                         "Average jobs committed per spool fsync (group commit) since start", NULL);
+    b->m_spool_committed = pq_metrics_counter(b->metrics, "promptq_broker_spool_committed_total",
+                                              "Jobs written and fsync'd into the spool", NULL);
+    b->m_spool_fsyncs = pq_metrics_counter(b->metrics, "promptq_broker_spool_fsyncs_total",
+                                           "Spool fsync batches", NULL);
+    b->m_spool_write_failed =
+        pq_metrics_counter(b->metrics, "promptq_broker_spool_write_failures_total",
+                           "Jobs whose spool write or fsync failed (answered 503)", NULL);
     if (!b->m_accepted || !b->m_unavailable || !b->m_redis_errors || !b->m_conflicts ||
-        !b->m_produce_errors || !b->m_ack_latency || !b->m_inflight)
+        !b->m_produce_errors || !b->m_ack_latency || !b->m_inflight || !b->m_accepted_spooled ||
+        !b->m_spool_refused_full || !b->m_spool_refused_error || !b->m_drained ||
+        !b->m_drain_failed || !b->m_drain_dropped || !b->m_producer_recreated ||
+        !b->m_late_delivered || !b->m_spool_pending_records || !b->m_spool_pending_bytes ||
+        !b->m_spool_disk_bytes || !b->m_spool_per_fsync || !b->m_spool_committed ||
+        !b->m_spool_fsyncs || !b->m_spool_write_failed)
         return -1;
     return 0;
 }
@@ -153,6 +198,8 @@ int main(int argc, char **argv)
     int rc, started = 0, exit_code = 1;
 
     memset(&b, 0, sizeof(b));
+    pthread_mutex_init(&b.spool_stats_mu, NULL);
+    atomic_init(&b.kafka_state, -1);
     rc = pq_conf_cli(argc, argv, "promptq-broker", &conf);
     if (rc != PQ_CONF_CLI_RUN)
         return rc;
@@ -184,6 +231,10 @@ int main(int argc, char **argv)
     if (!b.threads)
         goto out;
     b.port = conf->listen_port;
+    if (pq_bspool_open(&b, errstr, sizeof(errstr))) {
+        PQ_ERR("spool: %s", errstr);
+        goto out;
+    }
     for (int i = 0; i < b.nthreads; i++) {
         b.threads[i] = calloc(1, sizeof(pq_bthread_t));
         if (!b.threads[i] || pq_bthread_init(b.threads[i], &b, i, errstr, sizeof(errstr)) ||
@@ -191,6 +242,10 @@ int main(int argc, char **argv)
             PQ_ERR("thread %d: %s", i, b.threads[i] ? errstr : "out of memory");
             goto out;
         }
+    }
+    if (pq_bspool_start(&b, errstr, sizeof(errstr))) {
+        PQ_ERR("spool drainer: %s", errstr);
+        goto out;
     }
     for (int i = 0; i < b.nthreads; i++) {
         if (pq_bthread_start(b.threads[i], errstr, sizeof(errstr))) {
@@ -225,11 +280,15 @@ out_stop:
     for (int i = 0; i < started; i++)
         pthread_join(b.threads[i]->thread, NULL);
 out:
+    /* The loops are stopped; the spool calls back into their queues until it is closed, so it
+     * closes before they are freed. */
+    pq_bspool_close(&b);
     for (int i = 0; b.threads && i < b.nthreads; i++)
         pq_bthread_free(b.threads[i]);
     free(b.threads);
     pq_bconf_unref(b.bconf);
     pq_metrics_destroy(b.metrics);
+    pthread_mutex_destroy(&b.spool_stats_mu);
     if (exit_code == 0)
         PQ_INFO("stopped");
     return exit_code;

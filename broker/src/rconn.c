@@ -213,7 +213,8 @@ static void on_reply(redisAsyncContext *ac, void *r, void *handle)
         return;
     if (s->state == PQ_SLOT_GET) {
         pq_jobs_redis_reply(s, reply);
-    } else if (s->state == PQ_SLOT_REDIS_CREATE || s->state == PQ_SLOT_PRODUCING) {
+    } else if (s->state == PQ_SLOT_REDIS_CREATE || s->state == PQ_SLOT_PRODUCING ||
+               s->state == PQ_SLOT_SPOOLING) {
         if (reply && reply->type == REDIS_REPLY_INTEGER)
             pq_intake_redis_reply(s, reply->integer, 1);
         else

@@ -1,5 +1,7 @@
-"""promptq-broker intake (no worker): 202 only once Kafka has the job, validation errors, ids,
-API keys, GET of the job record, health endpoints, Kafka outage, concurrency, graceful stop."""
+"""promptq-broker intake (no worker): 202 only once Kafka has the job (or the local spool, when
+Kafka does not confirm in time), validation errors, ids, API keys, GET of the job record, health
+endpoints, Kafka outage, concurrency, graceful stop. tests/integration/test_spool.py covers the
+spool in depth."""
 
 import json
 import signal
@@ -186,32 +188,53 @@ def test_body_cap_follows_message_max_bytes():
 def test_kafka_down_then_up():
     with harness.Stack("broker-kafka-down") as st:
         start(st)
-        assert post(st, job("before"))[0] == 202
+        status, _, doc = post(st, job("before"))
+        assert status == 202 and doc["durability"] == "kafka", doc
         st.kafka_.control("down -1")
-        # within the ack timeout (1 s) at most, and at once once the outage is known
+        # within the ack timeout (1 s) at most, and at once once the outage is known: the job
+        # is fsync'd into the local spool and acknowledged as such (G1)
+        t0 = time.monotonic()
         status, hdrs, doc = post(st, job("during"), None)
-        assert status == 503, (status, doc)
-        assert hdrs.get("retry-after") == "1" and err_type(doc) == "unavailable", (hdrs, doc)
-        wait_for(lambda: get(st, "/readyz")[0] == 503, T(10), "/readyz 503 while Kafka is down")
+        assert status == 202 and doc["durability"] == "spooled", (status, doc)
+        assert time.monotonic() - t0 < T(2.0)
+        wait_for(lambda: get(st, "/readyz")[2].get("kafka") == "down", T(10),
+                 "/readyz to see Kafka down")
+        status, _, doc = get(st, "/readyz")
+        assert status == 200 and doc["durability"] == "spooled", doc  # the spool has room
+        t0 = time.monotonic()
         status, hdrs, doc = post(st, job("during-2", id="during-2"))
-        assert status == 503 and hdrs.get("retry-after") == "1", (status, doc)
+        assert status == 202 and doc == {"id": "during-2", "status": "queued",
+                                         "durability": "spooled"}, (status, doc)
+        assert hdrs["location"] == "/v1/jobs/during-2"
+        assert time.monotonic() - t0 < T(0.5), "known down: spooled at once"
+        # the spooled job has its queued record
+        status, _, rec = get(st, "/v1/jobs/during-2")
+        assert status == 200 and rec["status"] == "queued", rec
+        assert metric(st, "promptq_broker_jobs_accepted_total", 'durability="spooled"') == 2
+        assert metric(st, "promptq_broker_spool_pending_records") == 2
         st.kafka_.control("up -1")
-        wait_for(lambda: post(st, job("after"))[0] == 202, T(30), "202 after Kafka is back")
-        assert get(st, "/readyz")[0] == 200
-        assert metric(st, "promptq_broker_unavailable_total") >= 2
-        # the refused job left no queued record behind it
-        assert get(st, "/v1/jobs/during-2")[0] == 404
+        # the drainer produces the spooled jobs once Kafka is back
+        msgs = st.consume("promptq.requests", 3, timeout=T(30))
+        keys = {m["key"] for m in msgs}
+        assert "during-2" in keys and len(keys) == 3, keys
+        wait_for(lambda: metric(st, "promptq_broker_spool_pending_records") == 0, T(10),
+                 "spool drained")
+        assert metric(st, "promptq_broker_spool_drained_total") == 2
+        wait_for(lambda: post(st, job("after"))[2].get("durability") == "kafka", T(30),
+                 "202 kafka after Kafka is back")
+        assert get(st, "/readyz")[2]["durability"] == "kafka"
+        assert metric(st, "promptq_broker_unavailable_total") == 0
 
-        # Kafka slower than ack_timeout_ms (1 s): 503, and the record this request created is
-        # dropped again
+        # Kafka slower than ack_timeout_ms (1 s): spooled after the timeout, not refused
         st.kafka_.control("rtt -1 2500")
         t0 = time.monotonic()
         status, hdrs, doc = post(st, job("slow", id="slow-1"))
-        assert status == 503 and hdrs.get("retry-after") == "1", (status, doc)
-        assert time.monotonic() - t0 < T(2.0)
-        assert get(st, "/v1/jobs/slow-1")[0] == 404
+        assert status == 202 and doc["durability"] == "spooled", (status, doc)
+        assert T(0.9) < time.monotonic() - t0 < T(2.0)
+        assert get(st, "/v1/jobs/slow-1")[0] == 200
         st.kafka_.control("rtt -1 0")
-        wait_for(lambda: post(st, job("fast again"))[0] == 202, T(30), "202 after rtt is back")
+        wait_for(lambda: post(st, job("fast again"))[2].get("durability") == "kafka", T(30),
+                 "202 kafka after rtt is back")
 
 
 def test_redis_down_still_accepts():
