@@ -1,7 +1,7 @@
 #include "promptq/scripts.h"
 
 #define TERMINAL_CHECK                                                                             \
-    "local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'expired' "      \
+    "local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'expired' "       \
     "or s == 'cancelled' end\n"
 
 const char pq_script_job_create[] =
@@ -37,10 +37,9 @@ const char pq_script_job_begin[] = TERMINAL_CHECK
     "redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[2])\n"
     "return {'run', d}\n";
 
-const char pq_script_lease_renew[] =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
-    "  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end\n"
-    "return 0\n";
+const char pq_script_lease_renew[] = "if redis.call('GET', KEYS[1]) == ARGV[1] then\n"
+                                     "  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end\n"
+                                     "return 0\n";
 
 const char pq_script_job_finish[] = TERMINAL_CHECK
     "local v = redis.call('HMGET', KEYS[1], 'status', 'result')\n"
@@ -53,8 +52,8 @@ const char pq_script_job_finish[] = TERMINAL_CHECK
     "redis.call('DEL', KEYS[2])\n"
     "return {1}\n";
 
-const char pq_script_job_status[] = TERMINAL_CHECK
-    "local s = redis.call('HGET', KEYS[1], 'status')\n"
-    "if not s or terminal(s) then return 0 end\n"
-    "redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])\n"
-    "return 1\n";
+const char pq_script_job_status[] =
+    TERMINAL_CHECK "local s = redis.call('HGET', KEYS[1], 'status')\n"
+                   "if not s or terminal(s) then return 0 end\n"
+                   "redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])\n"
+                   "return 1\n";

@@ -29,8 +29,8 @@ typedef enum {
     PQ_ERR_UNSUPPORTED, /* a target cannot express the request */
     PQ_ERR_EXPIRED,     /* deadline or park TTL passed */
     PQ_ERR_CANCELLED,
-    PQ_ERR_POISON,    /* redelivered too often without finishing */
-    PQ_ERR_CONFIG,    /* bad configuration */
+    PQ_ERR_POISON, /* redelivered too often without finishing */
+    PQ_ERR_CONFIG, /* bad configuration */
     PQ_ERR_NOMEM,
     PQ_ERR_INTERNAL,
     PQ_ERR__PERMANENT_END,

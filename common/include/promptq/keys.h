@@ -7,8 +7,7 @@
 
 int pq_key_job(char *buf, size_t size, const char *prefix, const char *tenant, const char *id);
 int pq_key_lease(char *buf, size_t size, const char *prefix, const char *tenant, const char *id);
-int pq_key_cache(char *buf, size_t size, const char *prefix, const char *tenant,
-                 const char *hash);
+int pq_key_cache(char *buf, size_t size, const char *prefix, const char *tenant, const char *hash);
 int pq_key_idem(char *buf, size_t size, const char *prefix, const char *tenant, const char *key);
 int pq_key_reply(char *buf, size_t size, const char *prefix, const char *instance);
 int pq_key_health(char *buf, size_t size, const char *prefix, const char *instance);

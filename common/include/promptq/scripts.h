@@ -1,9 +1,9 @@
 /* Redis Lua scripts that keep G3: one terminal record per job.
  *
  * Job record fields (hash promptq:job:{tenant}:{id}): status, attempts, deliveries, route,
- * provider, model, request_hash, response, error, result (the whole result record JSON, re-published
- * verbatim on redelivery), created_at, updated_at (ms since the epoch as decimal strings).
- * Terminal statuses: succeeded, failed, expired, cancelled. */
+ * provider, model, request_hash, response, error, result (the whole result record JSON,
+ * re-published verbatim on redelivery), created_at, updated_at (ms since the epoch as decimal
+ * strings). Terminal statuses: succeeded, failed, expired, cancelled. */
 #ifndef PROMPTQ_SCRIPTS_H
 #define PROMPTQ_SCRIPTS_H
 
