@@ -18,6 +18,9 @@
 #include "promptq/log.h"
 #include "promptq/util.h"
 
+/* At exit, the loop's producer gets at most this long to deliver what it still holds. */
+#define PQ_BROKER_EXIT_FLUSH_MS 1000
+
 /* Connections idle this long are closed. */
 #define PQ_BROKER_IDLE_S 120
 
@@ -441,9 +444,12 @@ static void *thread_main(void *arg)
     int64_t left;
 
     event_base_dispatch(t->base);
-    /* Every request is answered; give the producer what is left of the stop budget to deliver
-     * messages whose requests timed out, so they are not dropped on the floor. */
+    /* Every request is answered: each job is in Kafka, in the spool, or was refused. What the
+     * producer still holds is a copy of a spooled job; a short flush only saves the drainer
+     * producing it again. */
     left = t->stop_deadline_ms ? t->stop_deadline_ms - pq_mono_ms() : 0;
+    if (left > PQ_BROKER_EXIT_FLUSH_MS)
+        left = PQ_BROKER_EXIT_FLUSH_MS;
     pq_kprod_stop(t, left > 0 ? (int)left : 0);
     pq_rconn_stop(t);
     return NULL;

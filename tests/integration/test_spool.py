@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import signal
+import struct
 import time
 
 import harness
@@ -136,6 +137,10 @@ def test_kafka_up_never_spools():
         assert metric(st, "promptq_broker_spool_committed_total") == 0
         msgs = st.consume(REQUESTS, 1000, timeout=T(30))
         assert {m["key"] for m in msgs} == set(ids)
+        # a second broker on the same spool dir refuses to start, naming the holder
+        other = st.spawn("promptq-broker", "--config", path, name="broker-2")
+        assert other.wait(T(10)) != 0
+        assert "is locked by pid" in log_text(other), other.tail()
 
 
 def test_outage_spools_then_drains_to_results():
@@ -177,7 +182,11 @@ def test_sigkill_with_spool_then_restart():
         ids = accepted(submit(st, [job("kill %d" % i) for i in range(800)]), "spooled")
         b.kill(signal.SIGKILL)
         b.wait(T(10))
-        assert segments(cfg), "the spool survives the broker"
+        segs = segments(cfg)
+        assert segs, "the spool survives the broker"
+        # a write torn by the crash: a record header promising more bytes than follow
+        with open(segs[-1], "ab") as f:
+            f.write(struct.pack("<II", 400, 0) + b'{"id":"torn')
         st.kafka_.control("up -1")
         # the restarted broker drains what the killed one left
         b.start()
@@ -187,6 +196,7 @@ def test_sigkill_with_spool_then_restart():
         assert_succeeded_once(by_id, ids)
         log = log_text(b)
         assert "800 jobs" in log and "left by an earlier run" in log, log[-2000:]
+        assert "bytes of torn tail" in log, log[-2000:]
         wait_for(lambda: not segments(cfg), T(10), "segment files deleted")
 
 
@@ -268,6 +278,8 @@ def test_fatal_producer_error_recreates_producer():
                  "a producer recreated")
         log = log_text(b)
         assert "fatal producer error OUT_OF_ORDER_SEQUENCE_NUMBER" in log, log[-2000:]
+        # the jobs the broken producer held went to the spool (and were answered from there)
+        assert metric(st, "promptq_broker_jobs_accepted_total", 'durability="spooled"') >= 1
         # the new producer works
         status, _, doc = harness.http_json("POST", st.broker_url + "/v1/jobs", job("after"))
         assert status == 202, doc
