@@ -124,6 +124,7 @@ def test_formats_and_first_down():
         routes = {"r": chain("a", "b", "c")}
         for f in ("openai", "azure", "anthropic", "gemini", "watsonx"):
             routes["only-" + f] = chain("f-" + f)
+        routes["skip"] = chain("f-anthropic", "f-openai")
         path, _ = st.config(providers=providers, routes=routes,
                             extra={"worker": {"lease_ms": 5000}})
         st.spawn("promptq-worker", "--config", path, name="worker")
@@ -169,6 +170,14 @@ def test_formats_and_first_down():
                   "/v1/messages", "/v1beta/models/sim-model:generateContent",
                   "/ml/v1/text/chat", "/identity/token"):
             assert paths.get(p) == 1, paths
+
+        # a request a target cannot express (temperature 1.5 for Anthropic) skips it, recorded
+        submit(st, [env("skip-1", "too hot", route="skip", request={"temperature": 1.5})])
+        res = results(st, ["skip-1"])["skip-1"]
+        assert res["status"] == "succeeded" and res["provider"] == "f-openai", res
+        assert outcomes(res) == [("f-anthropic", "unsupported"), ("f-openai", "ok")], res
+        assert res["attempts"] == 1, res
+        assert s["all"].stats()["by_path"]["/v1/messages"] == 1
 
 
 def test_retry_after_short_is_waited_long_moves_on():
@@ -411,8 +420,10 @@ def test_watsonx_token_reused():
         st.redis()
         st.devkafka(brokers=1, partitions=4)
         x = st.sim("x", args=("--key", "wx-key"))
-        path, _ = st.config(providers={"x": provider("watsonx", x, api_key="wx-key")},
-                            routes={"r": chain("x")}, extra={"worker": {"lease_ms": 5000}})
+        path, _ = st.config(providers={"x": provider("watsonx", x, api_key="wx-key"),
+                                       "xbad": provider("watsonx", x, api_key="wrong-key")},
+                            routes={"r": chain("x"), "rbad": chain("xbad", "x")},
+                            extra={"worker": {"lease_ms": 5000}})
         st.spawn("promptq-worker", "--config", path, name="worker")
         ids = ["wx-%02d" % i for i in range(40)]
         submit(st, [env(i, "watson %s" % i) for i in ids])
@@ -423,6 +434,12 @@ def test_watsonx_token_reused():
         paths = x.stats()["by_path"]
         assert paths.get("/identity/token") == 1, paths  # one exchange for 40 concurrent jobs
         assert paths.get("/ml/v1/text/chat") == 40, paths
+        # IAM refuses a key: that target is skipped as refused, the next one serves
+        submit(st, [env("wx-bad", "bad key", route="rbad")])
+        res = results(st, ["wx-bad"])["wx-bad"]
+        assert res["provider"] == "x", res
+        assert outcomes(res)[0] == ("xbad", "authentication"), res
+        assert x.stats()["by_path"].get("/identity/token") == 2
 
 
 harness.run(globals())
