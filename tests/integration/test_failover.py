@@ -345,7 +345,8 @@ def test_circuit_opens_skips_and_probes():
         b = st.sim("b")
         providers = {"a": provider("openai", a, retries_per_target=0, circuit_window=10,
                                    circuit_ratio=0.5, circuit_failures=1000,
-                                   circuit_cooldown_ms=2000, probe_interval_ms=2000),
+                                   circuit_cooldown_ms=2000, probe_interval_ms=2000,
+                                   probe="models"),
                      "b": provider("anthropic", b)}
         path, _ = st.config(providers=providers, routes={"r": chain("a", "b")},
                             extra={"worker": {"lease_ms": 5000}})
@@ -373,6 +374,7 @@ def test_circuit_opens_skips_and_probes():
         assert skipped >= 15, skipped
         # a probe after the cooldown, even without traffic
         wait_for(lambda: a.stats()["requests"] > n1, T(6), "a probe of the open circuit")
+        assert a.stats()["by_path"].get("/v1/models", 0) >= 1, a.stats()  # probe: "models"
         a.set_state({"mode": "ok"})
         wait_for(lambda: "circuit a/sim-model closed" in log_text(w), T(8), "circuit closed")
         ids3 = ["cbc-%02d" % i for i in range(5)]

@@ -1122,7 +1122,7 @@ static void job_no_key(pq_job_t *j, pq_err_t err, int64_t wake)
     }
     attempt_note(j, t, err, 0, -1, msg);
     if (err == PQ_ERR_RATE_LIMITED || j->err == PQ_OK || j->last_target != t)
-        note_error(j, t, err, err == PQ_ERR_AUTH ? j->http_status : 0, msg);
+        note_error(j, t, err, 0, msg); /* else keep the refusal this target answered */
     next_target(j);
 }
 
