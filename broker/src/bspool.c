@@ -37,7 +37,9 @@
 #define DRAIN_MESSAGE_TIMEOUT_MS "15000"
 #define DRAIN_STOP_FLUSH_MS      2000
 #define DRAIN_PURGE_WAIT_MS      5000
-#define DRAIN_QUIET_MS           10000
+/* A drain of fewer records this soon after the last one is not logged at info. */
+#define DRAIN_QUIET_MS      10000
+#define DRAIN_QUIET_RECORDS 100
 /* Room above the largest body for what the broker adds (id, tenant), the topic and the key. */
 #define SPOOL_RECORD_HEADROOM (2 * PQ_BROKER_ENVELOPE_HEADROOM + 512)
 
@@ -225,10 +227,14 @@ static void drain_set_up(pq_drain_t *d, int up)
 
 static void drain_backoff(pq_drain_t *d)
 {
+    int64_t now = pq_mono_ms();
+
+    if (now < d->resume_ms)
+        return; /* failures of the same round count once */
     d->backoff_ms = d->backoff_ms ? d->backoff_ms * 2 : DRAIN_BACKOFF_MIN_MS;
     if (d->backoff_ms > DRAIN_BACKOFF_MAX_MS)
         d->backoff_ms = DRAIN_BACKOFF_MAX_MS;
-    d->resume_ms = pq_mono_ms() + d->backoff_ms;
+    d->resume_ms = now + d->backoff_ms;
 }
 
 static int drain_permanent(rd_kafka_resp_err_t err)
@@ -272,7 +278,9 @@ static void drain_done(pq_drain_t *d, pq_spool_rec_t *rec, rd_kafka_resp_err_t e
     if (err != d->last_err)
         PQ_DBG("spool drain: delivery failed (%s): backing off", rd_kafka_err2str(err));
     d->last_err = err;
-    drain_backoff(d);
+    /* Purged by a producer being recreated or stopped: nothing to wait for. */
+    if (err != RD_KAFKA_RESP_ERR__PURGE_QUEUE && err != RD_KAFKA_RESP_ERR__PURGE_INFLIGHT)
+        drain_backoff(d);
 }
 
 static void drain_note(pq_drain_t *d);
@@ -391,14 +399,15 @@ static void drain_note(pq_drain_t *d)
         d->drained = d->failed = 0;
         d->drain_start_ms = pq_mono_ms();
         /* Kafka slower than the ack timeout spools and drains job by job: keep that quiet. */
-        d->quiet = d->drain_end_ms && d->drain_start_ms - d->drain_end_ms < DRAIN_QUIET_MS;
+        d->quiet = d->drain_end_ms && d->drain_start_ms - d->drain_end_ms < DRAIN_QUIET_MS &&
+                   records < DRAIN_QUIET_RECORDS;
         if (!d->quiet)
             PQ_INFO("spool: draining %" PRIu64 " jobs (%" PRIu64 " bytes) to Kafka", records,
                     bytes);
     } else if (d->draining && records == 0 && d->inflight == 0) {
         d->draining = 0;
         d->drain_end_ms = pq_mono_ms();
-        if (!d->quiet)
+        if (!d->quiet || d->drained >= DRAIN_QUIET_RECORDS)
             PQ_INFO("spool: drained %" PRIu64 " jobs in %.1f s (%" PRIu64 " deliveries retried)",
                     d->drained, (double)(d->drain_end_ms - d->drain_start_ms) / 1000.0, d->failed);
     }

@@ -288,5 +288,17 @@ def test_fatal_producer_error_recreates_producer():
         by_id = results_by_id(st, ids, T(30))
         assert_succeeded_once(by_id, ids)
 
+        # the same in the drainer: its first produce after the outage is fatal
+        st.kafka_.control("down -1")
+        spooled = accepted(submit(st, [job("drain fatal %d" % i) for i in range(200)]),
+                           "spooled")
+        st.kafka_.control("err 0 1 45")
+        st.kafka_.control("up -1")
+        by_id = results_by_id(st, spooled, T(30))
+        assert_succeeded_once(by_id, spooled)
+        log = log_text(b)
+        assert "spool drainer: fatal producer error" in log, log[-2000:]
+        assert "spool drainer: producer recreated" in log, log[-2000:]
+
 
 harness.run(globals())
