@@ -18,11 +18,15 @@
 #include "broker.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <sys/stat.h>
 
 #include "promptq/kafka.h"
 #include "promptq/log.h"
@@ -35,7 +39,7 @@
 #define DRAIN_BACKOFF_MAX_MS 5000
 /* How long a drainer's message may wait for Kafka before it is nacked and taken again. */
 #define DRAIN_MESSAGE_TIMEOUT_MS "15000"
-#define DRAIN_STOP_FLUSH_MS      2000
+#define DRAIN_STOP_FLUSH_MS      1000
 #define DRAIN_PURGE_WAIT_MS      5000
 /* A drain of fewer records this soon after the last one is not logged at info. */
 #define DRAIN_QUIET_MS      10000
@@ -250,6 +254,47 @@ static int drain_permanent(rd_kafka_resp_err_t err)
     }
 }
 
+/* Writes a record Kafka refuses for good to <spool_dir>/rejected/<id>.json (fsync'd) for an
+ * operator, since it was acknowledged. Returns 0, or -1 (it then stays in the spool). */
+static int set_aside(pq_drain_t *d, const pq_spool_rec_t *rec, rd_kafka_resp_err_t err)
+{
+    const char *dir = d->bc->conf->spool_dir;
+    char path[PATH_MAX], name[PQ_ID_MAX + 1];
+    size_t n = rec->key_len < PQ_ID_MAX ? rec->key_len : PQ_ID_MAX;
+    const char *key = rec->key ? (const char *)rec->key : "";
+    int fd, rc = -1;
+
+    for (size_t i = 0; i < n; i++) {
+        char c = key[i];
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                 c == '-' || c == '_' || (c == '.' && i > 0);
+
+        name[i] = ok ? c : '_';
+    }
+    name[n] = '\0';
+    if (n == 0)
+        snprintf(name, sizeof(name), "%016" PRIu64 "-%" PRIu64, rec->seq, rec->offset);
+    snprintf(path, sizeof(path), "%s/rejected", dir);
+    if (mkdir(path, 0700) != 0 && errno != EEXIST)
+        goto out;
+    snprintf(path, sizeof(path), "%s/rejected/%s.json", dir, name);
+    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        goto out;
+    if (write(fd, rec->value, rec->value_len) == (ssize_t)rec->value_len && fsync(fd) == 0)
+        rc = 0;
+    close(fd);
+out:
+    if (rc == 0)
+        PQ_ERR("spooled job %s: Kafka refuses it permanently (%s): set aside in %s", name,
+               rd_kafka_err2str(err), path);
+    else
+        PQ_ERR("spooled job %s: Kafka refuses it permanently (%s) and it cannot be set aside "
+               "(%s): it stays in the spool",
+               name, rd_kafka_err2str(err), strerror(errno));
+    return rc;
+}
+
 /* Gives one record a result: ack (delivered, or refused for good) or nack (try again). */
 static void drain_done(pq_drain_t *d, pq_spool_rec_t *rec, rd_kafka_resp_err_t err)
 {
@@ -262,12 +307,8 @@ static void drain_done(pq_drain_t *d, pq_spool_rec_t *rec, rd_kafka_resp_err_t e
         d->backoff_ms = 0;
         return;
     }
-    if (drain_permanent(err)) {
-        /* Kafka will never take it: keeping it would block the spool for good. */
-        PQ_ERR("spool-%016" PRIu64 ".log offset %" PRIu64 ": job %.*s dropped, Kafka refuses it "
-               "permanently: %s",
-               rec->seq, rec->offset, (int)(rec->key_len > 128 ? 128 : rec->key_len),
-               rec->key ? (const char *)rec->key : "", rd_kafka_err2str(err));
+    if (drain_permanent(err) && set_aside(d, rec, err) == 0) {
+        /* Kafka will never take it, and keeping it would block the spool for good. */
         pq_spool_ack(d->spool, rec);
         pq_counter_add(b->m_drain_dropped, 1);
         return;
@@ -454,7 +495,8 @@ static void *drain_main(void *arg)
         else
             nanosleep(&(struct timespec){0, 50 * 1000000L}, NULL);
     }
-    drain_producer_drop(d, DRAIN_STOP_FLUSH_MS);
+    /* What is not delivered now stays in the spool for the next start. */
+    drain_producer_drop(d, atomic_load(&d->up) == 1 ? DRAIN_STOP_FLUSH_MS : 0);
     return NULL;
 }
 

@@ -105,9 +105,9 @@ static int metrics_init(pq_broker_t *b)
                                       "Spooled jobs produced to Kafka by the drainer", NULL);
     b->m_drain_failed = pq_metrics_counter(b->metrics, "promptq_broker_spool_drain_failures_total",
                                            "Drainer deliveries that failed and were retried", NULL);
-    b->m_drain_dropped =
-        pq_metrics_counter(b->metrics, "promptq_broker_spool_drain_dropped_total",
-                           "Spooled jobs Kafka refused permanently (logged, dropped)", NULL);
+    b->m_drain_dropped = pq_metrics_counter(
+        b->metrics, "promptq_broker_spool_rejected_total",
+        "Spooled jobs Kafka refused permanently (set aside in spool_dir/rejected)", NULL);
     b->m_producer_recreated =
         pq_metrics_counter(b->metrics, "promptq_broker_producer_recreated_total",
                            "Producers recreated after a fatal idempotent-producer error", NULL);

@@ -266,6 +266,31 @@ def test_full_spool_refuses():
                  "spool drained")
 
 
+def test_job_kafka_refuses_is_set_aside():
+    with harness.Stack("spool-rejected") as st:
+        path, cfg = stack_up(st)
+        start_broker(st, path)
+        st.kafka_.control("down -1")
+        accepted(submit(st, [job("refused", id="refused-1")]), "spooled")
+        # the drainer's next Produce is refused for good (MSG_SIZE_TOO_LARGE)
+        st.kafka_.control("err 0 1 10")
+        st.kafka_.control("up -1")
+        rejected = os.path.join(cfg["broker"]["spool_dir"], "rejected", "refused-1.json")
+        wait_for(lambda: os.path.exists(rejected), T(15), rejected)
+        with open(rejected) as f:
+            env = json.load(f)
+        assert env["id"] == "refused-1" and env["request"]["messages"][0]["content"] == "refused"
+        assert metric(st, "promptq_broker_spool_rejected_total") == 1
+        wait_for(lambda: metric(st, "promptq_broker_spool_pending_records") == 0, T(10),
+                 "spool empty")
+        # the spool goes on with the next jobs
+        st.kafka_.control("down -1")
+        ids = accepted(submit(st, [job("next %d" % i) for i in range(20)]), "spooled")
+        st.kafka_.control("up -1")
+        msgs = st.consume(REQUESTS, 20, timeout=T(20))
+        assert set(ids) <= {m["key"] for m in msgs}
+
+
 def test_fatal_producer_error_recreates_producer():
     with harness.Stack("spool-fatal") as st:
         path, cfg = stack_up(st)
