@@ -5,7 +5,12 @@
  * through the main queue's io-event fd) and its own hiredis async connection. A request that
  * waits for Redis or Kafka lives in a slot of its thread's slot table; callbacks find it again
  * through a handle (index + generation), never through a raw pointer, so a late reply for a
- * request already answered is ignored. */
+ * request already answered is ignored.
+ *
+ * A job Kafka does not confirm within broker.ack_timeout_ms (or at once while Kafka is known
+ * down) goes to the process's spool (bspool.c): its writer thread fsyncs it and hands the
+ * answer back to the request's loop, which replies 202 "spooled". One drainer thread with its
+ * own producer re-produces spooled jobs once Kafka is back. */
 #ifndef PQ_BROKER_H
 #define PQ_BROKER_H
 
@@ -251,6 +256,8 @@ pq_err_t pq_bspool_append(pq_slot_t *s);
 int pq_bspool_full(pq_broker_t *b);
 /* 1 if any producer of the process (a loop's or the drainer's) reaches Kafka. */
 int pq_bspool_kafka_up(pq_broker_t *b);
+/* 1 if Kafka is known to be unreachable for this loop: its jobs are spooled at once. */
+int pq_bspool_kafka_down(pq_bthread_t *t);
 /* Recomputes the process-wide Kafka state and logs a change (any thread). */
 void pq_bspool_kafka_changed(pq_broker_t *b);
 /* Refreshes the spool gauges and counters before /metrics is rendered. */

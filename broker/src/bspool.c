@@ -186,6 +186,14 @@ int pq_bspool_kafka_up(pq_broker_t *b)
     return b->drain && atomic_load(&b->drain->up) == 1;
 }
 
+int pq_bspool_kafka_down(pq_bthread_t *t)
+{
+    int up = atomic_load(&t->kafka_up);
+
+    /* a loop that has not seen Kafka yet trusts the drainer's producer */
+    return up == 0 || (up < 0 && t->b->drain && atomic_load(&t->b->drain->up) == 0);
+}
+
 void pq_bspool_kafka_changed(pq_broker_t *b)
 {
     int up = pq_bspool_kafka_up(b);

@@ -121,7 +121,7 @@ static void produce(pq_slot_t *s)
     pq_bthread_t *t = s->t;
     rd_kafka_resp_err_t err;
 
-    if (atomic_load(&t->kafka_up) == 0 || t->kafka_fatal || !t->rk) {
+    if (pq_bspool_kafka_down(t) || t->kafka_fatal || !t->rk) {
         pq_intake_not_durable(s, "Kafka is unreachable");
         return;
     }
