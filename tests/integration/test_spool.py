@@ -199,6 +199,22 @@ def test_sigkill_with_spool_then_restart():
         assert "bytes of torn tail" in log, log[-2000:]
         wait_for(lambda: not segments(cfg), T(10), "segment files deleted")
 
+        # a start during an outage is ready (the spool has room) and spools; a graceful stop
+        # keeps the spool for the next start
+        st.kafka_.control("down -1")
+        assert b.stop() == 0
+        b.start()
+        wait_for(lambda: readyz(st)[0] == 200, T(20), "broker ready with Kafka down")
+        status, _, doc = readyz(st)
+        assert doc["durability"] == "spooled", doc
+        more = accepted(submit(st, [job("while down %d" % i) for i in range(50)]), "spooled")
+        assert b.stop() == 0
+        assert "50 jobs stay in the spool" in log_text(b), b.tail()
+        st.kafka_.control("up -1")
+        b.start()
+        by_id = results_by_id(st, more, T(30))
+        assert_succeeded_once(by_id, more)
+
 
 def test_late_delivery_after_spool_runs_once():
     with harness.Stack("spool-late-dr") as st:
