@@ -2,8 +2,10 @@
 """promptq demo on the embedded stack: a batch of prompts through a provider outage.
 
 Starts promptq-devkafka, redis-server, two promptq-sim providers, promptq-broker and
-promptq-worker on loopback; submits prompts over HTTP; takes the primary provider down in the
-middle of the batch; brings it back; prints what happened to every acknowledged job.
+promptq-worker on loopback and submits prompts over HTTP in four acts: all providers up; the
+primary down (jobs fail over to the backup); every provider down (jobs park on the route's
+retry topic); providers back (parked jobs replay). Prints what happened to every acknowledged
+job and exits non-zero if any was lost or did not succeed.
 """
 
 import argparse
@@ -42,9 +44,9 @@ def results(st):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--jobs", type=int, default=400, help="prompts to submit (default 400)")
-    ap.add_argument("--outage", type=float, default=10.0, help="seconds the primary is down")
+    ap.add_argument("--outage", type=float, default=15.0,
+                    help="seconds every provider is down (default 15)")
     args = ap.parse_args()
-    half = args.jobs // 2
 
     with harness.Stack("demo") as st:
         say("starting redis-server, promptq-devkafka and two simulated providers")
@@ -54,11 +56,11 @@ def main():
         backup = st.sim("backup")
         for s in (primary, backup):
             s.set_state({"mode": "ok", "latency_ms": 50})
+        fast = {"type": "openai", "retries_per_target": 1, "retry_base_ms": 100,
+                "circuit_cooldown_ms": 1000, "probe_interval_ms": 1000}
         path, _ = st.config(
-            providers={"primary": {"type": "openai", "base_url": primary.api,
-                                   "retries_per_target": 1, "retry_base_ms": 100,
-                                   "circuit_cooldown_ms": 1000},
-                       "backup": {"type": "openai", "base_url": backup.api}},
+            providers={"primary": dict(fast, base_url=primary.api),
+                       "backup": dict(fast, base_url=backup.api)},
             routes={"gpt-demo": [{"provider": "primary", "model": "sim-large"},
                                  {"provider": "backup", "model": "sim-small"}]})
         say("starting promptq-broker on %s and promptq-worker" % st.broker_url)
@@ -68,36 +70,34 @@ def main():
                  if _up(st.broker_url) else False, 30, "broker ready")
 
         t0 = time.monotonic()
-        say("submitting %d prompts to POST /v1/jobs" % half)
-        acked = _submit(st, range(half))
-        say("acknowledged %d (each 202 only after Kafka confirmed it)" % len(acked))
-        wait_for(lambda: len(set(acked) & set(results(st))) >= half // 2, 60, "first results")
+        n1 = args.jobs * 3 // 8
+        n2 = args.jobs * 3 // 8
+        n3 = args.jobs - n1 - n2
+        say("1) all providers up: submitting %d prompts to POST /v1/jobs" % n1)
+        acked = _submit(st, range(n1))
+        say("   acknowledged %d (each 202 only after Kafka confirmed it)" % len(acked))
+        _progress(st, acked, 60, "   ")
 
-        say("PROVIDER OUTAGE: primary goes down (connections refused)")
+        say("2) PRIMARY DOWN (connections refused): submitting %d more" % n2)
         primary.set_state({"mode": "down"})
-        acked += _submit(st, range(half, args.jobs))
-        say("acknowledged %d more while the primary is down" % (len(acked) - half))
+        acked += _submit(st, range(n1, n1 + n2))
+        _progress(st, acked, 60, "   failover: ")
+
+        say("3) EVERY PROVIDER DOWN for %.0fs: submitting %d more" % (args.outage, n3))
+        backup.set_state({"mode": "down"})
+        outage_ids = _submit(st, range(n1 + n2, args.jobs))
+        acked += outage_ids
         end = time.monotonic() + args.outage
         while time.monotonic() < end:
-            done = results(st)
-            n = len(set(acked) & set(done))
-            by = collections.Counter(r.get("provider") for r in done.values())
-            say("  outage: %d/%d finished, by provider %s" % (n, len(acked), dict(by)))
+            parked = outage_ids_on(st, "promptq.retry.gpt-demo", outage_ids)
+            say("   outage: %d/%d parked on promptq.retry.gpt-demo, %d/%d finished" % (
+                parked, len(outage_ids), len(set(acked) & set(results(st))), len(acked)))
             time.sleep(2)
-        say("primary is back")
-        primary.set_state({"mode": "ok", "latency_ms": 50})
 
-        def all_done():
-            return len(set(acked) - set(results(st))) == 0
-        last = 0
-        while not all_done():
-            n = len(set(acked) & set(results(st)))
-            if n != last:
-                say("  recovering: %d/%d finished" % (n, len(acked)))
-                last = n
-            if time.monotonic() - t0 > 300:
-                break
-            time.sleep(1)
+        say("4) providers are back: parked jobs replay (ramped)")
+        primary.set_state({"mode": "ok", "latency_ms": 50})
+        backup.set_state({"mode": "ok", "latency_ms": 50})
+        _progress(st, acked, 300, "   replay: ")
 
         done = results(st)
         lost = set(acked) - set(done)
@@ -107,6 +107,28 @@ def main():
             len(acked), dict(statuses), len(lost), dict(by), time.monotonic() - t0))
         say("process logs: %s" % st.log_dir)
         return 0 if not lost and statuses.get("succeeded") == len(acked) else 1
+
+
+def outage_ids_on(st, topic, ids):
+    on = {json.loads(m["value"]).get("id") for m in st.consume_all(topic)}
+    return len(on & set(ids))
+
+
+def _progress(st, acked, timeout, prefix):
+    """Prints progress until every acknowledged job has a result (or timeout)."""
+    end = time.monotonic() + timeout
+    last = None
+    while True:
+        done = results(st)
+        mine = [done[i] for i in acked if i in done]
+        by = dict(collections.Counter(r.get("provider") for r in mine))
+        line = "%s%d/%d finished, answered by %s" % (prefix, len(mine), len(acked), by)
+        if line != last:
+            say(line)
+            last = line
+        if len(mine) == len(acked) or time.monotonic() > end:
+            return
+        time.sleep(1)
 
 
 def _up(url):
