@@ -49,12 +49,18 @@ typedef enum {
     PQ_PATH_HEALTHZ,
     PQ_PATH_READYZ,
     PQ_PATH_METRICS,
+    PQ_PATH_CHAT,   /* /v1/chat/completions */
+    PQ_PATH_MODELS, /* /v1/models */
+    PQ_PATH_MODEL,  /* /v1/models/{id} */
     PQ_PATH_OTHER,
     PQ_PATH__COUNT,
 } pq_path_t;
 
 /* Status codes counted per path; anything else is counted as "other". */
-#define PQ_BROKER_NCODES 16
+#define PQ_BROKER_NCODES 18
+
+/* Idempotency-Key: printable ASCII without spaces, at most this long. */
+#define PQ_IDEM_KEY_MAX 255
 
 /* A loaded config plus what the broker derives from it. Reference counted: each thread holds
  * one reference to the config it serves with; SIGHUP swaps in a new one. */
@@ -64,6 +70,7 @@ typedef struct pq_bconf_s {
     size_t max_body; /* largest POST /v1/jobs body accepted */
     pq_envelope_limits_t limits;
     char topic_requests[256];
+    char topic_results[256];
 } pq_bconf_t;
 
 pq_bconf_t *pq_bconf_new(pq_conf_t *conf); /* takes conf; NULL on failure (conf destroyed) */
@@ -112,6 +119,20 @@ typedef struct pq_broker_s {
     pq_counter_t *m_produce_errors;
     pq_hist_t *m_ack_latency;
     pq_gauge_t *m_inflight;
+
+    /* sync waiters (chat.c), idempotency (idem.c), rate limits (ratelimit.c), cancel */
+    char reply_channel[512]; /* <redis prefix>reply:<instance_id>, fixed at start */
+    int64_t started_s;       /* unix seconds, "created" of /v1/models entries */
+    struct pq_ratelimit_s *rl;
+    pq_gauge_t *m_chat_waiting;
+    pq_counter_t *m_chat_timeouts;
+    pq_counter_t *m_chat_abandoned;
+    pq_counter_t *m_chat_notified;
+    pq_counter_t *m_sub_subscribed;
+    pq_counter_t *m_idem_replayed;
+    pq_counter_t *m_idem_reused;
+    pq_counter_t *m_rate_limited;
+    pq_counter_t *m_cancelled;
 } pq_broker_t;
 
 typedef enum {
@@ -121,6 +142,12 @@ typedef enum {
     PQ_SLOT_GET,          /* GET /v1/jobs/{id}: waiting for HGETALL */
     PQ_SLOT_SPOOLING,     /* POST: handed to the spool, waiting for its fsync (no timer: the
                            * spool calls back exactly once; the slot is not reused before) */
+    PQ_SLOT_IDEM,         /* POST with Idempotency-Key: claiming the key (or waiting for the
+                           * first use to become durable) */
+    PQ_SLOT_WAIT,         /* chat: durable, waiting for the terminal record (waiter table) */
+    PQ_SLOT_CANCEL_READ,  /* DELETE: reading the record */
+    PQ_SLOT_CANCEL_CAS,   /* DELETE: compare-and-set queued|parked -> cancelled */
+    PQ_SLOT_CANCEL_PUB,   /* DELETE: producing the cancelled result to promptq.results */
 } pq_slot_state_t;
 
 /* One request waiting for Redis or Kafka. Slots are pooled per thread. */
@@ -137,6 +164,21 @@ typedef struct pq_slot_s {
     char *payload;              /* owned until handed to the producer */
     size_t payload_len;
     uint32_t next_free;
+    /* chat */
+    unsigned stream : 1;        /* answer server-sent events */
+    unsigned include_usage : 1; /* stream_options.include_usage */
+    unsigned in_table : 1;      /* linked into the thread's waiter table */
+    unsigned need_read : 1;     /* the record must be read again (a read failed) */
+    unsigned idem_owner : 1;    /* this request claimed idem_key (released unless durable) */
+    unsigned idem_durable : 1;  /* ... and made its job durable */
+    int64_t deadline_ms;        /* monotonic: chat wait deadline */
+    uint32_t wait_hash;
+    uint32_t wait_next; /* chain in the waiter table, 1-based slot index */
+    /* idempotency */
+    char *idem_key; /* owned: the Redis key promptq:idem:{tenant}:{key}, or NULL */
+    int idem_tries;
+    int64_t idem_deadline_ms;
+    char body_hash[PQ_SHA256_HEX_LEN + 1];
     char id[PQ_ID_MAX + 1];
     char tenant[PQ_TENANT_MAX + 1];
     char hash[PQ_SHA256_HEX_LEN + 1];
@@ -169,11 +211,23 @@ struct pq_bthread_s {
     /* kafka */
     rd_kafka_t *rk;
     rd_kafka_topic_t *rkt;
+    rd_kafka_topic_t *rkt_results; /* cancelled results (DELETE) */
     int kpipe[2];
     struct event *kafka_ev;
     struct event *kafka_timer;
     atomic_int kafka_up; /* -1 unknown, 0 all brokers down, 1 a broker is up */
     int kafka_fatal;
+
+    /* redis subscriber (rsub.c): SUBSCRIBE b->reply_channel */
+    redisAsyncContext *sub;
+    int sub_ready; /* subscription confirmed */
+    int sub_retry_ms;
+    struct event *sub_retry_ev;
+    /* chat waiters by (tenant, id): chains of slot indexes */
+    uint32_t *wbuckets;
+    uint32_t nwbuckets;
+    uint32_t nwaiters;
+    struct event *reread_ev; /* retries reads that failed, while any need one */
 
     /* redis */
     redisAsyncContext *rc;
@@ -214,7 +268,8 @@ void *pq_slot_handle(const pq_slot_t *s);
 /* The slot behind a handle if it is still the same request, else NULL. */
 pq_slot_t *pq_slot_from_handle(pq_bthread_t *t, void *handle);
 
-/* http.c: replies. Every reply goes through pq_http_reply so it is counted. */
+/* http.c: replies. Every reply goes through pq_http_reply so it is counted. Errors on the
+ * OpenAI-compatible paths (chat, models) also carry "param": null and "code" (= type). */
 void pq_http_reply(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
                    const char *body, size_t len);
 void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
@@ -225,6 +280,14 @@ int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, co
 
 /* intake.c: POST /v1/jobs */
 void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req);
+/* Queues the job of a slot whose id, tenant, route, hash and payload are set (job_create, then
+ * produce or spool). The answer comes through pq_intake_durable or an error reply. */
+void pq_intake_submit(pq_slot_t *s);
+/* 503 + Retry-After for a job that could not be accepted. */
+void pq_intake_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                           const char *why);
+/* 202 for POST /v1/jobs (releases the slot). */
+void pq_intake_accepted(pq_slot_t *s, int spooled);
 void pq_intake_redis_reply(pq_slot_t *s, long long result, int ok);
 void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m);
 void pq_intake_timeout(pq_slot_t *s);
@@ -267,6 +330,65 @@ void pq_bspool_metrics(pq_broker_t *b);
 void pq_jobs_get(pq_bthread_t *t, struct evhttp_request *req, const char *id);
 void pq_jobs_redis_reply(pq_slot_t *s, const void *reply);
 void pq_jobs_timeout(pq_slot_t *s);
+/* DELETE /v1/jobs/{id}: cancels a queued or parked job. */
+void pq_jobs_delete(pq_bthread_t *t, struct evhttp_request *req, const char *id);
+void pq_jobs_cancel_reply(pq_slot_t *s, const void *reply);
+void pq_jobs_cancel_delivered(pq_bthread_t *t, const rd_kafka_message_t *m);
+void pq_jobs_cancel_timeout(pq_slot_t *s);
+/* Tenant of a request: the API key's, or in open mode ?tenant= (default "default"). Returns 0,
+ * or -1 after answering. */
+int pq_jobs_request_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, char *out,
+                           size_t size);
+
+/* chat.c: POST /v1/chat/completions, sync waiters, GET /v1/models */
+void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req);
+/* The chat job of s is durable (Kafka or spool): wait for its result. Also used for an
+ * idempotent repeat whose job exists. */
+void pq_chat_wait(pq_slot_t *s);
+void pq_chat_redis_reply(pq_slot_t *s, const void *reply);
+void pq_chat_timeout(pq_slot_t *s);
+/* A reply-channel message "<tenant>:<id>" (from the subscriber). */
+void pq_chat_notify(pq_bthread_t *t, const char *msg, size_t len);
+/* The subscription is (again) confirmed: reads every waiter's record (messages may have been
+ * missed while it was down). */
+void pq_chat_subscribed(pq_bthread_t *t);
+/* Removes a slot from the waiter table if it is in it (slot release). */
+void pq_chat_unlink(pq_slot_t *s);
+int pq_chat_thread_init(pq_bthread_t *t);
+void pq_chat_thread_free(pq_bthread_t *t);
+/* Answers every waiter 504 (stop deadline). */
+void pq_chat_stop_waiters(pq_bthread_t *t);
+void pq_models_get(pq_bthread_t *t, struct evhttp_request *req, const char *id);
+/* OpenAI-shaped error for the chat path: {"error":{"message","type","param":null,"code"}}. */
+void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const char *type,
+                   const char *errcode, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+/* rsub.c: the loop's subscriber connection */
+int pq_rsub_start(pq_bthread_t *t);
+void pq_rsub_stop(pq_bthread_t *t);
+
+/* idem.c: Idempotency-Key (DESIGN.md §4 promptq:idem:{tenant}:{key}) */
+/* Reads the request's Idempotency-Key. Returns 0 with *key NULL (none) or set (borrowed from
+ * the request), or -1 after answering 400. */
+int pq_idem_header(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **key);
+/* Claims the key for the slot (its id, tenant and body_hash set). The outcome: the slot's job is
+ * submitted (first use), or answered / waited for as the first use's job (repeat), or 422. */
+void pq_idem_start(pq_slot_t *s, const char *key);
+void pq_idem_reply(pq_slot_t *s, const void *reply);
+void pq_idem_timeout(pq_slot_t *s);
+/* The slot's job is durable: the key now names it for good. */
+void pq_idem_durable(pq_slot_t *s, int spooled);
+/* On release: a claim whose job never became durable is given up. */
+void pq_idem_release(pq_slot_t *s);
+
+/* ratelimit.c: per-tenant token buckets, process-wide */
+struct pq_ratelimit_s *pq_ratelimit_new(void);
+void pq_ratelimit_destroy(struct pq_ratelimit_s *rl);
+/* Takes one token for tenant. Returns 0, or the seconds to wait (>= 1) when limited. */
+int pq_ratelimit_take(struct pq_ratelimit_s *rl, const char *tenant, double rps, int burst);
+/* Answers 429 + Retry-After when tenant is over its rate; returns -1 then, else 0. */
+int pq_http_ratelimit(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                      const char *tenant);
 
 /* rconn.c: the thread's Redis connection */
 int pq_rconn_start(pq_bthread_t *t);
@@ -280,8 +402,17 @@ int pq_rconn_commandargv(pq_bthread_t *t, void *handle, int argc, const char **a
                          const size_t *argvlen);
 
 /* SHA1 of a script for EVALSHA; the scripts are loaded on every (re)connect. script is one of
- * pq_script_job_create, pq_script_job_drop. */
+ * pq_script_job_create, pq_script_job_drop, pq_bscript_idem_claim, pq_bscript_cancel. */
 const char *pq_rconn_sha(const char *script);
+
+/* Broker-only scripts (rconn.c).
+ * idem_claim: KEYS[1] idem key; ARGV[1] value "<id> <body hash> p", ARGV[2] ttl ms. Returns nil
+ * when this call set the key (first use), else the current value.
+ * cancel: KEYS[1] job key; ARGV[1] result record JSON, ARGV[2] error JSON, ARGV[3] now ms.
+ * Moves queued|parked to cancelled with the result; returns 1, or the status it found ("" when
+ * the record is absent). */
+extern const char pq_bscript_idem_claim[];
+extern const char pq_bscript_cancel[];
 
 /* kprod.c: the thread's producer */
 int pq_kprod_start(pq_bthread_t *t, char *errstr, size_t errstr_size);
@@ -294,5 +425,9 @@ rd_kafka_conf_t *pq_kprod_conf(const pq_conf_t *conf, char *errstr, size_t errst
 int pq_kprod_stats_up(const char *json, size_t len);
 
 int64_t pq_mono_us(void);
+
+/* The loop running on this thread (NULL on the main thread): for libevent callbacks whose
+ * argument cannot name it. */
+extern _Thread_local pq_bthread_t *pq_bthread_current;
 
 #endif

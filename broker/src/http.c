@@ -10,10 +10,11 @@
 
 #include "promptq/log.h"
 
-static const int counted_codes[PQ_BROKER_NCODES - 1] = {200, 202, 400, 401, 403, 404, 405, 409,
-                                                        413, 415, 422, 429, 500, 503, 504};
+static const int counted_codes[PQ_BROKER_NCODES - 1] = {200, 202, 400, 401, 403, 404, 405, 409, 413,
+                                                        415, 422, 429, 500, 502, 503, 504, 499};
 static const char *const path_labels[PQ_PATH__COUNT] = {
-    "/v1/jobs", "/v1/jobs/{id}", "/healthz", "/readyz", "/metrics", "other",
+    "/v1/jobs",   "/v1/jobs/{id}",   "/healthz", "/readyz", "/metrics", "/v1/chat/completions",
+    "/v1/models", "/v1/models/{id}", "other",
 };
 
 static pq_counter_t *request_counter(pq_bthread_t *t, pq_path_t path, int code)
@@ -63,6 +64,14 @@ static const char *reason(int code)
         return "Conflict";
     case 413:
         return "Payload Too Large";
+    case 422:
+        return "Unprocessable Entity";
+    case 429:
+        return "Too Many Requests";
+    case 502:
+        return "Bad Gateway";
+    case 504:
+        return "Gateway Timeout";
     case 500:
         return "Internal Server Error";
     case 503:
@@ -123,7 +132,14 @@ void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     json_escape(esc, sizeof(esc), msg);
-    n = snprintf(body, sizeof(body), "{\"error\":{\"type\":\"%s\",\"message\":\"%s\"}}", type, esc);
+    if (path == PQ_PATH_CHAT || path == PQ_PATH_MODELS || path == PQ_PATH_MODEL)
+        n = snprintf(body, sizeof(body),
+                     "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,"
+                     "\"code\":\"%s\"}}",
+                     esc, type, type);
+    else
+        n = snprintf(body, sizeof(body), "{\"error\":{\"type\":\"%s\",\"message\":\"%s\"}}", type,
+                     esc);
     if (n < 0 || (size_t)n >= sizeof(body))
         n = (int)strlen(body);
     pq_http_reply(t, req, path, code, body, (size_t)n);

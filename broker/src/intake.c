@@ -23,19 +23,18 @@
 /* Retry-After when the spool is full: it empties only as fast as Kafka takes it back. */
 #define RETRY_AFTER_FULL "5"
 
-static void reply_unavailable_after(pq_bthread_t *t, struct evhttp_request *req,
+static void reply_unavailable_after(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
                                     const char *retry_after, const char *why)
 {
     evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", retry_after);
     pq_counter_add(t->b->m_unavailable, 1);
-    pq_http_error(t, req, PQ_PATH_JOBS, 503, "unavailable", "job not accepted: %s; retry", why);
+    pq_http_error(t, req, path, 503, "unavailable", "job not accepted: %s; retry", why);
 }
 
-static void reply_unavailable(pq_bthread_t *t, struct evhttp_request *req, const char *why)
+void pq_intake_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                           const char *why)
 {
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-    pq_counter_add(t->b->m_unavailable, 1);
-    pq_http_error(t, req, PQ_PATH_JOBS, 503, "unavailable", "job not accepted: %s; retry", why);
+    reply_unavailable_after(t, req, path, "1", why);
 }
 
 /* Drops the queued record this request created, so a job that was never accepted leaves no
@@ -70,20 +69,20 @@ void pq_intake_not_durable(pq_slot_t *s, const char *why)
     drop_record(s);
     if (err == PQ_ERR_TOO_LARGE) {
         pq_counter_add(t->b->m_spool_refused_error, 1);
-        pq_http_error(t, s->req, PQ_PATH_JOBS, 413, "too_large",
+        pq_http_error(t, s->req, s->path, 413, "too_large",
                       "job of %zu bytes exceeds the spool's record limit", s->payload_len);
     } else if (err == PQ_ERR_UNAVAILABLE) {
         pq_counter_add(t->b->m_spool_refused_full, 1);
-        reply_unavailable_after(t, s->req, RETRY_AFTER_FULL,
+        reply_unavailable_after(t, s->req, s->path, RETRY_AFTER_FULL,
                                 "Kafka did not confirm it in time and the local spool is full");
     } else {
         pq_counter_add(t->b->m_spool_refused_error, 1);
-        reply_unavailable(t, s->req, why);
+        pq_intake_unavailable(t, s->req, s->path, why);
     }
     pq_slot_release(s);
 }
 
-static void reply_accepted(pq_slot_t *s, int spooled)
+void pq_intake_accepted(pq_slot_t *s, int spooled)
 {
     pq_bthread_t *t = s->t;
     struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
@@ -95,9 +94,24 @@ static void reply_accepted(pq_slot_t *s, int spooled)
     evhttp_add_header(h, "Location", loc);
     n = snprintf(body, sizeof(body), "{\"id\":\"%s\",\"status\":\"queued\",\"durability\":\"%s\"}",
                  s->id, spooled ? "spooled" : "kafka");
-    pq_counter_add(spooled ? t->b->m_accepted_spooled : t->b->m_accepted, 1);
     pq_http_reply(t, s->req, PQ_PATH_JOBS, 202, body, (size_t)n);
     pq_slot_release(s);
+}
+
+/* The job is in Kafka or in the spool: it counts as accepted (G1), whoever answers. */
+static void durable(pq_slot_t *s, int spooled)
+{
+    pq_bthread_t *t = s->t;
+
+    pq_counter_add(spooled ? t->b->m_accepted_spooled : t->b->m_accepted, 1);
+    pq_idem_durable(s, spooled);
+    if (s->path == PQ_PATH_CHAT) {
+        free(s->payload);
+        s->payload = NULL;
+        pq_chat_wait(s);
+    } else {
+        pq_intake_accepted(s, spooled);
+    }
 }
 
 void pq_intake_spooled(pq_slot_t *s, pq_err_t err)
@@ -105,13 +119,14 @@ void pq_intake_spooled(pq_slot_t *s, pq_err_t err)
     pq_bthread_t *t = s->t;
 
     if (err == PQ_OK) {
-        reply_accepted(s, 1);
+        durable(s, 1);
         return;
     }
     /* Writing or syncing failed: nothing was acknowledged. */
     pq_counter_add(t->b->m_spool_refused_error, 1);
     drop_record(s);
-    reply_unavailable(t, s->req, "Kafka did not confirm it in time and the local spool failed");
+    pq_intake_unavailable(t, s->req, s->path,
+                          "Kafka did not confirm it in time and the local spool failed");
     pq_slot_release(s);
 }
 
@@ -133,7 +148,7 @@ static void produce(pq_slot_t *s)
         pq_counter_add(t->b->m_produce_errors, 1);
         if (err == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE) {
             drop_record(s);
-            pq_http_error(t, s->req, PQ_PATH_JOBS, 413, "too_large",
+            pq_http_error(t, s->req, s->path, 413, "too_large",
                           "job of %zu bytes exceeds Kafka's message.max.bytes", s->payload_len);
             pq_slot_release(s);
         } else {
@@ -164,7 +179,7 @@ void pq_intake_redis_reply(pq_slot_t *s, long long result, int ok)
         pq_counter_add(t->b->m_redis_errors, 1);
     } else if (result == -1) {
         pq_counter_add(t->b->m_conflicts, 1);
-        pq_http_error(t, s->req, PQ_PATH_JOBS, 409, "id_conflict",
+        pq_http_error(t, s->req, s->path, 409, "id_conflict",
                       "job id %s was already used with another request", s->id);
         pq_slot_release(s);
         return;
@@ -204,7 +219,7 @@ void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
     }
     if (!m->err) {
         pq_hist_observe(t->b->m_ack_latency, (double)(pq_mono_us() - s->t_produce_us) / 1e6);
-        reply_accepted(s, 0);
+        durable(s, 0);
         return;
     }
     pq_counter_add(t->b->m_produce_errors, 1);
@@ -212,7 +227,7 @@ void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
     case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
     case RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE:
         drop_record(s);
-        pq_http_error(t, s->req, PQ_PATH_JOBS, 413, "too_large",
+        pq_http_error(t, s->req, s->path, 413, "too_large",
                       "job exceeds the Kafka topic's message size limit");
         pq_slot_release(s);
         break;
@@ -224,7 +239,7 @@ void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
         PQ_ERR("produce to %s failed permanently: %s", rd_kafka_topic_name(t->rkt),
                rd_kafka_err2str(m->err));
         drop_record(s);
-        pq_http_error(t, s->req, PQ_PATH_JOBS, 500, "internal", "Kafka refused the job: %s",
+        pq_http_error(t, s->req, s->path, 500, "internal", "Kafka refused the job: %s",
                       rd_kafka_err2name(m->err));
         pq_slot_release(s);
         break;
@@ -269,13 +284,21 @@ static int check_record(pq_slot_t *s)
     return 0;
 }
 
+void pq_intake_submit(pq_slot_t *s)
+{
+    if (check_record(s) != 0) {
+        /* Redis unusable: best effort, produce anyway. */
+        produce(s);
+    }
+}
+
 void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
 {
     const pq_bconf_t *bc = t->bc;
     struct evbuffer *in = evhttp_request_get_input_buffer(req);
     size_t len = evbuffer_get_length(in);
     pq_envelope_t env;
-    const char *key_tenant, *tenant;
+    const char *key_tenant, *tenant, *idem = NULL;
     const char *body;
     char errstr[256], idbuf[PQ_JOB_ID_LEN + 1];
     pq_slot_t *s;
@@ -284,6 +307,10 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
 
     memset(&env, 0, sizeof(env));
     if (pq_http_auth(t, req, PQ_PATH_JOBS, &key_tenant))
+        return;
+    if (key_tenant && pq_http_ratelimit(t, req, PQ_PATH_JOBS, key_tenant))
+        return;
+    if (pq_idem_header(t, req, PQ_PATH_JOBS, &idem))
         return;
     if (len > bc->max_body) {
         pq_http_error(t, req, PQ_PATH_JOBS, 413, "too_large",
@@ -316,6 +343,8 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         tenant = key_tenant;
     } else {
         tenant = env.tenant ? env.tenant : "default";
+        if (pq_http_ratelimit(t, req, PQ_PATH_JOBS, tenant))
+            goto out;
     }
 
     if (!pq_conf_route(bc->conf, env.model)) {
@@ -337,7 +366,7 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
 
     s = pq_slot_get(t, PQ_PATH_JOBS, req);
     if (!s) {
-        reply_unavailable(t, req, "too many requests in flight");
+        pq_intake_unavailable(t, req, PQ_PATH_JOBS, "too many requests in flight");
         goto out;
     }
     pq_strlcpy(s->id, env.id, sizeof(s->id));
@@ -351,10 +380,12 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         pq_slot_release(s);
         return;
     }
-    if (check_record(s) != 0) {
-        /* Redis unusable: best effort, produce anyway. */
-        produce(s);
+    if (idem) {
+        pq_sha256_hex(body, len, s->body_hash);
+        pq_idem_start(s, idem);
+        return;
     }
+    pq_intake_submit(s);
     return;
 
 out:

@@ -1,5 +1,14 @@
 /* GET /v1/jobs/{id}: the tenant's job record from Redis. A terminal job answers its stored
- * result record verbatim; otherwise a status summary. */
+ * result record verbatim; otherwise a status summary.
+ *
+ * DELETE /v1/jobs/{id}: cancels a job that has not run yet. The record is read (404 if absent:
+ * unknown or another tenant's), a cancelled result record is built (the worker's shape:
+ * provider and model null, error {"type":"cancelled"}, source null since the broker does not
+ * know where the job sits in Kafka), and a Lua compare-and-set moves queued|parked to
+ * cancelled with that result. The winner produces the result to promptq.results (a worker
+ * that meets the job later finds it terminal and re-publishes the same result: at-least-once)
+ * and answers 200 with it; running or terminal jobs are 409. Listing (GET /v1/jobs?status=)
+ * is not implemented yet. */
 #include "broker.h"
 
 #include <stdio.h>
@@ -20,14 +29,13 @@ static int is_terminal(const char *status)
            !strcmp(status, "expired") || !strcmp(status, "cancelled");
 }
 
-/* Tenant of the request: the API key's, or in open mode ?tenant= (default "default"). Returns
- * 0, or -1 after answering. */
-static int request_tenant(pq_bthread_t *t, struct evhttp_request *req, char *out, size_t size)
+int pq_jobs_request_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, char *out,
+                           size_t size)
 {
     const char *key_tenant, *q;
     struct evkeyvalq params;
 
-    if (pq_http_auth(t, req, PQ_PATH_JOB, &key_tenant))
+    if (pq_http_auth(t, req, path, &key_tenant))
         return -1;
     if (key_tenant) {
         pq_strlcpy(out, key_tenant, size);
@@ -40,7 +48,7 @@ static int request_tenant(pq_bthread_t *t, struct evhttp_request *req, char *out
 
         if (v && !pq_tenant_valid(v)) {
             evhttp_clear_headers(&params);
-            pq_http_error(t, req, PQ_PATH_JOB, 400, "invalid_request",
+            pq_http_error(t, req, path, 400, "invalid_request",
                           "tenant: must match [A-Za-z0-9._-]{1,%d}", PQ_TENANT_MAX);
             return -1;
         }
@@ -56,7 +64,7 @@ void pq_jobs_get(pq_bthread_t *t, struct evhttp_request *req, const char *id)
     char tenant[PQ_TENANT_MAX + 1], key[512];
     pq_slot_t *s;
 
-    if (request_tenant(t, req, tenant, sizeof(tenant)))
+    if (pq_jobs_request_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)))
         return;
     if (!pq_id_valid(id)) {
         pq_http_error(t, req, PQ_PATH_JOB, 404, "not_found", "no such job");
@@ -177,4 +185,201 @@ void pq_jobs_redis_reply(pq_slot_t *s, const void *r)
     free(text);
 out:
     pq_slot_release(s);
+}
+
+/* ---- DELETE /v1/jobs/{id} ---- */
+
+void pq_jobs_delete(pq_bthread_t *t, struct evhttp_request *req, const char *id)
+{
+    char tenant[PQ_TENANT_MAX + 1], key[512];
+    pq_slot_t *s;
+
+    if (pq_jobs_request_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)))
+        return;
+    if (pq_http_ratelimit(t, req, PQ_PATH_JOB, tenant))
+        return;
+    if (!pq_id_valid(id)) {
+        pq_http_error(t, req, PQ_PATH_JOB, 404, "not_found", "no such job");
+        return;
+    }
+    if (!pq_rconn_usable(t) ||
+        pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, tenant, id) < 0) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
+        return;
+    }
+    s = pq_slot_get(t, PQ_PATH_JOB, req);
+    if (!s) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "too many requests in flight");
+        return;
+    }
+    pq_strlcpy(s->id, id, sizeof(s->id));
+    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
+    if (pq_rconn_command(t, pq_slot_handle(s), "HMGET %s status route created_at attempts", key)) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
+        pq_slot_release(s);
+        return;
+    }
+    s->state = PQ_SLOT_CANCEL_READ;
+    event_add(&s->timer, t->tv_redis);
+}
+
+static const char *str_el(const redisReply *r, size_t i)
+{
+    return i < r->elements && r->element[i]->type == REDIS_REPLY_STRING ? r->element[i]->str : NULL;
+}
+
+static void not_cancellable(pq_slot_t *s, const char *status)
+{
+    pq_http_error(s->t, s->req, PQ_PATH_JOB, 409, "not_cancellable",
+                  "job %s is %s: only queued or parked jobs can be cancelled", s->id, status);
+    pq_slot_release(s);
+}
+
+/* The result record of a cancelled job (same fields as the worker's). */
+static char *cancel_result(pq_slot_t *s, const char *route, const char *created,
+                           const char *attempts, size_t *len)
+{
+    int64_t now = pq_now_ms(), c = created ? strtoll(created, NULL, 10) : now;
+    char created_s[40], completed_s[40];
+    json_t *o;
+    char *text;
+
+    pq_time_format(c, created_s, sizeof(created_s));
+    pq_time_format(now, completed_s, sizeof(completed_s));
+    o = json_pack("{s:s, s:s, s:s, s:o, s:n, s:n, s:I, s:{s:s, s:s, s:n, s:n}, s:n, s:I, s:s, "
+                  "s:s, s:n}",
+                  "id", s->id, "tenant", s->tenant, "status", "cancelled", "route",
+                  route ? json_string(route) : json_null(), "provider", "model", "attempts",
+                  (json_int_t)(attempts ? strtoll(attempts, NULL, 10) : 0), "error", "type",
+                  "cancelled", "message", "cancelled by the client", "provider", "status",
+                  "metadata", "latency_ms", (json_int_t)(now > c ? now - c : 0), "created_at",
+                  created_s, "completed_at", completed_s, "source");
+    text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    *len = text ? strlen(text) : 0;
+    return text;
+}
+
+static void cancel_answer(pq_slot_t *s)
+{
+    pq_http_reply(s->t, s->req, PQ_PATH_JOB, 200, s->payload, s->payload_len);
+    pq_slot_release(s);
+}
+
+static void cancel_publish(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+    rd_kafka_resp_err_t err;
+
+    pq_counter_add(t->b->m_cancelled, 1);
+    if (!t->rk || !t->rkt_results || t->kafka_fatal) {
+        /* a worker that meets the job re-publishes the stored result */
+        cancel_answer(s);
+        return;
+    }
+    err = rd_kafka_producev(
+        t->rk, RD_KAFKA_V_RKT(t->rkt_results), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_VALUE(s->payload, s->payload_len), RD_KAFKA_V_KEY(s->id, strlen(s->id)),
+        RD_KAFKA_V_OPAQUE(pq_slot_handle(s)), RD_KAFKA_V_END);
+    if (err) {
+        PQ_WARN("job %s/%s cancelled; result not produced now (%s): a worker re-publishes it",
+                s->tenant, s->id, rd_kafka_err2str(err));
+        cancel_answer(s);
+        return;
+    }
+    s->state = PQ_SLOT_CANCEL_PUB;
+    event_del(&s->timer);
+    event_add(&s->timer, t->tv_ack);
+}
+
+void pq_jobs_cancel_reply(pq_slot_t *s, const void *r)
+{
+    const redisReply *reply = r;
+    pq_bthread_t *t = s->t;
+
+    event_del(&s->timer);
+    if (!reply || reply->type == REDIS_REPLY_ERROR ||
+        (s->state == PQ_SLOT_CANCEL_READ && reply->type != REDIS_REPLY_ARRAY)) {
+        pq_jobs_timeout(s);
+        return;
+    }
+    if (s->state == PQ_SLOT_CANCEL_READ) {
+        const char *status = str_el(reply, 0);
+        const char *argv[7];
+        size_t argvlen[7];
+        char key[512], now[24],
+            err[] = "{\"type\":\"cancelled\",\"message\":\"cancelled by "
+                    "the client\",\"provider\":null,\"status\":null}";
+
+        if (!status) {
+            pq_http_error(t, s->req, PQ_PATH_JOB, 404, "not_found", "no such job");
+            pq_slot_release(s);
+            return;
+        }
+        if (strcmp(status, "queued") != 0 && strcmp(status, "parked") != 0) {
+            not_cancellable(s, status);
+            return;
+        }
+        s->payload =
+            cancel_result(s, str_el(reply, 1), str_el(reply, 2), str_el(reply, 3), &s->payload_len);
+        if (!s->payload ||
+            pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0) {
+            pq_http_error(t, s->req, PQ_PATH_JOB, 500, "internal", "out of memory");
+            pq_slot_release(s);
+            return;
+        }
+        snprintf(now, sizeof(now), "%lld", (long long)pq_now_ms());
+        argv[0] = "EVALSHA";
+        argv[1] = pq_rconn_sha(pq_bscript_cancel);
+        argv[2] = "1";
+        argv[3] = key;
+        argv[4] = s->payload;
+        argv[5] = err;
+        argv[6] = now;
+        for (int i = 0; i < 7; i++)
+            argvlen[i] = strlen(argv[i]);
+        argvlen[4] = s->payload_len;
+        if (pq_rconn_commandargv(t, pq_slot_handle(s), 7, argv, argvlen)) {
+            pq_jobs_timeout(s);
+            return;
+        }
+        s->state = PQ_SLOT_CANCEL_CAS;
+        event_add(&s->timer, t->tv_redis);
+        return;
+    }
+    /* CANCEL_CAS */
+    if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1) {
+        cancel_publish(s);
+    } else if (reply->type == REDIS_REPLY_STRING && reply->len == 0) {
+        pq_http_error(t, s->req, PQ_PATH_JOB, 404, "not_found", "no such job");
+        pq_slot_release(s);
+    } else if (reply->type == REDIS_REPLY_STRING) {
+        not_cancellable(s, reply->str);
+    } else {
+        pq_jobs_timeout(s);
+    }
+}
+
+void pq_jobs_cancel_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
+{
+    pq_slot_t *s = pq_slot_from_handle(t, m->_private);
+
+    if (m->err)
+        PQ_WARN("cancelled result not delivered to %s: %s (a worker re-publishes it)",
+                rd_kafka_topic_name(m->rkt), rd_kafka_err2str(m->err));
+    if (s && s->state == PQ_SLOT_CANCEL_PUB)
+        cancel_answer(s);
+}
+
+void pq_jobs_cancel_timeout(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_CANCEL_PUB) {
+        /* the cancel is recorded; Kafka is slow: the worker re-publishes if this is lost */
+        cancel_answer(s);
+        return;
+    }
+    pq_jobs_timeout(s);
 }

@@ -42,7 +42,12 @@ static void kafka_timer_cb(evutil_socket_t fd, short what, void *arg)
 
 static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
-    pq_intake_delivered(opaque, m);
+    pq_bthread_t *t = opaque;
+
+    if (m->rkt && m->rkt == t->rkt_results)
+        pq_jobs_cancel_delivered(t, m);
+    else
+        pq_intake_delivered(t, m);
 }
 
 static void recreate_cb(evutil_socket_t fd, short what, void *arg);
@@ -150,6 +155,14 @@ static int producer_attach(pq_bthread_t *t, rd_kafka_t *rk, char *errstr, size_t
                  rd_kafka_err2str(rd_kafka_last_error()));
         return -1;
     }
+    t->rkt_results = rd_kafka_topic_new(rk, t->bc->topic_results, NULL);
+    if (!t->rkt_results) {
+        snprintf(errstr, errstr_size, "topic %s: %s", t->bc->topic_results,
+                 rd_kafka_err2str(rd_kafka_last_error()));
+        rd_kafka_topic_destroy(t->rkt);
+        t->rkt = NULL;
+        return -1;
+    }
     q = rd_kafka_queue_get_main(rk);
     rd_kafka_queue_io_event_enable(q, t->kpipe[1], "1", 1);
     rd_kafka_queue_destroy(q);
@@ -170,6 +183,9 @@ static void recreate_cb(evutil_socket_t fd, short what, void *arg)
         poll_all(t);
         rd_kafka_topic_destroy(t->rkt);
         t->rkt = NULL;
+        if (t->rkt_results)
+            rd_kafka_topic_destroy(t->rkt_results);
+        t->rkt_results = NULL;
         rd_kafka_destroy(t->rk);
         t->rk = NULL;
     }
@@ -228,6 +244,9 @@ void pq_kprod_stop(pq_bthread_t *t, int timeout_ms)
         if (t->rkt)
             rd_kafka_topic_destroy(t->rkt);
         t->rkt = NULL;
+        if (t->rkt_results)
+            rd_kafka_topic_destroy(t->rkt_results);
+        t->rkt_results = NULL;
         rd_kafka_destroy(t->rk);
         t->rk = NULL;
     }

@@ -24,6 +24,8 @@
 /* Connections idle this long are closed. */
 #define PQ_BROKER_IDLE_S 120
 
+_Thread_local pq_bthread_t *pq_bthread_current;
+
 /* ---- slots ---- */
 
 static pq_slot_t *slot_at(pq_bthread_t *t, uint32_t idx)
@@ -37,10 +39,27 @@ static void slot_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     pq_slot_t *s = arg;
 
-    if (s->state == PQ_SLOT_GET)
+    switch (s->state) {
+    case PQ_SLOT_FREE:
+        break;
+    case PQ_SLOT_GET:
         pq_jobs_timeout(s);
-    else if (s->state != PQ_SLOT_FREE)
+        break;
+    case PQ_SLOT_WAIT:
+        pq_chat_timeout(s);
+        break;
+    case PQ_SLOT_IDEM:
+        pq_idem_timeout(s);
+        break;
+    case PQ_SLOT_CANCEL_READ:
+    case PQ_SLOT_CANCEL_CAS:
+    case PQ_SLOT_CANCEL_PUB:
+        pq_jobs_cancel_timeout(s);
+        break;
+    default:
         pq_intake_timeout(s);
+        break;
+    }
 }
 
 static int slots_grow(pq_bthread_t *t)
@@ -82,7 +101,13 @@ pq_slot_t *pq_slot_get(pq_bthread_t *t, pq_path_t path, struct evhttp_request *r
     s->created = 0;
     s->payload = NULL;
     s->payload_len = 0;
-    s->id[0] = s->tenant[0] = s->hash[0] = s->route[0] = '\0';
+    s->stream = s->include_usage = s->in_table = s->need_read = 0;
+    s->idem_owner = s->idem_durable = 0;
+    s->deadline_ms = 0;
+    s->wait_next = 0;
+    s->idem_key = NULL;
+    s->idem_tries = 0;
+    s->id[0] = s->tenant[0] = s->hash[0] = s->route[0] = s->body_hash[0] = '\0';
     t->inflight++;
     pq_gauge_add(t->b->m_inflight, 1);
     return s;
@@ -93,6 +118,8 @@ void pq_slot_release(pq_slot_t *s)
     pq_bthread_t *t = s->t;
 
     event_del(&s->timer);
+    pq_chat_unlink(s);
+    pq_idem_release(s);
     free(s->payload);
     s->payload = NULL;
     s->req = NULL;
@@ -220,8 +247,22 @@ static void on_request(struct evhttp_request *req, void *arg)
     } else if (!strncmp(path, "/v1/jobs/", 9) && path[9] && !strchr(path + 9, '/')) {
         if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
             pq_jobs_get(t, req, path + 9);
+        else if (evhttp_request_get_command(req) == EVHTTP_REQ_DELETE)
+            pq_jobs_delete(t, req, path + 9);
         else
-            method_not_allowed(t, req, PQ_PATH_JOB, "GET");
+            method_not_allowed(t, req, PQ_PATH_JOB, "GET, DELETE");
+    } else if (!strcmp(path, "/v1/chat/completions")) {
+        if (evhttp_request_get_command(req) == EVHTTP_REQ_POST)
+            pq_chat_post(t, req);
+        else
+            method_not_allowed(t, req, PQ_PATH_CHAT, "POST");
+    } else if (!strcmp(path, "/v1/models") || (!strncmp(path, "/v1/models/", 11) && path[11])) {
+        pq_path_t p = path[10] ? PQ_PATH_MODEL : PQ_PATH_MODELS;
+
+        if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
+            pq_models_get(t, req, path[10] ? path + 11 : NULL);
+        else
+            method_not_allowed(t, req, p, "GET");
     } else if (!strcmp(path, "/healthz")) {
         if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
             serve_healthz(t, req);
@@ -282,6 +323,8 @@ static void shutdown_tick(evutil_socket_t fd, short what, void *arg)
                 pq_intake_not_durable(s, "shutting down");
             else if (s->state == PQ_SLOT_GET)
                 pq_jobs_timeout(s);
+            else if (s->state == PQ_SLOT_WAIT)
+                pq_chat_timeout(s);
             if (s->state == PQ_SLOT_SPOOLING)
                 waiting++;
         }
@@ -384,8 +427,8 @@ int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_
     }
     if (pq_kprod_start(t, errstr, errstr_size))
         return -1;
-    if (pq_rconn_start(t)) {
-        snprintf(errstr, errstr_size, "cannot set up the Redis connection");
+    if (pq_rconn_start(t) || pq_chat_thread_init(t) || pq_rsub_start(t)) {
+        snprintf(errstr, errstr_size, "cannot set up the Redis connections");
         return -1;
     }
     return 0;
@@ -443,6 +486,7 @@ static void *thread_main(void *arg)
     pq_bthread_t *t = arg;
     int64_t left;
 
+    pq_bthread_current = t;
     event_base_dispatch(t->base);
     /* Every request is answered: each job is in Kafka, in the spool, or was refused. What the
      * producer still holds is a copy of a spooled job; a short flush only saves the drainer
@@ -452,6 +496,8 @@ static void *thread_main(void *arg)
         left = PQ_BROKER_EXIT_FLUSH_MS;
     pq_kprod_stop(t, left > 0 ? (int)left : 0);
     pq_rconn_stop(t);
+    pq_rsub_stop(t);
+    pq_bthread_current = NULL;
     return NULL;
 }
 
@@ -472,6 +518,7 @@ void pq_bthread_free(pq_bthread_t *t)
         return;
     pq_kprod_stop(t, 0);
     pq_rconn_stop(t);
+    pq_rsub_stop(t);
     if (t->http)
         evhttp_free(t->http);
     if (t->ctl_ev)
@@ -483,9 +530,11 @@ void pq_bthread_free(pq_bthread_t *t)
         for (uint32_t j = 0; j < PQ_BROKER_SLOT_CHUNK; j++) {
             event_del(&t->chunks[i][j].timer);
             free(t->chunks[i][j].payload);
+            free(t->chunks[i][j].idem_key);
         }
         free(t->chunks[i]);
     }
+    pq_chat_thread_free(t);
     if (t->base)
         event_base_free(t->base);
     pq_bconf_unref(t->bc);

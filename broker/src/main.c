@@ -15,7 +15,9 @@
 #include <event2/thread.h>
 
 #include "promptq/kafka.h"
+#include "promptq/keys.h"
 #include "promptq/log.h"
+#include "promptq/util.h"
 
 int64_t pq_mono_us(void)
 {
@@ -51,6 +53,7 @@ pq_bconf_t *pq_bconf_new(pq_conf_t *conf)
     if (conf->max_prompt_bytes > 0)
         bc->limits.max_prompt_bytes = (size_t)conf->max_prompt_bytes;
     pq_conf_topic(conf, "requests", bc->topic_requests, sizeof(bc->topic_requests));
+    pq_conf_topic(conf, "results", bc->topic_results, sizeof(bc->topic_results));
     return bc;
 }
 
@@ -132,6 +135,36 @@ static int metrics_init(pq_broker_t *b)
     b->m_spool_write_failed =
         pq_metrics_counter(b->metrics, "promptq_broker_spool_write_failures_total",
                            "Jobs whose spool write or fsync failed (answered 503)", NULL);
+    b->m_chat_waiting = pq_metrics_gauge(b->metrics, "promptq_broker_chat_waiting",
+                                         "Chat requests waiting for their job's result", NULL);
+    b->m_chat_timeouts =
+        pq_metrics_counter(b->metrics, "promptq_broker_chat_timeouts_total",
+                           "Chat requests answered 504 at broker.sync_timeout_ms", NULL);
+    b->m_chat_abandoned =
+        pq_metrics_counter(b->metrics, "promptq_broker_chat_abandoned_total",
+                           "Chat waiters dropped because the client disconnected", NULL);
+    b->m_chat_notified = pq_metrics_counter(b->metrics, "promptq_broker_chat_notifications_total",
+                                            "Reply-channel messages that matched a waiter", NULL);
+    b->m_sub_subscribed =
+        pq_metrics_counter(b->metrics, "promptq_broker_reply_subscriptions_total",
+                           "Confirmed subscriptions to the reply channel (one per loop, plus "
+                           "one per reconnect)",
+                           NULL);
+    b->m_idem_replayed = pq_metrics_counter(b->metrics, "promptq_broker_idempotent_replays_total",
+                                            "Requests answered as an earlier request with the same "
+                                            "Idempotency-Key and body",
+                                            NULL);
+    b->m_idem_reused =
+        pq_metrics_counter(b->metrics, "promptq_broker_idempotency_key_reused_total",
+                           "Idempotency-Keys sent again with another body (422)", NULL);
+    b->m_rate_limited = pq_metrics_counter(b->metrics, "promptq_broker_rate_limited_total",
+                                           "Requests answered 429 by the tenant rate limit", NULL);
+    b->m_cancelled = pq_metrics_counter(b->metrics, "promptq_broker_jobs_cancelled_total",
+                                        "Jobs cancelled with DELETE /v1/jobs/{id}", NULL);
+    if (!b->m_chat_waiting || !b->m_chat_timeouts || !b->m_chat_abandoned || !b->m_chat_notified ||
+        !b->m_sub_subscribed || !b->m_idem_replayed || !b->m_idem_reused || !b->m_rate_limited ||
+        !b->m_cancelled)
+        return -1;
     if (!b->m_accepted || !b->m_unavailable || !b->m_redis_errors || !b->m_conflicts ||
         !b->m_produce_errors || !b->m_ack_latency || !b->m_inflight || !b->m_accepted_spooled ||
         !b->m_spool_refused_full || !b->m_spool_refused_error || !b->m_drained ||
@@ -223,6 +256,13 @@ int main(int argc, char **argv)
         goto out;
     }
     conf = b.bconf->conf;
+    b.started_s = pq_now_ms() / 1000;
+    b.rl = pq_ratelimit_new();
+    if (!b.rl || pq_key_reply(b.reply_channel, sizeof(b.reply_channel), conf->redis_prefix,
+                              conf->instance_id) < 0) {
+        PQ_ERR("broker.instance_id: reply channel name too long or out of memory");
+        goto out;
+    }
     if (conf->napi_keys == 0)
         PQ_WARN("no broker.api_keys configured: running open (tenant from the envelope)");
 
@@ -254,8 +294,10 @@ int main(int argc, char **argv)
         }
         started++;
     }
-    PQ_INFO("listening on %s:%d with %d threads, max job body %zu bytes, topic %s",
-            conf->listen_host, b.port, b.nthreads, b.bconf->max_body, b.bconf->topic_requests);
+    PQ_INFO("listening on %s:%d with %d threads, max job body %zu bytes, topic %s, reply "
+            "channel %s",
+            conf->listen_host, b.port, b.nthreads, b.bconf->max_body, b.bconf->topic_requests,
+            b.reply_channel);
 
     for (;;) {
         int sig = 0;
@@ -288,6 +330,7 @@ out:
     free(b.threads);
     pq_bconf_unref(b.bconf);
     pq_metrics_destroy(b.metrics);
+    pq_ratelimit_destroy(b.rl);
     pthread_mutex_destroy(&b.spool_stats_mu);
     if (exit_code == 0)
         PQ_INFO("stopped");

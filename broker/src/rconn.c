@@ -20,11 +20,26 @@
 #define RCONN_WATCH_MS     250
 #define RCONN_STALL_MS     2000
 
+const char pq_bscript_idem_claim[] = "local v = redis.call('GET', KEYS[1])\n"
+                                     "if v then return v end\n"
+                                     "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])\n"
+                                     "return false\n";
+
+const char pq_bscript_cancel[] =
+    "local s = redis.call('HGET', KEYS[1], 'status')\n"
+    "if not s then return '' end\n"
+    "if s ~= 'queued' and s ~= 'parked' then return s end\n"
+    "redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1], 'error', ARGV[2],\n"
+    "  'updated_at', ARGV[3])\n"
+    "return 1\n";
+
+#define NSCRIPTS 4
+
 /* EVALSHA instead of EVAL: Redis then neither receives nor hashes the script per job. */
 static struct {
     const char *script;
     char sha[41];
-} scripts[2];
+} scripts[NSCRIPTS];
 static pthread_once_t scripts_once = PTHREAD_ONCE_INIT;
 
 static void scripts_init(void)
@@ -33,7 +48,9 @@ static void scripts_init(void)
 
     scripts[0].script = pq_script_job_create;
     scripts[1].script = pq_script_job_drop;
-    for (int i = 0; i < 2; i++) {
+    scripts[2].script = pq_bscript_idem_claim;
+    scripts[3].script = pq_bscript_cancel;
+    for (int i = 0; i < NSCRIPTS; i++) {
         unsigned char md[EVP_MAX_MD_SIZE];
         unsigned int mdlen = 0;
 
@@ -49,7 +66,7 @@ static void scripts_init(void)
 const char *pq_rconn_sha(const char *script)
 {
     pthread_once(&scripts_once, scripts_init);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < NSCRIPTS; i++)
         if (scripts[i].script == script)
             return scripts[i].sha;
     return NULL;
@@ -62,7 +79,7 @@ static void on_setup_reply(redisAsyncContext *ac, void *r, void *privdata);
 static void load_scripts(pq_bthread_t *t)
 {
     pthread_once(&scripts_once, scripts_init);
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < NSCRIPTS; i++) {
         if (redisAsyncCommand(t->rc, on_setup_reply, "SCRIPT LOAD", "SCRIPT LOAD %s",
                               scripts[i].script) == REDIS_OK)
             t->redis_pending++;
@@ -213,6 +230,12 @@ static void on_reply(redisAsyncContext *ac, void *r, void *handle)
         return;
     if (s->state == PQ_SLOT_GET) {
         pq_jobs_redis_reply(s, reply);
+    } else if (s->state == PQ_SLOT_WAIT) {
+        pq_chat_redis_reply(s, reply);
+    } else if (s->state == PQ_SLOT_IDEM) {
+        pq_idem_reply(s, reply);
+    } else if (s->state == PQ_SLOT_CANCEL_READ || s->state == PQ_SLOT_CANCEL_CAS) {
+        pq_jobs_cancel_reply(s, reply);
     } else if (s->state == PQ_SLOT_REDIS_CREATE || s->state == PQ_SLOT_PRODUCING ||
                s->state == PQ_SLOT_SPOOLING) {
         if (reply && reply->type == REDIS_REPLY_INTEGER)

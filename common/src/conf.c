@@ -325,6 +325,12 @@ static const prop_t broker_props[] = {
     P_INT(pq_conf_t, "backlog", backlog, 4096, 1, 65535, "listen backlog"),
     P_STR(pq_conf_t, "instance_id", instance_id, NULL, PF_NONEMPTY,
           "names the reply channel; default <hostname>-<pid>"),
+    P_I64(pq_conf_t, "idempotency_ttl_s", idempotency_ttl_s, 86400, 1, TEN_YEARS_S,
+          "how long an Idempotency-Key maps to its job"),
+    P_DBL(pq_conf_t, "tenant_rps", tenant_rps, 0, 0, 1e9,
+          "requests per second per tenant (POST and DELETE; token bucket); 0 = unlimited"),
+    P_INT(pq_conf_t, "tenant_burst", tenant_burst, 0, 0, I32MAX,
+          "per-tenant bucket size; 0 = tenant_rps rounded up (at least 1)"),
 };
 
 static const prop_t worker_props[] = {

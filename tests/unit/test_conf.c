@@ -177,6 +177,9 @@ static void test_defaults(void **state)
     assert_int_equal(c->max_body_bytes, 0);
     assert_int_equal(c->max_prompt_bytes, 1024 * 1024);
     assert_int_equal(c->backlog, 4096);
+    assert_int_equal(c->idempotency_ttl_s, 86400);
+    assert_true(c->tenant_rps == 0);
+    assert_int_equal(c->tenant_burst, 0);
     gethostname(host, sizeof(host));
     snprintf(id, sizeof(id), "%s-%ld", host, (long)getpid());
     assert_string_equal(c->instance_id, id);

@@ -92,10 +92,13 @@ typedef struct pq_conf_s {
     size_t napi_keys;
     int sync_timeout_ms;
     int ack_timeout_ms;
-    int64_t max_body_bytes; /* 0 = derived from message.max.bytes */
-    int max_prompt_bytes;   /* default 1 MiB */
-    int backlog;            /* listen backlog, default 4096 */
-    char *instance_id;      /* default hostname-pid */
+    int64_t max_body_bytes;    /* 0 = derived from message.max.bytes */
+    int max_prompt_bytes;      /* default 1 MiB */
+    int backlog;               /* listen backlog, default 4096 */
+    char *instance_id;         /* default hostname-pid */
+    int64_t idempotency_ttl_s; /* Idempotency-Key lifetime, default 86400 */
+    double tenant_rps;         /* per-tenant request rate (token bucket); 0 = unlimited */
+    int tenant_burst;          /* bucket size; 0 = max(1, ceil(tenant_rps)) */
 
     /* worker */
     int max_inflight;
