@@ -35,6 +35,7 @@
 #include <string.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/keyvalq_struct.h>
 #include <hiredis/hiredis.h>
 
@@ -272,22 +273,74 @@ void pq_chat_notify(pq_bthread_t *t, const char *msg, size_t len)
     }
 }
 
-/* ---- client disconnect ---- */
+/* ---- client disconnect ----
+ *
+ * evhttp stops reading a connection once it has dispatched a request, so it would notice a
+ * client that hung up only when the answer is written. While a request waits, the broker
+ * watches the connection's bufferevent itself: EOF or an error frees the waiter and the
+ * connection at once. Writing the answer (evhttp_send_reply) installs evhttp's own callbacks
+ * again. Bytes a client pipelines meanwhile stay in the input buffer for evhttp (reading
+ * stops). */
 
+static void drop_waiter(pq_slot_t *s)
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(s->req);
+
+    pq_counter_add(s->t->b->m_chat_abandoned, 1);
+    PQ_DBG("job %s/%s: client went away while waiting", s->tenant, s->id);
+    if (!evcon) {
+        evhttp_request_free(s->req); /* detached by evhttp: nobody else frees it */
+        s->req = NULL;
+        pq_slot_release(s);
+        return;
+    }
+    s->req = NULL; /* evhttp_connection_free frees it with the connection */
+    pq_slot_release(s);
+    evhttp_connection_free(evcon);
+}
+
+static void watch_read(struct bufferevent *bev, void *handle)
+{
+    bufferevent_disable(bev, EV_READ);
+}
+
+static void watch_event(struct bufferevent *bev, short what, void *handle)
+{
+    pq_bthread_t *t = pq_bthread_current;
+    pq_slot_t *s;
+
+    if (!(what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))) {
+        if (what & BEV_EVENT_TIMEOUT)
+            bufferevent_enable(bev, EV_READ);
+        return;
+    }
+    bufferevent_disable(bev, EV_READ);
+    if (t && (s = pq_slot_from_handle(t, handle)) && s->state == PQ_SLOT_WAIT && s->req)
+        drop_waiter(s);
+}
+
+static void watch_client(pq_slot_t *s)
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(s->req);
+    struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+
+    if (!bev)
+        return;
+    bufferevent_setcb(bev, watch_read, NULL, watch_event, pq_slot_handle(s));
+    bufferevent_enable(bev, EV_READ);
+}
+
+/* Connection closed by evhttp itself (e.g. a detached request): drop the waiter. */
 static void on_close(struct evhttp_connection *evcon, void *handle)
 {
     pq_bthread_t *t = pq_bthread_current;
     pq_slot_t *s;
 
-    /* Only a waiter is dropped here; a request still being queued keeps going (its job is
-     * made durable) and its late reply frees the request libevent detached. */
     if (!t || !(s = pq_slot_from_handle(t, handle)) || s->path != PQ_PATH_CHAT ||
-        s->state != PQ_SLOT_WAIT)
+        s->state != PQ_SLOT_WAIT || !s->req || evhttp_request_get_connection(s->req))
         return;
     pq_counter_add(t->b->m_chat_abandoned, 1);
-    PQ_DBG("job %s/%s: client went away while waiting", s->tenant, s->id);
-    if (s->req && !evhttp_request_get_connection(s->req))
-        evhttp_request_free(s->req); /* detached: nobody else frees it */
+    evhttp_request_free(s->req);
     s->req = NULL;
     pq_slot_release(s);
 }
@@ -587,6 +640,7 @@ void pq_chat_wait(pq_slot_t *s)
     tv.tv_sec = left / 1000;
     tv.tv_usec = (left % 1000) * 1000;
     event_add(&s->timer, &tv);
+    watch_client(s);
     /* Subscribed first, then read: a result written before we were linked is seen by the
      * read, one written after by the message. Not subscribed yet: the confirmation reads. */
     if (t->sub_ready)

@@ -7,6 +7,12 @@ pkgs=(build-essential cmake pkg-config git ca-certificates
       librdkafka-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libevent-dev libssl-dev
       libcmocka-dev redis-server kcat python3 curl procps)
 
+# tests/node (the OpenAI SDK against the broker) needs Node.js 20 and npm; bookworm ships 18, so
+# a newer one (e.g. NodeSource) that is already installed is kept.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    pkgs+=(nodejs npm)
+fi
+
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,407 @@
+"""POST /v1/chat/completions (OpenAI-compatible, durable, synchronous wait) and GET /v1/models.
+
+Two parts:
+  * protocol tests without a worker: the test plays the worker's part (terminal write of the
+    job record, then PUBLISH "<tenant>:<id>" on the envelope's reply_to) to check the waiter
+    protocol: answers for every terminal status, subscribe-then-read, re-read after the
+    subscriber reconnects, no polling (Redis INFO commandstats), timeout, client disconnect,
+    idempotent repeats;
+  * the official OpenAI Node SDK (tests/node/chat.test.mjs, node --test) against a real
+    promptq-worker and promptq-sim: completion, streaming, models, errors, 504 without SDK
+    retry and the job still completing. These need the worker to PUBLISH to reply_to.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import harness
+from harness import T, wait_for
+
+ROOT = harness.ROOT
+NODE_DIR = os.path.join(ROOT, "tests", "node")
+KEY = "chat-key"
+TENANT = "acme"
+AUTH = {"Authorization": "Bearer " + KEY}
+DEAD = {"sim": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}}
+ROUTES = {"m1": [{"provider": "sim", "model": "x"}], "m2": [{"provider": "sim", "model": "y"}]}
+
+
+def ready(st):
+    try:
+        return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def start_broker(st, path, name="broker"):
+    p = st.spawn("promptq-broker", "--config", path, name=name)
+    wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
+    assert p.alive(), "broker exited:\n" + p.tail()
+    return p
+
+
+def no_worker_stack(st, sync_timeout_ms=20000, extra=None):
+    r = st.redis()
+    st.devkafka(brokers=1, partitions=4)
+    ex = {"broker": {"api_keys": {KEY: TENANT}, "sync_timeout_ms": sync_timeout_ms,
+                     "instance_id": "chat-b1"}}
+    if extra:
+        harness._merge(ex, extra)
+    path, cfg = st.config(providers=DEAD, routes=ROUTES, extra=ex)
+    start_broker(st, path)
+    return r
+
+
+def metric(st, name, labels=""):
+    status, _, raw = harness.http("GET", st.broker_url + "/metrics")
+    assert status == 200
+    want = name + ("{" + labels + "}" if labels else "")
+    for line in raw.decode().splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def cmdstat(r, cmd):
+    for line in r.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_%s:" % cmd):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def chat_body(prompt, model="m1", **kw):
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    body.update(kw)
+    return body
+
+
+class Call(threading.Thread):
+    """One POST /v1/chat/completions in the background."""
+
+    def __init__(self, st, body, headers=None):
+        super().__init__(daemon=True)
+        self.url = st.broker_url + "/v1/chat/completions"
+        self.body, self.headers = body, dict(AUTH, **(headers or {}))
+        self.result = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = harness.http("POST", self.url, self.body, self.headers, timeout=T(60))
+        except Exception as e:  # noqa: BLE001 - reported by answer()
+            self.result = e
+
+    def answer(self, timeout=None):
+        self.join(timeout or T(30))
+        assert not self.is_alive(), "chat call still waiting"
+        assert not isinstance(self.result, Exception), self.result
+        status, hdrs, raw = self.result
+        return status, hdrs, raw
+
+
+def queued_envelope(st, prompt, timeout=None):
+    """The envelope the broker produced for the chat with this prompt."""
+    def find():
+        for m in st.consume_all("promptq.requests"):
+            env = json.loads(m["value"])
+            if env["request"]["messages"][0]["content"] == prompt:
+                return env
+        return None
+    return wait_for(find, timeout or T(15), "the chat job on promptq.requests", interval=0.2)
+
+
+def finish(r, env, status, response=None, error=None, publish=True):
+    """Plays the worker: terminal write of the record, then PUBLISH on reply_to."""
+    rec = {"id": env["id"], "tenant": env["tenant"], "status": status, "route": "m1",
+           "provider": "sim", "model": "x", "attempts": 1, "metadata": None, "latency_ms": 5,
+           "created_at": "2026-01-01T00:00:00.000Z", "completed_at": "2026-01-01T00:00:01.000Z",
+           "source": {"topic": "promptq.requests", "partition": 0, "offset": 0}}
+    if response is not None:
+        rec["response"] = response
+    if error is not None:
+        rec["error"] = error
+    key = "promptq:job:%s:%s" % (env["tenant"], env["id"])
+    r.cli("HSET", key, "status", status, "result", json.dumps(rec))
+    if publish:
+        r.cli("PUBLISH", env["reply_to"], "%s:%s" % (env["tenant"], env["id"]))
+
+
+def completion(content, model="x"):
+    return {"id": "chatcmpl-provider-1", "object": "chat.completion", "created": 1700000000,
+            "model": model, "system_fingerprint": "fp_1",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+# ---- protocol tests (the test plays the worker) ----
+
+def test_reply_to_answer_and_sse():
+    with harness.Stack("chat-answer") as st:
+        r = no_worker_stack(st)
+        c = Call(st, chat_body("p-plain", temperature=0))
+        env = queued_envelope(st, "p-plain")
+        assert env["tenant"] == TENANT and env["id"].startswith("job_"), env
+        assert env["reply_to"] == "promptq:reply:chat-b1", env
+        assert "stream" not in env["request"], env
+        time.sleep(0.3)
+        finish(r, env, "succeeded", completion("echo: p-plain"))
+        status, hdrs, raw = c.answer()
+        assert status == 200, (status, raw)
+        assert hdrs["x-promptq-job-id"] == env["id"]
+        doc = json.loads(raw)
+        assert doc["id"] == env["id"], doc  # the job id, not the provider's
+        assert doc["choices"][0]["message"]["content"] == "echo: p-plain"
+        assert doc["usage"]["total_tokens"] == 5
+
+        c = Call(st, chat_body("p-sse", stream=True, stream_options={"include_usage": True}))
+        env = queued_envelope(st, "p-sse")
+        assert "stream" not in env["request"] and "stream_options" not in env["request"], env
+        finish(r, env, "succeeded", completion("echo: p-sse"))
+        status, hdrs, raw = c.answer()
+        assert status == 200, (status, raw)
+        assert hdrs["content-type"].startswith("text/event-stream"), hdrs
+        events = [e for e in raw.decode().split("\n\n") if e]
+        assert events[-1] == "data: [DONE]", events
+        chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        assert len(chunks) == 4, chunks
+        for ch in chunks:
+            assert ch["object"] == "chat.completion.chunk" and ch["id"] == env["id"], ch
+            assert ch["created"] == 1700000000 and ch["model"] == "x", ch
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert chunks[1]["choices"][0]["delta"] == {"content": "echo: p-sse"}
+        assert chunks[2]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[3]["choices"] == [] and chunks[3]["usage"]["total_tokens"] == 5
+
+
+def test_terminal_statuses_map_to_openai_errors():
+    cases = [
+        ("failed", {"type": "refused", "message": "x", "provider": "sim", "status": 400},
+         400, "invalid_request_error", "refused"),
+        ("failed", {"type": "server_error", "message": "x", "provider": "sim", "status": 503},
+         502, "upstream_error", "server_error"),
+        ("failed", {"type": "poison", "message": "x", "provider": None, "status": None},
+         500, "server_error", "poison"),
+        ("expired", {"type": "expired", "message": "x", "provider": None, "status": None},
+         504, "timeout", "expired"),
+        ("cancelled", {"type": "cancelled", "message": "x", "provider": None, "status": None},
+         409, "invalid_request_error", "cancelled"),
+    ]
+    with harness.Stack("chat-errors") as st:
+        r = no_worker_stack(st)
+        for i, (status, error, code, etype, ecode) in enumerate(cases):
+            prompt = "p-err-%d" % i
+            c = Call(st, chat_body(prompt))
+            env = queued_envelope(st, prompt)
+            # a provider error text must never reach the client
+            error = dict(error, message="provider said SECRET-BODY-%d" % i)
+            finish(r, env, status, error=error)
+            got, hdrs, raw = c.answer()
+            doc = json.loads(raw)
+            assert got == code, (status, error, got, raw)
+            assert doc["error"]["type"] == etype and doc["error"]["code"] == ecode, doc
+            assert "SECRET-BODY" not in raw.decode(), raw
+            assert hdrs["x-promptq-job-id"] == env["id"]
+            if code in (400, 409, 504):
+                assert hdrs.get("x-should-retry") == "false", hdrs
+
+
+def test_no_polling_and_reread_after_subscriber_reconnect():
+    with harness.Stack("chat-nopoll") as st:
+        r = no_worker_stack(st)
+        n = 6
+        calls = [Call(st, chat_body("p-np-%d" % i)) for i in range(n)]
+        envs = [queued_envelope(st, "p-np-%d" % i) for i in range(n)]
+        wait_for(lambda: metric(st, "promptq_broker_chat_waiting") == n, T(10), "all waiting")
+        reads0 = cmdstat(r, "hmget") + cmdstat(r, "hgetall")
+        time.sleep(2.5)  # waiting must not cost Redis commands
+        reads1 = cmdstat(r, "hmget") + cmdstat(r, "hgetall")
+        assert reads1 == reads0, "waiters polled Redis: %d -> %d reads" % (reads0, reads1)
+        assert reads1 <= n, "more than one read per waiter before any message: %d" % reads1
+
+        # Terminal writes without a message, then the subscriber connections are killed: after
+        # resubscribing every waiter reads its record again and gets its answer.
+        for env in envs[:3]:
+            finish(r, env, "succeeded", completion("late " + env["id"]), publish=False)
+        time.sleep(0.5)
+        assert all(c.is_alive() for c in calls[:3]), "answered without a message?"
+        subs0 = metric(st, "promptq_broker_reply_subscriptions_total")
+        r.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        for c, env in zip(calls[:3], envs[:3]):
+            status, _, raw = c.answer()
+            assert status == 200 and json.loads(raw)["id"] == env["id"], (status, raw)
+        assert metric(st, "promptq_broker_reply_subscriptions_total") > subs0
+
+        for env in envs[3:]:
+            finish(r, env, "succeeded", completion("echo"))
+        for c in calls[3:]:
+            assert c.answer()[0] == 200
+        reads2 = cmdstat(r, "hmget") + cmdstat(r, "hgetall")
+        # one read on arrival, one per message, one per waiter per resubscription (2 loops)
+        assert reads2 - reads0 <= 3 * n, "reads not proportional to jobs: %d" % (reads2 - reads0)
+
+
+def test_wait_timeout_and_client_disconnect():
+    with harness.Stack("chat-timeout") as st:
+        r = no_worker_stack(st, sync_timeout_ms=1200)
+        t0 = time.monotonic()
+        status, hdrs, raw = harness.http("POST", st.broker_url + "/v1/chat/completions",
+                                         chat_body("p-timeout"), AUTH)
+        took = time.monotonic() - t0
+        assert status == 504, (status, raw)
+        assert 1.0 <= took < T(6), took
+        assert hdrs["x-should-retry"] == "false" and hdrs["x-promptq-job-id"].startswith("job_")
+        assert json.loads(raw)["error"]["code"] == "timeout"
+        env = queued_envelope(st, "p-timeout")
+        assert env["id"] == hdrs["x-promptq-job-id"]
+        # the job is still there to complete
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/jobs/" + env["id"],
+                                           headers=AUTH)
+        assert status == 200 and doc["status"] == "queued", doc
+
+    with harness.Stack("chat-disconnect") as st:
+        no_worker_stack(st, sync_timeout_ms=30000)
+        body = json.dumps(chat_body("p-gone")).encode()
+        s = socket.create_connection(("127.0.0.1", st.broker_port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        wait_for(lambda: metric(st, "promptq_broker_chat_waiting") == 1, T(10), "a waiter")
+        s.close()
+        wait_for(lambda: metric(st, "promptq_broker_chat_waiting") == 0, T(3), "waiter freed")
+        assert metric(st, "promptq_broker_chat_abandoned_total") == 1
+        assert metric(st, "promptq_broker_inflight_requests") == 0
+        # keep-alive connections still work after a waiter was answered on them
+        status, _, _ = harness.http("GET", st.broker_url + "/v1/models", headers=AUTH)
+        assert status == 200
+
+
+def test_idempotent_chat_and_validation():
+    with harness.Stack("chat-idem") as st:
+        r = no_worker_stack(st)
+        h = {"Idempotency-Key": "chat-idem-1"}
+        body = chat_body("p-idem")
+        calls = [Call(st, body, h) for _ in range(3)]  # concurrent first uses
+        env = queued_envelope(st, "p-idem")
+        time.sleep(1.0)
+        finish(r, env, "succeeded", completion("echo: p-idem"))
+        for c in calls:
+            status, hdrs, raw = c.answer()
+            assert status == 200, (status, raw)
+            assert hdrs["x-promptq-job-id"] == env["id"]
+            assert json.loads(raw)["choices"][0]["message"]["content"] == "echo: p-idem"
+        # a later repeat gets the stored result at once; nothing new was queued
+        status, hdrs, raw = harness.http("POST", st.broker_url + "/v1/chat/completions", body,
+                                         dict(AUTH, **h))
+        assert status == 200 and hdrs["x-promptq-job-id"] == env["id"], (status, raw)
+        mine = [m for m in st.consume_all("promptq.requests")
+                if json.loads(m["value"])["request"]["messages"][0]["content"] == "p-idem"]
+        assert len(mine) == 1, "a repeat queued the job again: %d" % len(mine)
+        status, _, raw = harness.http("POST", st.broker_url + "/v1/chat/completions",
+                                      chat_body("p-idem-other"), dict(AUTH, **h))
+        assert status == 422 and json.loads(raw)["error"]["type"] == "idempotency_key_reused"
+
+        # validation: OpenAI-shaped errors, nothing queued
+        url = st.broker_url + "/v1/chat/completions"
+        status, hdrs, raw = harness.http("POST", url, chat_body("x", model="nope"), AUTH)
+        err = json.loads(raw)["error"]
+        assert status == 404 and err["code"] == "model_not_found", raw
+        assert err["type"] == "invalid_request_error" and "param" in err, err
+        status, _, raw = harness.http("POST", url, b"{not json", AUTH)
+        assert status == 400, raw
+        status, _, raw = harness.http("POST", url, {"model": "m1", "messages": []}, AUTH)
+        assert status == 400, raw
+        status, _, raw = harness.http("POST", url, {"request": chat_body("x"), "id": "mine"},
+                                      AUTH)
+        assert status == 400, raw
+        status, hdrs, raw = harness.http("POST", url, chat_body("x"),
+                                         {"Authorization": "Bearer wrong"})
+        assert status == 401, raw
+        status, _, raw = harness.http("GET", url, None, AUTH)
+        assert status == 405, raw
+
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/models", headers=AUTH)
+        assert status == 200 and doc["object"] == "list", doc
+        assert sorted(m["id"] for m in doc["data"]) == ["m1", "m2"], doc
+        assert all(m["object"] == "model" and m["owned_by"] == "promptq" and
+                   isinstance(m["created"], int) for m in doc["data"]), doc
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/models/m2", headers=AUTH)
+        assert status == 200 and doc["id"] == "m2", doc
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/models/zz", headers=AUTH)
+        assert status == 404, doc
+        status, _, _ = harness.http("GET", st.broker_url + "/v1/models")
+        assert status == 401
+
+
+def test_not_durable_is_503():
+    with harness.Stack("chat-503") as st:
+        no_worker_stack(st, extra={"broker": {"ack_timeout_ms": 200,
+                                              "spool_max_bytes": 1048576}})
+        st.kafka_.control("down -1")
+        # fill the spool so the job can be neither produced nor spooled
+        big = "y" * 60000
+        for _ in range(40):
+            status, _, _ = harness.http("POST", st.broker_url + "/v1/jobs",
+                                        {"request": chat_body(big)}, AUTH)
+            if status == 503:
+                break
+        status, hdrs, raw = harness.http("POST", st.broker_url + "/v1/chat/completions",
+                                         chat_body(big), AUTH)
+        assert status == 503, (status, raw)
+        assert "retry-after" in hdrs and hdrs["x-promptq-job-id"].startswith("job_"), hdrs
+
+
+# ---- the OpenAI Node SDK against a real worker ----
+
+def npm_ready():
+    if os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
+        return
+    npm = shutil.which("npm")
+    assert npm, "npm not found (deploy/dev/install-deps.sh installs nodejs and npm)"
+    out = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
+                         capture_output=True, timeout=T(300))
+    assert out.returncode == 0, "npm ci failed:\n" + out.stdout.decode() + out.stderr.decode()
+
+
+def test_openai_node_sdk_with_worker():
+    """Needs promptq-worker to PUBLISH "<tenant>:<id>" to the envelope's reply_to."""
+    node = shutil.which("node")
+    assert node, "node not found (deploy/dev/install-deps.sh installs nodejs)"
+    npm_ready()
+    with harness.Stack("chat-node") as st:
+        st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        fast = st.sim("fast")
+        slow = st.sim("slow")
+        slow.set_state({"latency_ms": 3000})
+        providers = {"fast": {"type": "openai", "base_url": fast.api},
+                     "slow": {"type": "openai", "base_url": slow.api, "timeout_ms": 20000}}
+        routes = {"sim-model": [{"provider": "fast", "model": "sim-model"}],
+                  "slow-model": [{"provider": "slow", "model": "slow-model"}]}
+        path, _ = st.config(providers=providers, routes=routes,
+                            extra={"broker": {"api_keys": {KEY: TENANT},
+                                              "sync_timeout_ms": 1500},
+                                   "worker": {"lease_ms": 3000}})
+        st.spawn("promptq-worker", "--config", path, name="worker")
+        start_broker(st, path)
+        env = dict(os.environ, PQ_BASE_URL=st.broker_url + "/v1", PQ_API_KEY=KEY,
+                   PQ_MODEL="sim-model", PQ_SLOW_MODEL="slow-model",
+                   PQ_MODELS="sim-model,slow-model")
+        log = os.path.join(st.log_dir, "node-test.log")
+        with open(log, "wb") as f:
+            out = subprocess.run([node, "--test", "--test-reporter=spec",
+                                  os.path.join(NODE_DIR, "chat.test.mjs")],
+                                 cwd=NODE_DIR, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                 timeout=T(120))
+        with open(log, "rb") as f:
+            text = f.read().decode(errors="replace")
+        assert out.returncode == 0, "node tests failed:\n" + text[-6000:]
+        assert "# fail 0" in text and "# pass 5" in text, text[-3000:]
+
+
+harness.run(globals())
