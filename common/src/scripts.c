@@ -57,3 +57,12 @@ const char pq_script_job_status[] =
                    "if not s or terminal(s) then return 0 end\n"
                    "redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])\n"
                    "return 1\n";
+
+const char pq_script_job_park[] =
+    TERMINAL_CHECK "if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end\n"
+                   "local s = redis.call('HGET', KEYS[1], 'status')\n"
+                   "if not s or terminal(s) then return 0 end\n"
+                   "redis.call('HSET', KEYS[1], 'status', 'parked', 'attempts', ARGV[4],\n"
+                   "  'deliveries', 0, 'updated_at', ARGV[1])\n"
+                   "redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
+                   "return 1\n";

@@ -8,6 +8,13 @@
  *     poison   -> FINISH failed (poison)
  *   FINISH (compare-and-set terminal write) -> PUBLISH results (+ dlq when failed/expired)
  *   -> all delivery reports OK -> offset done -> freed.
+ *   every target down (retryable failures or open circuits) -> PARK: the envelope + "park"
+ *   {reason, attempts, parked_at, deliveries} produced to the route's retry topic, on its
+ *   delivery report the record becomes parked (lease released, deliveries reset), then the
+ *   offset is done (G4). A parked job read back from the retry topic runs the same way; its
+ *   deadline or park TTL passed: FINISH expired.
+ * After the terminal write (or when re-publishing a terminal result) a job whose envelope has
+ * reply_to gets PUBLISH <reply_to> "<tenant>:<id>" (best effort; waiters re-read the record).
  *
  * A job waiting on Redis while it is down sits on the worker's redis_wait list and is re-issued
  * when Redis is back. A second copy of an id already in flight in this process waits for the
@@ -50,6 +57,7 @@ typedef enum {
     JS_BACKOFF,
     JS_FINISH,
     JS_PUBLISH,
+    JS_PARK, /* produced to the retry topic, then the parked write */
     JS_GONE,
 } job_state_t;
 
@@ -59,6 +67,7 @@ typedef enum {
     RS_FINISH,
     RS_RELEASE,
     RS_CACHE_GET,
+    RS_PARK,
 } redis_step_t;
 
 typedef struct pub_s {
@@ -70,6 +79,10 @@ typedef struct pub_s {
 
 struct pq_job_s {
     pq_worker_t *w;
+    pq_gen_t *gen;              /* the providers and routes it runs with */
+    pq_route_state_t *rs;       /* its route's parking state, NULL for an unknown route */
+    pq_route_state_t *retry_rs; /* read from this route's retry topic */
+    const char *src_topic;
     pq_part_t *part;
     uint64_t seq;
     int topic;
@@ -124,6 +137,9 @@ struct pq_job_s {
     char *dlq; /* value for promptq.dlq, or NULL */
     size_t dlq_len;
     pub_t pubs[2];
+    pub_t park_pub;
+    char *parked; /* value for the retry topic, or NULL */
+    size_t parked_len;
 
     pq_job_t *hnext;
     TAILQ_ENTRY(pq_job_s) link;
@@ -131,6 +147,7 @@ struct pq_job_s {
 };
 
 static void job_begin(pq_job_t *j);
+static void job_free(pq_job_t *j);
 static void job_attempt(pq_job_t *j);
 static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char *msg);
 static void job_publish(pq_job_t *j);
@@ -208,6 +225,68 @@ static int deadline_passed(const pq_job_t *j, int64_t extra_ms)
     return j->env.deadline_ms > 0 && pq_now_ms() + extra_ms >= j->env.deadline_ms;
 }
 
+/* parked_at of a park object (ms since the epoch), 0 when absent or unreadable. */
+static int64_t park_since(const json_t *park)
+{
+    const char *at = json_string_value(json_object_get(park, "parked_at"));
+    int64_t ms = 0;
+
+    if (!at || pq_time_parse(at, &ms) != 0)
+        return 0;
+    return ms;
+}
+
+static int park_expired(const pq_job_t *j)
+{
+    int64_t at = park_since(j->env.park);
+    return at > 0 && pq_now_ms() - at >= j->w->conf->park_ttl_s * 1000;
+}
+
+int64_t pq_job_parked_expiry(const pq_worker_t *w, const rd_kafka_message_t *m)
+{
+    json_t *doc = json_loadb(m->payload ? (const char *)m->payload : "", m->len, 0, NULL);
+    const char *dl = json_string_value(json_object_get(doc, "deadline"));
+    int64_t at = park_since(json_object_get(doc, "park")), exp = 0, d = 0;
+
+    if (!json_is_object(doc)) {
+        json_decref(doc);
+        return 0;
+    }
+    exp = at > 0 ? at + w->conf->park_ttl_s * 1000 : INT64_MAX;
+    if (dl && pq_time_parse(dl, &d) == 0 && d < exp)
+        exp = d;
+    json_decref(doc);
+    return exp;
+}
+
+static void on_aux_reply(void *opaque, redisReply *reply)
+{
+    pq_job_t *j = opaque;
+
+    j->nredis--;
+    if (j->state == JS_GONE && j->nredis == 0)
+        job_free(j);
+}
+
+/* PUBLISH <reply_to> "<tenant>:<id>" for a synchronous waiter; best effort. */
+static void job_reply(pq_job_t *j)
+{
+    char msg[PQ_TENANT_MAX + PQ_ID_MAX + 2];
+    const char *argv[3];
+    size_t lens[3];
+
+    if (!j->env.reply_to || !j->env.reply_to[0] || !j->env.id)
+        return;
+    snprintf(msg, sizeof(msg), "%s:%s", tenant_of(j), id_of(j));
+    argv[0] = "PUBLISH";
+    argv[1] = j->env.reply_to;
+    argv[2] = msg;
+    for (int i = 0; i < 3; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_redis_command(j->w->redis, 3, argv, lens, on_aux_reply, j) == 0)
+        j->nredis++;
+}
+
 static void job_free(pq_job_t *j)
 {
     evtimer_del(&j->timer);
@@ -219,6 +298,7 @@ static void job_free(pq_job_t *j)
     explicit_bzero(j->token_used, sizeof(j->token_used));
     free(j->result);
     free(j->dlq);
+    free(j->parked);
     free(j->msg_key);
     free(j);
 }
@@ -242,11 +322,18 @@ static void job_done(pq_job_t *j)
     PQ_DBG("job %s/%s %s attempts=%d deliveries=%" PRId64 " source=%s/%" PRId32 "/%" PRId64
            " %" PRId64 "ms",
            tenant_of(j), id_of(j), j->status ? j->status : "handled", j->attempts, j->deliveries,
-           w->topics[j->topic], j->partition, j->offset, pq_mono_ms() - j->start_mono);
+           j->src_topic, j->partition, j->offset, pq_mono_ms() - j->start_mono);
     if (!j->handed_back && part)
         pq_worker_offset_done(w, part, j->seq);
     TAILQ_REMOVE(&w->jobs, j, link);
     j->part = NULL;
+    if (j->retry_rs) {
+        j->retry_rs->inflight--;
+        w->retry_inflight--;
+        j->retry_rs = NULL;
+    }
+    pq_gen_unref(w, j->gen);
+    j->gen = NULL;
     pq_worker_job_gone(w, part);
     if (j->nredis == 0)
         job_free(j);
@@ -294,7 +381,6 @@ static const char *result_model(const pq_job_t *j)
  * "cached_from" {provider, model}. */
 static char *build_result(const pq_job_t *j, size_t *len)
 {
-    pq_worker_t *w = j->w;
     json_t *o = json_object(), *src = json_object();
     int64_t now = pq_now_ms();
     char created[40], completed[40];
@@ -326,7 +412,7 @@ static char *build_result(const pq_job_t *j, size_t *len)
                         json_integer(now > j->created_ms ? now - j->created_ms : 0));
     json_object_set_new(o, "created_at", json_string(created));
     json_object_set_new(o, "completed_at", json_string(completed));
-    json_object_set_new(src, "topic", json_string(w->topics[j->topic]));
+    json_object_set_new(src, "topic", json_string(j->src_topic));
     json_object_set_new(src, "partition", json_integer(j->partition));
     json_object_set_new(src, "offset", json_integer(j->offset));
     json_object_set_new(o, "source", src);
@@ -411,6 +497,8 @@ static void job_publish(pq_job_t *j)
         job_done(j);
 }
 
+static void job_park_produce(pq_job_t *j);
+
 void pq_job_delivered(pq_worker_t *w, const rd_kafka_message_t *m)
 {
     pub_t *p = m->_private;
@@ -421,13 +509,25 @@ void pq_job_delivered(pq_worker_t *w, const rd_kafka_message_t *m)
     p->pending = 0;
     if (m->err) {
         PQ_ERR("job %s/%s: delivery to %s failed: %s; producing again", tenant_of(j), id_of(j),
-               w->topics[p->topic], rd_kafka_err2str(m->err));
+               p->topic == PQ_T_RETRY ? j->rs->topic : w->topics[p->topic],
+               rd_kafka_err2str(m->err));
         pq_counter_add(w->m.produce_errors, 1);
-        if (j->state == JS_PUBLISH && !evtimer_pending(&j->timer, NULL))
+        if ((j->state == JS_PUBLISH || j->state == JS_PARK) && !evtimer_pending(&j->timer, NULL))
             timer_in(j, DELIVERY_RETRY_MS);
         return;
     }
     p->done = 1;
+    if (p == &j->park_pub) {
+        /* durable on the retry topic: now the record says parked, then the offset is done */
+        pq_worker_parked_at(w, j->rs->topic, m->partition, m->offset);
+        if (j->state == JS_PARK) {
+            j->lease_held = 0; /* the park script releases it */
+            event_del(&j->renew);
+            j->rstep = RS_PARK;
+            job_redis_issue(j);
+        }
+        return;
+    }
     if (j->state == JS_PUBLISH && !evtimer_pending(&j->timer, NULL))
         job_publish(j);
 }
@@ -504,6 +604,17 @@ static void job_redis_issue(pq_job_t *j)
         argv[0] = "GET";
         argv[argc++] = j->cache_key;
         break;
+    case RS_PARK:
+        snprintf(attempts, sizeof(attempts), "%d", j->attempts);
+        argv[argc++] = pq_script_job_park;
+        argv[argc++] = "2";
+        argv[argc++] = j->job_key;
+        argv[argc++] = j->lease_key;
+        argv[argc++] = now;
+        argv[argc++] = w->owner;
+        argv[argc++] = ttl;
+        argv[argc++] = attempts;
+        break;
     case RS_RELEASE:
         argv[argc++] = release_script;
         argv[argc++] = "2";
@@ -549,13 +660,23 @@ static void on_begin(pq_job_t *j, redisReply *r)
         tv.tv_sec = period / 1000;
         tv.tv_usec = (period % 1000) * 1000;
         event_add(&j->renew, &tv);
+        if (j->env.park) {
+            /* replayed: attempts count every provider call since the job first ran */
+            json_t *a = json_object_get(j->env.park, "attempts");
+            if (json_is_integer(a) && json_integer_value(a) > 0 && json_integer_value(a) < 1000000)
+                j->attempts = (int)json_integer_value(a);
+        }
         if (!j->route || j->route->ntargets == 0) {
             char msg[200];
             snprintf(msg, sizeof(msg), "unknown route \"%.120s\"", j->env.model);
             job_finish(j, "failed", PQ_ERR_NOT_FOUND, msg);
         } else if (deadline_passed(j, 0)) {
             job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed before the job ran");
+        } else if (park_expired(j)) {
+            job_finish(j, "expired", PQ_ERR_EXPIRED, "parked longer than worker.park_ttl_s");
         } else {
+            if (j->retry_rs)
+                j->retry_rs->replayed++;
             job_run(j);
         }
     } else if (strcmp(what, "terminal") == 0) {
@@ -566,6 +687,7 @@ static void on_begin(pq_job_t *j, redisReply *r)
             j->result_len = r->element[1]->len;
             j->status = "republished";
             pq_counter_add(w->m.republished, 1);
+            job_reply(j);
             job_publish(j);
         } else {
             PQ_WARN("job %s/%s is terminal without a stored result; nothing to re-publish",
@@ -628,6 +750,8 @@ static void on_finish(pq_job_t *j, redisReply *r)
             pq_counter_add(w->m.dlq, 1);
         }
         pq_hist_observe(w->m.latency, (double)(pq_now_ms() - j->created_ms) / 1000.0);
+        if (strcmp(j->status, "succeeded") == 0 && !j->cached && j->rs)
+            pq_worker_route_up(w, j->rs, "a job succeeded");
     } else {
         /* Someone else wrote the terminal record first: publish theirs, never ours. */
         free(j->result);
@@ -641,7 +765,31 @@ static void on_finish(pq_job_t *j, redisReply *r)
         j->status = "republished";
         pq_counter_add(w->m.republished, 1);
     }
+    job_reply(j);
     job_publish(j);
+}
+
+static void on_park(pq_job_t *j, redisReply *r)
+{
+    pq_worker_t *w = j->w;
+
+    if (r->type != REDIS_REPLY_INTEGER) {
+        PQ_ERR("job %s/%s: unexpected reply from the park script", tenant_of(j), id_of(j));
+        timer_in(j, REDIS_ERROR_RETRY_MS);
+        return;
+    }
+    /* 0: the record turned terminal meanwhile (e.g. cancelled); the copy on the retry topic
+     * re-publishes it when replayed */
+    table_remove(j);
+    j->status = "parked";
+    pq_counter_add(j->env.park && j->retry_rs ? w->m.reparked : w->m.parked, 1);
+    if (j->rs) {
+        if (j->retry_rs)
+            j->rs->reparked++;
+        else
+            j->rs->parked++;
+    }
+    job_done(j);
 }
 
 static void on_redis_reply(void *opaque, redisReply *reply)
@@ -680,6 +828,8 @@ static void on_redis_reply(void *opaque, redisReply *reply)
         on_finish(j, reply);
     else if (step == RS_CACHE_GET)
         on_cache_get(j, reply);
+    else if (step == RS_PARK)
+        on_park(j, reply);
 }
 
 void pq_job_redis_up(pq_worker_t *w)
@@ -817,6 +967,9 @@ static void attempt_note(pq_job_t *j, const pq_target_t *t, pq_err_t outcome, lo
         PQ_INFO("job %s/%s: attempt %d on %s/%s: HTTP %ld %s in %" PRId64 " ms: %s", tenant_of(j),
                 id_of(j), j->attempts, t->provider, t->model, status, pq_err_name(outcome),
                 latency_ms, msg ? msg : "");
+    else if (outcome == PQ_ERR_CIRCUIT_OPEN)
+        PQ_DBG("job %s/%s: %s/%s skipped: %s", tenant_of(j), id_of(j), t->provider, t->model,
+               msg ? msg : "");
     else
         PQ_INFO("job %s/%s: %s/%s skipped: %s: %s", tenant_of(j), id_of(j), t->provider, t->model,
                 pq_err_name(outcome), msg ? msg : "");
@@ -869,15 +1022,74 @@ static void next_target(pq_job_t *j)
     job_attempt(j);
 }
 
-/* The single place where "every target of the route failed, some of them retryably" is
- * decided (G4). Parking hooks in here; until then the job walks its route again after a
- * backoff, staying in flight. */
+/* Produces the parked envelope to the route's retry topic (again after a failed delivery). */
+static void job_park_produce(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    rd_kafka_resp_err_t err;
+
+    j->state = JS_PARK;
+    if (j->park_pub.pending || j->park_pub.done)
+        return;
+    j->park_pub.job = j;
+    j->park_pub.topic = PQ_T_RETRY;
+    err = pq_worker_produce_to(w, j->rs->topic, id_of(j), j->parked, j->parked_len, &j->park_pub);
+    if (err) {
+        PQ_WARN("job %s/%s: produce to %s: %s", tenant_of(j), id_of(j), j->rs->topic,
+                rd_kafka_err2str(err));
+        pq_counter_add(w->m.produce_errors, 1);
+        timer_in(j, err == RD_KAFKA_RESP_ERR__QUEUE_FULL ? PRODUCE_RETRY_MS : DELIVERY_RETRY_MS);
+        return;
+    }
+    j->park_pub.pending = 1;
+}
+
+/* Parks the job (G4): envelope + "park" {reason, attempts, parked_at (the first parking,
+ * kept), deliveries (summed over parkings)} to the route's retry topic, keyed by id. */
+static int job_park(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    int64_t since = park_since(j->env.park), prev = 0;
+    char at[40], reason[sizeof(j->errmsg) + 40];
+    json_t *park;
+
+    if (since <= 0)
+        since = pq_now_ms();
+    prev = json_integer_value(json_object_get(j->env.park, "deliveries"));
+    pq_time_format(since, at, sizeof(at));
+    snprintf(reason, sizeof(reason), "%s: %s", pq_err_name(j->err ? j->err : PQ_ERR_CONNECT),
+             j->errmsg[0] ? j->errmsg : "every target is down");
+    park = json_pack("{s:s, s:i, s:s, s:I}", "reason", reason, "attempts", j->attempts, "parked_at",
+                     at, "deliveries", (json_int_t)(prev + j->deliveries));
+    if (!park || pq_envelope_set_object(&j->env, "park", park) != 0)
+        return -1;
+    free(j->parked);
+    j->parked = pq_envelope_dump(&j->env, &j->parked_len);
+    if (!j->parked)
+        return -1;
+    event_del(&j->timer);
+    PQ_DBG("job %s/%s: every target of route %s is down: parked on %s (%s)", tenant_of(j), id_of(j),
+           j->route->name, j->rs->topic, reason);
+    pq_worker_route_parked(w, j->rs);
+    job_park_produce(j);
+    return 0;
+}
+
+/* The single place where "every target of the route failed, some of them retryably (or their
+ * circuits are open)" is decided (G4): the job parks on its route's retry topic, or expires
+ * when its deadline or park TTL passed. */
 static void job_all_targets_down(pq_job_t *j)
 {
     const pq_provider_conf_t *p0 = j->route->targets[0].p;
 
-    PQ_INFO("job %s/%s: all %zu targets of route %s are down (last: %s)", tenant_of(j), id_of(j),
-            j->route->ntargets, j->route->name, j->errmsg);
+    if (park_expired(j)) {
+        job_finish(j, "expired", PQ_ERR_EXPIRED, "parked longer than worker.park_ttl_s");
+        return;
+    }
+    if (j->rs && job_park(j) == 0)
+        return;
+    PQ_WARN("job %s/%s: all %zu targets of route %s are down and it cannot be parked (last: %s)",
+            tenant_of(j), id_of(j), j->route->ntargets, j->route->name, j->errmsg);
     j->rounds++;
     j->target = 0;
     j->tries = 0;
@@ -1157,7 +1369,7 @@ static void job_attempt(pq_job_t *j)
             return;
         }
         t = &j->route->targets[j->target];
-        j->prov = pq_provs_get(w->provs, t->p);
+        j->prov = pq_provs_get(j->gen->provs, t->p);
         j->circ = j->prov ? pq_prov_circuit(j->prov, t) : NULL;
         if (!pq_provider_find(t->p->type) || !j->prov) {
             snprintf(msg, sizeof(msg), "provider type \"%s\" (%s) is not supported", t->p->type,
@@ -1217,15 +1429,6 @@ static int job_cacheable(const pq_job_t *j)
     return json_is_number(temp) && json_number_value(temp) == 0.0;
 }
 
-static void on_cache_set_reply(void *opaque, redisReply *reply)
-{
-    pq_job_t *j = opaque;
-
-    j->nredis--;
-    if (j->state == JS_GONE && j->nredis == 0)
-        job_free(j);
-}
-
 /* Stores a fresh answer under promptq:cache:{tenant}:{request hash}: {"provider","model",
  * "response"}; best effort. */
 static void job_cache_store(pq_job_t *j)
@@ -1253,7 +1456,7 @@ static void job_cache_store(pq_job_t *j)
     for (int i = 0; i < 5; i++)
         lens[i] = strlen(argv[i]);
     lens[2] = len;
-    if (pq_redis_command(w->redis, 5, argv, lens, on_cache_set_reply, j) == 0) {
+    if (pq_redis_command(w->redis, 5, argv, lens, on_aux_reply, j) == 0) {
         j->nredis++;
         pq_counter_add(w->m.cache_stores, 1);
     }
@@ -1367,6 +1570,12 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     case JS_PUBLISH:
         job_publish(j);
         break;
+    case JS_PARK:
+        if (j->rstep == RS_PARK)
+            job_redis_issue(j);
+        else
+            job_park_produce(j);
+        break;
     default:
         break;
     }
@@ -1416,6 +1625,14 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
         return;
     }
     j->w = w;
+    j->gen = w->gen;
+    j->gen->refs++;
+    j->src_topic = part ? part->name : topic < PQ_T_COUNT ? w->topics[topic] : "?";
+    if (topic == PQ_T_RETRY && part && part->rs) {
+        j->retry_rs = part->rs;
+        j->retry_rs->inflight++;
+        w->retry_inflight++;
+    }
     j->topic = topic;
     j->partition = m->partition;
     j->offset = m->offset;
@@ -1458,7 +1675,9 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
         job_invalid(j, m, PQ_ERR_INVALID, "tenant or id too long for a key");
         return;
     }
-    j->route = pq_conf_route(w->conf, j->env.model);
+    j->route = pq_conf_route(j->gen->conf, j->env.model);
+    if (j->route)
+        j->rs = pq_worker_route_state(w, j->route->name);
     job_begin(j);
 }
 
@@ -1487,7 +1706,7 @@ void pq_job_hand_back_all(pq_worker_t *w)
     {
         j->handed_back = 1;
         pq_counter_add(w->m.handed_back, 1);
-        if (j->state == JS_FINISH || j->state == JS_PUBLISH)
+        if (j->state == JS_FINISH || j->state == JS_PUBLISH || j->state == JS_PARK)
             continue; /* their offsets are not stored any more; redelivery re-publishes */
         evtimer_del(&j->timer);
         event_del(&j->renew);

@@ -14,10 +14,12 @@
 #define NOUTCOMES                                                                                  \
     (2 + (PQ_ERR__RETRYABLE_END - PQ_ERR__RETRYABLE_BEGIN) +                                       \
      (PQ_ERR__PERMANENT_END - PQ_ERR__PERMANENT_BEGIN))
-#define PROBE_MAX_BYTES (256 * 1024)
-#define IAM_TIMEOUT_MS  10000
-#define IAM_MAX_BYTES   (64 * 1024)
-#define MIN_RATIO_CALLS 10
+#define PROBE_MAX_BYTES  (256 * 1024)
+#define IAM_TIMEOUT_MS   10000
+#define IAM_MAX_BYTES    (64 * 1024)
+#define MIN_RATIO_CALLS  10
+#define STATUS_POLL_MS   10000
+#define STATUS_MAX_BYTES (64 * 1024)
 
 enum { C_CLOSED, C_OPEN, C_HALF_OPEN };
 
@@ -54,6 +56,10 @@ struct pq_circuit_s {
     pq_http_req_t *probe_req;
     pq_token_wait_t probe_tw;
     struct event *timer;
+    int64_t probe_at;       /* wall ms of the last probe result, 0 = none */
+    int probe_ok;           /* its outcome */
+    char probe_what[96];    /* its summary ("ok (HTTP 200, 3 ms)", "connect (HTTP 0, 1 ms)") */
+    uint64_t probes_failed; /* failed probes since the circuit last opened (summaries) */
     pq_counter_t *outcomes[NOUTCOMES];
     pq_circuit_t *next;
 };
@@ -71,6 +77,9 @@ struct pq_prov_s {
     pq_circuit_t *circuits;
     pq_hist_t *latency;
     uint64_t token_fetches;
+    struct event *status_timer; /* status_url poll */
+    pq_http_req_t *status_req;
+    char indicator[16]; /* statuspage.io status.indicator ("none", "minor", "major", ...), "" */
 };
 
 struct pq_provs_s {
@@ -80,6 +89,8 @@ struct pq_provs_s {
     pq_metrics_t *metrics;
     pq_prov_t *provs;
     size_t nprovs;
+    pq_circuit_cb *listener;
+    void *listener_opaque;
 };
 
 static void circuit_open(pq_circuit_t *c, const char *why);
@@ -452,19 +463,30 @@ static void circuit_open(pq_circuit_t *c, const char *why)
     c->state = C_OPEN;
     ring_reset(c);
     circuit_timer_in(c, was == C_HALF_OPEN ? reprobe_ms(c) : c->pv->conf->circuit_cooldown_ms);
-    if (was == C_CLOSED)
+    if (was == C_CLOSED) {
+        c->probes_failed = 0;
         PQ_WARN("circuit %s/%s opened: %s", c->pv->conf->name, c->target->model, why);
-    else
-        PQ_INFO("circuit %s/%s stays open: %s", c->pv->conf->name, c->target->model, why);
+        if (c->pv->ps->listener)
+            c->pv->ps->listener(c->pv->ps->listener_opaque, c->pv->conf, c->target->model, 0);
+    } else {
+        /* an outage: one line per state change, the worker's summary counts the rest */
+        c->probes_failed++;
+        PQ_DBG("circuit %s/%s stays open: %s", c->pv->conf->name, c->target->model, why);
+    }
 }
 
 static void circuit_close(pq_circuit_t *c)
 {
-    if (c->state != C_CLOSED)
-        PQ_WARN("circuit %s/%s closed: probe succeeded", c->pv->conf->name, c->target->model);
+    int was = c->state;
+
+    if (was != C_CLOSED)
+        PQ_WARN("circuit %s/%s closed: probe succeeded (%" PRIu64 " failed probes while open)",
+                c->pv->conf->name, c->target->model, c->probes_failed);
     c->state = C_CLOSED;
     evtimer_del(c->timer);
     ring_reset(c);
+    if (was != C_CLOSED && c->pv->ps->listener)
+        c->pv->ps->listener(c->pv->ps->listener_opaque, c->pv->conf, c->target->model, 1);
 }
 
 static void on_circuit_timer(evutil_socket_t fd, short what, void *arg)
@@ -617,9 +639,25 @@ pq_circuit_t *pq_prov_circuit(pq_prov_t *pv, const pq_target_t *target)
 
 /* ---- probes ---- */
 
+static int status_bad(const pq_prov_t *pv)
+{
+    return strcmp(pv->indicator, "major") == 0 || strcmp(pv->indicator, "critical") == 0;
+}
+
 static void probe_done(pq_circuit_t *c, int failure, const char *what)
 {
-    PQ_INFO("probe of %s/%s: %s", c->pv->conf->name, c->target->model, what);
+    /* the provider's status page reporting a major or critical incident is a failure signal
+     * of its own: an answering probe does not close the circuit during one */
+    if (!failure && status_bad(c->pv)) {
+        failure = 1;
+        snprintf(c->probe_what, sizeof(c->probe_what), "status page %s; %s", c->pv->indicator,
+                 what);
+    } else {
+        pq_strlcpy(c->probe_what, what, sizeof(c->probe_what));
+    }
+    PQ_DBG("probe of %s/%s: %s", c->pv->conf->name, c->target->model, c->probe_what);
+    c->probe_at = pq_now_ms();
+    c->probe_ok = !failure;
     c->probe_own = 0;
     pq_circuit_record(c, failure, 1);
 }
@@ -722,8 +760,8 @@ static void probe_start(pq_circuit_t *c)
     }
     c->probe_inflight = 1;
     c->probe_own = 1;
-    PQ_INFO("probing %s/%s (%s)", pv->conf->name, c->target->model,
-            pv->conf->probe ? pv->conf->probe : "completion");
+    PQ_DBG("probing %s/%s (%s)", pv->conf->name, c->target->model,
+           pv->conf->probe ? pv->conf->probe : "completion");
     if (strcmp(pv->ops->type, "watsonx") == 0) {
         c->probe_tw.cb = on_probe_token;
         c->probe_tw.opaque = c;
@@ -740,6 +778,93 @@ static void probe_start(pq_circuit_t *c)
         return;
     }
     probe_send(c, pq_prov_key(pv, key));
+}
+
+/* ---- status pages, availability, health ---- */
+
+static void on_status_http(void *opaque, const pq_http_result_t *res)
+{
+    pq_prov_t *pv = opaque;
+    json_t *doc = NULL;
+    const char *ind = NULL;
+    char was[sizeof(pv->indicator)];
+
+    pv->status_req = NULL;
+    pq_strlcpy(was, pv->indicator, sizeof(was));
+    if (res->err == PQ_OK && res->status == 200)
+        doc = json_loadb(res->body, res->body_len, 0, NULL);
+    ind = json_string_value(json_object_get(json_object_get(doc, "status"), "indicator"));
+    pq_strlcpy(pv->indicator, ind ? ind : "", sizeof(pv->indicator));
+    if (ind && strcmp(was, pv->indicator) != 0)
+        PQ_INFO("provider %s: status page indicator %s", pv->conf->name, pv->indicator);
+    else if (!ind && was[0])
+        PQ_DBG("provider %s: status page unreadable (HTTP %ld)", pv->conf->name, res->status);
+    json_decref(doc);
+}
+
+static void on_status_timer(evutil_socket_t fd, short what, void *arg)
+{
+    pq_prov_t *pv = arg;
+
+    if (pv->status_req)
+        return;
+    pv->status_req = pq_http_get(pv->ps->http, pv->conf->status_url, NULL,
+                                 pv->conf->timeout_ms < 10000 ? pv->conf->timeout_ms : 10000,
+                                 STATUS_MAX_BYTES, on_status_http, pv);
+}
+
+void pq_provs_set_listener(pq_provs_t *ps, pq_circuit_cb *cb, void *opaque)
+{
+    ps->listener = cb;
+    ps->listener_opaque = opaque;
+}
+
+int pq_circuit_available(const pq_circuit_t *c)
+{
+    return c->state == C_CLOSED || (c->state == C_HALF_OPEN && !c->probe_inflight);
+}
+
+int pq_provs_target_available(pq_provs_t *ps, const pq_target_t *t)
+{
+    pq_prov_t *pv = pq_provs_get(ps, t->p);
+    pq_circuit_t *c = pv ? pq_prov_circuit(pv, t) : NULL;
+
+    return !c || pq_circuit_available(c);
+}
+
+size_t pq_provs_open_circuits(const pq_provs_t *ps)
+{
+    size_t n = 0;
+
+    for (size_t i = 0; i < ps->nprovs; i++)
+        for (const pq_circuit_t *c = ps->provs[i].circuits; c; c = c->next)
+            n += c->state != C_CLOSED;
+    return n;
+}
+
+json_t *pq_provs_health(const pq_provs_t *ps)
+{
+    json_t *a = json_array();
+
+    for (size_t i = 0; a && i < ps->nprovs; i++) {
+        const pq_prov_t *pv = &ps->provs[i];
+        for (const pq_circuit_t *c = pv->circuits; c; c = c->next) {
+            json_t *e = json_object();
+            json_object_set_new(e, "provider", json_string(pv->conf->name));
+            json_object_set_new(e, "model", json_string(c->target->model));
+            json_object_set_new(e, "circuit", json_string(state_name(c->state)));
+            if (c->probe_at > 0)
+                json_object_set_new(e, "last_probe",
+                                    json_pack("{s:b, s:I, s:s}", "ok", c->probe_ok, "at",
+                                              (json_int_t)c->probe_at, "detail", c->probe_what));
+            else
+                json_object_set_new(e, "last_probe", json_null());
+            json_object_set_new(e, "status_page",
+                                pv->indicator[0] ? json_string(pv->indicator) : json_null());
+            json_array_append_new(a, e);
+        }
+    }
+    return a;
 }
 
 /* ---- construction ---- */
@@ -786,6 +911,14 @@ pq_provs_t *pq_provs_new(struct event_base *base, const pq_conf_t *conf, pq_http
         pv->latency = pq_metrics_histogram(metrics, "promptq_worker_provider_seconds",
                                            "provider call latency", labels,
                                            pq_metrics_latency_bounds, pq_metrics_latency_nbounds);
+        if (p->status_url) {
+            struct timeval tv = {STATUS_POLL_MS / 1000, (STATUS_POLL_MS % 1000) * 1000};
+            pv->status_timer = event_new(base, -1, EV_PERSIST, on_status_timer, pv);
+            if (!pv->status_timer)
+                goto out_nomem;
+            event_add(pv->status_timer, &tv);
+            event_active(pv->status_timer, EV_TIMEOUT, 0);
+        }
     }
     return ps;
 
@@ -820,6 +953,10 @@ void pq_provs_destroy(pq_provs_t *ps)
         }
         if (pv->pump)
             event_free(pv->pump);
+        if (pv->status_req)
+            pq_http_cancel(ps->http, pv->status_req);
+        if (pv->status_timer)
+            event_free(pv->status_timer);
         free(pv->keys);
     }
     free(ps->provs);

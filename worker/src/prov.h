@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <sys/queue.h>
 #include <event2/event.h>
+#include <jansson.h>
 #include "promptq/conf.h"
 #include "promptq/err.h"
 #include "promptq/metrics.h"
@@ -125,5 +126,30 @@ void pq_circuit_count(pq_circuit_t *c, pq_err_t outcome, int64_t latency_ms);
 
 /* "closed", "open" or "half_open". */
 const char *pq_circuit_state(const pq_circuit_t *c);
+
+/* 1 when a job's call may go to the circuit now: closed, or half-open with the probe role
+ * free. */
+int pq_circuit_available(const pq_circuit_t *c);
+
+/* Circuit state changes of any (provider, model): available = 1 when a circuit closed (a probe
+ * succeeded), 0 when it opened. p, model: borrowed for the call. */
+typedef void(pq_circuit_cb)(void *opaque, const pq_provider_conf_t *p, const char *model,
+                            int available);
+
+/* Sets the listener (one; NULL to clear). */
+void pq_provs_set_listener(pq_provs_t *ps, pq_circuit_cb *cb, void *opaque);
+
+/* 1 when target's circuit lets a call through now (see pq_circuit_available); a target
+ * without a circuit yet is available. */
+int pq_provs_target_available(pq_provs_t *ps, const pq_target_t *t);
+
+/* Circuits not closed (summaries). */
+size_t pq_provs_open_circuits(const pq_provs_t *ps);
+
+/* Health of every circuit: a new JSON array of {"provider", "model", "circuit" (closed | open |
+ * half_open), "last_probe": null | {"ok", "at" (ms since the epoch), "detail"},
+ * "status_page": null | statuspage.io indicator (none, minor, major, critical)}.
+ * A provider with status_url polls it every 10 s; "major" or "critical" makes probes fail. */
+json_t *pq_provs_health(const pq_provs_t *ps);
 
 #endif

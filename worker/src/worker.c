@@ -1,6 +1,19 @@
 /* The worker's loop: Kafka consumer and producer queues (io-event pipes), partition bookkeeping
- * and offset storing (G5), flow control (pause when full or when Redis is down), signals and the
- * graceful stop. The per-job state machine lives in job.c. */
+ * and offset storing (G5), flow control (pause when full or when Redis is down), parking and
+ * replay per route (G4), the health key, signals (SIGHUP reload, graceful stop). The per-job
+ * state machine lives in job.c.
+ *
+ * Replay. Every route's retry topic is created at start and on SIGHUP, then subscribed with the
+ * request topics. A parked job read from a retry topic is taken in only when its route is up,
+ * its ramp has a token and replayed jobs hold less than half of max_inflight; otherwise its
+ * partition is held: sought back to the job's offset, then paused (librdkafka 2.0.2 resumes a
+ * paused partition from the sought position; nothing past it is stored since it was never taken
+ * in). A route goes down when one of its jobs parks (or every target's circuit is open) and up
+ * when a probe closes one of its circuits, when one of its jobs succeeds, or at the recheck
+ * (every 5 s) when some circuit is not open. Up again, its held partitions resume and replay
+ * ramps: 20 jobs/s, doubling every second, unlimited after 10 s; providers' rpm/tpm still
+ * apply. A held head whose deadline or park TTL passes is taken in to expire. Request and bulk
+ * partitions are never held. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -12,6 +25,7 @@
 #include <unistd.h>
 #include <sys/random.h>
 #include "promptq/kafka.h"
+#include "promptq/keys.h"
 #include "promptq/log.h"
 #include "promptq/util.h"
 #include "worker_int.h"
@@ -21,23 +35,45 @@
 #define STATS_MS          10000
 #define FINAL_WAIT_MS     1500
 #define CLUSTERID_WAIT_MS 60000
+#define ROUTE_TICK_MS     1000
+#define RECHECK_MS        5000
+#define RAMP_START_RPS    20.0
+#define RAMP_UNLIMITED_S  10 /* 20 * 2^9 = 10240 jobs/s in the last limited second */
+#define HEALTH_MS         5000
+#define HEALTH_TTL_MS     (3 * HEALTH_MS)
+#define TOPIC_WAIT_MS     5000
+#define ADMIN_WAIT_MS     1500
+#define RS_MAX_PARTS      1024
 
+static void schedule_replay(pq_worker_t *w, int64_t ms);
 /* ---- partitions ---- */
 
-static int topic_index(const pq_worker_t *w, const char *name)
+static pq_route_state_t *route_by_topic(const pq_worker_t *w, const char *name)
 {
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
+        if (strcmp(rs->topic, name) == 0)
+            return rs;
+    return NULL;
+}
+
+/* PQ_T_REQUESTS, PQ_T_BULK, PQ_T_RETRY (*rs set) or -1. */
+static int topic_index(const pq_worker_t *w, const char *name, pq_route_state_t **rs)
+{
+    *rs = NULL;
     if (strcmp(name, w->topics[PQ_T_REQUESTS]) == 0)
         return PQ_T_REQUESTS;
     if (strcmp(name, w->topics[PQ_T_BULK]) == 0)
         return PQ_T_BULK;
+    if ((*rs = route_by_topic(w, name)))
+        return PQ_T_RETRY;
     return -1;
 }
 
-static pq_part_t *part_find(pq_worker_t *w, int topic, int32_t partition)
+static pq_part_t *part_find(pq_worker_t *w, int topic, pq_route_state_t *rs, int32_t partition)
 {
     pq_part_t *p;
     TAILQ_FOREACH(p, &w->parts, link)
-    if (p->topic == topic && p->partition == partition)
+    if (p->topic == topic && p->rs == rs && p->partition == partition)
         return p;
     return NULL;
 }
@@ -52,10 +88,11 @@ void pq_part_unref(pq_part_t *part)
 
 static void part_assign(pq_worker_t *w, const char *topic_name, int32_t partition)
 {
-    int topic = topic_index(w, topic_name);
+    pq_route_state_t *rs;
+    int topic = topic_index(w, topic_name, &rs);
     pq_part_t *p;
 
-    if (topic < 0 || part_find(w, topic, partition))
+    if (topic < 0 || part_find(w, topic, rs, partition))
         return;
     p = calloc(1, sizeof(*p));
     if (!p) {
@@ -63,6 +100,8 @@ static void part_assign(pq_worker_t *w, const char *topic_name, int32_t partitio
         return;
     }
     p->topic = topic;
+    p->rs = rs;
+    p->name = rs ? rs->topic : w->topics[topic];
     p->partition = partition;
     p->refcnt = 1;
     p->next_taken = -1;
@@ -74,10 +113,14 @@ static void part_revoke(pq_worker_t *w, pq_part_t *p)
 {
     TAILQ_REMOVE(&w->parts, p, link);
     p->revoked = 1;
+    if (p->held) {
+        p->held = 0;
+        p->rs->nheld--;
+    }
     if (pq_offsets_count(&p->offsets) > 0)
         PQ_INFO("%s/%" PRId32 " revoked with %zu jobs in flight: they finish under their lease, "
                 "the new owner redelivers them",
-                w->topics[p->topic], p->partition, pq_offsets_count(&p->offsets));
+                p->name, p->partition, pq_offsets_count(&p->offsets));
     pq_part_unref(p);
 }
 
@@ -97,8 +140,7 @@ static void flush_offsets(pq_worker_t *w)
         p->dirty = 0;
         if (!list)
             list = rd_kafka_topic_partition_list_new(8);
-        rd_kafka_topic_partition_list_add(list, w->topics[p->topic], p->partition)->offset =
-            p->offsets.next;
+        rd_kafka_topic_partition_list_add(list, p->name, p->partition)->offset = p->offsets.next;
     }
     if (!list)
         return;
@@ -131,17 +173,20 @@ void pq_worker_offset_done(pq_worker_t *w, pq_part_t *part, uint64_t seq)
 
 static void set_paused(pq_worker_t *w, int pause, const char *why)
 {
-    rd_kafka_topic_partition_list_t *a = NULL;
+    rd_kafka_topic_partition_list_t *a = rd_kafka_topic_partition_list_new(16);
+    pq_part_t *p;
 
-    if (rd_kafka_assignment(w->consumer, &a) == RD_KAFKA_RESP_ERR_NO_ERROR && a) {
-        if (a->cnt > 0) {
-            if (pause)
-                rd_kafka_pause_partitions(w->consumer, a);
-            else
-                rd_kafka_resume_partitions(w->consumer, a);
-        }
-        rd_kafka_topic_partition_list_destroy(a);
+    /* the assignment as we track it; held retry partitions stay paused on a resume */
+    TAILQ_FOREACH(p, &w->parts, link)
+    if (pause || !p->held)
+        rd_kafka_topic_partition_list_add(a, p->name, p->partition);
+    if (a->cnt > 0) {
+        if (pause)
+            rd_kafka_pause_partitions(w->consumer, a);
+        else
+            rd_kafka_resume_partitions(w->consumer, a);
     }
+    rd_kafka_topic_partition_list_destroy(a);
     w->paused = pause;
     if (pause)
         PQ_INFO("consumption paused: %s (%zu jobs in flight)", why, w->inflight);
@@ -170,6 +215,8 @@ static void update_flow(pq_worker_t *w)
 void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part)
 {
     w->inflight--;
+    if (part && part->rs && part->rs->nheld > 0 && !part->rs->down)
+        schedule_replay(w, 0); /* a replay slot is free */
     pq_part_unref(part);
     if (w->stopping && w->inflight == 0) {
         PQ_INFO("every job in flight finished");
@@ -254,8 +301,9 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
             PQ_ERR("rebalance error: %s", rd_kafka_err2str(err));
         flush_offsets(w); /* still ours: the commit on revoke includes them */
         for (int i = 0; i < parts->cnt; i++) {
-            int topic = topic_index(w, parts->elems[i].topic);
-            pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, parts->elems[i].partition);
+            pq_route_state_t *rs;
+            int topic = topic_index(w, parts->elems[i].topic, &rs);
+            pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, parts->elems[i].partition);
             if (p)
                 part_revoke(w, p);
         }
@@ -271,11 +319,408 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     }
 }
 
+/* ---- routes: parking state, hold and replay (G4) ---- */
+
+pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name)
+{
+    pq_route_state_t *rs;
+    const pq_route_t *r;
+
+    for (rs = w->routes; rs; rs = rs->next)
+        if (strcmp(rs->name, name) == 0)
+            return rs;
+    r = pq_conf_route(w->gen->conf, name);
+    rs = calloc(1, sizeof(*rs));
+    if (!rs || !r || !(rs->name = strdup(name))) {
+        free(rs);
+        return NULL;
+    }
+    pq_conf_retry_topic(w->gen->conf, r, rs->topic, sizeof(rs->topic));
+    rs->ramp_start = 0; /* a fresh process ramps from its first replay */
+    rs->next = w->routes;
+    w->routes = rs;
+    return rs;
+}
+
+/* Jobs per second the ramp allows now; 0 = unlimited. */
+static double ramp_rate(const pq_route_state_t *rs, int64_t now)
+{
+    int64_t s = (now - rs->ramp_start) / 1000;
+
+    if (rs->ramp_start == 0)
+        return RAMP_START_RPS;
+    if (s < 0)
+        s = 0;
+    if (s >= RAMP_UNLIMITED_S)
+        return 0.0;
+    return RAMP_START_RPS * (double)(1 << s);
+}
+
+/* Takes one replay token; returns 0 (and the wait in *wait_ms) when there is none. The bucket
+ * holds at most 50 ms of the current rate, so a second carries about its rate. */
+static int ramp_take(pq_route_state_t *rs, int64_t now, int64_t *wait_ms)
+{
+    double rate, cap;
+
+    if (rs->ramp_start == 0) {
+        rs->ramp_start = now;
+        rs->tokens = 1.0;
+        rs->tokens_at = now;
+    }
+    rate = ramp_rate(rs, now);
+    if (rate <= 0.0)
+        return 1;
+    cap = rate / 20.0 < 1.0 ? 1.0 : rate / 20.0;
+    if (now > rs->tokens_at)
+        rs->tokens += rate * (double)(now - rs->tokens_at) / 1000.0;
+    if (rs->tokens > cap)
+        rs->tokens = cap;
+    rs->tokens_at = now;
+    if (rs->tokens >= 1.0) {
+        rs->tokens -= 1.0;
+        return 1;
+    }
+    *wait_ms = (int64_t)((1.0 - rs->tokens) * 1000.0 / rate) + 1;
+    return 0;
+}
+
+/* Some target of the route may take a call now (not every circuit open). */
+static int route_some_target(pq_worker_t *w, const pq_route_state_t *rs)
+{
+    const pq_route_t *r = pq_conf_route(w->gen->conf, rs->name);
+
+    if (!r)
+        return 1; /* removed: its jobs run (and fail as an unknown route) */
+    for (size_t i = 0; i < r->ntargets; i++)
+        if (pq_provs_target_available(w->gen->provs, &r->targets[i]))
+            return 1;
+    return 0;
+}
+
+static void route_set_down(pq_worker_t *w, pq_route_state_t *rs, const char *why)
+{
+    if (rs->down)
+        return;
+    rs->down = 1;
+    rs->recheck_ms = pq_mono_ms() + RECHECK_MS;
+    PQ_WARN("route %s is down (%s): its jobs park on %s until a probe finds a target available",
+            rs->name, why, rs->topic);
+}
+
+void pq_worker_route_parked(pq_worker_t *w, pq_route_state_t *rs)
+{
+    route_set_down(w, rs, "every target failed");
+}
+
+static void part_hold(pq_worker_t *w, pq_part_t *p, int64_t offset)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_error_t *e;
+
+    rd_kafka_topic_partition_list_add(l, p->name, p->partition)->offset = offset;
+    /* seek first: the pause then keeps the sought position for the resume */
+    e = rd_kafka_seek_partitions(w->consumer, l, 0);
+    if (e) {
+        PQ_WARN("seek %s/%" PRId32 " to %" PRId64 ": %s", p->name, p->partition, offset,
+                rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    }
+    rd_kafka_pause_partitions(w->consumer, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    p->held = 1;
+    p->held_offset = offset;
+    p->rs->nheld++;
+    PQ_DBG("held %s/%" PRId32 " at %" PRId64, p->name, p->partition, offset);
+}
+
+static void route_resume(pq_worker_t *w, pq_route_state_t *rs)
+{
+    rd_kafka_topic_partition_list_t *l = NULL;
+    pq_part_t *p;
+
+    TAILQ_FOREACH(p, &w->parts, link)
+    {
+        if (p->rs != rs || !p->held)
+            continue;
+        p->held = 0;
+        rs->nheld--;
+        if (w->paused)
+            continue; /* the flow-control resume takes it along */
+        if (!l)
+            l = rd_kafka_topic_partition_list_new(4);
+        rd_kafka_topic_partition_list_add(l, p->name, p->partition);
+    }
+    if (l) {
+        rd_kafka_resume_partitions(w->consumer, l);
+        rd_kafka_topic_partition_list_destroy(l);
+        event_active(w->ev_drain, 0, 0); /* the io event fires only once per non-empty queue */
+    }
+}
+
+void pq_worker_route_up(pq_worker_t *w, pq_route_state_t *rs, const char *why)
+{
+    int64_t now = pq_mono_ms();
+
+    if (!rs->down)
+        return;
+    rs->down = 0;
+    rs->ramp_start = now;
+    rs->tokens = 1.0;
+    rs->tokens_at = now;
+    PQ_WARN("route %s is up (%s): replaying %s ramped from %.0f jobs/s", rs->name, why, rs->topic,
+            RAMP_START_RPS);
+    if (rs->nheld > 0)
+        schedule_replay(w, 0);
+}
+
+/* Probes close circuits: every route with that (provider, model) as a target is up. */
+static void on_circuit(void *opaque, const pq_provider_conf_t *p, const char *model, int available)
+{
+    pq_worker_t *w = opaque;
+    char why[300];
+
+    if (!available)
+        return;
+    snprintf(why, sizeof(why), "circuit %.120s/%.120s closed", p->name, model);
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
+        const pq_route_t *r = rs->down ? pq_conf_route(w->gen->conf, rs->name) : NULL;
+        for (size_t i = 0; r && i < r->ntargets; i++) {
+            if (strcmp(r->targets[i].provider, p->name) == 0 &&
+                strcmp(r->targets[i].model, model) == 0) {
+                pq_worker_route_up(w, rs, why);
+                break;
+            }
+        }
+    }
+}
+
+/* A message from a retry topic: 1 to take it in now, 0 when its partition was held. */
+static int replay_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message_t *m)
+{
+    pq_route_state_t *rs = p->rs;
+    size_t cap = w->max_inflight / 2 ? w->max_inflight / 2 : 1;
+    int64_t now = pq_mono_ms(), wait = 0;
+
+    if (p->held)
+        return 0; /* prefetched before the hold: fetched again on the resume */
+    if (!rs->down && !route_some_target(w, rs))
+        route_set_down(w, rs, "every target's circuit is open");
+    if (rs->down) {
+        int64_t exp = pq_job_parked_expiry(w, m);
+        if (exp == 0 || exp <= pq_now_ms())
+            return 1; /* unreadable (dlq) or expired: taken in to end */
+        if (rs->held_wake == 0 || exp < rs->held_wake)
+            rs->held_wake = exp;
+        part_hold(w, p, m->offset);
+        return 0;
+    }
+    if (w->retry_inflight >= cap) {
+        part_hold(w, p, m->offset); /* a job ending schedules the replay again */
+        return 0;
+    }
+    if (!ramp_take(rs, now, &wait)) {
+        part_hold(w, p, m->offset);
+        schedule_replay(w, wait);
+        return 0;
+    }
+    return 1;
+}
+
+/* Resumes what may run again; schedules the next wake-up for ramps. */
+static void replay_tick(pq_worker_t *w)
+{
+    int64_t now = pq_mono_ms(), wall = pq_now_ms(), next = -1;
+    size_t cap = w->max_inflight / 2 ? w->max_inflight / 2 : 1;
+
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
+        if (rs->down && now >= rs->recheck_ms) {
+            if (route_some_target(w, rs))
+                pq_worker_route_up(w, rs, "recheck: some circuit is not open");
+            else
+                rs->recheck_ms = now + RECHECK_MS;
+        }
+        if (rs->nheld == 0)
+            continue;
+        if (rs->down) {
+            if (rs->held_wake > 0 && wall >= rs->held_wake) {
+                rs->held_wake = 0; /* the head expired: read it (and what follows) again */
+                route_resume(w, rs);
+            }
+            continue;
+        }
+        if (w->retry_inflight >= cap)
+            continue;
+        {
+            double rate = ramp_rate(rs, now);
+            double t =
+                rs->tokens + (rate > 0.0 ? rate * (double)(now - rs->tokens_at) / 1000.0 : 1.0);
+            if (rate <= 0.0 || t >= 1.0) {
+                route_resume(w, rs);
+            } else {
+                int64_t wait = (int64_t)((1.0 - t) * 1000.0 / rate) + 1;
+                if (next < 0 || wait < next)
+                    next = wait;
+            }
+        }
+    }
+    if (next >= 0)
+        schedule_replay(w, next);
+}
+
+static void on_replay(evutil_socket_t fd, short what, void *arg)
+{
+    replay_tick(arg);
+}
+
+static void schedule_replay(pq_worker_t *w, int64_t ms)
+{
+    struct timeval tv;
+
+    if (ms < 0)
+        ms = 0;
+    tv.tv_sec = (time_t)(ms / 1000);
+    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
+    if (!evtimer_pending(w->ev_replay, NULL) || ms == 0)
+        evtimer_add(w->ev_replay, &tv);
+}
+
+static void on_routes(evutil_socket_t fd, short what, void *arg)
+{
+    replay_tick(arg);
+}
+
+/* Parked jobs of a route not yet replayed, estimated from this worker's retry partitions: the
+ * high watermark (or the highest offset it parked there itself) minus the read position. */
+static int64_t route_parked_estimate(pq_worker_t *w, const pq_route_state_t *rs)
+{
+    int64_t n = 0;
+    pq_part_t *p;
+
+    TAILQ_FOREACH(p, &w->parts, link)
+    {
+        int64_t lo = -1, hi = -1, pos;
+        rd_kafka_topic_partition_list_t *l;
+
+        if (p->rs != rs)
+            continue;
+        rd_kafka_get_watermark_offsets(w->consumer, p->name, p->partition, &lo, &hi);
+        if (p->partition < RS_MAX_PARTS && rs->hi && rs->hi[p->partition] > hi)
+            hi = rs->hi[p->partition];
+        if (p->held) {
+            pos = p->held_offset;
+        } else {
+            l = rd_kafka_topic_partition_list_new(1);
+            rd_kafka_topic_partition_list_add(l, p->name, p->partition);
+            rd_kafka_position(w->consumer, l);
+            pos = l->elems[0].offset;
+            rd_kafka_topic_partition_list_destroy(l);
+            if (pos < 0)
+                pos = p->next_taken >= 0 ? p->next_taken : hi;
+        }
+        if (hi > pos && pos >= 0)
+            n += hi - pos;
+    }
+    return n;
+}
+
+void pq_worker_parked_at(pq_worker_t *w, const char *topic, int32_t partition, int64_t offset)
+{
+    pq_route_state_t *rs = route_by_topic(w, topic);
+
+    if (!rs || partition < 0 || partition >= RS_MAX_PARTS)
+        return;
+    if (!rs->hi && !(rs->hi = calloc(RS_MAX_PARTS, sizeof(*rs->hi))))
+        return;
+    if (offset + 1 > rs->hi[partition])
+        rs->hi[partition] = offset + 1;
+}
+
+/* ---- health key ---- */
+
+/* promptq:health:{instance}: a JSON string, SET every 5 s with a 15 s TTL (PX), read by the
+ * broker for /v1/health, the CLI and the dashboard:
+ *   {"instance": "<worker.instance_id or hostname-pid>", "owner": "<lease owner id>",
+ *    "updated_at": <ms since the epoch>, "interval_ms": 5000,
+ *    "inflight": <jobs in flight>, "replay_inflight": <of them read from retry topics>,
+ *    "paused": <consumption paused by flow control>,
+ *    "circuits": [{"provider", "model", "circuit": "closed"|"open"|"half_open",
+ *                  "last_probe": null | {"ok": bool, "at": <ms>, "detail": "..."},
+ *                  "status_page": null | "none"|"minor"|"major"|"critical"}],
+ *    "routes": {"<route>": {"retry_topic", "down": bool,
+ *                           "parked": <estimate: messages on this worker's retry partitions not
+ *                                      yet replayed>,
+ *                           "held_partitions": n, "replay_rate": <jobs/s> | null (unlimited),
+ *                           "parked_total", "reparked_total", "replayed_total" (since start)}}}
+ * Circuits appear once a target was used or probed. Each worker reports the retry partitions
+ * assigned to it: the broker sums "parked" over workers. */
+static void on_health_reply(void *opaque, redisReply *reply)
+{
+    pq_worker_t *w = opaque;
+    w->health_pending = 0;
+    if (reply && reply->type == REDIS_REPLY_ERROR)
+        PQ_DBG("health key: %s", reply->str);
+}
+
+static void on_health(evutil_socket_t fd, short what, void *arg)
+{
+    pq_worker_t *w = arg;
+    int64_t now = pq_mono_ms();
+    json_t *o, *routes;
+    char *s, ttl[24];
+    const char *argv[5];
+    size_t lens[5];
+
+    if (w->health_pending || !pq_redis_up(w->redis))
+        return;
+    o = json_object();
+    routes = json_object();
+    json_object_set_new(o, "instance", json_string(w->instance));
+    json_object_set_new(o, "owner", json_string(w->owner));
+    json_object_set_new(o, "updated_at", json_integer(pq_now_ms()));
+    json_object_set_new(o, "interval_ms", json_integer(HEALTH_MS));
+    json_object_set_new(o, "inflight", json_integer((json_int_t)w->inflight));
+    json_object_set_new(o, "replay_inflight", json_integer((json_int_t)w->retry_inflight));
+    json_object_set_new(o, "paused", json_boolean(w->paused));
+    json_object_set_new(o, "circuits", pq_provs_health(w->gen->provs));
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
+        double rate = ramp_rate(rs, now);
+        if (!rs->active)
+            continue;
+        json_object_set_new(
+            routes, rs->name,
+            json_pack("{s:s, s:b, s:I, s:i, s:o, s:I, s:I, s:I}", "retry_topic", rs->topic, "down",
+                      rs->down, "parked", (json_int_t)route_parked_estimate(w, rs),
+                      "held_partitions", rs->nheld, "replay_rate",
+                      rs->down     ? json_integer(0)
+                      : rate > 0.0 ? json_integer((json_int_t)rate)
+                                   : json_null(),
+                      "parked_total", (json_int_t)rs->parked, "reparked_total",
+                      (json_int_t)rs->reparked, "replayed_total", (json_int_t)rs->replayed));
+    }
+    json_object_set_new(o, "routes", routes);
+    s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (!s)
+        return;
+    snprintf(ttl, sizeof(ttl), "%d", HEALTH_TTL_MS);
+    argv[0] = "SET";
+    argv[1] = w->health_key;
+    argv[2] = s;
+    argv[3] = "PX";
+    argv[4] = ttl;
+    for (int i = 0; i < 5; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_redis_command(w->redis, 5, argv, lens, on_health_reply, w) == 0)
+        w->health_pending = 1;
+    free(s);
+}
+
 /* ---- queues ---- */
 
 static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
 {
-    int topic = topic_index(w, rd_kafka_topic_name(m->rkt));
+    pq_route_state_t *rs;
+    int topic = topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
     pq_part_t *part;
 
     if (topic < 0) {
@@ -287,12 +732,14 @@ static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
         pq_counter_add(w->m.handed_back, 1);
         return;
     }
-    part = part_find(w, topic, m->partition);
+    part = part_find(w, topic, rs, m->partition);
     if (part && part->next_taken >= 0 && m->offset < part->next_taken) {
         /* Fetched again after a pause/resume: this offset is already in flight or done. */
         pq_counter_add(w->m.duplicates, 1);
         return;
     }
+    if (topic == PQ_T_RETRY && part && !replay_admit(w, part, m))
+        return;
     pq_job_intake(w, part, topic, m);
 }
 
@@ -378,6 +825,17 @@ static void on_stats(evutil_socket_t fd, short what, void *arg)
 {
     pq_worker_t *w = arg;
     pq_worker_metrics_t *m = &w->m;
+    size_t down = 0, held = 0;
+
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
+        down += rs->down && rs->active;
+        held += (size_t)rs->nheld;
+    }
+    if (down > 0 || held > 0 || pq_counter_get(m->parked) > 0)
+        PQ_INFO("parking: routes_down=%zu held_partitions=%zu open_circuits=%zu parked=%" PRIu64
+                " reparked=%" PRIu64 " replay_inflight=%zu",
+                down, held, pq_provs_open_circuits(w->gen->provs), pq_counter_get(m->parked),
+                pq_counter_get(m->reparked), w->retry_inflight);
 
     pq_gauge_set(m->inflight, (double)w->inflight);
     PQ_INFO("inflight=%zu paused=%d received=%" PRIu64 " succeeded=%" PRIu64 " failed=%" PRIu64
@@ -412,6 +870,276 @@ rd_kafka_resp_err_t pq_worker_produce(pq_worker_t *w, int topic, const char *key
                          key ? strlen(key) : 0, msg_opaque) == -1)
         return rd_kafka_last_error();
     return RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
+rd_kafka_resp_err_t pq_worker_produce_to(pq_worker_t *w, const char *topic, const char *key,
+                                         const char *value, size_t len, void *msg_opaque)
+{
+    return rd_kafka_producev(
+        w->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, key ? strlen(key) : 0),
+        RD_KAFKA_V_VALUE((void *)value, len), RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
+}
+
+/* ---- generations (SIGHUP) ---- */
+
+static void gen_free(pq_gen_t *g)
+{
+    pq_provs_destroy(g->provs);
+    if (g->owned)
+        pq_conf_destroy(g->conf);
+    free(g);
+}
+
+void pq_gen_unref(pq_worker_t *w, pq_gen_t *g)
+{
+    pq_gen_t **pp;
+
+    if (!g || --g->refs > 0)
+        return;
+    for (pp = &w->retired; *pp; pp = &(*pp)->next) {
+        if (*pp == g) {
+            *pp = g->next;
+            break;
+        }
+    }
+    gen_free(g);
+}
+
+static pq_gen_t *gen_new(pq_worker_t *w, pq_conf_t *conf, int owned, char *errstr,
+                         size_t errstr_size)
+{
+    pq_gen_t *g = calloc(1, sizeof(*g));
+
+    if (!g) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return NULL;
+    }
+    g->conf = conf;
+    g->refs = 1;
+    g->provs = pq_provs_new(w->base, conf, w->http, w->metrics, errstr, errstr_size);
+    if (!g->provs) {
+        free(g);
+        return NULL;
+    }
+    g->owned = owned;
+    pq_provs_set_listener(g->provs, on_circuit, w);
+    return g;
+}
+
+/* Marks the routes of the current config active (creating their states). */
+static void routes_refresh(pq_worker_t *w)
+{
+    const pq_conf_t *c = w->gen->conf;
+
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
+        rs->active = 0;
+    for (size_t i = 0; i < c->nroutes; i++) {
+        pq_route_state_t *rs = pq_worker_route_state(w, c->routes[i].name);
+        if (rs)
+            rs->active = 1;
+    }
+}
+
+/* Creates one topic through a metadata request (the cluster auto-creates it); waits for it to
+ * have partitions. Returns 0 or -1. */
+static int topic_autocreate(pq_worker_t *w, const char *name)
+{
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(w->producer, name, NULL);
+    int64_t deadline = pq_mono_ms() + TOPIC_WAIT_MS;
+    int rc = -1;
+
+    if (!rkt)
+        return -1;
+    while (rc != 0 && pq_mono_ms() < deadline) {
+        const struct rd_kafka_metadata *md = NULL;
+        if (rd_kafka_metadata(w->producer, 0, rkt, &md, 1000) == RD_KAFKA_RESP_ERR_NO_ERROR && md) {
+            if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR &&
+                md->topics[0].partition_cnt > 0)
+                rc = 0;
+            rd_kafka_metadata_destroy(md);
+        }
+        if (rc != 0)
+            usleep(100 * 1000);
+    }
+    rd_kafka_topic_destroy(rkt);
+    return rc;
+}
+
+/* Creates every active route's retry topic before subscribing to it: Admin API CreateTopics
+ * (topics.partitions partitions), or, when the cluster does not support it (promptq-devkafka),
+ * a metadata request that auto-creates it. Blocks up to a few seconds (at start and SIGHUP).
+ * Returns the number of topics that could not be created. */
+static int retry_topics_create(pq_worker_t *w)
+{
+    const pq_conf_t *c = w->gen->conf;
+    rd_kafka_NewTopic_t **nts = NULL;
+    const char **names = NULL;
+    int *fallback = NULL;
+    rd_kafka_AdminOptions_t *opt = NULL;
+    rd_kafka_queue_t *q = NULL;
+    rd_kafka_event_t *ev = NULL;
+    char why[256] = "";
+    size_t n = 0;
+    int failed = 0;
+
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
+        n += rs->active;
+    if (n == 0)
+        return 0;
+    nts = calloc(n, sizeof(*nts));
+    names = calloc(n, sizeof(*names));
+    fallback = calloc(n, sizeof(*fallback));
+    if (!nts || !names || !fallback) {
+        failed = (int)n;
+        goto out;
+    }
+    n = 0;
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
+        char err[200];
+        if (!rs->active)
+            continue;
+        names[n] = rs->topic;
+        nts[n] = rd_kafka_NewTopic_new(rs->topic, c->topic_partitions > 0 ? c->topic_partitions : 4,
+                                       -1, err, sizeof(err));
+        fallback[n] = 1;
+        if (!nts[n])
+            PQ_WARN("retry topic %s: %s", rs->topic, err);
+        n++;
+    }
+    /* a cluster that did not answer CreateTopics before (promptq-devkafka: librdkafka's mock
+     * cluster lacks the API) is not asked again */
+    if (w->no_admin) {
+        snprintf(why, sizeof(why), "not supported by this cluster");
+        goto fallback;
+    }
+    opt = rd_kafka_AdminOptions_new(w->producer, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    q = rd_kafka_queue_new(w->producer);
+    if (opt && q) {
+        size_t k = 0;
+        rd_kafka_NewTopic_t **valid = calloc(n, sizeof(*valid));
+        rd_kafka_AdminOptions_set_request_timeout(opt, ADMIN_WAIT_MS, NULL, 0);
+        for (size_t i = 0; valid && i < n; i++)
+            if (nts[i])
+                valid[k++] = nts[i];
+        if (k > 0) {
+            rd_kafka_CreateTopics(w->producer, valid, k, opt, q);
+            ev = rd_kafka_queue_poll(q, ADMIN_WAIT_MS + 1000);
+        }
+        free(valid);
+    }
+    if (ev && rd_kafka_event_error(ev)) {
+        snprintf(why, sizeof(why), "%s", rd_kafka_event_error_string(ev));
+        w->no_admin = rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__TIMED_OUT;
+    } else if (ev) {
+        const rd_kafka_CreateTopics_result_t *res = rd_kafka_event_CreateTopics_result(ev);
+        size_t cnt = 0;
+        const rd_kafka_topic_result_t **tr =
+            res ? rd_kafka_CreateTopics_result_topics(res, &cnt) : NULL;
+        for (size_t i = 0; i < cnt; i++) {
+            rd_kafka_resp_err_t e = rd_kafka_topic_result_error(tr[i]);
+            const char *name = rd_kafka_topic_result_name(tr[i]);
+            for (size_t t = 0; t < n; t++) {
+                if (strcmp(names[t], name) != 0)
+                    continue;
+                if (e == RD_KAFKA_RESP_ERR_NO_ERROR) {
+                    PQ_INFO("retry topic %s created (CreateTopics)", name);
+                    fallback[t] = 0;
+                } else if (e == RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS) {
+                    PQ_DBG("retry topic %s exists", name);
+                    fallback[t] = 0;
+                } else {
+                    snprintf(why, sizeof(why), "%s", rd_kafka_err2str(e));
+                }
+            }
+        }
+    } else {
+        snprintf(why, sizeof(why), "no answer");
+    }
+fallback:
+    for (size_t t = 0; t < n; t++) {
+        if (!fallback[t])
+            continue;
+        if (topic_autocreate(w, names[t]) == 0) {
+            PQ_INFO("retry topic %s auto-created by a metadata request (CreateTopics: %s)",
+                    names[t], why[0] ? why : "not supported");
+        } else {
+            PQ_ERR("retry topic %s could not be created (CreateTopics: %s; metadata request "
+                   "timed out): parking on that route waits for it",
+                   names[t], why[0] ? why : "not supported");
+            failed++;
+        }
+    }
+out:
+    if (ev)
+        rd_kafka_event_destroy(ev);
+    if (q)
+        rd_kafka_queue_destroy(q);
+    if (opt)
+        rd_kafka_AdminOptions_destroy(opt);
+    for (size_t i = 0; nts && i < n; i++)
+        if (nts[i])
+            rd_kafka_NewTopic_destroy(nts[i]);
+    free(nts);
+    free(names);
+    free(fallback);
+    return failed;
+}
+
+/* Subscribes to the request topics and every active route's retry topic. */
+static rd_kafka_resp_err_t subscribe_all(pq_worker_t *w)
+{
+    rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(8);
+    rd_kafka_resp_err_t err;
+
+    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_REQUESTS], RD_KAFKA_PARTITION_UA);
+    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_BULK], RD_KAFKA_PARTITION_UA);
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
+        if (rs->active)
+            rd_kafka_topic_partition_list_add(subs, rs->topic, RD_KAFKA_PARTITION_UA);
+    err = rd_kafka_subscribe(w->consumer, subs);
+    rd_kafka_topic_partition_list_destroy(subs);
+    return err;
+}
+
+/* SIGHUP: providers and routes from the file again (circuits start closed); new routes' retry
+ * topics are created before the new subscription. Jobs in flight finish with the config they
+ * started with. Everything else (kafka, redis, worker) takes effect on restart only. */
+static void on_sighup(evutil_socket_t sig, short what, void *arg)
+{
+    pq_worker_t *w = arg;
+    char errstr[512];
+    pq_conf_t *nc;
+    pq_gen_t *g, *old = w->gen;
+    rd_kafka_resp_err_t err;
+
+    if (!w->conf->path) {
+        PQ_WARN("SIGHUP ignored: no config path to reload from");
+        return;
+    }
+    nc = pq_conf_load(w->conf->path, errstr, sizeof(errstr));
+    if (!nc) {
+        PQ_ERR("SIGHUP: config not reloaded, keeping the old one: %s", errstr);
+        return;
+    }
+    g = gen_new(w, nc, 1, errstr, sizeof(errstr));
+    if (!g) {
+        PQ_ERR("SIGHUP: config not reloaded: %s", errstr);
+        pq_conf_destroy(nc);
+        return;
+    }
+    pq_provs_set_listener(old->provs, NULL, NULL);
+    w->gen = g;
+    old->next = w->retired;
+    w->retired = old;
+    pq_gen_unref(w, old);
+    routes_refresh(w);
+    retry_topics_create(w);
+    err = subscribe_all(w);
+    if (err)
+        PQ_ERR("SIGHUP: subscribe: %s", rd_kafka_err2str(err));
+    PQ_INFO("SIGHUP: %zu providers, %zu routes loaded (kafka, redis and worker settings take "
+            "effect on restart)",
+            nc->nproviders, nc->nroutes);
 }
 
 /* ---- stopping ---- */
@@ -490,6 +1218,8 @@ static void metrics_init(pq_worker_t *w)
     m->poison = pq_metrics_counter(mm, jobs, jobs_help, OUTCOME("poison"));
     m->handed_back = pq_metrics_counter(mm, jobs, jobs_help, OUTCOME("handed_back"));
     m->duplicates = pq_metrics_counter(mm, jobs, jobs_help, OUTCOME("duplicate_fetch"));
+    m->parked = pq_metrics_counter(mm, jobs, jobs_help, OUTCOME("parked"));
+    m->reparked = pq_metrics_counter(mm, jobs, jobs_help, OUTCOME("reparked"));
 #undef OUTCOME
     m->dlq = pq_metrics_counter(mm, "promptq_worker_dlq_total", "messages put on the dlq", NULL);
     m->provider_calls =
@@ -568,7 +1298,6 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
 {
     pq_worker_t *w = calloc(1, sizeof(*w));
     unsigned char nonce[8];
-    rd_kafka_topic_partition_list_t *subs;
     rd_kafka_resp_err_t err;
     long max_conns = 0;
     size_t tsize = 1024;
@@ -601,6 +1330,18 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     srandom((unsigned)(nonce[0] | nonce[1] << 8 | nonce[2] << 16) ^ (unsigned)getpid());
+    if (conf->instance_id) {
+        pq_strlcpy(w->instance, conf->instance_id, sizeof(w->instance));
+    } else {
+        char host[100] = "worker";
+        gethostname(host, sizeof(host) - 1);
+        host[sizeof(host) - 1] = '\0';
+        snprintf(w->instance, sizeof(w->instance), "%s-%d", host, (int)getpid());
+    }
+    if (pq_key_health(w->health_key, sizeof(w->health_key), conf->redis_prefix, w->instance) < 0) {
+        snprintf(errstr, errstr_size, "instance id too long for the health key");
+        goto out_fail;
+    }
     snprintf(w->owner, sizeof(w->owner), "%.150s-%02x%02x%02x%02x%02x%02x%02x%02x",
              conf->instance_id ? conf->instance_id : "worker", nonce[0], nonce[1], nonce[2],
              nonce[3], nonce[4], nonce[5], nonce[6], nonce[7]);
@@ -627,9 +1368,10 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->http = pq_http_new(w->base, max_conns, errstr, errstr_size);
     if (!w->http)
         goto out_fail;
-    w->provs = pq_provs_new(w->base, conf, w->http, w->metrics, errstr, errstr_size);
-    if (!w->provs)
+    w->gen = gen_new(w, (pq_conf_t *)conf, 0, errstr, errstr_size);
+    if (!w->gen)
         goto out_fail;
+    routes_refresh(w);
     w->redis = pq_redis_new(w->base, conf->redis_host, conf->redis_port, conf->redis_password,
                             conf->redis_db, 5000, on_redis_state, w, errstr, errstr_size);
     if (!w->redis)
@@ -669,11 +1411,8 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     rd_kafka_queue_io_event_enable(w->cqueue, w->cpipe[1], "1", 1);
-    subs = rd_kafka_topic_partition_list_new(2);
-    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_REQUESTS], RD_KAFKA_PARTITION_UA);
-    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_BULK], RD_KAFKA_PARTITION_UA);
-    err = rd_kafka_subscribe(w->consumer, subs);
-    rd_kafka_topic_partition_list_destroy(subs);
+    retry_topics_create(w);
+    err = subscribe_all(w);
     if (err) {
         snprintf(errstr, errstr_size, "subscribe: %s", rd_kafka_err2str(err));
         goto out_fail;
@@ -689,8 +1428,13 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->ev_sigint = evsignal_new(w->base, SIGINT, on_signal, w);
     w->ev_grace = evtimer_new(w->base, on_grace, w);
     w->ev_final = event_new(w->base, -1, EV_PERSIST, on_final, w);
+    w->ev_routes = event_new(w->base, -1, EV_PERSIST, on_routes, w);
+    w->ev_replay = evtimer_new(w->base, on_replay, w);
+    w->ev_health = event_new(w->base, -1, EV_PERSIST, on_health, w);
+    w->ev_sighup = evsignal_new(w->base, SIGHUP, on_sighup, w);
     if (!w->ev_cqueue || !w->ev_pqueue || !w->ev_drain || !w->ev_flush || !w->ev_safety ||
-        !w->ev_stats || !w->ev_sigterm || !w->ev_sigint || !w->ev_grace || !w->ev_final) {
+        !w->ev_stats || !w->ev_sigterm || !w->ev_sigint || !w->ev_grace || !w->ev_final ||
+        !w->ev_routes || !w->ev_replay || !w->ev_health || !w->ev_sighup) {
         snprintf(errstr, errstr_size, "out of memory");
         goto out_fail;
     }
@@ -708,9 +1452,15 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
 {
     struct timeval safety = {0, SAFETY_MS * 1000};
     struct timeval stats = {STATS_MS / 1000, 0};
+    struct timeval routes = {ROUTE_TICK_MS / 1000, (ROUTE_TICK_MS % 1000) * 1000};
+    struct timeval health = {HEALTH_MS / 1000, 0};
     rd_kafka_resp_err_t err;
 
     w->grace_ms = grace_ms;
+    event_add(w->ev_routes, &routes);
+    event_add(w->ev_health, &health);
+    event_active(w->ev_health, EV_TIMEOUT, 0);
+    event_add(w->ev_sighup, NULL);
     event_add(w->ev_cqueue, NULL);
     event_add(w->ev_pqueue, NULL);
     event_add(w->ev_safety, &safety);
@@ -742,7 +1492,10 @@ void pq_worker_destroy(pq_worker_t *w)
     pq_part_t *p;
     struct event **evs[] = {&w->ev_cqueue, &w->ev_pqueue, &w->ev_drain,   &w->ev_flush,
                             &w->ev_safety, &w->ev_stats,  &w->ev_sigterm, &w->ev_sigint,
-                            &w->ev_grace,  &w->ev_final};
+                            &w->ev_grace,  &w->ev_final,  &w->ev_routes,  &w->ev_replay,
+                            &w->ev_health, &w->ev_sighup};
+    pq_route_state_t *rs;
+    pq_gen_t *g;
 
     if (!w)
         return;
@@ -765,7 +1518,18 @@ void pq_worker_destroy(pq_worker_t *w)
         rd_kafka_destroy(w->producer);
     free(w->cluster_id);
     pq_redis_destroy(w->redis);
-    pq_provs_destroy(w->provs);
+    while ((g = w->retired)) {
+        w->retired = g->next;
+        gen_free(g);
+    }
+    if (w->gen)
+        gen_free(w->gen);
+    while ((rs = w->routes)) {
+        w->routes = rs->next;
+        free(rs->hi);
+        free(rs->name);
+        free(rs);
+    }
     pq_http_destroy(w->http);
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (*evs[i])

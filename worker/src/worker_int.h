@@ -18,10 +18,46 @@
 #include "worker.h"
 
 enum { PQ_T_REQUESTS = 0, PQ_T_BULK, PQ_T_RESULTS, PQ_T_DLQ, PQ_T_COUNT };
+#define PQ_T_RETRY PQ_T_COUNT /* a route's retry topic (pq_part_t.rs names it) */
+
+/* The providers and routes of one config (SIGHUP loads a new one). Jobs hold a reference: a
+ * retired generation lives until its last job ends. */
+typedef struct pq_gen_s {
+    pq_conf_t *conf; /* owned, except the first one (main's) */
+    int owned;
+    pq_provs_t *provs;
+    int refs;              /* 1 while current + 1 per job */
+    struct pq_gen_s *next; /* retired list */
+} pq_gen_t;
+
+/* Parking and replay state of one route, by name (kept for the worker's life, so pointers to
+ * it stay valid across reloads). */
+typedef struct pq_route_state_s {
+    char *name;
+    char topic[256];    /* its retry topic */
+    int active;         /* in the current config */
+    int down;           /* a job parked: replay waits for a probe (or the recheck) */
+    int64_t recheck_ms; /* monotonic: replay again (ramped) even without a probe, when some
+                           target's circuit is not open */
+    int64_t held_wake;  /* wall ms: the held head expires (deadline or park TTL); 0 none */
+    /* replay ramp: 20 jobs/s, doubling every second, then unlimited */
+    int64_t ramp_start; /* monotonic ms */
+    double tokens;
+    int64_t tokens_at;
+    int nheld;       /* retry partitions held (sought back and paused) */
+    size_t inflight; /* jobs of this route's retry topic in flight */
+    uint64_t parked, replayed, reparked, expired; /* since start */
+    int64_t *hi; /* per partition: one past the highest offset this worker parked there */
+    struct pq_route_state_s *next;
+} pq_route_state_t;
 
 /* One assigned partition. Jobs keep a reference, so it outlives its revocation until they end. */
 typedef struct pq_part_s {
-    int topic; /* PQ_T_REQUESTS or PQ_T_BULK */
+    int topic;            /* PQ_T_REQUESTS, PQ_T_BULK or PQ_T_RETRY */
+    pq_route_state_t *rs; /* PQ_T_RETRY: its route */
+    const char *name;     /* topic name (borrowed from the worker or rs) */
+    int held;             /* retry partition sought back to held_offset and paused by us */
+    int64_t held_offset;
     int32_t partition;
     int revoked;        /* offsets now belong to the new owner: never store them */
     int dirty;          /* offsets.next advanced since the last store */
@@ -39,7 +75,7 @@ typedef struct pq_worker_metrics_s {
     pq_counter_t *received, *succeeded, *failed, *expired, *dlq, *invalid, *republished, *conflicts,
         *poison, *provider_calls, *provider_errors, *retries, *duplicates, *offset_resets,
         *handed_back, *redis_waits, *produce_errors, *skips, *cache_hits, *cache_misses,
-        *cache_stores;
+        *cache_stores, *parked, *reparked, *replayed;
     pq_gauge_t *inflight;
     pq_hist_t *latency;
 } pq_worker_metrics_t;
@@ -57,13 +93,22 @@ struct pq_worker_s {
     char *cluster_id;
 
     pq_http_t *http;
-    pq_provs_t *provs; /* keys, slots, rate limits, circuits, tokens per provider */
+    pq_gen_t *gen;     /* current providers and routes (keys, slots, rate limits, circuits) */
+    pq_gen_t *retired; /* older ones still used by jobs */
+    pq_route_state_t *routes;
+    size_t retry_inflight; /* jobs from retry topics in flight (replay takes at most half) */
+    int64_t last_summary_ms;
+    char instance[160];
+    char health_key[320];
+    int health_pending;
+    int no_admin; /* CreateTopics timed out once: use metadata auto-creation */
     pq_redis_t *redis;
     char owner[192]; /* lease owner: instance id + per-process nonce */
     pq_envelope_limits_t limits;
     int64_t ttl_ms;
 
     struct event *ev_cqueue, *ev_pqueue, *ev_drain, *ev_safety, *ev_stats, *ev_flush;
+    struct event *ev_routes, *ev_replay, *ev_health, *ev_sighup;
     struct event *ev_sigterm, *ev_sigint, *ev_grace, *ev_final;
 
     struct pq_part_list parts; /* current assignment */
@@ -101,10 +146,34 @@ void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part);
 rd_kafka_resp_err_t pq_worker_produce(pq_worker_t *w, int topic, const char *key, const char *value,
                                       size_t len, void *msg_opaque);
 
+/* Same, to a topic by name (retry topics). */
+rd_kafka_resp_err_t pq_worker_produce_to(pq_worker_t *w, const char *topic, const char *key,
+                                         const char *value, size_t len, void *msg_opaque);
+
+/* The route's parking state (created on first use; name copied). NULL when out of memory. */
+pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name);
+
+/* A job of rs parked: replay of rs waits for a probe (or the recheck). */
+void pq_worker_route_parked(pq_worker_t *w, pq_route_state_t *rs);
+
+/* A job of rs succeeded on a provider: rs is up (replay resumes, ramped). */
+void pq_worker_route_up(pq_worker_t *w, pq_route_state_t *rs, const char *why);
+
+/* A parked job is on topic at (partition, offset) (health estimates). */
+void pq_worker_parked_at(pq_worker_t *w, const char *topic, int32_t partition, int64_t offset);
+
+/* Drops a job's reference on a generation; frees a retired one at zero. */
+void pq_gen_unref(pq_worker_t *w, pq_gen_t *g);
+
 /* job.c, for worker.c */
 
 /* Takes in one message (never drops it): parses, leases, runs it. */
 void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m);
+
+/* A parked job read from a retry topic: its expiry time (wall ms, the earlier of its deadline
+ * and parked_at + park_ttl_s), 0 when the message cannot be read (taken in: it goes to the dlq
+ * as invalid). Pure apart from the clock. */
+int64_t pq_job_parked_expiry(const pq_worker_t *w, const rd_kafka_message_t *m);
 
 /* Redis is back: re-issue the steps of jobs that waited for it. */
 void pq_job_redis_up(pq_worker_t *w);

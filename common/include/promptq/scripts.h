@@ -44,4 +44,11 @@ extern const char pq_script_job_finish[];
  * ARGV[1] status, ARGV[2] now ms. Returns 1 set, 0 if the job is terminal or absent. */
 extern const char pq_script_job_status[];
 
+/* Worker, after the parked copy of a job is durable on its retry topic (G4). KEYS[1] job key,
+ * KEYS[2] lease key. ARGV[1] now ms, ARGV[2] lease owner, ARGV[3] ttl ms, ARGV[4] attempts.
+ * Releases the lease if ARGV[2] holds it; unless the record is absent or terminal, sets status
+ * parked, attempts, deliveries 0 (a replay counts its own deliveries towards poison) and
+ * updated_at, and refreshes the TTL. Returns 1 parked, 0 absent or terminal (untouched). */
+extern const char pq_script_job_park[];
+
 #endif
