@@ -7,6 +7,9 @@
  * through a handle (index + generation), never through a raw pointer, so a late reply for a
  * request already answered is ignored.
  *
+ * Each loop also holds a second hiredis connection in SUBSCRIBE mode on the process's reply
+ * channel (rsub.c) and a table of the chat requests waiting for their job's result (chat.c).
+ *
  * A job Kafka does not confirm within broker.ack_timeout_ms (or at once while Kafka is known
  * down) goes to the process's spool (bspool.c): its writer thread fsyncs it and hands the
  * answer back to the request's loop, which replies 202 "spooled". One drainer thread with its
@@ -366,6 +369,8 @@ void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const 
 /* rsub.c: the loop's subscriber connection */
 int pq_rsub_start(pq_bthread_t *t);
 void pq_rsub_stop(pq_bthread_t *t);
+/* Drops the subscriber connection and reconnects (not from a hiredis callback). */
+void pq_rsub_reset(pq_bthread_t *t);
 
 /* idem.c: Idempotency-Key (DESIGN.md §4 promptq:idem:{tenant}:{key}) */
 /* Reads the request's Idempotency-Key. Returns 0 with *key NULL (none) or set (borrowed from

@@ -74,16 +74,13 @@ static size_t json_escape(char *out, size_t size, const char *s)
     return o;
 }
 
-void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const char *type,
-                   const char *errcode, const char *fmt, ...)
+static void openai_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
+                         const char *type, const char *errcode, const char *fmt, va_list ap)
 {
     char msg[512], esc[1024], body[1400];
-    va_list ap;
     int n;
 
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
     json_escape(esc, sizeof(esc), msg);
     if (errcode)
         n = snprintf(body, sizeof(body),
@@ -97,7 +94,29 @@ void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const 
                      esc, type);
     if (n < 0 || (size_t)n >= sizeof(body))
         n = (int)strlen(body);
-    pq_http_reply(t, req, PQ_PATH_CHAT, code, body, (size_t)n);
+    pq_http_reply(t, req, path, code, body, (size_t)n);
+}
+
+void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const char *type,
+                   const char *errcode, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    openai_error(t, req, PQ_PATH_CHAT, code, type, errcode, fmt, ap);
+    va_end(ap);
+}
+
+static void model_not_found(pq_bthread_t *t, struct evhttp_request *req, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void model_not_found(pq_bthread_t *t, struct evhttp_request *req, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    openai_error(t, req, PQ_PATH_MODEL, 404, "invalid_request_error", "model_not_found", fmt, ap);
+    va_end(ap);
 }
 
 /* ---- waiter table ---- */
@@ -765,8 +784,8 @@ void pq_models_get(pq_bthread_t *t, struct evhttp_request *req, const char *id)
         const pq_route_t *r = pq_conf_route(conf, id);
 
         if (!r) {
-            pq_http_error(t, req, path, 404, "model_not_found",
-                          "The model `%s` does not exist or you do not have access to it.", id);
+            model_not_found(t, req,
+                            "The model `%s` does not exist or you do not have access to it.", id);
             return;
         }
         doc = model_object(t->b, r->name);

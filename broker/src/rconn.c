@@ -205,6 +205,9 @@ static void watch_cb(evutil_socket_t fd, short what, void *arg)
     t->redis_connected = 0;
     t->redis_pending = 0;
     schedule_retry(t);
+    /* The subscriber shares the server: a stalled Redis may hold it silently too. Its
+     * resubscription makes every waiter read its record again. */
+    pq_rsub_reset(t);
 }
 
 static void on_reply(redisAsyncContext *ac, void *r, void *handle)

@@ -143,6 +143,18 @@ int pq_rsub_start(pq_bthread_t *t)
     return 0;
 }
 
+void pq_rsub_reset(pq_bthread_t *t)
+{
+    redisAsyncContext *ac = t->sub;
+
+    if (!ac)
+        return;
+    t->sub = NULL;
+    t->sub_ready = 0;
+    redisAsyncFree(ac);
+    rsub_schedule(t);
+}
+
 void pq_rsub_stop(pq_bthread_t *t)
 {
     t->stopping = 1;

@@ -246,6 +246,32 @@ def test_no_polling_and_reread_after_subscriber_reconnect():
         assert reads2 - reads0 <= 3 * n, "reads not proportional to jobs: %d" % (reads2 - reads0)
 
 
+def test_waiters_survive_a_redis_restart():
+    with harness.Stack("chat-redis-restart") as st:
+        r = st.redis(persist=True)
+        st.devkafka(brokers=1, partitions=4)
+        path, _ = st.config(providers=DEAD, routes=ROUTES,
+                            extra={"broker": {"api_keys": {KEY: TENANT},
+                                              "sync_timeout_ms": 30000}})
+        start_broker(st, path)
+        calls = [Call(st, chat_body("p-rr-%d" % i)) for i in range(2)]
+        envs = [queued_envelope(st, "p-rr-%d" % i) for i in range(2)]
+        wait_for(lambda: metric(st, "promptq_broker_chat_waiting") == 2, T(10), "waiters")
+        subs0 = metric(st, "promptq_broker_reply_subscriptions_total")
+        r.kill()
+        time.sleep(0.5)
+        r.restart()
+        wait_for(lambda: metric(st, "promptq_broker_reply_subscriptions_total") >= subs0 + 2,
+                 T(15), "the loops to subscribe again")
+        # one finished while the broker was resubscribing (no message reaches it), one after
+        finish(r, envs[0], "succeeded", completion("echo: a"), publish=False)
+        r.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        assert calls[0].answer()[0] == 200
+        finish(r, envs[1], "succeeded", completion("echo: b"))
+        status, _, raw = calls[1].answer()
+        assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "echo: b"
+
+
 def test_wait_timeout_and_client_disconnect():
     with harness.Stack("chat-timeout") as st:
         r = no_worker_stack(st, sync_timeout_ms=1200)
