@@ -190,4 +190,175 @@ def test_all_down_parks_then_replays():
         assert w2.stop(T(15)) == 0
 
 
+def test_down_route_never_slows_another():
+    """Route ra (provider a) down, route rb (provider b) up: rb's latency while ra's jobs park
+    stays near its idle latency; ra back: its jobs replay ramped (20 jobs/s, doubling)."""
+    with harness.Stack("park_two_routes") as st:
+        routes = {"ra": [{"provider": "a", "model": "m-a"}],
+                  "rb": [{"provider": "b", "model": "m-b"}]}
+        r, s, path, w = up(st, routes=routes)
+        set_all(s, {"mode": "ok", "latency_ms": 20})
+
+        def rb_latency(tag, n=20):
+            ids = ["%s-%02d" % (tag, i) for i in range(n)]
+            lat = []
+            for i in ids:  # one at a time: produce -> result
+                t0 = time.monotonic()
+                submit(st, [env(i, "b " + i, route="rb")])
+                results(st, [i], T(20))
+                lat.append(time.monotonic() - t0)
+            lat.sort()
+            return lat[len(lat) // 2]
+
+        idle = rb_latency("idle", 8)
+        s["a"].set_state({"mode": "down"})
+        ids = ["ra-%03d" % i for i in range(400)]
+        submit(st, [env(i, "a " + i, route="ra") for i in ids])
+        busy = rb_latency("busy", 8)
+        wait_for(lambda: set(ids) <= parked_ids(st, "promptq.retry.ra"), T(40),
+                 "ra's jobs parked", interval=0.5)
+        parked_busy = rb_latency("parked", 8)
+        print("rb median latency (kcat produce -> result visible): idle %.3fs, while ra parks "
+              "%.3fs, while ra is parked %.3fs" % (idle, busy, parked_busy))
+        assert busy < idle + 1.0 and parked_busy < idle + 1.0, (idle, busy, parked_busy)
+        assert not [d for d in docs(st, RESULTS) if d["id"].startswith("ra-")]
+
+        t_up = time.time()
+        s["a"].set_state({"mode": "ok", "latency_ms": 5})
+        got = results(st, ids, T(60))
+        assert all(got[i]["status"] == "succeeded" for i in ids)
+        done = sorted(ts(got[i]["completed_at"]) for i in ids)
+        first = [t for t in done if t < done[0] + 1.0]
+        second = [t for t in done if done[0] + 1.0 <= t < done[0] + 2.0]
+        third = [t for t in done if done[0] + 2.0 <= t < done[0] + 3.0]
+        print("replay of 400 after the probe: %.1fs after up, per second %d, %d, %d, total %.1fs"
+              % (done[0] - t_up, len(first), len(second), len(third), done[-1] - done[0]))
+        assert len(first) <= 45, len(first)
+        assert len(third) > len(first), (len(first), len(third))
+        assert done[0] - t_up < 8, done[0] - t_up  # a probe (every 1 s here) noticed it
+        assert "route ra is up (circuit a/m-a closed)" in log_text(w)
+
+
+def test_total_outage_is_idle():
+    """Every provider down with jobs parked: the worker uses < 2 % of a core and logs less than
+    a line per second (15 s; 60 s with PQ_FAULT_FULL=1)."""
+    secs = 60 if FULL else 15
+    wait_ms = os.environ.get("PQ_IDLE_FETCH_WAIT_MS", "100")
+    with harness.Stack("park_idle") as st:
+        # librdkafka's fetch loop on the request partitions is most of an idle worker's CPU:
+        # the harness's 5 ms fetch wait (for fast tests) alone is ~200 fetches/s; production
+        # keeps librdkafka's default of 500 ms
+        r, s, path, w = up(st, kafka={"fetch.wait.max.ms": wait_ms})
+        set_all(s, {"mode": "down"})
+        ids = ["idle-%03d" % i for i in range(300)]
+        submit(st, [env(i, "idle " + i) for i in ids])
+        wait_for(lambda: set(ids) <= parked_ids(st), T(40), "jobs parked", interval=0.5)
+        wait_for(lambda: (health(r)[0] or {}).get("routes", {}).get("r", {})
+                 .get("held_partitions", 0) > 0, T(15), "retry partitions held")
+        time.sleep(2)
+        hz = os.sysconf("SC_CLK_TCK")
+        c0, l0, t0 = cpu_ticks(w.pid), log_lines(w), time.monotonic()
+        time.sleep(secs)
+        c1, l1, t1 = cpu_ticks(w.pid), log_lines(w), time.monotonic()
+        cpu = (c1 - c0) / hz / (t1 - t0)
+        rate = (l1 - l0) / (t1 - t0)
+        print("total outage over %.0fs (fetch.wait.max.ms=%s): worker CPU %.2f%% of one core, "
+              "%.2f log lines/s" % (t1 - t0, wait_ms, cpu * 100, rate))
+        assert cpu < 0.02, cpu
+        assert rate < 1.0, rate
+        assert not docs(st, RESULTS)
+        set_all(s, {"mode": "ok", "latency_ms": 5})
+        got = results(st, ids, T(60))
+        assert all(got[i]["status"] == "succeeded" for i in ids)
+
+
+def test_expiry_ttl_deadline_poison():
+    """A parked job older than park_ttl_s, and one whose deadline passes while parked, end
+    expired (record, result, dlq "expired"); a deadline already passed: expired without a call;
+    redelivered more than max_deliveries without finishing: dlq "poison"."""
+    with harness.Stack("park_expiry") as st:
+        r, s, path, w = up(st, worker={"park_ttl_s": 3, "max_deliveries": 1},
+                           prov={"timeout_ms": 30000})
+        set_all(s, {"mode": "down"})
+        ids = ["ttl-%02d" % i for i in range(10)]
+        soon = datetime.utcfromtimestamp(time.time() + 1.5).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        past = "2020-01-01T00:00:00Z"
+        submit(st, [env(i, "ttl " + i) for i in ids] +
+               [env("dl-soon", "soon", deadline=soon), env("dl-past", "past", deadline=past)])
+        got = results(st, ids + ["dl-soon", "dl-past"], T(30))
+        for i in ids + ["dl-soon", "dl-past"]:
+            assert got[i]["status"] == "expired", got[i]
+            assert got[i]["error"]["type"] == "expired", got[i]
+            assert status(r, i) == "expired"
+        dl = {d["id"]: d for d in docs(st, DLQ)}
+        assert all(dl[i]["error"]["type"] == "expired" for i in ids + ["dl-soon", "dl-past"])
+        assert got["dl-past"]["attempts"] == 0, got["dl-past"]
+        assert "parked longer" in got[ids[0]]["error"]["message"], got[ids[0]]
+        assert set(ids) <= parked_ids(st)  # they were parked first
+
+        # poison: delivered twice (max_deliveries 1) without finishing
+        set_all(s, {"mode": "ok"})
+        wait_for(lambda: "route r is up" in log_text(w), T(20), "route r up again")
+        set_all(s, {"mode": "ok", "latency_ms": 30000})
+        submit(st, [env("poison-1", "hang")])
+        wait_for(lambda: s["a"].stats()["inflight"] >= 1, T(20), "the call in flight")
+        w.kill(signal.SIGKILL)
+        w.wait(T(10))
+        w2 = st.spawn("promptq-worker", "--config", path, name="worker2")
+        res = results(st, ["poison-1"], T(40))["poison-1"]
+        assert res["status"] == "failed" and res["error"]["type"] == "poison", res
+        assert [d for d in docs(st, DLQ) if d["id"] == "poison-1"][0]["error"]["type"] == "poison"
+        assert w2.stop(T(15)) == 0
+
+
+def test_sighup_new_route_topic_created_first():
+    """SIGHUP with a new route: its retry topic exists (kcat -L) before a job uses it; a job of
+    the new route parks there while its provider is down and succeeds when it is back."""
+    with harness.Stack("park_sighup") as st:
+        r, s, path, w = up(st)
+        wait_for(lambda: "promptq.retry.r auto-created" in log_text(w) or
+                 "promptq.retry.r created" in log_text(w), T(20), "retry topic of r created")
+        cfg = json.load(open(path))
+        cfg["routes"]["new.route"] = [{"provider": "b", "model": "m-new"}]
+        with open(path + ".tmp", "w") as f:
+            json.dump(cfg, f)
+        os.replace(path + ".tmp", path)
+        w.kill(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: 2 providers, 2 routes loaded" in log_text(w), T(20),
+                 "the reload")
+        md = subprocess.run(["kcat", "-b", st.kafka_.bootstrap, "-L", "-J"], capture_output=True,
+                            timeout=T(30))
+        topics = {t["topic"] for t in json.loads(md.stdout)["topics"]}
+        topic = [t for t in topics if t.startswith("promptq.retry.new")]
+        assert topic, topics
+        s["b"].set_state({"mode": "down"})
+        submit(st, [env("hup-1", "new route", route="new.route")])
+        wait_for(lambda: "hup-1" in parked_ids(st, topic[0]), T(30), "parked on " + topic[0],
+                 interval=0.5)
+        s["b"].set_state({"mode": "ok"})
+        res = results(st, ["hup-1"], T(30))["hup-1"]
+        assert res["status"] == "succeeded" and res["route"] == "new.route", res
+
+
+def test_reply_to_published():
+    """A job with reply_to: PUBLISH <reply_to> "<tenant>:<id>" after its terminal write, and
+    again when a redelivery re-publishes the stored result."""
+    with harness.Stack("park_reply") as st:
+        r, s, path, w = up(st)
+        sub = subprocess.Popen(["redis-cli", "-p", str(r.port), "SUBSCRIBE", "promptq:reply:b1"],
+                               stdout=subprocess.PIPE)
+        try:
+            time.sleep(0.5)
+            submit(st, [env("rt-1", "reply", reply_to="promptq:reply:b1", tenant="t1")])
+            results(st, ["rt-1"], T(20))
+            submit(st, [env("rt-1", "reply", reply_to="promptq:reply:b1", tenant="t1")])
+            wait_for(lambda: len([d for d in docs(st, RESULTS) if d["id"] == "rt-1"]) >= 2, T(20),
+                     "the result re-published")
+            time.sleep(0.5)
+        finally:
+            sub.terminate()
+            out = sub.communicate(timeout=10)[0].decode()
+        assert out.count("t1:rt-1") == 2, out
+
+
 harness.run(globals())

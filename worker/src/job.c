@@ -1610,7 +1610,8 @@ static void job_invalid(pq_job_t *j, const rd_kafka_message_t *m, pq_err_t err, 
     job_publish(j);
 }
 
-void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m)
+void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m,
+                   int64_t delay_ms)
 {
     pq_job_t *j = calloc(1, sizeof(*j));
     char errbuf[256];
@@ -1678,6 +1679,11 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
     j->route = pq_conf_route(j->gen->conf, j->env.model);
     if (j->route)
         j->rs = pq_worker_route_state(w, j->route->name);
+    if (delay_ms > 0) {
+        j->state = JS_WAIT_LOCAL; /* its timer begins it */
+        timer_in(j, delay_ms);
+        return;
+    }
     job_begin(j);
 }
 

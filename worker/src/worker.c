@@ -356,32 +356,20 @@ static double ramp_rate(const pq_route_state_t *rs, int64_t now)
     return RAMP_START_RPS * (double)(1 << s);
 }
 
-/* Takes one replay token; returns 0 (and the wait in *wait_ms) when there is none. The bucket
- * holds at most 50 ms of the current rate, so a second carries about its rate. */
-static int ramp_take(pq_route_state_t *rs, int64_t now, int64_t *wait_ms)
+/* The start time (monotonic ms) of the next replayed job: jobs are spaced 1/rate apart, the
+ * rate doubling every second from 20 jobs/s (a virtual-time token bucket without bursts). */
+static int64_t ramp_slot(pq_route_state_t *rs, int64_t now)
 {
-    double rate, cap;
+    double t, rate;
 
     if (rs->ramp_start == 0) {
         rs->ramp_start = now;
-        rs->tokens = 1.0;
-        rs->tokens_at = now;
+        rs->next_slot = (double)now;
     }
-    rate = ramp_rate(rs, now);
-    if (rate <= 0.0)
-        return 1;
-    cap = rate / 20.0 < 1.0 ? 1.0 : rate / 20.0;
-    if (now > rs->tokens_at)
-        rs->tokens += rate * (double)(now - rs->tokens_at) / 1000.0;
-    if (rs->tokens > cap)
-        rs->tokens = cap;
-    rs->tokens_at = now;
-    if (rs->tokens >= 1.0) {
-        rs->tokens -= 1.0;
-        return 1;
-    }
-    *wait_ms = (int64_t)((1.0 - rs->tokens) * 1000.0 / rate) + 1;
-    return 0;
+    t = rs->next_slot > (double)now ? rs->next_slot : (double)now;
+    rate = ramp_rate(rs, (int64_t)t);
+    rs->next_slot = rate > 0.0 ? t + 1000.0 / rate : t;
+    return (int64_t)t;
 }
 
 /* Some target of the route may take a call now (not every circuit open). */
@@ -465,8 +453,7 @@ void pq_worker_route_up(pq_worker_t *w, pq_route_state_t *rs, const char *why)
         return;
     rs->down = 0;
     rs->ramp_start = now;
-    rs->tokens = 1.0;
-    rs->tokens_at = now;
+    rs->next_slot = (double)now;
     PQ_WARN("route %s is up (%s): replaying %s ramped from %.0f jobs/s", rs->name, why, rs->topic,
             RAMP_START_RPS);
     if (rs->nheld > 0)
@@ -494,36 +481,38 @@ static void on_circuit(void *opaque, const pq_provider_conf_t *p, const char *mo
     }
 }
 
-/* A message from a retry topic: 1 to take it in now, 0 when its partition was held. */
-static int replay_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message_t *m)
+/* A message from a retry topic: returns -1 when its partition was held, else the delay (ms)
+ * after which the job may begin (its ramp slot). At most a second of slots is handed out ahead:
+ * beyond that the partition is held until the window moves. */
+static int64_t replay_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message_t *m)
 {
     pq_route_state_t *rs = p->rs;
     size_t cap = w->max_inflight / 2 ? w->max_inflight / 2 : 1;
-    int64_t now = pq_mono_ms(), wait = 0;
+    int64_t now = pq_mono_ms();
 
     if (p->held)
-        return 0; /* prefetched before the hold: fetched again on the resume */
+        return -1; /* prefetched before the hold: fetched again on the resume */
     if (!rs->down && !route_some_target(w, rs))
         route_set_down(w, rs, "every target's circuit is open");
     if (rs->down) {
         int64_t exp = pq_job_parked_expiry(w, m);
         if (exp == 0 || exp <= pq_now_ms())
-            return 1; /* unreadable (dlq) or expired: taken in to end */
+            return 0; /* unreadable (dlq) or expired: taken in to end */
         if (rs->held_wake == 0 || exp < rs->held_wake)
             rs->held_wake = exp;
         part_hold(w, p, m->offset);
-        return 0;
+        return -1;
     }
     if (w->retry_inflight >= cap) {
         part_hold(w, p, m->offset); /* a job ending schedules the replay again */
-        return 0;
+        return -1;
     }
-    if (!ramp_take(rs, now, &wait)) {
+    if (rs->ramp_start != 0 && rs->next_slot - (double)now > 1000.0) {
         part_hold(w, p, m->offset);
-        schedule_replay(w, wait);
-        return 0;
+        schedule_replay(w, (int64_t)(rs->next_slot - (double)now) - 1000 + 1);
+        return -1;
     }
-    return 1;
+    return ramp_slot(rs, now) - now;
 }
 
 /* Resumes what may run again; schedules the next wake-up for ramps. */
@@ -550,17 +539,12 @@ static void replay_tick(pq_worker_t *w)
         }
         if (w->retry_inflight >= cap)
             continue;
-        {
-            double rate = ramp_rate(rs, now);
-            double t =
-                rs->tokens + (rate > 0.0 ? rate * (double)(now - rs->tokens_at) / 1000.0 : 1.0);
-            if (rate <= 0.0 || t >= 1.0) {
-                route_resume(w, rs);
-            } else {
-                int64_t wait = (int64_t)((1.0 - t) * 1000.0 / rate) + 1;
-                if (next < 0 || wait < next)
-                    next = wait;
-            }
+        if (rs->ramp_start == 0 || rs->next_slot - (double)now <= 1000.0) {
+            route_resume(w, rs);
+        } else {
+            int64_t wait = (int64_t)(rs->next_slot - (double)now) - 1000 + 1;
+            if (next < 0 || wait < next)
+                next = wait;
         }
     }
     if (next >= 0)
@@ -722,6 +706,7 @@ static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
     pq_route_state_t *rs;
     int topic = topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
     pq_part_t *part;
+    int64_t delay = 0;
 
     if (topic < 0) {
         PQ_WARN("message from unexpected topic %s", rd_kafka_topic_name(m->rkt));
@@ -738,9 +723,9 @@ static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
         pq_counter_add(w->m.duplicates, 1);
         return;
     }
-    if (topic == PQ_T_RETRY && part && !replay_admit(w, part, m))
+    if (topic == PQ_T_RETRY && part && (delay = replay_admit(w, part, m)) < 0)
         return;
-    pq_job_intake(w, part, topic, m);
+    pq_job_intake(w, part, topic, m, delay);
 }
 
 static void on_consumer_error(pq_worker_t *w, const rd_kafka_message_t *m)

@@ -42,10 +42,9 @@ typedef struct pq_route_state_s {
     int64_t held_wake;  /* wall ms: the held head expires (deadline or park TTL); 0 none */
     /* replay ramp: 20 jobs/s, doubling every second, then unlimited */
     int64_t ramp_start; /* monotonic ms */
-    double tokens;
-    int64_t tokens_at;
-    int nheld;       /* retry partitions held (sought back and paused) */
-    size_t inflight; /* jobs of this route's retry topic in flight */
+    double next_slot;   /* monotonic ms: start of the next replayed job */
+    int nheld;          /* retry partitions held (sought back and paused) */
+    size_t inflight;    /* jobs of this route's retry topic in flight */
     uint64_t parked, replayed, reparked, expired; /* since start */
     int64_t *hi; /* per partition: one past the highest offset this worker parked there */
     struct pq_route_state_s *next;
@@ -167,8 +166,10 @@ void pq_gen_unref(pq_worker_t *w, pq_gen_t *g);
 
 /* job.c, for worker.c */
 
-/* Takes in one message (never drops it): parses, leases, runs it. */
-void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m);
+/* Takes in one message (never drops it): parses, leases, runs it; delay_ms > 0 postpones its
+ * begin (a replay's ramp slot). */
+void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m,
+                   int64_t delay_ms);
 
 /* A parked job read from a retry topic: its expiry time (wall ms, the earlier of its deadline
  * and parked_at + park_ttl_s), 0 when the message cannot be read (taken in: it goes to the dlq
