@@ -6,10 +6,12 @@ route never slows another; an idle worker during a total outage; park TTL, deadl
 expiry; SIGHUP creates a new route's retry topic; SIGKILL while partitions are held loses
 nothing."""
 
+import http.server
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from datetime import datetime
 
@@ -135,7 +137,7 @@ def test_all_down_parks_then_replays():
     source offsets committed: a second worker started later does not run them from
     promptq.requests). Providers back: every job replayed and succeeded, ramped."""
     with harness.Stack("park_replay") as st:
-        r, s, path, w = up(st)
+        r, s, path, w = up(st, kafka={"auto.commit.interval.ms": "1000"})
         set_all(s, {"mode": "down"})
         ids = ["pk-%03d" % i for i in range(200)]
         submit(st, [env(i, "park " + i) for i in ids])
@@ -163,9 +165,12 @@ def test_all_down_parks_then_replays():
         assert {"provider", "model", "circuit", "last_probe", "status_page"} <= set(h["circuits"][0])
         assert h["inflight"] >= 0 and "routes" in h, h
 
-        # source offsets committed (auto commit of the stored offsets, every 5 s): a second
-        # worker of the group started after a SIGKILL does not run them from promptq.requests
-        time.sleep(6)
+        # source offsets committed (auto commit of the stored offsets, every second here): a
+        # second worker of the group started after a SIGKILL does not run them from
+        # promptq.requests
+        time.sleep(2.5)
+        h, _ = health(r)
+        assert h["routes"]["r"]["held_partitions"] > 0, h  # killed while partitions are held
         w.kill(signal.SIGKILL)
         w.wait(T(10))
         calls = {n: x.stats()["requests"] for n, x in s.items()}
@@ -250,7 +255,7 @@ def test_total_outage_is_idle():
         # keeps librdkafka's default of 500 ms
         r, s, path, w = up(st, kafka={"fetch.wait.max.ms": wait_ms})
         set_all(s, {"mode": "down"})
-        ids = ["idle-%03d" % i for i in range(300)]
+        ids = ["idle-%03d" % i for i in range(100)]
         submit(st, [env(i, "idle " + i) for i in ids])
         wait_for(lambda: set(ids) <= parked_ids(st), T(40), "jobs parked", interval=0.5)
         wait_for(lambda: (health(r)[0] or {}).get("routes", {}).get("r", {})
@@ -359,6 +364,54 @@ def test_reply_to_published():
             sub.terminate()
             out = sub.communicate(timeout=10)[0].decode()
         assert out.count("t1:rt-1") == 2, out
+
+
+def test_status_page_major_keeps_circuit_open():
+    """status_url (statuspage.io status.json) reporting "major": probes that answer do not close
+    the circuit, jobs stay parked; back to "none": replayed."""
+    page = {"indicator": "major"}
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": {"indicator": page["indicator"],
+                                          "description": "x"}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with harness.Stack("park_status") as st:
+            url = "http://127.0.0.1:%d/api/v2/status.json" % srv.server_address[1]
+            r, s, path, w = up(st, sims=("a",), prov={"status_url": url})
+            s["a"].set_state({"mode": "down"})
+            ids = ["sp-%02d" % i for i in range(20)]
+            submit(st, [env(i, "sp " + i) for i in ids])
+            wait_for(lambda: set(ids) <= parked_ids(st), T(30), "parked", interval=0.5)
+            s["a"].set_state({"mode": "ok"})
+            n0 = s["a"].stats()["requests"]
+            time.sleep(4)
+            assert s["a"].stats()["requests"] > n0  # probes answer...
+            assert not docs(st, RESULTS)            # ...but the status page says major
+
+            def probed_major():
+                c = ((health(r)[0] or {}).get("circuits") or [{}])[0]
+                return c.get("status_page") == "major" and c.get("last_probe") and \
+                    c["last_probe"]["ok"] is False and "status page major" in \
+                    c["last_probe"]["detail"]
+            wait_for(probed_major, T(10), "health: a failed probe because of the status page")
+            assert not docs(st, RESULTS)
+            page["indicator"] = "none"
+            got = results(st, ids, T(40))
+            assert all(got[i]["status"] == "succeeded" for i in ids)
+    finally:
+        srv.shutdown()
 
 
 harness.run(globals())

@@ -149,7 +149,7 @@ size_t pq_provs_open_circuits(const pq_provs_t *ps);
 /* Health of every circuit: a new JSON array of {"provider", "model", "circuit" (closed | open |
  * half_open), "last_probe": null | {"ok", "at" (ms since the epoch), "detail"},
  * "status_page": null | statuspage.io indicator (none, minor, major, critical)}.
- * A provider with status_url polls it every 10 s; "major" or "critical" makes probes fail. */
+ * A provider with status_url polls it every 5 s; "major" or "critical" makes probes fail. */
 json_t *pq_provs_health(const pq_provs_t *ps);
 
 #endif
