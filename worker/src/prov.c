@@ -18,7 +18,7 @@
 #define IAM_TIMEOUT_MS   10000
 #define IAM_MAX_BYTES    (64 * 1024)
 #define MIN_RATIO_CALLS  10
-#define STATUS_POLL_MS   10000
+#define STATUS_POLL_MS   5000
 #define STATUS_MAX_BYTES (64 * 1024)
 
 enum { C_CLOSED, C_OPEN, C_HALF_OPEN };
