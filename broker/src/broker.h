@@ -52,9 +52,13 @@ typedef enum {
     PQ_PATH_HEALTHZ,
     PQ_PATH_READYZ,
     PQ_PATH_METRICS,
-    PQ_PATH_CHAT,   /* /v1/chat/completions */
-    PQ_PATH_MODELS, /* /v1/models */
-    PQ_PATH_MODEL,  /* /v1/models/{id} */
+    PQ_PATH_CHAT,    /* /v1/chat/completions */
+    PQ_PATH_MODELS,  /* /v1/models */
+    PQ_PATH_MODEL,   /* /v1/models/{id} */
+    PQ_PATH_FILES,   /* /v1/files */
+    PQ_PATH_FILE,    /* /v1/files/{id}[/content] */
+    PQ_PATH_BATCHES, /* /v1/batches */
+    PQ_PATH_BATCH,   /* /v1/batches/{id}[/cancel] */
     PQ_PATH_OTHER,
     PQ_PATH__COUNT,
 } pq_path_t;
@@ -74,6 +78,7 @@ typedef struct pq_bconf_s {
     pq_envelope_limits_t limits;
     char topic_requests[256];
     char topic_results[256];
+    char topic_bulk[256]; /* batch lines */
 } pq_bconf_t;
 
 pq_bconf_t *pq_bconf_new(pq_conf_t *conf); /* takes conf; NULL on failure (conf destroyed) */
@@ -151,6 +156,8 @@ typedef enum {
     PQ_SLOT_CANCEL_READ,  /* DELETE: reading the record */
     PQ_SLOT_CANCEL_CAS,   /* DELETE: compare-and-set queued|parked -> cancelled */
     PQ_SLOT_CANCEL_PUB,   /* DELETE: producing the cancelled result to promptq.results */
+    PQ_SLOT_API,          /* files/batches (files.c, batch.c): waiting for Redis; step and
+                           * ctx say where */
 } pq_slot_state_t;
 
 /* One request waiting for Redis or Kafka. Slots are pooled per thread. */
@@ -186,6 +193,11 @@ typedef struct pq_slot_s {
     char tenant[PQ_TENANT_MAX + 1];
     char hash[PQ_SHA256_HEX_LEN + 1];
     char route[PQ_BROKER_ROUTE_MAX + 1];
+    /* files/batches */
+    int step;
+    void *ctx; /* owned; freed with ctx_free on release */
+    void (*ctx_free)(void *ctx);
+    void (*api_fn)(struct pq_slot_s *s, const void *reply);
 } pq_slot_t;
 
 struct pq_bthread_s {
@@ -215,6 +227,7 @@ struct pq_bthread_s {
     rd_kafka_t *rk;
     rd_kafka_topic_t *rkt;
     rd_kafka_topic_t *rkt_results; /* cancelled results (DELETE) */
+    rd_kafka_topic_t *rkt_bulk;    /* batch lines (batch.c) */
     int kpipe[2];
     struct event *kafka_ev;
     struct event *kafka_timer;
@@ -250,6 +263,10 @@ struct pq_bthread_s {
     struct pq_spool_done_s *spool_work; /* the loop's swapped-out batch */
     size_t spool_work_cap;
     struct event *spool_ev;
+
+    /* batches (batch.c): background tasks (create, finalize, cancel) and thread 0's timer */
+    struct pq_btask_s *btasks;
+    struct event *batch_timer;
 
     /* metrics: counters by path and status code, registered on first use */
     pq_counter_t *m_requests[PQ_PATH__COUNT][PQ_BROKER_NCODES];
@@ -407,15 +424,17 @@ int pq_rconn_commandargv(pq_bthread_t *t, void *handle, int argc, const char **a
                          const size_t *argvlen);
 
 /* SHA1 of a script for EVALSHA; the scripts are loaded on every (re)connect. script is one of
- * pq_script_job_create, pq_script_job_drop, pq_bscript_idem_claim, pq_bscript_cancel. */
+ * pq_script_job_create, pq_script_job_drop, pq_bscript_idem_claim, pq_bscript_cancel,
+ * pq_bscript_batch_status. */
 const char *pq_rconn_sha(const char *script);
 
 /* Broker-only scripts (rconn.c).
  * idem_claim: KEYS[1] idem key; ARGV[1] value "<id> <body hash> p", ARGV[2] ttl ms. Returns nil
  * when this call set the key (first use), else the current value.
  * cancel: KEYS[1] job key; ARGV[1] result record JSON, ARGV[2] error JSON, ARGV[3] now ms.
- * Moves queued|parked to cancelled with the result; returns 1, or the status it found ("" when
- * the record is absent). */
+ * Moves queued|parked to cancelled with the result (a batch line also counts as failed in the
+ * batch named by its "batch" field); returns 1, or the status it found ("" when the record is
+ * absent). */
 extern const char pq_bscript_idem_claim[];
 extern const char pq_bscript_cancel[];
 
@@ -428,6 +447,50 @@ void pq_kprod_stop(pq_bthread_t *t, int timeout_ms);
 rd_kafka_conf_t *pq_kprod_conf(const pq_conf_t *conf, char *errstr, size_t errstr_size);
 /* 1 if a statistics JSON shows a broker connection in state UP. */
 int pq_kprod_stats_up(const char *json, size_t len);
+
+/* Sends a command whose reply goes to cb(t's context, reply, priv) (files.c, batch.c); cb must
+ * first call pq_rconn_replied. Returns 0, or -1 if it could not be sent. */
+int pq_rconn_send(pq_bthread_t *t, void (*cb)(redisAsyncContext *, void *, void *), void *priv,
+                  int argc, const char **argv, const size_t *argvlen);
+int pq_rconn_sendf(pq_bthread_t *t, void (*cb)(redisAsyncContext *, void *, void *), void *priv,
+                   const char *fmt, ...);
+/* Bookkeeping for a reply of pq_rconn_send: returns the loop. */
+pq_bthread_t *pq_rconn_replied(redisAsyncContext *ac, const void *reply);
+
+/* Broker script for batches (rconn.c). batch_status: KEYS[1] batch key; ARGV[1]
+ * "|from1|from2|", ARGV[2] new status, ARGV[3] field for the time, ARGV[4] now seconds,
+ * ARGV[5..] more field value pairs. Returns 1 if the status was one of from and is now the new
+ * one (and the fields are set), else 0: the compare-and-set behind every batch state change,
+ * e.g. the once-guard of finalization. */
+extern const char pq_bscript_batch_status[];
+
+/* files.c: /v1/files */
+void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *rest);
+/* Stores a file (fields id, object..., body) for tenant: HSET + ZADD, no reply wanted. Returns
+ * 0 if sent. */
+int pq_files_store(pq_bthread_t *t, const char *tenant, const char *id, const char *filename,
+                   const char *purpose, const char *body, size_t len, int64_t lines);
+void pq_files_new_id(char *out, size_t size);
+/* Tenant of an OpenAI-shaped request (as pq_jobs_request_tenant). */
+int pq_api_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, char *out,
+                  size_t size);
+/* 503 for a slot in PQ_SLOT_API whose Redis reply did not come. */
+void pq_api_timeout(pq_slot_t *s);
+/* Sends a command for slot s in PQ_SLOT_API; the reply goes to the slot's step handler
+ * fn(s, reply). Arms the Redis timer. Returns 0 or -1 (nothing sent). */
+int pq_api_send(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), int argc, const char **argv,
+                const size_t *argvlen);
+
+/* batch.c: /v1/batches */
+void pq_batch_serve(pq_bthread_t *t, struct evhttp_request *req, const char *rest);
+void pq_batch_delivered(pq_bthread_t *t, const rd_kafka_message_t *m);
+int pq_batch_thread_init(pq_bthread_t *t);
+void pq_batch_thread_free(pq_bthread_t *t);
+
+/* bspool.c: appends a record for a caller that is not a slot; fn(arg, err) runs on t's loop. */
+pq_err_t pq_bspool_append_fn(pq_bthread_t *t, const char *topic, const char *key,
+                             const void *payload, size_t len, void (*fn)(void *, pq_err_t),
+                             void *arg);
 
 int64_t pq_mono_us(void);
 

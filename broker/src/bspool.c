@@ -48,9 +48,18 @@
 #define SPOOL_RECORD_HEADROOM (2 * PQ_BROKER_ENVELOPE_HEADROOM + 512)
 
 typedef struct pq_spool_done_s {
-    pq_slot_t *slot;
+    pq_slot_t *slot; /* NULL: fn(arg, err) instead */
     pq_err_t err;
+    void (*fn)(void *arg, pq_err_t err);
+    void *arg;
 } pq_spool_done_t;
+
+/* The opaque of a record appended by pq_bspool_append_fn. */
+typedef struct {
+    pq_bthread_t *t;
+    void (*fn)(void *arg, pq_err_t err);
+    void *arg;
+} pq_spool_fnrec_t;
 
 struct pq_drain_s {
     pq_broker_t *b;
@@ -77,10 +86,9 @@ struct pq_drain_s {
 
 /* ---- intake: append and hop back to the loop ---- */
 
-static void spool_cb(void *opaque, pq_err_t err)
+static void spool_push(pq_bthread_t *t, pq_slot_t *s, pq_err_t err, void (*fn)(void *, pq_err_t),
+                       void *arg)
 {
-    pq_slot_t *s = opaque;
-    pq_bthread_t *t = s->t;
     int wake = 0;
 
     pthread_mutex_lock(&t->spool_mu);
@@ -100,10 +108,49 @@ static void spool_cb(void *opaque, pq_err_t err)
     }
     t->spool_done[t->spool_ndone].slot = s;
     t->spool_done[t->spool_ndone].err = err;
+    t->spool_done[t->spool_ndone].fn = fn;
+    t->spool_done[t->spool_ndone].arg = arg;
     wake = t->spool_ndone++ == 0;
     pthread_mutex_unlock(&t->spool_mu);
     if (wake)
         event_active(t->spool_ev, EV_READ, 0);
+}
+
+static void spool_cb(void *opaque, pq_err_t err)
+{
+    pq_slot_t *s = opaque;
+
+    spool_push(s->t, s, err, NULL, NULL);
+}
+
+static void spool_fn_cb(void *opaque, pq_err_t err)
+{
+    pq_spool_fnrec_t r = *(pq_spool_fnrec_t *)opaque;
+
+    free(opaque);
+    spool_push(r.t, NULL, err, r.fn, r.arg);
+}
+
+pq_err_t pq_bspool_append_fn(pq_bthread_t *t, const char *topic, const char *key,
+                             const void *payload, size_t len, void (*fn)(void *, pq_err_t),
+                             void *arg)
+{
+    pq_spool_t *sp = t->b->spool;
+    pq_spool_fnrec_t *r;
+    pq_err_t err;
+
+    if (!sp || pq_spool_full(sp))
+        return PQ_ERR_UNAVAILABLE;
+    r = malloc(sizeof(*r));
+    if (!r)
+        return PQ_ERR_NOMEM;
+    r->t = t;
+    r->fn = fn;
+    r->arg = arg;
+    err = pq_spool_append(sp, topic, key, strlen(key), payload, len, spool_fn_cb, r);
+    if (err != PQ_OK)
+        free(r);
+    return err;
 }
 
 static void spool_ev_cb(evutil_socket_t fd, short what, void *arg)
@@ -126,6 +173,10 @@ static void spool_ev_cb(evutil_socket_t fd, short what, void *arg)
     for (size_t i = 0; i < n; i++) {
         pq_slot_t *s = work[i].slot;
 
+        if (!s) {
+            work[i].fn(work[i].arg, work[i].err);
+            continue;
+        }
         if (s->state == PQ_SLOT_SPOOLING)
             pq_intake_spooled(s, work[i].err);
     }

@@ -13,8 +13,10 @@
 static const int counted_codes[PQ_BROKER_NCODES - 1] = {200, 202, 400, 401, 403, 404, 405, 409, 413,
                                                         415, 422, 429, 500, 502, 503, 504, 499};
 static const char *const path_labels[PQ_PATH__COUNT] = {
-    "/v1/jobs",   "/v1/jobs/{id}",   "/healthz", "/readyz", "/metrics", "/v1/chat/completions",
-    "/v1/models", "/v1/models/{id}", "other",
+    "/v1/jobs",  "/v1/jobs/{id}",        "/healthz",    "/readyz",
+    "/metrics",  "/v1/chat/completions", "/v1/models",  "/v1/models/{id}",
+    "/v1/files", "/v1/files/{id}",       "/v1/batches", "/v1/batches/{id}",
+    "other",
 };
 
 static pq_counter_t *request_counter(pq_bthread_t *t, pq_path_t path, int code)
@@ -132,7 +134,8 @@ void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     json_escape(esc, sizeof(esc), msg);
-    if (path == PQ_PATH_CHAT || path == PQ_PATH_MODELS || path == PQ_PATH_MODEL)
+    if (path == PQ_PATH_CHAT || path == PQ_PATH_MODELS || path == PQ_PATH_MODEL ||
+        (path >= PQ_PATH_FILES && path <= PQ_PATH_BATCH))
         n = snprintf(body, sizeof(body),
                      "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,"
                      "\"code\":\"%s\"}}",

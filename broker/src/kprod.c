@@ -46,6 +46,8 @@ static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 
     if (m->rkt && m->rkt == t->rkt_results)
         pq_jobs_cancel_delivered(t, m);
+    else if (m->rkt && m->rkt == t->rkt_bulk)
+        pq_batch_delivered(t, m);
     else
         pq_intake_delivered(t, m);
 }
@@ -163,6 +165,15 @@ static int producer_attach(pq_bthread_t *t, rd_kafka_t *rk, char *errstr, size_t
         t->rkt = NULL;
         return -1;
     }
+    t->rkt_bulk = rd_kafka_topic_new(rk, t->bc->topic_bulk, NULL);
+    if (!t->rkt_bulk) {
+        snprintf(errstr, errstr_size, "topic %s: %s", t->bc->topic_bulk,
+                 rd_kafka_err2str(rd_kafka_last_error()));
+        rd_kafka_topic_destroy(t->rkt);
+        rd_kafka_topic_destroy(t->rkt_results);
+        t->rkt = t->rkt_results = NULL;
+        return -1;
+    }
     q = rd_kafka_queue_get_main(rk);
     rd_kafka_queue_io_event_enable(q, t->kpipe[1], "1", 1);
     rd_kafka_queue_destroy(q);
@@ -186,6 +197,9 @@ static void recreate_cb(evutil_socket_t fd, short what, void *arg)
         if (t->rkt_results)
             rd_kafka_topic_destroy(t->rkt_results);
         t->rkt_results = NULL;
+        if (t->rkt_bulk)
+            rd_kafka_topic_destroy(t->rkt_bulk);
+        t->rkt_bulk = NULL;
         rd_kafka_destroy(t->rk);
         t->rk = NULL;
     }
@@ -247,6 +261,9 @@ void pq_kprod_stop(pq_bthread_t *t, int timeout_ms)
         if (t->rkt_results)
             rd_kafka_topic_destroy(t->rkt_results);
         t->rkt_results = NULL;
+        if (t->rkt_bulk)
+            rd_kafka_topic_destroy(t->rkt_bulk);
+        t->rkt_bulk = NULL;
         rd_kafka_destroy(t->rk);
         t->rk = NULL;
     }

@@ -56,6 +56,9 @@ static void slot_timer_cb(evutil_socket_t fd, short what, void *arg)
     case PQ_SLOT_CANCEL_PUB:
         pq_jobs_cancel_timeout(s);
         break;
+    case PQ_SLOT_API:
+        pq_api_timeout(s);
+        break;
     default:
         pq_intake_timeout(s);
         break;
@@ -108,6 +111,10 @@ pq_slot_t *pq_slot_get(pq_bthread_t *t, pq_path_t path, struct evhttp_request *r
     s->idem_key = NULL;
     s->idem_tries = 0;
     s->id[0] = s->tenant[0] = s->hash[0] = s->route[0] = s->body_hash[0] = '\0';
+    s->step = 0;
+    s->ctx = NULL;
+    s->ctx_free = NULL;
+    s->api_fn = NULL;
     t->inflight++;
     pq_gauge_add(t->b->m_inflight, 1);
     return s;
@@ -122,6 +129,9 @@ void pq_slot_release(pq_slot_t *s)
     pq_idem_release(s);
     free(s->payload);
     s->payload = NULL;
+    if (s->ctx && s->ctx_free)
+        s->ctx_free(s->ctx);
+    s->ctx = NULL;
     s->req = NULL;
     s->state = PQ_SLOT_FREE;
     s->gen++;
@@ -263,6 +273,10 @@ static void on_request(struct evhttp_request *req, void *arg)
             pq_models_get(t, req, path[10] ? path + 11 : NULL);
         else
             method_not_allowed(t, req, p, "GET");
+    } else if (!strcmp(path, "/v1/files") || !strncmp(path, "/v1/files/", 10)) {
+        pq_files_serve(t, req, path + 9);
+    } else if (!strcmp(path, "/v1/batches") || !strncmp(path, "/v1/batches/", 12)) {
+        pq_batch_serve(t, req, path + 11);
     } else if (!strcmp(path, "/healthz")) {
         if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
             serve_healthz(t, req);
@@ -293,6 +307,10 @@ static void apply_conf(pq_bthread_t *t)
     /* evhttp itself refuses bodies far beyond the cap (with its own 413 and a closed
      * connection); up to this the broker reads them and answers a JSON 413. */
     size_t hard = t->bc->max_body * 2 + 65536;
+
+    /* POST /v1/files bodies (multipart) up to broker.max_file_bytes plus the form's overhead */
+    if ((size_t)conf->max_file_bytes + 65536 > hard)
+        hard = (size_t)conf->max_file_bytes + 65536;
 
     evhttp_set_max_body_size(t->http, (ev_ssize_t)hard);
     tv.tv_sec = ack / 1000;
@@ -427,7 +445,8 @@ int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_
     }
     if (pq_kprod_start(t, errstr, errstr_size))
         return -1;
-    if (pq_rconn_start(t) || pq_chat_thread_init(t) || pq_rsub_start(t)) {
+    if (pq_rconn_start(t) || pq_chat_thread_init(t) || pq_rsub_start(t) ||
+        pq_batch_thread_init(t)) {
         snprintf(errstr, errstr_size, "cannot set up the Redis connections");
         return -1;
     }
@@ -531,10 +550,13 @@ void pq_bthread_free(pq_bthread_t *t)
             event_del(&t->chunks[i][j].timer);
             free(t->chunks[i][j].payload);
             free(t->chunks[i][j].idem_key);
+            if (t->chunks[i][j].ctx && t->chunks[i][j].ctx_free)
+                t->chunks[i][j].ctx_free(t->chunks[i][j].ctx);
         }
         free(t->chunks[i]);
     }
     pq_chat_thread_free(t);
+    pq_batch_thread_free(t);
     if (t->base)
         event_base_free(t->base);
     pq_bconf_unref(t->bc);

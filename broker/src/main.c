@@ -54,6 +54,7 @@ pq_bconf_t *pq_bconf_new(pq_conf_t *conf)
         bc->limits.max_prompt_bytes = (size_t)conf->max_prompt_bytes;
     pq_conf_topic(conf, "requests", bc->topic_requests, sizeof(bc->topic_requests));
     pq_conf_topic(conf, "results", bc->topic_results, sizeof(bc->topic_results));
+    pq_conf_topic(conf, "bulk", bc->topic_bulk, sizeof(bc->topic_bulk));
     return bc;
 }
 

@@ -31,9 +31,18 @@ const char pq_bscript_cancel[] =
     "if s ~= 'queued' and s ~= 'parked' then return s end\n"
     "redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1], 'error', ARGV[2],\n"
     "  'updated_at', ARGV[3])\n"
+    "local b = redis.call('HGET', KEYS[1], 'batch')\n"
+    "if b and b ~= '' then redis.call('HINCRBY', b, 'failed', 1) end\n"
     "return 1\n";
 
-#define NSCRIPTS 4
+const char pq_bscript_batch_status[] =
+    "local s = redis.call('HGET', KEYS[1], 'status')\n"
+    "if not s or not string.find(ARGV[1], '|' .. s .. '|', 1, true) then return 0 end\n"
+    "redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4])\n"
+    "for i = 5, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end\n"
+    "return 1\n";
+
+#define NSCRIPTS 5
 
 /* EVALSHA instead of EVAL: Redis then neither receives nor hashes the script per job. */
 static struct {
@@ -50,6 +59,7 @@ static void scripts_init(void)
     scripts[1].script = pq_script_job_drop;
     scripts[2].script = pq_bscript_idem_claim;
     scripts[3].script = pq_bscript_cancel;
+    scripts[4].script = pq_bscript_batch_status;
     for (int i = 0; i < NSCRIPTS; i++) {
         unsigned char md[EVP_MAX_MD_SIZE];
         unsigned int mdlen = 0;
@@ -291,6 +301,63 @@ int pq_rconn_commandargv(pq_bthread_t *t, void *handle, int argc, const char **a
     if (!pq_rconn_usable(t))
         return -1;
     if (redisAsyncCommandArgv(t->rc, on_reply, handle, argc, argv, argvlen) != REDIS_OK)
+        return -1;
+    sent(t);
+    return 0;
+}
+
+pq_bthread_t *pq_rconn_replied(redisAsyncContext *ac, const void *r)
+{
+    const redisReply *reply = r;
+    pq_bthread_t *t = ac->data;
+
+    t->redis_pending--;
+    if (!reply) {
+        t->redis_connected = 0;
+        return t;
+    }
+    t->redis_last_reply_ms = pq_mono_ms();
+    if (reply->type == REDIS_REPLY_ERROR) {
+        pq_counter_add(t->b->m_redis_errors, 1);
+        PQ_WARN("thread %d: redis error: %s", t->no, reply->str);
+        if (!strncmp(reply->str, "NOSCRIPT", 8) && t->redis_connected)
+            load_scripts(t);
+    }
+    return t;
+}
+
+static void noop_cb(redisAsyncContext *ac, void *r, void *priv)
+{
+    pq_rconn_replied(ac, r);
+}
+
+int pq_rconn_send(pq_bthread_t *t, void (*cb)(redisAsyncContext *, void *, void *), void *priv,
+                  int argc, const char **argv, const size_t *argvlen)
+{
+    if (!cb)
+        cb = noop_cb;
+    if (!pq_rconn_usable(t))
+        return -1;
+    if (redisAsyncCommandArgv(t->rc, cb, priv, argc, argv, argvlen) != REDIS_OK)
+        return -1;
+    sent(t);
+    return 0;
+}
+
+int pq_rconn_sendf(pq_bthread_t *t, void (*cb)(redisAsyncContext *, void *, void *), void *priv,
+                   const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+
+    if (!cb)
+        cb = noop_cb;
+    if (!pq_rconn_usable(t))
+        return -1;
+    va_start(ap, fmt);
+    rc = redisvAsyncCommand(t->rc, cb, priv, fmt, ap);
+    va_end(ap);
+    if (rc != REDIS_OK)
         return -1;
     sent(t);
     return 0;

@@ -331,6 +331,10 @@ static const prop_t broker_props[] = {
           "requests per second per tenant (POST and DELETE; token bucket); 0 = unlimited"),
     P_INT(pq_conf_t, "tenant_burst", tenant_burst, 0, 0, I32MAX,
           "per-tenant bucket size; 0 = tenant_rps rounded up (at least 1)"),
+    P_I64(pq_conf_t, "max_file_bytes", max_file_bytes, 100 * 1024 * 1024, 1024, 256 * 1024 * 1024,
+          "largest file of POST /v1/files (one Redis value; at most 256 MiB)"),
+    P_INT(pq_conf_t, "max_batch_lines", max_batch_lines, 50000, 1, 1000000,
+          "most request lines in one batch input file"),
 };
 
 static const prop_t worker_props[] = {

@@ -42,8 +42,11 @@ const char pq_script_lease_renew[] = "if redis.call('GET', KEYS[1]) == ARGV[1] t
                                      "return 0\n";
 
 const char pq_script_job_finish[] = TERMINAL_CHECK
-    "local v = redis.call('HMGET', KEYS[1], 'status', 'result')\n"
+    "local v = redis.call('HMGET', KEYS[1], 'status', 'result', 'batch')\n"
     "if v[1] and terminal(v[1]) then return {0, v[2] or ''} end\n"
+    "if v[3] and v[3] ~= '' then\n"
+    "  redis.call('HINCRBY', v[3], ARGV[1] == 'succeeded' and 'completed' or 'failed', 1)\n"
+    "end\n"
     "redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2], 'response', ARGV[3],\n"
     "  'error', ARGV[4], 'provider', ARGV[5], 'model', ARGV[6], 'attempts', ARGV[7],\n"
     "  'updated_at', ARGV[8], 'route', ARGV[10], 'request_hash', ARGV[11])\n"

@@ -178,6 +178,8 @@ static void test_defaults(void **state)
     assert_int_equal(c->max_prompt_bytes, 1024 * 1024);
     assert_int_equal(c->backlog, 4096);
     assert_int_equal(c->idempotency_ttl_s, 86400);
+    assert_int_equal(c->max_file_bytes, 100 * 1024 * 1024);
+    assert_int_equal(c->max_batch_lines, 50000);
     assert_true(c->tenant_rps == 0);
     assert_int_equal(c->tenant_burst, 0);
     gethostname(host, sizeof(host));

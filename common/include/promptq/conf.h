@@ -99,6 +99,8 @@ typedef struct pq_conf_s {
     int64_t idempotency_ttl_s; /* Idempotency-Key lifetime, default 86400 */
     double tenant_rps;         /* per-tenant request rate (token bucket); 0 = unlimited */
     int tenant_burst;          /* bucket size; 0 = max(1, ceil(tenant_rps)) */
+    int64_t max_file_bytes;    /* POST /v1/files cap, default 100 MiB, at most 256 MiB */
+    int max_batch_lines;       /* request lines per batch, default 50000 */
 
     /* worker */
     int max_inflight;

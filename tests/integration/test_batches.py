@@ -1,0 +1,340 @@
+"""OpenAI Files and Batch API subset (/v1/files, /v1/batches) on the bulk lane.
+
+  * end to end with a real worker and promptq-sim: a 500-line JSONL file, a batch, output
+    lines matched by custom_id ("echo: <prompt>"), request_counts; invalid lines in the error
+    file; files API (list, get, content, delete); list pagination; another tenant gets 404;
+    Idempotency-Key on create; the max_batch_lines cap; the OpenAI Node SDK (batches.test.mjs);
+  * without a worker: cancel (queued lines cancelled, batch cancelled, finalized without a GET
+    by the timer) and expiry (expires_at moved into the past: lines expired, batch expired).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import harness
+from harness import T, wait_for
+
+ROOT = harness.ROOT
+NODE_DIR = os.path.join(ROOT, "tests", "node")
+KEY, KEY2 = "batch-key", "other-key"
+TENANT, TENANT2 = "acme", "globex"
+AUTH = {"Authorization": "Bearer " + KEY}
+AUTH2 = {"Authorization": "Bearer " + KEY2}
+MODEL = "sim-model"
+
+
+def ready(st):
+    try:
+        return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def stack(st, worker=True, extra_broker=None):
+    red = st.redis()
+    st.devkafka(brokers=1, partitions=4)
+    sim = st.sim("a")
+    providers = {"sim": {"type": "openai", "base_url": sim.api}}
+    routes = {MODEL: [{"provider": "sim", "model": MODEL}]}
+    broker = {"api_keys": {KEY: TENANT, KEY2: TENANT2}}
+    broker.update(extra_broker or {})
+    path, _ = st.config(providers=providers, routes=routes,
+                        extra={"broker": broker, "worker": {"lease_ms": 3000}})
+    if worker:
+        st.spawn("promptq-worker", "--config", path, name="worker")
+    p = st.spawn("promptq-broker", "--config", path, name="broker")
+    wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
+    assert p.alive(), "broker exited:\n" + p.tail()
+    return red
+
+
+def line(cid, prompt, **kw):
+    d = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}}
+    d.update(kw)
+    return json.dumps(d)
+
+
+def upload(st, text, auth=AUTH, purpose="batch", filename="input.jsonl"):
+    boundary = "----pq" + uuid.uuid4().hex
+    body = ("--%s\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n%s\r\n"
+            "--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"%s\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n" % (boundary, purpose, boundary, filename)
+            ).encode() + text.encode() + ("\r\n--%s--\r\n" % boundary).encode()
+    h = dict(auth)
+    h["Content-Type"] = "multipart/form-data; boundary=" + boundary
+    return harness.http_json("POST", st.broker_url + "/v1/files", body, h)
+
+
+def create(st, file_id, auth=AUTH, headers=None, **kw):
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}
+    body.update(kw)
+    h = dict(auth)
+    h.update(headers or {})
+    return harness.http_json("POST", st.broker_url + "/v1/batches", body, h)
+
+
+def get(st, bid, auth=AUTH):
+    return harness.http_json("GET", st.broker_url + "/v1/batches/" + bid, headers=auth)
+
+
+def wait_status(st, bid, want, timeout=60):
+    seen = {}
+
+    def done():
+        status, _, doc = get(st, bid)
+        assert status == 200, doc
+        seen["doc"] = doc
+        return doc["status"] in want
+    wait_for(done, T(timeout), "batch %s to reach %s" % (bid, want))
+    return seen["doc"]
+
+
+def content(st, fid, auth=AUTH):
+    status, _, raw = harness.http("GET", st.broker_url + "/v1/files/%s/content" % fid,
+                                  headers=auth)
+    assert status == 200, raw
+    return [json.loads(x) for x in raw.decode().splitlines() if x.strip()]
+
+
+def warm(st):
+    status, _, doc = harness.http_json("POST", st.broker_url + "/v1/jobs", {"request": {
+        "model": MODEL, "messages": [{"role": "user", "content": "warm"}]}}, AUTH)
+    assert status == 202, doc
+    wait_for(lambda: harness.http_json("GET", st.broker_url + "/v1/jobs/" + doc["id"],
+                                       headers=AUTH)[2].get("status") == "succeeded",
+             T(30), "the warm-up job to succeed")
+
+
+def test_batch_end_to_end():
+    with harness.Stack("batches-e2e") as st:
+        stack(st, extra_broker={"max_batch_lines": 600})
+        warm(st)
+        n = 500
+        text = "\n".join(line("req-%d" % i, "prompt %d" % i) for i in range(n)) + "\n"
+        status, _, f = upload(st, text)
+        assert status == 200, f
+        assert f["object"] == "file" and f["purpose"] == "batch" and f["id"].startswith("file-")
+        assert f["bytes"] == len(text.encode()) and f["filename"] == "input.jsonl"
+
+        # files API: get, content round trip, another tenant sees nothing
+        status, _, g = harness.http_json("GET", st.broker_url + "/v1/files/" + f["id"],
+                                         headers=AUTH)
+        assert status == 200 and g["id"] == f["id"] and g["bytes"] == f["bytes"], g
+        status, _, raw = harness.http("GET", st.broker_url + "/v1/files/%s/content" % f["id"],
+                                      headers=AUTH)
+        assert status == 200 and raw.decode() == text
+        assert harness.http("GET", st.broker_url + "/v1/files/" + f["id"], headers=AUTH2)[0] == 404
+        assert harness.http("GET", st.broker_url + "/v1/files/%s/content" % f["id"],
+                            headers=AUTH2)[0] == 404
+
+        t0 = time.time()
+        status, _, b = create(st, f["id"], metadata={"job": "nightly"},
+                              headers={"Idempotency-Key": "create-1"})
+        assert status == 200, b
+        assert b["object"] == "batch" and b["id"].startswith("batch_"), b
+        assert b["status"] in ("validating", "in_progress"), b
+        assert b["endpoint"] == "/v1/chat/completions" and b["completion_window"] == "24h"
+        assert b["input_file_id"] == f["id"] and b["metadata"] == {"job": "nightly"}
+        assert b["expires_at"] - b["created_at"] == 24 * 3600
+        # idempotent create: same key and body -> the same batch; another body -> 422
+        status, _, again = create(st, f["id"], metadata={"job": "nightly"},
+                                  headers={"Idempotency-Key": "create-1"})
+        assert status == 200 and again["id"] == b["id"], again
+        status, _, other = create(st, f["id"], metadata={"job": "other"},
+                                  headers={"Idempotency-Key": "create-1"})
+        assert status == 422, other
+        # another tenant: 404 for the batch and for the file
+        assert get(st, b["id"], AUTH2)[0] == 404
+        assert create(st, f["id"], AUTH2)[0] == 404
+
+        done = wait_status(st, b["id"], ("completed", "failed", "expired", "cancelled"), 90)
+        elapsed = time.time() - t0
+        assert done["status"] == "completed", done
+        assert done["request_counts"] == {"total": n, "completed": n, "failed": 0}, done
+        assert done["completed_at"] and done["in_progress_at"] and done["finalizing_at"]
+        assert done["output_file_id"] and done["error_file_id"] is None, done
+        out = content(st, done["output_file_id"])
+        assert len(out) == n
+        by = {o["custom_id"]: o for o in out}
+        assert len(by) == n
+        for i in range(n):
+            o = by["req-%d" % i]
+            assert o["error"] is None and o["id"].startswith("batch_req_")
+            assert o["response"]["status_code"] == 200
+            body = o["response"]["body"]
+            assert body["object"] == "chat.completion"
+            assert body["choices"][0]["message"]["content"] == "echo: prompt %d" % i, body
+        print("500-line batch: completed in %.2f s" % elapsed)
+        # the output file is a file of its own, listed
+        status, _, of = harness.http_json("GET", st.broker_url + "/v1/files/" +
+                                          done["output_file_id"], headers=AUTH)
+        assert status == 200 and of["purpose"] == "batch_output", of
+        status, _, lst = harness.http_json("GET", st.broker_url + "/v1/files", headers=AUTH)
+        ids = [x["id"] for x in lst["data"]]
+        assert f["id"] in ids and done["output_file_id"] in ids, lst
+        assert "body" not in lst["data"][0]
+
+        # invalid lines: bad JSON, wrong url, wrong method, missing and duplicate custom_id,
+        # unknown model; blank lines are skipped
+        bad = [line("ok-1", "one"), "{not json", line("x-url", "u", url="/v1/embeddings"),
+               line("x-method", "m", method="GET"),
+               json.dumps({"method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": MODEL, "messages": [{"role": "user",
+                                                                  "content": "c"}]}}),
+               line("ok-1", "dup"), "",
+               json.dumps({"custom_id": "x-model", "method": "POST",
+                           "url": "/v1/chat/completions",
+                           "body": {"model": "nope", "messages": [{"role": "user",
+                                                                   "content": "m"}]}}),
+               line("ok-2", "two")]
+        status, _, f2 = upload(st, "\n".join(bad))
+        assert status == 200, f2
+        status, _, b2 = create(st, f2["id"])
+        assert status == 200, b2
+        d2 = wait_status(st, b2["id"], ("completed",), 60)
+        assert d2["request_counts"] == {"total": 8, "completed": 2, "failed": 6}, d2
+        ok = {o["custom_id"]: o for o in content(st, d2["output_file_id"])}
+        assert set(ok) == {"ok-1", "ok-2"}
+        assert ok["ok-1"]["response"]["body"]["choices"][0]["message"]["content"] == "echo: one"
+        errs = content(st, d2["error_file_id"])
+        assert len(errs) == 6, errs
+        codes = sorted(e["error"]["code"] for e in errs)
+        assert codes == sorted(["invalid_json_line", "invalid_url", "invalid_method",
+                                "missing_custom_id", "duplicate_custom_id",
+                                "model_not_found"]), codes
+        assert all(e["response"] is None and e["error"]["message"] for e in errs)
+        assert {e["custom_id"] for e in errs} >= {"x-url", "x-method", "x-model"}
+        assert d2["errors"]["data"] and d2["errors"]["data"][0]["line"] == 2, d2["errors"]
+
+        # list: newest first, after + limit + has_more
+        ids = []
+        for _ in range(3):
+            status, _, bx = create(st, f2["id"])
+            assert status == 200
+            ids.append(bx["id"])
+        newest = list(reversed(ids)) + [b2["id"], b["id"]]
+        status, _, page = harness.http_json("GET", st.broker_url + "/v1/batches?limit=2",
+                                            headers=AUTH)
+        assert status == 200 and page["object"] == "list", page
+        assert [x["id"] for x in page["data"]] == newest[:2] and page["has_more"] is True
+        status, _, page2 = harness.http_json(
+            "GET", st.broker_url + "/v1/batches?limit=2&after=" + page["last_id"], headers=AUTH)
+        assert [x["id"] for x in page2["data"]] == newest[2:4] and page2["has_more"] is True
+        status, _, page3 = harness.http_json(
+            "GET", st.broker_url + "/v1/batches?limit=2&after=" + page2["last_id"], headers=AUTH)
+        assert [x["id"] for x in page3["data"]] == newest[4:] and page3["has_more"] is False
+        status, _, empty = harness.http_json("GET", st.broker_url + "/v1/batches", headers=AUTH2)
+        assert status == 200 and empty["data"] == [] and empty["has_more"] is False
+
+        # caps and validation
+        big = "\n".join(line("c%d" % i, "p") for i in range(601))
+        status, _, f3 = upload(st, big)
+        assert status == 200
+        status, _, err = create(st, f3["id"])
+        assert status == 400 and "600" in err["error"]["message"], err
+        assert create(st, f3["id"], endpoint="/v1/embeddings")[0] == 400
+        assert create(st, f3["id"], completion_window="1h")[0] == 400
+        assert create(st, "file-nope")[0] == 404
+        assert upload(st, "x", purpose="fine-tune")[0] == 400
+
+        # delete a file
+        assert harness.http("DELETE", st.broker_url + "/v1/files/" + f3["id"],
+                            headers=AUTH2)[0] == 404
+        status, _, dd = harness.http_json("DELETE", st.broker_url + "/v1/files/" + f3["id"],
+                                          headers=AUTH)
+        assert status == 200 and dd == {"id": f3["id"], "object": "file", "deleted": True}
+        assert harness.http("GET", st.broker_url + "/v1/files/" + f3["id"], headers=AUTH)[0] == 404
+
+        # the OpenAI Node SDK
+        node = shutil.which("node")
+        assert node, "node not found (deploy/dev/install-deps.sh installs nodejs)"
+        assert os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")), \
+            "run npm ci in tests/node"
+        env = dict(os.environ, PQ_BASE_URL=st.broker_url + "/v1", PQ_API_KEY=KEY,
+                   PQ_MODEL=MODEL)
+        log = os.path.join(st.log_dir, "node-batches.log")
+        with open(log, "wb") as fh:
+            res = subprocess.run([node, "--test", "--test-reporter=spec",
+                                  os.path.join(NODE_DIR, "batches.test.mjs")],
+                                 cwd=NODE_DIR, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                 timeout=T(120))
+        with open(log, "rb") as fh:
+            out_text = fh.read().decode(errors="replace")
+        assert res.returncode == 0, "node tests failed:\n" + out_text[-6000:]
+        assert "fail 0" in out_text and "pass 1" in out_text, out_text[-3000:]
+
+
+def test_batch_cancel():
+    """No worker: lines stay queued until cancelled (or expired)."""
+    with harness.Stack("batches-cancel") as st:
+        red = stack(st, worker=False)
+        text = "\n".join(line("c-%d" % i, "p %d" % i) for i in range(20))
+        status, _, f = upload(st, text)
+        assert status == 200, f
+        status, _, b = create(st, f["id"])
+        assert status == 200, b
+        doc = wait_status(st, b["id"], ("in_progress",), 30)
+        assert doc["request_counts"] == {"total": 20, "completed": 0, "failed": 0}, doc
+        # a line is a job of the tenant, queued, with the batch's metadata
+        status, _, job = harness.http_json("GET", st.broker_url + "/v1/jobs/%s-1" % b["id"],
+                                           headers=AUTH)
+        assert status == 200 and job["status"] == "queued", job
+        assert harness.http("POST", st.broker_url + "/v1/batches/%s/cancel" % b["id"],
+                            headers=AUTH2)[0] == 404
+        status, _, c = harness.http_json("POST", st.broker_url + "/v1/batches/%s/cancel" % b["id"],
+                                         headers=AUTH)
+        assert status == 200 and c["status"] in ("cancelling", "finalizing", "cancelled"), c
+        # finalized by the timer (no GET needed): wait in Redis
+        key = "promptq:batch:%s:%s" % (TENANT, b["id"])
+        wait_for(lambda: red.cli("HGET", key, "status") == "cancelled", T(20),
+                 "the timer to finalize the cancelled batch")
+        done = wait_status(st, b["id"], ("cancelled",), 30)
+        assert done["request_counts"] == {"total": 20, "completed": 0, "failed": 20}, done
+        assert done["cancelling_at"] and done["cancelled_at"], done
+        errs = content(st, done["error_file_id"])
+        assert len(errs) == 20 and all(e["error"]["code"] == "cancelled" for e in errs), errs[:2]
+        assert {e["custom_id"] for e in errs} == {"c-%d" % i for i in range(20)}
+        status, _, job = harness.http_json("GET", st.broker_url + "/v1/jobs/%s-1" % b["id"],
+                                           headers=AUTH)
+        assert job["status"] == "cancelled", job
+        # cancelling again answers the batch as it is
+        status, _, c2 = harness.http_json("POST", st.broker_url + "/v1/batches/%s/cancel" %
+                                          b["id"], headers=AUTH)
+        assert status == 200 and c2["status"] == "cancelled", c2
+
+
+def test_batch_expiry_by_timer():
+    with harness.Stack("batches-expiry") as st:
+        red = st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        sim = st.sim("a")
+        path, _ = st.config(providers={"sim": {"type": "openai", "base_url": sim.api}},
+                            routes={MODEL: [{"provider": "sim", "model": MODEL}]},
+                            extra={"broker": {"api_keys": {KEY: TENANT}}})
+        p = st.spawn("promptq-broker", "--config", path, name="broker")
+        wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
+        status, _, f = upload(st, "\n".join(line("e-%d" % i, "p") for i in range(5)))
+        assert status == 200, f
+        status, _, b = create(st, f["id"])
+        assert status == 200, b
+        wait_status(st, b["id"], ("in_progress",), 30)
+        key = "promptq:batch:%s:%s" % (TENANT, b["id"])
+        red.cli("HSET", key, "expires_at", "1")
+        # the timer (thread 0) expires it and finalizes it without any GET
+        wait_for(lambda: red.cli("HGET", key, "status") == "expired", T(20),
+                 "the timer to expire the batch")
+        status, _, done = get(st, b["id"])
+        assert done["status"] == "expired" and done["expired_at"], done
+        assert done["request_counts"] == {"total": 5, "completed": 0, "failed": 5}, done
+        errs = content(st, done["error_file_id"])
+        assert len(errs) == 5 and all(e["error"]["code"] == "expired" for e in errs), errs
+        assert red.cli("SISMEMBER", "promptq:batches:active", "%s:%s" % (TENANT, b["id"])) == "0"
+
+
+harness.run(globals())
