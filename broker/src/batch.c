@@ -577,8 +577,10 @@ static void create_finish(pq_btask_t *bt)
 
             task_send(bt, create_done_cb, 4, inc, NULL);
         }
-        errors =
-            json_dumps(json_pack("{s:s, s:O}", "object", "list", "data", bt->errors), JSON_COMPACT);
+        json_t *eo = json_pack("{s:s, s:O}", "object", "list", "data", bt->errors);
+
+        errors = eo ? json_dumps(eo, JSON_COMPACT) : NULL;
+        json_decref(eo);
     }
     extra[n++] = "total";
     extra[n++] = total;
@@ -706,11 +708,12 @@ static void final_line(pq_btask_t *bt, uint32_t line, const redisReply *v)
     const char *cid =
         v->elements > 2 && v->element[2]->type == REDIS_REPLY_STRING ? v->element[2]->str : NULL;
     char rid[96], jid[PQ_ID_MAX + 1];
-    json_t *res = result ? json_loads(result, 0, NULL) : NULL, *o;
+    json_t *res, *o;
     char *text;
 
     if (!status)
         return; /* an invalid line (already in the error file) */
+    res = result ? json_loads(result, 0, NULL) : NULL;
     snprintf(rid, sizeof(rid), "batch_req_%s_%u", bt->id + 6, line);
     snprintf(jid, sizeof(jid), "%s-%u", bt->id, line);
     if (!strcmp(status, "succeeded") && json_object_get(res, "response")) {

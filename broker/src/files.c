@@ -164,7 +164,7 @@ int pq_files_store(pq_bthread_t *t, const char *tenant, const char *id, const ch
     argv[n++] = nlines;
     argv[n++] = "body";
     argv[n++] = body;
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n - 1; i++) /* the body is not NUL-terminated */
         lens[i] = strlen(argv[i]);
     lens[n - 1] = len;
     if (pq_rconn_send(t, NULL, NULL, n, argv, lens))
@@ -446,7 +446,7 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
     argv[n++] = nlines;
     argv[n++] = "body";
     argv[n++] = f.file;
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n - 1; i++) /* the body is not NUL-terminated */
         lens[i] = strlen(argv[i]);
     lens[n - 1] = f.file_len;
     if (pq_api_send(s, upload_stored, n, argv, lens)) {

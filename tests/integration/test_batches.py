@@ -337,4 +337,5 @@ def test_batch_expiry_by_timer():
         assert red.cli("SISMEMBER", "promptq:batches:active", "%s:%s" % (TENANT, b["id"])) == "0"
 
 
-harness.run(globals())
+if __name__ == "__main__":
+    harness.run(globals())
