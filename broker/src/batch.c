@@ -56,6 +56,11 @@
 #define BATCH_LIST_MAX     100
 #define BATCH_LIST_DEFAULT 20
 #define BATCH_ERRORS_MAX   100
+/* A task holds <batch key>:task while it runs and refreshes it; the timer restarts the work of
+ * a batch whose task is gone (its broker stopped or died) once the lock has expired. */
+#define BATCH_LOCK_MS    "10000"
+#define BATCH_REFRESH_MS 3000
+#define BATCH_STALE_S    5
 
 int pq_api_list(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), const char *skey,
                 const char *pfx, const char *after, long limit, int nfields, const char **fields);
@@ -119,6 +124,10 @@ typedef struct pq_btask_s {
     int inflight; /* lines produced or spooled, not yet durable */
     int finished; /* nothing more to send; freed when pending and inflight are 0 */
     int busy;     /* a chunk's reply is outstanding */
+    int locked;   /* holds <batch key>:task (one task per batch, any process) */
+    int locking;  /* the SET NX is on its way */
+    struct event *lock_ev;
+    char lkey[540];
     struct event *ev;
     char tenant[PQ_TENANT_MAX + 1];
     char id[64];
@@ -163,6 +172,22 @@ static int id_ok(const char *id)
 
 static void task_step(evutil_socket_t fd, short what, void *arg);
 
+static void lock_owner(pq_bthread_t *t, char *buf, size_t size)
+{
+    snprintf(buf, size, "%s/%d", t->b->reply_channel, t->no);
+}
+
+static void lock_refresh(evutil_socket_t fd, short what, void *arg)
+{
+    pq_btask_t *bt = arg;
+    char owner[600];
+
+    if (!bt->locked)
+        return;
+    lock_owner(bt->t, owner, sizeof(owner));
+    pq_rconn_sendf(bt->t, NULL, NULL, "SET %s %s PX %s", bt->lkey, owner, BATCH_LOCK_MS);
+}
+
 static pq_btask_t *task_new(pq_bthread_t *t, int kind, const char *tenant, const char *id)
 {
     pq_btask_t *bt = calloc(1, sizeof(*bt));
@@ -172,7 +197,10 @@ static pq_btask_t *task_new(pq_bthread_t *t, int kind, const char *tenant, const
     bt->t = t;
     bt->kind = kind;
     bt->ev = evtimer_new(t->base, task_step, bt);
-    if (!bt->ev) {
+    bt->lock_ev = event_new(t->base, -1, EV_PERSIST, lock_refresh, bt);
+    if (!bt->ev || !bt->lock_ev) {
+        if (bt->ev)
+            event_free(bt->ev);
         free(bt);
         return NULL;
     }
@@ -181,6 +209,7 @@ static pq_btask_t *task_new(pq_bthread_t *t, int kind, const char *tenant, const
     bkey_of(t, bt->bkey, sizeof(bt->bkey), tenant, id);
     snprintf(bt->jprefix, sizeof(bt->jprefix), "%sjob:%s:%s-", t->bc->conf->redis_prefix, tenant,
              id);
+    snprintf(bt->lkey, sizeof(bt->lkey), "%s:task", bt->bkey);
     bt->next = t->btasks;
     t->btasks = bt;
     return bt;
@@ -207,6 +236,7 @@ static void task_free(pq_btask_t *bt)
         }
     }
     event_free(bt->ev);
+    event_free(bt->lock_ev);
     free(bt->body);
     json_decref(bt->seen);
     json_decref(bt->errors);
@@ -224,8 +254,11 @@ static void task_free(pq_btask_t *bt)
 
 static void task_check(pq_btask_t *bt)
 {
-    if (bt->finished && bt->pending == 0 && bt->inflight == 0)
+    if (bt->finished && bt->pending == 0 && bt->inflight == 0) {
+        if (bt->locked)
+            pq_rconn_sendf(bt->t, NULL, NULL, "DEL %s", bt->lkey);
         task_free(bt);
+    }
 }
 
 static void task_wake(pq_btask_t *bt, int ms)
@@ -859,8 +892,11 @@ static void cancel_read(redisAsyncContext *ac, void *r, void *priv)
         return;
     }
     bt->cur += BATCH_READ_CHUNK;
-    if (bt->cur > bt->lines)
+    if (bt->cur > bt->lines) {
+        /* the timer restarts a cancel only while this mark is missing */
+        pq_rconn_sendf(bt->t, NULL, NULL, "HSET %s cancel_done 1", bt->bkey);
         bt->finished = 1;
+    }
     task_wake(bt, 0);
     task_check(bt);
 }
@@ -908,12 +944,44 @@ static void cancel_step(pq_btask_t *bt)
         task_wake(bt, BATCH_RETRY_MS);
 }
 
+static void lock_cb(redisAsyncContext *ac, void *r, void *priv)
+{
+    const redisReply *reply = r;
+    pq_btask_t *bt = priv;
+    struct timeval tv = {BATCH_REFRESH_MS / 1000, (BATCH_REFRESH_MS % 1000) * 1000};
+
+    pq_rconn_replied(ac, r);
+    bt->pending--;
+    bt->locking = 0;
+    if (reply && reply->type == REDIS_REPLY_STATUS) {
+        bt->locked = 1;
+        event_add(bt->lock_ev, &tv);
+        task_wake(bt, 0);
+    } else if (reply && reply->type == REDIS_REPLY_NIL) {
+        bt->finished = 1; /* another task runs this batch */
+    } else {
+        task_wake(bt, BATCH_RETRY_MS);
+    }
+    task_check(bt);
+}
+
 static void task_step(evutil_socket_t fd, short what, void *arg)
 {
     pq_btask_t *bt = arg;
 
     if (bt->finished) {
         task_check(bt);
+        return;
+    }
+    if (!bt->locked) {
+        char owner[600];
+        const char *argv[6] = {"SET", bt->lkey, owner, "NX", "PX", BATCH_LOCK_MS};
+
+        lock_owner(bt->t, owner, sizeof(owner));
+        if (!bt->locking && task_send(bt, lock_cb, 6, argv, NULL) == 0)
+            bt->locking = 1;
+        else if (!bt->locking)
+            task_wake(bt, BATCH_RETRY_MS);
         return;
     }
     if (bt->kind == BT_CREATE)
@@ -952,6 +1020,22 @@ static void start_cancel(pq_bthread_t *t, const char *tenant, const char *id, ui
         bt->finished = 1;
     task_wake(bt, 0);
     task_check(bt);
+}
+
+static void start_create(pq_bthread_t *t, const char *tenant, const char *id, const char *file_id,
+                         const char *endpoint)
+{
+    pq_btask_t *bt = task_new(t, BT_CREATE, tenant, id);
+
+    if (!bt)
+        return;
+    snprintf(bt->fkey, sizeof(bt->fkey), "%sfile:%s:%s", t->bc->conf->redis_prefix, tenant,
+             file_id);
+    pq_strlcpy(bt->endpoint, endpoint, sizeof(bt->endpoint));
+    bt->seen = json_object();
+    bt->errors = json_array();
+    bt->invalid = evbuffer_new();
+    task_wake(bt, 0);
 }
 
 /* A finalize guard reply: priv is a small heap record naming the batch. */
@@ -1264,7 +1348,6 @@ static void idem_forget(pq_slot_t *s)
 static void post_written(pq_slot_t *s, const void *r)
 {
     post_t *c = s->ctx;
-    pq_btask_t *bt;
     fields_t fs;
     char created[24], expires[24];
 
@@ -1287,15 +1370,7 @@ static void post_written(pq_slot_t *s, const void *r)
     if (c->metadata)
         F("metadata", c->metadata);
 #undef F
-    bt = task_new(s->t, BT_CREATE, s->tenant, s->id);
-    if (bt) {
-        pq_strlcpy(bt->fkey, c->fkey, sizeof(bt->fkey));
-        pq_strlcpy(bt->endpoint, c->endpoint, sizeof(bt->endpoint));
-        bt->seen = json_object();
-        bt->errors = json_array();
-        bt->invalid = evbuffer_new();
-        task_wake(bt, 0);
-    }
+    start_create(s->t, s->tenant, s->id, c->input_file_id, c->endpoint);
     reply_json(s, 200, batch_object(&fs, NULL));
     pq_slot_release(s);
 }
@@ -1669,6 +1744,18 @@ typedef struct {
     char member[PQ_TENANT_MAX + 80];
 } tick_req_t;
 
+/* A batch in a state some task works on, entered long enough ago that the task would hold
+ * (or have held) the batch's task lock. */
+static int stale(const fields_t *fs, const char *st)
+{
+    const char *at = !strcmp(st, "validating")   ? "created_at"
+                     : !strcmp(st, "finalizing") ? "finalizing_at"
+                     : !strcmp(st, "cancelling") ? "cancelling_at"
+                                                 : NULL;
+
+    return at && fint(fs, at) > 0 && pq_now_ms() / 1000 - fint(fs, at) >= BATCH_STALE_S;
+}
+
 static void tick_batch_cb(redisAsyncContext *ac, void *r, void *priv)
 {
     pq_bthread_t *t = pq_rconn_replied(ac, r);
@@ -1696,6 +1783,20 @@ static void tick_batch_cb(redisAsyncContext *ac, void *r, void *priv)
     final = due_final(&fs);
     if (final) {
         try_finalize(t, q->member, colon + 1, (uint32_t)fint(&fs, "lines"), final);
+    } else if (stale(&fs, st)) {
+        /* its task is gone (a stopped or dead broker) or still running: a new task takes the
+         * batch's task lock first, so at most one runs */
+        const char *f = fget(&fs, "final");
+
+        if (!strcmp(st, "validating") && fget(&fs, "input_file_id") && fget(&fs, "endpoint"))
+            start_create(t, q->member, colon + 1, fget(&fs, "input_file_id"),
+                         fget(&fs, "endpoint"));
+        else if (!strcmp(st, "finalizing"))
+            start_final(t, q->member, colon + 1, (uint32_t)fint(&fs, "lines"),
+                        f && *f ? f : "completed");
+        else if (!strcmp(st, "cancelling") && !fget(&fs, "cancel_done"))
+            start_cancel(t, q->member, colon + 1, (uint32_t)fint(&fs, "lines"),
+                         f && !strcmp(f, "expired") ? "expired" : "cancelled");
     } else if (!strcmp(st, "in_progress") && fint(&fs, "expires_at") > 0 &&
                pq_now_ms() / 1000 >= fint(&fs, "expires_at")) {
         char bkey[512];

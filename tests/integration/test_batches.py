@@ -11,6 +11,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -307,6 +308,41 @@ def test_batch_cancel():
         status, _, c2 = harness.http_json("POST", st.broker_url + "/v1/batches/%s/cancel" %
                                           b["id"], headers=AUTH)
         assert status == 200 and c2["status"] == "cancelled", c2
+
+
+def test_batch_broker_killed_while_validating():
+    """SIGKILL during the create walk: a new broker's timer takes the batch over once the dead
+    task's lock expires, walks the file again (records exist, duplicates run once) and the
+    batch completes with exact counts."""
+    with harness.Stack("batches-kill") as st:
+        red = st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        sim = st.sim("a")
+        path, _ = st.config(providers={"sim": {"type": "openai", "base_url": sim.api}},
+                            routes={MODEL: [{"provider": "sim", "model": MODEL}]},
+                            extra={"broker": {"api_keys": {KEY: TENANT}},
+                                   "worker": {"lease_ms": 3000}})
+        st.spawn("promptq-worker", "--config", path, name="worker")
+        p = st.spawn("promptq-broker", "--config", path, name="broker")
+        wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
+        n = 8000
+        status, _, f = upload(st, "\n".join(line("k-%d" % i, "kp %d" % i) for i in range(n)))
+        assert status == 200, f
+        status, _, b = create(st, f["id"])
+        assert status == 200, b
+        key = "promptq:batch:%s:%s" % (TENANT, b["id"])
+        wait_for(lambda: red.cli("EXISTS", "promptq:job:%s:%s-1" % (TENANT, b["id"])) == "1",
+                 T(10), "the first line's record")
+        p.kill(signal.SIGKILL)
+        p.wait(T(10))
+        assert red.cli("HGET", key, "status") == "validating", "the walk finished before the kill"
+        p2 = st.spawn("promptq-broker", "--config", path, name="broker2")
+        wait_for(lambda: ready(st) or not p2.alive(), T(20), "second broker /readyz")
+        done = wait_status(st, b["id"], ("completed", "failed", "cancelled", "expired"), 90)
+        assert done["status"] == "completed", done
+        assert done["request_counts"] == {"total": n, "completed": n, "failed": 0}, done
+        out = content(st, done["output_file_id"])
+        assert sorted(o["custom_id"] for o in out) == sorted("k-%d" % i for i in range(n))
 
 
 def test_batch_expiry_by_timer():
