@@ -575,61 +575,91 @@ static int chunk_send(pq_btask_t *bt)
     return rc;
 }
 
-static void create_done_cb(redisAsyncContext *ac, void *r, void *priv)
+static void start_cancel(pq_bthread_t *t, const char *tenant, const char *id, uint32_t lines,
+                         const char *status);
+
+/* The end of the create walk: total, lines, errors, the invalid lines and their failed count,
+ * and validating -> in_progress, all at once and only the first time (a walk taken over from a
+ * dead broker may reach it again). Returns the status after it. */
+static void create_finished_cb(redisAsyncContext *ac, void *r, void *priv)
 {
+    const redisReply *reply = r;
     pq_btask_t *bt = priv;
 
     pq_rconn_replied(ac, r);
     bt->pending--;
+    if (!reply || reply->type != REDIS_REPLY_STRING) {
+        bt->finished = 0; /* send it again */
+        bt->step = 2;
+        task_wake(bt, BATCH_RETRY_MS);
+        return;
+    }
+    if (!strcmp(reply->str, "cancelling")) {
+        /* cancelled while validating: cancel the lines now (the lock goes first, on the same
+         * connection, so the cancel task can take it) */
+        pq_rconn_sendf(bt->t, NULL, NULL, "DEL %s", bt->lkey);
+        bt->locked = 0;
+        start_cancel(bt->t, bt->tenant, bt->id, bt->line, "cancelled");
+    }
     task_check(bt);
 }
 
+static const char finish_script[] =
+    "local s = redis.call('HGET', KEYS[1], 'status')\n"
+    "if not s then return '' end\n"
+    "if redis.call('HEXISTS', KEYS[1], 'lines') == 1 then return s end\n"
+    "if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5]) end\n"
+    "if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'failed', ARGV[3]) end\n"
+    "redis.call('HSET', KEYS[1], 'total', ARGV[1], 'lines', ARGV[2])\n"
+    "if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'errors', ARGV[4]) end\n"
+    "if s == 'validating' then\n"
+    "  redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[6])\n"
+    "  return 'in_progress'\n"
+    "end\n"
+    "return s\n";
+
 static void create_finish(pq_btask_t *bt)
 {
-    pq_bthread_t *t = bt->t;
-    char total[24], lines[24], ninv[24], ikey[600];
+    char total[24], lines[24], ninv[24], ikey[600], now[24];
     char *errors = NULL;
-    const char *extra[8];
-    size_t elen[8];
-    int n = 0;
+    const char *argv[11];
+    size_t lens[11];
 
     snprintf(total, sizeof(total), "%u", bt->nreq + bt->ninvalid);
     snprintf(lines, sizeof(lines), "%u", bt->line);
     snprintf(ninv, sizeof(ninv), "%u", bt->ninvalid);
+    snprintf(ikey, sizeof(ikey), "%s:invalid", bt->bkey);
+    snprintf(now, sizeof(now), "%lld", (long long)(pq_now_ms() / 1000));
     if (bt->ninvalid) {
-        size_t ilen = evbuffer_get_length(bt->invalid);
-        const char *argv[3] = {"SET", ikey, (const char *)evbuffer_pullup(bt->invalid, -1)};
-        size_t lens[3];
-
-        snprintf(ikey, sizeof(ikey), "%s:invalid", bt->bkey);
-        lens[0] = 3;
-        lens[1] = strlen(ikey);
-        lens[2] = ilen;
-        if (task_send(bt, create_done_cb, 3, argv, lens) == 0) {
-            const char *inc[4] = {"HINCRBY", bt->bkey, "failed", ninv};
-
-            task_send(bt, create_done_cb, 4, inc, NULL);
-        }
         json_t *eo = json_pack("{s:s, s:O}", "object", "list", "data", bt->errors);
 
         errors = eo ? json_dumps(eo, JSON_COMPACT) : NULL;
         json_decref(eo);
     }
-    extra[n++] = "total";
-    extra[n++] = total;
-    extra[n++] = "lines";
-    extra[n++] = lines;
-    if (errors) {
-        extra[n++] = "errors";
-        extra[n++] = errors;
+    argv[0] = "EVAL";
+    argv[1] = finish_script;
+    argv[2] = "2";
+    argv[3] = bt->bkey;
+    argv[4] = ikey;
+    argv[5] = total;
+    argv[6] = lines;
+    argv[7] = ninv;
+    argv[8] = errors ? errors : "";
+    argv[9] = bt->ninvalid ? (const char *)evbuffer_pullup(bt->invalid, -1) : "";
+    argv[10] = now;
+    for (int i = 0; i < 11; i++) /* argv[9] is not NUL-terminated */
+        lens[i] = i == 9 ? (bt->ninvalid ? evbuffer_get_length(bt->invalid) : 0) : strlen(argv[i]);
+    if (task_send(bt, create_finished_cb, 11, argv, lens) != 0) {
+        free(errors);
+        bt->step = 2;
+        task_wake(bt, BATCH_RETRY_MS);
+        return;
     }
-    for (int i = 0; i < n; i++)
-        elen[i] = strlen(extra[i]);
-    if (set_status(t, create_done_cb, bt, bt->bkey, "|validating|", "in_progress", "in_progress_at",
-                   n, extra, elen) == 0)
-        bt->pending++;
     free(errors);
-    PQ_INFO("batch %s/%s: %u lines queued, %u invalid", bt->tenant, bt->id, bt->nreq, bt->ninvalid);
+    if (bt->step != 2)
+        PQ_INFO("batch %s/%s: %u lines queued, %u invalid", bt->tenant, bt->id, bt->nreq,
+                bt->ninvalid);
+    bt->step = 0;
     bt->finished = 1;
 }
 
@@ -687,6 +717,10 @@ static void create_step(pq_btask_t *bt)
     }
     if (bt->busy)
         return;
+    if (bt->step == 2) { /* resend the finish */
+        create_finish(bt);
+        return;
+    }
     if (bt->step == 1) { /* resend the chunk */
         if (chunk_send(bt) != 0)
             task_wake(bt, BATCH_RETRY_MS);
@@ -1217,9 +1251,9 @@ static void cancel_cas_reply(pq_slot_t *s, const void *r)
     const redisReply *reply = r;
     const char *argv[2];
 
-    (void)reply;
-    /* whatever the outcome, answer with the batch as it is now */
-    if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1)
+    /* whatever the outcome, answer with the batch as it is now; a batch still validating is
+     * cancelled by its create walk when it ends (step -1) */
+    if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1 && s->step >= 0)
         start_cancel(s->t, s->tenant, s->id, (uint32_t)s->step, "cancelled");
     argv[0] = "HGETALL";
     argv[1] = s->route; /* the batch key was kept here */
@@ -1252,14 +1286,13 @@ static void cancel_reply(pq_slot_t *s, const void *r)
         pq_slot_release(s);
         return;
     }
-    if (strcmp(st, "in_progress") != 0) {
-        pq_http_error(s->t, s->req, s->path, strcmp(st, "validating") ? 409 : 409,
-                      "invalid_request_error", "batch %s is %s: it cannot be cancelled%s", s->id,
-                      st, strcmp(st, "validating") ? "" : " yet (retry in a moment)");
+    if (strcmp(st, "in_progress") != 0 && strcmp(st, "validating") != 0) {
+        pq_http_error(s->t, s->req, s->path, 409, "invalid_request_error",
+                      "batch %s is %s: it cannot be cancelled", s->id, st);
         pq_slot_release(s);
         return;
     }
-    s->step = (int)fint(&fs, "lines");
+    s->step = strcmp(st, "validating") ? (int)fint(&fs, "lines") : -1;
     bkey_of(s->t, s->route, sizeof(s->route), s->tenant, s->id);
     {
         const char *argv[16];
@@ -1272,7 +1305,7 @@ static void cancel_reply(pq_slot_t *s, const void *r)
         argv[n++] = pq_rconn_sha(pq_bscript_batch_status);
         argv[n++] = "1";
         argv[n++] = s->route;
-        argv[n++] = "|in_progress|";
+        argv[n++] = "|validating|in_progress|";
         argv[n++] = "cancelling";
         argv[n++] = "cancelling_at";
         argv[n++] = now;
@@ -1794,6 +1827,10 @@ static void tick_batch_cb(redisAsyncContext *ac, void *r, void *priv)
         else if (!strcmp(st, "finalizing"))
             start_final(t, q->member, colon + 1, (uint32_t)fint(&fs, "lines"),
                         f && *f ? f : "completed");
+        else if (!strcmp(st, "cancelling") && !fget(&fs, "lines") && fget(&fs, "input_file_id") &&
+                 fget(&fs, "endpoint"))
+            start_create(t, q->member, colon + 1, fget(&fs, "input_file_id"),
+                         fget(&fs, "endpoint"));
         else if (!strcmp(st, "cancelling") && !fget(&fs, "cancel_done"))
             start_cancel(t, q->member, colon + 1, (uint32_t)fint(&fs, "lines"),
                          f && !strcmp(f, "expired") ? "expired" : "cancelled");

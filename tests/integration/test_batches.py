@@ -309,6 +309,20 @@ def test_batch_cancel():
                                           b["id"], headers=AUTH)
         assert status == 200 and c2["status"] == "cancelled", c2
 
+        # cancelled while still validating: the create walk ends, then cancels every line
+        n = 6000
+        status, _, f2 = upload(st, "\n".join(line("v-%d" % i, "p") for i in range(n)))
+        assert status == 200, f2
+        status, _, b2 = create(st, f2["id"])
+        assert status == 200 and b2["status"] == "validating", b2
+        status, _, c3 = harness.http_json("POST", st.broker_url + "/v1/batches/%s/cancel" %
+                                          b2["id"], headers=AUTH)
+        assert status == 200 and c3["status"] == "cancelling", c3
+        done = wait_status(st, b2["id"], ("cancelled", "completed"), 60)
+        assert done["status"] == "cancelled", done
+        assert done["request_counts"] == {"total": n, "completed": 0, "failed": n}, done
+        assert len(content(st, done["error_file_id"])) == n
+
 
 def test_batch_broker_killed_while_validating():
     """SIGKILL during the create walk: a new broker's timer takes the batch over once the dead
