@@ -278,4 +278,38 @@ def test_offset_reset_is_logged_and_counted():
         assert "offset_resets=1" in open(w2.log_path).read().splitlines()[-2]
 
 
+def produce_big(st, topic, key, value):
+    """kcat with a raised message.max.bytes: a record over the worker producer's 1,000,000."""
+    import subprocess
+    argv = ["kcat", "-P", "-b", st.kafka_.bootstrap, "-t", topic, "-K", "\t",
+            "-X", "message.max.bytes=4000000"]
+    data = ("%s\t%s\n" % (key, json.dumps(value, separators=(",", ":")))).encode()
+    out = subprocess.run(argv, input=data, capture_output=True, timeout=T(60))
+    assert out.returncode == 0, out.stderr.decode()
+
+
+def test_large_result_fails_too_large_and_frees_the_partition():
+    """A 1.03 MB prompt the sim echoes back: its result can never fit the producer's
+    message.max.bytes (1,000,000), nor its envelope + error on the dlq. The job fails as
+    too_large with a small result, the dlq gets a small stand-in, and the next job on the same
+    partition is not stuck behind it (G2/G5)."""
+    with harness.Stack("worker_too_large") as st:
+        r, s, path = stack_up(st)
+        w = start_worker(st, path)
+        big = "b" * 1030000
+        produce_big(st, REQ, "k", envelope("big-1", big))
+        st.produce(REQ, [envelope("after-1", "after-1")], keys=["k"])
+        got = wait_results(st, ["big-1", "after-1"], T(40))
+        res = got["big-1"][0]
+        assert res["status"] == "failed", res["status"]
+        assert res["error"]["type"] == "too_large", res["error"]
+        assert got["after-1"][0]["status"] == "succeeded"
+        dlq = by_id(values(st.consume_all(DLQ)))
+        assert dlq["big-1"] and dlq["big-1"][0].get("truncated") is True, dlq.keys()
+        assert r.cli("HGET", "promptq:job:default:big-1", "status") == "failed"
+        log = open(w.log_path).read()
+        assert "capped at" in log
+        assert w.stop(T(15)) == 0
+
+
 harness.run(globals())

@@ -98,6 +98,8 @@ struct pq_job_s {
     job_state_t state;
     redis_step_t rstep;
     int in_wait, in_table, lease_held, handed_back, nredis;
+    int slim;      /* result record without attempt log and metadata (too large otherwise) */
+    int dlq_small; /* the dlq record is the small stand-in (the full one was too large) */
     struct event timer, renew;
 
     pq_http_req_t *http;
@@ -396,7 +398,7 @@ static char *build_result(const pq_job_t *j, size_t *len)
                         result_provider(j) ? json_string(result_provider(j)) : json_null());
     json_object_set_new(o, "model", result_model(j) ? json_string(result_model(j)) : json_null());
     json_object_set_new(o, "attempts", json_integer(j->attempts));
-    if (j->alog)
+    if (j->alog && !j->slim)
         json_object_set(o, "attempt_log", j->alog);
     if (j->cached)
         json_object_set_new(o, "cached_from",
@@ -407,7 +409,7 @@ static char *build_result(const pq_job_t *j, size_t *len)
         json_object_set(o, "response", j->response);
     else
         json_object_set_new(o, "error", error_object(j));
-    json_object_set(o, "metadata", j->env.metadata ? j->env.metadata : json_null());
+    json_object_set(o, "metadata", j->env.metadata && !j->slim ? j->env.metadata : json_null());
     json_object_set_new(o, "latency_ms",
                         json_integer(now > j->created_ms ? now - j->created_ms : 0));
     json_object_set_new(o, "created_at", json_string(created));
@@ -421,8 +423,35 @@ static char *build_result(const pq_job_t *j, size_t *len)
     return s;
 }
 
-/* Envelope + "error" for promptq.dlq. */
-static char *build_dlq(const pq_job_t *j, json_t *error, size_t *len)
+/* The stand-in for a dlq record too large for Kafka: id, tenant, route, the error and
+ * "truncated": true (the request itself stays in the job's source topic). */
+static char *build_dlq_small(pq_job_t *j, size_t *len)
+{
+    json_t *o = json_object(), *e = error_object(j);
+    char *s;
+
+    if (j->env.id)
+        json_object_set_new(o, "id", json_string(id_of(j)));
+    json_object_set_new(o, "tenant", json_string(tenant_of(j)));
+    if (j->env.model)
+        json_object_set_new(o, "model", json_string(j->env.model));
+    if (!j->env.root) {
+        json_object_set_new(e, "type", json_string("invalid"));
+        json_object_set_new(e, "message", json_string("invalid job too large to copy"));
+    }
+    json_object_set_new(o, "error", e);
+    json_object_set_new(o, "truncated", json_true());
+    json_object_set_new(o, "source",
+                        json_pack("{s:s, s:i, s:I}", "topic", j->src_topic, "partition",
+                                  (int)j->partition, "offset", (json_int_t)j->offset));
+    s = dump(o, len);
+    json_decref(o);
+    j->dlq_small = 1;
+    return s;
+}
+
+/* Envelope + "error" for promptq.dlq (the small stand-in when that is over max_msg). */
+static char *build_dlq(pq_job_t *j, json_t *error, size_t *len)
 {
     json_t *o = json_copy(j->env.root); /* shallow */
     char *s;
@@ -435,7 +464,47 @@ static char *build_dlq(const pq_job_t *j, json_t *error, size_t *len)
     json_object_set_new(o, "error", error);
     s = dump(o, len);
     json_decref(o);
+    if (s && *len > j->w->max_msg) {
+        free(s);
+        s = build_dlq_small(j, len);
+    }
     return s;
+}
+
+/* Produce errors that no retry can fix. */
+static int produce_err_permanent(rd_kafka_resp_err_t e)
+{
+    switch (e) {
+    case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+    case RD_KAFKA_RESP_ERR_INVALID_MSG_SIZE:
+    case RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE:
+    case RD_KAFKA_RESP_ERR_INVALID_RECORD:
+    case RD_KAFKA_RESP_ERR_INVALID_MSG:
+    case RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED:
+    case RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED:
+    case RD_KAFKA_RESP_ERR__INVALID_ARG:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* A permanent produce error on p: the dlq record is replaced by its small stand-in once (and
+ * produced again); otherwise the record is given up (logged and counted) so the job ends and
+ * its offset moves on. */
+static void pub_permanent(pq_job_t *j, pub_t *p, rd_kafka_resp_err_t err)
+{
+
+    if (p == &j->pubs[1] && !j->dlq_small) {
+        free(j->dlq);
+        j->dlq = build_dlq_small(j, &j->dlq_len);
+        if (j->dlq)
+            return;
+    }
+    PQ_ERR("job %s/%s: %s record of %zu bytes cannot be produced (%s): given up", tenant_of(j),
+           id_of(j), p == &j->pubs[0] ? "result" : "dlq",
+           p == &j->pubs[0] ? j->result_len : j->dlq_len, rd_kafka_err2str(err));
+    p->done = 1;
 }
 
 /* A JSON string of bytes that may not be UTF-8: invalid bytes become '?'. */
@@ -481,7 +550,14 @@ static void job_publish(pq_job_t *j)
         }
         p->job = j;
         p->topic = i == 0 ? PQ_T_RESULTS : PQ_T_DLQ;
-        err = pq_worker_produce(w, p->topic, key, buf, len, p);
+        err = len > w->max_msg ? RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE
+                               : pq_worker_produce(w, p->topic, key, buf, len, p);
+        if (err && produce_err_permanent(err)) {
+            pq_counter_add(w->m.produce_errors, 1);
+            pub_permanent(j, p, err);
+            i--; /* the same record again: its stand-in, or done */
+            continue;
+        }
         if (err) {
             PQ_WARN("job %s/%s: produce to %s: %s", tenant_of(j), id_of(j), w->topics[p->topic],
                     rd_kafka_err2str(err));
@@ -507,6 +583,13 @@ void pq_job_delivered(pq_worker_t *w, const rd_kafka_message_t *m)
     if (!j)
         return;
     p->pending = 0;
+    if (m->err && p != &j->park_pub && produce_err_permanent(m->err)) {
+        pq_counter_add(w->m.produce_errors, 1);
+        pub_permanent(j, p, m->err);
+        if (j->state == JS_PUBLISH && !evtimer_pending(&j->timer, NULL))
+            job_publish(j);
+        return;
+    }
     if (m->err) {
         PQ_ERR("job %s/%s: delivery to %s failed: %s; producing again", tenant_of(j), id_of(j),
                p->topic == PQ_T_RETRY ? j->rs->topic : w->topics[p->topic],
@@ -1250,7 +1333,7 @@ static void job_send(pq_job_t *j, const char *key)
     j->pass_attempts++;
     pq_counter_add(w->m.provider_calls, 1);
     j->http = pq_http_post(w->http, req.url, req.headers, req.body, req.body_len, t->p->timeout_ms,
-                           (size_t)w->conf->max_response_bytes, on_http_done, j);
+                           w->max_response, on_http_done, j);
     req.headers = NULL;
     req.body = NULL;
     pq_provider_req_clear(&req);
@@ -1513,6 +1596,23 @@ static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char
     event_del(&j->renew);
     free(j->result);
     j->result = build_result(j, &j->result_len);
+    if (j->result && j->result_len > j->w->max_msg) {
+        /* never produceable: fail it as too_large with a small record, before the terminal
+         * write (G3: the stored result is what every redelivery re-publishes) */
+        char why[200];
+        snprintf(why, sizeof(why),
+                 "result record of %zu bytes exceeds the producer's message.max.bytes",
+                 j->result_len);
+        PQ_WARN("job %s/%s: %s: failed too_large", tenant_of(j), id_of(j), why);
+        json_decref(j->response);
+        j->response = NULL;
+        j->slim = 1;
+        j->status = "failed";
+        j->err = PQ_ERR_TOO_LARGE;
+        pq_strlcpy(j->errmsg, why, sizeof(j->errmsg));
+        free(j->result);
+        j->result = build_result(j, &j->result_len);
+    }
     if (!j->result) {
         PQ_ERR("job %s/%s: cannot build the result record", tenant_of(j), id_of(j));
         timer_in(j, REDIS_ERROR_RETRY_MS);
@@ -1600,6 +1700,12 @@ static void job_invalid(pq_job_t *j, const rd_kafka_message_t *m, pq_err_t err, 
     json_object_set_new(doc, "error", e);
     j->dlq = dump(doc, &j->dlq_len);
     json_decref(doc);
+    if (j->dlq && j->dlq_len > w->max_msg) {
+        free(j->dlq);
+        j->err = err;
+        pq_strlcpy(j->errmsg, why, sizeof(j->errmsg));
+        j->dlq = build_dlq_small(j, &j->dlq_len);
+    }
     if (m->key && m->key_len > 0)
         j->msg_key = strndup(m->key, m->key_len);
     j->status = "invalid";

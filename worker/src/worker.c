@@ -1309,6 +1309,24 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         w->limits.max_prompt_bytes = (size_t)conf->max_prompt_bytes;
     if (conf->max_body_bytes > 0 && (size_t)conf->max_body_bytes > w->limits.max_bytes)
         w->limits.max_bytes = (size_t)conf->max_body_bytes;
+    {
+        /* A result (or dlq record) over the producer's message.max.bytes can never be produced:
+         * cap provider answers so their result record fits, with room for the record's own
+         * fields (attempt log, metadata, source). */
+        const char *mmb = pq_conf_kafka_get(conf, "message.max.bytes");
+        long long max = mmb && atoll(mmb) > 0 ? atoll(mmb) : 1000000;
+        if (max < 2 * MSG_KEY_HEADROOM)
+            max = 2 * MSG_KEY_HEADROOM;
+        w->max_msg = (size_t)max - MSG_KEY_HEADROOM;
+        w->max_response = (size_t)conf->max_response_bytes;
+        if (w->max_response + RESULT_HEADROOM > w->max_msg) {
+            w->max_response =
+                w->max_msg > 2 * RESULT_HEADROOM ? w->max_msg - RESULT_HEADROOM : w->max_msg / 2;
+            PQ_INFO("worker.max_response_bytes %lld capped at %zu: results must fit Kafka's "
+                    "message.max.bytes %lld",
+                    (long long)conf->max_response_bytes, w->max_response, max);
+        }
+    }
 
     if (getrandom(nonce, sizeof(nonce), 0) != (ssize_t)sizeof(nonce)) {
         snprintf(errstr, errstr_size, "getrandom: %s", strerror(errno));

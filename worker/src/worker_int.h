@@ -18,7 +18,11 @@
 #include "worker.h"
 
 enum { PQ_T_REQUESTS = 0, PQ_T_BULK, PQ_T_RESULTS, PQ_T_DLQ, PQ_T_COUNT };
-#define PQ_T_RETRY PQ_T_COUNT /* a route's retry topic (pq_part_t.rs names it) */
+#define PQ_T_RETRY       PQ_T_COUNT
+#define MSG_KEY_HEADROOM 1024 /* message.max.bytes counts the key too */
+#define RESULT_HEADROOM                                                                            \
+    (64 * 1024) /* a result record's fields around the response */ /* a route's retry topic        \
+                                                                      (pq_part_t.rs names it) */
 
 /* The providers and routes of one config (SIGHUP loads a new one). Jobs hold a reference: a
  * retired generation lives until its last job ends. */
@@ -105,6 +109,8 @@ struct pq_worker_s {
     char owner[192]; /* lease owner: instance id + per-process nonce */
     pq_envelope_limits_t limits;
     int64_t ttl_ms;
+    size_t max_msg;      /* the producer's message.max.bytes minus a key/record headroom */
+    size_t max_response; /* max_response_bytes, capped so a result record fits in max_msg */
 
     struct event *ev_cqueue, *ev_pqueue, *ev_drain, *ev_safety, *ev_stats, *ev_flush;
     struct event *ev_routes, *ev_replay, *ev_health, *ev_sighup;
