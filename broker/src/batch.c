@@ -656,6 +656,10 @@ static void create_finish(pq_btask_t *bt)
         return;
     }
     free(errors);
+    if (bt->step != 2) {
+        pq_counter_add(bt->t->b->m_batch_lines, bt->nreq);
+        pq_counter_add(bt->t->b->m_batch_invalid, bt->ninvalid);
+    }
     if (bt->step != 2)
         PQ_INFO("batch %s/%s: %u lines queued, %u invalid", bt->tenant, bt->id, bt->nreq,
                 bt->ninvalid);
@@ -904,6 +908,7 @@ static void final_step(pq_btask_t *bt)
         snprintf(active, sizeof(active), "%s:%s", bt->tenant, bt->id);
         pq_rconn_sendf(t, NULL, NULL, "SREM %sbatches:active %s", t->bc->conf->redis_prefix,
                        active);
+        pq_counter_add(t->b->m_batches_finalized, 1);
         PQ_INFO("batch %s/%s %s: output %zu bytes, errors %zu bytes", bt->tenant, bt->id, bt->final,
                 olen, elen);
         bt->finished = 1;
@@ -1403,6 +1408,7 @@ static void post_written(pq_slot_t *s, const void *r)
     if (c->metadata)
         F("metadata", c->metadata);
 #undef F
+    pq_counter_add(s->t->b->m_batches_created, 1);
     start_create(s->t, s->tenant, s->id, c->input_file_id, c->endpoint);
     reply_json(s, 200, batch_object(&fs, NULL));
     pq_slot_release(s);

@@ -141,6 +141,12 @@ typedef struct pq_broker_s {
     pq_counter_t *m_idem_reused;
     pq_counter_t *m_rate_limited;
     pq_counter_t *m_cancelled;
+    /* files and batches */
+    pq_counter_t *m_batches_created;
+    pq_counter_t *m_batches_finalized;
+    pq_counter_t *m_batch_lines;   /* outcome="queued" */
+    pq_counter_t *m_batch_invalid; /* outcome="invalid" */
+    pq_counter_t *m_files_uploaded;
 } pq_broker_t;
 
 typedef enum {

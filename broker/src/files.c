@@ -332,6 +332,7 @@ static void upload_stored(pq_slot_t *s, const void *r)
     upload_t *u = s->ctx;
     char bytes[24], created[24];
 
+    pq_counter_add(s->t->b->m_files_uploaded, (uint64_t)u->bytes);
     snprintf(bytes, sizeof(bytes), "%zu", u->bytes);
     snprintf(created, sizeof(created), "%lld", (long long)(pq_now_ms() / 1000));
     reply_json(s, 200, file_object(u->id, bytes, created, u->filename, u->purpose));

@@ -162,6 +162,23 @@ static int metrics_init(pq_broker_t *b)
                                            "Requests answered 429 by the tenant rate limit", NULL);
     b->m_cancelled = pq_metrics_counter(b->metrics, "promptq_broker_jobs_cancelled_total",
                                         "Jobs cancelled with DELETE /v1/jobs/{id}", NULL);
+    b->m_batches_created = pq_metrics_counter(b->metrics, "promptq_broker_batches_created_total",
+                                              "Batches created with POST /v1/batches", NULL);
+    b->m_batches_finalized = pq_metrics_counter(
+        b->metrics, "promptq_broker_batches_finalized_total",
+        "Batches finalized (completed, cancelled or expired) by this process", NULL);
+    b->m_batch_lines = pq_metrics_counter(b->metrics, "promptq_broker_batch_lines_total",
+                                          "Batch lines made durable as jobs on the bulk lane",
+                                          "outcome=\"queued\"");
+    b->m_batch_invalid = pq_metrics_counter(b->metrics, "promptq_broker_batch_lines_total",
+                                            "Batch lines made durable as jobs on the bulk lane",
+                                            "outcome=\"invalid\"");
+    b->m_files_uploaded =
+        pq_metrics_counter(b->metrics, "promptq_broker_files_uploaded_bytes_total",
+                           "Bytes of files uploaded with POST /v1/files", NULL);
+    if (!b->m_batches_created || !b->m_batches_finalized || !b->m_batch_lines ||
+        !b->m_batch_invalid || !b->m_files_uploaded)
+        return -1;
     if (!b->m_chat_waiting || !b->m_chat_timeouts || !b->m_chat_abandoned || !b->m_chat_notified ||
         !b->m_sub_subscribed || !b->m_idem_replayed || !b->m_idem_reused || !b->m_rate_limited ||
         !b->m_cancelled)

@@ -53,6 +53,16 @@ def stack(st, worker=True, extra_broker=None):
     return red
 
 
+def metric(st, name, labels=""):
+    status, _, raw = harness.http("GET", st.broker_url + "/metrics")
+    assert status == 200
+    want = name + ("{" + labels + "}" if labels else "")
+    for ln in raw.decode().splitlines():
+        if ln.startswith(want + " "):
+            return float(ln.split()[-1])
+    return 0.0
+
+
 def line(cid, prompt, **kw):
     d = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}}
@@ -232,6 +242,13 @@ def test_batch_end_to_end():
         assert [x["id"] for x in page3["data"]] == newest[4:] and page3["has_more"] is False
         status, _, empty = harness.http_json("GET", st.broker_url + "/v1/batches", headers=AUTH2)
         assert status == 200 and empty["data"] == [] and empty["has_more"] is False
+
+        for bid in ids:
+            wait_status(st, bid, ("completed",), 30)
+        assert metric(st, "promptq_broker_batch_lines_total", 'outcome="queued"') == 500 + 2 * 4
+        assert metric(st, "promptq_broker_batch_lines_total", 'outcome="invalid"') == 6 * 4
+        assert metric(st, "promptq_broker_batches_created_total") == 5
+        assert metric(st, "promptq_broker_batches_finalized_total") == 5
 
         # caps and validation
         big = "\n".join(line("c%d" % i, "p") for i in range(601))
