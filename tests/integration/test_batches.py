@@ -50,6 +50,7 @@ def stack(st, worker=True, extra_broker=None):
     p = st.spawn("promptq-broker", "--config", path, name="broker")
     wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
     assert p.alive(), "broker exited:\n" + p.tail()
+    st.cfg_path = path
     return red
 
 
@@ -374,6 +375,31 @@ def test_batch_broker_killed_while_validating():
         assert done["request_counts"] == {"total": n, "completed": n, "failed": 0}, done
         out = content(st, done["output_file_id"])
         assert sorted(o["custom_id"] for o in out) == sorted("k-%d" % i for i in range(n))
+
+
+def test_batch_lines_spooled_while_kafka_is_down():
+    """Kafka down during the create walk: the lines go to the broker's spool (fsync'd), the
+    batch moves to in_progress, and once Kafka is back the drainer produces them to the bulk
+    lane and the worker completes the batch."""
+    with harness.Stack("batches-spool") as st:
+        red = stack(st, worker=False, extra_broker={"ack_timeout_ms": 300})
+        status, _, f = upload(st, "\n".join(line("s-%d" % i, "spooled %d" % i)
+                                             for i in range(300)))
+        assert status == 200, f
+        st.kafka_.control("down -1")
+        status, _, b = create(st, f["id"])
+        assert status == 200, b
+        doc = wait_status(st, b["id"], ("in_progress",), 60)
+        assert doc["request_counts"]["total"] == 300, doc
+        assert metric(st, "promptq_broker_spool_committed_total") == 300
+        st.kafka_.control("up -1")
+        assert red.cli("HGET", "promptq:job:%s:%s-1" % (TENANT, b["id"]), "status") == "queued"
+        st.spawn("promptq-worker", "--config", st.cfg_path, name="worker")
+        done = wait_status(st, b["id"], ("completed",), 90)
+        assert done["request_counts"] == {"total": 300, "completed": 300, "failed": 0}, done
+        out = {o["custom_id"]: o for o in content(st, done["output_file_id"])}
+        assert out["s-7"]["response"]["body"]["choices"][0]["message"]["content"] == "echo: spooled 7"
+        assert len(out) == 300
 
 
 def test_batch_expiry_by_timer():
