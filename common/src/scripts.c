@@ -43,7 +43,7 @@ const char pq_script_lease_renew[] = "if redis.call('GET', KEYS[1]) == ARGV[1] t
 
 const char pq_script_job_finish[] = TERMINAL_CHECK
     "local v = redis.call('HMGET', KEYS[1], 'status', 'result', 'batch')\n"
-    "if v[1] and terminal(v[1]) then return {0, v[2] or ''} end\n"
+    "if v[1] and terminal(v[1]) then return {0, v[2] or '', v[1]} end\n"
     "if v[3] and v[3] ~= '' then\n"
     "  redis.call('HINCRBY', v[3], ARGV[1] == 'succeeded' and 'completed' or 'failed', 1)\n"
     "end\n"

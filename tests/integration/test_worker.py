@@ -312,4 +312,101 @@ def test_large_result_fails_too_large_and_frees_the_partition():
         assert w.stop(T(15)) == 0
 
 
+class DropFinishReplyProxy:
+    """TCP proxy to Redis that, once, forwards the finish script (the terminal write) and then
+    drops the connection before its reply reaches the worker."""
+
+    MARK = b"'result', ARGV[2]"
+
+    def __init__(self, port):
+        import socket
+        import threading
+        self.port_to = port
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.dropped = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.port_to))
+            threading.Thread(target=self._up, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._down, args=(c, u), daemon=True).start()
+
+    def _close(self, c, u):
+        import socket
+        for x in (c, u):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _up(self, c, u):
+        buf = b""
+        while True:
+            try:
+                d = c.recv(65536)
+            except OSError:
+                d = b""
+            if not d:
+                return self._close(c, u)
+            buf = (buf + d)[-4096:]
+            drop = False
+            with self.lock:
+                if self.dropped == 0 and self.MARK in buf:
+                    self.dropped = 1
+                    drop = True
+            if drop:
+                self.cut = (c, u)
+            try:
+                u.sendall(d)
+            except OSError:
+                return self._close(c, u)
+
+    def _down(self, c, u):
+        while True:
+            try:
+                d = u.recv(65536)
+            except OSError:
+                d = b""
+            if not d or getattr(self, "cut", None) == (c, u):
+                return self._close(c, u)
+            try:
+                c.sendall(d)
+            except OSError:
+                return self._close(c, u)
+
+
+def test_lost_finish_reply_still_reaches_the_dlq():
+    """The connection drops after Redis ran the terminal write of a failing job: the re-issued
+    write finds the record terminal with our own result, which is still our win: the failed
+    job reaches promptq.dlq (G2)."""
+    with harness.Stack("worker_lost_finish") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=1)
+        st.sim("a")
+        proxy = DropFinishReplyProxy(r.port)
+        path, _ = st.config(extra={"worker": {"lease_ms": 3000},
+                                   "redis": {"url": "redis://127.0.0.1:%d" % proxy.port}})
+        w = start_worker(st, path)
+        st.produce(REQ, [envelope("lost-1", "x", route="no-such-route")], keys=["lost-1"])
+        got = wait_results(st, ["lost-1"], T(30))
+        assert got["lost-1"][0]["status"] == "failed"
+        wait_for(lambda: "lost-1" in by_id(values(st.consume_all(DLQ))), T(20),
+                 "the failed job on the dlq")
+        assert proxy.dropped == 1, "the finish reply was not dropped"
+        assert r.cli("HGET", "promptq:job:default:lost-1", "status") == "failed"
+        assert w.stop(T(15)) == 0
+
+
 harness.run(globals())

@@ -821,7 +821,12 @@ static void on_finish(pq_job_t *j, redisReply *r)
     }
     j->lease_held = 0;
     table_remove(j);
-    if (r->element[0]->integer == 1) {
+    /* {0, result, status} with our own result byte for byte: our earlier call won and its
+     * reply was lost (a reconnect re-issued it). It is still our win: publish, and dlq. */
+    if (r->element[0]->integer == 1 ||
+        (r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING && j->result &&
+         r->element[1]->len == j->result_len &&
+         memcmp(r->element[1]->str, j->result, j->result_len) == 0)) {
         if (strcmp(j->status, "succeeded") == 0) {
             pq_counter_add(w->m.succeeded, 1);
         } else {

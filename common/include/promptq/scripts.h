@@ -36,8 +36,10 @@ extern const char pq_script_lease_renew[];
  * ARGV[2] result record JSON, ARGV[3] response JSON or "", ARGV[4] error JSON or "",
  * ARGV[5] provider, ARGV[6] model, ARGV[7] attempts, ARGV[8] now ms, ARGV[9] ttl ms,
  * ARGV[10] route, ARGV[11] request hash.
- * Returns {1} if this call wrote the terminal state (the caller publishes), or {0, result} if
- * the job was already terminal (the caller re-publishes that result, never its own).
+ * Returns {1} if this call wrote the terminal state (the caller publishes), or
+ * {0, result, status} if the job was already terminal (the caller re-publishes that result,
+ * never its own; a result byte-identical to the caller's own means its earlier call won and the
+ * reply was lost).
  * A winner on a record with a "batch" field (a batch line) also HINCRBYs that batch hash's
  * "completed" (status succeeded) or "failed" (any other terminal status) counter. */
 extern const char pq_script_job_finish[];
