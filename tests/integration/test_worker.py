@@ -312,22 +312,25 @@ def test_large_result_fails_too_large_and_frees_the_partition():
         assert w.stop(T(15)) == 0
 
 
-class DropFinishReplyProxy:
-    """TCP proxy to Redis that, once, forwards the finish script (the terminal write) and then
-    drops the connection before its reply reaches the worker."""
+class RedisProxy:
+    """TCP proxy to Redis. drop_mark: once, forwards the command holding it and then drops the
+    connection before the reply reaches the worker. hold: while set, replies are kept back."""
 
-    MARK = b"'result', ARGV[2]"
+    FINISH = b"'result', ARGV[2]"
 
-    def __init__(self, port):
+    def __init__(self, port, drop_mark=None):
         import socket
         import threading
         self.port_to = port
+        self.drop_mark = drop_mark
         self.lsock = socket.socket()
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind(("127.0.0.1", 0))
         self.lsock.listen(16)
         self.port = self.lsock.getsockname()[1]
         self.dropped = 0
+        self.cut = None
+        self.hold = threading.Event()
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -361,13 +364,11 @@ class DropFinishReplyProxy:
             if not d:
                 return self._close(c, u)
             buf = (buf + d)[-4096:]
-            drop = False
-            with self.lock:
-                if self.dropped == 0 and self.MARK in buf:
-                    self.dropped = 1
-                    drop = True
-            if drop:
-                self.cut = (c, u)
+            if self.drop_mark:
+                with self.lock:
+                    if self.dropped == 0 and self.drop_mark in buf:
+                        self.dropped = 1
+                        self.cut = (c, u)
             try:
                 u.sendall(d)
             except OSError:
@@ -379,8 +380,10 @@ class DropFinishReplyProxy:
                 d = u.recv(65536)
             except OSError:
                 d = b""
-            if not d or getattr(self, "cut", None) == (c, u):
+            if not d or self.cut == (c, u):
                 return self._close(c, u)
+            while self.hold.is_set():
+                time.sleep(0.01)
             try:
                 c.sendall(d)
             except OSError:
@@ -395,7 +398,7 @@ def test_lost_finish_reply_still_reaches_the_dlq():
         r = st.redis()
         st.devkafka(brokers=1, partitions=1)
         st.sim("a")
-        proxy = DropFinishReplyProxy(r.port)
+        proxy = RedisProxy(r.port, RedisProxy.FINISH)
         path, _ = st.config(extra={"worker": {"lease_ms": 3000},
                                    "redis": {"url": "redis://127.0.0.1:%d" % proxy.port}})
         w = start_worker(st, path)
@@ -407,6 +410,35 @@ def test_lost_finish_reply_still_reaches_the_dlq():
         assert proxy.dropped == 1, "the finish reply was not dropped"
         assert r.cli("HGET", "promptq:job:default:lost-1", "status") == "failed"
         assert w.stop(T(15)) == 0
+
+
+def test_hand_back_during_begin_starts_no_call():
+    """SIGTERM while the lease scripts' replies are still on their way: the jobs are handed
+    back first; the late replies start no provider call and their leases are released."""
+    with harness.Stack("worker_term_begin") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=1)
+        s = st.sim("a")
+        proxy = RedisProxy(r.port)
+        path, _ = st.config(extra={"worker": {"lease_ms": 20000},
+                                   "redis": {"url": "redis://127.0.0.1:%d" % proxy.port}})
+        w = start_worker(st, path, "worker", "--grace-ms", "300")
+        wait_for(lambda: "subscribed" in open(w.log_path).read() or
+                 "assigned" in open(w.log_path).read(), T(20), "the worker to join")
+        time.sleep(1)
+        proxy.hold.set()
+        ids = ["hb-%02d" % i for i in range(5)]
+        st.produce(REQ, [envelope(i, i) for i in ids], keys=ids)
+        wait_for(lambda: r.cli("EXISTS", "promptq:lease:default:" + ids[-1]) == "1", T(20),
+                 "the begin scripts to run")
+        w.kill(signal.SIGTERM)
+        time.sleep(0.8)  # grace over: handed back while the begin replies are held
+        proxy.hold.clear()
+        assert w.wait(T(10)) == 0
+        assert s.stats()["requests"] == 0, "a provider call started after the hand-back"
+        wait_for(lambda: all(r.cli("EXISTS", "promptq:lease:default:" + i) == "0" for i in ids),
+                 T(5), "the leases to be released")
+        assert all(r.cli("HGET", "promptq:job:default:" + i, "status") == "queued" for i in ids)
 
 
 harness.run(globals())

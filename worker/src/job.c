@@ -895,6 +895,16 @@ static void on_redis_reply(void *opaque, redisReply *reply)
         j->rstep = RS_NONE;
         return;
     }
+    if (j->handed_back && (step == RS_BEGIN || step == RS_CACHE_GET)) {
+        /* handed back while this step was in flight: start nothing; a begin may have taken
+         * the lease (and set running) after the hand-back, so release it */
+        j->rstep = RS_NONE;
+        if (step == RS_BEGIN && reply) {
+            j->rstep = RS_RELEASE;
+            job_redis_issue(j);
+        }
+        return;
+    }
     if (!reply) {
         redis_wait(j); /* connection lost: the step runs again when Redis is back */
         return;
