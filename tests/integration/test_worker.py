@@ -441,4 +441,27 @@ def test_hand_back_during_begin_starts_no_call():
         assert all(r.cli("HGET", "promptq:job:default:" + i, "status") == "queued" for i in ids)
 
 
+def test_lost_lease_stops_calls_until_it_is_free():
+    """Another owner takes the lease of a running job: the worker stops its call and makes no
+    further one while that owner holds it; once the lease is free the job runs and finishes."""
+    with harness.Stack("worker_lease_lost") as st:
+        r, s, path = stack_up(st, sim_state={"latency_ms": 2500}, worker={"lease_ms": 1500})
+        w = start_worker(st, path)
+        st.produce(REQ, [envelope("ll-1", "ll-1")], keys=["ll-1"])
+        lease = "promptq:lease:default:ll-1"
+        wait_for(lambda: s.stats()["inflight"] == 1, T(20), "the call in flight")
+        r.cli("SET", lease, "someone-else", "PX", "60000")
+        wait_for(lambda: "lease lost to another owner" in open(w.log_path).read(), T(5),
+                 "the worker to notice the lost lease")
+        wait_for(lambda: s.stats()["inflight"] == 0, T(5), "the call to be cancelled")
+        calls = s.stats()["requests"]
+        time.sleep(3)
+        assert s.stats()["requests"] == calls, "called again while another owner held the lease"
+        assert "ll-1" not in by_id(values(st.consume_all(RESULTS)))
+        r.cli("DEL", lease)
+        got = wait_results(st, ["ll-1"], T(20))
+        assert got["ll-1"][0]["status"] == "succeeded"
+        assert w.stop(T(15)) == 0
+
+
 harness.run(globals())

@@ -943,6 +943,77 @@ void pq_job_redis_up(pq_worker_t *w)
     }
 }
 
+static void job_stop_calls(pq_job_t *j);
+
+/* Another owner holds the lease we lost: make no further provider call. A partition that is no
+ * longer ours ends the job like a hand-back (no offset, no finish); otherwise the job begins
+ * again after a lease period (then: terminal -> re-publish, leased -> wait, free -> run), so
+ * its offset still moves on. */
+static void lease_lost(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+
+    if (j->state != JS_QUEUED && j->state != JS_TOKEN && j->state != JS_CALL &&
+        j->state != JS_BACKOFF)
+        return; /* finishing or parking (compare-and-set), or between steps: the next renew */
+    PQ_WARN("job %s/%s: lease lost to another owner while running: no further provider calls",
+            tenant_of(j), id_of(j));
+    j->lease_held = 0;
+    event_del(&j->renew);
+    evtimer_del(&j->timer);
+    job_stop_calls(j);
+    pq_counter_add(w->m.handed_back, 1);
+    if (!j->part || j->part->revoked) {
+        j->handed_back = 1;
+        j->status = "lease_lost";
+        job_done(j);
+        return;
+    }
+    j->state = JS_WAIT_LEASE;
+    timer_in(j, w->conf->lease_ms);
+}
+
+static void on_retake_reply(void *opaque, redisReply *reply)
+{
+    pq_job_t *j = opaque;
+
+    j->nredis--;
+    if (j->state == JS_GONE) {
+        if (j->nredis == 0)
+            job_free(j);
+        return;
+    }
+    if (!reply || !j->lease_held)
+        return; /* connection lost: the next renew tries again */
+    if (reply->type == REDIS_REPLY_STATUS) {
+        PQ_WARN("job %s/%s: lease had expired; taken again", tenant_of(j), id_of(j));
+        return;
+    }
+    if (reply->type == REDIS_REPLY_NIL)
+        lease_lost(j);
+}
+
+/* The renewal found the lease not ours: take it again if it is free (SET NX). */
+static void lease_retake(pq_job_t *j)
+{
+    pq_worker_t *w = j->w;
+    char lease[24];
+    const char *argv[6];
+    size_t lens[6];
+
+    snprintf(lease, sizeof(lease), "%d", w->conf->lease_ms);
+    argv[0] = "SET";
+    argv[1] = j->lease_key;
+    argv[2] = w->owner;
+    argv[3] = "NX";
+    argv[4] = "PX";
+    argv[5] = lease;
+    for (int i = 0; i < 6; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_redis_command(w->redis, 6, argv, lens, on_retake_reply, j) == 0)
+        j->nredis++;
+}
+
 static void on_renew_reply(void *opaque, redisReply *reply)
 {
     pq_job_t *j = opaque;
@@ -954,8 +1025,7 @@ static void on_renew_reply(void *opaque, redisReply *reply)
         return;
     }
     if (reply && reply->type == REDIS_REPLY_INTEGER && reply->integer == 0 && j->lease_held)
-        PQ_WARN("job %s/%s: lease lost while running (another worker may run it too)", tenant_of(j),
-                id_of(j));
+        lease_retake(j);
 }
 
 static void on_renew_tick(evutil_socket_t fd, short what, void *arg)
