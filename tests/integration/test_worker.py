@@ -464,4 +464,23 @@ def test_lost_lease_stops_calls_until_it_is_free():
         assert w.stop(T(15)) == 0
 
 
+def test_redis_reconnect_is_not_another_delivery():
+    """The connection drops after Redis ran a job's begin script: the re-issued begin is the
+    same delivery, so with max_deliveries 1 the job runs instead of failing as poison."""
+    with harness.Stack("worker_begin_reconnect") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=1)
+        st.sim("a")
+        proxy = RedisProxy(r.port, b"'delivery'")
+        path, _ = st.config(extra={"worker": {"lease_ms": 3000, "max_deliveries": 1},
+                                   "redis": {"url": "redis://127.0.0.1:%d" % proxy.port}})
+        w = start_worker(st, path)
+        st.produce(REQ, [envelope("rc-1", "rc-1")], keys=["rc-1"])
+        got = wait_results(st, ["rc-1"], T(30))
+        assert proxy.dropped == 1, "the begin reply was not dropped"
+        assert got["rc-1"][0]["status"] == "succeeded", got["rc-1"][0].get("error")
+        assert r.cli("HGET", "promptq:job:default:rc-1", "deliveries") == "1"
+        assert w.stop(T(15)) == 0
+
+
 harness.run(globals())

@@ -634,7 +634,7 @@ static void job_redis_issue(pq_job_t *j)
     const pq_conf_t *c = w->conf;
     const char *argv[16];
     size_t lens[16];
-    char now[24], ttl[24], lease[24], maxd[24], attempts[24];
+    char now[24], ttl[24], lease[24], maxd[24], attempts[24], token[512];
     int argc = 0;
     char *resp = NULL, *err = NULL;
     size_t resp_len = 0, err_len = 0;
@@ -657,6 +657,10 @@ static void job_redis_issue(pq_job_t *j)
         argv[argc++] = w->owner;
         argv[argc++] = lease;
         argv[argc++] = maxd;
+        /* this delivery: the same message in this process is the same delivery */
+        snprintf(token, sizeof(token), "%s/%s/%" PRId32 "/%" PRId64, w->owner, j->src_topic,
+                 j->partition, j->offset);
+        argv[argc++] = token;
         break;
     case RS_FINISH:
         if (j->response) {

@@ -19,7 +19,9 @@ extern const char pq_script_job_drop[];
 
 /* Worker, before a provider call. KEYS[1] job key, KEYS[2] lease key. ARGV[1] request hash,
  * ARGV[2] now ms, ARGV[3] ttl ms, ARGV[4] route, ARGV[5] lease owner, ARGV[6] lease ms,
- * ARGV[7] max deliveries.
+ * ARGV[7] max deliveries, ARGV[8] (optional) delivery token: deliveries is incremented only when
+ * it differs from the record's "delivery" field (then stored there), so a begin re-issued after
+ * a Redis reconnect does not count as another delivery.
  * Returns an array whose first element says what to do:
  *   {"run", deliveries}      lease taken, status running, deliveries incremented
  *   {"terminal", result}     already terminal: do not call, re-publish result verbatim
