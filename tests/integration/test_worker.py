@@ -483,4 +483,39 @@ def test_redis_reconnect_is_not_another_delivery():
         assert w.stop(T(15)) == 0
 
 
+def test_metrics_endpoint():
+    """worker.metrics_listen serves GET /metrics (a counter moves with work) and /healthz."""
+    with harness.Stack("worker_metrics") as st:
+        port = harness.free_port()
+        r, s, path = stack_up(st, worker={"metrics_listen": "127.0.0.1:%d" % port})
+        w = start_worker(st, path)
+        url = "http://127.0.0.1:%d" % port
+        wait_for(lambda: _get(url + "/healthz")[0] == 200, T(20), "/healthz to answer 200")
+        status, _, body = harness.http("GET", url + "/healthz")
+        assert json.loads(body)["redis"] is True
+
+        def received():
+            status, _, body = harness.http("GET", url + "/metrics")
+            assert status == 200
+            text = body.decode() if isinstance(body, bytes) else body
+            m = re.search(r'^promptq_worker_jobs_total\{outcome="received"\} (\S+)$', text, re.M)
+            assert m, text[:500]
+            return float(m.group(1))
+
+        before = received()
+        ids = ["m-%d" % i for i in range(3)]
+        st.produce(REQ, [envelope(i, i) for i in ids], keys=ids)
+        wait_results(st, ids, T(30))
+        wait_for(lambda: received() >= before + 3, T(10), "the received counter to move")
+        assert harness.http("GET", url + "/nope")[0] == 404
+        assert w.stop(T(15)) == 0
+
+
+def _get(url):
+    try:
+        return harness.http("GET", url)
+    except Exception:
+        return (0, {}, b"")
+
+
 harness.run(globals())

@@ -192,6 +192,7 @@ static void test_defaults(void **state)
     assert_int_equal(c->max_deliveries, 5);
     assert_int_equal(c->lease_ms, 30000);
     assert_int_equal(c->worker_threads, 1);
+    assert_string_equal(c->metrics_listen, "");
     assert_string_equal(c->log_level, "info");
     assert_int_equal(c->log_json, 0);
 

@@ -28,6 +28,8 @@
 #include "promptq/keys.h"
 #include "promptq/log.h"
 #include "promptq/util.h"
+#include <event2/buffer.h>
+#include <event2/http.h>
 #include "worker_int.h"
 
 #define DRAIN_BUDGET      512
@@ -1279,6 +1281,8 @@ static rd_kafka_t *producer_new(pq_worker_t *w, char *errstr, size_t errstr_size
     return rk;
 }
 
+static int metrics_listen(pq_worker_t *w, const char *spec, char *errstr, size_t errstr_size);
+
 pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_size)
 {
     pq_worker_t *w = calloc(1, sizeof(*w));
@@ -1441,6 +1445,9 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         snprintf(errstr, errstr_size, "out of memory");
         goto out_fail;
     }
+    if (conf->metrics_listen && conf->metrics_listen[0] &&
+        metrics_listen(w, conf->metrics_listen, errstr, errstr_size) != 0)
+        goto out_fail;
     PQ_INFO("worker %s: group %s, topics %s %s, max_inflight %zu, cluster %s", w->owner,
             conf->group_id, w->topics[PQ_T_REQUESTS], w->topics[PQ_T_BULK], w->max_inflight,
             w->cluster_id);
@@ -1449,6 +1456,82 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
 out_fail:
     pq_worker_destroy(w);
     return NULL;
+}
+
+/* ---- metrics endpoint (worker.metrics_listen) ---- */
+
+static void on_metrics_http(struct evhttp_request *req, void *arg)
+{
+    pq_worker_t *w = arg;
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
+    struct evbuffer *out = evhttp_request_get_output_buffer(req);
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+
+    if (evhttp_request_get_command(req) != EVHTTP_REQ_GET &&
+        evhttp_request_get_command(req) != EVHTTP_REQ_HEAD) {
+        evhttp_send_error(req, 405, "Method Not Allowed");
+        return;
+    }
+    if (path && strcmp(path, "/metrics") == 0) {
+        size_t len = 0;
+        char *text = pq_metrics_render(w->metrics, &len);
+        if (!text) {
+            evhttp_send_error(req, 500, "Internal Server Error");
+            return;
+        }
+        evhttp_add_header(h, "Content-Type", "text/plain; version=0.0.4");
+        evbuffer_add(out, text, len);
+        free(text);
+        evhttp_send_reply(req, 200, "OK", NULL);
+    } else if (path && strcmp(path, "/healthz") == 0) {
+        int up = pq_redis_up(w->redis);
+        evhttp_add_header(h, "Content-Type", "application/json");
+        evbuffer_add_printf(out, "{\"status\":\"%s\",\"redis\":%s,\"inflight\":%zu}\n",
+                            w->stopping ? "stopping"
+                            : up        ? "ok"
+                                        : "degraded",
+                            up ? "true" : "false", w->inflight);
+        evhttp_send_reply(req, w->stopping || !up ? 503 : 200,
+                          w->stopping || !up ? "Unavailable" : "OK", NULL);
+    } else {
+        evhttp_send_error(req, 404, "Not Found");
+    }
+}
+
+/* Binds worker.metrics_listen ("HOST:PORT") on the worker's loop. Returns 0 or -1 (errstr). */
+static int metrics_listen(pq_worker_t *w, const char *spec, char *errstr, size_t errstr_size)
+{
+    char host[256];
+    const char *colon = strrchr(spec, ':');
+    char *end;
+    long port;
+
+    if (!colon || (size_t)(colon - spec) >= sizeof(host)) {
+        snprintf(errstr, errstr_size, "worker.metrics_listen: expected HOST:PORT");
+        return -1;
+    }
+    memcpy(host, spec, (size_t)(colon - spec));
+    host[colon - spec] = '\0';
+    port = strtol(colon + 1, &end, 10);
+    if (*end || port < 0 || port > 65535 || end == colon + 1) {
+        snprintf(errstr, errstr_size, "worker.metrics_listen: bad port");
+        return -1;
+    }
+    w->mhttp = evhttp_new(w->base);
+    if (!w->mhttp) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return -1;
+    }
+    evhttp_set_allowed_methods(w->mhttp, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
+    evhttp_set_timeout(w->mhttp, 10);
+    evhttp_set_max_body_size(w->mhttp, 4096);
+    evhttp_set_gencb(w->mhttp, on_metrics_http, w);
+    if (!evhttp_bind_socket_with_handle(w->mhttp, host[0] ? host : "0.0.0.0", (ev_uint16_t)port)) {
+        snprintf(errstr, errstr_size, "worker.metrics_listen %s: cannot bind", spec);
+        return -1;
+    }
+    PQ_INFO("metrics on http://%s/metrics", spec);
+    return 0;
 }
 
 int pq_worker_run(pq_worker_t *w, int grace_ms)
@@ -1502,6 +1585,8 @@ void pq_worker_destroy(pq_worker_t *w)
 
     if (!w)
         return;
+    if (w->mhttp)
+        evhttp_free(w->mhttp);
     pq_job_free_all(w);
     while ((p = TAILQ_FIRST(&w->parts))) {
         TAILQ_REMOVE(&w->parts, p, link);

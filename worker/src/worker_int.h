@@ -6,6 +6,7 @@
 #include <sys/queue.h>
 #include <event2/event.h>
 #include <event2/event_struct.h>
+#include <event2/http.h>
 #include <jansson.h>
 #include <librdkafka/rdkafka.h>
 #include "promptq/conf.h"
@@ -132,6 +133,7 @@ struct pq_worker_s {
 
     pq_metrics_t *metrics;
     pq_worker_metrics_t m;
+    struct evhttp *mhttp; /* worker.metrics_listen: GET /metrics, /healthz; NULL when off */
 };
 
 /* worker.c, for job.c */

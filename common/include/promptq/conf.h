@@ -111,6 +111,8 @@ typedef struct pq_conf_s {
     int lease_ms;       /* default 30000 */
     int max_attempts;   /* provider calls per job per pass over its route, default 10 */
     int worker_threads; /* default 1 */
+    /* "HOST:PORT" for GET /metrics and /healthz; "" = off */
+    char *metrics_listen;
 
     /* log */
     char *log_level; /* "info" */
