@@ -59,12 +59,15 @@ typedef enum {
     PQ_PATH_FILE,    /* /v1/files/{id}[/content] */
     PQ_PATH_BATCHES, /* /v1/batches */
     PQ_PATH_BATCH,   /* /v1/batches/{id}[/cancel] */
+    PQ_PATH_HEALTH,  /* /v1/health */
+    PQ_PATH_PARKED,  /* /v1/parked[/{route}[/replay]] */
+    PQ_PATH_DLQ,     /* /v1/dlq/redrive */
     PQ_PATH_OTHER,
     PQ_PATH__COUNT,
 } pq_path_t;
 
 /* Status codes counted per path; anything else is counted as "other". */
-#define PQ_BROKER_NCODES 18
+#define PQ_BROKER_NCODES 19
 
 /* Idempotency-Key: printable ASCII without spaces, at most this long. */
 #define PQ_IDEM_KEY_MAX 255
@@ -303,6 +306,15 @@ void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
 /* Authenticates a request. Returns 0 and sets *tenant (borrowed from the config, NULL in open
  * mode), or -1 after answering 401. */
 int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **tenant);
+
+/* 405 with Allow. */
+void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                                const char *allow);
+
+/* ops.c: GET /v1/health, GET /v1/parked (aggregated from the workers' health keys); the
+ * operations that need the workers' cooperation (POST /v1/parked/{route}/replay, DELETE
+ * /v1/parked/{route}, POST /v1/dlq/redrive) answer 501. path is the request's path. */
+void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path);
 
 /* intake.c: POST /v1/jobs */
 void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req);

@@ -10,13 +10,13 @@
 
 #include "promptq/log.h"
 
-static const int counted_codes[PQ_BROKER_NCODES - 1] = {200, 202, 400, 401, 403, 404, 405, 409, 413,
-                                                        415, 422, 429, 500, 502, 503, 504, 499};
+static const int counted_codes[PQ_BROKER_NCODES - 1] = {
+    200, 202, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 502, 503, 504, 499, 501};
 static const char *const path_labels[PQ_PATH__COUNT] = {
-    "/v1/jobs",  "/v1/jobs/{id}",        "/healthz",    "/readyz",
-    "/metrics",  "/v1/chat/completions", "/v1/models",  "/v1/models/{id}",
-    "/v1/files", "/v1/files/{id}",       "/v1/batches", "/v1/batches/{id}",
-    "other",
+    "/v1/jobs",   "/v1/jobs/{id}",        "/healthz",        "/readyz",
+    "/metrics",   "/v1/chat/completions", "/v1/models",      "/v1/models/{id}",
+    "/v1/files",  "/v1/files/{id}",       "/v1/batches",     "/v1/batches/{id}",
+    "/v1/health", "/v1/parked",           "/v1/dlq/redrive", "other",
 };
 
 static pq_counter_t *request_counter(pq_bthread_t *t, pq_path_t path, int code)
@@ -76,6 +76,8 @@ static const char *reason(int code)
         return "Gateway Timeout";
     case 500:
         return "Internal Server Error";
+    case 501:
+        return "Not Implemented";
     case 503:
         return "Service Unavailable";
     default:
@@ -94,6 +96,14 @@ void pq_http_reply(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
         evhttp_add_header(h, "Content-Type", "application/json");
     pq_counter_add(request_counter(t, path, code), 1);
     evhttp_send_reply(req, code, reason(code), NULL);
+}
+
+void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                                const char *allow)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", allow);
+    pq_http_error(t, req, path, 405, "method_not_allowed", "method not allowed; allowed: %s",
+                  allow);
 }
 
 /* Writes s JSON-escaped (without quotes) into out; truncates at a character boundary. */

@@ -277,6 +277,9 @@ static void on_request(struct evhttp_request *req, void *arg)
         pq_files_serve(t, req, path + 9);
     } else if (!strcmp(path, "/v1/batches") || !strncmp(path, "/v1/batches/", 12)) {
         pq_batch_serve(t, req, path + 11);
+    } else if (!strcmp(path, "/v1/health") || !strcmp(path, "/v1/parked") ||
+               !strncmp(path, "/v1/parked/", 11) || !strcmp(path, "/v1/dlq/redrive")) {
+        pq_ops_serve(t, req, path);
     } else if (!strcmp(path, "/healthz")) {
         if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
             serve_healthz(t, req);
