@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <event2/dns.h>
 #include <event2/event.h>
 #include <event2/event_struct.h>
 #include <event2/http.h>
@@ -254,6 +255,12 @@ struct pq_bthread_s {
     uint32_t nwaiters;
     struct event *reread_ev; /* retries reads that failed, while any need one */
 
+    /* redis host resolution on the loop (hiredis 0.14 resolves synchronously): one evdns base
+     * per loop, one pending lookup per connection */
+    struct evdns_base *dns;
+    struct evdns_getaddrinfo_request *dns_rc;
+    struct evdns_getaddrinfo_request *dns_sub;
+
     /* redis */
     redisAsyncContext *rc;
     int redis_connected;
@@ -440,6 +447,16 @@ int pq_rconn_usable(const pq_bthread_t *t);
 int pq_rconn_command(pq_bthread_t *t, void *handle, const char *fmt, ...);
 int pq_rconn_commandargv(pq_bthread_t *t, void *handle, int argc, const char **argv,
                          const size_t *argvlen);
+
+/* Resolves the configured Redis host without blocking the loop: a numeric host (127.0.0.1,
+ * ::1) is handed to fn at once, a name is looked up with evdns (/etc/hosts, then DNS) and fn
+ * runs on the loop with a numeric address (IPv4 preferred), or NULL when the lookup failed.
+ * *pending (t->dns_rc or t->dns_sub) holds the lookup while it runs. Returns 0, or -1 when no
+ * lookup could be started (fn did not run). */
+int pq_rconn_resolve(pq_bthread_t *t, struct evdns_getaddrinfo_request **pending,
+                     void (*fn)(pq_bthread_t *t, const char *addr));
+/* Cancels the lookups still running and frees the loop's evdns base (before the base). */
+void pq_rconn_dns_free(pq_bthread_t *t);
 
 /* SHA1 of a script for EVALSHA; the scripts are loaded on every (re)connect. script is one of
  * pq_script_job_create, pq_script_job_drop, pq_bscript_idem_claim, pq_bscript_cancel,

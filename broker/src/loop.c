@@ -560,6 +560,7 @@ void pq_bthread_free(pq_bthread_t *t)
     }
     pq_chat_thread_free(t);
     pq_batch_thread_free(t);
+    pq_rconn_dns_free(t);
     if (t->base)
         event_base_free(t->base);
     pq_bconf_unref(t->bc);

@@ -3,9 +3,13 @@
  * also has its own timer in its slot). */
 #include "broker.h"
 
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include <event2/util.h>
 
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/hiredis.h>
@@ -126,7 +130,8 @@ static void on_connect(const redisAsyncContext *ac, int status)
     t->redis_connected = 1;
     t->redis_last_reply_ms = pq_mono_ms();
     t->redis_retry_ms = RCONN_RETRY_MIN_MS;
-    PQ_INFO("thread %d: redis connected", t->no);
+    PQ_INFO("thread %d: redis connected (%s:%d)", t->no, ac->c.tcp.host ? ac->c.tcp.host : "?",
+            ac->c.tcp.port);
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -151,10 +156,137 @@ static void on_setup_reply(redisAsyncContext *ac, void *r, void *privdata)
         PQ_ERR("thread %d: redis %s failed: %s", t->no, (const char *)privdata, reply->str);
 }
 
+/* ---- resolution on the loop ---- */
+
+typedef struct {
+    pq_bthread_t *t;
+    struct evdns_getaddrinfo_request **pending;
+    void (*fn)(pq_bthread_t *t, const char *addr);
+} resolve_t;
+
+static int host_numeric(const char *host)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+
+    return evutil_inet_pton(AF_INET, host, buf) == 1 || evutil_inet_pton(AF_INET6, host, buf) == 1;
+}
+
+static void on_resolved(int err, struct evutil_addrinfo *res, void *arg)
+{
+    resolve_t *r = arg;
+    pq_bthread_t *t = r->t;
+    const struct evutil_addrinfo *ai, *pick = NULL;
+    char addr[INET6_ADDRSTRLEN] = "";
+
+    if (err == EVUTIL_EAI_CANCEL) {
+        /* whoever cancelled cleared *pending (maybe started another lookup since) */
+        free(r);
+        if (res)
+            evutil_freeaddrinfo(res);
+        return;
+    }
+    *r->pending = NULL;
+    for (ai = err ? NULL : res; ai; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET) {
+            pick = ai;
+            break;
+        }
+        if (ai->ai_family == AF_INET6 && !pick)
+            pick = ai;
+    }
+    if (pick && pick->ai_family == AF_INET)
+        evutil_inet_ntop(AF_INET, &((const struct sockaddr_in *)pick->ai_addr)->sin_addr, addr,
+                         sizeof(addr));
+    else if (pick)
+        evutil_inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)pick->ai_addr)->sin6_addr, addr,
+                         sizeof(addr));
+    if (!addr[0])
+        PQ_WARN("thread %d: redis host %s: %s", t->no, t->bc->conf->redis_host,
+                err ? evutil_gai_strerror(err) : "no address");
+    if (res)
+        evutil_freeaddrinfo(res);
+    r->fn(t, addr[0] ? addr : NULL);
+    free(r);
+}
+
+int pq_rconn_resolve(pq_bthread_t *t, struct evdns_getaddrinfo_request **pending,
+                     void (*fn)(pq_bthread_t *t, const char *addr))
+{
+    const char *host = t->bc->conf->redis_host;
+    struct evutil_addrinfo hints;
+    struct evdns_getaddrinfo_request *req;
+    resolve_t *r;
+
+    if (*pending)
+        return 0; /* a lookup is already running: its answer connects */
+    if (host_numeric(host)) {
+        fn(t, host);
+        return 0;
+    }
+    if (!t->dns) {
+        t->dns = evdns_base_new(t->base, EVDNS_BASE_INITIALIZE_NAMESERVERS |
+                                             EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+        if (!t->dns) {
+            /* no usable resolv.conf: /etc/hosts only */
+            t->dns = evdns_base_new(t->base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+            if (t->dns)
+                evdns_base_load_hosts(t->dns, NULL);
+        }
+        if (!t->dns)
+            return -1;
+    }
+    if (!(r = calloc(1, sizeof(*r))))
+        return -1;
+    r->t = t;
+    r->pending = pending;
+    r->fn = fn;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    hints.ai_flags = EVUTIL_AI_ADDRCONFIG;
+    /* the callback may run before this returns (hosts file): it then returned NULL */
+    req = evdns_getaddrinfo(t->dns, host, NULL, &hints, on_resolved, r);
+    if (req)
+        *pending = req;
+    return 0;
+}
+
+void pq_rconn_dns_free(pq_bthread_t *t)
+{
+    if (t->dns_rc)
+        evdns_getaddrinfo_cancel(t->dns_rc);
+    if (t->dns_sub)
+        evdns_getaddrinfo_cancel(t->dns_sub);
+    t->dns_rc = t->dns_sub = NULL;
+    if (t->dns) {
+        evdns_base_free(t->dns, 0);
+        t->dns = NULL;
+    }
+}
+
+static void connect_addr(pq_bthread_t *t, const char *addr);
+
 static void connect_now(pq_bthread_t *t)
 {
+    if (pq_rconn_resolve(t, &t->dns_rc, connect_addr))
+        schedule_retry(t);
+}
+
+static void connect_addr(pq_bthread_t *t, const char *addr)
+{
     const pq_conf_t *conf = t->bc->conf;
-    redisAsyncContext *ac = redisAsyncConnect(conf->redis_host, conf->redis_port);
+    redisAsyncContext *ac;
+
+    if (!addr || t->stopping || t->rc) {
+        if (!addr) {
+            if (t->redis_retry_ms < RCONN_RETRY_MAX_MS)
+                t->redis_retry_ms *= 2;
+            schedule_retry(t);
+        }
+        return;
+    }
+    ac = redisAsyncConnect(addr, conf->redis_port);
 
     if (!ac) {
         schedule_retry(t);
@@ -380,6 +512,10 @@ int pq_rconn_start(pq_bthread_t *t)
 void pq_rconn_stop(pq_bthread_t *t)
 {
     t->stopping = 1;
+    if (t->dns_rc) {
+        evdns_getaddrinfo_cancel(t->dns_rc);
+        t->dns_rc = NULL;
+    }
     if (t->rc) {
         redisAsyncContext *ac = t->rc;
 

@@ -95,11 +95,25 @@ static void on_sub_message(redisAsyncContext *ac, void *r, void *privdata)
     }
 }
 
+static void rsub_connect_addr(pq_bthread_t *t, const char *addr);
+
 static void rsub_connect(pq_bthread_t *t)
 {
-    const pq_conf_t *conf = t->bc->conf;
-    redisAsyncContext *ac = redisAsyncConnect(conf->redis_host, conf->redis_port);
+    if (pq_rconn_resolve(t, &t->dns_sub, rsub_connect_addr))
+        rsub_schedule(t);
+}
 
+static void rsub_connect_addr(pq_bthread_t *t, const char *addr)
+{
+    const pq_conf_t *conf = t->bc->conf;
+    redisAsyncContext *ac;
+
+    if (!addr || t->stopping || t->sub) {
+        if (!addr)
+            rsub_schedule(t);
+        return;
+    }
+    ac = redisAsyncConnect(addr, conf->redis_port);
     if (!ac) {
         rsub_schedule(t);
         return;
@@ -158,6 +172,10 @@ void pq_rsub_reset(pq_bthread_t *t)
 void pq_rsub_stop(pq_bthread_t *t)
 {
     t->stopping = 1;
+    if (t->dns_sub) {
+        evdns_getaddrinfo_cancel(t->dns_sub);
+        t->dns_sub = NULL;
+    }
     if (t->sub) {
         redisAsyncContext *ac = t->sub;
 

@@ -229,7 +229,8 @@ def test_auth_and_localhost_redis():
                  T(30), "job done")
         with open(st.procs[-2].log_path, errors="replace") as f:
             log = f.read()
-        assert "redis connected" in log, log[-2000:]
+        # hiredis was handed the address evdns found, not the name
+        assert "redis connected (127.0.0.1:%d)" % r.port in log, log[-2000:]
 
 
 harness.run(globals())
