@@ -27,6 +27,7 @@
  * / total. Errors {"type":"error","error":{"type","message"}}: rate_limit_error and 429 are
  * rate_limited, overloaded_error and 529 overloaded (both retryable), 401/403 authentication. */
 #include "provider.h"
+#include "common.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,65 +35,6 @@
 #include <time.h>
 
 #define ANTHROPIC_VERSION "2023-06-01"
-
-/* ---- small local helpers (kept static: every adapter file stands alone) ---- */
-
-static int header_add(struct curl_slist **list, const char *name, const char *value)
-{
-    size_t n = strlen(name), v = strlen(value);
-    char *line = malloc(n + v + 3);
-    struct curl_slist *l;
-
-    if (!line)
-        return -1;
-    memcpy(line, name, n);
-    line[n] = ':';
-    line[n + 1] = ' ';
-    memcpy(line + n + 2, value, v + 1);
-    l = curl_slist_append(*list, line);
-    explicit_bzero(line, n + v + 2); /* may hold a key */
-    free(line);
-    if (!l)
-        return -1;
-    *list = l;
-    return 0;
-}
-
-/* Copies an error type or code into buf when it is a word of letters and underscores (at most
- * 48): such vocabulary ("rate_limit_error", "RESOURCE_EXHAUSTED") cannot be a key, which always
- * has digits or dashes. Anything else leaves buf empty: error bodies may echo keys (G6). */
-static void safe_token(const json_t *v, char *buf, size_t size)
-{
-    const char *s = json_string_value(v);
-    size_t n = s ? strlen(s) : 0;
-
-    buf[0] = '\0';
-    if (n == 0 || n >= size || n > 48)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
-            return;
-    }
-    memcpy(buf, s, n + 1);
-}
-
-/* 1 when an optional request field is present with a value that asks for something (not null,
- * false, 0, "" or an empty array/object). */
-static int field_set(const json_t *v)
-{
-    if (!v || json_is_null(v) || json_is_false(v))
-        return 0;
-    if (json_is_number(v))
-        return json_number_value(v) != 0.0;
-    if (json_is_string(v))
-        return json_string_length(v) > 0;
-    if (json_is_array(v))
-        return json_array_size(v) > 0;
-    if (json_is_object(v))
-        return json_object_size(v) > 0;
-    return 1;
-}
 
 /* ---- request ---- */
 
@@ -193,7 +135,7 @@ static pq_err_t content_blocks(conv_t *c, const json_t *content, size_t mi, int 
             return PQ_ERR_INVALID;
         } else {
             char tok[80];
-            safe_token(json_object_get(part, "type"), tok, sizeof(tok));
+            pq_provider_safe_token(json_object_get(part, "type"), tok, sizeof(tok));
             snprintf(c->errstr, c->errstr_size,
                      "anthropic cannot express messages[%zu].content[%zu] (part type %s)", mi, j,
                      tok[0] ? tok : "?");
@@ -296,7 +238,7 @@ static pq_err_t convert_message(conv_t *c, const json_t *m, size_t mi)
         err = content_blocks(c, content, mi, 0, blocks);
         if (err == PQ_OK)
             err = tool_use_blocks(c, json_object_get(m, "tool_calls"), mi, blocks);
-        if (err == PQ_OK && field_set(json_object_get(m, "function_call"))) {
+        if (err == PQ_OK && pq_provider_field_set(json_object_get(m, "function_call"))) {
             snprintf(c->errstr, c->errstr_size,
                      "anthropic cannot express messages[%zu].function_call", mi);
             err = PQ_ERR_UNSUPPORTED;
@@ -388,7 +330,7 @@ static pq_err_t check_unsupported(const json_t *req, char *errstr, size_t errstr
     size_t i;
 
     for (i = 0; unsupported_fields[i] && !bad; i++)
-        if (field_set(json_object_get(req, unsupported_fields[i])))
+        if (pq_provider_field_set(json_object_get(req, unsupported_fields[i])))
             bad = unsupported_fields[i];
     v = json_object_get(req, "n");
     if (!bad && json_is_integer(v) && json_integer_value(v) > 1)
@@ -420,7 +362,7 @@ static pq_err_t map_tools(const json_t *req, json_t *body, char *errstr, size_t 
     json_t *out, *t, *tc = NULL;
     size_t i;
 
-    if (field_set(tools)) {
+    if (pq_provider_field_set(tools)) {
         if (!json_is_array(tools)) {
             snprintf(errstr, errstr_size, "tools: expected an array");
             return PQ_ERR_INVALID;
@@ -469,7 +411,8 @@ static pq_err_t map_tools(const json_t *req, json_t *body, char *errstr, size_t 
             return PQ_ERR_UNSUPPORTED;
         }
         tc = json_pack("{s:s, s:O}", "type", "tool", "name", name);
-    } else if (json_is_false(json_object_get(req, "parallel_tool_calls")) && field_set(tools)) {
+    } else if (json_is_false(json_object_get(req, "parallel_tool_calls")) &&
+               pq_provider_field_set(tools)) {
         tc = json_pack("{s:s}", "type", "auto");
     } else {
         return PQ_OK;
@@ -531,9 +474,9 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
     simplify_turns(c.messages);
 
     v = json_object_get(req, "max_completion_tokens");
-    if (!field_set(v))
+    if (!pq_provider_field_set(v))
         v = json_object_get(req, "max_tokens");
-    if (field_set(v)) {
+    if (pq_provider_field_set(v)) {
         if (!json_is_integer(v) || json_integer_value(v) < 1) {
             snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
             err = PQ_ERR_INVALID;
@@ -618,12 +561,12 @@ static pq_err_t anthropic_build_request(const pq_target_t *target, const json_t 
         out->url = NULL;
         goto out_nomem;
     }
-    if (header_add(&out->headers, "Content-Type", "application/json") ||
-        header_add(&out->headers, "anthropic-version", ANTHROPIC_VERSION) ||
-        (key && *key && header_add(&out->headers, "x-api-key", key)))
+    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
+        pq_provider_header_add(&out->headers, "anthropic-version", ANTHROPIC_VERSION) ||
+        (key && *key && pq_provider_header_add(&out->headers, "x-api-key", key)))
         goto out_nomem;
     for (size_t i = 0; i < p->nheaders; i++)
-        if (header_add(&out->headers, p->headers[i].key, p->headers[i].value))
+        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
             goto out_nomem;
     err = PQ_OK;
     goto out_free_body;
@@ -738,7 +681,7 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
     if (err != PQ_OK) {
         char token[80] = "";
         e = json_object_get(root, "error");
-        safe_token(json_object_get(e, "type"), token, sizeof(token));
+        pq_provider_safe_token(json_object_get(e, "type"), token, sizeof(token));
         if (strcmp(token, "overloaded_error") == 0)
             err = PQ_ERR_OVERLOADED;
         else if (strcmp(token, "rate_limit_error") == 0)

@@ -9,55 +9,11 @@
  * prompt_filter_results and content_filter_results are extra fields and kept), so the answer
  * is read by the OpenAI adapter's parser. */
 #include "provider.h"
+#include "common.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int header_add(struct curl_slist **list, const char *name, const char *value)
-{
-    size_t n = strlen(name), v = strlen(value);
-    char *line = malloc(n + v + 3);
-    struct curl_slist *l;
-
-    if (!line)
-        return -1;
-    memcpy(line, name, n);
-    line[n] = ':';
-    line[n + 1] = ' ';
-    memcpy(line + n + 2, value, v + 1);
-    l = curl_slist_append(*list, line);
-    explicit_bzero(line, n + v + 2); /* may hold a key */
-    free(line);
-    if (!l)
-        return -1;
-    *list = l;
-    return 0;
-}
-
-/* Percent-encodes s for a URL path segment or query value (unreserved characters kept). */
-static char *url_escape(const char *s)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    size_t n = strlen(s), o = 0;
-    char *out = malloc(3 * n + 1);
-
-    if (!out)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-            c == '-' || c == '.' || c == '_' || c == '~') {
-            out[o++] = (char)c;
-        } else {
-            out[o++] = '%';
-            out[o++] = hex[c >> 4];
-            out[o++] = hex[c & 15];
-        }
-    }
-    out[o] = '\0';
-    return out;
-}
 
 static pq_err_t azure_build_request(const pq_target_t *target, const json_t *request,
                                     const char *key, pq_provider_req_t *out, char *errstr,
@@ -92,18 +48,18 @@ static pq_err_t azure_build_request(const pq_target_t *target, const json_t *req
     if (!(out->body = json_dumps(body, JSON_COMPACT)))
         goto out_nomem;
     out->body_len = strlen(out->body);
-    if (!(dep = url_escape(target->model)) || !(ver = url_escape(p->api_version)))
+    if (!(dep = pq_provider_escape(target->model)) || !(ver = pq_provider_escape(p->api_version)))
         goto out_nomem;
     if (asprintf(&out->url, "%s/openai/deployments/%s/chat/completions?api-version=%s", p->base_url,
                  dep, ver) < 0) {
         out->url = NULL;
         goto out_nomem;
     }
-    if (header_add(&out->headers, "Content-Type", "application/json") ||
-        (key && *key && header_add(&out->headers, "api-key", key)))
+    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
+        (key && *key && pq_provider_header_add(&out->headers, "api-key", key)))
         goto out_nomem;
     for (size_t i = 0; i < p->nheaders; i++)
-        if (header_add(&out->headers, p->headers[i].key, p->headers[i].value))
+        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
             goto out_nomem;
     err = PQ_OK;
     goto out_free;
@@ -116,24 +72,6 @@ out_free:
     free(ver);
     json_decref(body);
     return err;
-}
-
-/* An error code or type when it is a word of letters and underscores ("content_filter",
- * "DeploymentNotFound"); Azure keys are hex, so such a word cannot be a key. */
-static void safe_token(const json_t *v, char *buf, size_t size)
-{
-    const char *s = json_string_value(v);
-    size_t n = s ? strlen(s) : 0;
-
-    buf[0] = '\0';
-    if (n == 0 || n >= size || n > 48)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
-            return;
-    }
-    memcpy(buf, s, n + 1);
 }
 
 /* Answers have OpenAI's shape and are read by the OpenAI parser; errors
@@ -152,9 +90,9 @@ static pq_err_t azure_parse_response(const pq_target_t *target, long status, con
     *completion = NULL;
     root = json_loadb(body, len, 0, NULL);
     e = json_object_get(root, "error");
-    safe_token(json_object_get(e, "code"), token, sizeof(token));
+    pq_provider_safe_token(json_object_get(e, "code"), token, sizeof(token));
     if (!token[0])
-        safe_token(json_object_get(e, "type"), token, sizeof(token));
+        pq_provider_safe_token(json_object_get(e, "type"), token, sizeof(token));
     snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
              token[0] ? ": " : "", token);
     json_decref(root);

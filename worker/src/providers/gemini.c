@@ -26,90 +26,12 @@
  * Errors {"error":{"code","message","status"}}: 400 with reason API_KEY_INVALID is an
  * authentication error (Gemini answers a bad key with 400). */
 #include "provider.h"
+#include "common.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-/* ---- small local helpers (kept static: every adapter file stands alone) ---- */
-
-static int header_add(struct curl_slist **list, const char *name, const char *value)
-{
-    size_t n = strlen(name), v = strlen(value);
-    char *line = malloc(n + v + 3);
-    struct curl_slist *l;
-
-    if (!line)
-        return -1;
-    memcpy(line, name, n);
-    line[n] = ':';
-    line[n + 1] = ' ';
-    memcpy(line + n + 2, value, v + 1);
-    l = curl_slist_append(*list, line);
-    explicit_bzero(line, n + v + 2); /* may hold a key */
-    free(line);
-    if (!l)
-        return -1;
-    *list = l;
-    return 0;
-}
-
-/* An error type or code when it is a word of letters and underscores (keys are not). */
-static void safe_token(const json_t *v, char *buf, size_t size)
-{
-    const char *s = json_string_value(v);
-    size_t n = s ? strlen(s) : 0;
-
-    buf[0] = '\0';
-    if (n == 0 || n >= size || n > 48)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
-            return;
-    }
-    memcpy(buf, s, n + 1);
-}
-
-static int field_set(const json_t *v)
-{
-    if (!v || json_is_null(v) || json_is_false(v))
-        return 0;
-    if (json_is_number(v))
-        return json_number_value(v) != 0.0;
-    if (json_is_string(v))
-        return json_string_length(v) > 0;
-    if (json_is_array(v))
-        return json_array_size(v) > 0;
-    if (json_is_object(v))
-        return json_object_size(v) > 0;
-    return 1;
-}
-
-/* Percent-encodes s for a URL path segment (unreserved characters kept). New string. */
-static char *path_escape(const char *s)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    size_t n = strlen(s), o = 0;
-    char *out = malloc(3 * n + 1);
-
-    if (!out)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-            c == '-' || c == '.' || c == '_' || c == '~') {
-            out[o++] = (char)c;
-        } else {
-            out[o++] = '%';
-            out[o++] = hex[c >> 4];
-            out[o++] = hex[c & 15];
-        }
-    }
-    out[o] = '\0';
-    return out;
-}
 
 static int ends_with(const char *s, const char *suffix)
 {
@@ -245,8 +167,8 @@ static pq_err_t convert_messages(const json_t *msgs, json_t *contents, json_t *s
             snprintf(errstr, errstr_size, "messages[%zu]: unknown role", i);
             return PQ_ERR_INVALID;
         }
-        if (field_set(json_object_get(m, "tool_calls")) ||
-            field_set(json_object_get(m, "function_call")))
+        if (pq_provider_field_set(json_object_get(m, "tool_calls")) ||
+            pq_provider_field_set(json_object_get(m, "function_call")))
             return unsupported("tool calls", i, errstr, errstr_size);
         if (!(parts = json_array()))
             return PQ_ERR_NOMEM;
@@ -296,9 +218,9 @@ static pq_err_t generation_config(const json_t *req, json_t *gc, char *errstr, s
             return PQ_ERR_NOMEM;
     }
     v = json_object_get(req, "max_completion_tokens");
-    if (!field_set(v))
+    if (!pq_provider_field_set(v))
         v = json_object_get(req, "max_tokens");
-    if (field_set(v)) {
+    if (pq_provider_field_set(v)) {
         if (!json_is_integer(v) || json_integer_value(v) < 1) {
             snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
             return PQ_ERR_INVALID;
@@ -348,7 +270,7 @@ static pq_err_t build_body(const json_t *req, json_t *body, char *errstr, size_t
     if (!contents || !sys || !gc)
         goto out;
     for (size_t i = 0; unsupported_fields[i]; i++)
-        if (field_set(json_object_get(req, unsupported_fields[i]))) {
+        if (pq_provider_field_set(json_object_get(req, unsupported_fields[i]))) {
             err = unsupported(unsupported_fields[i], (size_t)-1, errstr, errstr_size);
             goto out;
         }
@@ -408,17 +330,17 @@ static pq_err_t gemini_build_request(const pq_target_t *target, const json_t *re
         model += 7;
     if (ends_with(p->base_url, "/v1beta") || ends_with(p->base_url, "/v1"))
         version = "";
-    if (!(esc = path_escape(model)))
+    if (!(esc = pq_provider_escape(model)))
         goto out_nomem;
     if (asprintf(&out->url, "%s%s/models/%s:generateContent", p->base_url, version, esc) < 0) {
         out->url = NULL;
         goto out_nomem;
     }
-    if (header_add(&out->headers, "Content-Type", "application/json") ||
-        (key && *key && header_add(&out->headers, "x-goog-api-key", key)))
+    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
+        (key && *key && pq_provider_header_add(&out->headers, "x-goog-api-key", key)))
         goto out_nomem;
     for (size_t i = 0; i < p->nheaders; i++)
-        if (header_add(&out->headers, p->headers[i].key, p->headers[i].value))
+        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
             goto out_nomem;
     err = PQ_OK;
     goto out_free;
@@ -528,7 +450,7 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
     if (err != PQ_OK) {
         char token[80] = "";
         json_t *e = json_object_get(root, "error");
-        safe_token(json_object_get(e, "status"), token, sizeof(token));
+        pq_provider_safe_token(json_object_get(e, "status"), token, sizeof(token));
         if (err == PQ_ERR_REFUSED && key_invalid(e)) {
             err = PQ_ERR_AUTH;
             snprintf(token, sizeof(token), "API_KEY_INVALID");
@@ -541,7 +463,7 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
     block = json_object_get(json_object_get(root, "promptFeedback"), "blockReason");
     if (json_is_object(root) && json_array_size(cands) == 0 && block) {
         char token[80] = "";
-        safe_token(block, token, sizeof(token));
+        pq_provider_safe_token(block, token, sizeof(token));
         snprintf(errstr, errstr_size, "%s blocked the prompt%s%s", target->p->name,
                  token[0] ? ": " : "", token);
         err = PQ_ERR_REFUSED;

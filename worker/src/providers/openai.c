@@ -2,6 +2,7 @@
  * POST {base_url}/chat/completions with the request as is, "model" set to the target's model and
  * streaming turned off. */
 #include "provider.h"
+#include "common.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -80,29 +81,6 @@ out_free_body:
     return err;
 }
 
-/* Copies a short machine-readable token from an error body (error.type or error.code) into buf
- * when it only holds [A-Za-z_]: such tokens cannot carry a key. */
-static void safe_token(const json_t *v, char *buf, size_t size)
-{
-    const char *s = json_string_value(v);
-    size_t n;
-
-    buf[0] = '\0';
-    if (!s)
-        return;
-    n = strlen(s);
-    if (n == 0 || n >= size || n > 64)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        /* letters and underscore only: error vocabulary ("invalid_api_key"), never a key
-         * fragment (keys hold digits and dashes) (G6) */
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
-            return;
-    }
-    memcpy(buf, s, n + 1);
-}
-
 static pq_err_t openai_parse_response(const pq_target_t *target, long status, const char *body,
                                       size_t len, json_t **completion, char *errstr,
                                       size_t errstr_size)
@@ -116,9 +94,9 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
         char token[80] = "";
         json_t *e = json_is_object(root) ? json_object_get(root, "error") : NULL;
         if (json_is_object(e)) {
-            safe_token(json_object_get(e, "type"), token, sizeof(token));
+            pq_provider_safe_token(json_object_get(e, "type"), token, sizeof(token));
             if (!token[0])
-                safe_token(json_object_get(e, "code"), token, sizeof(token));
+                pq_provider_safe_token(json_object_get(e, "code"), token, sizeof(token));
         }
         snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
                  token[0] ? ": " : "", token);

@@ -19,6 +19,7 @@
  * index and a finish_reason (time_limit -> length). Errors {"errors":[{"code","message"}],
  * "trace","status_code"}: errors[0].code names the error in errstr. */
 #include "watsonx.h"
+#include "common.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,85 +32,6 @@
 #define IAM_GRANT_APIKEY   "urn:ibm:params:oauth:grant-type:apikey"
 #define IAM_TOKEN_MAX      (64 * 1024)
 #define IAM_REFRESH_MARGIN 60 /* seconds before expiration */
-
-/* ---- small local helpers (kept static: every adapter file stands alone) ---- */
-
-static int header_add(struct curl_slist **list, const char *name, const char *value)
-{
-    size_t n = strlen(name), v = strlen(value);
-    char *line = malloc(n + v + 3);
-    struct curl_slist *l;
-
-    if (!line)
-        return -1;
-    memcpy(line, name, n);
-    line[n] = ':';
-    line[n + 1] = ' ';
-    memcpy(line + n + 2, value, v + 1);
-    l = curl_slist_append(*list, line);
-    explicit_bzero(line, n + v + 2); /* may hold a token */
-    free(line);
-    if (!l)
-        return -1;
-    *list = l;
-    return 0;
-}
-
-/* An error type or code when it is a word of letters and underscores (keys are not). */
-static void safe_token(const json_t *v, char *buf, size_t size)
-{
-    const char *s = json_string_value(v);
-    size_t n = s ? strlen(s) : 0;
-
-    buf[0] = '\0';
-    if (n == 0 || n >= size || n > 48)
-        return;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'))
-            return;
-    }
-    memcpy(buf, s, n + 1);
-}
-
-static int field_set(const json_t *v)
-{
-    if (!v || json_is_null(v) || json_is_false(v))
-        return 0;
-    if (json_is_number(v))
-        return json_number_value(v) != 0.0;
-    if (json_is_string(v))
-        return json_string_length(v) > 0;
-    if (json_is_array(v))
-        return json_array_size(v) > 0;
-    if (json_is_object(v))
-        return json_object_size(v) > 0;
-    return 1;
-}
-
-/* application/x-www-form-urlencoded value (unreserved characters kept, the rest %XX). */
-static char *form_escape(const char *s)
-{
-    static const char hex[] = "0123456789ABCDEF";
-    size_t n = strlen(s), o = 0;
-    char *out = malloc(3 * n + 1);
-
-    if (!out)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-            c == '-' || c == '.' || c == '_' || c == '~') {
-            out[o++] = (char)c;
-        } else {
-            out[o++] = '%';
-            out[o++] = hex[c >> 4];
-            out[o++] = hex[c & 15];
-        }
-    }
-    out[o] = '\0';
-    return out;
-}
 
 /* ---- request ---- */
 
@@ -163,7 +85,8 @@ static pq_err_t convert_messages(const json_t *msgs, json_t *out, char *errstr, 
             snprintf(errstr, errstr_size, "messages[%zu]: an object with a role is required", i);
             return PQ_ERR_INVALID;
         }
-        if (strcmp(role, "function") == 0 || field_set(json_object_get(m, "function_call"))) {
+        if (strcmp(role, "function") == 0 ||
+            pq_provider_field_set(json_object_get(m, "function_call"))) {
             snprintf(errstr, errstr_size, "watsonx cannot express messages[%zu] (function)", i);
             return PQ_ERR_UNSUPPORTED;
         }
@@ -216,7 +139,7 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
     if (!msgs)
         goto out;
     for (i = 0; unsupported_fields[i]; i++)
-        if (field_set(json_object_get(req, unsupported_fields[i]))) {
+        if (pq_provider_field_set(json_object_get(req, unsupported_fields[i]))) {
             snprintf(errstr, errstr_size, "watsonx cannot express %s", unsupported_fields[i]);
             err = PQ_ERR_UNSUPPORTED;
             goto out;
@@ -238,9 +161,9 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
         json_object_set(body, "messages", msgs))
         goto out;
     v = json_object_get(req, "max_completion_tokens");
-    if (!field_set(v))
+    if (!pq_provider_field_set(v))
         v = json_object_get(req, "max_tokens");
-    if (field_set(v)) {
+    if (pq_provider_field_set(v)) {
         if (!json_is_integer(v) || json_integer_value(v) < 1) {
             snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
             err = PQ_ERR_INVALID;
@@ -314,8 +237,8 @@ static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *r
         out->url = NULL;
         goto out_nomem;
     }
-    if (header_add(&out->headers, "Content-Type", "application/json") ||
-        header_add(&out->headers, "Accept", "application/json"))
+    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
+        pq_provider_header_add(&out->headers, "Accept", "application/json"))
         goto out_nomem;
     if (key && *key) {
         size_t n = strlen(key);
@@ -325,14 +248,14 @@ static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *r
             goto out_nomem;
         memcpy(auth, "Bearer ", 7);
         memcpy(auth + 7, key, n + 1);
-        rc = header_add(&out->headers, "Authorization", auth);
+        rc = pq_provider_header_add(&out->headers, "Authorization", auth);
         explicit_bzero(auth, n + 7);
         free(auth);
         if (rc)
             goto out_nomem;
     }
     for (size_t i = 0; i < p->nheaders; i++)
-        if (header_add(&out->headers, p->headers[i].key, p->headers[i].value))
+        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
             goto out_nomem;
     err = PQ_OK;
     goto out_free;
@@ -377,7 +300,7 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
     if (err != PQ_OK) {
         char token[80] = "";
         json_t *e0 = json_array_get(json_object_get(root, "errors"), 0);
-        safe_token(json_object_get(e0, "code"), token, sizeof(token));
+        pq_provider_safe_token(json_object_get(e0, "code"), token, sizeof(token));
         snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
                  token[0] ? ": " : "", token);
         goto out;
@@ -490,7 +413,7 @@ pq_err_t pq_watsonx_token_request(const pq_provider_conf_t *p, const char *apike
         snprintf(errstr, errstr_size, "providers.%s: watsonx needs an api key", p->name);
         return PQ_ERR_CONFIG;
     }
-    if (!(esc = form_escape(apikey)))
+    if (!(esc = pq_provider_escape(apikey)))
         goto out_nomem;
     n = sizeof(prefix) - 1 + strlen(esc);
     if (!(out->body = malloc(n + 1)))
@@ -500,8 +423,9 @@ pq_err_t pq_watsonx_token_request(const pq_provider_conf_t *p, const char *apike
     out->body_len = n;
     if (!(out->url = strdup(p->iam_url)))
         goto out_nomem;
-    if (header_add(&out->headers, "Content-Type", "application/x-www-form-urlencoded") ||
-        header_add(&out->headers, "Accept", "application/json"))
+    if (pq_provider_header_add(&out->headers, "Content-Type",
+                               "application/x-www-form-urlencoded") ||
+        pq_provider_header_add(&out->headers, "Accept", "application/json"))
         goto out_nomem;
     err = PQ_OK;
     goto out_free;
