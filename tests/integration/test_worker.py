@@ -518,4 +518,28 @@ def _get(url):
         return (0, {}, b"")
 
 
+def test_redis_host_name_resolved_off_the_loop():
+    """A Redis host given by name is resolved with evdns, then connected by address; after a
+    Redis restart it is resolved and connected again."""
+    with harness.Stack("worker_redis_dns") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=1)
+        st.sim("a")
+        path, _ = st.config(extra={"worker": {"lease_ms": 3000},
+                                   "log": {"level": "debug"},
+                                   "redis": {"url": "redis://localhost:%d" % r.port}})
+        w = start_worker(st, path)
+        st.produce(REQ, [envelope("dns-1", "dns-1")], keys=["dns-1"])
+        got = wait_results(st, ["dns-1"], T(30))
+        assert got["dns-1"][0]["status"] == "succeeded"
+        log = open(w.log_path).read()
+        assert re.search(r"redis localhost resolved to (127\.0\.0\.1|::1)", log), log[-2000:]
+        r.kill()
+        r.restart()
+        st.produce(REQ, [envelope("dns-2", "dns-2")], keys=["dns-2"])
+        got = wait_results(st, ["dns-2"], T(30))
+        assert got["dns-2"][0]["status"] == "succeeded"
+        assert w.stop(T(15)) == 0
+
+
 harness.run(globals())

@@ -4,6 +4,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <event2/dns.h>
+#include <event2/util.h>
 #include <hiredis/async.h>
 #include <hiredis/adapters/libevent.h>
 #include "promptq/log.h"
@@ -39,6 +44,12 @@ struct pq_redis_s {
     struct event *watchdog;
     pending_t *free_list;
     int destroying;
+    /* a host name is resolved with evdns (hiredis would call getaddrinfo on the loop) */
+    int numeric;
+    struct evdns_base *dns;
+    struct evdns_getaddrinfo_request *dns_req;
+    struct resolve_s *resolving; /* the lookup in flight */
+    char addr[INET6_ADDRSTRLEN];
 };
 
 static void schedule_reconnect(pq_redis_t *r);
@@ -130,9 +141,10 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
         set_down(r, status == REDIS_OK ? NULL : (ac->errstr[0] ? ac->errstr : "connection lost"));
 }
 
-static void do_connect(pq_redis_t *r)
+/* Connects to a numeric address (hiredis resolves nothing then). */
+static void connect_addr(pq_redis_t *r, const char *addr)
 {
-    redisAsyncContext *ac = redisAsyncConnect(r->host, r->port);
+    redisAsyncContext *ac = redisAsyncConnect(addr, r->port);
 
     if (!ac || ac->err) {
         PQ_WARN("redis %s:%d: %s", r->host, r->port, ac ? ac->errstr : "out of memory");
@@ -148,6 +160,73 @@ static void do_connect(pq_redis_t *r)
     redisLibeventAttach(ac, r->base);
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
+}
+
+/* A lookup's link back to its connection: cut when the connection is destroyed first (a
+ * cancelled lookup may still call back later). */
+typedef struct resolve_s {
+    pq_redis_t *r;
+} resolve_t;
+
+static void on_resolved(int result, struct evutil_addrinfo *res, void *arg)
+{
+    resolve_t *rv = arg;
+    pq_redis_t *r = rv->r;
+    const void *a = NULL;
+
+    free(rv);
+    if (!r) {
+        if (res)
+            evutil_freeaddrinfo(res);
+        return; /* destroyed meanwhile */
+    }
+    r->resolving = NULL;
+    r->dns_req = NULL;
+    if (result == 0 && res) {
+        if (res->ai_family == AF_INET)
+            a = &((struct sockaddr_in *)res->ai_addr)->sin_addr;
+        else if (res->ai_family == AF_INET6)
+            a = &((struct sockaddr_in6 *)res->ai_addr)->sin6_addr;
+    }
+    if (!a || !inet_ntop(res->ai_family, a, r->addr, sizeof(r->addr))) {
+        PQ_WARN("redis %s:%d: cannot resolve the host: %s", r->host, r->port,
+                result ? evutil_gai_strerror(result) : "no address");
+        if (res)
+            evutil_freeaddrinfo(res);
+        schedule_reconnect(r);
+        return;
+    }
+    evutil_freeaddrinfo(res);
+    PQ_DBG("redis %s resolved to %s", r->host, r->addr);
+    connect_addr(r, r->addr);
+}
+
+static void do_connect(pq_redis_t *r)
+{
+    struct evutil_addrinfo hints;
+    struct evdns_getaddrinfo_request *req;
+    resolve_t *rv;
+
+    if (r->numeric || !r->dns) {
+        connect_addr(r, r->host);
+        return;
+    }
+    if (r->resolving)
+        return;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    rv = malloc(sizeof(*rv));
+    if (!rv) {
+        schedule_reconnect(r);
+        return;
+    }
+    rv->r = r;
+    r->resolving = rv;
+    req = evdns_getaddrinfo(r->dns, r->host, NULL, &hints, on_resolved, rv);
+    if (r->resolving == rv) /* else the answer came at once (hosts file) */
+        r->dns_req = req;
 }
 
 static void on_reconnect_timer(evutil_socket_t fd, short what, void *arg)
@@ -209,6 +288,16 @@ pq_redis_t *pq_redis_new(struct event_base *base, const char *host, int port, co
     r->watchdog = event_new(base, -1, EV_PERSIST, on_watchdog, r);
     if (!r->host || (password && !r->password) || !r->reconnect_timer || !r->watchdog)
         goto out_nomem;
+    {
+        unsigned char buf[sizeof(struct in6_addr)];
+        r->numeric = inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
+    }
+    if (!r->numeric) {
+        r->dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS |
+                                          EVDNS_BASE_DISABLE_WHEN_INACTIVE);
+        if (!r->dns)
+            PQ_WARN("redis %s: no resolver (evdns), resolving with getaddrinfo", host);
+    }
     event_add(r->watchdog, &tv);
     r->last_progress_ms = pq_mono_ms();
     do_connect(r);
@@ -233,6 +322,13 @@ void pq_redis_destroy(pq_redis_t *r)
         r->up = 0;
         redisAsyncFree(ac);
     }
+    if (r->resolving) {
+        r->resolving->r = NULL; /* its callback frees it */
+        if (r->dns_req)
+            evdns_getaddrinfo_cancel(r->dns_req);
+    }
+    if (r->dns)
+        evdns_base_free(r->dns, 0);
     if (r->reconnect_timer)
         event_free(r->reconnect_timer);
     if (r->watchdog)
