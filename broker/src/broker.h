@@ -322,6 +322,9 @@ void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_
  * operations that need the workers' cooperation (POST /v1/parked/{route}/replay, DELETE
  * /v1/parked/{route}, POST /v1/dlq/redrive) answer 501. path is the request's path. */
 void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path);
+/* The health keys of a /v1/health slot could not be read: answers the broker's own state with
+ * redis "down" and status "down" (releases the slot). */
+void pq_ops_redis_failed(pq_slot_t *s);
 
 /* intake.c: POST /v1/jobs */
 void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req);

@@ -60,6 +60,10 @@ static void api_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path
 void pq_api_timeout(pq_slot_t *s)
 {
     pq_counter_add(s->t->b->m_redis_errors, 1);
+    if (s->path == PQ_PATH_HEALTH) {
+        pq_ops_redis_failed(s);
+        return;
+    }
     api_unavailable(s->t, s->req, s->path);
     pq_slot_release(s);
 }

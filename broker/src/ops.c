@@ -30,6 +30,7 @@ typedef struct {
     char cursor[32];
     int rounds;
     int truncated;
+    int redis_down; /* the health keys could not be read */
     char **keys;
     size_t nkeys;
 } ops_ctx_t;
@@ -46,8 +47,14 @@ static void ops_ctx_free(void *p)
     free(c);
 }
 
+static void answer(pq_slot_t *s, const redisReply *mget);
+
 static void ops_unavailable(pq_slot_t *s)
 {
+    if (s->path == PQ_PATH_HEALTH) {
+        pq_ops_redis_failed(s);
+        return;
+    }
     evhttp_add_header(evhttp_request_get_output_headers(s->req), "Retry-After", "1");
     pq_http_error(s->t, s->req, s->path, 503, "unavailable", "redis unavailable");
     pq_slot_release(s);
@@ -64,6 +71,16 @@ static void ops_reply_json(pq_slot_t *s, int code, json_t *doc)
         free(text);
     }
     pq_slot_release(s);
+}
+
+void pq_ops_redis_failed(pq_slot_t *s)
+{
+    ops_ctx_t *c = s->ctx;
+
+    /* the broker's own state is still worth answering: Redis down, no worker known */
+    c->redis_down = 1;
+    c->nkeys = 0;
+    answer(s, NULL);
 }
 
 /* ---- aggregation (pure: workers' health documents in, answers out) ---- */
@@ -227,6 +244,7 @@ static void answer_health(pq_slot_t *s, ops_agg_t *a)
     int any_open = 0, nroutes = 0, ndown = 0;
     const char *status, *key;
     json_t *doc = NULL, *providers = json_array(), *v;
+    const ops_ctx_t *c = s->ctx;
 
     if (b->spool)
         pq_spool_pending(b->spool, &records, &bytes);
@@ -242,17 +260,17 @@ static void answer_health(pq_slot_t *s, ops_agg_t *a)
         if (json_is_true(json_object_get(v, "down")))
             ndown++;
     }
-    if (json_array_size(a->workers) == 0 || (nroutes > 0 && ndown == nroutes))
+    if (c->redis_down || json_array_size(a->workers) == 0 || (nroutes > 0 && ndown == nroutes))
         status = "down";
     else if (any_open || ndown > 0 || !kafka)
         status = "degraded";
     else
         status = "ok";
-    doc = json_pack("{s:s,s:{s:s,s:{s:I,s:I,s:b}},s:O,s:o,s:O,s:b}", "status", status, "broker",
-                    "kafka", kafka ? "up" : "down", "spool", "pending_records", (json_int_t)records,
-                    "pending_bytes", (json_int_t)bytes, "full", full, "workers", a->workers,
-                    "providers", providers, "routes", a->routes, "workers_truncated",
-                    ((ops_ctx_t *)s->ctx)->truncated);
+    doc = json_pack("{s:s,s:{s:s,s:s,s:{s:I,s:I,s:b}},s:O,s:o,s:O,s:b}", "status", status, "broker",
+                    "kafka", kafka ? "up" : "down", "redis", c->redis_down ? "down" : "up", "spool",
+                    "pending_records", (json_int_t)records, "pending_bytes", (json_int_t)bytes,
+                    "full", full, "workers", a->workers, "providers", providers, "routes",
+                    a->routes, "workers_truncated", ((ops_ctx_t *)s->ctx)->truncated);
     providers = NULL;
     if (!doc) {
         pq_http_error(t, s->req, s->path, 500, "internal", "out of memory");

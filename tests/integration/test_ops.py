@@ -153,7 +153,8 @@ def test_health_ok_then_degraded_with_parked():
 
 
 def test_two_workers_summed_then_none():
-    """Two workers: both listed, parked summed across them; no worker alive (keys gone): down."""
+    """Two workers: both listed, parked summed across them; no worker alive (keys gone): down;
+    Redis gone: down with the broker's own state (redis down)."""
     with harness.Stack("ops_two") as st:
         r, s, path, b, ws = up(st, workers=2)
         done(st, submit(st, 16, "warm"))
@@ -191,8 +192,15 @@ def test_two_workers_summed_then_none():
                 r.cli("DEL", k)
         code, h = health(st)
         assert code == 503 and h["status"] == "down" and h["workers"] == [], h
+        assert h["broker"]["redis"] == "up", h
         rc, out, err = cli(st, "health")
         assert rc != 0 and "down" in out, (rc, out, err)
+
+        # Redis gone: the broker still answers its own state, Redis down
+        r.kill()
+        code, h = health(st)
+        assert code == 503 and h["status"] == "down" and h["broker"]["redis"] == "down", h
+        assert h["broker"]["kafka"] == "up", h
 
 
 def test_auth_and_localhost_redis():
