@@ -102,6 +102,23 @@ def http_json(method, url, body=None, headers=None, timeout=None):
     return status, hdrs, doc
 
 
+NODE_DIR = os.path.join(ROOT, "tests", "node")
+
+
+def node_ready():
+    """Path of node, after `npm ci` in tests/node when its node_modules lack the openai SDK."""
+    node = shutil.which("node")
+    assert node, "node not found (deploy/dev/install-deps.sh installs nodejs)"
+    if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
+        npm = shutil.which("npm")
+        assert npm, "npm not found (deploy/dev/install-deps.sh installs nodejs and npm)"
+        out = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
+                             capture_output=True, timeout=T(300))
+        assert out.returncode == 0, ("npm ci failed:\n" + out.stdout.decode() +
+                                     out.stderr.decode())
+    return node
+
+
 def post_many(url, bodies, concurrency=16, headers=None, timeout=None):
     """POSTs every body (dict -> JSON) to url over `concurrency` keep-alive connections.
     Returns [(status, headers, json-or-None)] in the order of bodies."""

@@ -10,7 +10,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -271,10 +270,7 @@ def test_batch_end_to_end():
         assert harness.http("GET", st.broker_url + "/v1/files/" + f3["id"], headers=AUTH)[0] == 404
 
         # the OpenAI Node SDK
-        node = shutil.which("node")
-        assert node, "node not found (deploy/dev/install-deps.sh installs nodejs)"
-        assert os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")), \
-            "run npm ci in tests/node"
+        node = harness.node_ready()
         env = dict(os.environ, PQ_BASE_URL=st.broker_url + "/v1", PQ_API_KEY=KEY,
                    PQ_MODEL=MODEL)
         log = os.path.join(st.log_dir, "node-batches.log")

@@ -13,7 +13,6 @@ Two parts:
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -384,21 +383,9 @@ def test_not_durable_is_503():
 
 # ---- the OpenAI Node SDK against a real worker ----
 
-def npm_ready():
-    if os.path.isdir(os.path.join(NODE_DIR, "node_modules", "openai")):
-        return
-    npm = shutil.which("npm")
-    assert npm, "npm not found (deploy/dev/install-deps.sh installs nodejs and npm)"
-    out = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
-                         capture_output=True, timeout=T(300))
-    assert out.returncode == 0, "npm ci failed:\n" + out.stdout.decode() + out.stderr.decode()
-
-
 def test_openai_node_sdk_with_worker():
     """Needs promptq-worker to PUBLISH "<tenant>:<id>" to the envelope's reply_to."""
-    node = shutil.which("node")
-    assert node, "node not found (deploy/dev/install-deps.sh installs nodejs)"
-    npm_ready()
+    node = harness.node_ready()
     with harness.Stack("chat-node") as st:
         st.redis()
         st.devkafka(brokers=1, partitions=4)

@@ -155,7 +155,9 @@ def test_submit_get_watch_and_errors():
         code, out, err = cli("--url", url, "watch", "job_doesnotexist")
         assert code == 1 and broker_error(err)[0] == 404, (code, err)
 
-        # health: /v1/health, or /readyz on a broker without it
+        # health: /v1/health (ok once the worker has written its first health key)
+        wait_for(lambda: harness.http("GET", url + "/v1/health")[0] == 200, T(20),
+                 "/v1/health ok")
         code, out, err = cli("--url", url, "health")
         assert code == 0 and out.strip(), (code, out, err)
 
