@@ -59,6 +59,41 @@ int pq_jobs_request_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_
     return 0;
 }
 
+/* 503 with Retry-After: 1 for a job request: the job store or a request slot is missing only
+ * for a moment, so the client may retry soon. */
+static void job_unavailable(pq_bthread_t *t, struct evhttp_request *req, const char *why)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+    pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "%s", why);
+}
+
+/* The shared start of GET and DELETE /v1/jobs/{id}: checks the id, builds the job's Redis key
+ * into key, and takes a request slot holding id and tenant. Returns the slot (the caller sends
+ * its command and owns the slot), or NULL after answering the request (404 or 503). */
+static pq_slot_t *job_slot_open(pq_bthread_t *t, struct evhttp_request *req, const char *id,
+                                const char *tenant, char *key, size_t key_size)
+{
+    pq_slot_t *s;
+
+    if (!pq_id_valid(id)) {
+        pq_http_error(t, req, PQ_PATH_JOB, 404, "not_found", "no such job");
+        return NULL;
+    }
+    if (!pq_rconn_usable(t) ||
+        pq_key_job(key, key_size, t->bc->conf->redis_prefix, tenant, id) < 0) {
+        job_unavailable(t, req, "job store (Redis) unavailable");
+        return NULL;
+    }
+    s = pq_slot_get(t, PQ_PATH_JOB, req);
+    if (!s) {
+        job_unavailable(t, req, "too many requests in flight");
+        return NULL;
+    }
+    pq_strlcpy(s->id, id, sizeof(s->id));
+    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
+    return s;
+}
+
 void pq_jobs_get(pq_bthread_t *t, struct evhttp_request *req, const char *id)
 {
     char tenant[PQ_TENANT_MAX + 1], key[512];
@@ -66,27 +101,11 @@ void pq_jobs_get(pq_bthread_t *t, struct evhttp_request *req, const char *id)
 
     if (pq_jobs_request_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)))
         return;
-    if (!pq_id_valid(id)) {
-        pq_http_error(t, req, PQ_PATH_JOB, 404, "not_found", "no such job");
+    s = job_slot_open(t, req, id, tenant, key, sizeof(key));
+    if (!s)
         return;
-    }
-    if (!pq_rconn_usable(t) ||
-        pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, tenant, id) < 0) {
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
-        return;
-    }
-    s = pq_slot_get(t, PQ_PATH_JOB, req);
-    if (!s) {
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "too many requests in flight");
-        return;
-    }
-    pq_strlcpy(s->id, id, sizeof(s->id));
-    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
     if (pq_rconn_command(t, pq_slot_handle(s), "HGETALL %s", key)) {
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
+        job_unavailable(t, req, "job store (Redis) unavailable");
         pq_slot_release(s);
         return;
     }
@@ -99,8 +118,7 @@ void pq_jobs_timeout(pq_slot_t *s)
     pq_bthread_t *t = s->t;
 
     pq_counter_add(t->b->m_redis_errors, 1);
-    evhttp_add_header(evhttp_request_get_output_headers(s->req), "Retry-After", "1");
-    pq_http_error(t, s->req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) did not answer");
+    job_unavailable(t, s->req, "job store (Redis) did not answer");
     pq_slot_release(s);
 }
 
@@ -131,8 +149,7 @@ void pq_jobs_redis_reply(pq_slot_t *s, const void *r)
 
     if (!reply || reply->type != REDIS_REPLY_ARRAY) {
         pq_counter_add(t->b->m_redis_errors, 1);
-        evhttp_add_header(evhttp_request_get_output_headers(s->req), "Retry-After", "1");
-        pq_http_error(t, s->req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) failed");
+        job_unavailable(t, s->req, "job store (Redis) failed");
         goto out;
     }
     for (size_t i = 0; i + 1 < reply->elements; i += 2) {
@@ -198,27 +215,11 @@ void pq_jobs_delete(pq_bthread_t *t, struct evhttp_request *req, const char *id)
         return;
     if (pq_http_ratelimit(t, req, PQ_PATH_JOB, tenant))
         return;
-    if (!pq_id_valid(id)) {
-        pq_http_error(t, req, PQ_PATH_JOB, 404, "not_found", "no such job");
+    s = job_slot_open(t, req, id, tenant, key, sizeof(key));
+    if (!s)
         return;
-    }
-    if (!pq_rconn_usable(t) ||
-        pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, tenant, id) < 0) {
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
-        return;
-    }
-    s = pq_slot_get(t, PQ_PATH_JOB, req);
-    if (!s) {
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "too many requests in flight");
-        return;
-    }
-    pq_strlcpy(s->id, id, sizeof(s->id));
-    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
     if (pq_rconn_command(t, pq_slot_handle(s), "HMGET %s status route created_at attempts", key)) {
-        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
+        job_unavailable(t, req, "job store (Redis) unavailable");
         pq_slot_release(s);
         return;
     }
