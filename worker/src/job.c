@@ -34,6 +34,7 @@
 
 #define KEY_MAX              320
 #define LOCAL_WAIT_MS        100
+#define LANE_MAX_WAIT_MS     1000 /* bulk: longest wait for the interactive lane */
 #define REDIS_ERROR_RETRY_MS 1000
 #define PRODUCE_RETRY_MS     100
 #define DELIVERY_RETRY_MS    500
@@ -97,6 +98,8 @@ struct pq_job_s {
 
     job_state_t state;
     redis_step_t rstep;
+    int in_lane;   /* bulk: on w->lane_wait (state JS_BACKOFF) while interactive work runs */
+    int lane_pass; /* bulk: waited LANE_MAX_WAIT_MS, the next attempt goes ahead anyway */
     int in_wait, in_table, lease_held, handed_back, nredis;
     int slim;      /* result record without attempt log and metadata (too large otherwise) */
     int dlq_small; /* the dlq record is the small stand-in (the full one was too large) */
@@ -146,11 +149,20 @@ struct pq_job_s {
     pq_job_t *hnext;
     TAILQ_ENTRY(pq_job_s) link;
     TAILQ_ENTRY(pq_job_s) wait_link;
+    TAILQ_ENTRY(pq_job_s) lane_link;
 };
 
 static void job_begin(pq_job_t *j);
 static void job_free(pq_job_t *j);
 static void job_attempt(pq_job_t *j);
+
+/* Interactive jobs talk to Redis over their own connection: the server serves connections in
+ * turn, so a bulk job's burst of commands never queues in front of theirs. */
+static pq_redis_t *job_redis(const pq_job_t *j)
+{
+    return j->topic == PQ_T_REQUESTS && j->w->iredis ? j->w->iredis : j->w->redis;
+}
+static void lane_leave(pq_job_t *j);
 static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char *msg);
 static void job_publish(pq_job_t *j);
 static void job_redis_issue(pq_job_t *j);
@@ -285,7 +297,7 @@ static void job_reply(pq_job_t *j)
     argv[2] = msg;
     for (int i = 0; i < 3; i++)
         lens[i] = strlen(argv[i]);
-    if (pq_redis_command(j->w->redis, 3, argv, lens, on_aux_reply, j) == 0)
+    if (pq_redis_command(job_redis(j), 3, argv, lens, on_aux_reply, j) == 0)
         j->nredis++;
 }
 
@@ -321,6 +333,7 @@ static void job_done(pq_job_t *j)
         TAILQ_REMOVE(&w->redis_wait, j, wait_link);
         j->in_wait = 0;
     }
+    lane_leave(j);
     PQ_DBG("job %s/%s %s attempts=%d deliveries=%" PRId64 " source=%s/%" PRId32 "/%" PRId64
            " %" PRId64 "ms",
            tenant_of(j), id_of(j), j->status ? j->status : "handled", j->attempts, j->deliveries,
@@ -715,7 +728,7 @@ static void job_redis_issue(pq_job_t *j)
     }
     for (int i = 0; i < argc; i++)
         lens[i] = strlen(argv[i]);
-    if (pq_redis_command(w->redis, argc, argv, lens, on_redis_reply, j) == 0)
+    if (pq_redis_command(job_redis(j), argc, argv, lens, on_redis_reply, j) == 0)
         j->nredis++;
     else if (j->rstep != RS_RELEASE)
         redis_wait(j);
@@ -936,14 +949,24 @@ static void on_redis_reply(void *opaque, redisReply *reply)
 
 void pq_job_redis_up(pq_worker_t *w)
 {
+    struct pq_job_list l;
     pq_job_t *j;
 
+    /* once each (a job whose connection is still down waits again); job_done takes a waiting
+     * job off redis_wait, so the ones not yet issued stay on it until their turn */
+    TAILQ_INIT(&l);
     while ((j = TAILQ_FIRST(&w->redis_wait))) {
         TAILQ_REMOVE(&w->redis_wait, j, wait_link);
         j->in_wait = 0;
-        job_redis_issue(j);
-        if (j->in_wait)
-            break; /* down again */
+        if (pq_redis_up(job_redis(j)))
+            job_redis_issue(j);
+        else
+            TAILQ_INSERT_TAIL(&l, j, wait_link);
+    }
+    while ((j = TAILQ_FIRST(&l))) {
+        TAILQ_REMOVE(&l, j, wait_link);
+        TAILQ_INSERT_TAIL(&w->redis_wait, j, wait_link);
+        j->in_wait = 1;
     }
 }
 
@@ -1014,7 +1037,7 @@ static void lease_retake(pq_job_t *j)
     argv[5] = lease;
     for (int i = 0; i < 6; i++)
         lens[i] = strlen(argv[i]);
-    if (pq_redis_command(w->redis, 6, argv, lens, on_retake_reply, j) == 0)
+    if (pq_redis_command(job_redis(j), 6, argv, lens, on_retake_reply, j) == 0)
         j->nredis++;
 }
 
@@ -1051,7 +1074,7 @@ static void on_renew_tick(evutil_socket_t fd, short what, void *arg)
     argv[5] = lease;
     for (int i = 0; i < 6; i++)
         lens[i] = strlen(argv[i]);
-    if (pq_redis_command(w->redis, 6, argv, lens, on_renew_reply, j) == 0)
+    if (pq_redis_command(job_redis(j), 6, argv, lens, on_renew_reply, j) == 0)
         j->nredis++;
 }
 
@@ -1526,6 +1549,20 @@ static void job_attempt(pq_job_t *j)
     pq_worker_t *w = j->w;
     char msg[256];
 
+    /* Lanes: a bulk job asks for a provider slot only while no interactive job is in flight
+     * (they share the provider's slots, the sim/provider and this loop); it waits at most
+     * LANE_MAX_WAIT_MS, so steady interactive traffic cannot starve the bulk lane. */
+    lane_leave(j); /* its wait timer fired, or the lane was released */
+    if (j->topic == PQ_T_BULK && w->iinflight > 0 && !j->lane_pass && !w->stopping) {
+        j->state = JS_BACKOFF; /* the timer (or pq_job_lanes_release) attempts again */
+        TAILQ_INSERT_TAIL(&w->lane_wait, j, lane_link);
+        j->in_lane = 1;
+        j->lane_pass = 1;
+        timer_in(j, LANE_MAX_WAIT_MS);
+        return;
+    }
+    j->lane_pass = 0;
+
     for (;;) {
         const pq_target_t *t;
         int a, key = -1, rc;
@@ -1573,6 +1610,7 @@ static void job_attempt(pq_job_t *j)
         j->sw.excluded = j->excluded;
         j->sw.cb = on_slot;
         j->sw.opaque = j;
+        j->sw.priority = j->topic == PQ_T_REQUESTS; /* the interactive lane goes first */
         rc = pq_prov_acquire(j->prov, &j->sw, &key, &err, &wake);
         if (rc == 0) {
             job_granted(j, key);
@@ -1628,7 +1666,7 @@ static void job_cache_store(pq_job_t *j)
     for (int i = 0; i < 5; i++)
         lens[i] = strlen(argv[i]);
     lens[2] = len;
-    if (pq_redis_command(w->redis, 5, argv, lens, on_aux_reply, j) == 0) {
+    if (pq_redis_command(job_redis(j), 5, argv, lens, on_aux_reply, j) == 0) {
         j->nredis++;
         pq_counter_add(w->m.cache_stores, 1);
     }
@@ -1835,6 +1873,8 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
     j->start_mono = pq_mono_ms();
     evtimer_assign(&j->timer, w->base, on_timer, j);
     event_assign(&j->renew, w->base, -1, EV_PERSIST, on_renew_tick, j);
+    if (topic == PQ_T_REQUESTS) /* the interactive lane's events run first */
+        event_priority_set(&j->timer, 0);
     TAILQ_INSERT_TAIL(&w->jobs, j, link);
     w->inflight++;
     pq_counter_add(w->m.received, 1);
@@ -1882,6 +1922,28 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
     job_begin(j);
 }
 
+/* ---- lanes ---- */
+
+static void lane_leave(pq_job_t *j)
+{
+    if (!j->in_lane)
+        return;
+    TAILQ_REMOVE(&j->w->lane_wait, j, lane_link);
+    j->in_lane = 0;
+}
+
+void pq_job_lanes_release(pq_worker_t *w)
+{
+    pq_job_t *j;
+
+    while (w->iinflight == 0 && (j = TAILQ_FIRST(&w->lane_wait))) {
+        lane_leave(j);
+        evtimer_del(&j->timer);
+        j->lane_pass = 0;
+        job_attempt(j);
+    }
+}
+
 /* ---- shutdown ---- */
 
 /* Cancels the job's call or wait, gives its slot and probe role back. */
@@ -1916,6 +1978,7 @@ void pq_job_hand_back_all(pq_worker_t *w)
             TAILQ_REMOVE(&w->redis_wait, j, wait_link);
             j->in_wait = 0;
         }
+        lane_leave(j);
         if (j->lease_held) {
             j->lease_held = 0;
             j->rstep = RS_RELEASE;
@@ -1931,6 +1994,7 @@ void pq_job_free_all(pq_worker_t *w)
 
     while ((j = TAILQ_FIRST(&w->jobs))) {
         TAILQ_REMOVE(&w->jobs, j, link);
+        lane_leave(j);
         job_stop_calls(j);
         pq_part_unref(j->part);
         j->part = NULL;

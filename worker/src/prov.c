@@ -240,7 +240,18 @@ int pq_prov_acquire(pq_prov_t *pv, pq_slot_wait_t *w, int *key, pq_err_t *err, i
         }
         pump_in(pv, wake - now);
     }
-    TAILQ_INSERT_TAIL(&pv->queue, w, link);
+    if (w->priority) {
+        /* after the other priority waiters (few: the interactive lane), before the rest */
+        pq_slot_wait_t *o = TAILQ_FIRST(&pv->queue);
+        while (o && o->priority)
+            o = TAILQ_NEXT(o, link);
+        if (o)
+            TAILQ_INSERT_BEFORE(o, w, link);
+        else
+            TAILQ_INSERT_TAIL(&pv->queue, w, link);
+    } else {
+        TAILQ_INSERT_TAIL(&pv->queue, w, link);
+    }
     w->queued = 1;
     return 1;
 }

@@ -42,6 +42,7 @@ typedef void(pq_slot_cb)(void *opaque, int key, pq_err_t err, int64_t wake_ms);
 typedef struct pq_slot_wait_s {
     TAILQ_ENTRY(pq_slot_wait_s) link;
     int queued;
+    int priority;      /* interactive lane: queued ahead of every waiter without it */
     double cost;       /* estimated tokens of the call (tpm) */
     uint64_t excluded; /* bit i: key i (i < 64) refused this waiter, do not use it */
     pq_slot_cb *cb;

@@ -36,6 +36,7 @@ struct pq_redis_s {
     void *opaque;
 
     redisAsyncContext *ac; /* NULL while disconnected */
+    int priority;          /* libevent priority of the connection's events; -1 the default */
     int up;
     int backoff_ms;
     size_t pending;
@@ -158,6 +159,11 @@ static void connect_addr(pq_redis_t *r, const char *addr)
     r->pending = 0;
     r->last_progress_ms = pq_mono_ms();
     redisLibeventAttach(ac, r->base);
+    if (r->priority >= 0 && ac->ev.data) {
+        redisLibeventEvents *e = ac->ev.data;
+        event_priority_set(e->rev, r->priority);
+        event_priority_set(e->wev, r->priority);
+    }
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
 }
@@ -266,6 +272,23 @@ static void on_watchdog(evutil_socket_t fd, short what, void *arg)
         drop(r, r->up ? "no reply in time" : "handshake timed out");
 }
 
+void pq_redis_set_priority(pq_redis_t *r, int priority)
+{
+    r->priority = priority;
+    if (r->ac && r->ac->ev.data) {
+        redisLibeventEvents *e = r->ac->ev.data;
+        struct event *evs[2] = {e->rev, e->wev};
+        for (int i = 0; i < 2; i++) {
+            int pending = event_pending(evs[i], EV_READ | EV_WRITE, NULL) != 0;
+            if (pending)
+                event_del(evs[i]); /* a priority changes only on an event not added */
+            event_priority_set(evs[i], priority);
+            if (pending)
+                event_add(evs[i], NULL);
+        }
+    }
+}
+
 pq_redis_t *pq_redis_new(struct event_base *base, const char *host, int port, const char *password,
                          int db, int timeout_ms, pq_redis_state_cb *state_cb, void *opaque,
                          char *errstr, size_t errstr_size)
@@ -276,6 +299,7 @@ pq_redis_t *pq_redis_new(struct event_base *base, const char *host, int port, co
     if (!r)
         goto out_nomem;
     r->base = base;
+    r->priority = -1;
     r->host = strdup(host);
     r->password = password ? strdup(password) : NULL;
     r->port = port;

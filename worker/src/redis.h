@@ -34,6 +34,10 @@ int pq_redis_up(const pq_redis_t *r);
 int pq_redis_command(pq_redis_t *r, int argc, const char **argv, const size_t *lens,
                      pq_redis_reply_cb *cb, void *opaque);
 
+/* The libevent priority of the connection's events (this one and every reconnection); the
+ * base must have priorities. */
+void pq_redis_set_priority(pq_redis_t *r, int priority);
+
 /* Commands sent and not answered yet. */
 size_t pq_redis_pending(const pq_redis_t *r);
 

@@ -33,6 +33,8 @@
 #include "worker_int.h"
 
 #define DRAIN_BUDGET      512
+#define BULK_DRAIN_BUDGET 64 /* per loop turn: interactive events run in between */
+#define LANE_RESERVE_DIV  8  /* max_inflight / 8 is kept for the interactive lane */
 #define SAFETY_MS         100
 #define STATS_MS          10000
 #define FINAL_WAIT_MS     1500
@@ -129,7 +131,7 @@ static void part_revoke(pq_worker_t *w, pq_part_t *p)
 /* Stores the offsets that advanced (offset + 1 semantics: the next one to read). */
 static void flush_offsets(pq_worker_t *w)
 {
-    rd_kafka_topic_partition_list_t *list = NULL;
+    rd_kafka_topic_partition_list_t *lists[2] = {NULL, NULL}; /* bulk consumer, interactive */
     rd_kafka_resp_err_t err;
     pq_part_t *p;
 
@@ -137,23 +139,28 @@ static void flush_offsets(pq_worker_t *w)
         return;
     TAILQ_FOREACH(p, &w->parts, link)
     {
+        int li = p->topic == PQ_T_REQUESTS;
         if (!p->dirty || p->revoked || p->offsets.next < 0)
             continue;
         p->dirty = 0;
-        if (!list)
-            list = rd_kafka_topic_partition_list_new(8);
-        rd_kafka_topic_partition_list_add(list, p->name, p->partition)->offset = p->offsets.next;
+        if (!lists[li])
+            lists[li] = rd_kafka_topic_partition_list_new(8);
+        rd_kafka_topic_partition_list_add(lists[li], p->name, p->partition)->offset =
+            p->offsets.next;
     }
-    if (!list)
-        return;
-    err = rd_kafka_offsets_store(w->consumer, list);
-    if (err)
-        PQ_WARN("offsets_store: %s", rd_kafka_err2str(err));
-    for (int i = 0; i < list->cnt; i++)
-        if (list->elems[i].err)
-            PQ_DBG("offsets_store %s/%" PRId32 ": %s", list->elems[i].topic,
-                   list->elems[i].partition, rd_kafka_err2str(list->elems[i].err));
-    rd_kafka_topic_partition_list_destroy(list);
+    for (int li = 0; li < 2; li++) {
+        rd_kafka_topic_partition_list_t *list = lists[li];
+        if (!list)
+            continue;
+        err = rd_kafka_offsets_store(li ? w->iconsumer : w->consumer, list);
+        if (err)
+            PQ_WARN("offsets_store: %s", rd_kafka_err2str(err));
+        for (int i = 0; i < list->cnt; i++)
+            if (list->elems[i].err)
+                PQ_DBG("offsets_store %s/%" PRId32 ": %s", list->elems[i].topic,
+                       list->elems[i].partition, rd_kafka_err2str(list->elems[i].err));
+        rd_kafka_topic_partition_list_destroy(list);
+    }
 }
 
 static void on_flush(evutil_socket_t fd, short what, void *arg)
@@ -173,50 +180,73 @@ void pq_worker_offset_done(pq_worker_t *w, pq_part_t *part, uint64_t seq)
 
 /* ---- flow control ---- */
 
-static void set_paused(pq_worker_t *w, int pause, const char *why)
+/* Pauses or resumes one consumer's partitions (lane 1: the interactive consumer, 0: bulk and
+ * retry topics). Every message polled so far was taken in, so a resume fetches from the next
+ * one (pausing drops only prefetched messages). */
+static void set_paused(pq_worker_t *w, int lane, int pause, const char *why)
 {
     rd_kafka_topic_partition_list_t *a = rd_kafka_topic_partition_list_new(16);
     pq_part_t *p;
 
     /* the assignment as we track it; held retry partitions stay paused on a resume */
     TAILQ_FOREACH(p, &w->parts, link)
-    if (pause || !p->held)
+    if ((p->topic == PQ_T_REQUESTS) == lane && (pause || !p->held))
         rd_kafka_topic_partition_list_add(a, p->name, p->partition);
     if (a->cnt > 0) {
         if (pause)
-            rd_kafka_pause_partitions(w->consumer, a);
+            rd_kafka_pause_partitions(lane ? w->iconsumer : w->consumer, a);
         else
-            rd_kafka_resume_partitions(w->consumer, a);
+            rd_kafka_resume_partitions(lane ? w->iconsumer : w->consumer, a);
     }
     rd_kafka_topic_partition_list_destroy(a);
-    w->paused = pause;
-    if (pause)
-        PQ_INFO("consumption paused: %s (%zu jobs in flight)", why, w->inflight);
+    if (lane)
+        w->ipaused = pause;
     else
-        PQ_INFO("consumption resumed (%zu jobs in flight)", w->inflight);
-    if (!pause)
-        event_active(w->ev_drain, 0, 0); /* the io event fires only once per non-empty queue */
+        w->paused = pause;
+    if (pause)
+        PQ_INFO("consumption paused: %s (%s lane; %zu jobs in flight, %zu interactive)", why,
+                lane ? "interactive" : "bulk", w->inflight, w->iinflight);
+    else
+        PQ_INFO("consumption resumed (%s lane; %zu jobs in flight, %zu interactive)",
+                lane ? "interactive" : "bulk", w->inflight, w->iinflight);
+    if (!pause) /* the io event fires only once per non-empty queue */
+        event_active(lane ? w->ev_idrain : w->ev_drain, 0, 0);
+}
+
+/* Why the bulk consumer (lane 0) or the interactive one (lane 1) must pause now; NULL: it may
+ * run. resume: the lower mark (hysteresis) applies. */
+static const char *flow_stop(pq_worker_t *w, int lane, int redis_up, int resume)
+{
+    size_t cap = lane ? w->max_inflight : w->max_inflight - w->reserve;
+
+    if (w->stopping)
+        return "stopping";
+    if (!redis_up)
+        return "redis unavailable";
+    if (resume ? w->inflight > (lane ? w->low_water : cap - cap / 32 - 1) : w->inflight >= cap)
+        return lane ? "max_inflight reached" : "max_inflight reached (share kept for interactive)";
+    return NULL;
 }
 
 static void update_flow(pq_worker_t *w)
 {
     int redis_up = pq_redis_up(w->redis);
+    const char *why;
 
-    if (!w->paused) {
-        if (w->stopping)
-            set_paused(w, 1, "stopping");
-        else if (!redis_up)
-            set_paused(w, 1, "redis unavailable");
-        else if (w->inflight >= w->max_inflight)
-            set_paused(w, 1, "max_inflight reached");
-    } else if (!w->stopping && redis_up && w->inflight <= w->low_water) {
-        set_paused(w, 0, NULL);
+    for (int lane = 1; lane >= 0; lane--) {
+        int paused = lane ? w->ipaused : w->paused;
+        if (!paused && (why = flow_stop(w, lane, redis_up, 0)))
+            set_paused(w, lane, 1, why);
+        else if (paused && !flow_stop(w, lane, redis_up, 1))
+            set_paused(w, lane, 0, NULL);
     }
 }
 
 void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part)
 {
     w->inflight--;
+    if (part && part->topic == PQ_T_REQUESTS && --w->iinflight == 0 && !TAILQ_EMPTY(&w->lane_wait))
+        event_active(w->ev_lanes, 0, 0); /* on the loop, not inside this job's end */
     if (part && part->rs && part->rs->nheld > 0 && !part->rs->down)
         schedule_replay(w, 0); /* a replay slot is free */
     pq_part_unref(part);
@@ -292,7 +322,7 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         /* librdkafka keeps a partition's pause flag across unassign/assign: a partition paused
          * while we owned it before would otherwise stay silent now. */
         if (parts->cnt > 0) {
-            if (w->paused)
+            if (rk == w->iconsumer ? w->ipaused : w->paused)
                 rd_kafka_pause_partitions(rk, parts);
             else
                 rd_kafka_resume_partitions(rk, parts);
@@ -727,6 +757,8 @@ static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
     }
     if (topic == PQ_T_RETRY && part && (delay = replay_admit(w, part, m)) < 0)
         return;
+    if (topic == PQ_T_REQUESTS && part)
+        w->iinflight++; /* pq_worker_job_gone takes it off */
     pq_job_intake(w, part, topic, m, delay);
 }
 
@@ -746,18 +778,21 @@ static void on_consumer_error(pq_worker_t *w, const rd_kafka_message_t *m)
             m->rkt ? rd_kafka_topic_name(m->rkt) : "");
 }
 
-static void drain_consumer(pq_worker_t *w)
+/* Polls one consumer (lane 1: interactive). The bulk consumer takes a small batch per loop
+ * turn, so an interactive message waits for at most that much work. */
+static void drain_consumer(pq_worker_t *w, int lane)
 {
-    int n;
+    rd_kafka_t *rk = lane ? w->iconsumer : w->consumer;
+    int n, budget = lane ? DRAIN_BUDGET : BULK_DRAIN_BUDGET;
 
-    for (n = 0; n < DRAIN_BUDGET; n++) {
+    for (n = 0; n < budget; n++) {
         rd_kafka_message_t *m;
         /* Full: pause now, not after the batch, so librdkafka drops what it prefetched for
          * the paused partitions (fetched again on resume) instead of handing it all over.
          * Polling goes on while paused (max.poll.interval.ms); what still comes is taken. */
-        if (!w->paused && w->inflight >= w->max_inflight)
+        if (!(lane ? w->ipaused : w->paused))
             update_flow(w);
-        m = rd_kafka_consumer_poll(w->consumer, 0);
+        m = rd_kafka_consumer_poll(rk, 0);
         if (!m)
             break;
         if (m->err)
@@ -766,8 +801,8 @@ static void drain_consumer(pq_worker_t *w)
             on_message(w, m);
         rd_kafka_message_destroy(m);
     }
-    if (n == DRAIN_BUDGET && w->inflight < w->max_inflight)
-        event_active(w->ev_drain, 0, 0); /* more waiting: let other events run first */
+    if (n == budget && w->inflight < w->max_inflight) /* more waiting: other events first */
+        event_active(lane ? w->ev_idrain : w->ev_drain, 0, 0);
     update_flow(w);
 }
 
@@ -787,7 +822,23 @@ static void drain_pipe(int fd)
 static void on_cqueue(evutil_socket_t fd, short what, void *arg)
 {
     drain_pipe(fd);
-    drain_consumer(arg);
+    drain_consumer(arg, 0);
+}
+
+static void on_iqueue(evutil_socket_t fd, short what, void *arg)
+{
+    drain_pipe(fd);
+    drain_consumer(arg, 1);
+}
+
+static void on_idrain(evutil_socket_t fd, short what, void *arg)
+{
+    drain_consumer(arg, 1);
+}
+
+static void on_lanes(evutil_socket_t fd, short what, void *arg)
+{
+    pq_job_lanes_release(arg);
 }
 
 static void on_pqueue(evutil_socket_t fd, short what, void *arg)
@@ -798,13 +849,14 @@ static void on_pqueue(evutil_socket_t fd, short what, void *arg)
 
 static void on_drain(evutil_socket_t fd, short what, void *arg)
 {
-    drain_consumer(arg);
+    drain_consumer(arg, 0);
 }
 
 static void on_safety(evutil_socket_t fd, short what, void *arg)
 {
     pq_worker_t *w = arg;
-    drain_consumer(w);
+    drain_consumer(w, 1);
+    drain_consumer(w, 0);
     drain_producer(w);
 }
 
@@ -1072,13 +1124,24 @@ out:
     return failed;
 }
 
-/* Subscribes to the request topics and every active route's retry topic. */
+/* Subscribes the interactive consumer to <prefix>requests (once). */
+static rd_kafka_resp_err_t subscribe_interactive(pq_worker_t *w)
+{
+    rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_resp_err_t err;
+
+    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_REQUESTS], RD_KAFKA_PARTITION_UA);
+    err = rd_kafka_subscribe(w->iconsumer, subs);
+    rd_kafka_topic_partition_list_destroy(subs);
+    return err;
+}
+
+/* Subscribes the bulk consumer to <prefix>bulk and every active route's retry topic. */
 static rd_kafka_resp_err_t subscribe_all(pq_worker_t *w)
 {
     rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(8);
     rd_kafka_resp_err_t err;
 
-    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_REQUESTS], RD_KAFKA_PARTITION_UA);
     rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_BULK], RD_KAFKA_PARTITION_UA);
     for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
         if (rs->active)
@@ -1135,7 +1198,8 @@ static void on_final(evutil_socket_t fd, short what, void *arg)
 {
     pq_worker_t *w = arg;
 
-    if (pq_redis_pending(w->redis) == 0 || pq_mono_ms() >= w->final_deadline_ms)
+    if ((pq_redis_pending(w->redis) == 0 && pq_redis_pending(w->iredis) == 0) ||
+        pq_mono_ms() >= w->final_deadline_ms)
         event_base_loopbreak(w->base);
 }
 
@@ -1298,15 +1362,18 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     }
     w->conf = conf;
     w->cpipe[0] = w->cpipe[1] = w->ppipe[0] = w->ppipe[1] = -1;
+    w->ipipe[0] = w->ipipe[1] = -1;
     TAILQ_INIT(&w->parts);
     TAILQ_INIT(&w->jobs);
     TAILQ_INIT(&w->redis_wait);
+    TAILQ_INIT(&w->lane_wait);
     pq_conf_topic(conf, "requests", w->topics[PQ_T_REQUESTS], sizeof(w->topics[0]));
     pq_conf_topic(conf, "bulk", w->topics[PQ_T_BULK], sizeof(w->topics[0]));
     pq_conf_topic(conf, "results", w->topics[PQ_T_RESULTS], sizeof(w->topics[0]));
     pq_conf_topic(conf, "dlq", w->topics[PQ_T_DLQ], sizeof(w->topics[0]));
     w->max_inflight = conf->max_inflight > 0 ? (size_t)conf->max_inflight : 4096;
     w->low_water = w->max_inflight * 3 / 4;
+    w->reserve = w->max_inflight / LANE_RESERVE_DIV;
     w->ttl_ms = conf->result_ttl_s * 1000;
     w->limits = pq_envelope_limits_default;
     if (conf->max_prompt_bytes > 0)
@@ -1357,7 +1424,20 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->table = calloc(tsize, sizeof(*w->table));
     w->table_mask = tsize - 1;
     w->metrics = pq_metrics_new();
-    w->base = event_base_new();
+    {
+        /* two priorities: 0 the interactive lane's events, 1 (the default) everything else;
+         * after 16 callbacks of priority 1 the loop looks for new events again */
+        struct event_config *cfg = event_config_new();
+        if (cfg)
+            event_config_set_max_dispatch_interval(cfg, NULL, 16, 1);
+        w->base = cfg ? event_base_new_with_config(cfg) : NULL;
+        if (cfg)
+            event_config_free(cfg);
+        if (w->base && event_base_priority_init(w->base, 2) != 0) {
+            event_base_free(w->base);
+            w->base = NULL;
+        }
+    }
     if (!w->table || !w->metrics || !w->base) {
         snprintf(errstr, errstr_size, "out of memory");
         goto out_fail;
@@ -1383,6 +1463,11 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
                             conf->redis_db, 5000, on_redis_state, w, errstr, errstr_size);
     if (!w->redis)
         goto out_fail;
+    w->iredis = pq_redis_new(w->base, conf->redis_host, conf->redis_port, conf->redis_password,
+                             conf->redis_db, 5000, on_redis_state, w, errstr, errstr_size);
+    if (!w->iredis)
+        goto out_fail;
+    pq_redis_set_priority(w->iredis, 0);
 
     w->producer = producer_new(w, errstr, errstr_size);
     if (!w->producer)
@@ -1418,14 +1503,33 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     rd_kafka_queue_io_event_enable(w->cqueue, w->cpipe[1], "1", 1);
+    w->iconsumer = consumer_new(w, errstr, errstr_size);
+    if (!w->iconsumer)
+        goto out_fail;
+    rd_kafka_poll_set_consumer(w->iconsumer);
+    w->iqueue = rd_kafka_queue_get_consumer(w->iconsumer);
+    if (!w->iqueue || make_pipe(w->ipipe) != 0) {
+        snprintf(errstr, errstr_size, "interactive consumer queue setup failed");
+        goto out_fail;
+    }
+    rd_kafka_queue_io_event_enable(w->iqueue, w->ipipe[1], "1", 1);
     retry_topics_create(w);
     err = subscribe_all(w);
+    if (!err)
+        err = subscribe_interactive(w);
     if (err) {
         snprintf(errstr, errstr_size, "subscribe: %s", rd_kafka_err2str(err));
         goto out_fail;
     }
 
     w->ev_cqueue = event_new(w->base, w->cpipe[0], EV_READ | EV_PERSIST, on_cqueue, w);
+    w->ev_iqueue = event_new(w->base, w->ipipe[0], EV_READ | EV_PERSIST, on_iqueue, w);
+    w->ev_idrain = event_new(w->base, -1, 0, on_idrain, w);
+    w->ev_lanes = event_new(w->base, -1, 0, on_lanes, w);
+    if (w->ev_iqueue)
+        event_priority_set(w->ev_iqueue, 0);
+    if (w->ev_idrain)
+        event_priority_set(w->ev_idrain, 0);
     w->ev_pqueue = event_new(w->base, w->ppipe[0], EV_READ | EV_PERSIST, on_pqueue, w);
     w->ev_drain = event_new(w->base, -1, 0, on_drain, w);
     w->ev_flush = event_new(w->base, -1, 0, on_flush, w);
@@ -1439,9 +1543,10 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->ev_replay = evtimer_new(w->base, on_replay, w);
     w->ev_health = event_new(w->base, -1, EV_PERSIST, on_health, w);
     w->ev_sighup = evsignal_new(w->base, SIGHUP, on_sighup, w);
-    if (!w->ev_cqueue || !w->ev_pqueue || !w->ev_drain || !w->ev_flush || !w->ev_safety ||
-        !w->ev_stats || !w->ev_sigterm || !w->ev_sigint || !w->ev_grace || !w->ev_final ||
-        !w->ev_routes || !w->ev_replay || !w->ev_health || !w->ev_sighup) {
+    if (!w->ev_cqueue || !w->ev_iqueue || !w->ev_idrain || !w->ev_lanes || !w->ev_pqueue ||
+        !w->ev_drain || !w->ev_flush || !w->ev_safety || !w->ev_stats || !w->ev_sigterm ||
+        !w->ev_sigint || !w->ev_grace || !w->ev_final || !w->ev_routes || !w->ev_replay ||
+        !w->ev_health || !w->ev_sighup) {
         snprintf(errstr, errstr_size, "out of memory");
         goto out_fail;
     }
@@ -1548,6 +1653,7 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
     event_active(w->ev_health, EV_TIMEOUT, 0);
     event_add(w->ev_sighup, NULL);
     event_add(w->ev_cqueue, NULL);
+    event_add(w->ev_iqueue, NULL);
     event_add(w->ev_pqueue, NULL);
     event_add(w->ev_safety, &safety);
     event_add(w->ev_stats, &stats);
@@ -1555,16 +1661,23 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
     event_add(w->ev_sigint, NULL);
     update_flow(w);
     event_active(w->ev_drain, 0, 0);
+    event_active(w->ev_idrain, 0, 0);
 
     event_base_dispatch(w->base);
 
     flush_offsets(w);
-    err = rd_kafka_commit(w->consumer, NULL, 0);
-    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-        PQ_WARN("final commit: %s", rd_kafka_err2str(err));
-    err = rd_kafka_consumer_close(w->consumer);
-    if (err)
-        PQ_WARN("consumer close: %s", rd_kafka_err2str(err));
+    /* both commits before either close: the two consumers share the group, and a close (a
+     * member leaving) starts a rebalance that would fail the other's commit */
+    for (int lane = 0; lane < 2; lane++) {
+        err = rd_kafka_commit(lane ? w->iconsumer : w->consumer, NULL, 0);
+        if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            PQ_WARN("final commit: %s", rd_kafka_err2str(err));
+    }
+    for (int lane = 0; lane < 2; lane++) {
+        err = rd_kafka_consumer_close(lane ? w->iconsumer : w->consumer);
+        if (err)
+            PQ_WARN("consumer close: %s", rd_kafka_err2str(err));
+    }
     if (rd_kafka_flush(w->producer, 5000) != RD_KAFKA_RESP_ERR_NO_ERROR)
         PQ_WARN("%d results not confirmed at exit (they are re-published on redelivery)",
                 rd_kafka_outq_len(w->producer));
@@ -1576,10 +1689,10 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
 void pq_worker_destroy(pq_worker_t *w)
 {
     pq_part_t *p;
-    struct event **evs[] = {&w->ev_cqueue, &w->ev_pqueue, &w->ev_drain,   &w->ev_flush,
-                            &w->ev_safety, &w->ev_stats,  &w->ev_sigterm, &w->ev_sigint,
-                            &w->ev_grace,  &w->ev_final,  &w->ev_routes,  &w->ev_replay,
-                            &w->ev_health, &w->ev_sighup};
+    struct event **evs[] = {
+        &w->ev_cqueue, &w->ev_iqueue, &w->ev_idrain, &w->ev_lanes,   &w->ev_pqueue, &w->ev_drain,
+        &w->ev_flush,  &w->ev_safety, &w->ev_stats,  &w->ev_sigterm, &w->ev_sigint, &w->ev_grace,
+        &w->ev_final,  &w->ev_routes, &w->ev_replay, &w->ev_health,  &w->ev_sighup};
     pq_route_state_t *rs;
     pq_gen_t *g;
 
@@ -1596,6 +1709,10 @@ void pq_worker_destroy(pq_worker_t *w)
         rd_kafka_queue_destroy(w->cqueue);
     if (w->consumer)
         rd_kafka_destroy(w->consumer);
+    if (w->iqueue)
+        rd_kafka_queue_destroy(w->iqueue);
+    if (w->iconsumer)
+        rd_kafka_destroy(w->iconsumer);
     if (w->pqueue)
         rd_kafka_queue_destroy(w->pqueue);
     if (w->t_results)
@@ -1606,6 +1723,7 @@ void pq_worker_destroy(pq_worker_t *w)
         rd_kafka_destroy(w->producer);
     free(w->cluster_id);
     pq_redis_destroy(w->redis);
+    pq_redis_destroy(w->iredis);
     while ((g = w->retired)) {
         w->retired = g->next;
         gen_free(g);
@@ -1625,6 +1743,8 @@ void pq_worker_destroy(pq_worker_t *w)
     for (int i = 0; i < 2; i++) {
         if (w->cpipe[i] >= 0)
             close(w->cpipe[i]);
+        if (w->ipipe[i] >= 0)
+            close(w->ipipe[i]);
         if (w->ppipe[i] >= 0)
             close(w->ppipe[i]);
     }

@@ -88,10 +88,12 @@ struct pq_worker_s {
     const pq_conf_t *conf;
     struct event_base *base;
 
-    rd_kafka_t *consumer;
+    rd_kafka_t *consumer;  /* bulk lane and retry topics */
+    rd_kafka_t *iconsumer; /* interactive lane (<prefix>requests), same group: its own fetches,
+                              so the bulk backlog never delays an interactive message */
     rd_kafka_t *producer;
-    rd_kafka_queue_t *cqueue, *pqueue;
-    int cpipe[2], ppipe[2];
+    rd_kafka_queue_t *cqueue, *iqueue, *pqueue;
+    int cpipe[2], ipipe[2], ppipe[2];
     rd_kafka_topic_t *t_results, *t_dlq;
     char topics[PQ_T_COUNT][256];
     char *cluster_id;
@@ -107,25 +109,33 @@ struct pq_worker_s {
     int health_pending;
     int no_admin; /* CreateTopics timed out once: use metadata auto-creation */
     pq_redis_t *redis;
-    char owner[192]; /* lease owner: instance id + per-process nonce */
+    pq_redis_t *iredis; /* the interactive lane's jobs (its own connection) */
+    char owner[192];    /* lease owner: instance id + per-process nonce */
     pq_envelope_limits_t limits;
     int64_t ttl_ms;
     size_t max_msg;      /* the producer's message.max.bytes minus a key/record headroom */
     size_t max_response; /* max_response_bytes, capped so a result record fits in max_msg */
 
-    struct event *ev_cqueue, *ev_pqueue, *ev_drain, *ev_safety, *ev_stats, *ev_flush;
+    struct event *ev_cqueue, *ev_iqueue, *ev_idrain, *ev_lanes, *ev_pqueue, *ev_drain, *ev_safety,
+        *ev_stats, *ev_flush;
     struct event *ev_routes, *ev_replay, *ev_health, *ev_sighup;
     struct event *ev_sigterm, *ev_sigint, *ev_grace, *ev_final;
 
     struct pq_part_list parts; /* current assignment */
     struct pq_job_list jobs;   /* every job in flight */
     struct pq_job_list redis_wait;
-    pq_job_t **table; /* (tenant, id) -> job holding it in this process */
+    struct pq_job_list lane_wait; /* bulk jobs waiting for interactive work to end */
+    pq_job_t **table;             /* (tenant, id) -> job holding it in this process */
     size_t table_mask;
 
     size_t inflight;
     size_t max_inflight, low_water;
-    int paused;
+    /* lanes: interactive jobs in flight; the bulk consumer pauses when they pass
+     * LANE_YIELD or when every job in flight reaches max_inflight - reserve (a share kept for
+     * the interactive lane) */
+    size_t iinflight, reserve;
+    int paused;   /* the bulk consumer's partitions (bulk and retry topics) */
+    int ipaused;  /* the interactive consumer's */
     int stopping; /* SIGTERM: take no new work */
     int no_store; /* grace over: store no more offsets */
     int64_t final_deadline_ms;
@@ -192,6 +202,9 @@ void pq_job_delivered(pq_worker_t *w, const rd_kafka_message_t *m);
 
 /* Grace period over: stop every job still in flight and release its lease if held. */
 void pq_job_hand_back_all(pq_worker_t *w);
+
+/* No interactive job in flight any more: bulk jobs waiting for the lane go on. */
+void pq_job_lanes_release(pq_worker_t *w);
 
 /* Frees every job (at exit). */
 void pq_job_free_all(pq_worker_t *w);
