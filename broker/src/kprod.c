@@ -181,6 +181,24 @@ static int producer_attach(pq_bthread_t *t, rd_kafka_t *rk, char *errstr, size_t
     return 0;
 }
 
+/* Destroys the thread's producer t->rk (set) and its topic handles, and clears them: the
+ * teardown of a recreate and of pq_kprod_stop. Waits for nothing (the caller flushed or
+ * purged). */
+static void producer_destroy(pq_bthread_t *t)
+{
+    if (t->rkt)
+        rd_kafka_topic_destroy(t->rkt);
+    t->rkt = NULL;
+    if (t->rkt_results)
+        rd_kafka_topic_destroy(t->rkt_results);
+    t->rkt_results = NULL;
+    if (t->rkt_bulk)
+        rd_kafka_topic_destroy(t->rkt_bulk);
+    t->rkt_bulk = NULL;
+    rd_kafka_destroy(t->rk);
+    t->rk = NULL;
+}
+
 static void recreate_cb(evutil_socket_t fd, short what, void *arg)
 {
     pq_bthread_t *t = arg;
@@ -192,16 +210,7 @@ static void recreate_cb(evutil_socket_t fd, short what, void *arg)
          * its job goes to the spool (already answered ones are in the spool already). */
         rd_kafka_purge(t->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
         poll_all(t);
-        rd_kafka_topic_destroy(t->rkt);
-        t->rkt = NULL;
-        if (t->rkt_results)
-            rd_kafka_topic_destroy(t->rkt_results);
-        t->rkt_results = NULL;
-        if (t->rkt_bulk)
-            rd_kafka_topic_destroy(t->rkt_bulk);
-        t->rkt_bulk = NULL;
-        rd_kafka_destroy(t->rk);
-        t->rk = NULL;
+        producer_destroy(t);
     }
     rk = producer_new(t, errstr, sizeof(errstr));
     if (!rk || producer_attach(t, rk, errstr, sizeof(errstr))) {
@@ -255,17 +264,7 @@ void pq_kprod_stop(pq_bthread_t *t, int timeout_ms)
                 PQ_WARN("thread %d: %d messages not delivered at exit", t->no,
                         rd_kafka_outq_len(t->rk));
         }
-        if (t->rkt)
-            rd_kafka_topic_destroy(t->rkt);
-        t->rkt = NULL;
-        if (t->rkt_results)
-            rd_kafka_topic_destroy(t->rkt_results);
-        t->rkt_results = NULL;
-        if (t->rkt_bulk)
-            rd_kafka_topic_destroy(t->rkt_bulk);
-        t->rkt_bulk = NULL;
-        rd_kafka_destroy(t->rk);
-        t->rk = NULL;
+        producer_destroy(t);
     }
     if (t->kafka_ev) {
         event_free(t->kafka_ev);
