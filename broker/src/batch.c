@@ -56,14 +56,12 @@
 #define BATCH_LIST_MAX     100
 #define BATCH_LIST_DEFAULT 20
 #define BATCH_ERRORS_MAX   100
+#define BATCH_ID_MAX       63 /* longest batch id */
 /* A task holds <batch key>:task while it runs and refreshes it; the timer restarts the work of
  * a batch whose task is gone (its broker stopped or died) once the lock has expired. */
 #define BATCH_LOCK_MS    "10000"
 #define BATCH_REFRESH_MS 3000
 #define BATCH_STALE_S    5
-
-int pq_api_list(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), const char *skey,
-                const char *pfx, const char *after, long limit, int nfields, const char **fields);
 
 /* Creates the records of a chunk. KEYS[1] batch key; ARGV[1] job key prefix, ARGV[2] now ms,
  * ARGV[3] ttl ms, then (line, request hash, route, custom_id) per line. */
@@ -165,7 +163,7 @@ static int bkey_of(pq_bthread_t *t, char *buf, size_t size, const char *tenant, 
 
 static int id_ok(const char *id)
 {
-    return !strncmp(id, "batch_", 6) && strlen(id) < 64 && pq_id_valid(id);
+    return !strncmp(id, "batch_", 6) && strlen(id) <= BATCH_ID_MAX && pq_id_valid(id);
 }
 
 /* ---- tasks ---- */
@@ -283,6 +281,29 @@ static int task_send(pq_btask_t *bt, void (*cb)(redisAsyncContext *, void *, voi
         return -1;
     bt->pending++;
     return 0;
+}
+
+/* A task step's command: sent, the task is busy until the reply; not sent (Redis is down),
+ * the step runs again after BATCH_RETRY_MS. */
+static void task_send_step(pq_btask_t *bt, void (*cb)(redisAsyncContext *, void *, void *),
+                           int argc, const char **argv)
+{
+    if (task_send(bt, cb, argc, argv, NULL) == 0)
+        bt->busy = 1;
+    else
+        task_wake(bt, BATCH_RETRY_MS);
+}
+
+/* The start of every reply to a task step's command: the task is no longer busy. Returns
+ * nonzero when the command failed (no reply or an error reply). */
+static int task_step_failed(redisAsyncContext *ac, void *r, pq_btask_t *bt)
+{
+    const redisReply *reply = r;
+
+    pq_rconn_replied(ac, r);
+    bt->pending--;
+    bt->busy = 0;
+    return !reply || reply->type == REDIS_REPLY_ERROR;
 }
 
 /* Status change with the batch_status script; cb may be NULL (no interest in the answer). */
@@ -505,14 +526,10 @@ out:
 
 static void chunk_created(redisAsyncContext *ac, void *r, void *priv)
 {
-    const redisReply *reply = r;
     pq_btask_t *bt = priv;
     bline_t *l, *next;
 
-    pq_rconn_replied(ac, r);
-    bt->pending--;
-    bt->busy = 0;
-    if (!reply || reply->type == REDIS_REPLY_ERROR) {
+    if (task_step_failed(ac, r, bt)) {
         /* the records may or may not exist: the script is idempotent, send it again */
         bt->step = 1;
         task_wake(bt, BATCH_RETRY_MS);
@@ -815,10 +832,7 @@ static void final_read(redisAsyncContext *ac, void *r, void *priv)
     const redisReply *reply = r;
     pq_btask_t *bt = priv;
 
-    pq_rconn_replied(ac, r);
-    bt->pending--;
-    bt->busy = 0;
-    if (!reply || reply->type == REDIS_REPLY_ERROR) {
+    if (task_step_failed(ac, r, bt)) {
         task_wake(bt, BATCH_RETRY_MS);
         return;
     }
@@ -838,6 +852,27 @@ static void final_read(redisAsyncContext *ac, void *r, void *priv)
     task_wake(bt, 0);
 }
 
+/* Stores buf (when not empty) as the batch's file <batch id>_<kind>.jsonl with a new id
+ * (id: 64 bytes) and adds field, id to extra at *n. Returns 0, or -1 when the file could not
+ * be sent (the caller retries the whole step). */
+static int result_file_store(pq_btask_t *bt, struct evbuffer *buf, const char *kind,
+                             const char *field, char *id, const char **extra, int *n)
+{
+    size_t len = evbuffer_get_length(buf);
+    char name[128];
+
+    if (!len)
+        return 0;
+    pq_files_new_id(id, 64);
+    snprintf(name, sizeof(name), "%s_%s.jsonl", bt->id, kind);
+    if (pq_files_store(bt->t, bt->tenant, id, name, "batch_output",
+                       (const char *)evbuffer_pullup(buf, -1), len, 0))
+        return -1;
+    extra[(*n)++] = field;
+    extra[(*n)++] = id;
+    return 0;
+}
+
 static void final_step(pq_btask_t *bt)
 {
     pq_bthread_t *t = bt->t;
@@ -849,10 +884,7 @@ static void final_step(pq_btask_t *bt)
         const char *argv[2] = {"GET", ikey};
 
         snprintf(ikey, sizeof(ikey), "%s:invalid", bt->bkey);
-        if (task_send(bt, final_read, 2, argv, NULL) == 0)
-            bt->busy = 1;
-        else
-            task_wake(bt, BATCH_RETRY_MS);
+        task_send_step(bt, final_read, 2, argv);
         return;
     }
     if (bt->cur <= bt->lines) {
@@ -863,15 +895,12 @@ static void final_step(pq_btask_t *bt)
             last = bt->lines;
         snprintf(from, sizeof(from), "%u", bt->cur);
         snprintf(to, sizeof(to), "%u", last);
-        if (task_send(bt, final_read, 6, argv, NULL) == 0)
-            bt->busy = 1;
-        else
-            task_wake(bt, BATCH_RETRY_MS);
+        task_send_step(bt, final_read, 6, argv);
         return;
     }
     /* all read: store the files, then the final status */
     {
-        char out_id[64] = "", err_id[64] = "", name[128], active[600];
+        char out_id[64] = "", err_id[64] = "", active[600];
         const char *extra[4];
         size_t olen = evbuffer_get_length(bt->out), elen = evbuffer_get_length(bt->err);
         int n = 0;
@@ -881,27 +910,10 @@ static void final_step(pq_btask_t *bt)
             task_wake(bt, BATCH_RETRY_MS);
             return;
         }
-        if (olen) {
-            pq_files_new_id(out_id, sizeof(out_id));
-            snprintf(name, sizeof(name), "%s_output.jsonl", bt->id);
-            if (pq_files_store(t, bt->tenant, out_id, name, "batch_output",
-                               (const char *)evbuffer_pullup(bt->out, -1), olen, 0)) {
-                task_wake(bt, BATCH_RETRY_MS);
-                return;
-            }
-            extra[n++] = "output_file_id";
-            extra[n++] = out_id;
-        }
-        if (elen) {
-            pq_files_new_id(err_id, sizeof(err_id));
-            snprintf(name, sizeof(name), "%s_error.jsonl", bt->id);
-            if (pq_files_store(t, bt->tenant, err_id, name, "batch_output",
-                               (const char *)evbuffer_pullup(bt->err, -1), elen, 0)) {
-                task_wake(bt, BATCH_RETRY_MS);
-                return;
-            }
-            extra[n++] = "error_file_id";
-            extra[n++] = err_id;
+        if (result_file_store(bt, bt->out, "output", "output_file_id", out_id, extra, &n) ||
+            result_file_store(bt, bt->err, "error", "error_file_id", err_id, extra, &n)) {
+            task_wake(bt, BATCH_RETRY_MS);
+            return;
         }
         snprintf(at, sizeof(at), "%s_at", bt->final);
         set_status(t, NULL, NULL, bt->bkey, "|finalizing|", bt->final, at, n, extra, NULL);
@@ -920,13 +932,9 @@ static void final_step(pq_btask_t *bt)
 
 static void cancel_read(redisAsyncContext *ac, void *r, void *priv)
 {
-    const redisReply *reply = r;
     pq_btask_t *bt = priv;
 
-    pq_rconn_replied(ac, r);
-    bt->pending--;
-    bt->busy = 0;
-    if (!reply || reply->type == REDIS_REPLY_ERROR) {
+    if (task_step_failed(ac, r, bt)) {
         task_wake(bt, BATCH_RETRY_MS);
         return;
     }
@@ -977,10 +985,7 @@ static void cancel_step(pq_btask_t *bt)
     argv[9] = err;
     argv[10] = now;
     argv[11] = idp;
-    if (task_send(bt, cancel_read, 12, argv, NULL) == 0)
-        bt->busy = 1;
-    else
-        task_wake(bt, BATCH_RETRY_MS);
+    task_send_step(bt, cancel_read, 12, argv);
 }
 
 static void lock_cb(redisAsyncContext *ac, void *r, void *priv)
@@ -1203,12 +1208,6 @@ static void reply_json(pq_slot_t *s, int code, json_t *o)
     free(text);
 }
 
-static void unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path)
-{
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
-    pq_http_error(t, req, path, 503, "unavailable", "store (Redis) unavailable");
-}
-
 /* What a read of the batch means: the final status to aim for once the counters add up, or
  * NULL when nothing is due. */
 static const char *due_final(const fields_t *fs)
@@ -1266,7 +1265,7 @@ static void cancel_cas_reply(pq_slot_t *s, const void *r)
         size_t lens[2] = {7, strlen(s->route)};
 
         if (pq_api_send(s, get_reply, 2, argv, lens)) {
-            unavailable(s->t, s->req, s->path);
+            pq_api_unavailable(s->t, s->req, s->path);
             pq_slot_release(s);
         }
     }
@@ -1319,7 +1318,7 @@ static void cancel_reply(pq_slot_t *s, const void *r)
         for (int i = 0; i < n; i++)
             lens[i] = strlen(argv[i]);
         if (pq_api_send(s, cancel_cas_reply, n, argv, lens)) {
-            unavailable(s->t, s->req, s->path);
+            pq_api_unavailable(s->t, s->req, s->path);
             pq_slot_release(s);
         }
     }
@@ -1496,7 +1495,7 @@ static void post_file_reply(pq_slot_t *s, const void *r)
         for (int i = 0; i < n; i++)
             lens[i] = strlen(argv[i]);
         if (pq_api_send(s, post_written, n, argv, lens)) {
-            unavailable(t, s->req, s->path);
+            pq_api_unavailable(t, s->req, s->path);
             pq_slot_release(s);
         }
     }
@@ -1510,7 +1509,7 @@ static void post_check_file(pq_slot_t *s)
 
     if (pq_api_send(s, post_file_reply, 4, argv, lens)) {
         idem_forget(s);
-        unavailable(s->t, s->req, s->path);
+        pq_api_unavailable(s->t, s->req, s->path);
         pq_slot_release(s);
     }
 }
@@ -1547,7 +1546,7 @@ static void post_idem_reply(pq_slot_t *s, const void *r)
         size_t lens[2] = {7, strlen(bkey)};
 
         if (pq_api_send(s, get_reply, 2, argv, lens)) {
-            unavailable(s->t, s->req, s->path);
+            pq_api_unavailable(s->t, s->req, s->path);
             pq_slot_release(s);
         }
     }
@@ -1620,7 +1619,7 @@ static void batch_post(pq_bthread_t *t, struct evhttp_request *req, const char *
         goto out;
     }
     if (!pq_rconn_usable(t)) {
-        unavailable(t, req, PQ_PATH_BATCHES);
+        pq_api_unavailable(t, req, PQ_PATH_BATCHES);
         goto out;
     }
     s = pq_slot_get(t, PQ_PATH_BATCHES, req);
@@ -1629,7 +1628,7 @@ static void batch_post(pq_bthread_t *t, struct evhttp_request *req, const char *
         free(c);
         if (s)
             pq_slot_release(s);
-        unavailable(t, req, PQ_PATH_BATCHES);
+        pq_api_unavailable(t, req, PQ_PATH_BATCHES);
         goto out;
     }
     s->ctx = c;
@@ -1667,7 +1666,7 @@ static void batch_post(pq_bthread_t *t, struct evhttp_request *req, const char *
             lens[i] = strlen(argv[i]);
         if (pq_api_send(s, post_idem_reply, 6, argv, lens)) {
             c->idem[0] = '\0';
-            unavailable(t, req, PQ_PATH_BATCHES);
+            pq_api_unavailable(t, req, PQ_PATH_BATCHES);
             pq_slot_release(s);
         }
         goto out;
@@ -1684,8 +1683,7 @@ void pq_batch_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
     enum evhttp_cmd_type m = evhttp_request_get_command(req);
     pq_path_t path = rest[0] ? PQ_PATH_BATCH : PQ_PATH_BATCHES;
     char tenant[PQ_TENANT_MAX + 1], id[PQ_ID_MAX + 1], key[512];
-    const char *slash;
-    int cancel = 0;
+    int cancel;
     pq_slot_t *s;
 
     if (pq_api_tenant(t, req, path, tenant, sizeof(tenant)))
@@ -1696,61 +1694,27 @@ void pq_batch_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
                 return;
             batch_post(t, req, tenant);
         } else if (m == EVHTTP_REQ_GET) {
-            const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req));
-            struct evkeyvalq params;
-            char after[PQ_ID_MAX + 1] = "", skey[512], pfx[512];
-            long limit = BATCH_LIST_DEFAULT;
+            char after[PQ_ID_MAX + 1], skey[512], pfx[512];
+            long limit = pq_api_query_limit(req, after, sizeof(after), BATCH_LIST_DEFAULT,
+                                            BATCH_LIST_MAX, id_ok);
 
-            if (q && evhttp_parse_query_str(q, &params) == 0) {
-                const char *v = evhttp_find_header(&params, "limit");
-                const char *a = evhttp_find_header(&params, "after");
-
-                if (v)
-                    limit = strtol(v, NULL, 10);
-                if (a && id_ok(a))
-                    pq_strlcpy(after, a, sizeof(after));
-                evhttp_clear_headers(&params);
-            }
-            if (limit < 1 || limit > BATCH_LIST_MAX) {
+            if (limit < 0) {
                 pq_http_error(t, req, path, 400, "invalid_request_error", "limit: must be 1 to %d",
                               BATCH_LIST_MAX);
                 return;
             }
             snprintf(skey, sizeof(skey), "%sbatches:%s", t->bc->conf->redis_prefix, tenant);
             snprintf(pfx, sizeof(pfx), "%sbatch:%s:", t->bc->conf->redis_prefix, tenant);
-            s = pq_slot_get(t, path, req);
-            if (!s) {
-                unavailable(t, req, path);
-                return;
-            }
-            if (pq_api_list(s, list_reply, skey, pfx, after, limit, 0, NULL)) {
-                s->ctx = NULL;
-                unavailable(t, req, path);
-                pq_slot_release(s);
-            }
+            pq_api_list(t, req, path, list_reply, skey, pfx, after, limit, 0, NULL);
         } else {
             evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET, POST");
             pq_http_error(t, req, path, 405, "invalid_request_error", "method not allowed");
         }
         return;
     }
-    rest++;
-    slash = strchr(rest, '/');
-    if (slash && !strcmp(slash, "/cancel")) {
-        cancel = 1;
-    } else if (slash) {
-        pq_http_error(t, req, path, 404, "invalid_request_error", "no such path");
+    cancel = pq_api_path_id(t, req, path, rest, "/cancel", BATCH_ID_MAX, id_ok, "Batch", id);
+    if (cancel < 0)
         return;
-    }
-    if ((size_t)(slash ? slash - rest : (ptrdiff_t)strlen(rest)) >= 64) {
-        pq_http_error(t, req, path, 404, "invalid_request_error", "No such Batch object");
-        return;
-    }
-    pq_strlcpy(id, rest, slash ? (size_t)(slash - rest) + 1 : sizeof(id));
-    if (!id_ok(id)) {
-        pq_http_error(t, req, path, 404, "invalid_request_error", "No such Batch object: %s", id);
-        return;
-    }
     if (cancel ? m != EVHTTP_REQ_POST : m != EVHTTP_REQ_GET) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", cancel ? "POST" : "GET");
         pq_http_error(t, req, path, 405, "invalid_request_error", "method not allowed");
@@ -1761,7 +1725,7 @@ void pq_batch_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
     bkey_of(t, key, sizeof(key), tenant, id);
     s = pq_slot_get(t, path, req);
     if (!s) {
-        unavailable(t, req, path);
+        pq_api_unavailable(t, req, path);
         return;
     }
     pq_strlcpy(s->id, id, sizeof(s->id));
@@ -1771,7 +1735,7 @@ void pq_batch_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
         size_t lens[2] = {7, strlen(key)};
 
         if (pq_api_send(s, cancel ? cancel_reply : get_reply, 2, argv, lens)) {
-            unavailable(t, req, path);
+            pq_api_unavailable(t, req, path);
             pq_slot_release(s);
         }
     }

@@ -310,6 +310,10 @@ void pq_http_reply(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
                    const char *body, size_t len);
 void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
                    const char *type, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* Writes s JSON-escaped (without quotes) into out (size >= 1, always NUL-terminated); truncates at
+ * a character boundary. Returns the length written. Shared by the error bodies of http.c and
+ * chat.c. */
+size_t pq_http_json_escape(char *out, size_t size, const char *s);
 /* Authenticates a request. Returns 0 and sets *tenant (borrowed from the config, NULL in open
  * mode), or -1 after answering 401. */
 int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **tenant);
@@ -331,6 +335,15 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req);
 /* Queues the job of a slot whose id, tenant, route, hash and payload are set (job_create, then
  * produce or spool). The answer comes through pq_intake_durable or an error reply. */
 void pq_intake_submit(pq_slot_t *s);
+/* A slot for the new job of env (id, model and request hash set) holding its id, tenant,
+ * route and hash; the caller owns it. NULL after answering 503 (no slot free). Shared by
+ * POST /v1/jobs and chat completions. */
+pq_slot_t *pq_intake_slot_get(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                              const pq_envelope_t *env, const char *tenant);
+/* Takes over a slot whose job is ready (as for pq_intake_submit): with an Idempotency-Key
+ * (idem, not NULL) it goes through pq_idem_start with the hash of the request body, else
+ * straight to pq_intake_submit. */
+void pq_intake_start(pq_slot_t *s, const char *idem, const void *body, size_t len);
 /* 503 + Retry-After for a job that could not be accepted. */
 void pq_intake_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
                            const char *why);
@@ -512,8 +525,29 @@ void pq_files_new_id(char *out, size_t size);
 /* Tenant of an OpenAI-shaped request (as pq_jobs_request_tenant). */
 int pq_api_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, char *out,
                   size_t size);
+/* 503 "store (Redis) unavailable" with Retry-After: 1, for the files and batches paths. */
+void pq_api_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path);
 /* 503 for a slot in PQ_SLOT_API whose Redis reply did not come. */
 void pq_api_timeout(pq_slot_t *s);
+/* Starts a list request: takes a slot (s->ctx = limit) and sends the list script for set skey
+ * (members' hashes prefixed pfx), newest first after `after` ("" from the top), limit + 1
+ * entries with up to 9 named fields each (nfields 0: every field); the reply goes to fn(s,
+ * reply). Answers 503 itself when no slot is free or Redis is down. */
+void pq_api_list(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                 void (*fn)(pq_slot_t *, const void *), const char *skey, const char *pfx,
+                 const char *after, long limit, int nfields, const char **fields);
+/* The id of a files or batches path, rest "/{id}" or "/{id}{sub}": copies it into id
+ * (PQ_ID_MAX + 1 bytes; max_len <= PQ_ID_MAX) and returns 0 (no sub path) or 1 (sub). Returns
+ * -1 after answering 404 for another sub path, an id longer than max_len or one ok rejects;
+ * object names the kind in the message ("No such Batch object"). */
+int pq_api_path_id(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char *rest,
+                   const char *sub, size_t max_len, int (*ok)(const char *), const char *object,
+                   char *id);
+/* The limit and after query parameters of a list request: returns limit (dflt when absent) or
+ * -1 when it is not 1 to max; after is set to the after parameter if after_ok accepts it, else
+ * "". */
+long pq_api_query_limit(struct evhttp_request *req, char *after, size_t after_size, long dflt,
+                        long max, int (*after_ok)(const char *));
 /* Sends a command for slot s in PQ_SLOT_API; the reply goes to the slot's step handler
  * fn(s, reply). Arms the Redis timer. Returns 0 or -1 (nothing sent). */
 int pq_api_send(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), int argc, const char **argv,

@@ -48,32 +48,6 @@
 
 /* ---- errors ---- */
 
-static size_t json_escape(char *out, size_t size, const char *s)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t o = 0;
-
-    for (; *s && o + 7 < size; s++) {
-        unsigned char c = (unsigned char)*s;
-
-        if (c == '"' || c == '\\') {
-            out[o++] = '\\';
-            out[o++] = (char)c;
-        } else if (c < 0x20) {
-            out[o++] = '\\';
-            out[o++] = 'u';
-            out[o++] = '0';
-            out[o++] = '0';
-            out[o++] = hex[c >> 4];
-            out[o++] = hex[c & 15];
-        } else {
-            out[o++] = (char)c;
-        }
-    }
-    out[o] = '\0';
-    return o;
-}
-
 static void openai_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
                          const char *type, const char *errcode, const char *fmt, va_list ap)
 {
@@ -81,7 +55,7 @@ static void openai_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t 
     int n;
 
     vsnprintf(msg, sizeof(msg), fmt, ap);
-    json_escape(esc, sizeof(esc), msg);
+    pq_http_json_escape(esc, sizeof(esc), msg);
     if (errcode)
         n = snprintf(body, sizeof(body),
                      "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,"
@@ -730,15 +704,9 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
         goto out;
     }
 
-    s = pq_slot_get(t, PQ_PATH_CHAT, req);
-    if (!s) {
-        pq_intake_unavailable(t, req, PQ_PATH_CHAT, "too many requests in flight");
+    s = pq_intake_slot_get(t, req, PQ_PATH_CHAT, &env, tenant);
+    if (!s)
         goto out;
-    }
-    pq_strlcpy(s->id, env.id, sizeof(s->id));
-    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
-    pq_strlcpy(s->route, env.model, sizeof(s->route));
-    memcpy(s->hash, env.request_hash, sizeof(s->hash));
     s->stream = (unsigned)stream;
     s->include_usage = (unsigned)include_usage;
     s->deadline_ms = pq_mono_ms() + bc->conf->sync_timeout_ms;
@@ -751,12 +719,7 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
         pq_slot_release(s);
         return;
     }
-    if (idem) {
-        pq_sha256_hex(body, len, s->body_hash);
-        pq_idem_start(s, idem);
-        return;
-    }
-    pq_intake_submit(s);
+    pq_intake_start(s, idem, body, len);
     return;
 out:
     pq_envelope_clear(&env);

@@ -51,7 +51,7 @@ int pq_api_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, c
     return pq_jobs_request_tenant(t, req, path, out, size);
 }
 
-static void api_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path)
+void pq_api_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path)
 {
     evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
     pq_http_error(t, req, path, 503, "unavailable", "store (Redis) unavailable");
@@ -64,7 +64,7 @@ void pq_api_timeout(pq_slot_t *s)
         pq_ops_redis_failed(s);
         return;
     }
-    api_unavailable(s->t, s->req, s->path);
+    pq_api_unavailable(s->t, s->req, s->path);
     pq_slot_release(s);
 }
 
@@ -399,7 +399,7 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
         p = nl + 1;
     }
     if (!pq_rconn_usable(t)) {
-        api_unavailable(t, req, PQ_PATH_FILES);
+        pq_api_unavailable(t, req, PQ_PATH_FILES);
         return;
     }
     s = pq_slot_get(t, PQ_PATH_FILES, req);
@@ -408,7 +408,7 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
         free(u);
         if (s)
             pq_slot_release(s);
-        api_unavailable(t, req, PQ_PATH_FILES);
+        pq_api_unavailable(t, req, PQ_PATH_FILES);
         return;
     }
     s->ctx = u;
@@ -431,7 +431,7 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
     snprintf(nlines, sizeof(nlines), "%lld", (long long)lines);
     /* ZADD first (no reply wanted), then the HSET whose reply answers */
     if (pq_rconn_sendf(t, NULL, NULL, "ZADD %s 0 %s", skey, u->id)) {
-        api_unavailable(t, req, PQ_PATH_FILES);
+        pq_api_unavailable(t, req, PQ_PATH_FILES);
         pq_slot_release(s);
         return;
     }
@@ -455,7 +455,7 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
         lens[i] = strlen(argv[i]);
     lens[n - 1] = f.file_len;
     if (pq_api_send(s, upload_stored, n, argv, lens)) {
-        api_unavailable(t, req, PQ_PATH_FILES);
+        pq_api_unavailable(t, req, PQ_PATH_FILES);
         pq_slot_release(s);
         return;
     }
@@ -540,8 +540,8 @@ static void del_reply(pq_slot_t *s, const void *r)
     pq_slot_release(s);
 }
 
-static long query_limit(struct evhttp_request *req, char *after, size_t after_size, long dflt,
-                        long max)
+long pq_api_query_limit(struct evhttp_request *req, char *after, size_t after_size, long dflt,
+                        long max, int (*after_ok)(const char *))
 {
     const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req));
     struct evkeyvalq params;
@@ -557,18 +557,17 @@ static long query_limit(struct evhttp_request *req, char *after, size_t after_si
             if (limit < 1 || limit > max)
                 limit = -1;
         }
-        if (a && pq_id_valid(a))
+        if (a && after_ok(a))
             pq_strlcpy(after, a, after_size);
         evhttp_clear_headers(&params);
     }
     return limit;
 }
 
-/* Sends the list script for set skey (prefix pfx) and fields; reply to fn. */
-int pq_api_list(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), const char *skey,
-                const char *pfx, const char *after, long limit, int nfields, const char **fields);
-int pq_api_list(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), const char *skey,
-                const char *pfx, const char *after, long limit, int nfields, const char **fields)
+/* Sends the list script for pq_api_list. Returns 0 or -1 (not sent). */
+static int list_send(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), const char *skey,
+                     const char *pfx, const char *after, long limit, int nfields,
+                     const char **fields)
 {
     char max[160], count[24];
     const char *argv[16];
@@ -592,13 +591,56 @@ int pq_api_list(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), const char 
     return api_sendv(s, fn, n, argv);
 }
 
+void pq_api_list(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                 void (*fn)(pq_slot_t *, const void *), const char *skey, const char *pfx,
+                 const char *after, long limit, int nfields, const char **fields)
+{
+    pq_slot_t *s = pq_slot_get(t, path, req);
+
+    if (!s) {
+        pq_api_unavailable(t, req, path);
+        return;
+    }
+    if (list_send(s, fn, skey, pfx, after, limit, nfields, fields)) {
+        s->ctx = NULL;
+        pq_api_unavailable(t, req, path);
+        pq_slot_release(s);
+    }
+}
+
+int pq_api_path_id(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char *rest,
+                   const char *sub, size_t max_len, int (*ok)(const char *), const char *object,
+                   char *id)
+{
+    const char *slash;
+    size_t len;
+
+    rest++; /* skip '/' */
+    slash = strchr(rest, '/');
+    if (slash && strcmp(slash, sub) != 0) {
+        pq_http_error(t, req, path, 404, "invalid_request_error", "no such path");
+        return -1;
+    }
+    len = slash ? (size_t)(slash - rest) : strlen(rest);
+    if (len > max_len) {
+        pq_http_error(t, req, path, 404, "invalid_request_error", "No such %s object", object);
+        return -1;
+    }
+    pq_strlcpy(id, rest, len + 1);
+    if (!ok(id)) {
+        pq_http_error(t, req, path, 404, "invalid_request_error", "No such %s object: %s", object,
+                      id);
+        return -1;
+    }
+    return slash != NULL;
+}
+
 void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *rest)
 {
     enum evhttp_cmd_type m = evhttp_request_get_command(req);
     pq_path_t path = rest[0] ? PQ_PATH_FILE : PQ_PATH_FILES;
     char tenant[PQ_TENANT_MAX + 1], id[PQ_ID_MAX + 1], key[512];
-    const char *slash;
-    int content = 0;
+    int content;
     pq_slot_t *s;
 
     if (pq_api_tenant(t, req, path, tenant, sizeof(tenant)))
@@ -613,7 +655,8 @@ void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
         if (m == EVHTTP_REQ_GET) {
             static const char *fields[] = {"id", "bytes", "created_at", "filename", "purpose"};
             char after[PQ_ID_MAX + 1], skey[512], pfx[512];
-            long limit = query_limit(req, after, sizeof(after), FILES_LIST_DEFAULT, FILES_LIST_MAX);
+            long limit = pq_api_query_limit(req, after, sizeof(after), FILES_LIST_DEFAULT,
+                                            FILES_LIST_MAX, pq_id_valid);
 
             if (limit < 0) {
                 pq_http_error(t, req, path, 400, "invalid_request_error", "limit: must be 1 to %d",
@@ -622,39 +665,16 @@ void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
             }
             files_set_key(t, skey, sizeof(skey), tenant);
             snprintf(pfx, sizeof(pfx), "%sfile:%s:", t->bc->conf->redis_prefix, tenant);
-            s = pq_slot_get(t, path, req);
-            if (!s) {
-                api_unavailable(t, req, path);
-                return;
-            }
-            if (pq_api_list(s, list_reply, skey, pfx, after, limit, 5, fields)) {
-                s->ctx = NULL;
-                api_unavailable(t, req, path);
-                pq_slot_release(s);
-            }
+            pq_api_list(t, req, path, list_reply, skey, pfx, after, limit, 5, fields);
             return;
         }
         evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET, POST");
         pq_http_error(t, req, path, 405, "invalid_request_error", "method not allowed");
         return;
     }
-    rest++; /* skip '/' */
-    slash = strchr(rest, '/');
-    if (slash && strcmp(slash, "/content") == 0)
-        content = 1;
-    else if (slash) {
-        pq_http_error(t, req, path, 404, "invalid_request_error", "no such path");
+    content = pq_api_path_id(t, req, path, rest, "/content", PQ_ID_MAX, id_ok, "File", id);
+    if (content < 0)
         return;
-    }
-    if ((size_t)(slash ? slash - rest : (ptrdiff_t)strlen(rest)) > PQ_ID_MAX) {
-        pq_http_error(t, req, path, 404, "invalid_request_error", "No such File object");
-        return;
-    }
-    pq_strlcpy(id, rest, slash ? (size_t)(slash - rest) + 1 : sizeof(id));
-    if (!id_ok(id)) {
-        pq_http_error(t, req, path, 404, "invalid_request_error", "No such File object: %s", id);
-        return;
-    }
     if (!(m == EVHTTP_REQ_GET || (m == EVHTTP_REQ_DELETE && !content))) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Allow",
                           content ? "GET" : "GET, DELETE");
@@ -666,7 +686,7 @@ void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
     file_key(t, key, sizeof(key), tenant, id);
     s = pq_slot_get(t, path, req);
     if (!s) {
-        api_unavailable(t, req, path);
+        pq_api_unavailable(t, req, path);
         return;
     }
     pq_strlcpy(s->id, id, sizeof(s->id));
@@ -685,7 +705,7 @@ void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
         else
             rc = api_sendv(s, one_reply, 7, get);
         if (rc) {
-            api_unavailable(t, req, path);
+            pq_api_unavailable(t, req, path);
             pq_slot_release(s);
         }
     }

@@ -106,8 +106,7 @@ void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_
                   allow);
 }
 
-/* Writes s JSON-escaped (without quotes) into out; truncates at a character boundary. */
-static size_t json_escape(char *out, size_t size, const char *s)
+size_t pq_http_json_escape(char *out, size_t size, const char *s)
 {
     static const char hex[] = "0123456789abcdef";
     size_t o = 0;
@@ -143,7 +142,7 @@ void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    json_escape(esc, sizeof(esc), msg);
+    pq_http_json_escape(esc, sizeof(esc), msg);
     if (path == PQ_PATH_CHAT || path == PQ_PATH_MODELS || path == PQ_PATH_MODEL ||
         (path >= PQ_PATH_FILES && path <= PQ_PATH_BATCH))
         n = snprintf(body, sizeof(body),

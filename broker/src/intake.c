@@ -37,6 +37,32 @@ void pq_intake_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_
     reply_unavailable_after(t, req, path, "1", why);
 }
 
+pq_slot_t *pq_intake_slot_get(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                              const pq_envelope_t *env, const char *tenant)
+{
+    pq_slot_t *s = pq_slot_get(t, path, req);
+
+    if (!s) {
+        pq_intake_unavailable(t, req, path, "too many requests in flight");
+        return NULL;
+    }
+    pq_strlcpy(s->id, env->id, sizeof(s->id));
+    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
+    pq_strlcpy(s->route, env->model, sizeof(s->route));
+    memcpy(s->hash, env->request_hash, sizeof(s->hash));
+    return s;
+}
+
+void pq_intake_start(pq_slot_t *s, const char *idem, const void *body, size_t len)
+{
+    if (idem) {
+        pq_sha256_hex(body, len, s->body_hash);
+        pq_idem_start(s, idem);
+        return;
+    }
+    pq_intake_submit(s);
+}
+
 /* Drops the queued record this request created, so a job that was never accepted leaves no
  * trace (the script keeps it if a worker already saw the job). */
 static void drop_record(pq_slot_t *s)
@@ -364,15 +390,9 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         }
     }
 
-    s = pq_slot_get(t, PQ_PATH_JOBS, req);
-    if (!s) {
-        pq_intake_unavailable(t, req, PQ_PATH_JOBS, "too many requests in flight");
+    s = pq_intake_slot_get(t, req, PQ_PATH_JOBS, &env, tenant);
+    if (!s)
         goto out;
-    }
-    pq_strlcpy(s->id, env.id, sizeof(s->id));
-    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
-    pq_strlcpy(s->route, env.model, sizeof(s->route));
-    memcpy(s->hash, env.request_hash, sizeof(s->hash));
     s->payload = pq_envelope_dump(&env, &s->payload_len);
     pq_envelope_clear(&env);
     if (!s->payload) {
@@ -380,12 +400,7 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         pq_slot_release(s);
         return;
     }
-    if (idem) {
-        pq_sha256_hex(body, len, s->body_hash);
-        pq_idem_start(s, idem);
-        return;
-    }
-    pq_intake_submit(s);
+    pq_intake_start(s, idem, body, len);
     return;
 
 out:
