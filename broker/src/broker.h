@@ -183,6 +183,7 @@ typedef struct pq_slot_s {
     int64_t t_produce_us;       /* monotonic, for the ack latency histogram */
     char *payload;              /* owned until handed to the producer */
     size_t payload_len;
+    char *callback_url; /* owned: a job's callback_url, kept on its record, or NULL */
     uint32_t next_free;
     /* chat */
     unsigned stream : 1;        /* answer server-sent events */
@@ -482,10 +483,10 @@ const char *pq_rconn_sha(const char *script);
 /* Broker-only scripts (rconn.c).
  * idem_claim: KEYS[1] idem key; ARGV[1] value "<id> <body hash> p", ARGV[2] ttl ms. Returns nil
  * when this call set the key (first use), else the current value.
- * cancel: KEYS[1] job key; ARGV[1] result record JSON, ARGV[2] error JSON, ARGV[3] now ms.
- * Moves queued|parked to cancelled with the result (a batch line also counts as failed in the
- * batch named by its "batch" field); returns 1, or the status it found ("" when the record is
- * absent). */
+ * cancel: KEYS[1] job key, KEYS[2] the callbacks set; ARGV[1] result record JSON, ARGV[2] error
+ * JSON, ARGV[3] now ms. Moves queued|parked to cancelled with the result (a batch line also
+ * counts as failed in the batch named by its "batch" field; a job created with a callback_url
+ * queues its callback); returns 1, or the status it found ("" when the record is absent). */
 extern const char pq_bscript_idem_claim[];
 extern const char pq_bscript_cancel[];
 

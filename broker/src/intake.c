@@ -15,6 +15,7 @@
 #include <event2/buffer.h>
 #include <event2/keyvalq_struct.h>
 
+#include "promptq/callback.h"
 #include "promptq/keys.h"
 #include "promptq/log.h"
 #include "promptq/scripts.h"
@@ -281,8 +282,8 @@ static int check_record(pq_slot_t *s)
     pq_bthread_t *t = s->t;
     const pq_conf_t *conf = t->bc->conf;
     char key[512], now[24], ttl[24];
-    const char *argv[8];
-    size_t argvlen[8];
+    const char *argv[10];
+    size_t argvlen[10];
     int klen;
 
     if (!pq_rconn_usable(t))
@@ -300,10 +301,12 @@ static int check_record(pq_slot_t *s)
     argv[5] = now;
     argv[6] = ttl;
     argv[7] = s->route;
-    for (int i = 0; i < 8; i++)
+    argv[8] = s->callback_url ? s->callback_url : "";
+    argv[9] = s->tenant;
+    for (int i = 0; i < 10; i++)
         argvlen[i] = strlen(argv[i]);
     argvlen[3] = (size_t)klen;
-    if (pq_rconn_commandargv(t, pq_slot_handle(s), 8, argv, argvlen))
+    if (pq_rconn_commandargv(t, pq_slot_handle(s), 10, argv, argvlen))
         return -1;
     s->state = PQ_SLOT_REDIS_CREATE;
     event_add(&s->timer, t->tv_redis);
@@ -382,6 +385,11 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         pq_http_error(t, req, PQ_PATH_JOBS, 400, "invalid_request", "request.model: too long");
         goto out;
     }
+    if (env.callback_url &&
+        pq_callback_check(bc->conf, tenant, env.callback_url, errstr, sizeof(errstr))) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 400, "invalid_request", "%s", errstr);
+        goto out;
+    }
     if (!env.id) {
         pq_id_generate(idbuf);
         if (pq_envelope_set_id(&env, idbuf)) {
@@ -394,6 +402,10 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
     if (!s)
         goto out;
     s->payload = pq_envelope_dump(&env, &s->payload_len);
+    if (env.callback_url && s->payload && !(s->callback_url = strdup(env.callback_url))) {
+        free(s->payload);
+        s->payload = NULL;
+    }
     pq_envelope_clear(&env);
     if (!s->payload) {
         pq_http_error(t, req, PQ_PATH_JOBS, 500, "internal", "cannot serialise the job");

@@ -309,9 +309,9 @@ void pq_jobs_cancel_reply(pq_slot_t *s, const void *r)
     }
     if (s->state == PQ_SLOT_CANCEL_READ) {
         const char *status = str_el(reply, 0);
-        const char *argv[7];
-        size_t argvlen[7];
-        char key[512], now[24],
+        const char *argv[8];
+        size_t argvlen[8];
+        char key[512], cbkey[256], now[24],
             err[] = "{\"type\":\"cancelled\",\"message\":\"cancelled by "
                     "the client\",\"provider\":null,\"status\":null}";
 
@@ -327,7 +327,8 @@ void pq_jobs_cancel_reply(pq_slot_t *s, const void *r)
         s->payload =
             cancel_result(s, str_el(reply, 1), str_el(reply, 2), str_el(reply, 3), &s->payload_len);
         if (!s->payload ||
-            pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0) {
+            pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0 ||
+            pq_key_callbacks(cbkey, sizeof(cbkey), t->bc->conf->redis_prefix) < 0) {
             pq_http_error(t, s->req, PQ_PATH_JOB, 500, "internal", "out of memory");
             pq_slot_release(s);
             return;
@@ -335,15 +336,16 @@ void pq_jobs_cancel_reply(pq_slot_t *s, const void *r)
         snprintf(now, sizeof(now), "%lld", (long long)pq_now_ms());
         argv[0] = "EVALSHA";
         argv[1] = pq_rconn_sha(pq_bscript_cancel);
-        argv[2] = "1";
+        argv[2] = "2";
         argv[3] = key;
-        argv[4] = s->payload;
-        argv[5] = err;
-        argv[6] = now;
-        for (int i = 0; i < 7; i++)
+        argv[4] = cbkey;
+        argv[5] = s->payload;
+        argv[6] = err;
+        argv[7] = now;
+        for (int i = 0; i < 8; i++)
             argvlen[i] = strlen(argv[i]);
-        argvlen[4] = s->payload_len;
-        if (pq_rconn_commandargv(t, pq_slot_handle(s), 7, argv, argvlen)) {
+        argvlen[5] = s->payload_len;
+        if (pq_rconn_commandargv(t, pq_slot_handle(s), 8, argv, argvlen)) {
             pq_jobs_timeout(s);
             return;
         }

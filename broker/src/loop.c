@@ -129,6 +129,8 @@ void pq_slot_release(pq_slot_t *s)
     pq_idem_release(s);
     free(s->payload);
     s->payload = NULL;
+    free(s->callback_url);
+    s->callback_url = NULL;
     if (s->ctx && s->ctx_free)
         s->ctx_free(s->ctx);
     s->ctx = NULL;

@@ -29,14 +29,15 @@ const char pq_bscript_idem_claim[] = "local v = redis.call('GET', KEYS[1])\n"
                                      "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])\n"
                                      "return false\n";
 
-const char pq_bscript_cancel[] =
+const char pq_bscript_cancel[] = PQ_LUA_CALLBACK_ENQUEUE
     "local s = redis.call('HGET', KEYS[1], 'status')\n"
     "if not s then return '' end\n"
     "if s ~= 'queued' and s ~= 'parked' then return s end\n"
     "redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1], 'error', ARGV[2],\n"
     "  'updated_at', ARGV[3])\n"
-    "local b = redis.call('HGET', KEYS[1], 'batch')\n"
-    "if b and b ~= '' then redis.call('HINCRBY', b, 'failed', 1) end\n"
+    "local v = redis.call('HMGET', KEYS[1], 'batch', 'callback_url', 'tenant')\n"
+    "if v[1] and v[1] ~= '' then redis.call('HINCRBY', v[1], 'failed', 1) end\n"
+    "if v[2] and v[2] ~= '' then callback_enqueue(KEYS[2], v[2], v[3] or '', ARGV[3]) end\n"
     "return 1\n";
 
 const char pq_bscript_batch_status[] =

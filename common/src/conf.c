@@ -13,6 +13,7 @@
 
 #include <jansson.h>
 
+#include "promptq/callback.h"
 #include "promptq/kafka.h"
 #include "promptq/log.h"
 #include "promptq/util.h"
@@ -355,6 +356,26 @@ static const prop_t worker_props[] = {
           "HOST:PORT serving GET /metrics and /healthz; empty = off"),
 };
 
+static const prop_t callback_props[] = {
+    P_LIST(PT_STRLIST, pq_conf_t, "allow_hosts", callback_hosts, ncallback_hosts, 0,
+           "hosts callback_url may name: \"host\", \"*.domain\" (subdomains), \"[v6]\", each "
+           "optionally \":port\"; empty: no callbacks are sent"),
+    P_LIST(PT_KVMAP, pq_conf_t, "secrets", callback_secrets, ncallback_secrets, 0,
+           "tenant -> signing secret (\"*\" for any other tenant); a tenant without one gets "
+           "no callbacks"),
+    P_INT(pq_conf_t, "timeout_ms", callback_timeout_ms, 10000, 100, 600000, "one POST"),
+    P_INT(pq_conf_t, "max_attempts", callback_max_attempts, 12, 1, 1000,
+          "POSTs before the callback is failed"),
+    P_INT(pq_conf_t, "backoff_ms", callback_backoff_ms, 1000, 10, ONE_HOUR_MS,
+          "first retry delay (doubles, with jitter)"),
+    P_INT(pq_conf_t, "max_backoff_ms", callback_max_backoff_ms, 600000, 10, 24 * ONE_HOUR_MS,
+          "retry delay cap"),
+    P_INT(pq_conf_t, "max_inflight", callback_max_inflight, 64, 1, 100000,
+          "callback POSTs in flight per worker"),
+    P_INT(pq_conf_t, "poll_ms", callback_poll_ms, 500, 10, 60000,
+          "how often a worker looks for due callbacks"),
+};
+
 static const prop_t log_props[] = {
     P_ENUM(pq_conf_t, "level", log_level, "info", "debug|info|warn|error", 0, "log threshold"),
     P_BOOL(pq_conf_t, "json", log_json, 0, "one JSON object per line"),
@@ -423,9 +444,13 @@ typedef struct {
 } section_t;
 
 static const section_t sections[] = {
-    {"topics", topics_props, NPROPS(topics_props)}, {"redis", redis_props, NPROPS(redis_props)},
-    {"broker", broker_props, NPROPS(broker_props)}, {"worker", worker_props, NPROPS(worker_props)},
-    {"log", log_props, NPROPS(log_props)},          {"cache", cache_props, NPROPS(cache_props)},
+    {"topics", topics_props, NPROPS(topics_props)},
+    {"redis", redis_props, NPROPS(redis_props)},
+    {"broker", broker_props, NPROPS(broker_props)},
+    {"worker", worker_props, NPROPS(worker_props)},
+    {"log", log_props, NPROPS(log_props)},
+    {"cache", cache_props, NPROPS(cache_props)},
+    {"callbacks", callback_props, NPROPS(callback_props)},
 };
 
 #define FIELD(base, p, T) ((T *)((char *)(base) + (p)->off))
@@ -1266,6 +1291,27 @@ static int default_instance_id(pq_conf_t *c, cerr_t *e)
     return 0;
 }
 
+/* callbacks: allow_hosts entries well formed, secrets not empty, backoff within its cap. */
+static int check_callbacks(const pq_conf_t *c, cerr_t *e)
+{
+    for (size_t i = 0; i < c->ncallback_hosts; i++)
+        if (!pq_callback_pattern_ok(c->callback_hosts[i]))
+            return fail(e, "callbacks.allow_hosts",
+                        "entry %zu: want \"host\", \"*.domain\" or \"[v6]\", optionally "
+                        "with \":port\"",
+                        i + 1);
+    for (size_t i = 0; i < c->ncallback_secrets; i++) {
+        char sub[CONF_PATH_MAX];
+
+        path_key(sub, sizeof(sub), "callbacks.secrets", c->callback_secrets[i].key);
+        if (!c->callback_secrets[i].value[0])
+            return fail(e, sub, "must not be empty");
+    }
+    if (c->callback_backoff_ms > c->callback_max_backoff_ms)
+        return fail(e, "callbacks.backoff_ms", "larger than callbacks.max_backoff_ms");
+    return 0;
+}
+
 static pq_conf_t *conf_from_text(const char *text, size_t len, const char *file, cerr_t *e)
 {
     json_error_t jerr;
@@ -1329,7 +1375,7 @@ static pq_conf_t *conf_from_text(const char *text, size_t len, const char *file,
     if (load_kafka(c, json_object_get(root, "kafka"), e) || load_redis_url(c, e) ||
         parse_listen(c, e) || default_instance_id(c, e) ||
         load_providers(c, json_object_get(root, "providers"), e) ||
-        load_routes(c, json_object_get(root, "routes"), e))
+        load_routes(c, json_object_get(root, "routes"), e) || check_callbacks(c, e))
         goto out_free;
     json_decref(root);
     return c;

@@ -46,6 +46,12 @@ void pq_sha256_hex(const void *data, size_t len, char out[PQ_SHA256_HEX_LEN + 1]
 void pq_hmac_sha256_hex(const void *key, size_t keylen, const void *msg, size_t msglen,
                         char out[PQ_SHA256_HEX_LEN + 1])
 {
+    pq_hmac_sha256_hex2(key, keylen, NULL, 0, msg, msglen, out);
+}
+
+void pq_hmac_sha256_hex2(const void *key, size_t keylen, const void *head, size_t headlen,
+                         const void *msg, size_t msglen, char out[PQ_SHA256_HEX_LEN + 1])
+{
     unsigned char md[EVP_MAX_MD_SIZE];
     size_t mdlen = 0;
     EVP_MAC_CTX *ctx;
@@ -64,7 +70,8 @@ void pq_hmac_sha256_hex(const void *key, size_t keylen, const void *msg, size_t 
     /* EVP_MAC_init treats a NULL key as "keep the previous key"; an empty key is valid HMAC. */
     if (!key)
         key = empty_key;
-    if (EVP_MAC_init(ctx, key, keylen, params) && EVP_MAC_update(ctx, msg, msglen) &&
+    if (EVP_MAC_init(ctx, key, keylen, params) &&
+        (headlen == 0 || EVP_MAC_update(ctx, head, headlen)) && EVP_MAC_update(ctx, msg, msglen) &&
         EVP_MAC_final(ctx, md, &mdlen, sizeof(md)) && mdlen == 32)
         hash_hex(md, mdlen, out);
     EVP_MAC_CTX_free(ctx);

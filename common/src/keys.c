@@ -36,3 +36,8 @@ int pq_key_health(char *buf, size_t size, const char *prefix, const char *instan
 {
     return fit(snprintf(buf, size, "%shealth:%s", prefix, instance), size);
 }
+
+int pq_key_callbacks(char *buf, size_t size, const char *prefix)
+{
+    return fit(snprintf(buf, size, "%scallbacks", prefix), size);
+}

@@ -9,6 +9,9 @@ const char pq_script_job_create[] =
     "if h then if h == ARGV[1] then return 0 else return -1 end end\n"
     "redis.call('HSET', KEYS[1], 'status', 'queued', 'request_hash', ARGV[1], 'created_at',\n"
     "  ARGV[2], 'updated_at', ARGV[2], 'route', ARGV[4], 'attempts', 0, 'deliveries', 0)\n"
+    "if ARGV[5] and ARGV[5] ~= '' then\n"
+    "  redis.call('HSET', KEYS[1], 'callback_url', ARGV[5], 'tenant', ARGV[6])\n"
+    "end\n"
     "redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
     "return 1\n";
 
@@ -47,7 +50,7 @@ const char pq_script_lease_renew[] = "if redis.call('GET', KEYS[1]) == ARGV[1] t
                                      "  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end\n"
                                      "return 0\n";
 
-const char pq_script_job_finish[] = TERMINAL_CHECK
+const char pq_script_job_finish[] = TERMINAL_CHECK PQ_LUA_CALLBACK_ENQUEUE
     "local v = redis.call('HMGET', KEYS[1], 'status', 'result', 'batch')\n"
     "if v[1] and terminal(v[1]) then return {0, v[2] or '', v[1]} end\n"
     "if v[3] and v[3] ~= '' then\n"
@@ -57,9 +60,39 @@ const char pq_script_job_finish[] = TERMINAL_CHECK
     "  'error', ARGV[4], 'provider', ARGV[5], 'model', ARGV[6], 'attempts', ARGV[7],\n"
     "  'updated_at', ARGV[8], 'route', ARGV[10], 'request_hash', ARGV[11])\n"
     "redis.call('HSETNX', KEYS[1], 'created_at', ARGV[8])\n"
+    "if ARGV[12] and ARGV[12] ~= '' then\n"
+    "  callback_enqueue(KEYS[3], ARGV[12], ARGV[13], ARGV[8])\n"
+    "elseif ARGV[14] and ARGV[14] ~= '' then\n"
+    "  redis.call('HSET', KEYS[1], 'callback', 'refused', 'callback_error', ARGV[14])\n"
+    "end\n"
     "redis.call('PEXPIRE', KEYS[1], ARGV[9])\n"
     "redis.call('DEL', KEYS[2])\n"
     "return {1}\n";
+
+const char pq_script_callback_claim[] =
+    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])\n"
+    "local out = {}\n"
+    "for _, k in ipairs(due) do\n"
+    "  local v = redis.call('HMGET', k, 'callback', 'callback_url', 'tenant', 'result',\n"
+    "    'callback_attempts')\n"
+    "  if v[1] ~= 'pending' or not v[2] or not v[4] then\n"
+    "    redis.call('ZREM', KEYS[1], k)\n"
+    "  else\n"
+    "    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), k)\n"
+    "    out[#out + 1] = {k, v[2], v[3] or '', v[4], v[5] or '0'}\n"
+    "  end\n"
+    "end\n"
+    "return out\n";
+
+const char pq_script_callback_done[] =
+    "if redis.call('HGET', KEYS[2], 'callback') ~= 'pending' then\n"
+    "  redis.call('ZREM', KEYS[1], KEYS[2]) return 0 end\n"
+    "redis.call('HSET', KEYS[2], 'callback_attempts', ARGV[2], 'callback_error', ARGV[5],\n"
+    "  'callback_at', ARGV[3])\n"
+    "if ARGV[1] == 'retry' then redis.call('ZADD', KEYS[1], ARGV[4], KEYS[2]) return 1 end\n"
+    "redis.call('HSET', KEYS[2], 'callback', ARGV[1])\n"
+    "redis.call('ZREM', KEYS[1], KEYS[2])\n"
+    "return 1\n";
 
 const char pq_script_job_status[] =
     TERMINAL_CHECK "local s = redis.call('HGET', KEYS[1], 'status')\n"

@@ -408,6 +408,7 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
     curl_easy_setopt(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(r->easy, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(r->easy, CURLOPT_ACCEPT_ENCODING, "");
 
     r->shard = &h->shards[h->next_shard];

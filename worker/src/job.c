@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "promptq/callback.h"
 #include "promptq/err.h"
 #include "promptq/keys.h"
 #include "promptq/log.h"
@@ -645,9 +646,9 @@ static void job_redis_issue(pq_job_t *j)
 {
     pq_worker_t *w = j->w;
     const pq_conf_t *c = w->conf;
-    const char *argv[16];
-    size_t lens[16];
-    char now[24], ttl[24], lease[24], maxd[24], attempts[24], token[512];
+    const char *argv[20];
+    size_t lens[20];
+    char now[24], ttl[24], lease[24], maxd[24], attempts[24], token[512], cbwhy[300];
     int argc = 0;
     char *resp = NULL, *err = NULL;
     size_t resp_len = 0, err_len = 0;
@@ -685,9 +686,10 @@ static void job_redis_issue(pq_job_t *j)
         }
         snprintf(attempts, sizeof(attempts), "%d", j->attempts);
         argv[argc++] = pq_script_job_finish;
-        argv[argc++] = "2";
+        argv[argc++] = "3";
         argv[argc++] = j->job_key;
         argv[argc++] = j->lease_key;
+        argv[argc++] = w->callbacks_key;
         argv[argc++] = j->status;
         argv[argc++] = j->result ? j->result : "";
         argv[argc++] = resp ? resp : "";
@@ -699,6 +701,20 @@ static void job_redis_issue(pq_job_t *j)
         argv[argc++] = ttl;
         argv[argc++] = j->env.model;
         argv[argc++] = j->env.request_hash;
+        /* callback_url: queued by the winner when allowed here, else recorded as refused */
+        cbwhy[0] = '\0';
+        if (j->env.callback_url &&
+            pq_callback_check(c, tenant_of(j), j->env.callback_url, cbwhy, sizeof(cbwhy)) == 0) {
+            argv[argc++] = j->env.callback_url;
+            argv[argc++] = tenant_of(j);
+            argv[argc++] = "";
+        } else {
+            argv[argc++] = "";
+            argv[argc++] = tenant_of(j);
+            argv[argc++] = cbwhy;
+            if (cbwhy[0])
+                PQ_WARN("job %s/%s: no callback: %s", tenant_of(j), id_of(j), cbwhy);
+        }
         break;
     case RS_CACHE_GET:
         argv[0] = "GET";
@@ -857,6 +873,8 @@ static void on_finish(pq_job_t *j, redisReply *r)
         pq_hist_observe(w->m.latency, (double)(pq_now_ms() - j->created_ms) / 1000.0);
         if (strcmp(j->status, "succeeded") == 0 && !j->cached && j->rs)
             pq_worker_route_up(w, j->rs, "a job succeeded");
+        if (j->env.callback_url)
+            pq_callbacks_kick(w->callbacks);
     } else {
         /* Someone else wrote the terminal record first: publish theirs, never ours. */
         free(j->result);

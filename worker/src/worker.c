@@ -1230,6 +1230,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     }
     PQ_INFO("signal %d: stopping, %zu jobs in flight", (int)sig, w->inflight);
     w->stopping = 1;
+    pq_callbacks_stop(w->callbacks);
     update_flow(w);
     if (w->inflight == 0) {
         event_base_loopbreak(w->base);
@@ -1468,6 +1469,13 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     if (!w->iredis)
         goto out_fail;
     pq_redis_set_priority(w->iredis, 0);
+    if (pq_key_callbacks(w->callbacks_key, sizeof(w->callbacks_key), conf->redis_prefix) < 0) {
+        snprintf(errstr, errstr_size, "redis.prefix: too long");
+        goto out_fail;
+    }
+    w->callbacks = pq_callbacks_new(w->base, conf, w->redis, w->metrics, errstr, errstr_size);
+    if (!w->callbacks)
+        goto out_fail;
 
     w->producer = producer_new(w, errstr, errstr_size);
     if (!w->producer)
@@ -1724,6 +1732,7 @@ void pq_worker_destroy(pq_worker_t *w)
     free(w->cluster_id);
     pq_redis_destroy(w->redis);
     pq_redis_destroy(w->iredis);
+    pq_callbacks_destroy(w->callbacks); /* after its connection: pending replies run first */
     while ((g = w->retired)) {
         w->retired = g->next;
         gen_free(g);

@@ -12,6 +12,7 @@
 #include "promptq/conf.h"
 #include "promptq/envelope.h"
 #include "promptq/metrics.h"
+#include "callback.h"
 #include "http.h"
 #include "offsets.h"
 #include "prov.h"
@@ -99,6 +100,8 @@ struct pq_worker_s {
     char *cluster_id;
 
     pq_http_t *http;
+    pq_callbacks_t *callbacks; /* callback_url POSTs (callback.h) */
+    char callbacks_key[256];   /* the callbacks sorted set */
     pq_gen_t *gen;     /* current providers and routes (keys, slots, rate limits, circuits) */
     pq_gen_t *retired; /* older ones still used by jobs */
     pq_route_state_t *routes;

@@ -114,6 +114,17 @@ typedef struct pq_conf_s {
     /* "HOST:PORT" for GET /metrics and /healthz; "" = off */
     char *metrics_listen;
 
+    /* callbacks: callback_url POSTs (sent by workers; the broker checks them at intake) */
+    char **callback_hosts; /* allow-list: "host", "*.domain", either with ":port"; empty = none */
+    size_t ncallback_hosts;
+    pq_kv_t *callback_secrets; /* tenant -> HMAC secret ("*": any other tenant) */
+    size_t ncallback_secrets;
+    int callback_timeout_ms;     /* one POST, default 10000 */
+    int callback_max_attempts;   /* then the callback is failed, default 12 */
+    int callback_backoff_ms;     /* first retry delay, doubling, default 1000 */
+    int callback_max_backoff_ms; /* retry delay cap, default 600000 */
+    int callback_max_inflight;   /* POSTs in flight per worker, default 64 */
+    int callback_poll_ms;        /* how often a worker looks for due callbacks, default 500 */
     /* log */
     char *log_level; /* "info" */
     int log_json;

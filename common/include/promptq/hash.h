@@ -14,6 +14,11 @@ void pq_sha256_hex(const void *data, size_t len, char out[PQ_SHA256_HEX_LEN + 1]
 void pq_hmac_sha256_hex(const void *key, size_t keylen, const void *msg, size_t msglen,
                         char out[PQ_SHA256_HEX_LEN + 1]);
 
+/* HMAC-SHA256(key, head || msg) as hex, without joining the two (a callback body is signed with
+ * its "<t>." prefix). */
+void pq_hmac_sha256_hex2(const void *key, size_t keylen, const void *head, size_t headlen,
+                         const void *msg, size_t msglen, char out[PQ_SHA256_HEX_LEN + 1]);
+
 /* Hash of the canonical form of a request object: compact JSON with keys sorted at every level,
  * so key order and whitespace do not change it. Returns 0, or -1 if it cannot be serialised.
  * request: borrowed. */

@@ -11,5 +11,7 @@ int pq_key_cache(char *buf, size_t size, const char *prefix, const char *tenant,
 int pq_key_idem(char *buf, size_t size, const char *prefix, const char *tenant, const char *key);
 int pq_key_reply(char *buf, size_t size, const char *prefix, const char *instance);
 int pq_key_health(char *buf, size_t size, const char *prefix, const char *instance);
+/* Sorted set of job keys whose callback is due, scored by the time (ms) it is due. */
+int pq_key_callbacks(char *buf, size_t size, const char *prefix);
 
 #endif
