@@ -730,7 +730,7 @@ static void test_tpm(void **state)
     RUN_UNTIL(f, w2.called, 2000);
     assert_int_equal(w2.called, 1);
     assert_int_equal(w2.err, PQ_OK);
-    assert_true(w2.at - t1 < 50);
+    assert_true(w2.at - t1 < 1000); /* else 9 s */
     pq_prov_release(pv, 0, 10, 10, 0);
 
     /* debt again; unknown usage (-1) keeps the estimate, a refund gives it back */
@@ -765,7 +765,7 @@ static void test_tpm_refund(void **state)
     pq_prov_release(pv, 0, 1000, -1, 1);
     RUN_UNTIL(f, w.called, 2000);
     assert_int_equal(w.called, 1);
-    assert_true(w.at - t1 < 50);
+    assert_true(w.at - t1 < 1000); /* else 9 s */
     pq_prov_release(pv, 0, 10, 10, 0);
 
     /* an underestimate: 10 tokens charged, 2000 reported; the debt makes the next call wait */
