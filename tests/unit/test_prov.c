@@ -5,8 +5,7 @@
  * watsonx IAM token cache (one exchange in flight per key, reuse, invalidate, errors).
  *
  * Probes, IAM exchanges and status polls go over loopback HTTP to a small evhttp server that
- * runs on the same event base (127.0.0.1, ephemeral port). Set PQ_PROV_KNOWN_BUGS=1 to also
- * run the tests of known, unfixed bugs (they fail until prov.c is fixed). */
+ * runs on the same event base (127.0.0.1, ephemeral port). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1201,8 +1200,6 @@ static void test_token_retry_from_callback(void **state)
     pq_prov_t *pv = prov(f, "wx");
     twaiter_t a, r;
 
-    if (!getenv("PQ_PROV_KNOWN_BUGS"))
-        skip();
     f->srv.iam_status = 503;
     a.f = f;
     token_queued(pv, &a, 0);

@@ -32,6 +32,7 @@ typedef struct tok_s {
     char *token;
     int64_t refresh_at; /* monotonic ms */
     pq_http_req_t *req;
+    uint64_t round; /* exchanges answered so far; waiters of this one carry it */
     TAILQ_HEAD(, pq_token_wait_s) waiters;
 } tok_t;
 
@@ -324,14 +325,21 @@ static void tok_drop(tok_t *t)
     t->refresh_at = 0;
 }
 
-static void tok_notify(tok_t *t, const char *token, pq_err_t err)
+/* Answers the waiters of the exchange that just ended, and only them: a callback may ask again
+ * (joining the next exchange, a later round) or cancel another waiter. The token is read anew
+ * for each waiter, since a callback may invalidate it. */
+static void tok_notify(tok_t *t, pq_err_t err)
 {
     pq_token_wait_t *w;
+    uint64_t round = t->round++;
 
-    while ((w = TAILQ_FIRST(&t->waiters))) {
+    while ((w = TAILQ_FIRST(&t->waiters)) && w->round == round) {
         TAILQ_REMOVE(&t->waiters, w, link);
         w->queued = 0;
-        w->cb(w->opaque, token, err);
+        if (err == PQ_OK && !t->token)
+            w->cb(w->opaque, NULL, PQ_ERR_AUTH); /* invalidated by an earlier callback */
+        else
+            w->cb(w->opaque, err == PQ_OK ? t->token : NULL, err);
     }
 }
 
@@ -361,7 +369,7 @@ static void on_iam_done(void *opaque, const pq_http_result_t *res)
         PQ_WARN("provider %s: IAM token exchange for key #%d failed: %s (%s)", pv->conf->name,
                 k->idx, pq_err_name(err), errstr);
     }
-    tok_notify(t, err == PQ_OK ? t->token : NULL, err);
+    tok_notify(t, err);
 }
 
 int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token, pq_err_t *err)
@@ -384,6 +392,7 @@ int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token
     if (t->req) {
         TAILQ_INSERT_TAIL(&t->waiters, w, link);
         w->queued = 1;
+        w->round = t->round;
         return 1;
     }
     memset(&req, 0, sizeof(req));
@@ -408,6 +417,7 @@ int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token
     }
     TAILQ_INSERT_TAIL(&t->waiters, w, link);
     w->queued = 1;
+    w->round = t->round;
     return 1;
 }
 

@@ -57,6 +57,7 @@ typedef struct pq_token_wait_s {
     TAILQ_ENTRY(pq_token_wait_s) link;
     int queued;
     int key;
+    uint64_t round; /* the exchange it waits for */
     pq_token_cb *cb;
     void *opaque;
 } pq_token_wait_t;
@@ -111,7 +112,9 @@ uint64_t pq_prov_token_fetches(const pq_prov_t *pv);
 pq_circuit_t *pq_prov_circuit(pq_prov_t *pv, const pq_target_t *target);
 
 /* 1: call allowed; 2: allowed as the half-open probe (report it with probe = 1, or give the
- * role back with pq_circuit_probe_abort); 0: open, skip the target. */
+ * role back with pq_circuit_probe_abort); 0: open, skip the target. When the circuit half-opens
+ * the worker's own configured probe takes the role at once, so 2 is only seen when that probe
+ * could not be started (then a job's call probes instead). */
 int pq_circuit_allow(pq_circuit_t *c);
 
 /* Outcome of a call: failure = 1 for a health failure (connect, timeout, 5xx, malformed).
