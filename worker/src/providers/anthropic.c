@@ -45,24 +45,6 @@ typedef struct conv_s {
     size_t errstr_size;
 } conv_t;
 
-/* Parses "data:<media type>;base64,<data>"; 0 with the parts, -1 if not such a URL. */
-static int data_url(const char *url, const char **mt, size_t *mt_len, const char **data)
-{
-    const char *semi, *comma;
-
-    if (strncmp(url, "data:", 5) != 0)
-        return -1;
-    semi = strchr(url + 5, ';');
-    comma = semi ? strchr(semi, ',') : NULL;
-    if (!semi || !comma || (size_t)(comma - semi) != sizeof(";base64") - 1 ||
-        strncmp(semi, ";base64", sizeof(";base64") - 1) != 0)
-        return -1;
-    *mt = url + 5;
-    *mt_len = (size_t)(semi - (url + 5));
-    *data = comma + 1;
-    return 0;
-}
-
 static pq_err_t image_block(conv_t *c, const json_t *part, size_t mi, json_t *blocks)
 {
     json_t *iu = json_object_get(part, "image_url");
@@ -75,7 +57,7 @@ static pq_err_t image_block(conv_t *c, const json_t *part, size_t mi, json_t *bl
         snprintf(c->errstr, c->errstr_size, "messages[%zu]: image_url part without a url", mi);
         return PQ_ERR_INVALID;
     }
-    if (data_url(url, &mt, &mt_len, &data) == 0)
+    if (pq_provider_data_url(url, &mt, &mt_len, &data) == 0)
         src =
             json_pack("{s:s, s:s%, s:s}", "type", "base64", "media_type", mt, mt_len, "data", data);
     else if (strncmp(url, "https://", 8) == 0 || strncmp(url, "http://", 7) == 0)
@@ -188,27 +170,6 @@ static pq_err_t tool_use_blocks(conv_t *c, const json_t *calls, size_t mi, json_
     return PQ_OK;
 }
 
-/* Adds one turn, merged into the previous one when the role repeats. blocks: taken. */
-static pq_err_t turn_add(conv_t *c, const char *role, json_t *blocks)
-{
-    size_t n = json_array_size(c->messages);
-    json_t *last = n ? json_array_get(c->messages, n - 1) : NULL;
-
-    if (json_array_size(blocks) == 0) {
-        json_decref(blocks);
-        return PQ_OK;
-    }
-    if (last && strcmp(json_string_value(json_object_get(last, "role")), role) == 0) {
-        int rc = json_array_extend(json_object_get(last, "content"), blocks);
-        json_decref(blocks);
-        return rc ? PQ_ERR_NOMEM : PQ_OK;
-    }
-    return json_array_append_new(c->messages,
-                                 json_pack("{s:s, s:o}", "role", role, "content", blocks)) != 0
-               ? PQ_ERR_NOMEM
-               : PQ_OK;
-}
-
 static pq_err_t convert_message(conv_t *c, const json_t *m, size_t mi)
 {
     const char *role = json_string_value(json_object_get(m, "role"));
@@ -271,7 +232,7 @@ static pq_err_t convert_message(conv_t *c, const json_t *m, size_t mi)
         json_decref(blocks);
         return err;
     }
-    return turn_add(c, role, blocks);
+    return pq_provider_turn_add(c->messages, role, "content", blocks);
 }
 
 /* A turn holding one text block is sent as a plain string. */
@@ -444,11 +405,8 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
     }
     if ((err = check_unsupported(req, errstr, errstr_size)) != PQ_OK)
         goto out;
-    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
-        snprintf(errstr, errstr_size, "messages: a non-empty array is required");
-        err = PQ_ERR_INVALID;
+    if ((err = pq_provider_messages_check(msgs, errstr, errstr_size)) != PQ_OK)
         goto out;
-    }
     json_array_foreach(msgs, i, m)
     {
         if (!json_is_object(m)) {
@@ -473,17 +431,10 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
     }
     simplify_turns(c.messages);
 
-    v = json_object_get(req, "max_completion_tokens");
-    if (!pq_provider_field_set(v))
-        v = json_object_get(req, "max_tokens");
-    if (pq_provider_field_set(v)) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1) {
-            snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
-            err = PQ_ERR_INVALID;
-            goto out;
-        }
+    if ((err = pq_provider_max_tokens(req, &v, errstr, errstr_size)) != PQ_OK)
+        goto out;
+    if (v)
         max_tokens = json_integer_value(v);
-    }
     err = PQ_ERR_NOMEM;
     if (json_object_set_new(body, "model", json_string(target->model)) ||
         json_object_set_new(body, "max_tokens", json_integer(max_tokens)))
@@ -499,18 +450,9 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
     if (json_object_set(body, "messages", c.messages))
         goto out;
 
-    v = json_object_get(req, "stop");
-    if (json_is_string(v) && json_string_length(v) > 0) {
-        if (json_object_set_new(body, "stop_sequences", json_pack("[O]", v)))
-            goto out;
-    } else if (json_is_array(v) && json_array_size(v) > 0) {
-        if (json_object_set(body, "stop_sequences", v))
-            goto out;
-    } else if (v && !json_is_null(v) && !json_is_array(v) && !json_is_string(v)) {
-        snprintf(errstr, errstr_size, "stop: expected a string or an array of strings");
-        err = PQ_ERR_INVALID;
+    if ((err = pq_provider_stop_set(req, body, "stop_sequences", 1, errstr, errstr_size)) != PQ_OK)
         goto out;
-    }
+    err = PQ_ERR_NOMEM;
     if (json_is_number(v = json_object_get(req, "temperature")) &&
         json_object_set(body, "temperature", v))
         goto out;
@@ -536,47 +478,25 @@ static pq_err_t anthropic_build_request(const pq_target_t *target, const json_t 
 {
     const pq_provider_conf_t *p = target->p;
     json_t *body = json_object();
-    pq_err_t err = PQ_ERR_NOMEM;
+    pq_err_t err;
 
-    memset(out, 0, sizeof(*out));
-    if (!body)
-        goto out_nomem;
-    if (!json_is_object(request)) {
-        snprintf(errstr, errstr_size, "request is not an object");
-        err = PQ_ERR_INVALID;
-        goto out_free_body;
-    }
-    if (key && strpbrk(key, "\r\n")) {
-        snprintf(errstr, errstr_size, "providers.%s: api key contains a line break", p->name);
-        err = PQ_ERR_CONFIG;
-        goto out_free_body;
-    }
-    if ((err = build_body(target, request, body, errstr, errstr_size)) != PQ_OK)
-        goto out_free_body;
+    if ((err = pq_provider_req_start(request, out, errstr, errstr_size)) != PQ_OK ||
+        (err = pq_provider_key_check(p, key, "api key", errstr, errstr_size)) != PQ_OK)
+        goto out;
+    if ((err = body ? build_body(target, request, body, errstr, errstr_size) : PQ_ERR_NOMEM) !=
+        PQ_OK)
+        goto out;
     err = PQ_ERR_NOMEM;
-    if (!(out->body = json_dumps(body, JSON_COMPACT)))
-        goto out_nomem;
-    out->body_len = strlen(out->body);
-    if (asprintf(&out->url, "%s/v1/messages", p->base_url) < 0) {
-        out->url = NULL;
-        goto out_nomem;
-    }
-    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
+    if (pq_provider_req_json(out, body) ||
+        pq_provider_req_url(out, "%s/v1/messages", p->base_url) ||
         pq_provider_header_add(&out->headers, "anthropic-version", ANTHROPIC_VERSION) ||
-        (key && *key && pq_provider_header_add(&out->headers, "x-api-key", key)))
-        goto out_nomem;
-    for (size_t i = 0; i < p->nheaders; i++)
-        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
-            goto out_nomem;
+        (key && *key && pq_provider_header_add(&out->headers, "x-api-key", key)) ||
+        pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
+        goto out;
     err = PQ_OK;
-    goto out_free_body;
-
-out_nomem:
-    snprintf(errstr, errstr_size, "out of memory");
-    pq_provider_req_clear(out);
-out_free_body:
+out:
     json_decref(body);
-    return err;
+    return pq_provider_req_end(out, err, errstr, errstr_size);
 }
 
 /* ---- answer ---- */
@@ -593,12 +513,6 @@ static const char *finish_reason(const char *stop_reason)
     if (strcmp(stop_reason, "refusal") == 0)
         return "content_filter";
     return "stop"; /* end_turn, stop_sequence, pause_turn */
-}
-
-static json_int_t usage_int(const json_t *usage, const char *name)
-{
-    json_t *v = json_object_get(usage, name);
-    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
 }
 
 /* Builds the OpenAI message from the content blocks; NULL on a bad block or no memory. */
@@ -686,8 +600,7 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
             err = PQ_ERR_OVERLOADED;
         else if (strcmp(token, "rate_limit_error") == 0)
             err = PQ_ERR_RATE_LIMITED;
-        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
-                 token[0] ? ": " : "", token);
+        pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
     content = json_object_get(root, "content");
@@ -703,9 +616,10 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
         goto out;
     }
     usage = json_object_get(root, "usage");
-    in = usage_int(usage, "input_tokens") + usage_int(usage, "cache_creation_input_tokens") +
-         usage_int(usage, "cache_read_input_tokens");
-    out = usage_int(usage, "output_tokens");
+    in = pq_provider_usage_int(usage, "input_tokens") +
+         pq_provider_usage_int(usage, "cache_creation_input_tokens") +
+         pq_provider_usage_int(usage, "cache_read_input_tokens");
+    out = pq_provider_usage_int(usage, "output_tokens");
     *completion = json_pack(
         "{s:s, s:s, s:I, s:s, s:[{s:i, s:o, s:s, s:n}], s:{s:I, s:I, s:I}}", "id",
         json_is_string(json_object_get(root, "id")) ? json_string_value(json_object_get(root, "id"))

@@ -22,56 +22,38 @@ static pq_err_t azure_build_request(const pq_target_t *target, const json_t *req
     const pq_provider_conf_t *p = target->p;
     json_t *body = NULL;
     char *dep = NULL, *ver = NULL;
-    pq_err_t err = PQ_ERR_NOMEM;
+    pq_err_t err;
 
-    memset(out, 0, sizeof(*out));
-    if (!json_is_object(request)) {
-        snprintf(errstr, errstr_size, "request is not an object");
-        err = PQ_ERR_INVALID;
-        goto out_free;
-    }
+    if ((err = pq_provider_req_start(request, out, errstr, errstr_size)) != PQ_OK)
+        goto out;
     if (!p->api_version) {
         snprintf(errstr, errstr_size, "providers.%s.api_version is required", p->name);
         err = PQ_ERR_CONFIG;
-        goto out_free;
+        goto out;
     }
-    if (key && strpbrk(key, "\r\n")) {
-        snprintf(errstr, errstr_size, "providers.%s: api key contains a line break", p->name);
-        err = PQ_ERR_CONFIG;
-        goto out_free;
-    }
+    if ((err = pq_provider_key_check(p, key, "api key", errstr, errstr_size)) != PQ_OK)
+        goto out;
+    err = PQ_ERR_NOMEM;
     if (!(body = json_copy((json_t *)request))) /* shallow: values are shared */
-        goto out_nomem;
+        goto out;
     json_object_del(body, "model");
     json_object_del(body, "stream");
     json_object_del(body, "stream_options");
-    if (!(out->body = json_dumps(body, JSON_COMPACT)))
-        goto out_nomem;
-    out->body_len = strlen(out->body);
+    if (pq_provider_req_json(out, body))
+        goto out;
     if (!(dep = pq_provider_escape(target->model)) || !(ver = pq_provider_escape(p->api_version)))
-        goto out_nomem;
-    if (asprintf(&out->url, "%s/openai/deployments/%s/chat/completions?api-version=%s", p->base_url,
-                 dep, ver) < 0) {
-        out->url = NULL;
-        goto out_nomem;
-    }
-    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
-        (key && *key && pq_provider_header_add(&out->headers, "api-key", key)))
-        goto out_nomem;
-    for (size_t i = 0; i < p->nheaders; i++)
-        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
-            goto out_nomem;
+        goto out;
+    if (pq_provider_req_url(out, "%s/openai/deployments/%s/chat/completions?api-version=%s",
+                            p->base_url, dep, ver) ||
+        (key && *key && pq_provider_header_add(&out->headers, "api-key", key)) ||
+        pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
+        goto out;
     err = PQ_OK;
-    goto out_free;
-
-out_nomem:
-    snprintf(errstr, errstr_size, "out of memory");
-    pq_provider_req_clear(out);
-out_free:
+out:
     free(dep);
     free(ver);
     json_decref(body);
-    return err;
+    return pq_provider_req_end(out, err, errstr, errstr_size);
 }
 
 /* Answers have OpenAI's shape and are read by the OpenAI parser; errors
@@ -93,8 +75,7 @@ static pq_err_t azure_parse_response(const pq_target_t *target, long status, con
     pq_provider_safe_token(json_object_get(e, "code"), token, sizeof(token));
     if (!token[0])
         pq_provider_safe_token(json_object_get(e, "type"), token, sizeof(token));
-    snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
-             token[0] ? ": " : "", token);
+    pq_provider_http_error(errstr, errstr_size, target, status, token);
     json_decref(root);
     return err;
 }

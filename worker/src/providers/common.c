@@ -1,7 +1,81 @@
 #include "common.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+pq_err_t pq_provider_req_start(const json_t *request, pq_provider_req_t *out, char *errstr,
+                               size_t errstr_size)
+{
+    memset(out, 0, sizeof(*out));
+    if (!json_is_object(request)) {
+        snprintf(errstr, errstr_size, "request is not an object");
+        return PQ_ERR_INVALID;
+    }
+    return PQ_OK;
+}
+
+pq_err_t pq_provider_key_check(const pq_provider_conf_t *p, const char *key, const char *what,
+                               char *errstr, size_t errstr_size)
+{
+    if (!key || !strpbrk(key, "\r\n"))
+        return PQ_OK;
+    snprintf(errstr, errstr_size, "providers.%s: %s contains a line break", p->name, what);
+    return PQ_ERR_CONFIG;
+}
+
+pq_err_t pq_provider_req_end(pq_provider_req_t *out, pq_err_t err, char *errstr, size_t errstr_size)
+{
+    if (err == PQ_OK)
+        return PQ_OK;
+    if (err == PQ_ERR_NOMEM)
+        snprintf(errstr, errstr_size, "out of memory");
+    pq_provider_req_clear(out);
+    return err;
+}
+
+pq_err_t pq_provider_messages_check(const json_t *msgs, char *errstr, size_t errstr_size)
+{
+    if (json_is_array(msgs) && json_array_size(msgs) > 0)
+        return PQ_OK;
+    snprintf(errstr, errstr_size, "messages: a non-empty array is required");
+    return PQ_ERR_INVALID;
+}
+
+const char *pq_provider_message_role(const json_t *m, size_t i, char *errstr, size_t errstr_size)
+{
+    const char *role = json_string_value(json_object_get(m, "role"));
+
+    if (!json_is_object(m) || !role) {
+        snprintf(errstr, errstr_size, "messages[%zu]: an object with a role is required", i);
+        return NULL;
+    }
+    return role;
+}
+
+int pq_provider_req_json(pq_provider_req_t *out, const json_t *body)
+{
+    if (!(out->body = json_dumps(body, JSON_COMPACT)))
+        return -1;
+    out->body_len = strlen(out->body);
+    return pq_provider_header_add(&out->headers, "Content-Type", "application/json");
+}
+
+int pq_provider_req_url(pq_provider_req_t *out, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vasprintf(&out->url, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        out->url = NULL;
+        return -1;
+    }
+    return 0;
+}
 
 int pq_provider_header_add(struct curl_slist **list, const char *name, const char *value)
 {
@@ -22,6 +96,149 @@ int pq_provider_header_add(struct curl_slist **list, const char *name, const cha
         return -1;
     *list = l;
     return 0;
+}
+
+int pq_provider_header_add_bearer(struct curl_slist **list, const char *token)
+{
+    static const char prefix[] = "Authorization: Bearer ";
+    size_t n = strlen(token);
+    char *line = malloc(sizeof(prefix) + n);
+    struct curl_slist *l;
+
+    if (!line)
+        return -1;
+    memcpy(line, prefix, sizeof(prefix) - 1);
+    memcpy(line + sizeof(prefix) - 1, token, n + 1);
+    l = curl_slist_append(*list, line);
+    explicit_bzero(line, sizeof(prefix) - 1 + n); /* holds the key */
+    free(line);
+    if (!l)
+        return -1;
+    *list = l;
+    return 0;
+}
+
+pq_err_t pq_provider_headers_add_conf(struct curl_slist **list, const pq_provider_conf_t *p,
+                                      size_t max_line, char *errstr, size_t errstr_size)
+{
+    for (size_t i = 0; i < p->nheaders; i++) {
+        const pq_kv_t *h = &p->headers[i];
+        if (max_line && strlen(h->key) + 2 + strlen(h->value) >= max_line) {
+            snprintf(errstr, errstr_size, "providers.%s.headers.%s: too long", p->name, h->key);
+            return PQ_ERR_CONFIG;
+        }
+        if (pq_provider_header_add(list, h->key, h->value)) {
+            snprintf(errstr, errstr_size, "out of memory");
+            return PQ_ERR_NOMEM;
+        }
+    }
+    return PQ_OK;
+}
+
+pq_err_t pq_provider_max_tokens(const json_t *req, json_t **v, char *errstr, size_t errstr_size)
+{
+    json_t *m = json_object_get(req, "max_completion_tokens");
+
+    *v = NULL;
+    if (!pq_provider_field_set(m))
+        m = json_object_get(req, "max_tokens");
+    if (!pq_provider_field_set(m))
+        return PQ_OK;
+    if (!json_is_integer(m) || json_integer_value(m) < 1) {
+        snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
+        return PQ_ERR_INVALID;
+    }
+    *v = m;
+    return PQ_OK;
+}
+
+pq_err_t pq_provider_stop_set(const json_t *req, json_t *obj, const char *name, int strict,
+                              char *errstr, size_t errstr_size)
+{
+    json_t *v = json_object_get(req, "stop");
+    int rc = 0;
+
+    if (json_is_string(v) && json_string_length(v) > 0)
+        rc = json_object_set_new(obj, name, json_pack("[O]", v));
+    else if (json_is_array(v) && json_array_size(v) > 0)
+        rc = json_object_set(obj, name, v);
+    else if (strict && v && !json_is_null(v) && !json_is_array(v) && !json_is_string(v)) {
+        snprintf(errstr, errstr_size, "stop: expected a string or an array of strings");
+        return PQ_ERR_INVALID;
+    }
+    if (rc) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return PQ_ERR_NOMEM;
+    }
+    return PQ_OK;
+}
+
+pq_err_t pq_provider_turn_add(json_t *turns, const char *role, const char *key, json_t *items)
+{
+    size_t n = json_array_size(turns);
+    json_t *last = n ? json_array_get(turns, n - 1) : NULL;
+    int rc;
+
+    if (json_array_size(items) == 0) {
+        json_decref(items);
+        return PQ_OK;
+    }
+    if (last && strcmp(json_string_value(json_object_get(last, "role")), role) == 0) {
+        rc = json_array_extend(json_object_get(last, key), items);
+        json_decref(items);
+        return rc ? PQ_ERR_NOMEM : PQ_OK;
+    }
+    return json_array_append_new(turns, json_pack("{s:s, s:o}", "role", role, key, items))
+               ? PQ_ERR_NOMEM
+               : PQ_OK;
+}
+
+int pq_provider_data_url(const char *url, const char **mt, size_t *mt_len, const char **data)
+{
+    const char *semi, *comma;
+
+    if (strncmp(url, "data:", 5) != 0)
+        return -1;
+    semi = strchr(url + 5, ';');
+    comma = semi ? strchr(semi, ',') : NULL;
+    if (!semi || !comma || (size_t)(comma - semi) != sizeof(";base64") - 1 ||
+        strncmp(semi, ";base64", sizeof(";base64") - 1) != 0)
+        return -1;
+    *mt = url + 5;
+    *mt_len = (size_t)(semi - (url + 5));
+    *data = comma + 1;
+    return 0;
+}
+
+void pq_provider_http_error(char *errstr, size_t errstr_size, const pq_target_t *target,
+                            long status, const char *token)
+{
+    snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
+             token[0] ? ": " : "", token);
+}
+
+pq_err_t pq_provider_completion(json_t **completion, const char *id, json_int_t created,
+                                const char *model, json_t *choices, json_int_t prompt,
+                                json_int_t completion_tokens, json_int_t total, char *errstr,
+                                size_t errstr_size)
+{
+    if (total == 0)
+        total = prompt + completion_tokens;
+    *completion = json_pack("{s:s, s:s, s:I, s:s, s:O, s:{s:I, s:I, s:I}}", "id", id, "object",
+                            "chat.completion", "created", created, "model", model, "choices",
+                            choices, "usage", "prompt_tokens", prompt, "completion_tokens",
+                            completion_tokens, "total_tokens", total);
+    if (!*completion) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return PQ_ERR_NOMEM;
+    }
+    return PQ_OK;
+}
+
+json_int_t pq_provider_usage_int(const json_t *usage, const char *name)
+{
+    json_t *v = json_object_get(usage, name);
+    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
 }
 
 void pq_provider_safe_token(const json_t *v, char *buf, size_t size)

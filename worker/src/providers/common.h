@@ -6,15 +6,107 @@
 #include <curl/curl.h>
 #include <jansson.h>
 
+#include "provider.h"
+
+/* ---- building the request ---- */
+
+/* First step of build_request: zeroes out, then PQ_OK, or PQ_ERR_INVALID ("request is not an
+ * object") when request is not a JSON object. */
+pq_err_t pq_provider_req_start(const json_t *request, pq_provider_req_t *out, char *errstr,
+                               size_t errstr_size);
+
+/* Last step of build_request, on its one exit path: returns err; unless it is PQ_OK, clears out
+ * (pq_provider_req_clear), and on PQ_ERR_NOMEM writes "out of memory" into errstr (other errors
+ * keep their message). */
+pq_err_t pq_provider_req_end(pq_provider_req_t *out, pq_err_t err, char *errstr,
+                             size_t errstr_size);
+
+/* PQ_ERR_INVALID ("messages: a non-empty array is required") unless msgs is a non-empty array. */
+pq_err_t pq_provider_messages_check(const json_t *msgs, char *errstr, size_t errstr_size);
+
+/* The role of message i, or NULL with PQ_ERR_INVALID's message ("messages[i]: an object with a
+ * role is required") in errstr when m is not an object with a string role. */
+const char *pq_provider_message_role(const json_t *m, size_t i, char *errstr, size_t errstr_size);
+
+/* PQ_ERR_CONFIG ("providers.NAME: <what> contains a line break") when key holds a CR or LF (it
+ * would split a header), else PQ_OK. key may be NULL. The key is never copied into errstr. */
+pq_err_t pq_provider_key_check(const pq_provider_conf_t *p, const char *key, const char *what,
+                               char *errstr, size_t errstr_size);
+
+/* Sets out->body (new) to body as compact JSON, out->body_len, and appends the header
+ * "Content-Type: application/json". Returns 0, or -1 when out of memory. */
+int pq_provider_req_json(pq_provider_req_t *out, const json_t *body);
+
+/* Sets out->url (new) from a printf format. Returns 0, or -1 when out of memory (out->url stays
+ * NULL). */
+int pq_provider_req_url(pq_provider_req_t *out, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
 /* Appends "name: value" to *list. The temporary line (it may hold a key) is wiped. Returns 0,
  * or -1 when out of memory (*list unchanged). */
 int pq_provider_header_add(struct curl_slist **list, const char *name, const char *value);
+
+/* Appends "Authorization: Bearer <token>" to *list; the temporary line is wiped. Returns 0, or
+ * -1 when out of memory (*list unchanged). */
+int pq_provider_header_add_bearer(struct curl_slist **list, const char *token);
+
+/* Appends the provider's configured extra headers (p->headers, p->nheaders) to *list, in order.
+ * max_line: when not 0, a header whose "name: value" line has max_line bytes or more is
+ * PQ_ERR_CONFIG ("providers.NAME.headers.HEADER: too long"). Returns PQ_OK, PQ_ERR_CONFIG or
+ * PQ_ERR_NOMEM ("out of memory"), with errstr set on errors; the headers already appended stay
+ * in *list (the caller frees the list). */
+pq_err_t pq_provider_headers_add_conf(struct curl_slist **list, const pq_provider_conf_t *p,
+                                      size_t max_line, char *errstr, size_t errstr_size);
+
+/* ---- mapping the request body ---- */
+
+/* The completion length asked for: max_completion_tokens when set (pq_provider_field_set),
+ * else max_tokens. *v: the value (borrowed from req), NULL when neither is set. Returns PQ_OK,
+ * or PQ_ERR_INVALID ("max_tokens: expected a positive integer") when it is not an integer >= 1. */
+pq_err_t pq_provider_max_tokens(const json_t *req, json_t **v, char *errstr, size_t errstr_size);
+
+/* Sets obj[name] to the request's "stop" as an array: a non-empty string becomes a one-element
+ * array, a non-empty array is kept; an empty or absent stop sets nothing. strict: a stop of
+ * another type (not null) is PQ_ERR_INVALID ("stop: expected a string or an array of strings");
+ * else it is ignored. Returns PQ_OK, PQ_ERR_INVALID or PQ_ERR_NOMEM (errstr set on errors). */
+pq_err_t pq_provider_stop_set(const json_t *req, json_t *obj, const char *name, int strict,
+                              char *errstr, size_t errstr_size);
+
+/* Adds one turn {"role": role, key: items} to the array turns, or, when the last turn has the
+ * same role, appends items to its key array (for providers that want alternating turns). items:
+ * taken; an empty array adds nothing. Returns PQ_OK or PQ_ERR_NOMEM. */
+pq_err_t pq_provider_turn_add(json_t *turns, const char *role, const char *key, json_t *items);
+
+/* Parses "data:<media type>;base64,<data>": 0 with the media type (*mt, *mt_len bytes, not
+ * NUL-terminated) and the data (*data, up to the end of url), -1 if url is not such a URL. */
+int pq_provider_data_url(const char *url, const char **mt, size_t *mt_len, const char **data);
+
+/* ---- reading the answer ---- */
 
 /* Copies an error type or code into buf when it is a word of letters and underscores (at most
  * 64 and shorter than size): such vocabulary ("rate_limit_error", "RESOURCE_EXHAUSTED") cannot
  * be a key, which always has digits or dashes. Anything else leaves buf empty: error bodies may
  * echo keys (G6). */
 void pq_provider_safe_token(const json_t *v, char *buf, size_t size);
+
+/* Writes "<provider> answered HTTP <status>[: <token>]" into errstr (token: from
+ * pq_provider_safe_token, "" for none). */
+void pq_provider_http_error(char *errstr, size_t errstr_size, const pq_target_t *target,
+                            long status, const char *token);
+
+/* Sets *completion to a new OpenAI chat.completion {id, object "chat.completion", created, model,
+ * choices, usage {prompt_tokens, completion_tokens, total_tokens}}; a total of 0 becomes prompt +
+ * completion. Strings are copied; choices: borrowed (the object takes its own reference).
+ * Returns PQ_OK, or PQ_ERR_NOMEM ("out of memory" in errstr, *completion NULL). */
+pq_err_t pq_provider_completion(json_t **completion, const char *id, json_int_t created,
+                                const char *model, json_t *choices, json_int_t prompt,
+                                json_int_t completion_tokens, json_int_t total, char *errstr,
+                                size_t errstr_size);
+
+/* usage[name] when it is a positive integer, else 0. */
+json_int_t pq_provider_usage_int(const json_t *usage, const char *name);
+
+/* ---- misc ---- */
 
 /* 1 when an optional request field is present with a value that asks for something (not null,
  * false, 0, "" or an empty array/object). */

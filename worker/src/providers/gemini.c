@@ -55,19 +55,17 @@ static pq_err_t image_part(const json_t *part, size_t mi, json_t *parts, char *e
 {
     json_t *iu = json_object_get(part, "image_url");
     const char *url = json_string_value(json_is_object(iu) ? json_object_get(iu, "url") : iu);
-    const char *semi, *comma;
+    const char *mt, *data;
+    size_t mt_len;
 
     if (!url) {
         snprintf(errstr, errstr_size, "messages[%zu]: image_url part without a url", mi);
         return PQ_ERR_INVALID;
     }
-    semi = strncmp(url, "data:", 5) == 0 ? strchr(url + 5, ';') : NULL;
-    comma = semi ? strchr(semi, ',') : NULL;
-    if (!comma || strncmp(semi, ";base64,", 8) != 0)
+    if (pq_provider_data_url(url, &mt, &mt_len, &data) != 0)
         return unsupported("image URL that is not a base64 data: URL", mi, errstr, errstr_size);
-    return json_array_append_new(parts,
-                                 json_pack("{s:{s:s%, s:s}}", "inlineData", "mimeType", url + 5,
-                                           (size_t)(semi - (url + 5)), "data", comma + 1))
+    return json_array_append_new(parts, json_pack("{s:{s:s%, s:s}}", "inlineData", "mimeType", mt,
+                                                  mt_len, "data", data))
                ? PQ_ERR_NOMEM
                : PQ_OK;
 }
@@ -115,47 +113,22 @@ static pq_err_t content_parts(const json_t *content, size_t mi, int text_only, j
     return PQ_OK;
 }
 
-/* Adds one Content, merged into the previous one when the role repeats. parts: taken. */
-static pq_err_t content_add(json_t *contents, const char *role, json_t *parts)
-{
-    size_t n = json_array_size(contents);
-    json_t *last = n ? json_array_get(contents, n - 1) : NULL;
-    int rc;
-
-    if (json_array_size(parts) == 0) {
-        json_decref(parts);
-        return PQ_OK;
-    }
-    if (last && strcmp(json_string_value(json_object_get(last, "role")), role) == 0) {
-        rc = json_array_extend(json_object_get(last, "parts"), parts);
-        json_decref(parts);
-        return rc ? PQ_ERR_NOMEM : PQ_OK;
-    }
-    return json_array_append_new(contents, json_pack("{s:s, s:o}", "role", role, "parts", parts))
-               ? PQ_ERR_NOMEM
-               : PQ_OK;
-}
-
 static pq_err_t convert_messages(const json_t *msgs, json_t *contents, json_t *sys_parts,
                                  char *errstr, size_t errstr_size)
 {
     size_t i;
     json_t *m;
 
-    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
-        snprintf(errstr, errstr_size, "messages: a non-empty array is required");
+    if (pq_provider_messages_check(msgs, errstr, errstr_size) != PQ_OK)
         return PQ_ERR_INVALID;
-    }
     json_array_foreach(msgs, i, m)
     {
-        const char *role = json_string_value(json_object_get(m, "role"));
+        const char *role = pq_provider_message_role(m, i, errstr, errstr_size);
         json_t *content = json_object_get(m, "content"), *parts;
         pq_err_t err;
 
-        if (!json_is_object(m) || !role) {
-            snprintf(errstr, errstr_size, "messages[%zu]: an object with a role is required", i);
+        if (!role)
             return PQ_ERR_INVALID;
-        }
         if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
             if ((err = content_parts(content, i, 1, sys_parts, errstr, errstr_size)) != PQ_OK)
                 return err;
@@ -176,7 +149,8 @@ static pq_err_t convert_messages(const json_t *msgs, json_t *contents, json_t *s
             json_decref(parts);
             return err;
         }
-        if ((err = content_add(contents, strcmp(role, "user") == 0 ? "user" : "model", parts)))
+        if ((err = pq_provider_turn_add(contents, strcmp(role, "user") == 0 ? "user" : "model",
+                                        "parts", parts)))
             return err;
     }
     if (json_array_size(contents) == 0) {
@@ -205,6 +179,7 @@ static pq_err_t generation_config(const json_t *req, json_t *gc, char *errstr, s
         {"frequency_penalty", "frequencyPenalty", 0},
     };
     json_t *v, *rf;
+    pq_err_t err;
 
     for (size_t i = 0; i < sizeof(pass) / sizeof(pass[0]); i++) {
         v = json_object_get(req, pass[i].from);
@@ -217,28 +192,12 @@ static pq_err_t generation_config(const json_t *req, json_t *gc, char *errstr, s
         if (json_object_set(gc, pass[i].to, v))
             return PQ_ERR_NOMEM;
     }
-    v = json_object_get(req, "max_completion_tokens");
-    if (!pq_provider_field_set(v))
-        v = json_object_get(req, "max_tokens");
-    if (pq_provider_field_set(v)) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1) {
-            snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
-            return PQ_ERR_INVALID;
-        }
-        if (json_object_set(gc, "maxOutputTokens", v))
-            return PQ_ERR_NOMEM;
-    }
-    v = json_object_get(req, "stop");
-    if (json_is_string(v) && json_string_length(v) > 0) {
-        if (json_object_set_new(gc, "stopSequences", json_pack("[O]", v)))
-            return PQ_ERR_NOMEM;
-    } else if (json_is_array(v) && json_array_size(v) > 0) {
-        if (json_object_set(gc, "stopSequences", v))
-            return PQ_ERR_NOMEM;
-    } else if (v && !json_is_null(v) && !json_is_array(v) && !json_is_string(v)) {
-        snprintf(errstr, errstr_size, "stop: expected a string or an array of strings");
-        return PQ_ERR_INVALID;
-    }
+    if ((err = pq_provider_max_tokens(req, &v, errstr, errstr_size)) != PQ_OK)
+        return err;
+    if (v && json_object_set(gc, "maxOutputTokens", v))
+        return PQ_ERR_NOMEM;
+    if ((err = pq_provider_stop_set(req, gc, "stopSequences", 1, errstr, errstr_size)) != PQ_OK)
+        return err;
     v = json_object_get(req, "n");
     if (json_is_integer(v) && json_integer_value(v) != 1 &&
         json_object_set(gc, "candidateCount", v))
@@ -304,54 +263,32 @@ static pq_err_t gemini_build_request(const pq_target_t *target, const json_t *re
     const pq_provider_conf_t *p = target->p;
     const char *model = target->model, *version = "/v1beta";
     json_t *body = json_object();
-    pq_err_t err = PQ_ERR_NOMEM;
+    pq_err_t err;
     char *esc = NULL;
 
-    memset(out, 0, sizeof(*out));
-    if (!body)
-        goto out_nomem;
-    if (!json_is_object(request)) {
-        snprintf(errstr, errstr_size, "request is not an object");
-        err = PQ_ERR_INVALID;
-        goto out_free;
-    }
-    if (key && strpbrk(key, "\r\n")) {
-        snprintf(errstr, errstr_size, "providers.%s: api key contains a line break", p->name);
-        err = PQ_ERR_CONFIG;
-        goto out_free;
-    }
-    if ((err = build_body(request, body, errstr, errstr_size)) != PQ_OK)
-        goto out_free;
+    if ((err = pq_provider_req_start(request, out, errstr, errstr_size)) != PQ_OK ||
+        (err = pq_provider_key_check(p, key, "api key", errstr, errstr_size)) != PQ_OK)
+        goto out;
+    if ((err = body ? build_body(request, body, errstr, errstr_size) : PQ_ERR_NOMEM) != PQ_OK)
+        goto out;
     err = PQ_ERR_NOMEM;
-    if (!(out->body = json_dumps(body, JSON_COMPACT)))
-        goto out_nomem;
-    out->body_len = strlen(out->body);
+    if (pq_provider_req_json(out, body))
+        goto out;
     if (strncmp(model, "models/", 7) == 0)
         model += 7;
     if (ends_with(p->base_url, "/v1beta") || ends_with(p->base_url, "/v1"))
         version = "";
     if (!(esc = pq_provider_escape(model)))
-        goto out_nomem;
-    if (asprintf(&out->url, "%s%s/models/%s:generateContent", p->base_url, version, esc) < 0) {
-        out->url = NULL;
-        goto out_nomem;
-    }
-    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
-        (key && *key && pq_provider_header_add(&out->headers, "x-goog-api-key", key)))
-        goto out_nomem;
-    for (size_t i = 0; i < p->nheaders; i++)
-        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
-            goto out_nomem;
+        goto out;
+    if (pq_provider_req_url(out, "%s%s/models/%s:generateContent", p->base_url, version, esc) ||
+        (key && *key && pq_provider_header_add(&out->headers, "x-goog-api-key", key)) ||
+        pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
+        goto out;
     err = PQ_OK;
-    goto out_free;
-
-out_nomem:
-    snprintf(errstr, errstr_size, "out of memory");
-    pq_provider_req_clear(out);
-out_free:
+out:
     free(esc);
     json_decref(body);
-    return err;
+    return pq_provider_req_end(out, err, errstr, errstr_size);
 }
 
 /* ---- answer ---- */
@@ -415,12 +352,6 @@ static json_t *choice_from_candidate(const json_t *cand, size_t pos)
                      "role", "assistant", "content", content, "finish_reason", mapped, "logprobs");
 }
 
-static json_int_t usage_int(const json_t *usage, const char *name)
-{
-    json_t *v = json_object_get(usage, name);
-    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
-}
-
 /* 1 when an error body says the API key is invalid (Gemini answers that with HTTP 400). */
 static int key_invalid(const json_t *error)
 {
@@ -442,7 +373,7 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
 {
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, 0, NULL), *cands, *c, *choices = NULL, *usage, *id;
-    json_t *block;
+    json_t *block, *v;
     json_int_t pt, ct, tt;
     size_t i;
 
@@ -455,8 +386,7 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
             err = PQ_ERR_AUTH;
             snprintf(token, sizeof(token), "API_KEY_INVALID");
         }
-        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
-                 token[0] ? ": " : "", token);
+        pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
     cands = json_object_get(root, "candidates");
@@ -490,22 +420,16 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
             goto out_nomem;
     }
     usage = json_object_get(root, "usageMetadata");
-    pt = usage_int(usage, "promptTokenCount");
-    ct = usage_int(usage, "candidatesTokenCount") + usage_int(usage, "thoughtsTokenCount");
-    tt = usage_int(usage, "totalTokenCount");
-    if (tt == 0)
-        tt = pt + ct;
+    pt = pq_provider_usage_int(usage, "promptTokenCount");
+    ct = pq_provider_usage_int(usage, "candidatesTokenCount") +
+         pq_provider_usage_int(usage, "thoughtsTokenCount");
+    tt = pq_provider_usage_int(usage, "totalTokenCount");
     id = json_object_get(root, "responseId");
-    *completion = json_pack("{s:s, s:s, s:I, s:s, s:O, s:{s:I, s:I, s:I}}", "id",
-                            json_is_string(id) ? json_string_value(id) : "gemini-unknown", "object",
-                            "chat.completion", "created", (json_int_t)time(NULL), "model",
-                            json_is_string(json_object_get(root, "modelVersion"))
-                                ? json_string_value(json_object_get(root, "modelVersion"))
-                                : target->model,
-                            "choices", choices, "usage", "prompt_tokens", pt, "completion_tokens",
-                            ct, "total_tokens", tt);
-    if (!*completion)
-        goto out_nomem;
+    v = json_object_get(root, "modelVersion");
+    err = pq_provider_completion(
+        completion, json_is_string(id) ? json_string_value(id) : "gemini-unknown",
+        (json_int_t)time(NULL), json_is_string(v) ? json_string_value(v) : target->model, choices,
+        pt, ct, tt, errstr, errstr_size);
     goto out;
 
 out_nomem:

@@ -13,72 +13,27 @@ static pq_err_t openai_build_request(const pq_target_t *target, const json_t *re
                                      const char *key, pq_provider_req_t *out, char *errstr,
                                      size_t errstr_size)
 {
-    pq_err_t err = PQ_ERR_NOMEM;
     const pq_provider_conf_t *p = target->p;
     json_t *body = json_copy((json_t *)request); /* shallow: values are shared, not copied */
-    char line[1024];
-    size_t n;
+    pq_err_t err;
 
-    memset(out, 0, sizeof(*out));
-    if (!body || !json_is_object(body)) {
-        snprintf(errstr, errstr_size, "request is not an object");
-        err = PQ_ERR_INVALID;
-        goto out_free_body;
-    }
+    if ((err = pq_provider_req_start(body, out, errstr, errstr_size)) != PQ_OK)
+        goto out;
+    err = PQ_ERR_NOMEM;
     if (json_object_set_new(body, "model", json_string(target->model)) != 0)
-        goto out_free_body;
+        goto out;
     json_object_del(body, "stream");
     json_object_del(body, "stream_options");
 
-    out->body = json_dumps(body, JSON_COMPACT);
-    if (!out->body)
-        goto out_free_body;
-    out->body_len = strlen(out->body);
-
-    n = strlen(p->base_url) + sizeof("/chat/completions");
-    out->url = malloc(n);
-    if (!out->url)
-        goto out_clear;
-    snprintf(out->url, n, "%s/chat/completions", p->base_url);
-
-    out->headers = curl_slist_append(NULL, "Content-Type: application/json");
-    if (!out->headers)
-        goto out_clear;
-    if (key && *key) {
-        struct curl_slist *h;
-        size_t klen = strlen(key);
-        char *auth = malloc(klen + sizeof("Authorization: Bearer "));
-        if (!auth)
-            goto out_clear;
-        memcpy(auth, "Authorization: Bearer ", sizeof("Authorization: Bearer ") - 1);
-        memcpy(auth + sizeof("Authorization: Bearer ") - 1, key, klen + 1);
-        h = curl_slist_append(out->headers, auth);
-        memset(auth, 0, klen + sizeof("Authorization: Bearer ") - 1);
-        free(auth);
-        if (!h)
-            goto out_clear;
-    }
-    for (size_t i = 0; i < p->nheaders; i++) {
-        int len = snprintf(line, sizeof(line), "%s: %s", p->headers[i].key, p->headers[i].value);
-        if (len < 0 || (size_t)len >= sizeof(line)) {
-            snprintf(errstr, errstr_size, "providers.%s.headers.%s: too long", p->name,
-                     p->headers[i].key);
-            err = PQ_ERR_CONFIG;
-            goto out_clear;
-        }
-        if (!curl_slist_append(out->headers, line))
-            goto out_clear;
-    }
-    err = PQ_OK;
-    goto out_free_body;
-
-out_clear:
-    pq_provider_req_clear(out);
-out_free_body:
-    if (err == PQ_ERR_NOMEM)
-        snprintf(errstr, errstr_size, "out of memory");
+    if (pq_provider_req_json(out, body) ||
+        pq_provider_req_url(out, "%s/chat/completions", p->base_url) ||
+        (key && *key && pq_provider_header_add_bearer(&out->headers, key)))
+        goto out;
+    /* header lines are capped at 1023 bytes here (PQ_ERR_CONFIG beyond) */
+    err = pq_provider_headers_add_conf(&out->headers, p, 1024, errstr, errstr_size);
+out:
     json_decref(body);
-    return err;
+    return pq_provider_req_end(out, err, errstr, errstr_size);
 }
 
 static pq_err_t openai_parse_response(const pq_target_t *target, long status, const char *body,
@@ -98,8 +53,7 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
             if (!token[0])
                 pq_provider_safe_token(json_object_get(e, "code"), token, sizeof(token));
         }
-        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
-                 token[0] ? ": " : "", token);
+        pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
     choices = json_is_object(root) ? json_object_get(root, "choices") : NULL;

@@ -72,19 +72,15 @@ static pq_err_t convert_messages(const json_t *msgs, json_t *out, char *errstr, 
     size_t i;
     json_t *m;
 
-    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
-        snprintf(errstr, errstr_size, "messages: a non-empty array is required");
+    if (pq_provider_messages_check(msgs, errstr, errstr_size) != PQ_OK)
         return PQ_ERR_INVALID;
-    }
     json_array_foreach(msgs, i, m)
     {
-        const char *role = json_string_value(json_object_get(m, "role"));
+        const char *role = pq_provider_message_role(m, i, errstr, errstr_size);
         json_t *copy, *content = json_object_get(m, "content");
 
-        if (!json_is_object(m) || !role) {
-            snprintf(errstr, errstr_size, "messages[%zu]: an object with a role is required", i);
+        if (!role)
             return PQ_ERR_INVALID;
-        }
         if (strcmp(role, "function") == 0 ||
             pq_provider_field_set(json_object_get(m, "function_call"))) {
             snprintf(errstr, errstr_size, "watsonx cannot express messages[%zu] (function)", i);
@@ -160,26 +156,15 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
         json_object_set_new(body, "project_id", json_string(target->p->project_id)) ||
         json_object_set(body, "messages", msgs))
         goto out;
-    v = json_object_get(req, "max_completion_tokens");
-    if (!pq_provider_field_set(v))
-        v = json_object_get(req, "max_tokens");
-    if (pq_provider_field_set(v)) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1) {
-            snprintf(errstr, errstr_size, "max_tokens: expected a positive integer");
-            err = PQ_ERR_INVALID;
-            goto out;
-        }
-        if (json_object_set(body, "max_tokens", v))
-            goto out;
-    }
-    v = json_object_get(req, "stop");
-    if (json_is_string(v) && json_string_length(v) > 0) {
-        if (json_object_set_new(body, "stop", json_pack("[O]", v)))
-            goto out;
-    } else if (json_is_array(v) && json_array_size(v) > 0) {
-        if (json_object_set(body, "stop", v))
-            goto out;
-    }
+    if ((err = pq_provider_max_tokens(req, &v, errstr, errstr_size)) != PQ_OK)
+        goto out;
+    err = PQ_ERR_NOMEM;
+    if (v && json_object_set(body, "max_tokens", v))
+        goto out;
+    /* a stop of another type is dropped */
+    if ((err = pq_provider_stop_set(req, body, "stop", 0, errstr, errstr_size)) != PQ_OK)
+        goto out;
+    err = PQ_ERR_NOMEM;
     for (i = 0; pass_fields[i]; i++) {
         v = json_object_get(req, pass_fields[i]);
         if (v && !json_is_null(v) && json_object_set(body, pass_fields[i], v))
@@ -207,65 +192,31 @@ static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *r
 {
     const pq_provider_conf_t *p = target->p;
     json_t *body = json_object();
-    pq_err_t err = PQ_ERR_NOMEM;
+    pq_err_t err;
 
-    memset(out, 0, sizeof(*out));
-    if (!body)
-        goto out_nomem;
-    if (!json_is_object(request)) {
-        snprintf(errstr, errstr_size, "request is not an object");
-        err = PQ_ERR_INVALID;
-        goto out_free;
-    }
+    if ((err = pq_provider_req_start(request, out, errstr, errstr_size)) != PQ_OK)
+        goto out;
     if (!p->project_id) {
         snprintf(errstr, errstr_size, "providers.%s.project_id is required", p->name);
         err = PQ_ERR_CONFIG;
-        goto out_free;
+        goto out;
     }
-    if (key && strpbrk(key, "\r\n")) {
-        snprintf(errstr, errstr_size, "providers.%s: token contains a line break", p->name);
-        err = PQ_ERR_CONFIG;
-        goto out_free;
-    }
-    if ((err = build_body(target, request, body, errstr, errstr_size)) != PQ_OK)
-        goto out_free;
+    if ((err = pq_provider_key_check(p, key, "token", errstr, errstr_size)) != PQ_OK)
+        goto out;
+    if ((err = body ? build_body(target, request, body, errstr, errstr_size) : PQ_ERR_NOMEM) !=
+        PQ_OK)
+        goto out;
     err = PQ_ERR_NOMEM;
-    if (!(out->body = json_dumps(body, JSON_COMPACT)))
-        goto out_nomem;
-    out->body_len = strlen(out->body);
-    if (asprintf(&out->url, "%s/ml/v1/text/chat?version=" WATSONX_VERSION, p->base_url) < 0) {
-        out->url = NULL;
-        goto out_nomem;
-    }
-    if (pq_provider_header_add(&out->headers, "Content-Type", "application/json") ||
-        pq_provider_header_add(&out->headers, "Accept", "application/json"))
-        goto out_nomem;
-    if (key && *key) {
-        size_t n = strlen(key);
-        char *auth = malloc(n + sizeof("Bearer "));
-        int rc;
-        if (!auth)
-            goto out_nomem;
-        memcpy(auth, "Bearer ", 7);
-        memcpy(auth + 7, key, n + 1);
-        rc = pq_provider_header_add(&out->headers, "Authorization", auth);
-        explicit_bzero(auth, n + 7);
-        free(auth);
-        if (rc)
-            goto out_nomem;
-    }
-    for (size_t i = 0; i < p->nheaders; i++)
-        if (pq_provider_header_add(&out->headers, p->headers[i].key, p->headers[i].value))
-            goto out_nomem;
+    if (pq_provider_req_json(out, body) ||
+        pq_provider_req_url(out, "%s/ml/v1/text/chat?version=" WATSONX_VERSION, p->base_url) ||
+        pq_provider_header_add(&out->headers, "Accept", "application/json") ||
+        (key && *key && pq_provider_header_add_bearer(&out->headers, key)) ||
+        pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
+        goto out;
     err = PQ_OK;
-    goto out_free;
-
-out_nomem:
-    snprintf(errstr, errstr_size, "out of memory");
-    pq_provider_req_clear(out);
-out_free:
+out:
     json_decref(body);
-    return err;
+    return pq_provider_req_end(out, err, errstr, errstr_size);
 }
 
 /* ---- answer ---- */
@@ -281,18 +232,13 @@ static const char *finish_reason(const char *r)
     return "stop";
 }
 
-static json_int_t usage_int(const json_t *usage, const char *name)
-{
-    json_t *v = json_object_get(usage, name);
-    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
-}
-
 static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, const char *body,
                                        size_t len, json_t **completion, char *errstr,
                                        size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, 0, NULL), *choices, *c, *out = NULL, *usage, *v;
+    json_t *id, *created;
     json_int_t pt, ct, tt;
     size_t i;
 
@@ -301,8 +247,7 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
         char token[80] = "";
         json_t *e0 = json_array_get(json_object_get(root, "errors"), 0);
         pq_provider_safe_token(json_object_get(e0, "code"), token, sizeof(token));
-        snprintf(errstr, errstr_size, "%s answered HTTP %ld%s%s", target->p->name, status,
-                 token[0] ? ": " : "", token);
+        pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
     choices = json_object_get(root, "choices");
@@ -337,26 +282,19 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
             goto out_nomem;
     }
     usage = json_object_get(root, "usage");
-    pt = usage_int(usage, "prompt_tokens");
-    ct = usage_int(usage, "completion_tokens");
-    tt = usage_int(usage, "total_tokens");
-    if (tt == 0)
-        tt = pt + ct;
+    pt = pq_provider_usage_int(usage, "prompt_tokens");
+    ct = pq_provider_usage_int(usage, "completion_tokens");
+    tt = pq_provider_usage_int(usage, "total_tokens");
+    id = json_object_get(root, "id");
+    created = json_object_get(root, "created");
     v = json_object_get(root, "model_id");
     if (!json_is_string(v))
         v = json_object_get(root, "model");
-    *completion = json_pack(
-        "{s:s, s:s, s:I, s:s, s:O, s:{s:I, s:I, s:I}}", "id",
-        json_is_string(json_object_get(root, "id")) ? json_string_value(json_object_get(root, "id"))
-                                                    : "chat-unknown",
-        "object", "chat.completion", "created",
-        json_is_integer(json_object_get(root, "created"))
-            ? json_integer_value(json_object_get(root, "created"))
-            : (json_int_t)time(NULL),
-        "model", json_is_string(v) ? json_string_value(v) : target->model, "choices", out, "usage",
-        "prompt_tokens", pt, "completion_tokens", ct, "total_tokens", tt);
-    if (!*completion)
-        goto out_nomem;
+    err = pq_provider_completion(
+        completion, json_is_string(id) ? json_string_value(id) : "chat-unknown",
+        json_is_integer(created) ? json_integer_value(created) : (json_int_t)time(NULL),
+        json_is_string(v) ? json_string_value(v) : target->model, out, pt, ct, tt, errstr,
+        errstr_size);
     goto out;
 
 out_nomem:
