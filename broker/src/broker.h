@@ -390,6 +390,8 @@ void pq_bspool_metrics(pq_broker_t *b);
 
 /* jobs.c: GET /v1/jobs/{id} */
 void pq_jobs_get(pq_bthread_t *t, struct evhttp_request *req, const char *id);
+/* GET /v1/jobs?status=&after=&limit=: the tenant's jobs, newest first (OpenAI list shape). */
+void pq_jobs_list(pq_bthread_t *t, struct evhttp_request *req);
 void pq_jobs_redis_reply(pq_slot_t *s, const void *reply);
 void pq_jobs_timeout(pq_slot_t *s);
 /* DELETE /v1/jobs/{id}: cancels a queued or parked job. */
@@ -477,7 +479,7 @@ void pq_rconn_dns_free(pq_bthread_t *t);
 
 /* SHA1 of a script for EVALSHA; the scripts are loaded on every (re)connect. script is one of
  * pq_script_job_create, pq_script_job_drop, pq_bscript_idem_claim, pq_bscript_cancel,
- * pq_bscript_batch_status. */
+ * pq_bscript_batch_status, pq_bscript_jobs_list. */
 const char *pq_rconn_sha(const char *script);
 
 /* Broker-only scripts (rconn.c).
@@ -489,6 +491,16 @@ const char *pq_rconn_sha(const char *script);
  * queues its callback); returns 1, or the status it found ("" when the record is absent). */
 extern const char pq_bscript_idem_claim[];
 extern const char pq_bscript_cancel[];
+/* jobs_list (GET /v1/jobs): KEYS[1] the tenant's job index (pq_key_jobs); ARGV[1] job key
+ * prefix "<prefix>job:<tenant>:", ARGV[2] after (a job id, "" from the newest), ARGV[3] limit,
+ * ARGV[4] status wanted ("" any), ARGV[5] most index entries to scan. Walks the index newest
+ * first from after, reads each record, drops entries whose record is gone, and stops after
+ * limit + 1 matches or cap entries. Returns {0} if after is not in the index, else {1, more,
+ * cursor, id1, status, route, created_at, updated_at, attempts, provider, model, id2, ...}
+ * (absent fields ""): more is 1 if entries remain; cursor is "" unless the scan stopped at cap
+ * with fewer than limit + 1 matches, then it is the last entry scanned (kept in the index): the
+ * next page starts after it. */
+extern const char pq_bscript_jobs_list[];
 
 /* kprod.c: the thread's producer */
 int pq_kprod_start(pq_bthread_t *t, char *errstr, size_t errstr_size);

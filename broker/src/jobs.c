@@ -7,10 +7,25 @@
  * know where the job sits in Kafka), and a Lua compare-and-set moves queued|parked to
  * cancelled with that result. The winner produces the result to promptq.results (a worker
  * that meets the job later finds it terminal and re-publishes the same result: at-least-once)
- * and answers 200 with it; running or terminal jobs are 409. Listing (GET /v1/jobs?status=)
- * is not implemented yet. */
+ * and answers 200 with it; running or terminal jobs are 409.
+ *
+ * GET /v1/jobs?status=&after=&limit=: the tenant's jobs, newest first, in the OpenAI list shape
+ * {"object":"list","data":[...],"first_id","last_id","has_more"}. The index is the sorted set
+ * <prefix>jobs:<tenant> (pq_key_jobs: job id scored by created_at ms), filled where a record is
+ * created: pq_script_job_create (POST /v1/jobs, chat completions) and pq_script_job_begin (jobs
+ * produced straight into Kafka). Batch lines are not indexed: they are listed through their
+ * batch. The index keeps what was created within redis.result_ttl_s (older entries are trimmed
+ * on each add; a record refreshed later stays readable by id). One Lua script
+ * (pq_bscript_jobs_list) walks it from the cursor, reads each record, drops entries whose
+ * record expired, applies the status filter, and stops after limit + 1 matches or after
+ * scanning JOBS_LIST_SCAN_FACTOR * limit entries: then has_more is true and last_id is the last
+ * entry scanned (possibly not in data, data possibly empty), so a client that pages with
+ * after=last_id until has_more is false sees every match. An after that is not in the index
+ * (unknown, or expired since) is a 400 naming it: an empty page would read as "no more". */
 #include "broker.h"
 
+#include <ctype.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -385,4 +400,206 @@ void pq_jobs_cancel_timeout(pq_slot_t *s)
         return;
     }
     pq_jobs_timeout(s);
+}
+
+/* ---- GET /v1/jobs?status=&after=&limit= ---- */
+
+#define JOBS_LIST_DEFAULT 20
+#define JOBS_LIST_MAX     100
+/* Index entries one page may scan, per entry asked for (a rare status, expired records). */
+#define JOBS_LIST_SCAN_FACTOR 20
+/* Values per job in the script's answer: id, status, route, created_at, updated_at, attempts,
+ * provider, model. */
+#define JOBS_LIST_NVALUES 8
+
+static const char *const job_statuses[] = {"queued", "running", "parked",   "succeeded",
+                                           "failed", "expired", "cancelled"};
+
+/* The listing's parameters from a query string (NULL: none). Pure. Returns 0, or -1 with a
+ * message naming the bad parameter in why. *status is one of job_statuses or NULL. */
+static int list_query(const char *q, long *limit, char *after, size_t after_size,
+                      const char **status, char *why, size_t why_size)
+{
+    struct evkeyvalq params;
+    const char *v;
+    int rc = -1;
+
+    *limit = JOBS_LIST_DEFAULT;
+    *status = NULL;
+    after[0] = '\0';
+    if (!q)
+        return 0;
+    if (evhttp_parse_query_str(q, &params) != 0) {
+        snprintf(why, why_size, "query string: malformed");
+        return -1;
+    }
+    v = evhttp_find_header(&params, "limit");
+    if (v) {
+        char *end;
+
+        *limit = isdigit((unsigned char)v[0]) ? strtol(v, &end, 10) : -1;
+        if (*limit < 1 || *limit > JOBS_LIST_MAX || *end) {
+            snprintf(why, why_size, "limit: must be an integer from 1 to %d", JOBS_LIST_MAX);
+            goto out;
+        }
+    }
+    v = evhttp_find_header(&params, "status");
+    if (v && *v) {
+        for (size_t i = 0; i < sizeof(job_statuses) / sizeof(job_statuses[0]); i++)
+            if (!strcmp(v, job_statuses[i]))
+                *status = job_statuses[i];
+        if (!*status) {
+            snprintf(why, why_size,
+                     "status: must be one of queued, running, parked, succeeded, failed, "
+                     "expired, cancelled");
+            goto out;
+        }
+    }
+    v = evhttp_find_header(&params, "after");
+    if (v && *v) {
+        if (!pq_id_valid(v) || strlen(v) >= after_size) {
+            snprintf(why, why_size, "after: not a job id");
+            goto out;
+        }
+        pq_strlcpy(after, v, after_size);
+    }
+    rc = 0;
+out:
+    evhttp_clear_headers(&params);
+    return rc;
+}
+
+static const char *list_str(const redisReply *r, size_t i)
+{
+    return i < r->elements && r->element[i]->type == REDIS_REPLY_STRING ? r->element[i]->str : NULL;
+}
+
+static json_t *opt_string(const char *v)
+{
+    return v && *v ? json_string(v) : json_null();
+}
+
+/* One data item: the fields GET /v1/jobs/{id} answers for a job in progress, plus provider and
+ * model (the target that answered) once it is terminal. v: the script's 8 values. */
+static json_t *list_item(const redisReply *r, size_t at)
+{
+    const char *id = list_str(r, at), *status = list_str(r, at + 1);
+    const char *attempts = list_str(r, at + 5);
+    json_t *o;
+
+    if (!id || !status)
+        return NULL;
+    o = json_pack("{s:s, s:s, s:s, s:o, s:o, s:o, s:I}", "id", id, "object", "job", "status",
+                  status, "route", opt_string(list_str(r, at + 2)), "created_at",
+                  time_field(list_str(r, at + 3)), "updated_at", time_field(list_str(r, at + 4)),
+                  (json_int_t)(attempts ? strtoll(attempts, NULL, 10) : 0));
+    if (o && is_terminal(status)) {
+        json_object_set_new(o, "provider", opt_string(list_str(r, at + 6)));
+        json_object_set_new(o, "model", opt_string(list_str(r, at + 7)));
+    }
+    return o;
+}
+
+static void list_reply(pq_slot_t *s, const void *r)
+{
+    const redisReply *reply = r;
+    pq_bthread_t *t = s->t;
+    const char *cursor;
+    json_t *data, *o, *item;
+    size_t k;
+    char *text;
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements < 1 ||
+        reply->element[0]->type != REDIS_REPLY_INTEGER) {
+        pq_api_timeout(s);
+        return;
+    }
+    if (reply->element[0]->integer == 0) {
+        pq_http_error(t, s->req, PQ_PATH_JOBS, 400, "invalid_request",
+                      "after: job %s is not in the listing (unknown, or expired)", s->id);
+        goto out;
+    }
+    if (reply->elements < 3 || reply->element[1]->type != REDIS_REPLY_INTEGER) {
+        pq_api_timeout(s);
+        return;
+    }
+    cursor = list_str(reply, 2);
+    data = json_array();
+    for (size_t i = 3; data && i + JOBS_LIST_NVALUES <= reply->elements; i += JOBS_LIST_NVALUES) {
+        item = list_item(reply, i);
+        if (item)
+            json_array_append_new(data, item);
+    }
+    k = json_array_size(data);
+    o = data ? json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more",
+                         reply->element[1]->integer != 0)
+             : NULL;
+    if (o) {
+        json_object_set_new(o, "first_id",
+                            k ? json_deep_copy(json_object_get(json_array_get(data, 0), "id"))
+                              : json_null());
+        json_object_set_new(
+            o, "last_id",
+            cursor && *cursor
+                ? json_string(cursor)
+                : (k ? json_deep_copy(json_object_get(json_array_get(data, k - 1), "id"))
+                     : json_null()));
+    }
+    text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (!text) {
+        pq_http_error(t, s->req, PQ_PATH_JOBS, 500, "internal", "out of memory");
+        goto out;
+    }
+    pq_http_reply(t, s->req, PQ_PATH_JOBS, 200, text, strlen(text));
+    free(text);
+out:
+    pq_slot_release(s);
+}
+
+void pq_jobs_list(pq_bthread_t *t, struct evhttp_request *req)
+{
+    const char *prefix = t->bc->conf->redis_prefix, *status, *argv[9];
+    char tenant[PQ_TENANT_MAX + 1], after[PQ_ID_MAX + 1], why[160];
+    char ikey[512], pfx[512], limit_s[24], cap_s[24];
+    size_t lens[9];
+    long limit;
+    pq_slot_t *s;
+
+    if (pq_jobs_request_tenant(t, req, PQ_PATH_JOBS, tenant, sizeof(tenant)))
+        return;
+    if (list_query(evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req)), &limit, after,
+                   sizeof(after), &status, why, sizeof(why))) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 400, "invalid_request", "%s", why);
+        return;
+    }
+    if (!pq_rconn_usable(t) || pq_key_jobs(ikey, sizeof(ikey), prefix, tenant) < 0 ||
+        pq_key_job(pfx, sizeof(pfx), prefix, tenant, "") < 0) {
+        pq_api_unavailable(t, req, PQ_PATH_JOBS);
+        return;
+    }
+    s = pq_slot_get(t, PQ_PATH_JOBS, req);
+    if (!s) {
+        pq_api_unavailable(t, req, PQ_PATH_JOBS);
+        return;
+    }
+    pq_strlcpy(s->id, after, sizeof(s->id));
+    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
+    snprintf(limit_s, sizeof(limit_s), "%ld", limit);
+    snprintf(cap_s, sizeof(cap_s), "%ld", limit * JOBS_LIST_SCAN_FACTOR);
+    argv[0] = "EVALSHA";
+    argv[1] = pq_rconn_sha(pq_bscript_jobs_list);
+    argv[2] = "1";
+    argv[3] = ikey;
+    argv[4] = pfx;
+    argv[5] = after;
+    argv[6] = limit_s;
+    argv[7] = status ? status : "";
+    argv[8] = cap_s;
+    for (int i = 0; i < 9; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_api_send(s, list_reply, 9, argv, lens)) {
+        pq_api_unavailable(t, req, PQ_PATH_JOBS);
+        pq_slot_release(s);
+    }
 }

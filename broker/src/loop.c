@@ -254,8 +254,10 @@ static void on_request(struct evhttp_request *req, void *arg)
     if (!strcmp(path, "/v1/jobs")) {
         if (evhttp_request_get_command(req) == EVHTTP_REQ_POST)
             pq_intake_post(t, req);
+        else if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
+            pq_jobs_list(t, req);
         else
-            method_not_allowed(t, req, PQ_PATH_JOBS, "POST");
+            method_not_allowed(t, req, PQ_PATH_JOBS, "GET, POST");
     } else if (!strncmp(path, "/v1/jobs/", 9) && path[9] && !strchr(path + 9, '/')) {
         if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
             pq_jobs_get(t, req, path + 9);

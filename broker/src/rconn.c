@@ -47,7 +47,47 @@ const char pq_bscript_batch_status[] =
     "for i = 5, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end\n"
     "return 1\n";
 
-#define NSCRIPTS 5
+const char pq_bscript_jobs_list[] =
+    "local z, pfx, want = KEYS[1], ARGV[1], ARGV[4]\n"
+    "local limit, cap = tonumber(ARGV[3]), tonumber(ARGV[5])\n"
+    "local start = 0\n"
+    "if ARGV[2] ~= '' then\n"
+    "  local r = redis.call('ZREVRANK', z, ARGV[2])\n"
+    "  if not r then return {0} end\n"
+    "  start = r + 1\n"
+    "end\n"
+    "local out = {1, 0, ''}\n"
+    "local n, scanned, gone, cursor = 0, 0, {}, ''\n"
+    "while n <= limit and scanned < cap do\n"
+    "  local chunk = math.min(cap - scanned, math.max(limit + 1 - n, 32))\n"
+    "  local ids = redis.call('ZREVRANGE', z, start, start + chunk - 1)\n"
+    "  for _, id in ipairs(ids) do\n"
+    "    scanned = scanned + 1\n"
+    "    cursor = id\n"
+    "    local v = redis.call('HMGET', pfx .. id, 'status', 'route', 'created_at',\n"
+    "      'updated_at', 'attempts', 'provider', 'model')\n"
+    "    if not v[1] then gone[#gone + 1] = id\n"
+    "    elseif want == '' or v[1] == want then\n"
+    "      n = n + 1\n"
+    "      if n > limit then out[2] = 1 break end\n"
+    "      out[#out + 1] = id\n"
+    "      for i = 1, 7 do out[#out + 1] = v[i] or '' end\n"
+    "    end\n"
+    "  end\n"
+    "  if #ids < chunk then break end\n"
+    "  start = start + chunk\n"
+    "end\n"
+    "if n <= limit and scanned >= cap and\n"
+    "   #redis.call('ZREVRANGE', z, start, start) > 0 then\n"
+    "  out[2] = 1\n"
+    "  out[3] = cursor\n"
+    "end\n"
+    "for _, id in ipairs(gone) do\n"
+    "  if id ~= out[3] then redis.call('ZREM', z, id) end\n"
+    "end\n"
+    "return out\n";
+
+#define NSCRIPTS 6
 
 /* EVALSHA instead of EVAL: Redis then neither receives nor hashes the script per job. */
 static struct {
@@ -65,6 +105,7 @@ static void scripts_init(void)
     scripts[2].script = pq_bscript_idem_claim;
     scripts[3].script = pq_bscript_cancel;
     scripts[4].script = pq_bscript_batch_status;
+    scripts[5].script = pq_bscript_jobs_list;
     for (int i = 0; i < NSCRIPTS; i++) {
         unsigned char md[EVP_MAX_MD_SIZE];
         unsigned int mdlen = 0;

@@ -41,3 +41,8 @@ int pq_key_callbacks(char *buf, size_t size, const char *prefix)
 {
     return fit(snprintf(buf, size, "%scallbacks", prefix), size);
 }
+
+int pq_key_jobs(char *buf, size_t size, const char *prefix, const char *tenant)
+{
+    return fit(snprintf(buf, size, "%sjobs:%s", prefix, tenant), size);
+}

@@ -4,7 +4,17 @@
     "local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'expired' "       \
     "or s == 'cancelled' end\n"
 
-const char pq_script_job_create[] =
+/* Lua: index_add(z, id, now, ttl) adds a newly created job to its tenant's listing index
+ * (pq_key_jobs), scored by its creation time, trims the entries older than the records' TTL
+ * (cheap: amortised over the adds) and lets an idle tenant's index expire with its records. */
+#define INDEX_ADD                                                                                  \
+    "local function index_add(z, id, now, ttl)\n"                                                  \
+    "  redis.call('ZADD', z, now, id)\n"                                                           \
+    "  redis.call('ZREMRANGEBYSCORE', z, '-inf', '(' .. (tonumber(now) - tonumber(ttl)))\n"        \
+    "  redis.call('PEXPIRE', z, ttl)\n"                                                            \
+    "end\n"
+
+const char pq_script_job_create[] = INDEX_ADD
     "local h = redis.call('HGET', KEYS[1], 'request_hash')\n"
     "if h then if h == ARGV[1] then return 0 else return -1 end end\n"
     "redis.call('HSET', KEYS[1], 'status', 'queued', 'request_hash', ARGV[1], 'created_at',\n"
@@ -13,6 +23,7 @@ const char pq_script_job_create[] =
     "  redis.call('HSET', KEYS[1], 'callback_url', ARGV[5], 'tenant', ARGV[6])\n"
     "end\n"
     "redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
+    "if KEYS[2] and ARGV[7] then index_add(KEYS[2], ARGV[7], ARGV[2], ARGV[3]) end\n"
     "return 1\n";
 
 const char pq_script_job_drop[] =
@@ -20,11 +31,12 @@ const char pq_script_job_drop[] =
     "if v[1] == 'queued' and v[2] == '0' then redis.call('DEL', KEYS[1]) return 1 end\n"
     "return 0\n";
 
-const char pq_script_job_begin[] = TERMINAL_CHECK
+const char pq_script_job_begin[] = TERMINAL_CHECK INDEX_ADD
     "local v = redis.call('HMGET', KEYS[1], 'status', 'request_hash', 'result')\n"
     "if not v[1] then\n"
     "  redis.call('HSET', KEYS[1], 'status', 'queued', 'request_hash', ARGV[1], 'created_at',\n"
     "    ARGV[2], 'updated_at', ARGV[2], 'route', ARGV[4], 'attempts', 0, 'deliveries', 0)\n"
+    "  if KEYS[3] and ARGV[9] then index_add(KEYS[3], ARGV[9], ARGV[2], ARGV[3]) end\n"
     "elseif v[2] ~= ARGV[1] then return {'conflict'}\n"
     "elseif terminal(v[1]) then return {'terminal', v[3] or ''} end\n"
     "local ok = redis.call('SET', KEYS[2], ARGV[5], 'NX', 'PX', ARGV[6])\n"

@@ -657,13 +657,22 @@ static void job_redis_issue(pq_job_t *j)
     snprintf(ttl, sizeof(ttl), "%" PRId64, w->ttl_ms);
     argv[argc++] = "EVAL";
     switch (j->rstep) {
-    case RS_BEGIN:
+    case RS_BEGIN: {
+        /* hiredis copies the command before this returns; per thread, as each loop is */
+        static _Thread_local char index_key[512];
+
         snprintf(lease, sizeof(lease), "%d", c->lease_ms);
         snprintf(maxd, sizeof(maxd), "%d", c->max_deliveries);
         argv[argc++] = pq_script_job_begin;
-        argv[argc++] = "2";
+        /* KEYS[3]: the tenant's listing index, for a record created here (straight from
+         * Kafka); without room for its name the job is simply not listed */
+        if (pq_key_jobs(index_key, sizeof(index_key), c->redis_prefix, tenant_of(j)) < 0)
+            index_key[0] = '\0';
+        argv[argc++] = index_key[0] ? "3" : "2";
         argv[argc++] = j->job_key;
         argv[argc++] = j->lease_key;
+        if (index_key[0])
+            argv[argc++] = index_key;
         argv[argc++] = j->env.request_hash;
         argv[argc++] = now;
         argv[argc++] = ttl;
@@ -675,7 +684,10 @@ static void job_redis_issue(pq_job_t *j)
         snprintf(token, sizeof(token), "%s/%s/%" PRId32 "/%" PRId64, w->owner, j->src_topic,
                  j->partition, j->offset);
         argv[argc++] = token;
+        if (index_key[0])
+            argv[argc++] = id_of(j);
         break;
+    }
     case RS_FINISH:
         if (j->response) {
             resp = dump(j->response, &resp_len);

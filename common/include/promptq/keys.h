@@ -13,5 +13,8 @@ int pq_key_reply(char *buf, size_t size, const char *prefix, const char *instanc
 int pq_key_health(char *buf, size_t size, const char *prefix, const char *instance);
 /* Sorted set of job keys whose callback is due, scored by the time (ms) it is due. */
 int pq_key_callbacks(char *buf, size_t size, const char *prefix);
+/* The tenant's job index for GET /v1/jobs: sorted set <prefix>jobs:<tenant>, member job id,
+ * score created_at (ms). Filled by pq_script_job_create and pq_script_job_begin. */
+int pq_key_jobs(char *buf, size_t size, const char *prefix, const char *tenant);
 
 #endif

@@ -18,9 +18,11 @@
     "  redis.call('ZADD', z, now, KEYS[1])\n"                                                      \
     "end\n"
 
-/* Broker, before producing. KEYS[1] job key. ARGV[1] request hash, ARGV[2] now ms,
- * ARGV[3] ttl ms, ARGV[4] route, ARGV[5] (optional) callback_url, ARGV[6] its tenant: kept on
- * the record so a cancel can call back.
+/* Broker, before producing. KEYS[1] job key, KEYS[2] the tenant's job index (pq_key_jobs).
+ * ARGV[1] request hash, ARGV[2] now ms, ARGV[3] ttl ms, ARGV[4] route, ARGV[5] callback_url or
+ * "", ARGV[6] its tenant: kept on the record so a cancel can call back; ARGV[7] job id.
+ * A created record's id is added to the index (score now; entries older than ttl are trimmed and
+ * the index expires ttl after its last add). KEYS[2] and ARGV[7] are optional (no indexing).
  * Returns 1 created (status queued), 0 exists with the same request hash, -1 exists with another
  * request hash (409 / id_conflict). */
 extern const char pq_script_job_create[];
@@ -29,11 +31,14 @@ extern const char pq_script_job_create[];
  * only if it is still queued and never delivered. Returns 1 deleted, 0 kept. */
 extern const char pq_script_job_drop[];
 
-/* Worker, before a provider call. KEYS[1] job key, KEYS[2] lease key. ARGV[1] request hash,
- * ARGV[2] now ms, ARGV[3] ttl ms, ARGV[4] route, ARGV[5] lease owner, ARGV[6] lease ms,
- * ARGV[7] max deliveries, ARGV[8] (optional) delivery token: deliveries is incremented only when
- * it differs from the record's "delivery" field (then stored there), so a begin re-issued after
- * a Redis reconnect does not count as another delivery.
+/* Worker, before a provider call. KEYS[1] job key, KEYS[2] lease key, KEYS[3] the tenant's job
+ * index (pq_key_jobs). ARGV[1] request hash, ARGV[2] now ms, ARGV[3] ttl ms, ARGV[4] route,
+ * ARGV[5] lease owner, ARGV[6] lease ms, ARGV[7] max deliveries, ARGV[8] delivery token:
+ * deliveries is incremented only when it differs from the record's "delivery" field (then
+ * stored there), so a begin re-issued after a Redis reconnect does not count as another
+ * delivery; ARGV[9] job id. When the record is absent (a job produced straight into Kafka) it is
+ * created queued and its id added to the index as by pq_script_job_create. KEYS[3] and ARGV[9]
+ * are optional (no indexing); ARGV[8] must then be given for ARGV[9] to be seen.
  * Returns an array whose first element says what to do:
  *   {"run", deliveries}      lease taken, status running, deliveries incremented
  *   {"terminal", result}     already terminal: do not call, re-publish result verbatim
