@@ -313,15 +313,13 @@ static int64_t backoff(batch_t *b, bjob_t *j)
 
     if (cap < PQ_CLI_POLL_MAX_MS)
         cap = PQ_CLI_POLL_MAX_MS;
-    j->delay_ms = j->delay_ms * 2 > cap ? (int)cap : j->delay_ms * 2;
+    j->delay_ms = (int)pq_cli_backoff_next(j->delay_ms, cap);
     return d;
 }
 
 /* Handles a transport failure; returns 1 when the whole run must stop (unreachable). */
 static int transport_failed(batch_t *b, const pq_cli_resp_t *r)
 {
-    int64_t now = pq_mono_ms();
-
     if (b->abort_rc)
         return 1;
     if (!pq_cli_is_unreachable(r->cerr))
@@ -331,9 +329,7 @@ static int transport_failed(batch_t *b, const pq_cli_resp_t *r)
         b->abort_rc = pq_cli_report(b->c, NULL, r);
         return 1;
     }
-    if (!b->unreachable_since)
-        b->unreachable_since = now;
-    else if (now - b->unreachable_since > PQ_CLI_UNREACHABLE_MS) {
+    if (pq_cli_unreachable_expired(&b->unreachable_since)) {
         clear_bar(b);
         b->abort_rc = pq_cli_report(b->c, NULL, r);
         return 1;
@@ -341,25 +337,36 @@ static int transport_failed(batch_t *b, const pq_cli_resp_t *r)
     return 0;
 }
 
+/* Ends job j after an unusable answer r (or none) with status st and the answer as its error.
+ * A 401/403 also stops the run (reported once): every other job would get the same answer. */
+static void answer_failed(batch_t *b, bjob_t *j, const pq_cli_resp_t *r, int st)
+{
+    char err[1024];
+
+    answer_error(r, err, sizeof(err));
+    if (r->status == 401 || r->status == 403) {
+        if (!b->abort_rc) {
+            clear_bar(b);
+            b->abort_rc = pq_cli_report(b->c, NULL, r);
+        }
+        b->reports = BATCH_MAX_REPORTS;
+    }
+    finish(b, j, st, err);
+}
+
+/* The answer (or transport failure, the run going on) of a submission. */
 static void submit_done(batch_t *b, slot_t *s)
 {
     bjob_t *j = &b->jobs[s->job];
     int ji = s->job;
-    char err[1024];
 
     if (s->r.status == 0) {
-        if (transport_failed(b, &s->r))
-            return;
-        if (++j->tries >= BATCH_SUBMIT_TRIES) {
-            answer_error(&s->r, err, sizeof(err));
-            finish(b, j, S_LOST, err);
-            return;
-        }
-        schedule_resubmit(b, ji, 200LL << (j->tries < 5 ? j->tries : 5));
+        if (++j->tries >= BATCH_SUBMIT_TRIES)
+            answer_failed(b, j, &s->r, S_LOST);
+        else
+            schedule_resubmit(b, ji, 200LL << (j->tries < 5 ? j->tries : 5));
         return;
     }
-    b->any_answer = 1;
-    b->unreachable_since = 0;
     if (s->r.status == 202 || s->r.status == 200 || s->r.status == 201) {
         json_t *doc = pq_cli_resp_json(&s->r);
         const char *id = json_string_value(json_object_get(doc, "id"));
@@ -389,18 +396,10 @@ static void submit_done(batch_t *b, slot_t *s)
         schedule_resubmit(b, ji, d > 5000 ? 5000 : d);
         return;
     }
-    answer_error(&s->r, err, sizeof(err));
-    if (s->r.status == 401 || s->r.status == 403) {
-        /* every other line would get the same answer: say it once and stop */
-        if (!b->abort_rc) {
-            clear_bar(b);
-            b->abort_rc = pq_cli_report(b->c, NULL, &s->r);
-        }
-        b->reports = BATCH_MAX_REPORTS;
-    }
-    finish(b, j, S_REJECTED, err);
+    answer_failed(b, j, &s->r, S_REJECTED);
 }
 
+/* The answer (or transport failure, the run going on) of a poll. */
 static void poll_done(batch_t *b, slot_t *s)
 {
     bjob_t *j = &b->jobs[s->job];
@@ -408,13 +407,9 @@ static void poll_done(batch_t *b, slot_t *s)
     char err[1024];
 
     if (s->r.status == 0) {
-        if (transport_failed(b, &s->r))
-            return;
         schedule_poll(b, ji, backoff(b, j));
         return;
     }
-    b->any_answer = 1;
-    b->unreachable_since = 0;
     if (s->r.status == 200) {
         json_t *rec = pq_cli_resp_json(&s->r);
         int st = status_of(json_string_value(json_object_get(rec, "status")));
@@ -435,22 +430,10 @@ static void poll_done(batch_t *b, slot_t *s)
     }
     if (s->r.status == 404 || s->r.status == 429 || s->r.status / 100 == 5) {
         /* 404: the queued record is written best effort; 5xx/429: come back later */
-        int64_t d = backoff(b, j);
-
-        if (s->r.retry_after_s > 0 && s->r.retry_after_s * 1000LL > d)
-            d = s->r.retry_after_s * 1000LL > 5000 ? 5000 : s->r.retry_after_s * 1000LL;
-        schedule_poll(b, ji, d);
+        schedule_poll(b, ji, pq_cli_retry_after_ms(&s->r, backoff(b, j)));
         return;
     }
-    answer_error(&s->r, err, sizeof(err));
-    if (s->r.status == 401 || s->r.status == 403) {
-        if (!b->abort_rc) {
-            clear_bar(b);
-            b->abort_rc = pq_cli_report(b->c, NULL, &s->r);
-        }
-        b->reports = BATCH_MAX_REPORTS;
-    }
-    finish(b, j, S_LOST, err);
+    answer_failed(b, j, &s->r, S_LOST);
 }
 
 static void reap(batch_t *b)
@@ -476,10 +459,17 @@ static void reap(batch_t *b)
         b->inflight--;
         if (s->poll)
             b->inflight_polls--;
-        if (s->poll)
-            poll_done(b, s);
-        else
-            submit_done(b, s);
+        if (s->r.status) {
+            b->any_answer = 1;
+            b->unreachable_since = 0;
+        }
+        /* a transport failure may stop the whole run (unreachable) */
+        if (s->r.status != 0 || !transport_failed(b, &s->r)) {
+            if (s->poll)
+                poll_done(b, s);
+            else
+                submit_done(b, s);
+        }
         s->job = -1;
         pq_cli_resp_reset(&s->r);
     }
@@ -639,25 +629,17 @@ int pq_cli_cmd_batch(pq_cli_t *c, int argc, char **argv)
         model = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        int g;
+        int k = pq_cli_arg_next(c, argc, argv, &i, &only_pos, batch_help, &rc);
 
-        if (only_pos || a[0] != '-' || !a[1]) {
+        if (k == PQ_CLI_ARG_STOP)
+            return rc;
+        if (k == PQ_CLI_ARG_DONE)
+            continue;
+        if (k == PQ_CLI_ARG_POS) {
             file = a;
             npos++;
             continue;
         }
-        if (!strcmp(a, "--")) {
-            only_pos = 1;
-            continue;
-        }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(batch_help, stdout);
-            return PQ_CLI_EXIT_OK;
-        }
-        if ((g = pq_cli_global_opt(c, argc, argv, &i)) < 0)
-            return PQ_CLI_EXIT_USAGE;
-        if (g)
-            continue;
         if (!strcmp(a, "--no-wait")) {
             nowait = 1;
         } else if (pq_cli_opt_is(a, "--model")) {

@@ -99,6 +99,21 @@ int pq_cli_is_unreachable(CURLcode cerr);
 /* URL-escapes s into a new string (curl_free it), NULL on failure. */
 char *pq_cli_escape(const char *s);
 
+/* ---- polling a job (wait_job and watch in jobs.c, batch.c) ---- */
+
+/* Keeps the clock of a broker that does not answer: *since is 0 while it answers (the caller
+ * resets it on every HTTP answer). On a transport failure, starts the clock (*since = now) and
+ * returns 0, or returns 1 once it has been unreachable for more than PQ_CLI_UNREACHABLE_MS
+ * (time to give up). */
+int pq_cli_unreachable_expired(int64_t *since);
+
+/* The wait before the next poll after a busy answer (429, 5xx): delay, or the answer's
+ * Retry-After when that is longer (at most 5 s). */
+int64_t pq_cli_retry_after_ms(const pq_cli_resp_t *r, int64_t delay);
+
+/* The next poll backoff: delay doubled, at most cap. */
+int64_t pq_cli_backoff_next(int64_t delay, int64_t cap);
+
 /* Prints "promptq: " + message to stderr. */
 void pq_cli_errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -148,5 +163,28 @@ const char *pq_cli_opt_value(int argc, char **argv, int *i, const char *name);
 
 /* 1 when argv[i] is "--name" or "--name=..." */
 int pq_cli_opt_is(const char *arg, const char *name);
+
+/* What pq_cli_arg_next found at argv[*i]. */
+enum {
+    PQ_CLI_ARG_STOP, /* --help was printed (*rc = PQ_CLI_EXIT_OK) or a usage error (*rc =
+                        PQ_CLI_EXIT_USAGE): the command returns *rc */
+    PQ_CLI_ARG_DONE, /* "--" or a global option, handled (*i may have moved past its value) */
+    PQ_CLI_ARG_POS,  /* a positional argument: not an option, "-" alone, or anything after "--" */
+    PQ_CLI_ARG_OPT,  /* an option of the command's own, for the caller to parse */
+};
+
+/* One step of a command's argument loop (for (i = 1; i < argc; i++)): classifies argv[*i].
+ * only_pos: the loop's state, 0 at first (set by "--"). help: the command's help text, printed
+ * to stdout on -h/--help. *rc is set only with PQ_CLI_ARG_STOP. */
+int pq_cli_arg_next(pq_cli_t *c, int argc, char **argv, int *i, int *only_pos, const char *help,
+                    int *rc);
+
+/* Parses "COMMAND [options] ARG..." for commands whose own options are at most --yes/-y: stores
+ * up to max positional arguments in pos (borrowed from argv). yes: set when --yes is given (NULL:
+ * the command has no --yes). Returns the count; max + 1 as soon as one more comes (nothing
+ * printed: the caller says why, *rc = PQ_CLI_EXIT_USAGE); or -1 with *rc set (help printed, or a
+ * usage error printed). */
+int pq_cli_parse_args(pq_cli_t *c, int argc, char **argv, const char *help, const char **pos,
+                      int max, int *yes, int *rc);
 
 #endif

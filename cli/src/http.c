@@ -367,6 +367,31 @@ int pq_cli_report(const pq_cli_t *c, const char *what, const pq_cli_resp_t *r)
     return PQ_CLI_EXIT_FAILED;
 }
 
+int pq_cli_unreachable_expired(int64_t *since)
+{
+    int64_t now = pq_mono_ms();
+
+    if (!*since) {
+        *since = now;
+        return 0;
+    }
+    return now - *since > PQ_CLI_UNREACHABLE_MS;
+}
+
+int64_t pq_cli_retry_after_ms(const pq_cli_resp_t *r, int64_t delay)
+{
+    int64_t ra = r->retry_after_s * 1000LL;
+
+    if (r->retry_after_s > 0 && ra > delay)
+        return ra > 5000 ? 5000 : ra;
+    return delay;
+}
+
+int64_t pq_cli_backoff_next(int64_t delay, int64_t cap)
+{
+    return delay * 2 > cap ? cap : delay * 2;
+}
+
 char *pq_cli_escape(const char *s)
 {
     return curl_easy_escape(NULL, s, 0);

@@ -307,9 +307,7 @@ static int wait_job(pq_cli_t *c, const char *id, int fresh)
                 rc = pq_cli_report(c, "GET /v1/jobs/{id}", &r);
                 goto out;
             }
-            if (!unreachable_since)
-                unreachable_since = pq_mono_ms();
-            else if (pq_mono_ms() - unreachable_since > PQ_CLI_UNREACHABLE_MS) {
+            if (pq_cli_unreachable_expired(&unreachable_since)) {
                 rc = pq_cli_report(c, NULL, &r);
                 goto out;
             }
@@ -338,8 +336,7 @@ static int wait_job(pq_cli_t *c, const char *id, int fresh)
             unreachable_since = 0; /* the queued record is written best effort: keep asking */
         } else if (r.status == 503 || r.status == 429 || r.status == 502 || r.status == 504) {
             unreachable_since = 0;
-            if (r.retry_after_s > 0 && r.retry_after_s * 1000 > delay)
-                delay = r.retry_after_s * 1000 > 5000 ? 5000 : r.retry_after_s * 1000;
+            delay = pq_cli_retry_after_ms(&r, delay);
         } else {
             rc = pq_cli_report(c, "GET /v1/jobs/{id}", &r);
             goto out;
@@ -352,7 +349,7 @@ static int wait_job(pq_cli_t *c, const char *id, int fresh)
             goto out;
         }
         sleep_ms(delay < left ? delay : left);
-        delay = delay * 2 > PQ_CLI_POLL_MAX_MS ? PQ_CLI_POLL_MAX_MS : delay * 2;
+        delay = pq_cli_backoff_next(delay, PQ_CLI_POLL_MAX_MS);
     }
 out:
     pq_cli_resp_reset(&r);
@@ -374,26 +371,17 @@ int pq_cli_cmd_submit(pq_cli_t *c, int argc, char **argv)
         model = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        int g;
+        int k = pq_cli_arg_next(c, argc, argv, &i, &only_pos, submit_help, &rc);
 
-        if (only_pos || a[0] != '-' || !a[1]) {
+        if (k == PQ_CLI_ARG_STOP)
+            goto out;
+        if (k == PQ_CLI_ARG_DONE)
+            continue;
+        if (k == PQ_CLI_ARG_POS) {
             prompt_arg = a;
             npos++;
             continue;
         }
-        if (!strcmp(a, "--")) {
-            only_pos = 1;
-            continue;
-        }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(submit_help, stdout);
-            rc = PQ_CLI_EXIT_OK;
-            goto out;
-        }
-        if ((g = pq_cli_global_opt(c, argc, argv, &i)) < 0)
-            goto out;
-        if (g)
-            continue;
         if (!strcmp(a, "--wait")) {
             wait = 1;
             continue;
@@ -551,36 +539,13 @@ out:
 static int parse_ids(pq_cli_t *c, int argc, char **argv, const char *help, const char **ids,
                      int max, int *rc)
 {
-    int n = 0, only_pos = 0;
+    int n = pq_cli_parse_args(c, argc, argv, help, ids, max, NULL, rc);
 
-    *rc = PQ_CLI_EXIT_USAGE;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        int g;
-
-        if (only_pos || a[0] != '-' || !a[1]) {
-            if (n >= max) {
-                pq_cli_errorf("%s: at most %d ids", argv[0], max);
-                return -1;
-            }
-            ids[n++] = a;
-            continue;
-        }
-        if (!strcmp(a, "--")) {
-            only_pos = 1;
-            continue;
-        }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(help, stdout);
-            *rc = PQ_CLI_EXIT_OK;
-            return -1;
-        }
-        if ((g = pq_cli_global_opt(c, argc, argv, &i)) < 0)
-            return -1;
-        if (!g) {
-            pq_cli_errorf("%s: unknown option %.100s (see promptq %s --help)", argv[0], a, argv[0]);
-            return -1;
-        }
+    if (n < 0)
+        return -1;
+    if (n > max) {
+        pq_cli_errorf("%s: at most %d ids", argv[0], max);
+        return -1;
     }
     if (!n) {
         pq_cli_errorf("%s: expected a job id (see promptq %s --help)", argv[0], argv[0]);
@@ -727,13 +692,8 @@ int pq_cli_cmd_watch(pq_cli_t *c, int argc, char **argv)
                 continue;
             }
             if (get_job(c, j->id, &r)) {
-                if (!pq_cli_is_unreachable(r.cerr)) {
-                    rc = pq_cli_report(c, NULL, &r);
-                    goto out;
-                }
-                if (!unreachable_since)
-                    unreachable_since = pq_mono_ms();
-                else if (pq_mono_ms() - unreachable_since > PQ_CLI_UNREACHABLE_MS) {
+                if (!pq_cli_is_unreachable(r.cerr) ||
+                    pq_cli_unreachable_expired(&unreachable_since)) {
                     rc = pq_cli_report(c, NULL, &r);
                     goto out;
                 }
@@ -780,7 +740,7 @@ int pq_cli_cmd_watch(pq_cli_t *c, int argc, char **argv)
             }
             if (!j->done) {
                 j->due = pq_mono_ms() + j->delay;
-                j->delay = j->delay * 2 > PQ_CLI_POLL_MAX_MS ? PQ_CLI_POLL_MAX_MS : j->delay * 2;
+                j->delay = pq_cli_backoff_next(j->delay, PQ_CLI_POLL_MAX_MS);
                 if (j->due < next)
                     next = j->due;
             }

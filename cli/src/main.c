@@ -60,6 +60,56 @@ const char *pq_cli_opt_value(int argc, char **argv, int *i, const char *name)
     return argv[*i];
 }
 
+int pq_cli_arg_next(pq_cli_t *c, int argc, char **argv, int *i, int *only_pos, const char *help,
+                    int *rc)
+{
+    const char *a = argv[*i];
+    int g;
+
+    if (*only_pos || a[0] != '-' || !a[1])
+        return PQ_CLI_ARG_POS;
+    if (!strcmp(a, "--")) {
+        *only_pos = 1;
+        return PQ_CLI_ARG_DONE;
+    }
+    if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        fputs(help, stdout);
+        *rc = PQ_CLI_EXIT_OK;
+        return PQ_CLI_ARG_STOP;
+    }
+    if ((g = pq_cli_global_opt(c, argc, argv, i)) < 0) {
+        *rc = PQ_CLI_EXIT_USAGE;
+        return PQ_CLI_ARG_STOP;
+    }
+    return g ? PQ_CLI_ARG_DONE : PQ_CLI_ARG_OPT;
+}
+
+int pq_cli_parse_args(pq_cli_t *c, int argc, char **argv, const char *help, const char **pos,
+                      int max, int *yes, int *rc)
+{
+    int n = 0, only_pos = 0;
+
+    *rc = PQ_CLI_EXIT_USAGE;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int k = pq_cli_arg_next(c, argc, argv, &i, &only_pos, help, rc);
+
+        if (k == PQ_CLI_ARG_STOP)
+            return -1;
+        if (k == PQ_CLI_ARG_POS) {
+            if (n >= max)
+                return max + 1;
+            pos[n++] = a;
+        } else if (k == PQ_CLI_ARG_OPT && yes && (!strcmp(a, "--yes") || !strcmp(a, "-y"))) {
+            *yes = 1;
+        } else if (k == PQ_CLI_ARG_OPT) {
+            pq_cli_errorf("%s: unknown option %.100s (see promptq %s --help)", argv[0], a, argv[0]);
+            return -1;
+        }
+    }
+    return n;
+}
+
 int pq_cli_global_opt(pq_cli_t *c, int argc, char **argv, int *i)
 {
     const char *arg = argv[*i], *v;

@@ -118,40 +118,11 @@ void pq_cli_print_tree(FILE *out, const json_t *v, int indent)
 static int parse_simple(pq_cli_t *c, int argc, char **argv, const char *help, const char **pos,
                         int max, int *yes, int *rc)
 {
-    int n = 0, only_pos = 0;
+    int n = pq_cli_parse_args(c, argc, argv, help, pos, max, yes, rc);
 
-    *rc = PQ_CLI_EXIT_USAGE;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        int g;
-
-        if (only_pos || a[0] != '-' || !a[1]) {
-            if (n >= max) {
-                pq_cli_errorf("%s: too many arguments (see promptq %s --help)", argv[0], argv[0]);
-                return -1;
-            }
-            pos[n++] = a;
-            continue;
-        }
-        if (!strcmp(a, "--")) {
-            only_pos = 1;
-            continue;
-        }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(help, stdout);
-            *rc = PQ_CLI_EXIT_OK;
-            return -1;
-        }
-        if (yes && (!strcmp(a, "--yes") || !strcmp(a, "-y"))) {
-            *yes = 1;
-            continue;
-        }
-        if ((g = pq_cli_global_opt(c, argc, argv, &i)) < 0)
-            return -1;
-        if (!g) {
-            pq_cli_errorf("%s: unknown option %.100s (see promptq %s --help)", argv[0], a, argv[0]);
-            return -1;
-        }
+    if (n > max) {
+        pq_cli_errorf("%s: too many arguments (see promptq %s --help)", argv[0], argv[0]);
+        return -1;
     }
     return n;
 }
