@@ -492,7 +492,7 @@ static json_t *list_item(const redisReply *r, size_t at)
     o = json_pack("{s:s, s:s, s:s, s:o, s:o, s:o, s:I}", "id", id, "object", "job", "status",
                   status, "route", opt_string(list_str(r, at + 2)), "created_at",
                   time_field(list_str(r, at + 3)), "updated_at", time_field(list_str(r, at + 4)),
-                  (json_int_t)(attempts ? strtoll(attempts, NULL, 10) : 0));
+                  "attempts", (json_int_t)(attempts ? strtoll(attempts, NULL, 10) : 0));
     if (o && is_terminal(status)) {
         json_object_set_new(o, "provider", opt_string(list_str(r, at + 6)));
         json_object_set_new(o, "model", opt_string(list_str(r, at + 7)));
