@@ -105,6 +105,8 @@ typedef struct pq_broker_s {
     pq_drain_t *drain;
     atomic_int kafka_state; /* process-wide view for logs: -1 unknown, 0 down, 1 up */
 
+    struct pq_redrive_s *redrive; /* redrive.c */
+
     pq_metrics_t *metrics;
     pq_counter_t *m_accepted;
     pq_counter_t *m_accepted_spooled;
@@ -327,6 +329,13 @@ void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_
  * operations that need the workers' cooperation (POST /v1/parked/{route}/replay, DELETE
  * /v1/parked/{route}, POST /v1/dlq/redrive) answer 501. path is the request's path. */
 void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path);
+
+/* redrive.c: POST /v1/dlq/redrive. The scan of promptq.dlq runs on the broker's redrive thread
+ * (Kafka reads block); the answer comes back to the loop that owns the request. */
+void pq_redrive_serve(pq_bthread_t *t, struct evhttp_request *req);
+/* Starts / stops the redrive thread (main thread, around the HTTP threads). */
+int pq_redrive_start(pq_broker_t *b, char *errstr, size_t errstr_size);
+void pq_redrive_stop(pq_broker_t *b);
 /* The health keys of a /v1/health slot could not be read: answers the broker's own state with
  * redis "down" and status "down" (releases the slot). */
 void pq_ops_redis_failed(pq_slot_t *s);

@@ -574,10 +574,7 @@ void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path)
         }
     } else if (!strcmp(path, "/v1/dlq/redrive")) {
         if (m == EVHTTP_REQ_POST)
-            not_implemented(t, req, PQ_PATH_DLQ,
-                            "redriving the dead-letter topic needs a redrive consumer (reading "
-                            "the dlq topic and re-queueing with fresh attempts), which no worker "
-                            "runs yet");
+            pq_redrive_serve(t, req);
         else
             pq_http_method_not_allowed(t, req, PQ_PATH_DLQ, "POST");
     } else {
