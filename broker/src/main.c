@@ -305,6 +305,10 @@ int main(int argc, char **argv)
         PQ_ERR("spool drainer: %s", errstr);
         goto out;
     }
+    if (pq_redrive_start(&b, errstr, sizeof(errstr))) {
+        PQ_ERR("dlq redrive: %s", errstr);
+        goto out;
+    }
     for (int i = 0; i < b.nthreads; i++) {
         if (pq_bthread_start(b.threads[i], errstr, sizeof(errstr))) {
             PQ_ERR("thread %d: %s", i, errstr);
@@ -333,6 +337,8 @@ int main(int argc, char **argv)
     exit_code = 0;
 
 out_stop:
+    /* before the loops stop: the redrives it still holds are answered through them */
+    pq_redrive_stop(&b);
     for (int i = 0; i < started; i++) {
         atomic_store(&b.threads[i]->stop, 1);
         pq_bthread_poke(b.threads[i]);
@@ -343,6 +349,7 @@ out:
     /* The loops are stopped; the spool calls back into their queues until it is closed, so it
      * closes before they are freed. */
     pq_bspool_close(&b);
+    pq_redrive_free(&b);
     for (int i = 0; b.threads && i < b.nthreads; i++)
         pq_bthread_free(b.threads[i]);
     free(b.threads);
