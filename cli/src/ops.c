@@ -18,9 +18,17 @@ static const char parked_help[] =
     "                                       (POST /v1/parked/ROUTE/replay)\n"
     "       promptq parked drop ROUTE --yes drop ROUTE's parked jobs (DELETE /v1/parked/ROUTE)\n";
 
-static const char dlq_help[] = "usage: promptq dlq redrive\n"
-                               "\n"
-                               "Re-submits dead-lettered jobs (POST /v1/dlq/redrive).\n";
+static const char dlq_help[] =
+    "usage: promptq dlq redrive [--type TYPE]... [--route ROUTE] [--id ID]... [--limit N]\n"
+    "\n"
+    "Re-queues dead-lettered jobs of your tenant as new jobs <id>.r<partition>-<offset>\n"
+    "(POST /v1/dlq/redrive). A record redriven before is not run again (\"already\").\n"
+    "  --type TYPE    error types to redrive (repeatable; default expired, poison and\n"
+    "                 permanent = any provider-side failure such as refused)\n"
+    "  --route ROUTE  only jobs of this route (request.model)\n"
+    "  --id ID        only the dead-lettered job ID (repeatable)\n"
+    "  --limit N      at most N jobs per call (1-10000, default 1000); has_more says\n"
+    "                 whether to call again\n";
 
 static const char models_help[] = "usage: promptq models\n"
                                   "\n"
@@ -277,16 +285,75 @@ int pq_cli_cmd_parked(pq_cli_t *c, int argc, char **argv)
 
 int pq_cli_cmd_dlq(pq_cli_t *c, int argc, char **argv)
 {
-    const char *pos[2];
-    int rc, n = parse_simple(c, argc, argv, dlq_help, pos, 1, NULL, &rc);
+    json_t *body = json_object(), *types = json_array(), *ids = json_array();
+    const char *v;
+    char *text = NULL;
+    int rc = PQ_CLI_EXIT_USAGE, only_pos = 0, npos = 0;
 
-    if (n < 0)
-        return rc;
-    if (n != 1 || strcmp(pos[0], "redrive")) {
-        pq_cli_errorf("dlq: expected \"redrive\" (see promptq dlq --help)");
-        return PQ_CLI_EXIT_USAGE;
+    if (!body || !types || !ids) {
+        rc = PQ_CLI_EXIT_FAILED;
+        goto out;
     }
-    return simple_call(c, "POST", "/v1/dlq/redrive", "{}", "POST /v1/dlq/redrive");
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int k = pq_cli_arg_next(c, argc, argv, &i, &only_pos, dlq_help, &rc);
+
+        if (k == PQ_CLI_ARG_STOP)
+            goto out;
+        if (k == PQ_CLI_ARG_DONE)
+            continue;
+        if (k == PQ_CLI_ARG_POS) {
+            if (npos++ || strcmp(a, "redrive")) {
+                pq_cli_errorf("dlq: expected \"redrive\" (see promptq dlq --help)");
+                goto out;
+            }
+            continue;
+        }
+        rc = PQ_CLI_EXIT_USAGE;
+        if (pq_cli_opt_is(a, "--type") || pq_cli_opt_is(a, "--id")) {
+            int is_type = pq_cli_opt_is(a, "--type");
+
+            if (!(v = pq_cli_opt_value(argc, argv, &i, is_type ? "--type" : "--id")))
+                goto out;
+            json_array_append_new(is_type ? types : ids, json_string(v));
+        } else if (pq_cli_opt_is(a, "--route")) {
+            if (!(v = pq_cli_opt_value(argc, argv, &i, "--route")))
+                goto out;
+            json_object_set_new(body, "route", json_string(v));
+        } else if (pq_cli_opt_is(a, "--limit")) {
+            char *end;
+            long n;
+
+            if (!(v = pq_cli_opt_value(argc, argv, &i, "--limit")))
+                goto out;
+            n = strtol(v, &end, 10);
+            if (end == v || *end || n < 1 || n > 10000) {
+                pq_cli_errorf("dlq redrive: --limit must be 1 to 10000");
+                goto out;
+            }
+            json_object_set_new(body, "limit", json_integer(n));
+        } else {
+            pq_cli_errorf("dlq: unknown option %.100s (see promptq dlq --help)", a);
+            goto out;
+        }
+    }
+    if (npos != 1) {
+        pq_cli_errorf("dlq: expected \"redrive\" (see promptq dlq --help)");
+        goto out;
+    }
+    if (json_array_size(types))
+        json_object_set(body, "types", types);
+    if (json_array_size(ids))
+        json_object_set(body, "ids", ids);
+    text = json_dumps(body, JSON_COMPACT);
+    rc = text ? simple_call(c, "POST", "/v1/dlq/redrive", text, "POST /v1/dlq/redrive")
+              : PQ_CLI_EXIT_FAILED;
+out:
+    free(text);
+    json_decref(body);
+    json_decref(types);
+    json_decref(ids);
+    return rc;
 }
 
 int pq_cli_cmd_models(pq_cli_t *c, int argc, char **argv)

@@ -7,7 +7,7 @@ inside the caller's tenant and honours the types/route/ids/limit filters; bad bo
 no key is 401, Kafka down is 503."""
 
 import json
-import re
+import subprocess
 import time
 
 import harness
@@ -209,7 +209,20 @@ def test_redrive():
         assert doc["redriven"] == 2 and doc["has_more"] is False, doc
         assert first | {j["redriven_from"] for j in doc["jobs"]} == set(more), doc
 
-        # Kafka down: 503 with Retry-After, and nothing claimed
+        # the CLI: flags become the body; --json prints the answer verbatim
+        p = subprocess.run([harness.binary("promptq"), "--url", st.broker_url, "--key", "key-a",
+                            "--json", "dlq", "redrive", "--type", "expired", "--type",
+                            "permanent", "--route", "sim-model", "--id", more[0], "--limit",
+                            "5"], capture_output=True, text=True, timeout=T(30))
+        assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+        doc = json.loads(p.stdout)
+        assert counts(doc) == (14, 1, 0, 1, 0), doc
+        p = subprocess.run([harness.binary("promptq"), "--url", st.broker_url, "--key", "key-a",
+                            "dlq", "redrive", "--limit", "0"], capture_output=True, text=True,
+                           timeout=T(30))
+        assert p.returncode == 2 and "--limit" in p.stderr, (p.returncode, p.stderr)
+
+        # Kafka down: 503 with Retry-After within the metadata timeout
         k.control("down -1")
         t0 = time.monotonic()
         status, hdrs, doc = redrive(st, "key-a", {})
