@@ -1,8 +1,8 @@
 """GET /v1/jobs?status=&after=&limit=: the tenant's jobs newest first in the OpenAI list shape.
 Tenant isolation, pagination (no duplicates, nothing skipped), the status filter and its scan cap
-(an empty page with has_more and a cursor), parameter errors, 401, index entries of expired or
-deleted records dropped, and jobs produced straight into Kafka (indexed by the worker) or sent
-through chat completions appearing once they ran."""
+(an empty page with has_more and a cursor), parameter errors, 401, 503 without Redis, index
+entries of expired or deleted records dropped, and jobs produced straight into Kafka (indexed by
+the worker) or sent through chat completions appearing once they ran."""
 
 import json
 import time
@@ -210,6 +210,11 @@ def test_gone_records_leave_the_index():
         assert r.cli("ZSCORE", "promptq:jobs:tenant-a", "ancient") == "", "old entry kept"
         assert int(r.cli("ZCARD", "promptq:jobs:tenant-a")) == 5
         assert page(st, A)["data"][0]["id"] == newer[0]
+        # no Redis: 503 with Retry-After, not an empty list
+        r.kill()
+        wait_for(lambda: listing(st, A)[0] == 503, T(10), "503 without Redis")
+        status, hdrs, doc = listing(st, A)
+        assert status == 503 and hdrs.get("retry-after") == "1", (status, hdrs, doc)
 
 
 def test_expired_records_and_index():
