@@ -7,6 +7,7 @@ inside the caller's tenant and honours the types/route/ids/limit filters; bad bo
 no key is 401, Kafka down is 503."""
 
 import json
+import signal
 import subprocess
 import time
 
@@ -94,7 +95,7 @@ def test_redrive():
             routes={"sim-model": [{"provider": "a", "model": "m-a"}],
                     "refusing": [{"provider": "b", "model": "m-b"}]},
             extra={"broker": {"api_keys": KEYS}, "worker": {"lease_ms": 3000}})
-        st.spawn("promptq-broker", "--config", path, name="broker")
+        broker = st.spawn("promptq-broker", "--config", path, name="broker")
         wait_for(lambda: ready(st.broker_url), T(20), "broker /readyz")
 
         # nothing dead-lettered yet: an empty scan
@@ -229,7 +230,88 @@ def test_redrive():
         assert status == 503 and doc["error"]["type"] == "unavailable", (status, doc)
         assert header(hdrs, "Retry-After"), hdrs
         assert time.monotonic() - t0 < T(15)
+
+        # SIGTERM while a redrive waits for Kafka: the caller still gets its answer (503), the
+        # broker stops cleanly
+        import threading
+        got = []
+        t = threading.Thread(target=lambda: got.append(redrive(st, "key-a", {})))
+        t.start()
+        time.sleep(0.5)
+        broker.kill(signal.SIGTERM)
+        assert broker.wait(T(20)) == 0
+        t.join(T(20))
+        assert len(got) == 1 and got[0][0] == 503, got
         k.control("up -1")
+
+
+def test_concurrent_and_open_mode():
+    """dlq records produced straight into promptq.dlq (no worker): concurrent redrives never
+    redrive a record twice (one scan at a time; the queue beyond its bound answers 429), a client
+    that hangs up does not disturb the broker, and open mode takes ?tenant=."""
+    with harness.Stack("redrive_conc") as st:
+        st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        st.sim("a")
+        path, _ = st.config()
+        n = 240
+        recs = [dict(env("d-%03d" % i, "default" if i % 4 else "other", deadline=PAST),
+                     error={"type": "expired", "message": "deadline passed"}) for i in range(n)]
+        recs.append({"id": "big-1", "tenant": "default", "model": "sim-model", "truncated": True,
+                     "error": {"type": "poison"}})
+        st.produce(DLQ, recs, keys=[r["id"] for r in recs])
+        st.spawn("promptq-broker", "--config", path, name="broker")
+        wait_for(lambda: ready(st.broker_url), T(20), "broker /readyz")
+
+        import socket
+        import threading
+        answers = []
+        lock = threading.Lock()
+
+        def one():
+            a = redrive(st, None, {"limit": 20})
+            with lock:
+                answers.append(a)
+
+        def hang_up():
+            # a client that sends a redrive and hangs up while it waits in the queue
+            c = socket.create_connection(("127.0.0.1", st.broker_port))
+            c.sendall(b"POST /v1/dlq/redrive HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n"
+                      b"\r\n{\"limit\": 1}")
+            time.sleep(0.02)
+            c.close()
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        hangs = [threading.Thread(target=hang_up) for _ in range(3)]
+        for t in threads[:6] + hangs + threads[6:]:
+            t.start()
+        for t in threads + hangs:
+            t.join(T(60))
+        codes = sorted(a[0] for a in answers)
+        assert len(codes) == 12 and set(codes) <= {200, 429} and codes.count(200) >= 1, codes
+        for status, hdrs, doc in answers:
+            if status == 429:
+                assert header(hdrs, "Retry-After"), hdrs
+        ids = [j["id"] for status, _, doc in answers if status == 200 for j in doc["jobs"]]
+        assert len(ids) == len(set(ids)), "a record was redriven twice"
+        # the hung-up clients' scans ran too (limit 1 each)
+        doc = ok(st, None, {"limit": 10000})
+        assert doc["matched"] == n * 3 // 4 and doc["skipped"] == 1, doc
+        assert doc["redriven"] + doc["already"] == doc["matched"], doc
+        assert doc["already"] >= len(ids), doc
+        done = doc["already"] + doc["redriven"]
+        bulk = st.consume("promptq.bulk", done, timeout=T(20))
+        assert len(bulk) == done, (len(bulk), done)
+        assert len({m["key"] for m in bulk}) == done, "a job produced twice"
+        # open mode: ?tenant= picks the tenant
+        status, _, text = harness.http("POST", st.broker_url + "/v1/dlq/redrive?tenant=other",
+                                       body={})
+        doc = json.loads(text)
+        assert status == 200 and counts(doc) == (n + 1, n // 4, n // 4, 0, 0), (status, doc)
+        assert all(j["id"].startswith("d-") for j in doc["jobs"]), doc
+        status, _, _ = harness.http("POST", st.broker_url + "/v1/dlq/redrive?tenant=bad%20t",
+                                    body={})
+        assert status == 400
+        assert harness.http("GET", st.broker_url + "/healthz")[0] == 200
 
 
 harness.run(globals())
