@@ -325,9 +325,9 @@ int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, co
 void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
                                 const char *allow);
 
-/* ops.c: GET /v1/health, GET /v1/parked (aggregated from the workers' health keys); the
- * operations that need the workers' cooperation (POST /v1/parked/{route}/replay, DELETE
- * /v1/parked/{route}, POST /v1/dlq/redrive) answer 501. path is the request's path. */
+/* ops.c: GET /v1/health, GET /v1/parked (aggregated from the workers' health keys), POST
+ * /v1/parked/{route}/replay and DELETE /v1/parked/{route} (requests the workers read from the
+ * route's ops hash); POST /v1/dlq/redrive goes to redrive.c. path is the request's path. */
 void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path);
 
 /* redrive.c: POST /v1/dlq/redrive. The scan of promptq.dlq runs on the broker's redrive thread

@@ -1,8 +1,7 @@
 /* Operator endpoints (DESIGN.md §5): GET /v1/health and GET /v1/parked aggregate the workers'
  * health keys (promptq:health:{instance}, written every 5 s with a 15 s TTL): SCAN for the keys
- * (at most OPS_WORKERS_MAX), then one MGET, all on the loop's Redis connection. The operations
- * that need the workers' cooperation (replay now, drop, DLQ redrive) answer 501 until the
- * workers offer a way to ask them. */
+ * (at most OPS_WORKERS_MAX), then one MGET, all on the loop's Redis connection. Replay now and
+ * drop are requests the workers read from Redis (below); DLQ redrive is redrive.c. */
 #include "broker.h"
 
 #include <stdio.h>
@@ -14,6 +13,7 @@
 #include <hiredis/hiredis.h>
 #include <jansson.h>
 
+#include "promptq/keys.h"
 #include "promptq/log.h"
 #include "promptq/util.h"
 
@@ -525,14 +525,98 @@ static void ops_start(pq_bthread_t *t, struct evhttp_request *req, pq_path_t pat
     step_scan(s);
 }
 
-static void not_implemented(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
-                            const char *what)
-{
-    const char *tenant;
+/* ---- POST /v1/parked/{route}/replay, DELETE /v1/parked/{route} ----
+ *
+ * Requests to the workers, through the route's ops hash (pq_key_route_ops), which every worker
+ * reads each second. Replay: the route's circuits are closed by force and its parked jobs replay
+ * (ramped) at once, whatever the probes say; if the providers are still down the jobs park again.
+ * Drop: the caller's tenant's jobs parked on the route before now end as cancelled ("dropped")
+ * when the workers read them, without a provider call. Both answer 202: the workers act within
+ * about a second. */
 
-    if (pq_http_auth(t, req, path, &tenant))
+typedef struct {
+    int drop;
+    int64_t at;
+    char route[PQ_BROKER_ROUTE_MAX * 6 + 1]; /* JSON-escaped */
+    char tenant[PQ_TENANT_MAX + 1];
+} parked_op_t;
+
+static void on_parked_op(pq_slot_t *s, const void *r)
+{
+    parked_op_t *op = s->ctx;
+    char body[sizeof(op->route) + PQ_TENANT_MAX + 200];
+    int n;
+
+    (void)r;
+    if (op->drop)
+        n = snprintf(body, sizeof(body),
+                     "{\"object\":\"parked.drop\",\"route\":\"%s\",\"tenant\":\"%s\","
+                     "\"dropped_before\":%lld}",
+                     op->route, op->tenant, (long long)op->at);
+    else
+        n = snprintf(body, sizeof(body),
+                     "{\"object\":\"parked.replay\",\"route\":\"%s\",\"requested_at\":%lld}",
+                     op->route, (long long)op->at);
+    pq_http_reply(s->t, s->req, s->path, 202, body, (size_t)n);
+    pq_slot_release(s);
+}
+
+/* raw_route: the path segment(s) naming the route, percent-encoded (a route may hold "/"). */
+static void parked_op(pq_bthread_t *t, struct evhttp_request *req, const char *raw_route,
+                      size_t raw_len, int drop)
+{
+    const pq_conf_t *conf = t->bc->conf;
+    char tenant[PQ_TENANT_MAX + 1], key[OPS_PATTERN_MAX], field[PQ_TENANT_MAX + 8], now[24];
+    char raw[PQ_BROKER_ROUTE_MAX * 3 + 1];
+    const char *argv[4];
+    size_t lens[4], len = 0;
+    char *route = NULL;
+    parked_op_t *op;
+    pq_slot_t *s;
+
+    if (pq_jobs_request_tenant(t, req, PQ_PATH_PARKED, tenant, sizeof(tenant)))
         return;
-    pq_http_error(t, req, path, 501, "not_implemented", "%s", what);
+    if (raw_len < sizeof(raw)) {
+        memcpy(raw, raw_route, raw_len);
+        raw[raw_len] = '\0';
+        route = evhttp_uridecode(raw, 0, &len);
+    }
+    if (!route || len == 0 || strlen(route) != len || len > PQ_BROKER_ROUTE_MAX ||
+        !pq_conf_route(conf, route)) {
+        pq_http_error(t, req, PQ_PATH_PARKED, 404, "model_not_found",
+                      "no route by that name is configured");
+        free(route);
+        return;
+    }
+    if (pq_key_route_ops(key, sizeof(key), conf->redis_prefix, route) < 0 ||
+        !(op = calloc(1, sizeof(*op)))) {
+        free(route);
+        pq_http_error(t, req, PQ_PATH_PARKED, 500, "internal", "out of memory");
+        return;
+    }
+    op->drop = drop;
+    op->at = pq_now_ms();
+    pq_http_json_escape(op->route, sizeof(op->route), route);
+    pq_strlcpy(op->tenant, tenant, sizeof(op->tenant));
+    free(route);
+    s = pq_slot_get(t, PQ_PATH_PARKED, req);
+    if (!s) {
+        free(op);
+        pq_http_error(t, req, PQ_PATH_PARKED, 503, "unavailable", "too many requests in flight");
+        return;
+    }
+    s->ctx = op;
+    s->ctx_free = free;
+    snprintf(now, sizeof(now), "%lld", (long long)op->at);
+    snprintf(field, sizeof(field), "drop:%s", tenant);
+    argv[0] = "HSET";
+    argv[1] = key;
+    argv[2] = drop ? field : "replay_at";
+    argv[3] = now;
+    for (int i = 0; i < 4; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_api_send(s, on_parked_op, 4, argv, lens))
+        ops_unavailable(s);
 }
 
 void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path)
@@ -551,26 +635,18 @@ void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path)
         else
             pq_http_method_not_allowed(t, req, PQ_PATH_PARKED, "GET");
     } else if (!strncmp(path, "/v1/parked/", 11) && path[11]) {
-        const char *rest = path + 11, *slash = strchr(rest, '/');
+        const char *rest = path + 11;
+        size_t n = strlen(rest);
 
-        if (slash && !strcmp(slash, "/replay")) {
+        if (n > 7 && !strcmp(rest + n - 7, "/replay")) {
             if (m == EVHTTP_REQ_POST)
-                not_implemented(t, req, PQ_PATH_PARKED,
-                                "replaying a route's parked jobs on demand needs a command "
-                                "channel to the workers, which they do not have yet: workers "
-                                "replay parked jobs by themselves once a probe succeeds");
+                parked_op(t, req, rest, n - 7, 0);
             else
                 pq_http_method_not_allowed(t, req, PQ_PATH_PARKED, "POST");
-        } else if (!slash) {
-            if (m == EVHTTP_REQ_DELETE)
-                not_implemented(t, req, PQ_PATH_PARKED,
-                                "dropping a route's parked jobs needs the workers to stop "
-                                "replaying and skip the retry topic's records, which they "
-                                "cannot be asked to do yet");
-            else
-                pq_http_method_not_allowed(t, req, PQ_PATH_PARKED, "DELETE");
+        } else if (m == EVHTTP_REQ_DELETE) {
+            parked_op(t, req, rest, n, 1);
         } else {
-            pq_http_error(t, req, PQ_PATH_OTHER, 404, "not_found", "no such path");
+            pq_http_method_not_allowed(t, req, PQ_PATH_PARKED, "DELETE");
         }
     } else if (!strcmp(path, "/v1/dlq/redrive")) {
         if (m == EVHTTP_REQ_POST)

@@ -46,3 +46,8 @@ int pq_key_jobs(char *buf, size_t size, const char *prefix, const char *tenant)
 {
     return fit(snprintf(buf, size, "%sjobs:%s", prefix, tenant), size);
 }
+
+int pq_key_route_ops(char *buf, size_t size, const char *prefix, const char *route)
+{
+    return fit(snprintf(buf, size, "%sops:route:%s", prefix, route), size);
+}

@@ -125,7 +125,8 @@ def test_submit_get_and_validation():
         assert get(st, "/v1/nothing")[0] == 404
         status, hdrs, doc = harness.http_json("DELETE", st.broker_url + "/healthz")
         assert status == 405 and err_type(doc) == "method_not_allowed"
-        assert get(st, "/v1/jobs")[0] == 405
+        status, hdrs, doc = harness.http_json("PUT", st.broker_url + "/v1/jobs")
+        assert status == 405 and err_type(doc) == "method_not_allowed", doc
         status, _, doc = get(st, "/healthz")
         assert status == 200 and doc == {"status": "ok"}, doc
 

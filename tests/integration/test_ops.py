@@ -1,7 +1,6 @@
 """Operator endpoints of promptq-broker (DESIGN.md §5): GET /v1/health and GET /v1/parked
 aggregate the workers' health keys (real promptq-worker processes, real redis-server,
-promptq-devkafka and promptq-sim); replay, drop and DLQ redrive answer 501 until the workers can
-be asked; the CLI's `promptq health` and `promptq parked` print them; a redis URL naming
+promptq-devkafka and promptq-sim); replay is accepted for a configured route only; the CLI's `promptq health` and `promptq parked` print them; a redis URL naming
 localhost is resolved on the loop (evdns) and works."""
 
 import json
@@ -82,8 +81,8 @@ def cli(st, *args):
 def test_health_ok_then_degraded_with_parked():
     """One worker, provider up: status ok, the worker listed, circuits closed, route up. The
     provider down with jobs submitted: jobs parked; /v1/health shows the route down with parked
-    > 0 and an open circuit (degraded or down), /v1/parked the same; the CLI prints both; the
-    501 operations name what is missing."""
+    > 0 and an open circuit (degraded or down), /v1/parked the same; the CLI prints both; an
+    operator replay is accepted (202) for the route, 404 for an unknown one."""
     with harness.Stack("ops_health") as st:
         r, s, path, b, ws = up(st)
         done(st, submit(st, 2, "warm"))
@@ -136,14 +135,11 @@ def test_health_ok_then_degraded_with_parked():
         rc, out, err = cli(st, "parked", ROUTE)
         assert rc == 0 and ROUTE in out and "parked" in out, (rc, out, err)
 
-        # the operations the workers cannot be asked for yet: 501, not 404
-        for method, p in (("POST", "/v1/parked/%s/replay" % ROUTE),
-                          ("DELETE", "/v1/parked/" + ROUTE), ("POST", "/v1/dlq/redrive")):
-            code, _, body = harness.http(method, st.broker_url + p, body={} if method == "POST"
-                                         else None)
-            e = json.loads(body)["error"]
-            assert code == 501 and e["type"] == "not_implemented" and "worker" in e["message"], \
-                (method, p, code, body)
+        # the operator requests are accepted (their effects: test_parked_ops.py, test_redrive.py)
+        code, _, body = harness.http("POST", st.broker_url + "/v1/parked/%s/replay" % ROUTE)
+        assert code == 202 and json.loads(body)["object"] == "parked.replay", (code, body)
+        code, _, body = harness.http("POST", st.broker_url + "/v1/parked/unknown-route/replay")
+        assert code == 404, (code, body)
         code, _, _ = harness.http("PUT", st.broker_url + "/v1/health")
         assert code == 405, code
 

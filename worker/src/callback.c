@@ -33,14 +33,18 @@ TAILQ_HEAD(cb_item_list, cb_item_s);
 struct pq_callbacks_s {
     struct event_base *base;
     const pq_conf_t *conf;
-    pq_redis_t *redis;
+    pq_redis_t *redis; /* its own connection: callback traffic and job steps never queue
+                          behind each other */
     pq_http_t *http;
     struct event *poll;
     char zkey[256];
     struct cb_item_list items; /* POSTs in flight and outcome writes */
     size_t nitems;
-    int claiming; /* a claim is in flight */
-    int again;    /* kicked while claiming: claim again when it returns */
+    size_t nposts; /* POSTs in flight (callbacks.max_inflight caps these) */
+    int starved;   /* the last claim stopped at the cap: a POST ending claims again */
+    size_t asked;  /* entries the claim in flight may take */
+    int claiming;  /* a claim is in flight */
+    int again;     /* kicked while claiming: claim again when it returns */
     int stopping;
     pq_counter_t *m_delivered, *m_retried, *m_failed, *m_refused;
     pq_hist_t *m_latency;
@@ -136,6 +140,11 @@ static void on_post(void *opaque, const pq_http_result_t *res)
     int64_t delay;
 
     it->req = NULL;
+    cb->nposts--;
+    if (cb->starved) {
+        cb->starved = 0;
+        pq_callbacks_kick(cb);
+    }
     pq_hist_observe(cb->m_latency, (double)res->elapsed_ms / 1000.0);
     if (res->err == PQ_OK && res->status >= 200 && res->status < 300) {
         pq_counter_add(cb->m_delivered, 1);
@@ -225,6 +234,8 @@ static void item_send(pq_callbacks_t *cb, const redisReply *e)
     copy[body->len] = '\0';
     it->req = pq_http_post(cb->http, url, h, copy, body->len, cb->conf->callback_timeout_ms,
                            ANSWER_MAX, on_post, it);
+    if (it->req)
+        cb->nposts++;
     if (!it->req) {
         /* headers and body were taken */
         PQ_WARN("callback of %s: cannot start the POST; retried when its claim expires", key);
@@ -256,6 +267,8 @@ static void on_claim(void *opaque, redisReply *r)
     size_t n = 0;
 
     cb->claiming = 0;
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements < cb->asked)
+        cb->starved = 0; /* took every due entry: nothing waits for room */
     if (!r || r->type != REDIS_REPLY_ARRAY) {
         if (r && r->type == REDIS_REPLY_ERROR)
             PQ_ERR("callbacks: claim: %.200s", r->str);
@@ -272,7 +285,7 @@ static void on_claim(void *opaque, redisReply *r)
         n++;
     }
     /* a full claim: more are probably due */
-    if (cb->again || n == CLAIM_MAX) {
+    if (cb->again || (n == CLAIM_MAX && !cb->starved)) {
         cb->again = 0;
         claim(cb);
     } else {
@@ -294,11 +307,13 @@ static void claim(pq_callbacks_t *cb)
         cb->again = 1;
         return;
     }
-    room = (size_t)c->callback_max_inflight > cb->nitems
-               ? (size_t)c->callback_max_inflight - cb->nitems
+    room = (size_t)c->callback_max_inflight > cb->nposts
+               ? (size_t)c->callback_max_inflight - cb->nposts
                : 0;
+    if (room <= CLAIM_MAX)
+        cb->starved = 1; /* at the cap after this claim: the next POST to end claims again */
     if (room == 0) {
-        poll_in(cb, c->callback_poll_ms); /* a POST ending makes room */
+        poll_in(cb, c->callback_poll_ms);
         return;
     }
     if (room > CLAIM_MAX)
@@ -306,6 +321,7 @@ static void claim(pq_callbacks_t *cb)
     snprintf(now, sizeof(now), "%" PRId64, pq_now_ms());
     snprintf(hold, sizeof(hold), "%d", c->callback_timeout_ms + CLAIM_MARGIN_MS);
     snprintf(limit, sizeof(limit), "%zu", room);
+    cb->asked = room;
     argv[0] = "EVAL";
     argv[1] = pq_script_callback_claim;
     argv[2] = "1";
@@ -331,7 +347,13 @@ static void on_poll(evutil_socket_t fd, short what, void *arg)
 
 /* ---- public ---- */
 
-pq_callbacks_t *pq_callbacks_new(struct event_base *base, const pq_conf_t *conf, pq_redis_t *redis,
+static void on_redis_state(void *opaque, int up)
+{
+    if (up)
+        pq_callbacks_kick(opaque);
+}
+
+pq_callbacks_t *pq_callbacks_new(struct event_base *base, const pq_conf_t *conf,
                                  pq_metrics_t *metrics, char *errstr, size_t errstr_size)
 {
     static const char name[] = "promptq_callbacks_total",
@@ -345,7 +367,6 @@ pq_callbacks_t *pq_callbacks_new(struct event_base *base, const pq_conf_t *conf,
     }
     cb->base = base;
     cb->conf = conf;
-    cb->redis = redis;
     TAILQ_INIT(&cb->items);
     if (pq_key_callbacks(cb->zkey, sizeof(cb->zkey), conf->redis_prefix) < 0) {
         snprintf(errstr, errstr_size, "redis.prefix: too long");
@@ -367,6 +388,10 @@ pq_callbacks_t *pq_callbacks_new(struct event_base *base, const pq_conf_t *conf,
         return cb;
     }
     if (!(cb->http = pq_http_new(base, HOST_CONNS, errstr, errstr_size)))
+        goto out_fail;
+    cb->redis = pq_redis_new(base, conf->redis_host, conf->redis_port, conf->redis_password,
+                             conf->redis_db, 5000, on_redis_state, cb, errstr, errstr_size);
+    if (!cb->redis)
         goto out_fail;
     poll_in(cb, 0);
     return cb;
@@ -403,8 +428,9 @@ void pq_callbacks_destroy(pq_callbacks_t *cb)
     if (!cb)
         return;
     cb->stopping = 1;
-    /* POSTs cancelled without their callbacks; outcome writes still pending at the Redis
-     * connection are the caller's to drain first (destroy this after the connection) */
+    /* pending outcome writes run with NULL (their items are freed), then POSTs are cancelled
+     * without their callbacks: their claims expire and another worker sends them */
+    pq_redis_destroy(cb->redis);
     pq_http_destroy(cb->http);
     while ((it = TAILQ_FIRST(&cb->items)))
         item_free(it);

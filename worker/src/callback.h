@@ -25,9 +25,10 @@
 
 typedef struct pq_callbacks_s pq_callbacks_t;
 
-/* base, conf, redis, metrics: borrowed, must outlive the dispatcher. Polling starts at once.
- * Returns NULL with errstr set. */
-pq_callbacks_t *pq_callbacks_new(struct event_base *base, const pq_conf_t *conf, pq_redis_t *redis,
+/* base, conf, metrics: borrowed, must outlive the dispatcher. It has its own Redis connection
+ * and HTTP client (none when callbacks.allow_hosts is empty). Polling starts at once. Returns
+ * NULL with errstr set. */
+pq_callbacks_t *pq_callbacks_new(struct event_base *base, const pq_conf_t *conf,
                                  pq_metrics_t *metrics, char *errstr, size_t errstr_size);
 
 /* A callback was queued by this process: look for due ones now rather than at the next poll. */
@@ -39,8 +40,8 @@ void pq_callbacks_stop(pq_callbacks_t *cb);
 /* POSTs in flight. */
 size_t pq_callbacks_active(const pq_callbacks_t *cb);
 
-/* Cancels POSTs in flight (their claims expire and another worker sends them) and frees.
- * NULL is a no-op. */
+/* Drops its Redis connection, cancels POSTs in flight (their claims expire and another worker
+ * sends them) and frees. NULL is a no-op. */
 void pq_callbacks_destroy(pq_callbacks_t *cb);
 
 #endif

@@ -257,12 +257,15 @@ static int park_expired(const pq_job_t *j)
     return at > 0 && pq_now_ms() - at >= j->w->conf->park_ttl_s * 1000;
 }
 
-int64_t pq_job_parked_expiry(const pq_worker_t *w, const rd_kafka_message_t *m)
+int64_t pq_job_parked_expiry(const pq_worker_t *w, const pq_route_state_t *rs,
+                             const rd_kafka_message_t *m, int *dropped)
 {
     json_t *doc = json_loadb(m->payload ? (const char *)m->payload : "", m->len, 0, NULL);
     const char *dl = json_string_value(json_object_get(doc, "deadline"));
+    const char *tenant = json_string_value(json_object_get(doc, "tenant"));
     int64_t at = park_since(json_object_get(doc, "park")), exp = 0, d = 0;
 
+    *dropped = 0;
     if (!json_is_object(doc)) {
         json_decref(doc);
         return 0;
@@ -270,6 +273,7 @@ int64_t pq_job_parked_expiry(const pq_worker_t *w, const rd_kafka_message_t *m)
     exp = at > 0 ? at + w->conf->park_ttl_s * 1000 : INT64_MAX;
     if (dl && pq_time_parse(dl, &d) == 0 && d < exp)
         exp = d;
+    *dropped = rs && pq_worker_route_dropped(rs, tenant ? tenant : "default", at);
     json_decref(doc);
     return exp;
 }
@@ -802,6 +806,10 @@ static void on_begin(pq_job_t *j, redisReply *r)
             job_finish(j, "expired", PQ_ERR_EXPIRED, "deadline passed before the job ran");
         } else if (park_expired(j)) {
             job_finish(j, "expired", PQ_ERR_EXPIRED, "parked longer than worker.park_ttl_s");
+        } else if (j->env.park && j->retry_rs &&
+                   pq_worker_route_dropped(j->retry_rs, tenant_of(j), park_since(j->env.park))) {
+            job_finish(j, "cancelled", PQ_ERR_CANCELLED,
+                       "dropped by an operator (DELETE /v1/parked/{route})");
         } else {
             if (j->retry_rs)
                 j->retry_rs->replayed++;

@@ -496,13 +496,13 @@ static void circuit_open(pq_circuit_t *c, const char *why)
     }
 }
 
-static void circuit_close(pq_circuit_t *c)
+static void circuit_close(pq_circuit_t *c, const char *why)
 {
     int was = c->state;
 
     if (was != C_CLOSED)
-        PQ_WARN("circuit %s/%s closed: probe succeeded (%" PRIu64 " failed probes while open)",
-                c->pv->conf->name, c->target->model, c->probes_failed);
+        PQ_WARN("circuit %s/%s closed: %s (%" PRIu64 " failed probes while open)",
+                c->pv->conf->name, c->target->model, why, c->probes_failed);
     c->state = C_CLOSED;
     evtimer_del(c->timer);
     ring_reset(c);
@@ -535,6 +535,11 @@ int pq_circuit_allow(pq_circuit_t *c)
     return 0;
 }
 
+void pq_circuit_force_close(pq_circuit_t *c, const char *why)
+{
+    circuit_close(c, why);
+}
+
 void pq_circuit_probe_abort(pq_circuit_t *c)
 {
     if (c->probe_inflight && !c->probe_own)
@@ -552,7 +557,7 @@ void pq_circuit_record(pq_circuit_t *c, int failure, int probe)
         if (failure)
             circuit_open(c, "probe failed");
         else
-            circuit_close(c);
+            circuit_close(c, "probe succeeded");
         return;
     }
     if (c->state != C_CLOSED)

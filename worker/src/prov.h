@@ -121,6 +121,10 @@ int pq_circuit_allow(pq_circuit_t *c);
  * probe: the call was the half-open probe. */
 void pq_circuit_record(pq_circuit_t *c, int failure, int probe);
 
+/* Closes the circuit whatever the probes say (an operator's replay); why is logged. A probe in
+ * flight still reports: a failed one opens it again. No-op when closed. */
+void pq_circuit_force_close(pq_circuit_t *c, const char *why);
+
 /* The probe role given by pq_circuit_allow was not used. */
 void pq_circuit_probe_abort(pq_circuit_t *c);
 

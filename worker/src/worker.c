@@ -368,7 +368,10 @@ pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name)
         return NULL;
     }
     pq_conf_retry_topic(w->gen->conf, r, rs->topic, sizeof(rs->topic));
-    rs->ramp_start = 0; /* a fresh process ramps from its first replay */
+    if (pq_key_route_ops(rs->ops_key, sizeof(rs->ops_key), w->conf->redis_prefix, name) < 0)
+        rs->ops_key[0] = '\0';
+    rs->replay_seen = pq_now_ms(); /* replay requests from before this process are done */
+    rs->ramp_start = 0;            /* a fresh process ramps from its first replay */
     rs->next = w->routes;
     w->routes = rs;
     return rs;
@@ -527,9 +530,10 @@ static int64_t replay_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message
     if (!rs->down && !route_some_target(w, rs))
         route_set_down(w, rs, "every target's circuit is open");
     if (rs->down) {
-        int64_t exp = pq_job_parked_expiry(w, m);
-        if (exp == 0 || exp <= pq_now_ms())
-            return 0; /* unreadable (dlq) or expired: taken in to end */
+        int dropped;
+        int64_t exp = pq_job_parked_expiry(w, rs, m, &dropped);
+        if (exp == 0 || exp <= pq_now_ms() || dropped)
+            return 0; /* unreadable (dlq), expired or dropped: taken in to end */
         if (rs->held_wake == 0 || exp < rs->held_wake)
             rs->held_wake = exp;
         part_hold(w, p, m->offset);
@@ -600,8 +604,106 @@ static void schedule_replay(pq_worker_t *w, int64_t ms)
         evtimer_add(w->ev_replay, &tv);
 }
 
+/* ---- operator requests (POST /v1/parked/{route}/replay, DELETE /v1/parked/{route}) ---- */
+
+int pq_worker_route_dropped(const pq_route_state_t *rs, const char *tenant, int64_t parked_at)
+{
+    for (size_t i = 0; i < rs->ndrops; i++)
+        if (strcmp(rs->drops[i].tenant, tenant) == 0)
+            return parked_at > 0 && parked_at < rs->drops[i].before;
+    return 0;
+}
+
+static void drops_free(pq_route_state_t *rs)
+{
+    for (size_t i = 0; i < rs->ndrops; i++)
+        free(rs->drops[i].tenant);
+    free(rs->drops);
+    rs->drops = NULL;
+    rs->ndrops = 0;
+}
+
+/* Replay now: the route's circuits close by force and its parked jobs replay, ramped. */
+static void route_replay_now(pq_worker_t *w, pq_route_state_t *rs)
+{
+    const pq_route_t *r = pq_conf_route(w->gen->conf, rs->name);
+
+    for (size_t i = 0; r && i < r->ntargets; i++) {
+        pq_prov_t *pv = pq_provs_get(w->gen->provs, r->targets[i].p);
+        if (pv)
+            pq_circuit_force_close(pq_prov_circuit(pv, &r->targets[i]), "an operator's replay");
+    }
+    if (rs->down) {
+        pq_worker_route_up(w, rs, "an operator asked for a replay");
+    } else if (rs->nheld > 0) {
+        route_resume(w, rs);
+    }
+}
+
+/* The route's ops hash: {field, value, ...} (HGETALL). */
+static void on_route_ops(void *opaque, redisReply *r)
+{
+    pq_route_state_t *rs = opaque;
+    pq_worker_t *w = rs->w;
+    struct pq_drop_s *drops = NULL;
+    size_t n = 0, newer = 0;
+
+    rs->ops_pending = 0;
+    if (!r || r->type != REDIS_REPLY_ARRAY || !rs->active)
+        return;
+    if (r->elements / 2 > 0 && !(drops = calloc(r->elements / 2, sizeof(*drops))))
+        return;
+    for (size_t i = 0; i + 1 < r->elements; i += 2) {
+        const redisReply *f = r->element[i], *v = r->element[i + 1];
+        int64_t at;
+
+        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
+            continue;
+        at = strtoll(v->str, NULL, 10);
+        if (strcmp(f->str, "replay_at") == 0) {
+            if (at > rs->replay_seen) {
+                rs->replay_seen = at;
+                PQ_WARN("route %s: an operator asked for a replay of its parked jobs", rs->name);
+                route_replay_now(w, rs);
+            }
+        } else if (strncmp(f->str, "drop:", 5) == 0 && f->str[5]) {
+            if (!(drops[n].tenant = strdup(f->str + 5)))
+                continue;
+            drops[n].before = at;
+            if (!pq_worker_route_dropped(rs, drops[n].tenant, at - 1)) {
+                newer++;
+                PQ_WARN("route %s: an operator dropped tenant %s's parked jobs (parked before "
+                        "%" PRId64 ")",
+                        rs->name, drops[n].tenant, at);
+            }
+            n++;
+        }
+    }
+    drops_free(rs);
+    rs->drops = drops;
+    rs->ndrops = n;
+    /* held partitions are read again: the dropped jobs at their heads are taken in and end */
+    if (newer && rs->nheld > 0)
+        route_resume(w, rs);
+}
+
+static void routes_ops_poll(pq_worker_t *w)
+{
+    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
+        const char *argv[2] = {"HGETALL", rs->ops_key};
+        size_t lens[2] = {7, strlen(rs->ops_key)};
+
+        if (!rs->active || rs->ops_pending || !rs->ops_key[0])
+            continue;
+        rs->w = w;
+        if (pq_redis_command(w->redis, 2, argv, lens, on_route_ops, rs) == 0)
+            rs->ops_pending = 1;
+    }
+}
+
 static void on_routes(evutil_socket_t fd, short what, void *arg)
 {
+    routes_ops_poll(arg);
     replay_tick(arg);
 }
 
@@ -1473,7 +1575,7 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         snprintf(errstr, errstr_size, "redis.prefix: too long");
         goto out_fail;
     }
-    w->callbacks = pq_callbacks_new(w->base, conf, w->redis, w->metrics, errstr, errstr_size);
+    w->callbacks = pq_callbacks_new(w->base, conf, w->metrics, errstr, errstr_size);
     if (!w->callbacks)
         goto out_fail;
 
@@ -1732,7 +1834,7 @@ void pq_worker_destroy(pq_worker_t *w)
     free(w->cluster_id);
     pq_redis_destroy(w->redis);
     pq_redis_destroy(w->iredis);
-    pq_callbacks_destroy(w->callbacks); /* after its connection: pending replies run first */
+    pq_callbacks_destroy(w->callbacks);
     while ((g = w->retired)) {
         w->retired = g->next;
         gen_free(g);
@@ -1741,6 +1843,7 @@ void pq_worker_destroy(pq_worker_t *w)
         gen_free(w->gen);
     while ((rs = w->routes)) {
         w->routes = rs->next;
+        drops_free(rs);
         free(rs->hi);
         free(rs->name);
         free(rs);

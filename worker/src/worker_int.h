@@ -52,6 +52,16 @@ typedef struct pq_route_state_s {
     int nheld;          /* retry partitions held (sought back and paused) */
     size_t inflight;    /* jobs of this route's retry topic in flight */
     uint64_t parked, replayed, reparked, expired; /* since start */
+    /* operator requests (pq_key_route_ops), read every second */
+    struct pq_worker_s *w;
+    char ops_key[320];
+    int ops_pending;     /* the read is in flight */
+    int64_t replay_seen; /* wall ms of the last replay request acted on */
+    struct pq_drop_s {   /* tenants' drops: parked before `before` = dropped */
+        char *tenant;
+        int64_t before;
+    } * drops;
+    size_t ndrops;
     int64_t *hi; /* per partition: one past the highest offset this worker parked there */
     struct pq_route_state_s *next;
 } pq_route_state_t;
@@ -182,6 +192,10 @@ void pq_worker_route_up(pq_worker_t *w, pq_route_state_t *rs, const char *why);
 /* A parked job is on topic at (partition, offset) (health estimates). */
 void pq_worker_parked_at(pq_worker_t *w, const char *topic, int32_t partition, int64_t offset);
 
+/* Whether a job of tenant parked at parked_at (wall ms; 0 unknown) on rs was dropped by an
+ * operator (DELETE /v1/parked/{route}: the route's ops hash, read every second). */
+int pq_worker_route_dropped(const pq_route_state_t *rs, const char *tenant, int64_t parked_at);
+
 /* Drops a job's reference on a generation; frees a retired one at zero. */
 void pq_gen_unref(pq_worker_t *w, pq_gen_t *g);
 
@@ -194,8 +208,10 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
 
 /* A parked job read from a retry topic: its expiry time (wall ms, the earlier of its deadline
  * and parked_at + park_ttl_s), 0 when the message cannot be read (taken in: it goes to the dlq
- * as invalid). Pure apart from the clock. */
-int64_t pq_job_parked_expiry(const pq_worker_t *w, const rd_kafka_message_t *m);
+ * as invalid); *dropped = 1 when an operator dropped it from rs (pq_worker_route_dropped).
+ * Pure apart from the clock. */
+int64_t pq_job_parked_expiry(const pq_worker_t *w, const pq_route_state_t *rs,
+                             const rd_kafka_message_t *m, int *dropped);
 
 /* Redis is back: re-issue the steps of jobs that waited for it. */
 void pq_job_redis_up(pq_worker_t *w);
