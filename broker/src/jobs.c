@@ -1,6 +1,9 @@
 /* GET /v1/jobs/{id}: the tenant's job record from Redis. A terminal job answers its stored
  * result record verbatim; otherwise a status summary.
  *
+ * A job with a callback_url carries its state in headers (x-promptq-callback: pending, delivered,
+ * failed or refused; x-promptq-callback-attempts; x-promptq-callback-error).
+ *
  * DELETE /v1/jobs/{id}: cancels a job that has not run yet. The record is read (404 if absent:
  * unknown or another tenant's), a cancelled result record is built (the worker's shape:
  * provider and model null, error {"type":"cancelled"}, source null since the broker does not
@@ -158,6 +161,7 @@ void pq_jobs_redis_reply(pq_slot_t *s, const void *r)
     pq_bthread_t *t = s->t;
     const char *status = NULL, *route = NULL, *result = NULL, *attempts = NULL;
     const char *deliveries = NULL, *created = NULL, *updated = NULL;
+    const char *cb = NULL, *cb_attempts = NULL, *cb_error = NULL;
     size_t result_len = 0;
     json_t *doc;
     char *text;
@@ -187,10 +191,26 @@ void pq_jobs_redis_reply(pq_slot_t *s, const void *r)
             created = v->str;
         else if (!strcmp(k->str, "updated_at"))
             updated = v->str;
+        else if (!strcmp(k->str, "callback"))
+            cb = v->str;
+        else if (!strcmp(k->str, "callback_attempts"))
+            cb_attempts = v->str;
+        else if (!strcmp(k->str, "callback_error"))
+            cb_error = v->str;
     }
     if (!status) {
         pq_http_error(t, s->req, PQ_PATH_JOB, 404, "not_found", "no such job");
         goto out;
+    }
+    if (cb) {
+        /* the callback's state rides in headers: the body stays the record, verbatim */
+        struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
+
+        evhttp_add_header(h, "x-promptq-callback", cb);
+        if (cb_attempts)
+            evhttp_add_header(h, "x-promptq-callback-attempts", cb_attempts);
+        if (cb_error && *cb_error && !strpbrk(cb_error, "\r\n"))
+            evhttp_add_header(h, "x-promptq-callback-error", cb_error);
     }
     if (is_terminal(status) && result && result_len) {
         pq_http_reply(t, s->req, PQ_PATH_JOB, 200, result, result_len);

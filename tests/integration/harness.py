@@ -403,6 +403,37 @@ class Sim:
         http("POST", self.control_url + "/_sim/reset", {})
 
 
+class StatusPage:
+    """A statuspage.io /api/v2/status.json on loopback whose indicator the test sets
+    (none, minor, major, critical). close() when done."""
+
+    def __init__(self, indicator="none"):
+        import http.server as hs
+        self.indicator = indicator
+        outer = self
+
+        class Page(hs.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({"status": {"indicator": outer.indicator,
+                                              "description": "x"}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = hs.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = "http://127.0.0.1:%d/api/v2/status.json" % self.srv.server_address[1]
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
 def _merge(dst, src):
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
@@ -475,6 +506,20 @@ class Stack:
     @property
     def broker_url(self):
         return "http://127.0.0.1:%d" % self.broker_port
+
+    def broker_ready(self):
+        """GET /readyz answers 200 (durable intake possible)."""
+        try:
+            return http("GET", self.broker_url + "/readyz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def broker(self, path, name="broker", env=None):
+        """Starts promptq-broker with config path and waits for /readyz; returns its Proc."""
+        p = self.spawn("promptq-broker", "--config", path, name=name, env=env)
+        wait_for(lambda: self.broker_ready() or not p.alive(), T(20), "%s /readyz" % name)
+        assert p.alive(), p.tail()
+        return p
 
     def config(self, providers=None, routes=None, extra=None, name="config.json"):
         """Writes a config wired to this stack's redis/devkafka/sims; returns (path, dict).

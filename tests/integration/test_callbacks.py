@@ -102,15 +102,7 @@ def stack(st, rcv, callbacks=None):
         cb.update(callbacks)
     path, _ = st.config(extra={"broker": {"api_keys": KEYS}, "worker": {"lease_ms": 3000},
                                "callbacks": cb})
-    b = st.spawn("promptq-broker", "--config", path, name="broker")
-
-    def ready():
-        try:
-            return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
-        except OSError:
-            return False
-    wait_for(lambda: ready() or not b.alive(), T(20), "broker /readyz")
-    assert b.alive(), b.tail()
+    st.broker(path)
     return r, path
 
 
@@ -194,6 +186,11 @@ def test_delivery_signature_retries_and_refusals():
             jg = submit(st, job("gone", rcv.url("/gone/1")), A)
             wait_for(lambda: record(r, "tenant-a", jd).get("callback") == "failed", T(30),
                      "callback failed after 3 attempts")
+            status, hd, _ = harness.http("GET", st.broker_url + "/v1/jobs/" + jd, headers=A)
+            hd = {k.lower(): v for k, v in dict(hd).items()}
+            assert hd.get("x-promptq-callback") == "failed", hd
+            assert hd.get("x-promptq-callback-attempts") == "3", hd
+            assert hd.get("x-promptq-callback-error") == "HTTP 503", hd
             wait_for(lambda: record(r, "tenant-a", jg).get("callback") == "failed", T(10),
                      "410 fails the callback")
             time.sleep(T(1.5))  # past the largest backoff: nothing more is sent

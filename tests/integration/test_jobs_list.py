@@ -4,7 +4,6 @@ Tenant isolation, pagination (no duplicates, nothing skipped), the status filter
 entries of expired or deleted records dropped, and jobs produced straight into Kafka (indexed by
 the worker) or sent through chat completions appearing once they ran."""
 
-import json
 import time
 import urllib.parse
 
@@ -23,16 +22,6 @@ def job(prompt):
     return {"request": {"model": "m1", "messages": [{"role": "user", "content": prompt}]}}
 
 
-def wait_ready(st, p):
-    def ready():
-        try:
-            return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
-        except OSError:
-            return False
-    wait_for(lambda: ready() or not p.alive(), T(20), "broker /readyz")
-    assert p.alive(), p.tail()
-
-
 def start(st, redis_extra=None):
     """Broker only (no worker: jobs stay queued), API keys for tenants a and b."""
     r = st.redis()
@@ -41,7 +30,7 @@ def start(st, redis_extra=None):
     if redis_extra:
         extra["redis"] = redis_extra
     path, _ = st.config(providers=PROVIDERS, routes=ROUTES, extra=extra)
-    wait_ready(st, st.spawn("promptq-broker", "--config", path, name="broker"))
+    st.broker(path)
     return r
 
 
@@ -238,7 +227,7 @@ def test_kafka_and_chat_jobs_listed():
         st.devkafka(brokers=1, partitions=4)
         st.sim("a")
         path, _ = st.config(extra={"worker": {"lease_ms": 3000}})
-        wait_ready(st, st.spawn("promptq-broker", "--config", path, name="broker"))
+        st.broker(path)
         st.spawn("promptq-worker", "--config", path, name="worker")
 
         # open mode: the tenant comes from ?tenant=

@@ -5,9 +5,6 @@ parked); DELETE /v1/parked/{route} drops the caller's tenant's parked jobs (they
 cancelled without a provider call, another tenant's jobs are untouched). Real redis-server,
 promptq-devkafka, promptq-sim, broker and worker."""
 
-import http.server
-import json
-import threading
 import time
 
 import harness
@@ -18,35 +15,6 @@ A = {"Authorization": "Bearer key-a"}
 B = {"Authorization": "Bearer key-b"}
 ROUTE = "team/model-1"  # a route name with a "/" (percent-encoded in the path)
 PATH = "team%2Fmodel-1"
-
-
-class StatusPage:
-    """A statuspage.io status.json whose indicator the test sets."""
-
-    def __init__(self):
-        self.indicator = "none"
-        outer = self
-
-        class Page(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = json.dumps({"status": {"indicator": outer.indicator,
-                                              "description": "x"}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-        self.url = "http://127.0.0.1:%d/api/v2/status.json" % self.srv.server_address[1]
-
-    def close(self):
-        self.srv.shutdown()
-        self.srv.server_close()
 
 
 def up(st, page):
@@ -60,14 +28,7 @@ def up(st, page):
                                                                    "model": "m"}]},
                         extra={"broker": {"api_keys": KEYS},
                                "worker": {"lease_ms": 3000, "max_inflight": 256}})
-    b = st.spawn("promptq-broker", "--config", path, name="broker")
-
-    def ready():
-        try:
-            return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
-        except OSError:
-            return False
-    wait_for(lambda: ready() or not b.alive(), T(20), "broker /readyz")
+    st.broker(path)
     st.spawn("promptq-worker", "--config", path, name="worker")
     return r, s
 
@@ -100,7 +61,7 @@ def all_status(st, ids, headers, want):
 
 
 def test_replay_now_overrides_the_status_page():
-    page = StatusPage()
+    page = harness.StatusPage()
     try:
         page.indicator = "major"  # read every 5 s: set before the outage
         with harness.Stack("parked-replay") as st:
@@ -135,7 +96,7 @@ def test_replay_now_overrides_the_status_page():
 
 
 def test_drop_ends_only_the_callers_parked_jobs():
-    page = StatusPage()
+    page = harness.StatusPage()
     try:
         with harness.Stack("parked-drop") as st:
             r, s = up(st, page)

@@ -6,12 +6,10 @@ route never slows another; an idle worker during a total outage; park TTL, deadl
 expiry; SIGHUP creates a new route's retry topic; SIGKILL while partitions are held loses
 nothing."""
 
-import http.server
 import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from datetime import datetime
 
@@ -356,27 +354,10 @@ def test_reply_to_published():
 def test_status_page_major_keeps_circuit_open():
     """status_url (statuspage.io status.json) reporting "major": probes that answer do not close
     the circuit, jobs stay parked; back to "none": replayed."""
-    page = {"indicator": "major"}
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"status": {"indicator": page["indicator"],
-                                          "description": "x"}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    page = harness.StatusPage("major")
     try:
         with harness.Stack("park_status") as st:
-            url = "http://127.0.0.1:%d/api/v2/status.json" % srv.server_address[1]
-            r, s, path, w = up(st, sims=("a",), prov={"status_url": url})
+            r, s, path, w = up(st, sims=("a",), prov={"status_url": page.url})
             s["a"].set_state({"mode": "down"})
             ids = ["sp-%02d" % i for i in range(20)]
             submit(st, [env(i, "sp " + i) for i in ids])
@@ -394,11 +375,11 @@ def test_status_page_major_keeps_circuit_open():
                     c["last_probe"]["detail"]
             wait_for(probed_major, T(10), "health: a failed probe because of the status page")
             assert not docs(st, RESULTS)
-            page["indicator"] = "none"
+            page.indicator = "none"
             got = results(st, ids, T(40))
             assert all(got[i]["status"] == "succeeded" for i in ids)
     finally:
-        srv.shutdown()
+        page.close()
 
 
 harness.run(globals())

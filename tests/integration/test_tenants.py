@@ -27,15 +27,7 @@ def start(st, broker_extra=None):
     if broker_extra:
         extra["broker"].update(broker_extra)
     path, _ = st.config(providers=PROVIDERS, routes=ROUTES, extra=extra)
-    p = st.spawn("promptq-broker", "--config", path, name="broker")
-
-    def ready():
-        try:
-            return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
-        except OSError:
-            return False
-    wait_for(lambda: ready() or not p.alive(), T(20), "broker /readyz")
-    assert p.alive(), p.tail()
+    st.broker(path)
     return r
 
 
