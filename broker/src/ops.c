@@ -576,6 +576,19 @@ static void parked_op(pq_bthread_t *t, struct evhttp_request *req, const char *r
 
     if (pq_jobs_request_tenant(t, req, PQ_PATH_PARKED, tenant, sizeof(tenant)))
         return;
+    if (!drop && conf->napi_keys > 0) {
+        /* a replay closes circuits shared by every tenant: admins only */
+        size_t i = 0;
+
+        while (i < conf->nadmin_tenants && strcmp(conf->admin_tenants[i], tenant) != 0)
+            i++;
+        if (i == conf->nadmin_tenants) {
+            pq_http_error(t, req, PQ_PATH_PARKED, 403, "forbidden",
+                          "a replay affects every tenant's jobs on the route: it needs the key "
+                          "of a tenant listed in broker.admin_tenants");
+            return;
+        }
+    }
     if (raw_len < sizeof(raw)) {
         memcpy(raw, raw_route, raw_len);
         raw[raw_len] = '\0';

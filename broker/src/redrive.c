@@ -431,6 +431,63 @@ static int job_create(struct pq_redrive_s *r, const char *tenant, const pq_envel
     return res == 1 ? 1 : res == 0 ? 0 : -1;
 }
 
+/* Whether an existing redriven job's record may never have reached Kafka: no
+ * "redrive_produced" mark (set after its delivery report, mark_produced) and still queued and
+ * never delivered. An earlier redrive then created it but its message was lost (a lost Redis
+ * reply, a crash, a failed delivery whose cleanup did not run): it is produced again (G3 makes
+ * a second copy harmless). 1 yes, 0 no, -1 Redis unusable. */
+static int job_undelivered(struct pq_redrive_s *r, const char *tenant, const char *id)
+{
+    char key[512];
+    redisReply *rep;
+    int ret = -1;
+
+    if (pq_key_job(key, sizeof(key), r->bc->conf->redis_prefix, tenant, id) < 0 || redis_connect(r))
+        return -1;
+    rep = redisCommand(r->rc, "HMGET %s status deliveries redrive_produced", key);
+    if (!rep) {
+        redis_close(r);
+        return -1;
+    }
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 3) {
+        const redisReply *st = rep->element[0], *d = rep->element[1], *mk = rep->element[2];
+
+        ret = mk->type != REDIS_REPLY_STRING && st->type == REDIS_REPLY_STRING &&
+              !strcmp(st->str, "queued") && (d->type != REDIS_REPLY_STRING || !strcmp(d->str, "0"));
+    }
+    freeReplyObject(rep);
+    return ret;
+}
+
+/* Marks the records of the jobs Kafka confirmed (one pipeline). Best effort: a record left
+ * unmarked is produced again by a later redrive, harmlessly. */
+static void mark_produced(struct pq_redrive_s *r, const char *tenant)
+{
+    size_t sent = 0;
+
+    if (redis_connect(r))
+        return;
+    for (size_t i = 0; i < r->nitems; i++) {
+        char key[512];
+
+        if (r->items[i].state != 1 ||
+            pq_key_job(key, sizeof(key), r->bc->conf->redis_prefix, tenant, r->items[i].id) < 0)
+            continue;
+        if (redisAppendCommand(r->rc, "HSET %s redrive_produced 1", key) != REDIS_OK)
+            break;
+        sent++;
+    }
+    for (size_t i = 0; i < sent; i++) {
+        void *rep = NULL;
+
+        if (redisGetReply(r->rc, &rep) != REDIS_OK) {
+            redis_close(r);
+            return;
+        }
+        freeReplyObject(rep);
+    }
+}
+
 static void job_drop(struct pq_redrive_s *r, const char *tenant, const char *id)
 {
     char key[512];
@@ -480,10 +537,10 @@ static rd_kafka_t *producer_new(struct pq_redrive_s *r, char *errstr, size_t siz
 
     if (!kc)
         return NULL;
-    if (!pq_conf_kafka_get(conf, "message.timeout.ms") &&
-        !pq_conf_kafka_get(conf, "delivery.timeout.ms") &&
-        rd_kafka_conf_set(kc, "message.timeout.ms", REDRIVE_MSG_TIMEOUT_MS, errstr, size) !=
-            RD_KAFKA_CONF_OK) {
+    /* always its own bound, whatever the pass-through says: a redrive call (and a SIGTERM
+     * behind it) waits for these delivery reports */
+    if (rd_kafka_conf_set(kc, "message.timeout.ms", REDRIVE_MSG_TIMEOUT_MS, errstr, size) !=
+        RD_KAFKA_CONF_OK) {
         rd_kafka_conf_destroy(kc);
         return NULL;
     }
@@ -594,7 +651,8 @@ static int items_push(struct pq_redrive_s *r, const char *id, const char *orig, 
 }
 
 /* Outcome of one dlq record. */
-enum { REC_IGNORED, REC_SKIPPED, REC_ALREADY, REC_PRODUCED, REC_FAILED, REC_REDIS_DOWN };
+/* REC_OTHER: another tenant's record (not counted: a tenant never learns of others' records) */
+enum { REC_OTHER, REC_IGNORED, REC_SKIPPED, REC_ALREADY, REC_PRODUCED, REC_FAILED, REC_REDIS_DOWN };
 
 /* The new job's envelope from a dlq record (root: taken). Returns PQ_OK with env filled. */
 static pq_err_t build_envelope(struct pq_redrive_s *r, json_t *root, const char *new_id,
@@ -619,6 +677,8 @@ static pq_err_t build_envelope(struct pq_redrive_s *r, json_t *root, const char 
     from = json_pack("{s:s, s:s, s:i, s:I}", "id", orig, "error", type, "partition", (int)partition,
                      "offset", (json_int_t)offset);
     if (!meta || !from || json_object_set_new(meta, "redriven_from", from)) {
+        if (!meta)
+            json_decref(from); /* json_object_set_new takes it otherwise */
         json_decref(root);
         return PQ_ERR_NOMEM;
     }
@@ -656,11 +716,11 @@ static int record(struct pq_redrive_s *r, const rjob_t *j, const rd_kafka_messag
 
     if (!json_is_object(root)) {
         json_decref(root);
-        return strcmp(j->tenant, "default") ? REC_IGNORED : REC_SKIPPED;
+        return strcmp(j->tenant, "default") ? REC_OTHER : REC_SKIPPED;
     }
     tenant = json_string_value(json_object_get(root, "tenant"));
     if (strcmp(tenant ? tenant : "default", j->tenant)) {
-        out = REC_IGNORED;
+        out = REC_OTHER;
         goto out;
     }
     orig = json_string_value(json_object_get(root, "id"));
@@ -697,6 +757,11 @@ static int record(struct pq_redrive_s *r, const rjob_t *j, const rd_kafka_messag
                            &len) != PQ_OK)
             return REC_SKIPPED;
         rc = job_create(r, j->tenant, &env);
+        if (rc == 0) {
+            /* exists: produce again when it never ran (G3 makes a second copy harmless) */
+            int u = job_undelivered(r, j->tenant, new_id);
+            rc = u < 0 ? -2 : u ? 1 : 0;
+        }
         if (rc == -2) {
             out = REC_REDIS_DOWN;
         } else if (rc == -1) {
@@ -791,6 +856,7 @@ static int scan_partition(struct pq_redrive_s *r, rjob_t *j, int32_t p, int64_t 
     while (next < hi && rc == 0) {
         ssize_t n;
         size_t want;
+        int rec;
 
         if (atomic_load(&r->stop)) {
             rc = -3;
@@ -822,8 +888,11 @@ static int scan_partition(struct pq_redrive_s *r, rjob_t *j, int32_t p, int64_t 
             }
             last_progress = pq_mono_ms();
             next = m->offset + 1;
-            c->scanned++;
-            switch (record(r, j, m)) {
+            rec = record(r, j, m);
+            if (rec != REC_OTHER)
+                c->scanned++;
+            switch (rec) {
+            case REC_OTHER:
             case REC_IGNORED:
                 break;
             case REC_SKIPPED:
@@ -891,6 +960,12 @@ static void scan(struct pq_redrive_s *r, rjob_t *j)
         answer_scan(r, j, &c); /* no dlq topic yet: nothing dead-lettered */
         goto out;
     }
+    if (md->topics[0].err) {
+        /* not authorised, no leader yet...: never answer "nothing to redrive" then */
+        PQ_WARN("redrive: %s metadata: %s", r->topic_dlq, rd_kafka_err2str(md->topics[0].err));
+        answer_error(j, 503, "5", "unavailable", "dlq redrive: the dlq topic is not readable now");
+        goto out;
+    }
     np = md->topics[0].partition_cnt;
     lo = calloc((size_t)(np > 0 ? np : 1), sizeof(*lo));
     hi = calloc((size_t)(np > 0 ? np : 1), sizeof(*hi));
@@ -920,6 +995,7 @@ static void scan(struct pq_redrive_s *r, rjob_t *j)
         }
     }
     wait_deliveries(r);
+    mark_produced(r, j->tenant);
     for (size_t i = 0; i < r->nitems; i++) {
         if (r->items[i].state == 1) {
             c.redriven++;

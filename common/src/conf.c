@@ -315,6 +315,9 @@ static const prop_t broker_props[] = {
           "spool size cap"),
     P_LIST(PT_KVMAP, pq_conf_t, "api_keys", api_keys, napi_keys, PF_SECRET_KEYS,
            "client key -> tenant; empty: the broker runs open"),
+    P_LIST(PT_STRLIST, pq_conf_t, "admin_tenants", admin_tenants, nadmin_tenants, 0,
+           "tenants whose keys may ask for requests that affect every tenant (POST "
+           "/v1/parked/{route}/replay); open brokers allow them to all"),
     P_INT(pq_conf_t, "sync_timeout_ms", sync_timeout_ms, 50000, 1, ONE_HOUR_MS,
           "how long POST /v1/chat/completions waits for the result"),
     P_INT(pq_conf_t, "ack_timeout_ms", ack_timeout_ms, 1000, 1, 600000,

@@ -26,7 +26,7 @@ def up(st, page):
             "status_url": page.url}
     path, _ = st.config(providers={"sim": prov}, routes={ROUTE: [{"provider": "sim",
                                                                    "model": "m"}]},
-                        extra={"broker": {"api_keys": KEYS},
+                        extra={"broker": {"api_keys": KEYS, "admin_tenants": ["tenant-a"]},
                                "worker": {"lease_ms": 3000, "max_inflight": 256}})
     st.broker(path)
     st.spawn("promptq-worker", "--config", path, name="worker")
@@ -84,6 +84,12 @@ def test_replay_now_overrides_the_status_page():
             status, _, doc = harness.http_json("POST", st.broker_url + "/v1/parked/%s/replay"
                                                % PATH)
             assert status == 401, doc
+            # a replay acts for every tenant: only an admin tenant's key may ask
+            status, _, doc = harness.http_json("POST", st.broker_url + "/v1/parked/%s/replay"
+                                               % PATH, headers=B)
+            assert status == 403 and "admin_tenants" in doc["error"]["message"], doc
+            time.sleep(T(1.5))
+            assert all_status(st, ids, A, "parked")
             t0 = time.time()
             status, _, doc = harness.http_json("POST", st.broker_url + "/v1/parked/%s/replay"
                                                % PATH, headers=A)

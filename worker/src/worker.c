@@ -368,8 +368,10 @@ pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name)
         return NULL;
     }
     pq_conf_retry_topic(w->gen->conf, r, rs->topic, sizeof(rs->topic));
-    if (pq_key_route_ops(rs->ops_key, sizeof(rs->ops_key), w->conf->redis_prefix, name) < 0)
+    if (pq_key_route_ops(rs->ops_key, sizeof(rs->ops_key), w->conf->redis_prefix, name) < 0) {
         rs->ops_key[0] = '\0';
+        rs->ops_loaded = 1; /* no requests can be read: never wait for them */
+    }
     rs->replay_seen = pq_now_ms(); /* replay requests from before this process are done */
     rs->ramp_start = 0;            /* a fresh process ramps from its first replay */
     rs->next = w->routes;
@@ -527,6 +529,12 @@ static int64_t replay_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message
 
     if (p->held)
         return -1; /* prefetched before the hold: fetched again on the resume */
+    if (!rs->ops_loaded) {
+        /* nothing replays before the route's operator requests are read (a drop must not
+         * miss jobs a new process takes in first) */
+        part_hold(w, p, m->offset);
+        return -1;
+    }
     if (!rs->down && !route_some_target(w, rs))
         route_set_down(w, rs, "every target's circuit is open");
     if (rs->down) {
@@ -564,7 +572,7 @@ static void replay_tick(pq_worker_t *w)
             else
                 rs->recheck_ms = now + RECHECK_MS;
         }
-        if (rs->nheld == 0)
+        if (rs->nheld == 0 || !rs->ops_loaded)
             continue;
         if (rs->down) {
             if (rs->held_wake > 0 && wall >= rs->held_wake) {
@@ -630,8 +638,9 @@ static void route_replay_now(pq_worker_t *w, pq_route_state_t *rs)
 
     for (size_t i = 0; r && i < r->ntargets; i++) {
         pq_prov_t *pv = pq_provs_get(w->gen->provs, r->targets[i].p);
-        if (pv)
-            pq_circuit_force_close(pq_prov_circuit(pv, &r->targets[i]), "an operator's replay");
+        pq_circuit_t *c = pv ? pq_prov_circuit(pv, &r->targets[i]) : NULL;
+        if (c)
+            pq_circuit_force_close(c, "an operator's replay");
     }
     if (rs->down) {
         pq_worker_route_up(w, rs, "an operator asked for a replay");
@@ -651,6 +660,10 @@ static void on_route_ops(void *opaque, redisReply *r)
     rs->ops_pending = 0;
     if (!r || r->type != REDIS_REPLY_ARRAY || !rs->active)
         return;
+    if (!rs->ops_loaded) {
+        rs->ops_loaded = 1; /* replay may start: the drops are known */
+        newer = 1;
+    }
     if (r->elements / 2 > 0 && !(drops = calloc(r->elements / 2, sizeof(*drops))))
         return;
     for (size_t i = 0; i + 1 < r->elements; i += 2) {
@@ -682,7 +695,8 @@ static void on_route_ops(void *opaque, redisReply *r)
     drops_free(rs);
     rs->drops = drops;
     rs->ndrops = n;
-    /* held partitions are read again: the dropped jobs at their heads are taken in and end */
+    /* held partitions are read again: the dropped jobs at their heads are taken in and end
+     * (and after the first read, what waited for it goes on) */
     if (newer && rs->nheld > 0)
         route_resume(w, rs);
 }

@@ -56,6 +56,7 @@ typedef struct pq_route_state_s {
     struct pq_worker_s *w;
     char ops_key[320];
     int ops_pending;     /* the read is in flight */
+    int ops_loaded;      /* read once: until then its retry partitions are held */
     int64_t replay_seen; /* wall ms of the last replay request acted on */
     struct pq_drop_s {   /* tenants' drops: parked before `before` = dropped */
         char *tenant;

@@ -90,6 +90,8 @@ typedef struct pq_conf_s {
     int64_t spool_max_bytes; /* default 1 GiB */
     pq_kv_t *api_keys;       /* key -> tenant; empty = open */
     size_t napi_keys;
+    char **admin_tenants; /* tenants whose keys may make route-wide requests (parked replay) */
+    size_t nadmin_tenants;
     int sync_timeout_ms;
     int ack_timeout_ms;
     int64_t max_body_bytes;    /* 0 = derived from message.max.bytes */
