@@ -354,7 +354,6 @@ static const prop_t worker_props[] = {
     P_INT(pq_conf_t, "lease_ms", lease_ms, 30000, 1000, ONE_HOUR_MS, "job lease, renewed"),
     P_INT(pq_conf_t, "max_attempts", max_attempts, 10, 1, 1000,
           "provider calls per job per pass over its route"),
-    P_INT(pq_conf_t, "threads", worker_threads, 1, 1, 256, "worker threads (event loops)"),
     P_STR(pq_conf_t, "metrics_listen", metrics_listen, "", 0,
           "HOST:PORT serving GET /metrics and /healthz; empty = off"),
 };

@@ -191,7 +191,6 @@ static void test_defaults(void **state)
     assert_int_equal(c->max_response_bytes, 4194304);
     assert_int_equal(c->max_deliveries, 5);
     assert_int_equal(c->lease_ms, 30000);
-    assert_int_equal(c->worker_threads, 1);
     assert_string_equal(c->metrics_listen, "");
     assert_string_equal(c->log_level, "info");
     assert_int_equal(c->log_json, 0);
@@ -265,7 +264,6 @@ static void test_everything(void **state)
     assert_int_equal(c->max_response_bytes, 2048);
     assert_int_equal(c->max_deliveries, 3);
     assert_int_equal(c->lease_ms, 5000);
-    assert_int_equal(c->worker_threads, 2);
 
     p = pq_conf_provider(c, "sim");
     assert_string_equal(p->base_url, "http://127.0.0.1:18080/v1");

@@ -112,7 +112,6 @@ typedef struct pq_conf_s {
     int max_deliveries; /* redeliveries before a job is poison, default 5 */
     int lease_ms;       /* default 30000 */
     int max_attempts;   /* provider calls per job per pass over its route, default 10 */
-    int worker_threads; /* default 1 */
     /* "HOST:PORT" for GET /metrics and /healthz; "" = off */
     char *metrics_listen;
 
