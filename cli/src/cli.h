@@ -1,4 +1,4 @@
-/* promptq, the command-line client: shared declarations of its modules (http.c, jobs.c,
+/* promptq, the command-line client: shared declarations of its modules (http.c, jobs.c, list.c,
  * batch.c, ops.c, main.c). Internal to the cli/ directory. */
 #ifndef PROMPTQ_CLI_H
 #define PROMPTQ_CLI_H
@@ -135,6 +135,11 @@ int pq_cli_status_exit(const char *status);
  * errstr. Pure. */
 json_t *pq_cli_envelope_from_line(const char *line, size_t len, const char *model, char *errstr,
                                   size_t errstr_size);
+
+/* ---- list.c ---- */
+
+/* promptq list: GET /v1/jobs, one line per job (or each page as JSON); --all follows has_more. */
+int pq_cli_cmd_list(pq_cli_t *c, int argc, char **argv);
 
 /* ---- batch.c ---- */
 

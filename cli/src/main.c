@@ -20,6 +20,8 @@ static const char usage_text[] =
     "                    submit one job (POST /v1/jobs); prints its id, or with --wait its answer\n"
     "  get ID            show a job (GET /v1/jobs/ID)\n"
     "  watch ID...       follow jobs until they are terminal, printing status changes\n"
+    "  list [--status STATUS] [--limit N] [--after ID] [--all]\n"
+    "                    your jobs, newest first (GET /v1/jobs)\n"
     "  cancel ID         cancel a job that has not run yet (DELETE /v1/jobs/ID)\n"
     "  batch FILE.jsonl [--model ROUTE] [--concurrency N] [--no-wait]\n"
     "                    submit each line as a job and wait for all of them\n"
@@ -164,9 +166,10 @@ static const struct {
     const char *name;
     cmd_fn fn;
 } commands[] = {
-    {"submit", pq_cli_cmd_submit}, {"get", pq_cli_cmd_get},     {"watch", pq_cli_cmd_watch},
-    {"cancel", pq_cli_cmd_cancel}, {"batch", pq_cli_cmd_batch}, {"health", pq_cli_cmd_health},
-    {"parked", pq_cli_cmd_parked}, {"dlq", pq_cli_cmd_dlq},     {"models", pq_cli_cmd_models},
+    {"submit", pq_cli_cmd_submit}, {"get", pq_cli_cmd_get},       {"watch", pq_cli_cmd_watch},
+    {"cancel", pq_cli_cmd_cancel}, {"list", pq_cli_cmd_list},     {"batch", pq_cli_cmd_batch},
+    {"health", pq_cli_cmd_health}, {"parked", pq_cli_cmd_parked}, {"dlq", pq_cli_cmd_dlq},
+    {"models", pq_cli_cmd_models},
 };
 
 int main(int argc, char **argv)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 
 import harness
 from harness import T, wait_for
@@ -283,6 +284,119 @@ def test_api_keys():
         code, out, err = cli("--url", url, "--key", "sekrit-wrong-key", "batch", path,
                              "--model", ROUTE)
         assert code == 1 and "401" in err and "sekrit-wrong-key" not in out + err, (code, err)
+
+
+LIST_KEYS = {"cli-list-a": "tenant-a", "cli-list-b": "tenant-b"}
+
+
+def test_list():
+    """promptq list against a broker-only stack (no worker: jobs stay queued unless
+    cancelled): one page, --after, --all, --status (scan cap pages), --json, usage errors and
+    tenant isolation."""
+    with harness.Stack("cli-list") as st:
+        st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        path, _ = st.config(
+            providers={"sim": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+            routes={ROUTE: [{"provider": "sim", "model": "x"}]},
+            extra={"broker": {"api_keys": LIST_KEYS}})
+        st.broker(path)
+        url = st.broker_url
+        auth = {"Authorization": "Bearer cli-list-a"}
+        ids = []
+        for i in range(25):
+            status, _, doc = harness.http_json("POST", url + "/v1/jobs", {"request": {
+                "model": ROUTE, "messages": [{"role": "user", "content": "list %d" % i}]}}, auth)
+            assert status == 202, (status, doc)
+            ids.append(doc["id"])
+            time.sleep(0.003)  # a later millisecond each: a strict newest-first order
+        newest = ids[::-1]
+        cancelled = set(ids[3::5])  # 5 of them
+        for jid in cancelled:
+            status, _, doc = harness.http_json("DELETE", url + "/v1/jobs/" + jid, headers=auth)
+            assert status // 100 == 2, (status, doc)
+        wait_for(lambda: len(harness.http_json("GET", url + "/v1/jobs?limit=100",
+                                               headers=auth)[2]["data"]) == 25,
+                 T(10), "25 jobs listed")
+        a = ("--url", url, "--key", "cli-list-a")
+
+        def rows(out):
+            lines = out.splitlines()
+            cols = [l.split() for l in lines]
+            assert all(len(c) == 5 for c in cols), out
+            widths = {len(re.match(r"^\S+\s+", l).group(0)) for l in lines}
+            assert len(widths) <= 1, "columns not aligned:\n" + out
+            return cols
+
+        # one page of 10, newest first; the next page's option on stderr
+        code, out, err = cli(*a, "list", "--limit", 10)
+        assert code == 0, (code, out, err)
+        got = rows(out)
+        assert [c[0] for c in got] == newest[:10], out
+        for c in got:
+            assert c[1] == ("cancelled" if c[0] in cancelled else "queued"), c
+            assert c[2] == ROUTE and re.match(r"^\d{4}-\d\d-\d\dT", c[3]) and c[4] == "0", c
+        assert "--after " + newest[9] in err, err
+
+        # --after continues there (options after the command, key from the environment)
+        code, out, err = cli("list", "--after", newest[9], "--limit=10", "--url", url,
+                             env={"PROMPTQ_API_KEY": "cli-list-a"})
+        assert code == 0 and [c[0] for c in rows(out)] == newest[10:20], (code, out, err)
+
+        # --all: every job once, in order, over pages of 7
+        code, out, err = cli(*a, "list", "--all", "--limit", 7)
+        assert code == 0 and err == "", (code, err)
+        assert [c[0] for c in rows(out)] == newest, out
+        code, out, err = cli(*a, "list", "--all")
+        assert code == 0 and [c[0] for c in rows(out)] == newest, (code, out, err)
+
+        # --status filters; with --limit 1 the broker's scan cap gives pages with has_more
+        # that --all must follow
+        code, out, err = cli(*a, "list", "--status", "queued", "--all")
+        assert code == 0, (code, err)
+        assert [c[0] for c in rows(out)] == [i for i in newest if i not in cancelled], out
+        code, out, err = cli(*a, "list", "--status=cancelled", "--limit", 1, "--all")
+        assert code == 0, (code, err)
+        assert [c[0] for c in rows(out)] == [i for i in newest if i in cancelled], out
+        code, out, err = cli(*a, "list", "--status", "succeeded")
+        assert code == 0 and out == "" and err == "", (code, out, err)
+
+        # --json: each page's answer, one JSON document per line
+        code, out, err = cli(*a, "--json", "list", "--all", "--limit", 10)
+        assert code == 0, (code, err)
+        pages = [json.loads(l) for l in out.splitlines()]
+        assert [len(p["data"]) for p in pages] == [10, 10, 5], out
+        assert [p["has_more"] for p in pages] == [True, True, False], out
+        assert all(p["object"] == "list" for p in pages)
+        assert [d["id"] for p in pages for d in p["data"]] == newest
+        code, out, err = cli(*a, "list", "--json", "--limit", 3)
+        assert code == 0 and len(out.splitlines()) == 1, (code, out, err)
+        assert [d["id"] for d in json.loads(out)["data"]] == newest[:3], out
+
+        # usage errors: exit 2, nothing asked
+        code, out, err = cli(*a, "list", "--status", "bogus")
+        assert code == 2 and out == "" and "bogus" in err and "--status" in err, (code, err)
+        for bad in (["--limit", 0], ["--limit", 101], ["--limit", "x"], ["--limit"],
+                    ["--frob"], ["extra"]):
+            code, out, err = cli(*a, "list", *bad)
+            assert code == 2 and out == "" and err.startswith("promptq: "), (bad, code, err)
+        code, out, _ = cli("list", "--help")
+        assert code == 0 and "--status" in out and "--all" in out, out
+
+        # the broker's errors: an unknown --after cursor (400), no key (401); unreachable: 3
+        code, out, err = cli(*a, "list", "--after", "job_notinthelisting")
+        assert code == 1 and out == "" and broker_error(err)[0] == 400, (code, err)
+        code, out, err = cli("--url", url, "list")
+        assert code == 1 and broker_error(err)[0] == 401, (code, err)
+        dead = "http://127.0.0.1:%d" % harness.free_port()
+        assert cli("--url", dead, "list")[0] == 3
+
+        # another tenant sees none of them
+        code, out, err = cli("--url", url, "--key", "cli-list-b", "list", "--all")
+        assert code == 0 and out == "" and err == "", (code, out, err)
+        code, out, err = cli("--url", url, "--key", "cli-list-b", "--json", "list")
+        assert code == 0 and json.loads(out)["data"] == [], (code, out, err)
+        assert "cli-list-a" not in err and "cli-list-b" not in err
 
 
 harness.run(globals())
