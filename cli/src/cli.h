@@ -119,6 +119,9 @@ void pq_cli_errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* ---- jobs.c ---- */
 
+/* Sleeps ms milliseconds (through EINTR); no-op for ms <= 0. */
+void pq_cli_sleep_ms(int64_t ms);
+
 int pq_cli_cmd_submit(pq_cli_t *c, int argc, char **argv);
 int pq_cli_cmd_get(pq_cli_t *c, int argc, char **argv);
 int pq_cli_cmd_watch(pq_cli_t *c, int argc, char **argv);

@@ -55,7 +55,7 @@ int pq_cli_status_exit(const char *status)
     return status && !strcmp(status, "succeeded") ? PQ_CLI_EXIT_OK : PQ_CLI_EXIT_FAILED;
 }
 
-static void sleep_ms(int64_t ms)
+void pq_cli_sleep_ms(int64_t ms)
 {
     struct timespec ts;
 
@@ -348,7 +348,7 @@ static int wait_job(pq_cli_t *c, const char *id, int fresh)
             rc = PQ_CLI_EXIT_FAILED;
             goto out;
         }
-        sleep_ms(delay < left ? delay : left);
+        pq_cli_sleep_ms(delay < left ? delay : left);
         delay = pq_cli_backoff_next(delay, PQ_CLI_POLL_MAX_MS);
     }
 out:
@@ -498,7 +498,7 @@ int pq_cli_cmd_submit(pq_cli_t *c, int argc, char **argv)
         if (c->stderr_tty)
             fprintf(stderr, "promptq: %ld from the broker, retrying in %.1f s\n", r.status,
                     (double)pause / 1000.0);
-        sleep_ms(pause);
+        pq_cli_sleep_ms(pause);
     }
     ans = pq_cli_resp_json(&r);
     id = str_field(ans, "id");
@@ -755,7 +755,7 @@ int pq_cli_cmd_watch(pq_cli_t *c, int argc, char **argv)
         }
         now = pq_mono_ms();
         if (next > now)
-            sleep_ms(next - now < remaining ? next - now : remaining);
+            pq_cli_sleep_ms(next - now < remaining ? next - now : remaining);
     }
 out:
     free(jobs);

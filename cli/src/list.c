@@ -38,18 +38,6 @@ typedef struct list_cols_s {
     int id, route, header;
 } list_cols_t;
 
-static void list_sleep_ms(int64_t ms)
-{
-    struct timespec ts;
-
-    if (ms <= 0)
-        return;
-    ts.tv_sec = (time_t)(ms / 1000);
-    ts.tv_nsec = (long)(ms % 1000) * 1000000L;
-    while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
-        ;
-}
-
 static const char *list_status_valid(const char *s)
 {
     for (size_t i = 0; i < sizeof(list_statuses) / sizeof(list_statuses[0]); i++)
@@ -161,7 +149,7 @@ static int list_fetch(pq_cli_t *c, const char *status, long limit, const char *a
             goto out;
         }
         delay = pq_cli_retry_after_ms(r, delay);
-        list_sleep_ms(delay < left ? delay : left);
+        pq_cli_sleep_ms(delay < left ? delay : left);
         delay = pq_cli_backoff_next(delay, 2000);
     }
 out:
