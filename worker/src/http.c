@@ -51,6 +51,7 @@ struct pq_http_s {
     pq_http_req_t *free_reqs;
     size_t nfree;
     size_t active;
+    int priority; /* libevent priority of its events, -1 = the base's default */
 };
 
 typedef struct sock_s {
@@ -106,6 +107,8 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     sk->ev = event_new(h->h->base, s, kind, on_socket_event, h);
     if (!sk->ev)
         return -1;
+    if (h->h->priority >= 0)
+        event_priority_set(sk->ev, h->h->priority);
     event_add(sk->ev, NULL);
     return 0;
 }
@@ -284,6 +287,7 @@ pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errst
         return NULL;
     }
     h->base = base;
+    h->priority = -1;
     h->nshards = 1;
     if (max_host_conns > CONNS_PER_SHARD) {
         h->nshards = (int)((max_host_conns + CONNS_PER_SHARD - 1) / CONNS_PER_SHARD);
@@ -315,6 +319,14 @@ pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errst
         }
     }
     return h;
+}
+
+void pq_http_set_priority(pq_http_t *h, int priority)
+{
+    h->priority = priority;
+    for (int i = 0; i < h->nshards; i++)
+        if (h->shards[i].timer && !event_pending(h->shards[i].timer, EV_TIMEOUT, NULL))
+            event_priority_set(h->shards[i].timer, priority);
 }
 
 void pq_http_destroy(pq_http_t *h)

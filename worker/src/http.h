@@ -33,6 +33,10 @@ typedef void(pq_http_done_cb)(void *opaque, const pq_http_result_t *res);
 pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errstr,
                        size_t errstr_size);
 
+/* The libevent priority of its sockets' and timers' events (the base must have priorities);
+ * call before the first request. */
+void pq_http_set_priority(pq_http_t *h, int priority);
+
 /* Cancels every transfer (no callbacks) and frees everything. NULL is a no-op. */
 void pq_http_destroy(pq_http_t *h);
 

@@ -163,6 +163,13 @@ static pq_redis_t *job_redis(const pq_job_t *j)
 {
     return j->topic == PQ_T_REQUESTS && j->w->iredis ? j->w->iredis : j->w->redis;
 }
+
+/* The interactive lane's calls go through their own HTTP client (priority 0 events). */
+static pq_http_t *job_http(const pq_job_t *j)
+{
+    return j->topic == PQ_T_REQUESTS && j->w->ihttp ? j->w->ihttp : j->w->http;
+}
+
 static void lane_leave(pq_job_t *j);
 static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char *msg);
 static void job_publish(pq_job_t *j);
@@ -1482,8 +1489,8 @@ static void job_send(pq_job_t *j, const char *key)
     j->attempts++;
     j->pass_attempts++;
     pq_counter_add(w->m.provider_calls, 1);
-    j->http = pq_http_post(w->http, req.url, req.headers, req.body, req.body_len, t->p->timeout_ms,
-                           w->max_response, on_http_done, j);
+    j->http = pq_http_post(job_http(j), req.url, req.headers, req.body, req.body_len,
+                           t->p->timeout_ms, w->max_response, on_http_done, j);
     req.headers = NULL;
     req.body = NULL;
     pq_provider_req_clear(&req);
@@ -1988,7 +1995,7 @@ void pq_job_lanes_release(pq_worker_t *w)
 static void job_stop_calls(pq_job_t *j)
 {
     if (j->http) {
-        pq_http_cancel(j->w->http, j->http);
+        pq_http_cancel(job_http(j), j->http);
         j->http = NULL;
     }
     if (j->prov) {

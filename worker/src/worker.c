@@ -999,8 +999,8 @@ static void on_stats(evutil_socket_t fd, short what, void *arg)
             w->inflight, w->paused, pq_counter_get(m->received), pq_counter_get(m->succeeded),
             pq_counter_get(m->failed), pq_counter_get(m->expired), pq_counter_get(m->dlq),
             pq_counter_get(m->republished), pq_counter_get(m->provider_calls),
-            pq_counter_get(m->provider_errors), pq_http_active(w->http), pq_redis_pending(w->redis),
-            pq_counter_get(m->offset_resets));
+            pq_counter_get(m->provider_errors), pq_http_active(w->http) + pq_http_active(w->ihttp),
+            pq_redis_pending(w->redis), pq_counter_get(m->offset_resets));
 }
 
 /* ---- Redis state ---- */
@@ -1572,6 +1572,10 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->http = pq_http_new(w->base, max_conns, errstr, errstr_size);
     if (!w->http)
         goto out_fail;
+    w->ihttp = pq_http_new(w->base, max_conns, errstr, errstr_size);
+    if (!w->ihttp)
+        goto out_fail;
+    pq_http_set_priority(w->ihttp, 0);
     w->gen = gen_new(w, (pq_conf_t *)conf, 0, errstr, errstr_size);
     if (!w->gen)
         goto out_fail;
@@ -1863,6 +1867,7 @@ void pq_worker_destroy(pq_worker_t *w)
         free(rs);
     }
     pq_http_destroy(w->http);
+    pq_http_destroy(w->ihttp);
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (*evs[i])
             event_free(*evs[i]);

@@ -111,6 +111,8 @@ struct pq_worker_s {
     char *cluster_id;
 
     pq_http_t *http;
+    pq_http_t *ihttp;          /* the interactive lane's provider calls: their own connections and
+                                  libevent priority 0, so bulk transfers never delay them */
     pq_callbacks_t *callbacks; /* callback_url POSTs (callback.h) */
     char callbacks_key[256];   /* the callbacks sorted set */
     pq_gen_t *gen;     /* current providers and routes (keys, slots, rate limits, circuits) */
