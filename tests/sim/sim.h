@@ -41,6 +41,7 @@ typedef struct {
     int64_t latency_ms;     /* delay before every answer (not down/hang) */
     double failure_rate;    /* ok mode: this fraction of answers become `status` */
     char *error_body;       /* owned; NULL: the format's own error JSON */
+    int revoke_tokens;      /* applying this state revokes every IAM token issued so far */
 } pq_sim_state_t;
 
 /* Defaults: ok, 500, "1", no ms, 0, 0.0, no body. */
@@ -157,6 +158,9 @@ void pq_sim_call_tokens(pq_sim_call_t *call, int64_t tokens);
 
 /* Next answer id number (1, 2, ...). */
 uint64_t pq_sim_next_id(pq_sim_t *sim);
+
+/* IAM tokens numbered below this were revoked (POST /_sim/state {"revoke_tokens": true}). */
+uint64_t pq_sim_token_floor(const pq_sim_t *sim);
 
 /* Wall clock seconds (cached per loop iteration). */
 int64_t pq_sim_now_s(pq_sim_t *sim);

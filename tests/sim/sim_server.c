@@ -79,6 +79,7 @@ struct pq_sim_s {
     int64_t requests, inflight, max_inflight, tokens;
     json_t *by_status, *by_path, *models;
     uint64_t next_id;
+    uint64_t token_floor; /* IAM tokens numbered below it are revoked */
     uint64_t rng;
     int64_t started_s;
 };
@@ -704,6 +705,8 @@ static void control_set_state(pq_sim_t *sim, struct evhttp_request *req, int via
     }
     pq_sim_state_clear(&sim->state);
     sim->state = st;
+    if (st.revoke_tokens)
+        sim->token_floor = sim->next_id + 1; /* every id handed out so far is below it */
     PQ_INFO("%s: state mode=%s status=%d latency_ms=%lld failure_rate=%g", sim->name,
             pq_sim_mode_name(st.mode), st.status, (long long)st.latency_ms, st.failure_rate);
 
@@ -880,6 +883,11 @@ int pq_sim_key_valid(pq_sim_t *sim, const char *key)
 uint64_t pq_sim_next_id(pq_sim_t *sim)
 {
     return ++sim->next_id;
+}
+
+uint64_t pq_sim_token_floor(const pq_sim_t *sim)
+{
+    return sim->token_floor;
 }
 
 int64_t pq_sim_now_s(pq_sim_t *sim)

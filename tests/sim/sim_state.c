@@ -142,6 +142,12 @@ int pq_sim_state_parse(const char *buf, size_t len, pq_sim_state_t *out, char *e
                 goto out_clear;
             }
             out->failure_rate = json_number_value(v);
+        } else if (!strcmp(key, "revoke_tokens")) {
+            if (!json_is_boolean(v)) {
+                snprintf(errstr, errstr_size, "revoke_tokens: must be true or false");
+                goto out_clear;
+            }
+            out->revoke_tokens = json_is_true(v);
         } else if (!strcmp(key, "error_body")) {
             if (json_is_null(v))
                 continue;

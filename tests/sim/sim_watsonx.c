@@ -149,8 +149,10 @@ static void watsonx_chat(pq_sim_call_t *call)
                               NULL, "authorization_rejected");
             return;
         }
-    } else if (!pq_sim_key_valid(sim, NULL) &&
-               strncmp(token, TOKEN_PREFIX, sizeof(TOKEN_PREFIX) - 1) != 0) {
+    } else if ((!pq_sim_key_valid(sim, NULL) &&
+                strncmp(token, TOKEN_PREFIX, sizeof(TOKEN_PREFIX) - 1) != 0) ||
+               (!strncmp(token, TOKEN_PREFIX, sizeof(TOKEN_PREFIX) - 1) &&
+                strtoull(token + sizeof(TOKEN_PREFIX) - 1, NULL, 10) < pq_sim_token_floor(sim))) {
         pq_sim_call_error(call, 401, PQ_SIM_E_AUTH,
                           "Failed to authenticate the request due to an expired or invalid token",
                           NULL, "authentication_token_not_valid");
