@@ -31,7 +31,6 @@ typedef struct cb_item_s {
 TAILQ_HEAD(cb_item_list, cb_item_s);
 
 struct pq_callbacks_s {
-    struct event_base *base;
     const pq_conf_t *conf;
     pq_redis_t *redis; /* its own connection: callback traffic and job steps never queue
                           behind each other */
@@ -39,12 +38,11 @@ struct pq_callbacks_s {
     struct event *poll;
     char zkey[256];
     struct cb_item_list items; /* POSTs in flight and outcome writes */
-    size_t nitems;
-    size_t nposts; /* POSTs in flight (callbacks.max_inflight caps these) */
-    int starved;   /* the last claim stopped at the cap: a POST ending claims again */
-    size_t asked;  /* entries the claim in flight may take */
-    int claiming;  /* a claim is in flight */
-    int again;     /* kicked while claiming: claim again when it returns */
+    size_t nposts;             /* POSTs in flight (callbacks.max_inflight caps these) */
+    int starved;               /* the last claim stopped at the cap: a POST ending claims again */
+    size_t asked;              /* entries the claim in flight may take */
+    int claiming;              /* a claim is in flight */
+    int again;                 /* kicked while claiming: claim again when it returns */
     int stopping;
     pq_counter_t *m_delivered, *m_retried, *m_failed, *m_refused;
     pq_hist_t *m_latency;
@@ -63,7 +61,6 @@ static void item_free(cb_item_t *it)
     pq_callbacks_t *cb = it->cb;
 
     TAILQ_REMOVE(&cb->items, it, link);
-    cb->nitems--;
     free(it->key);
     free(it);
 }
@@ -85,7 +82,8 @@ static void on_done_reply(void *opaque, redisReply *r)
 static void item_done(cb_item_t *it, const char *outcome, int64_t delay_ms, const char *why)
 {
     pq_callbacks_t *cb = it->cb;
-    const char *argv[9];
+    const char *argv[10];
+    size_t lens[10];
     char attempts[16], now[24], due[24];
     int64_t t = pq_now_ms();
 
@@ -101,20 +99,14 @@ static void item_done(cb_item_t *it, const char *outcome, int64_t delay_ms, cons
     argv[6] = attempts;
     argv[7] = now;
     argv[8] = due;
-    {
-        const char *av[10];
-        size_t lens[10];
-
-        memcpy(av, argv, sizeof(argv));
-        av[9] = why;
-        for (int i = 0; i < 10; i++)
-            lens[i] = strlen(av[i]);
-        if (pq_redis_command(cb->redis, 10, av, lens, on_done_reply, it) != 0) {
-            PQ_WARN("callback of %s: outcome not recorded (redis down); it is sent again when "
-                    "its claim expires",
-                    it->key);
-            item_free(it);
-        }
+    argv[9] = why;
+    for (int i = 0; i < 10; i++)
+        lens[i] = strlen(argv[i]);
+    if (pq_redis_command(cb->redis, 10, argv, lens, on_done_reply, it) != 0) {
+        PQ_WARN("callback of %s: outcome not recorded (redis down); it is sent again when its "
+                "claim expires",
+                it->key);
+        item_free(it);
     }
 }
 
@@ -200,7 +192,6 @@ static void item_send(pq_callbacks_t *cb, const redisReply *e)
     it->cb = cb;
     it->attempts = atoi(e->element[4]->str) + 1;
     TAILQ_INSERT_TAIL(&cb->items, it, link);
-    cb->nitems++;
     /* the URL was allowed when it was queued; this worker's config decides now */
     if (pq_callback_check(cb->conf, tenant, url, why, sizeof(why))) {
         pq_counter_add(cb->m_refused, 1);
@@ -365,7 +356,6 @@ pq_callbacks_t *pq_callbacks_new(struct event_base *base, const pq_conf_t *conf,
         snprintf(errstr, errstr_size, "out of memory");
         return NULL;
     }
-    cb->base = base;
     cb->conf = conf;
     TAILQ_INIT(&cb->items);
     if (pq_key_callbacks(cb->zkey, sizeof(cb->zkey), conf->redis_prefix) < 0) {
@@ -414,11 +404,6 @@ void pq_callbacks_stop(pq_callbacks_t *cb)
     cb->stopping = 1;
     if (cb->poll)
         event_del(cb->poll);
-}
-
-size_t pq_callbacks_active(const pq_callbacks_t *cb)
-{
-    return cb ? cb->nitems : 0;
 }
 
 void pq_callbacks_destroy(pq_callbacks_t *cb)

@@ -37,9 +37,6 @@ void pq_callbacks_kick(pq_callbacks_t *cb);
 /* Stopping: claim nothing more (POSTs in flight run on until destroy). */
 void pq_callbacks_stop(pq_callbacks_t *cb);
 
-/* POSTs in flight. */
-size_t pq_callbacks_active(const pq_callbacks_t *cb);
-
 /* Drops its Redis connection, cancels POSTs in flight (their claims expire and another worker
  * sends them) and frees. NULL is a no-op. */
 void pq_callbacks_destroy(pq_callbacks_t *cb);

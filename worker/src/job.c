@@ -285,13 +285,22 @@ int64_t pq_job_parked_expiry(const pq_worker_t *w, const pq_route_state_t *rs,
     return exp;
 }
 
+/* A Redis reply for j arrived: one command fewer in flight. Returns 1 when j is gone (then
+ * freed with its last reply): the caller stops there. */
+static int redis_replied(pq_job_t *j)
+{
+    j->nredis--;
+    if (j->state != JS_GONE)
+        return 0;
+    if (j->nredis == 0)
+        job_free(j);
+    return 1;
+}
+
 static void on_aux_reply(void *opaque, redisReply *reply)
 {
-    pq_job_t *j = opaque;
-
-    j->nredis--;
-    if (j->state == JS_GONE && j->nredis == 0)
-        job_free(j);
+    (void)reply;
+    redis_replied(opaque);
 }
 
 /* PUBLISH <reply_to> "<tenant>:<id>" for a synchronous waiter; best effort. */
@@ -947,12 +956,8 @@ static void on_redis_reply(void *opaque, redisReply *reply)
     pq_job_t *j = opaque;
     redis_step_t step = j->rstep;
 
-    j->nredis--;
-    if (j->state == JS_GONE) {
-        if (j->nredis == 0)
-            job_free(j);
+    if (redis_replied(j))
         return;
-    }
     if (step == RS_RELEASE) {
         j->rstep = RS_NONE;
         return;
@@ -1049,12 +1054,8 @@ static void on_retake_reply(void *opaque, redisReply *reply)
 {
     pq_job_t *j = opaque;
 
-    j->nredis--;
-    if (j->state == JS_GONE) {
-        if (j->nredis == 0)
-            job_free(j);
+    if (redis_replied(j))
         return;
-    }
     if (!reply || !j->lease_held)
         return; /* connection lost: the next renew tries again */
     if (reply->type == REDIS_REPLY_STATUS) {
@@ -1090,12 +1091,8 @@ static void on_renew_reply(void *opaque, redisReply *reply)
 {
     pq_job_t *j = opaque;
 
-    j->nredis--;
-    if (j->state == JS_GONE) {
-        if (j->nredis == 0)
-            job_free(j);
+    if (redis_replied(j))
         return;
-    }
     if (reply && reply->type == REDIS_REPLY_INTEGER && reply->integer == 0 && j->lease_held)
         lease_retake(j);
 }
