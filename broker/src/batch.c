@@ -1195,19 +1195,6 @@ static json_t *batch_object(const fields_t *fs, const char *status_override)
     return o;
 }
 
-static void reply_json(pq_slot_t *s, int code, json_t *o)
-{
-    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
-
-    json_decref(o);
-    if (!text) {
-        pq_http_error(s->t, s->req, s->path, 500, "internal", "out of memory");
-        return;
-    }
-    pq_http_reply(s->t, s->req, s->path, code, text, strlen(text));
-    free(text);
-}
-
 /* What a read of the batch means: the final status to aim for once the counters add up, or
  * NULL when nothing is due. */
 static const char *due_final(const fields_t *fs)
@@ -1244,7 +1231,7 @@ static void get_reply(pq_slot_t *s, const void *r)
     final = due_final(&fs);
     if (final)
         try_finalize(s->t, s->tenant, s->id, (uint32_t)fint(&fs, "lines"), final);
-    reply_json(s, 200, batch_object(&fs, final ? "finalizing" : NULL));
+    pq_http_reply_json(s, 200, batch_object(&fs, final ? "finalizing" : NULL));
     pq_slot_release(s);
 }
 
@@ -1286,7 +1273,7 @@ static void cancel_reply(pq_slot_t *s, const void *r)
         return;
     }
     if (!strcmp(st, "cancelling") || !strcmp(st, "cancelled")) {
-        reply_json(s, 200, batch_object(&fs, NULL));
+        pq_http_reply_json(s, 200, batch_object(&fs, NULL));
         pq_slot_release(s);
         return;
     }
@@ -1350,7 +1337,7 @@ static void list_reply(pq_slot_t *s, const void *r)
     json_object_set_new(o, "last_id",
                         k ? json_deep_copy(json_object_get(json_array_get(data, k - 1), "id"))
                           : json_null());
-    reply_json(s, 200, o);
+    pq_http_reply_json(s, 200, o);
     pq_slot_release(s);
 }
 
@@ -1409,7 +1396,7 @@ static void post_written(pq_slot_t *s, const void *r)
 #undef F
     pq_counter_add(s->t->b->m_batches_created, 1);
     start_create(s->t, s->tenant, s->id, c->input_file_id, c->endpoint);
-    reply_json(s, 200, batch_object(&fs, NULL));
+    pq_http_reply_json(s, 200, batch_object(&fs, NULL));
     pq_slot_release(s);
 }
 

@@ -317,6 +317,9 @@ void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
  * a character boundary. Returns the length written. Shared by the error bodies of http.c and
  * chat.c. */
 size_t pq_http_json_escape(char *out, size_t size, const char *s);
+/* Answers s's request with o as compact JSON (500 when it cannot be written); takes o (NULL:
+ * out of memory). The slot stays the caller's. */
+void pq_http_reply_json(pq_slot_t *s, int code, json_t *o);
 /* Authenticates a request. Returns 0 and sets *tenant (borrowed from the config, NULL in open
  * mode), or -1 after answering 401. */
 int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **tenant);
@@ -329,6 +332,18 @@ void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_
  * /v1/parked/{route}/replay and DELETE /v1/parked/{route} (requests the workers read from the
  * route's ops hash); POST /v1/dlq/redrive goes to redrive.c. path is the request's path. */
 void pq_ops_serve(pq_bthread_t *t, struct evhttp_request *req, const char *path);
+
+/* The EVALSHA of pq_script_job_create for a new job (tenant, id) with its request hash, route
+ * and callback_url (NULL: none), the one layout of its KEYS and ARGV: fills argv/lens
+ * (PQ_JOB_CREATE_ARGC entries), the keys and numbers kept in b, the strings borrowed. Returns
+ * 0, or -1 when a key does not fit. (intake.c) */
+#define PQ_JOB_CREATE_ARGC 12
+typedef struct {
+    char key[512], ikey[512], now[24], ttl[24];
+} pq_job_create_buf_t;
+int pq_job_create_argv(const pq_conf_t *conf, const char *tenant, const char *id, const char *hash,
+                       const char *route, const char *callback_url, pq_job_create_buf_t *b,
+                       const char **argv, size_t *lens);
 
 /* redrive.c: POST /v1/dlq/redrive. The scan of promptq.dlq runs on the broker's redrive thread
  * (Kafka reads block); the answer comes back to the loop that owns the request. */

@@ -193,19 +193,6 @@ static json_t *file_object(const char *id, const char *bytes, const char *create
                      "processed", "expires_at", "status_details");
 }
 
-static void reply_json(pq_slot_t *s, int code, json_t *o)
-{
-    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
-
-    json_decref(o);
-    if (!text) {
-        pq_http_error(s->t, s->req, s->path, 500, "internal", "out of memory");
-        return;
-    }
-    pq_http_reply(s->t, s->req, s->path, code, text, strlen(text));
-    free(text);
-}
-
 /* ---- multipart/form-data (pure) ---- */
 
 typedef struct {
@@ -339,7 +326,7 @@ static void upload_stored(pq_slot_t *s, const void *r)
     pq_counter_add(s->t->b->m_files_uploaded, (uint64_t)u->bytes);
     snprintf(bytes, sizeof(bytes), "%zu", u->bytes);
     snprintf(created, sizeof(created), "%lld", (long long)(pq_now_ms() / 1000));
-    reply_json(s, 200, file_object(u->id, bytes, created, u->filename, u->purpose));
+    pq_http_reply_json(s, 200, file_object(u->id, bytes, created, u->filename, u->purpose));
     pq_slot_release(s);
 }
 
@@ -497,7 +484,7 @@ static void list_reply(pq_slot_t *s, const void *r)
                             k ? json_deep_copy(json_object_get(json_array_get(data, k - 1), "id"))
                               : json_null());
     }
-    reply_json(s, 200, o);
+    pq_http_reply_json(s, 200, o);
     pq_slot_release(s);
 }
 
@@ -516,7 +503,7 @@ static void one_reply(pq_slot_t *s, const void *r)
         pq_http_reply(s->t, s->req, s->path, 200, b->type == REDIS_REPLY_STRING ? b->str : "",
                       b->type == REDIS_REPLY_STRING ? (size_t)b->len : 0);
     } else {
-        reply_json(
+        pq_http_reply_json(
             s, 200,
             file_object(el(reply, 0), el(reply, 1), el(reply, 2), el(reply, 3), el(reply, 4)));
     }
@@ -534,8 +521,8 @@ static void del_reply(pq_slot_t *s, const void *r)
     } else {
         if (files_set_key(s->t, skey, sizeof(skey), s->tenant) > 0)
             pq_rconn_sendf(s->t, NULL, NULL, "ZREM %s %s", skey, s->id);
-        reply_json(s, 200,
-                   json_pack("{s:s, s:s, s:b}", "id", s->id, "object", "file", "deleted", 1));
+        pq_http_reply_json(
+            s, 200, json_pack("{s:s, s:s, s:b}", "id", s->id, "object", "file", "deleted", 1));
     }
     pq_slot_release(s);
 }

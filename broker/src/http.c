@@ -3,10 +3,12 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <event2/buffer.h>
 #include <event2/keyvalq_struct.h>
+#include <jansson.h>
 
 #include "promptq/log.h"
 
@@ -104,6 +106,19 @@ void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_
     evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", allow);
     pq_http_error(t, req, path, 405, "method_not_allowed", "method not allowed; allowed: %s",
                   allow);
+}
+
+void pq_http_reply_json(pq_slot_t *s, int code, json_t *o)
+{
+    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+
+    json_decref(o);
+    if (!text) {
+        pq_http_error(s->t, s->req, s->path, 500, "internal", "out of memory");
+        return;
+    }
+    pq_http_reply(s->t, s->req, s->path, code, text, strlen(text));
+    free(text);
 }
 
 size_t pq_http_json_escape(char *out, size_t size, const char *s)

@@ -276,40 +276,45 @@ void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
     }
 }
 
+int pq_job_create_argv(const pq_conf_t *conf, const char *tenant, const char *id, const char *hash,
+                       const char *route, const char *callback_url, pq_job_create_buf_t *b,
+                       const char **argv, size_t *lens)
+{
+    if (pq_key_job(b->key, sizeof(b->key), conf->redis_prefix, tenant, id) < 0 ||
+        pq_key_jobs(b->ikey, sizeof(b->ikey), conf->redis_prefix, tenant) < 0)
+        return -1;
+    snprintf(b->now, sizeof(b->now), "%lld", (long long)pq_now_ms());
+    snprintf(b->ttl, sizeof(b->ttl), "%lld", (long long)conf->result_ttl_s * 1000);
+    argv[0] = "EVALSHA";
+    argv[1] = pq_rconn_sha(pq_script_job_create);
+    argv[2] = "2";
+    argv[3] = b->key;
+    argv[4] = b->ikey;
+    argv[5] = hash;
+    argv[6] = b->now;
+    argv[7] = b->ttl;
+    argv[8] = route;
+    argv[9] = callback_url ? callback_url : "";
+    argv[10] = tenant;
+    argv[11] = id;
+    for (int i = 0; i < PQ_JOB_CREATE_ARGC; i++)
+        lens[i] = strlen(argv[i]);
+    return 0;
+}
+
 /* Checks that (tenant, id) is new or was used with the same request: job_create, which also
  * adds a new job to the tenant's listing index (GET /v1/jobs). */
 static int check_record(pq_slot_t *s)
 {
     pq_bthread_t *t = s->t;
-    const pq_conf_t *conf = t->bc->conf;
-    char key[512], ikey[512], now[24], ttl[24];
-    const char *argv[12];
-    size_t argvlen[12];
-    int klen;
+    pq_job_create_buf_t b;
+    const char *argv[PQ_JOB_CREATE_ARGC];
+    size_t argvlen[PQ_JOB_CREATE_ARGC];
 
-    if (!pq_rconn_usable(t))
-        return -1;
-    klen = pq_key_job(key, sizeof(key), conf->redis_prefix, s->tenant, s->id);
-    if (klen < 0 || pq_key_jobs(ikey, sizeof(ikey), conf->redis_prefix, s->tenant) < 0)
-        return -1;
-    snprintf(now, sizeof(now), "%lld", (long long)pq_now_ms());
-    snprintf(ttl, sizeof(ttl), "%lld", (long long)conf->result_ttl_s * 1000);
-    argv[0] = "EVALSHA";
-    argv[1] = pq_rconn_sha(pq_script_job_create);
-    argv[2] = "2";
-    argv[3] = key;
-    argv[4] = ikey;
-    argv[5] = s->hash;
-    argv[6] = now;
-    argv[7] = ttl;
-    argv[8] = s->route;
-    argv[9] = s->callback_url ? s->callback_url : "";
-    argv[10] = s->tenant;
-    argv[11] = s->id;
-    for (int i = 0; i < 12; i++)
-        argvlen[i] = strlen(argv[i]);
-    argvlen[3] = (size_t)klen;
-    if (pq_rconn_commandargv(t, pq_slot_handle(s), 12, argv, argvlen))
+    if (!pq_rconn_usable(t) ||
+        pq_job_create_argv(t->bc->conf, s->tenant, s->id, s->hash, s->route, s->callback_url, &b,
+                           argv, argvlen) ||
+        pq_rconn_commandargv(t, pq_slot_handle(s), PQ_JOB_CREATE_ARGC, argv, argvlen))
         return -1;
     s->state = PQ_SLOT_REDIS_CREATE;
     event_add(&s->timer, t->tv_redis);

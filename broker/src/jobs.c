@@ -164,7 +164,6 @@ void pq_jobs_redis_reply(pq_slot_t *s, const void *r)
     const char *cb = NULL, *cb_attempts = NULL, *cb_error = NULL;
     size_t result_len = 0;
     json_t *doc;
-    char *text;
 
     if (!reply || reply->type != REDIS_REPLY_ARRAY) {
         pq_counter_add(t->b->m_redis_errors, 1);
@@ -227,14 +226,7 @@ void pq_jobs_redis_reply(pq_slot_t *s, const void *r)
         json_object_set_new(doc, "created_at", time_field(created));
         json_object_set_new(doc, "updated_at", time_field(updated));
     }
-    text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
-    json_decref(doc);
-    if (!text) {
-        pq_http_error(t, s->req, PQ_PATH_JOB, 500, "internal", "out of memory");
-        goto out;
-    }
-    pq_http_reply(t, s->req, PQ_PATH_JOB, 200, text, strlen(text));
-    free(text);
+    pq_http_reply_json(s, 200, doc);
 out:
     pq_slot_release(s);
 }
@@ -527,7 +519,6 @@ static void list_reply(pq_slot_t *s, const void *r)
     const char *cursor;
     json_t *data, *o, *item;
     size_t k;
-    char *text;
 
     if (reply->type != REDIS_REPLY_ARRAY || reply->elements < 1 ||
         reply->element[0]->type != REDIS_REPLY_INTEGER) {
@@ -565,14 +556,7 @@ static void list_reply(pq_slot_t *s, const void *r)
                 : (k ? json_deep_copy(json_object_get(json_array_get(data, k - 1), "id"))
                      : json_null()));
     }
-    text = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    if (!text) {
-        pq_http_error(t, s->req, PQ_PATH_JOBS, 500, "internal", "out of memory");
-        goto out;
-    }
-    pq_http_reply(t, s->req, PQ_PATH_JOBS, 200, text, strlen(text));
-    free(text);
+    pq_http_reply_json(s, 200, o);
 out:
     pq_slot_release(s);
 }

@@ -60,19 +60,6 @@ static void ops_unavailable(pq_slot_t *s)
     pq_slot_release(s);
 }
 
-static void ops_reply_json(pq_slot_t *s, int code, json_t *doc)
-{
-    char *text = json_dumps(doc, JSON_COMPACT);
-
-    if (!text) {
-        pq_http_error(s->t, s->req, s->path, 500, "internal", "out of memory");
-    } else {
-        pq_http_reply(s->t, s->req, s->path, code, text, strlen(text));
-        free(text);
-    }
-    pq_slot_release(s);
-}
-
 void pq_ops_redis_failed(pq_slot_t *s)
 {
     ops_ctx_t *c = s->ctx;
@@ -277,8 +264,8 @@ static void answer_health(pq_slot_t *s, ops_agg_t *a)
         pq_slot_release(s);
         return;
     }
-    ops_reply_json(s, strcmp(status, "ok") ? 503 : 200, doc);
-    json_decref(doc);
+    pq_http_reply_json(s, strcmp(status, "ok") ? 503 : 200, doc);
+    pq_slot_release(s);
 }
 
 static void answer_parked(pq_slot_t *s, ops_agg_t *a)
@@ -326,8 +313,8 @@ static void answer_parked(pq_slot_t *s, ops_agg_t *a)
         pq_slot_release(s);
         return;
     }
-    ops_reply_json(s, 200, doc);
-    json_decref(doc);
+    pq_http_reply_json(s, 200, doc);
+    pq_slot_release(s);
 }
 
 static void answer(pq_slot_t *s, const redisReply *mget)

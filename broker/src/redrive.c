@@ -400,33 +400,14 @@ static int redis_eval(struct pq_redrive_s *r, const char *script, int argc, cons
  * request), -2 Redis unusable. */
 static int job_create(struct pq_redrive_s *r, const char *tenant, const pq_envelope_t *env)
 {
-    const pq_conf_t *conf = r->bc->conf;
-    char key[512], ikey[512], now[24], ttl[24];
-    const char *argv[12];
-    size_t argvlen[12];
+    pq_job_create_buf_t b;
+    const char *argv[PQ_JOB_CREATE_ARGC];
+    size_t argvlen[PQ_JOB_CREATE_ARGC];
     long long res;
 
-    if (pq_key_job(key, sizeof(key), conf->redis_prefix, tenant, env->id) < 0 ||
-        pq_key_jobs(ikey, sizeof(ikey), conf->redis_prefix, tenant) < 0)
-        return -2;
-    snprintf(now, sizeof(now), "%lld", (long long)pq_now_ms());
-    snprintf(ttl, sizeof(ttl), "%lld", (long long)conf->result_ttl_s * 1000);
-    argv[0] = "EVALSHA";
-    argv[2] = "2";
-    argv[3] = key;
-    argv[4] = ikey;
-    argv[5] = env->request_hash;
-    argv[6] = now;
-    argv[7] = ttl;
-    argv[8] = env->model;
-    argv[9] = env->callback_url ? env->callback_url : "";
-    argv[10] = tenant;
-    argv[11] = env->id;
-    argv[1] = "";
-    for (int i = 0; i < 12; i++)
-        argvlen[i] = strlen(argv[i]);
-    argvlen[1] = 40;
-    if (redis_eval(r, pq_script_job_create, 12, argv, argvlen, &res))
+    if (pq_job_create_argv(r->bc->conf, tenant, env->id, env->request_hash, env->model,
+                           env->callback_url, &b, argv, argvlen) ||
+        redis_eval(r, pq_script_job_create, PQ_JOB_CREATE_ARGC, argv, argvlen, &res))
         return -2;
     return res == 1 ? 1 : res == 0 ? 0 : -1;
 }
