@@ -128,3 +128,12 @@ out_close:
     fclose(f);
     return buf;
 }
+
+int64_t pq_backoff_step_ms(int64_t base, int64_t max, int n)
+{
+    int64_t d = base;
+
+    for (int i = 1; i < n && d < max; i++)
+        d *= 2;
+    return d > max ? max : d;
+}

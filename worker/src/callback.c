@@ -114,12 +114,8 @@ static void item_done(cb_item_t *it, const char *outcome, int64_t delay_ms, cons
  * that comes back is not hit by every queued callback at once. */
 static int64_t backoff_ms(const pq_conf_t *c, int n)
 {
-    int64_t d = c->callback_backoff_ms;
+    int64_t d = pq_backoff_step_ms(c->callback_backoff_ms, c->callback_max_backoff_ms, n);
 
-    for (int i = 1; i < n && d < c->callback_max_backoff_ms; i++)
-        d *= 2;
-    if (d > c->callback_max_backoff_ms)
-        d = c->callback_max_backoff_ms;
     return d / 2 + (int64_t)(random() % (d / 2 + 1));
 }
 

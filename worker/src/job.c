@@ -668,7 +668,8 @@ static void job_redis_issue(pq_job_t *j)
     const pq_conf_t *c = w->conf;
     const char *argv[20];
     size_t lens[20];
-    char now[24], ttl[24], lease[24], maxd[24], attempts[24], token[512], cbwhy[300];
+    char now[24], ttl[24], lease[24], maxd[24], attempts[24], token[512], cbwhy[300],
+        index_key[512];
     int argc = 0;
     char *resp = NULL, *err = NULL;
     size_t resp_len = 0, err_len = 0;
@@ -677,10 +678,7 @@ static void job_redis_issue(pq_job_t *j)
     snprintf(ttl, sizeof(ttl), "%" PRId64, w->ttl_ms);
     argv[argc++] = "EVAL";
     switch (j->rstep) {
-    case RS_BEGIN: {
-        /* hiredis copies the command before this returns; per thread, as each loop is */
-        static _Thread_local char index_key[512];
-
+    case RS_BEGIN:
         snprintf(lease, sizeof(lease), "%d", c->lease_ms);
         snprintf(maxd, sizeof(maxd), "%d", c->max_deliveries);
         argv[argc++] = pq_script_job_begin;
@@ -707,7 +705,6 @@ static void job_redis_issue(pq_job_t *j)
         if (index_key[0])
             argv[argc++] = id_of(j);
         break;
-    }
     case RS_FINISH:
         if (j->response) {
             resp = dump(j->response, &resp_len);
@@ -1137,14 +1134,9 @@ static int is_watsonx(const pq_target_t *t)
 /* Exponential backoff with full jitter: uniform in [0, min(retry_max_ms, base * 2^(n-1))]. */
 static int64_t backoff_ms(const pq_provider_conf_t *p, int n)
 {
-    int64_t base = p->retry_base_ms > 0 ? p->retry_base_ms : 200;
-    int64_t max = p->retry_max_ms > 0 ? p->retry_max_ms : 5000;
-    int64_t d = base;
+    int64_t d = pq_backoff_step_ms(p->retry_base_ms > 0 ? p->retry_base_ms : 200,
+                                   p->retry_max_ms > 0 ? p->retry_max_ms : 5000, n);
 
-    for (int i = 1; i < n && d < max; i++)
-        d *= 2;
-    if (d > max)
-        d = max;
     return (int64_t)(random() % (d + 1));
 }
 

@@ -372,6 +372,7 @@ pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name)
         rs->ops_key[0] = '\0';
         rs->ops_loaded = 1; /* no requests can be read: never wait for them */
     }
+    rs->w = w;
     rs->replay_seen = pq_now_ms(); /* replay requests from before this process are done */
     rs->ramp_start = 0;            /* a fresh process ramps from its first replay */
     rs->next = w->routes;
@@ -709,7 +710,6 @@ static void routes_ops_poll(pq_worker_t *w)
 
         if (!rs->active || rs->ops_pending || !rs->ops_key[0])
             continue;
-        rs->w = w;
         if (pq_redis_command(w->redis, 2, argv, lens, on_route_ops, rs) == 0)
             rs->ops_pending = 1;
     }

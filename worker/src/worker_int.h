@@ -53,7 +53,7 @@ typedef struct pq_route_state_s {
     size_t inflight;    /* jobs of this route's retry topic in flight */
     uint64_t parked, replayed, reparked, expired; /* since start */
     /* operator requests (pq_key_route_ops), read every second */
-    struct pq_worker_s *w;
+    struct pq_worker_s *w; /* its worker (set at creation), for the ops read's reply */
     char ops_key[320];
     int ops_pending;     /* the read is in flight */
     int ops_loaded;      /* read once: until then its retry partitions are held */

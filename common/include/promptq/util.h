@@ -11,6 +11,10 @@ int64_t pq_now_ms(void);
 /* Monotonic clock in milliseconds. */
 int64_t pq_mono_ms(void);
 
+/* The n-th (1-based) exponential backoff step: base * 2^(n-1), capped at max (no overflow).
+ * Callers add their own jitter. Pure. */
+int64_t pq_backoff_step_ms(int64_t base, int64_t max, int n);
+
 /* Formats ms since the epoch as "2026-11-28T23:50:03.123Z" into buf (at least 32 bytes). */
 void pq_time_format(int64_t ms, char *buf, size_t size);
 
