@@ -17,8 +17,8 @@ ROUTE = "team/model-1"  # a route name with a "/" (percent-encoded in the path)
 PATH = "team%2Fmodel-1"
 
 
-def up(st, page):
-    r = st.redis()
+def up(st, page, persist=False):
+    r = st.redis(persist=persist)
     st.devkafka(brokers=1, partitions=4)
     s = st.sim("a")
     prov = {"type": "openai", "base_url": s.api, "retries_per_target": 0, "timeout_ms": 2000,
@@ -30,7 +30,7 @@ def up(st, page):
                                "worker": {"lease_ms": 3000, "max_inflight": 256}})
     st.broker(path)
     st.spawn("promptq-worker", "--config", path, name="worker")
-    return r, s
+    return r, s, path
 
 
 def submit(st, n, headers, tag):
@@ -65,7 +65,7 @@ def test_replay_now_overrides_the_status_page():
     try:
         page.indicator = "major"  # read every 5 s: set before the outage
         with harness.Stack("parked-replay") as st:
-            r, s = up(st, page)
+            r, s, _ = up(st, page)
             s.set_state({"mode": "down"})
             ids = submit(st, 8, A, "replay")
             wait_for(lambda: all_status(st, ids, A, "parked"), T(30), "jobs parked",
@@ -105,7 +105,7 @@ def test_drop_ends_only_the_callers_parked_jobs():
     page = harness.StatusPage()
     try:
         with harness.Stack("parked-drop") as st:
-            r, s = up(st, page)
+            r, s, _ = up(st, page)
             s.set_state({"mode": "down"})
             a_ids = submit(st, 6, A, "drop a")
             b_ids = submit(st, 6, B, "drop b")
@@ -132,6 +132,43 @@ def test_drop_ends_only_the_callers_parked_jobs():
             assert s.stats()["requests"] - calls < 6 + 6, s.stats()
             rec = r.cli("HGETALL", "promptq:ops:route:" + ROUTE).split("\n")
             assert "drop:tenant-a" in rec and "drop:tenant-b" not in rec, rec
+    finally:
+        page.close()
+
+
+def test_a_fresh_worker_reads_drops_before_replaying():
+    """A worker started after a drop replays nothing before it has read the route's operator
+    requests: while that read fails (the ops key made unreadable: a string where the hash
+    belongs) its parked jobs stay parked and the provider, back by then, gets no call; once
+    the read works the dropped jobs end as cancelled, still without a call."""
+    page = harness.StatusPage()
+    try:
+        with harness.Stack("parked-drop-fresh") as st:
+            r, s, path = up(st, page)
+            s.set_state({"mode": "down"})
+            ids = submit(st, 6, A, "fresh")
+            wait_for(lambda: all_status(st, ids, A, "parked"), T(30), "jobs parked",
+                     interval=0.3)
+            w = [p for p in st.procs if p.name == "worker"][0]
+            w.kill()
+            w.wait(T(20))
+            status, _, doc = harness.http_json("DELETE", st.broker_url + "/v1/parked/" + PATH,
+                                               headers=A)
+            assert status == 202, doc
+            ops = "promptq:ops:route:" + ROUTE
+            r.cli("RENAME", ops, ops + ".saved")
+            r.cli("SET", ops, "unreadable")
+            s.set_state({"mode": "ok"})
+            calls = s.stats()["requests"]
+            w2 = st.spawn("promptq-worker", "--config", path, name="worker2")
+            wait_for(lambda: "assigned" in open(w2.log_path, errors="replace").read(), T(20),
+                     "the new worker's assignment")
+            time.sleep(T(3))
+            assert all_status(st, ids, A, "parked") and s.stats()["requests"] == calls
+            r.cli("RENAME", ops + ".saved", ops)  # one step: RENAME replaces the string
+            wait_for(lambda: all_status(st, ids, A, "cancelled"), T(30), "dropped jobs ended",
+                     interval=0.5)
+            assert s.stats()["requests"] == calls, s.stats()
     finally:
         page.close()
 
