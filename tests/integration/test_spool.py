@@ -287,6 +287,10 @@ def test_job_kafka_refuses_is_set_aside():
         path, cfg = stack_up(st)
         start_broker(st, path)
         st.kafka_.control("down -1")
+        # once the broker knows Kafka is down it spools at once, without producing: no copy
+        # waits in a thread's producer to take the refusal below before the drainer does
+        wait_for(lambda: (readyz(st)[2] or {}).get("kafka") == "down", T(10),
+                 "the broker to see Kafka down")
         accepted(submit(st, [job("refused", id="refused-1")]), "spooled")
         # the drainer's next Produce is refused for good (MSG_SIZE_TOO_LARGE)
         st.kafka_.control("err 0 1 10")
