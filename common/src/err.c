@@ -20,7 +20,9 @@ static const struct {
     {PQ_ERR_TOO_LARGE, "too_large", "too large"},
     {PQ_ERR_AUTH, "authentication", "authentication or permission refused (HTTP 401/403)"},
     {PQ_ERR_NOT_FOUND, "not_found", "not found"},
-    {PQ_ERR_REFUSED, "refused", "request refused by provider (HTTP 400/404/422)"},
+    {PQ_ERR_REFUSED, "refused", "request refused by provider (HTTP 400/422)"},
+    {PQ_ERR_CONTEXT_LENGTH, "context_length_exceeded", "prompt over the model's context window"},
+    {PQ_ERR_CONTENT_FILTER, "content_filter", "refused by the provider's content policy"},
     {PQ_ERR_CONFLICT, "id_conflict", "id reused with another request"},
     {PQ_ERR_UNSUPPORTED, "unsupported", "request cannot be expressed for this target"},
     {PQ_ERR_EXPIRED, "expired", "deadline or park TTL passed"},
@@ -61,6 +63,8 @@ pq_err_t pq_err_from_http_status(long status)
     switch (status) {
     case 408:
         return PQ_ERR_TIMEOUT;
+    case 409: /* a conflicting request of the provider's own: worth a retry */
+        return PQ_ERR_SERVER;
     case 429:
         return PQ_ERR_RATE_LIMITED;
     case 500:
@@ -75,8 +79,6 @@ pq_err_t pq_err_from_http_status(long status)
         return PQ_ERR_AUTH;
     case 404:
         return PQ_ERR_NOT_FOUND;
-    case 413:
-        return PQ_ERR_TOO_LARGE;
     default:
         if (status >= 500)
             return PQ_ERR_SERVER;

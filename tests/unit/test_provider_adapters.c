@@ -272,7 +272,7 @@ static void run_response_case(const adapter_t *a, const char *name)
     assert_non_null(status_s);
     assert_true((exp_c != NULL) != (exp_err != NULL));
     fixture_init(&f, a, case_json(a->type, name, "target.json"));
-    err = a->ops->parse_response(&f.t, atol(status_s), body, len, &completion, errstr,
+    err = a->ops->parse_response(&f.t, atol(status_s), body, len, &completion, NULL, errstr,
                                  sizeof(errstr));
     assert_no_secret(errstr);
     if (exp_err) {
@@ -346,8 +346,9 @@ static void test_no_key_in_errstr(void **state)
                 char errstr[512] = "";
                 pq_err_t err;
                 fixture_init(&f, &adapters[a], NULL);
-                err = adapters[a].ops->parse_response(
-                    &f.t, statuses[s], bodies[b], strlen(bodies[b]), &c, errstr, sizeof(errstr));
+                err =
+                    adapters[a].ops->parse_response(&f.t, statuses[s], bodies[b], strlen(bodies[b]),
+                                                    &c, NULL, errstr, sizeof(errstr));
                 assert_int_not_equal(err, PQ_OK);
                 assert_null(c);
                 assert_no_secret(errstr);
@@ -368,7 +369,7 @@ static void test_malformed_2xx(void **state)
             char errstr[256] = "";
             pq_err_t err;
             fixture_init(&f, &adapters[a], NULL);
-            err = adapters[a].ops->parse_response(&f.t, 200, bodies[b], strlen(bodies[b]), &c,
+            err = adapters[a].ops->parse_response(&f.t, 200, bodies[b], strlen(bodies[b]), &c, NULL,
                                                   errstr, sizeof(errstr));
             if (err != PQ_ERR_MALFORMED)
                 fail_msg("%s on \"%s\": %s", adapters[a].type, bodies[b], pq_err_name(err));

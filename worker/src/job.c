@@ -1406,16 +1406,19 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     const pq_target_t *t = &j->route->targets[j->target];
     const pq_provider_ops_t *ops = pq_provider_find(t->p->type);
     json_t *completion = NULL, *total;
+    pq_provider_fault_t fault;
     char msg[256];
     pq_err_t err;
     int64_t tokens = -1;
     int probe = j->probe;
 
+    memset(&fault, 0, sizeof(fault));
+
     j->http = NULL;
     msg[0] = '\0';
     if (res->err == PQ_OK) {
-        err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, msg,
-                                  sizeof(msg));
+        err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, &fault,
+                                  msg, sizeof(msg));
     } else {
         err = res->err;
         if (err == PQ_ERR_TOO_LARGE)

@@ -20,14 +20,16 @@ typedef enum {
 
     /* Permanent: retrying the same request will not help. */
     PQ_ERR__PERMANENT_BEGIN = 200,
-    PQ_ERR_INVALID,     /* bad input: JSON, schema, field values */
-    PQ_ERR_TOO_LARGE,   /* over a configured size cap */
-    PQ_ERR_AUTH,        /* HTTP 401/403 */
-    PQ_ERR_NOT_FOUND,   /* HTTP 404, unknown route or id */
-    PQ_ERR_REFUSED,     /* HTTP 400/422 from a provider */
-    PQ_ERR_CONFLICT,    /* (tenant, id) reused with another request */
-    PQ_ERR_UNSUPPORTED, /* a target cannot express the request */
-    PQ_ERR_EXPIRED,     /* deadline or park TTL passed */
+    PQ_ERR_INVALID,        /* bad input: JSON, schema, field values */
+    PQ_ERR_TOO_LARGE,      /* over a configured size cap */
+    PQ_ERR_AUTH,           /* HTTP 401/403 */
+    PQ_ERR_NOT_FOUND,      /* HTTP 404, unknown route or id */
+    PQ_ERR_REFUSED,        /* HTTP 400/422 from a provider (not one of the two below) */
+    PQ_ERR_CONTEXT_LENGTH, /* the prompt is over the target's context window */
+    PQ_ERR_CONTENT_FILTER, /* the provider's content policy refused the request */
+    PQ_ERR_CONFLICT,       /* (tenant, id) reused with another request */
+    PQ_ERR_UNSUPPORTED,    /* a target cannot express the request */
+    PQ_ERR_EXPIRED,        /* deadline or park TTL passed */
     PQ_ERR_CANCELLED,
     PQ_ERR_POISON, /* redelivered too often without finishing */
     PQ_ERR_CONFIG, /* bad configuration */

@@ -581,7 +581,8 @@ out_fail_calls_owned:
 }
 
 static pq_err_t anthropic_parse_response(const pq_target_t *target, long status, const char *body,
-                                         size_t len, json_t **completion, char *errstr,
+                                         size_t len, json_t **completion,
+                                         pq_provider_fault_t *fault, char *errstr,
                                          size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);

@@ -368,8 +368,8 @@ static int key_invalid(const json_t *error)
 }
 
 static pq_err_t gemini_parse_response(const pq_target_t *target, long status, const char *body,
-                                      size_t len, json_t **completion, char *errstr,
-                                      size_t errstr_size)
+                                      size_t len, json_t **completion, pq_provider_fault_t *fault,
+                                      char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, 0, NULL), *cands, *c, *choices = NULL, *usage, *id;

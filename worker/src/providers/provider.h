@@ -22,6 +22,26 @@ typedef struct pq_provider_req_s {
     size_t body_len;
 } pq_provider_req_t;
 
+/* Longest provider reason passed back to clients (bytes, NUL included). */
+#define PQ_PROVIDER_REASON_MAX 320
+
+/* What a provider said about a call that failed, beyond the error code. Filled by
+ * parse_response for non-2xx answers (and 2xx answers that are refusals, such as a Gemini
+ * safety block); zeroed first by the caller. */
+typedef struct pq_provider_fault_s {
+    /* The provider's error code or type when it is a safe word (pq_provider_safe_token):
+     * "context_length_exceeded", "content_filter", "rate_limit_error", "RESOURCE_EXHAUSTED",
+     * "overloaded_error", ...; "" when none. */
+    char code[64];
+    /* The provider's own message, sanitised by pq_provider_reason_sanitize (no key fragments,
+     * no control bytes, capped, whole UTF-8 characters); "" when none. Set only where it helps
+     * a client: context length, content policy and other refusals (400/422/404). */
+    char reason[PQ_PROVIDER_REASON_MAX];
+    /* A 429 or quota error about the key as a whole (e.g. OpenAI "insufficient_quota"): the
+     * rest applies to the key for every model, not just this one. */
+    int key_wide;
+} pq_provider_fault_t;
+
 typedef struct pq_provider_ops_s {
     const char *type; /* the "type" of a provider in the config */
 
@@ -32,12 +52,16 @@ typedef struct pq_provider_ops_s {
     pq_err_t (*build_request)(const pq_target_t *target, const json_t *request, const char *key,
                               pq_provider_req_t *out, char *errstr, size_t errstr_size);
 
-    /* Classifies an HTTP answer. On a 2xx answer that holds a usable completion, returns PQ_OK
-     * and sets *completion to a new OpenAI chat.completion object. Otherwise returns the error
-     * code (retryable or permanent) and a short message in errstr that never quotes the body
-     * (provider error bodies may echo keys, G6). body: borrowed, len bytes, not NUL-terminated. */
+    /* Classifies an HTTP answer (the error classes of README "Failover"). On a 2xx answer that
+     * holds a usable completion, returns PQ_OK and sets *completion to a new OpenAI
+     * chat.completion object. Otherwise returns the error code: retryable (CONNECT, TIMEOUT,
+     * RATE_LIMITED, SERVER, OVERLOADED, MALFORMED) or permanent (AUTH, NOT_FOUND,
+     * CONTEXT_LENGTH, CONTENT_FILTER, REFUSED), a short message in errstr that never quotes the
+     * body (provider error bodies may echo keys, G6), and, when fault is not NULL, the
+     * provider's code and sanitised reason. body: borrowed, len bytes, not NUL-terminated. */
     pq_err_t (*parse_response)(const pq_target_t *target, long status, const char *body, size_t len,
-                               json_t **completion, char *errstr, size_t errstr_size);
+                               json_t **completion, pq_provider_fault_t *fault, char *errstr,
+                               size_t errstr_size);
 } pq_provider_ops_t;
 
 /* The adapter for a provider type, or NULL when this build has none. Borrowed (static). */

@@ -233,8 +233,8 @@ static const char *finish_reason(const char *r)
 }
 
 static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, const char *body,
-                                       size_t len, json_t **completion, char *errstr,
-                                       size_t errstr_size)
+                                       size_t len, json_t **completion, pq_provider_fault_t *fault,
+                                       char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, 0, NULL), *choices, *c, *out = NULL, *usage, *v;
