@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -394,7 +395,18 @@ static const prop_t provider_props[] = {
     P_LIST(PT_KVMAP, pq_provider_conf_t, "headers", headers, nheaders, PF_HEADERS,
            "extra request headers"),
     P_INT(pq_provider_conf_t, "timeout_ms", timeout_ms, 60000, 1, ONE_HOUR_MS,
-          "whole-call timeout"),
+          "total timeout of one call"),
+    P_INT(pq_provider_conf_t, "connect_timeout_ms", connect_timeout_ms, 10000, 1, ONE_HOUR_MS,
+          "TCP and TLS connect timeout"),
+    P_INT(pq_provider_conf_t, "first_byte_timeout_ms", first_byte_timeout_ms, 0, 0, ONE_HOUR_MS,
+          "from sending the request to the answer's first byte; 0 = timeout_ms"),
+    P_INT(pq_provider_conf_t, "idle_timeout_ms", idle_timeout_ms, 30000, 0, ONE_HOUR_MS,
+          "longest gap between two received parts of an answer; 0 = none"),
+    P_BOOL(pq_provider_conf_t, "retry_on_timeout", retry_on_timeout, 0,
+           "a timeout retries the same target (false: the next target at once)"),
+    P_INT(pq_provider_conf_t, "max_rest_ms", max_rest_ms, 60000, 1, ONE_HOUR_MS,
+          "longest a key rests for one model after a 429, whatever Retry-After says; a longer "
+          "Retry-After makes the job move to the next target"),
     P_INT(pq_provider_conf_t, "max_concurrency", max_concurrency, 256, 0, 1000000,
           "calls in flight; 0 = unlimited"),
     P_INT(pq_provider_conf_t, "rpm", rpm, 0, 0, I32MAX, "requests per minute; 0 = unlimited"),
@@ -402,11 +414,11 @@ static const prop_t provider_props[] = {
     P_INT(pq_provider_conf_t, "retries_per_target", retries_per_target, 2, 0, 100,
           "retries of a retryable error before the next target"),
     P_INT(pq_provider_conf_t, "max_retry_wait_ms", max_retry_wait_ms, 10000, 0, ONE_HOUR_MS,
-          "longest Retry-After honoured"),
+          "longest a job waits for the same target after a 429 (else it moves on)"),
     P_INT(pq_provider_conf_t, "retry_base_ms", retry_base_ms, 200, 1, 600000, "backoff base"),
     P_INT(pq_provider_conf_t, "retry_max_ms", retry_max_ms, 5000, 1, ONE_HOUR_MS, "backoff cap"),
     P_INT(pq_provider_conf_t, "key_rest_ms", key_rest_ms, 30000, 0, ONE_HOUR_MS,
-          "rest of a key that answered 429/401"),
+          "rest of a key that answered 401, or a quota error for the whole key"),
     P_INT(pq_provider_conf_t, "circuit_failures", circuit_failures, 5, 1, 1000000,
           "consecutive failures that open the circuit"),
     P_DBL(pq_provider_conf_t, "circuit_ratio", circuit_ratio, 0.5, 0.01, 1.0,
@@ -435,6 +447,28 @@ static const prop_t target_props[] = {
     P_STR(pq_target_t, "provider", provider, NULL, PF_REQUIRED | PF_NONEMPTY,
           "key in \"providers\""),
     P_STR(pq_target_t, "model", model, NULL, PF_REQUIRED | PF_NONEMPTY, "model name it takes"),
+    P_I64(pq_target_t, "max_context_tokens", max_context_tokens, 0, 0, 1000000000,
+          "context window; a context_length_exceeded moves only to a target with a larger one; "
+          "0 = not given"),
+    P_INT(pq_target_t, "timeout_ms", timeouts.total_ms, -1, -1, ONE_HOUR_MS,
+          "the provider's timeout_ms for this target; -1 = the provider's"),
+    P_INT(pq_target_t, "connect_timeout_ms", timeouts.connect_ms, -1, -1, ONE_HOUR_MS,
+          "-1 = the provider's"),
+    P_INT(pq_target_t, "first_byte_timeout_ms", timeouts.first_byte_ms, -1, -1, ONE_HOUR_MS,
+          "-1 = the provider's"),
+    P_INT(pq_target_t, "idle_timeout_ms", timeouts.idle_ms, -1, -1, ONE_HOUR_MS,
+          "-1 = the provider's"),
+};
+
+/* A route as an object (the list form is "targets" alone). */
+static const prop_t route_props[] = {
+    P_ENUM(pq_route_t, "on_bad_request", on_bad_request_name, "next_provider", "next_provider|end",
+           0, "a 400/422 refusal: the next target of another provider, or end the job"),
+    P_INT(pq_route_t, "budget_ms", budget_ms, 0, 0, ONE_HOUR_MS,
+          "interactive calls a client waits for: time for the whole attempt chain; 0 = "
+          "broker.sync_timeout_ms - 1000"),
+    P_INT(pq_route_t, "reserve_ms", reserve_ms, 10000, 0, ONE_HOUR_MS,
+          "of the budget, kept for the later targets when an attempt is cut to fit"),
 };
 
 #define NPROPS(t) (sizeof(t) / sizeof((t)[0]))
@@ -1036,6 +1070,21 @@ static int load_providers(pq_conf_t *c, json_t *obj, cerr_t *e)
     return 0;
 }
 
+/* Target timeouts left at -1 take the provider's. */
+static void target_resolve_timeouts(pq_target_t *t)
+{
+    pq_timeouts_t *o = &t->timeouts;
+
+    if (o->total_ms < 0)
+        o->total_ms = t->p->timeout_ms;
+    if (o->connect_ms < 0)
+        o->connect_ms = t->p->connect_timeout_ms;
+    if (o->first_byte_ms < 0)
+        o->first_byte_ms = t->p->first_byte_timeout_ms;
+    if (o->idle_ms < 0)
+        o->idle_ms = t->p->idle_timeout_ms;
+}
+
 static int load_route(pq_conf_t *c, pq_route_t *r, const char *name, json_t *arr, cerr_t *e)
 {
     char path[CONF_PATH_MAX], sub[CONF_PATH_MAX];
@@ -1061,8 +1110,34 @@ static int load_route(pq_conf_t *c, pq_route_t *r, const char *name, json_t *arr
                         "characters outside [A-Za-z0-9._-])",
                         c->routes[i].name);
 
-    if (!json_is_array(arr))
-        return fail(e, path, "must be a list of targets");
+    if (props_defaults(route_props, NPROPS(route_props), r, e))
+        return -1;
+    if (json_is_object(arr)) {
+        /* {"targets": [...], route settings} */
+        json_t *o = arr, *settings;
+        char tpath[CONF_PATH_MAX];
+        int rc;
+
+        path_key(tpath, sizeof(tpath), path, "targets");
+        arr = json_object_get(o, "targets");
+        if (!arr)
+            return fail(e, path, "must be a list of targets, or an object with \"targets\"");
+        if (!json_is_array(arr))
+            return fail(e, tpath, "must be a list of targets");
+        settings = json_copy(o); /* shallow */
+        if (!settings)
+            return fail(e, path, "out of memory");
+        json_object_del(settings, "targets");
+        rc = props_apply(route_props, NPROPS(route_props), r, settings, path, e);
+        json_decref(settings);
+        if (rc)
+            return -1;
+        r->on_bad_request = !strcmp(r->on_bad_request_name, "end") ? PQ_BAD_REQUEST_END
+                                                                   : PQ_BAD_REQUEST_NEXT_PROVIDER;
+        snprintf(path, sizeof(path), "%s", tpath);
+    } else if (!json_is_array(arr)) {
+        return fail(e, path, "must be a list of targets or an object with \"targets\"");
+    }
     n = json_array_size(arr);
     if (n == 0)
         return fail(e, path, "must have at least one target");
@@ -1077,7 +1152,8 @@ static int load_route(pq_conf_t *c, pq_route_t *r, const char *name, json_t *arr
         path_index(sub, sizeof(sub), path, i);
         if (!json_is_object(el))
             return fail(e, sub, "must be an object {\"provider\", \"model\"}");
-        if (props_apply(target_props, NPROPS(target_props), t, el, sub, e))
+        if (props_defaults(target_props, NPROPS(target_props), t, e) ||
+            props_apply(target_props, NPROPS(target_props), t, el, sub, e))
             return -1;
         if (!(t->p = pq_conf_provider(c, t->provider))) {
             char ppath[CONF_PATH_MAX];
@@ -1085,6 +1161,7 @@ static int load_route(pq_conf_t *c, pq_route_t *r, const char *name, json_t *arr
             path_key(ppath, sizeof(ppath), sub, "provider");
             return fail(e, ppath, "unknown provider \"%.64s\"", t->provider);
         }
+        target_resolve_timeouts(t);
     }
     return 0;
 }
@@ -1436,6 +1513,7 @@ void pq_conf_destroy(pq_conf_t *c)
 
         for (size_t j = 0; j < r->ntargets; j++)
             props_free(target_props, NPROPS(target_props), &r->targets[j]);
+        props_free(route_props, NPROPS(route_props), r);
         free(r->targets);
         free(r->name);
         free(r->topic_name);
@@ -1546,7 +1624,52 @@ void pq_conf_print_reference(FILE *out)
     for (size_t i = 0; i < NPROPS(sections); i++)
         print_props(out, sections[i].name, sections[i].props, sections[i].n);
     print_props(out, "providers.NAME", provider_props, NPROPS(provider_props));
-    print_props(out, "routes.NAME.N", target_props, NPROPS(target_props));
+    print_props(out, "routes.NAME", route_props, NPROPS(route_props));
+    print_props(out, "routes.NAME.targets.N", target_props, NPROPS(target_props));
+}
+
+int pq_conf_route_budget_ms(const pq_conf_t *conf, const pq_route_t *route)
+{
+    if (route->budget_ms > 0)
+        return route->budget_ms;
+    return conf->sync_timeout_ms > 2000 ? conf->sync_timeout_ms - 1000 : conf->sync_timeout_ms;
+}
+
+/* The longest one call to t can take when the provider accepts and never answers. */
+static int64_t silent_attempt_ms(const pq_target_t *t)
+{
+    const pq_timeouts_t *o = &t->timeouts;
+
+    return o->first_byte_ms > 0 && o->first_byte_ms < o->total_ms ? o->first_byte_ms : o->total_ms;
+}
+
+int pq_conf_warn(const pq_conf_t *conf, FILE *out, const char *prefix)
+{
+    int n = 0;
+
+    for (size_t i = 0; i < conf->nroutes; i++) {
+        const pq_route_t *r = &conf->routes[i];
+        int64_t worst = 0;
+
+        for (size_t k = 0; k < r->ntargets; k++) {
+            const pq_target_t *t = &r->targets[k];
+            worst +=
+                silent_attempt_ms(t) * (t->p->retry_on_timeout ? 1 + t->p->retries_per_target : 1);
+        }
+        /* a one-target route has nothing to fail over to: its client's 504 names the job */
+        if (r->ntargets > 1 && worst > conf->sync_timeout_ms) {
+            fprintf(out,
+                    "%sroutes.%s: silent providers could take %" PRId64
+                    " ms over its %zu target(s), more than broker.sync_timeout_ms (%d): "
+                    "interactive calls are cut to the route's budget (%d ms, keeping "
+                    "reserve_ms %d for later targets); lower the targets' "
+                    "first_byte_timeout_ms or timeout_ms to fit\n",
+                    prefix, r->name, worst, r->ntargets, conf->sync_timeout_ms,
+                    pq_conf_route_budget_ms(conf, r), r->reserve_ms);
+            n++;
+        }
+    }
+    return n;
 }
 
 int pq_conf_cli_skip(int argc, char **argv, int i)
@@ -1609,6 +1732,10 @@ int pq_conf_cli(int argc, char **argv, const char *prog, pq_conf_t **out)
         return 1;
     }
     if (check) {
+        char prefix[CONF_PATH_MAX + 16];
+
+        snprintf(prefix, sizeof(prefix), "%s: warning: ", path);
+        pq_conf_warn(c, stdout, prefix);
         printf("%s: OK\n", path);
         fflush(stdout);
         pq_conf_destroy(c);

@@ -301,6 +301,34 @@ static void test_everything(void **state)
     pq_conf_retry_topic(c, r, topic, sizeof(topic));
     assert_string_equal(topic, "acme.pq.retry.meta_llama3_8b_x");
     assert_ptr_equal(r->targets[1].p, pq_conf_provider(c, "wx"));
+    /* the list form: route defaults; targets inherit their provider's timeouts */
+    assert_int_equal(r->on_bad_request, PQ_BAD_REQUEST_NEXT_PROVIDER);
+    assert_int_equal(r->budget_ms, 0);
+    assert_int_equal(pq_conf_route_budget_ms(c, r),
+                     1500); /* sync_timeout_ms 1500: too short to keep a margin */
+    assert_int_equal(r->targets[0].timeouts.total_ms, 1000);
+    assert_int_equal(r->targets[0].timeouts.connect_ms, 300);
+    assert_int_equal(r->targets[0].timeouts.first_byte_ms, 800);
+    assert_int_equal(r->targets[0].timeouts.idle_ms, 200);
+    assert_int_equal(r->targets[0].max_context_tokens, 0);
+
+    p = pq_conf_provider(c, "sim");
+    assert_int_equal(p->retry_on_timeout, 1);
+    assert_int_equal(p->max_rest_ms, 7000);
+    /* the object form: settings and per-target overrides */
+    r = pq_conf_route(c, "policy");
+    assert_non_null(r);
+    assert_int_equal(r->ntargets, 2);
+    assert_int_equal(r->on_bad_request, PQ_BAD_REQUEST_END);
+    assert_int_equal(r->budget_ms, 1200);
+    assert_int_equal(pq_conf_route_budget_ms(c, r), 1200);
+    assert_int_equal(r->reserve_ms, 300);
+    assert_int_equal(r->targets[0].max_context_tokens, 8000);
+    assert_int_equal(r->targets[0].timeouts.first_byte_ms, 400);
+    assert_int_equal(r->targets[0].timeouts.total_ms, 1000);
+    assert_int_equal(r->targets[1].max_context_tokens, 128000);
+    assert_int_equal(r->targets[1].timeouts.total_ms, 900);
+    assert_int_equal(r->targets[1].timeouts.first_byte_ms, 0);
     pq_conf_destroy(c);
 }
 
@@ -655,7 +683,7 @@ static void test_reference(void **state)
     assert_non_null(strstr(buf, "| worker.max_inflight | integer | 4096 | 1..1000000 |"));
     assert_non_null(strstr(buf, "| log.level | enum | \"info\" | debug, info, warn, error |"));
     assert_non_null(strstr(buf, "| providers.NAME.type | enum |"));
-    assert_non_null(strstr(buf, "| routes.NAME.N.model | string |"));
+    assert_non_null(strstr(buf, "| routes.NAME.targets.N.model | string |"));
     assert_non_null(strstr(buf, "| cache.temperature_zero | boolean | false |"));
     free(buf);
 }

@@ -22,15 +22,21 @@ typedef struct pq_provider_conf_s {
     size_t napi_keys; /* 0 for a local server */
     pq_kv_t *headers; /* extra request headers */
     size_t nheaders;
-    int timeout_ms;          /* default 60000 */
-    int max_concurrency;     /* default 256; 0 = unlimited */
-    int rpm;                 /* requests per minute, 0 = unlimited */
-    int tpm;                 /* tokens per minute, 0 = unlimited */
-    int retries_per_target;  /* default 2 */
-    int max_retry_wait_ms;   /* default 10000 */
-    int retry_base_ms;       /* backoff base, default 200 */
-    int retry_max_ms;        /* backoff cap, default 5000 */
-    int key_rest_ms;         /* a key that answered 429/401 rests this long, default 30000 */
+    int timeout_ms;            /* total, default 60000 */
+    int connect_timeout_ms;    /* default 10000 */
+    int first_byte_timeout_ms; /* until the answer's first byte; 0 = timeout_ms */
+    int idle_timeout_ms;       /* longest gap between bytes of an answer; 0 = none */
+    int retry_on_timeout;      /* a timeout retries the same target; default 0 = next target */
+    int max_rest_ms;           /* cap of a 429's rest (Retry-After), default 60000 */
+    int max_concurrency;       /* default 256; 0 = unlimited */
+    int rpm;                   /* requests per minute, 0 = unlimited */
+    int tpm;                   /* tokens per minute, 0 = unlimited */
+    int retries_per_target;    /* default 2 */
+    int max_retry_wait_ms;     /* default 10000 */
+    int retry_base_ms;         /* backoff base, default 200 */
+    int retry_max_ms;          /* backoff cap, default 5000 */
+    int key_rest_ms;         /* a key that answered 401 (or a key-wide quota error) rests this long,
+                                default 30000 */
     int circuit_failures;    /* consecutive failures that open the circuit, default 5 */
     double circuit_ratio;    /* failure ratio over the window that opens it, default 0.5 */
     int circuit_window;      /* calls in the ratio window, default 20 */
@@ -44,17 +50,32 @@ typedef struct pq_provider_conf_s {
     int default_max_tokens;  /* anthropic, default 4096 */
 } pq_provider_conf_t;
 
+/* Timeouts of one call (ms; 0 = none), resolved from a target and its provider. */
+typedef struct pq_timeouts_s {
+    int connect_ms, first_byte_ms, idle_ms, total_ms;
+} pq_timeouts_t;
+
 typedef struct pq_target_s {
     char *provider; /* key in "providers" */
     char *model;
     const pq_provider_conf_t *p; /* resolved at load */
+    int64_t max_context_tokens;  /* context window; 0 = not given */
+    pq_timeouts_t timeouts;      /* the target's own, else its provider's (resolved at load) */
 } pq_target_t;
+
+typedef enum { PQ_BAD_REQUEST_NEXT_PROVIDER = 0, PQ_BAD_REQUEST_END } pq_bad_request_t;
 
 typedef struct pq_route_s {
     char *name;       /* the model name clients ask for */
     char *topic_name; /* sanitised for Kafka topic names (without prefix) */
     pq_target_t *targets;
     size_t ntargets;
+    pq_bad_request_t on_bad_request; /* a 400/422 refusal: try another provider, or end */
+    char *on_bad_request_name;       /* "next_provider" | "end" (the config's text) */
+    int budget_ms;  /* interactive calls a client waits for: the attempt chain's budget from
+                       acceptance; 0 = broker.sync_timeout_ms - 1000 */
+    int reserve_ms; /* of the budget, kept for later targets when an attempt is cut to fit;
+                       default 10000 */
 } pq_route_t;
 
 typedef struct pq_conf_s {
@@ -146,6 +167,15 @@ pq_conf_t *pq_conf_load(const char *path, char *errstr, size_t errstr_size);
 pq_conf_t *pq_conf_load_str(const char *json, size_t len, char *errstr, size_t errstr_size);
 
 void pq_conf_destroy(pq_conf_t *conf);
+
+/* Warnings about a loaded config that still runs (e.g. a route whose worst-case attempt chain
+ * for a silent provider exceeds broker.sync_timeout_ms): one line each into out, prefixed by
+ * prefix. Returns how many. */
+int pq_conf_warn(const pq_conf_t *conf, FILE *out, const char *prefix);
+
+/* The budget of a route's interactive calls in ms (route budget_ms, else derived from
+ * broker.sync_timeout_ms). */
+int pq_conf_route_budget_ms(const pq_conf_t *conf, const pq_route_t *route);
 
 /* Finds a route or provider by name; NULL if absent. Borrowed. */
 const pq_route_t *pq_conf_route(const pq_conf_t *conf, const char *name);
