@@ -344,7 +344,7 @@ def test_state_validation_and_replace():
         url = s.control_url + "/_sim/state"
         for bad, field in (({"mode": "sideways"}, "mode"), ({"status": 99}, "status"),
                            ({"latency_ms": -1}, "latency_ms"), ({"failure_rate": 2}, "failure_rate"),
-                           ({"retry_after": ""}, "retry_after"), ({"colour": "red"}, "colour")):
+                           ({"retry_after": "\n"}, "retry_after"), ({"colour": "red"}, "colour")):
             status, _, raw = harness.http("POST", url, bad)
             assert status == 400 and field in json.loads(raw)["error"]["message"], (bad, raw)
         assert harness.http("POST", url, b"[]")[0] == 400

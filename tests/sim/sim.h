@@ -30,30 +30,63 @@ typedef enum {
     PQ_SIM_MODE_RATE_LIMIT,
     PQ_SIM_MODE_HANG,
     PQ_SIM_MODE_MALFORMED,
+    PQ_SIM_MODE_RESET, /* read the request, then close with a reset, no answer */
+    PQ_SIM_MODE_STALL, /* status line, headers and half a good body, then nothing */
 } pq_sim_mode_t;
 
-typedef struct {
+/* Most models with their own state in one control state. */
+#define PQ_SIM_MAX_MODEL_STATES PQ_SIM_MAX_KEYS
+/* Longest model name kept (state keys, stats by_model, the call log). */
+#define PQ_SIM_MODEL_MAX 200
+
+typedef struct pq_sim_state_s pq_sim_state_t;
+typedef struct pq_sim_model_state_s pq_sim_model_state_t;
+
+struct pq_sim_state_s {
     pq_sim_mode_t mode;
     int status;             /* error mode and failure_rate answers; default 500 */
     char retry_after[64];   /* Retry-After value; default "1" */
     int retry_after_set;    /* retry_after given explicitly (then also sent in error mode) */
+    int retry_after_none;   /* retry_after null or "": no Retry-After header, even on 429 */
     int64_t retry_after_ms; /* -1: no retry-after-ms header */
     int64_t latency_ms;     /* delay before every answer (not down/hang) */
     double failure_rate;    /* ok mode: this fraction of answers become `status` */
     char *error_body;       /* owned; NULL: the format's own error JSON */
+    char *error_code;       /* owned; NULL: none. The format's own error code (error documents) */
+    char *error_message;    /* owned; NULL: a default message */
     int revoke_tokens;      /* applying this state revokes every IAM token issued so far */
-} pq_sim_state_t;
+    /* Flapping: for the first down_ms of every period_ms (from when the state was applied)
+     * sched_down applies instead of this state. period_ms 0: no schedule. */
+    int64_t period_ms, down_ms;
+    pq_sim_state_t *sched_down;   /* owned; NULL without a schedule */
+    pq_sim_model_state_t *models; /* owned array (top level only): per-model states */
+    size_t nmodels;
+};
 
-/* Defaults: ok, 500, "1", no ms, 0, 0.0, no body. */
+struct pq_sim_model_state_s {
+    char *name; /* owned */
+    pq_sim_state_t state;
+};
+
+/* Defaults: ok, 500, "1", no ms, 0, 0.0, no body, no code, no schedule, no models. */
 void pq_sim_state_init(pq_sim_state_t *st);
 
-/* Frees error_body; st stays usable (defaults). NULL is a no-op. */
+/* Frees what st owns; st stays usable (defaults). NULL is a no-op. */
 void pq_sim_state_clear(pq_sim_state_t *st);
 
 /* Parses a whole-state JSON body (absent fields take defaults) into out, which it initialises.
- * Returns 0, or -1 with a message naming the field in errstr (out is then cleared). Pure. */
+ * Accepts "models" {name: state} (no "down", "models" or "revoke_tokens" inside) and
+ * "schedule" {period_ms, down_ms, down: state} (no "down", "models" or "schedule" inside).
+ * Returns 0, or -1 with a message naming the field's JSON path in errstr (out is then
+ * cleared). Pure. */
 int pq_sim_state_parse(const char *buf, size_t len, pq_sim_state_t *out, char *errstr,
                        size_t errstr_size);
+
+/* The state a call for model (NULL or "": none) meets elapsed_ms after top was applied: the
+ * model's own state if top has one, else top; then its schedule's down state when elapsed_ms
+ * falls in a down window. Borrowed from top. Pure. */
+const pq_sim_state_t *pq_sim_state_pick(const pq_sim_state_t *top, const char *model,
+                                        int64_t elapsed_ms);
 
 /* New reference: the state as JSON. */
 json_t *pq_sim_state_to_json(const pq_sim_state_t *st);
@@ -105,6 +138,9 @@ typedef struct {
     const char *message;
     const char *param; /* may be NULL */
     const char *code;  /* may be NULL */
+    /* 1: code is the control state's error_code, the format's own identifier for the error
+     * (Anthropic error.type, Gemini error.status, OpenAI/watsonx code). */
+    int provider_code;
 } pq_sim_error_t;
 
 typedef struct {
@@ -123,6 +159,10 @@ typedef struct {
     /* Answers a call in ok mode: a good answer or a validation error. */
     void (*handle)(pq_sim_call_t *call);
     int needs_auth;
+    /* Chat routes: the body field naming the model ("model", "model_id"), or "" when the
+     * model is the path parameter (Azure deployment, Gemini model). NULL: not a chat route
+     * (top-level state only, not in stats by_model nor the call log). */
+    const char *model_key;
 } pq_sim_route_t;
 
 /* Route tables, each ended by an entry with match == NULL (sim_routes.c lists them). */

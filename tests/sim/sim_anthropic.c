@@ -40,6 +40,8 @@ static void anthropic_error(pq_sim_call_t *call, int status, const pq_sim_error_
         type = "invalid_request_error";
         break;
     }
+    if (e->provider_code && e->code)
+        type = e->code; /* overloaded_error, rate_limit_error, ... */
     pq_sim_call_json(call, status,
                      json_pack("{s:s, s:{s:s, s:s}}", "type", "error", "error", "type", type,
                                "message", e->message));
@@ -221,6 +223,6 @@ out_free:
 }
 
 const pq_sim_route_t pq_sim_anthropic_routes[] = {
-    {&anthropic_format, EVHTTP_REQ_POST, match_messages, anthropic_messages, 1},
-    {NULL, 0, NULL, NULL, 0},
+    {&anthropic_format, EVHTTP_REQ_POST, match_messages, anthropic_messages, 1, "model"},
+    {NULL, 0, NULL, NULL, 0, NULL},
 };

@@ -72,6 +72,6 @@ static void azure_chat(pq_sim_call_t *call)
 }
 
 const pq_sim_route_t pq_sim_azure_routes[] = {
-    {&azure_format, EVHTTP_REQ_POST, match_chat, azure_chat, 1},
-    {NULL, 0, NULL, NULL, 0},
+    {&azure_format, EVHTTP_REQ_POST, match_chat, azure_chat, 1, ""},
+    {NULL, 0, NULL, NULL, 0, NULL},
 };

@@ -71,7 +71,8 @@ static const char *status_name(int status)
  * details[] (google.rpc.ErrorInfo reason API_KEY_INVALID). */
 static void gemini_error(pq_sim_call_t *call, int status, const pq_sim_error_t *e)
 {
-    if (e->kind == PQ_SIM_E_AUTH && e->code && !strcmp(e->code, "invalid_api_key")) {
+    if (!e->provider_code && e->kind == PQ_SIM_E_AUTH && e->code &&
+        !strcmp(e->code, "invalid_api_key")) {
         pq_sim_call_json(call, 400,
                          json_pack("{s:{s:i, s:s, s:s, s:[{s:s, s:s, s:s, s:{s:s}}]}}", "error",
                                    "code", 400, "message",
@@ -84,7 +85,8 @@ static void gemini_error(pq_sim_call_t *call, int status, const pq_sim_error_t *
     }
     pq_sim_call_json(call, status,
                      json_pack("{s:{s:i, s:s, s:s}}", "error", "code", status, "message",
-                               e->message, "status", status_name(status)));
+                               e->message, "status",
+                               e->provider_code && e->code ? e->code : status_name(status)));
 }
 
 static const pq_sim_format_t gemini_format = {
@@ -232,6 +234,6 @@ out_free:
 }
 
 const pq_sim_route_t pq_sim_gemini_routes[] = {
-    {&gemini_format, EVHTTP_REQ_POST, match_generate, gemini_generate, 1},
-    {NULL, 0, NULL, NULL, 0},
+    {&gemini_format, EVHTTP_REQ_POST, match_generate, gemini_generate, 1, ""},
+    {NULL, 0, NULL, NULL, 0, NULL},
 };

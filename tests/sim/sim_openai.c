@@ -46,6 +46,17 @@ void pq_sim_openai_error(pq_sim_call_t *call, int status, const pq_sim_error_t *
         type = "invalid_request_error";
         break;
     }
+    if (e->provider_code && e->code) {
+        /* OpenAI's own shapes: a quota error is its own type, other 429s rate_limit_error */
+        if (!strcmp(e->code, "insufficient_quota"))
+            type = "insufficient_quota";
+        else if (status == 429)
+            type = "rate_limit_error";
+        else if (status >= 500)
+            type = "server_error";
+        else
+            type = "invalid_request_error";
+    }
     pq_sim_call_json(call, status,
                      json_pack("{s:{s:s, s:s, s:o, s:o}}", "error", "message", e->message, "type",
                                type, "param", e->param ? json_string(e->param) : json_null(),
@@ -388,8 +399,8 @@ static void openai_model(pq_sim_call_t *call)
 }
 
 const pq_sim_route_t pq_sim_openai_routes[] = {
-    {&pq_sim_openai_format, EVHTTP_REQ_POST, match_chat, openai_chat, 1},
-    {&pq_sim_openai_format, EVHTTP_REQ_GET, match_models, openai_models, 1},
-    {&pq_sim_openai_format, EVHTTP_REQ_GET, match_model, openai_model, 1},
-    {NULL, 0, NULL, NULL, 0},
+    {&pq_sim_openai_format, EVHTTP_REQ_POST, match_chat, openai_chat, 1, "model"},
+    {&pq_sim_openai_format, EVHTTP_REQ_GET, match_models, openai_models, 1, NULL},
+    {&pq_sim_openai_format, EVHTTP_REQ_GET, match_model, openai_model, 1, NULL},
+    {NULL, 0, NULL, NULL, 0, NULL},
 };

@@ -7,8 +7,18 @@
  *
  * "down" frees the provider evhttp: its listening socket (connect() then gets ECONNREFUSED),
  * every idle keep-alive connection, and every held call (reset with SO_LINGER 0). Any other mode
- * binds the same address and port again. On a change away from "hang", hanging calls are
- * answered under the new state (with its latency); a change to "down" drops them. */
+ * binds the same address and port again.
+ *
+ * A chat call meets the state of its model (pq_sim_state_pick: the model's entry of "models",
+ * else the top-level state, each possibly flapping on its schedule); other routes meet the
+ * top-level state. "reset" closes the connection with SO_LINGER 0 instead of answering;
+ * "stall" writes the status line, headers (Content-Length of the whole body) and half the
+ * body straight to the socket, then holds the call like "hang". On every state change other
+ * than to "down", each held call is looked at again under the new state: a hanging call whose
+ * state is no longer "hang" is answered under it (with its latency), a stalled call whose state
+ * is no longer "stall" gets the rest of its body and the connection is closed; a change to
+ * "down" drops them all. A state's schedule is evaluated when a call arrives (or is looked at
+ * again), so a call held by a scheduled hang waits for the next state change. */
 #include "sim.h"
 
 #include <errno.h>
@@ -37,8 +47,34 @@
 #define REBIND_RETRY_MS   100
 #define APPLY_FALLBACK_MS 200
 #define PATH_KEY_MAX      200
+#define LOG_MAX           1000 /* chat calls kept by GET /_sim/log */
 
-typedef enum { STAGE_NEW = 0, STAGE_HANG, STAGE_DELAY } stage_t;
+typedef enum { STAGE_NEW = 0, STAGE_HANG, STAGE_DELAY, STAGE_STALL } stage_t;
+
+/* What the call does once its latency has passed. */
+typedef enum { ACT_SEND = 0, ACT_RESET, ACT_STALL } action_t;
+
+/* How a chat call was served, as the call log names it. */
+typedef enum {
+    OUT_OK = 0,
+    OUT_ERROR,
+    OUT_RATE_LIMIT,
+    OUT_RESET,
+    OUT_HANG,
+    OUT_STALL,
+    OUT_MALFORMED,
+} outcome_t;
+
+static const char *const outcome_names[] = {"ok",   "error", "rate_limit", "reset",
+                                            "hang", "stall", "malformed"};
+
+typedef struct {
+    int64_t t_ms; /* arrival, ms since the sim started (monotonic) */
+    int status;   /* 0: no answer (reset, hang, stall, dropped) */
+    outcome_t outcome;
+    char model[PQ_SIM_MODEL_MAX + 1];
+    char path[PATH_KEY_MAX + 1];
+} log_entry_t;
 
 struct pq_sim_call_s {
     pq_sim_t *sim;
@@ -47,6 +83,12 @@ struct pq_sim_call_s {
     const pq_sim_format_t *format; /* for error answers */
     int path_known;                /* some route has this path (other method: 405) */
     stage_t stage;
+    action_t action;
+    outcome_t outcome;
+    int chat;        /* a chat route: has a model, goes to by_model and the log */
+    int model_other; /* counted in by_model under "other" (cap reached) */
+    uint64_t log_id; /* 1 + its log entry number; 0: not logged */
+    char model[PQ_SIM_MODEL_MAX + 1];
     int status;
     int64_t tokens;
     struct event *timer; /* latency */
@@ -74,10 +116,14 @@ struct pq_sim_s {
     struct event *apply_ev; /* deferred listener up/down, and re-bind retries */
 
     pq_sim_state_t state;
+    int64_t applied_ms;   /* monotonic time the state was applied (schedules count from it) */
     pq_sim_call_t *calls; /* every call not yet answered */
 
     int64_t requests, inflight, max_inflight, tokens;
-    json_t *by_status, *by_path, *models;
+    json_t *by_status, *by_path, *models, *by_model;
+    log_entry_t *log;              /* LOG_MAX slots, entry n in slot n % LOG_MAX */
+    uint64_t log_count, log_start; /* entries ever written; first one still shown */
+    int64_t started_ms;            /* monotonic */
     uint64_t next_id;
     uint64_t token_floor; /* IAM tokens numbered below it are revoked */
     uint64_t rng;
@@ -312,15 +358,62 @@ static void call_free(pq_sim_call_t *c)
     free(c);
 }
 
-static void call_send(pq_sim_call_t *c)
+/* The by_model entry of the call's model, or NULL (not a chat call, no model, reset since). */
+static json_t *call_model_stats(pq_sim_call_t *c)
+{
+    if (!c->chat || !c->model[0])
+        return NULL;
+    return json_object_get(c->sim->by_model, c->model_other ? "other" : c->model);
+}
+
+/* Counts an answer into the stats. */
+static void call_count(pq_sim_call_t *c)
 {
     pq_sim_t *sim = c->sim;
+    json_t *ms = call_model_stats(c);
     char key[16];
 
     snprintf(key, sizeof(key), "%d", c->status);
     counter_inc(sim->by_status, key, 1);
+    if (ms)
+        counter_inc(json_object_get(ms, "by_status"), key, 1);
     if (c->status == 200)
         sim->tokens += c->tokens;
+}
+
+/* Appends the call to the log (chat calls only), status 0 until answered. */
+static void call_log_open(pq_sim_call_t *c)
+{
+    pq_sim_t *sim = c->sim;
+    log_entry_t *e;
+
+    if (!c->chat || !sim->log)
+        return;
+    e = &sim->log[sim->log_count % LOG_MAX];
+    e->t_ms = pq_mono_ms() - sim->started_ms;
+    e->status = 0;
+    e->outcome = c->outcome;
+    pq_strlcpy(e->model, c->model, sizeof(e->model));
+    pq_strlcpy(e->path, request_path(c->req), sizeof(e->path));
+    c->log_id = ++sim->log_count;
+}
+
+/* Updates the call's log entry (if still kept) with status and the call's outcome. */
+static void call_log_update(pq_sim_call_t *c, int status)
+{
+    pq_sim_t *sim = c->sim;
+    uint64_t n = c->log_id - 1;
+
+    if (!c->log_id || n < sim->log_start || sim->log_count - n > LOG_MAX)
+        return;
+    sim->log[n % LOG_MAX].status = status;
+    sim->log[n % LOG_MAX].outcome = c->outcome;
+}
+
+static void call_send(pq_sim_call_t *c)
+{
+    call_count(c);
+    call_log_update(c, c->status);
     evhttp_send_reply(c->req, c->status, reason_phrase(c->status), NULL);
     call_free(c);
 }
@@ -332,11 +425,40 @@ static evutil_socket_t call_fd(pq_sim_call_t *c)
     return bev ? bufferevent_getfd(bev) : -1;
 }
 
+/* Frees the call and its connection, with a reset (SO_LINGER 0) or a plain close. */
+static void call_drop(pq_sim_call_t *c, int reset)
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(c->req);
+    struct linger lg = {1, 0};
+    evutil_socket_t fd = call_fd(c);
+
+    if (reset && fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    call_free(c);
+    if (evcon)
+        evhttp_connection_free(evcon);
+}
+
+/* Writes buf to a non-blocking socket as far as it takes it now (small answers: all). */
+static void send_raw(evutil_socket_t fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+
+    while (fd >= 0 && len > 0) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
 /* The client of a held call closed (or reset) its connection: free it and the connection. */
 static void call_watch_cb(evutil_socket_t fd, short what, void *arg)
 {
     pq_sim_call_t *c = arg;
-    struct evhttp_connection *evcon;
     char b;
     ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
 
@@ -347,10 +469,7 @@ static void call_watch_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     PQ_DBG("client left a held call");
-    evcon = evhttp_request_get_connection(c->req);
-    call_free(c);
-    if (evcon)
-        evhttp_connection_free(evcon);
+    call_drop(c, 0);
 }
 
 static void call_watch(pq_sim_call_t *c)
@@ -367,17 +486,72 @@ static void call_watch(pq_sim_call_t *c)
         event_add(c->watch, NULL);
 }
 
-static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
+/* Stall: the status line, headers (Content-Length of the whole body, so the client waits for
+ * the rest) and the first half of the body, then the call is held. */
+static void call_stall(pq_sim_call_t *c)
 {
-    call_send(arg);
+    struct evbuffer *out = evhttp_request_get_output_buffer(c->req);
+    const char *ct = evhttp_find_header(evhttp_request_get_output_headers(c->req), "Content-Type");
+    size_t len = evbuffer_get_length(out), half = len / 2;
+    evutil_socket_t fd = call_fd(c);
+    char head[256];
+    int n;
+
+    n = snprintf(head, sizeof(head),
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                 "Connection: close\r\n\r\n",
+                 c->status, reason_phrase(c->status), ct ? ct : "application/json", len);
+    c->stage = STAGE_STALL;
+    call_log_update(c, 0);
+    if (n > 0 && (size_t)n < sizeof(head))
+        send_raw(fd, head, (size_t)n);
+    if (half)
+        send_raw(fd, evbuffer_pullup(out, (ev_ssize_t)half), half);
+    evbuffer_drain(out, half);
+    call_watch(c);
 }
 
-static void call_retry_headers(pq_sim_call_t *c, int always)
+/* A stalled call released: the rest of its body, then the connection is closed. */
+static void call_stall_finish(pq_sim_call_t *c)
 {
-    const pq_sim_state_t *st = &c->sim->state;
+    struct evbuffer *out = evhttp_request_get_output_buffer(c->req);
+    size_t len = evbuffer_get_length(out);
+
+    if (len)
+        send_raw(call_fd(c), evbuffer_pullup(out, -1), len);
+    call_count(c);
+    call_log_update(c, c->status);
+    call_drop(c, 0);
+}
+
+/* The call's answer is due (at once or after latency_ms). */
+static void call_act(pq_sim_call_t *c)
+{
+    switch (c->action) {
+    case ACT_RESET:
+        call_log_update(c, 0);
+        call_drop(c, 1);
+        break;
+    case ACT_STALL:
+        call_stall(c);
+        break;
+    default:
+        call_send(c);
+        break;
+    }
+}
+
+static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    call_act(arg);
+}
+
+static void call_retry_headers(pq_sim_call_t *c, const pq_sim_state_t *st, int always)
+{
     char ms[32];
 
-    if (always || st->retry_after_set)
+    /* retry_after_none: no Retry-After at all, even on a 429 */
+    if (!st->retry_after_none && (always || st->retry_after_set))
         set_header(c->req, "Retry-After", st->retry_after);
     if (st->retry_after_ms >= 0) {
         snprintf(ms, sizeof(ms), "%lld", (long long)st->retry_after_ms);
@@ -398,14 +572,18 @@ static pq_sim_ekind_t kind_for_status(int status)
     return PQ_SIM_E_INVALID;
 }
 
-/* A simulated (state-driven) error: the state's error_body if set, else the format's JSON. */
-static void call_sim_error(pq_sim_call_t *c, int status, const char *message, const char *code)
+/* A simulated (state-driven) error: the state's error_body if set, else the format's JSON
+ * (with the state's error_code and error_message when given). */
+static void call_sim_error(pq_sim_call_t *c, const pq_sim_state_t *st, int status,
+                           const char *message, const char *code)
 {
-    const pq_sim_state_t *st = &c->sim->state;
     struct evbuffer *out;
 
     if (!st->error_body) {
-        pq_sim_call_error(c, status, kind_for_status(status), message, NULL, code);
+        pq_sim_error_t e = {kind_for_status(status),
+                            st->error_message ? st->error_message : message, NULL,
+                            st->error_code ? st->error_code : code, st->error_code != NULL};
+        c->format->error(c, status, &e);
         return;
     }
     out = evhttp_request_get_output_buffer(c->req);
@@ -491,15 +669,22 @@ static void body_truncate(pq_sim_call_t *c)
     free(tmp);
 }
 
-/* Decides the answer under the current state (status, headers, body). */
-static void call_prepare(pq_sim_call_t *c)
+/* Decides the answer under st (action, outcome, status, headers, body). */
+static void call_prepare(pq_sim_call_t *c, const pq_sim_state_t *st)
 {
-    const pq_sim_state_t *st = &c->sim->state;
     struct evbuffer *out = evhttp_request_get_output_buffer(c->req);
 
     evbuffer_drain(out, evbuffer_get_length(out));
     c->tokens = 0;
+    c->action = ACT_SEND;
+    c->outcome = OUT_OK;
+    if (st->mode == PQ_SIM_MODE_RESET) {
+        c->action = ACT_RESET;
+        c->outcome = OUT_RESET;
+        return;
+    }
     if (st->mode == PQ_SIM_MODE_MALFORMED) {
+        c->outcome = OUT_MALFORMED;
         call_handle(c);
         c->status = 200;
         c->tokens = 0;
@@ -509,41 +694,49 @@ static void call_prepare(pq_sim_call_t *c)
     if (call_auth(c))
         return;
     if (st->mode == PQ_SIM_MODE_ERROR) {
-        call_sim_error(c, st->status, "The server had an error while processing your request.",
+        c->outcome = OUT_ERROR;
+        call_sim_error(c, st, st->status, "The server had an error while processing your request.",
                        NULL);
-        call_retry_headers(c, 0);
+        call_retry_headers(c, st, 0);
         return;
     }
     if (st->mode == PQ_SIM_MODE_RATE_LIMIT) {
-        call_sim_error(c, 429,
+        c->outcome = OUT_RATE_LIMIT;
+        call_sim_error(c, st, 429,
                        "Rate limit reached for requests (simulated). Please try again later.",
                        "rate_limit_exceeded");
-        call_retry_headers(c, 1);
+        call_retry_headers(c, st, 1);
         return;
     }
     if (st->failure_rate > 0.0 && rng_next(c->sim) < st->failure_rate) {
-        call_sim_error(c, st->status, "The server had an error while processing your request.",
+        c->outcome = OUT_ERROR;
+        call_sim_error(c, st, st->status, "The server had an error while processing your request.",
                        NULL);
-        call_retry_headers(c, 0);
+        call_retry_headers(c, st, 0);
         return;
     }
     call_handle(c);
+    if (st->mode == PQ_SIM_MODE_STALL) {
+        c->action = ACT_STALL;
+        c->outcome = OUT_STALL;
+    }
 }
 
-/* Answers now, or after latency_ms. */
-static void call_schedule(pq_sim_call_t *c)
+/* Acts now, or after st's latency_ms. A reset or stall always waits for a timer (of 0 ms
+ * without latency): it must not free the connection inside evhttp's request callback. */
+static void call_schedule(pq_sim_call_t *c, const pq_sim_state_t *st)
 {
-    int64_t ms = c->sim->state.latency_ms;
+    int64_t ms = st->latency_ms;
     struct timeval tv;
 
-    if (ms <= 0) {
+    if (ms <= 0 && c->action == ACT_SEND) {
         call_send(c);
         return;
     }
     c->stage = STAGE_DELAY;
     c->timer = evtimer_new(c->sim->base, call_timer_cb, c);
     if (!c->timer) {
-        call_send(c);
+        call_act(c);
         return;
     }
     tv.tv_sec = (time_t)(ms / 1000);
@@ -570,8 +763,55 @@ static void route_find(pq_sim_call_t *c, const char *path, int method)
     c->arg[0] = '\0';
 }
 
+/* The model a chat call is for: its body's model field or its path parameter. */
+static void call_model(pq_sim_call_t *c)
+{
+    const char *field = c->route->model_key, *body, *m;
+    json_t *doc;
+    size_t len;
+
+    if (!*field) {
+        pq_strlcpy(c->model, c->arg, sizeof(c->model));
+        return;
+    }
+    body = pq_sim_call_body(c, &len);
+    doc = json_loadb(body, len, 0, NULL);
+    m = json_string_value(json_object_get(doc, field));
+    if (m)
+        pq_strlcpy(c->model, m, sizeof(c->model));
+    json_decref(doc);
+}
+
+/* Counts a chat call's arrival in by_model (capped: beyond it "other"). */
+static void model_count(pq_sim_call_t *c)
+{
+    json_t *by_model = c->sim->by_model, *ms;
+
+    if (!c->model[0])
+        return;
+    ms = json_object_get(by_model, c->model);
+    if (!ms && json_object_size(by_model) >= PQ_SIM_MAX_KEYS) {
+        c->model_other = 1;
+        ms = json_object_get(by_model, "other");
+    }
+    if (!ms) {
+        ms = json_pack("{s:i, s:{}}", "requests", 0, "by_status");
+        if (!ms || json_object_set_new(by_model, c->model_other ? "other" : c->model, ms))
+            return;
+    }
+    counter_inc(ms, "requests", 1);
+}
+
+/* The state the call meets now. */
+static const pq_sim_state_t *call_state(pq_sim_call_t *c)
+{
+    return pq_sim_state_pick(&c->sim->state, c->chat ? c->model : NULL,
+                             pq_mono_ms() - c->sim->applied_ms);
+}
+
 static void provider_request(pq_sim_t *sim, struct evhttp_request *req, const char *path)
 {
+    const pq_sim_state_t *st;
     pq_sim_call_t *c;
     char key[PATH_KEY_MAX + 1];
 
@@ -598,13 +838,22 @@ static void provider_request(pq_sim_t *sim, struct evhttp_request *req, const ch
         sim->max_inflight = sim->inflight;
 
     route_find(c, path, evhttp_request_get_command(req));
-    if (sim->state.mode == PQ_SIM_MODE_HANG) {
+    if (c->route && c->route->model_key) {
+        c->chat = 1;
+        call_model(c);
+        model_count(c);
+    }
+    st = call_state(c);
+    if (st->mode == PQ_SIM_MODE_HANG) {
         c->stage = STAGE_HANG;
+        c->outcome = OUT_HANG;
+        call_log_open(c);
         call_watch(c);
         return;
     }
-    call_prepare(c);
-    call_schedule(c);
+    call_prepare(c, st);
+    call_log_open(c);
+    call_schedule(c, st);
 }
 
 /* ---- listener state ---- */
@@ -619,6 +868,10 @@ static void main_close(pq_sim_t *sim)
         evutil_socket_t fd = call_fd(sim->calls);
         if (fd >= 0)
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        if (sim->calls->stage == STAGE_DELAY) {
+            sim->calls->outcome = OUT_RESET; /* its answer will never come */
+            call_log_update(sim->calls, 0);
+        }
         call_free(sim->calls);
         dropped++;
     }
@@ -666,22 +919,33 @@ static void apply_after_reply(struct evhttp_request *req, void *arg)
     event_active(sim->apply_ev, EV_TIMEOUT, 0);
 }
 
-/* Hanging calls get answered under the new (non-hang, non-down) state. */
-static void release_hanging(pq_sim_t *sim)
+/* Held calls under a new (non-down) state: a hanging call no longer meeting "hang" is
+ * answered under its new state, a stalled one no longer meeting "stall" is finished. */
+static void release_held(pq_sim_t *sim)
 {
+    const pq_sim_state_t *st;
     pq_sim_call_t *c, *next;
 
     for (c = sim->calls; c; c = next) {
         next = c->next;
-        if (c->stage != STAGE_HANG)
+        if (c->stage != STAGE_HANG && c->stage != STAGE_STALL)
+            continue;
+        st = call_state(c);
+        if (c->stage == STAGE_STALL) {
+            if (st->mode != PQ_SIM_MODE_STALL)
+                call_stall_finish(c);
+            continue;
+        }
+        if (st->mode == PQ_SIM_MODE_HANG)
             continue;
         if (c->watch) {
             event_free(c->watch);
             c->watch = NULL;
         }
         c->stage = STAGE_NEW;
-        call_prepare(c);
-        call_schedule(c);
+        call_prepare(c, st);
+        call_log_update(c, 0);
+        call_schedule(c, st);
     }
 }
 
@@ -693,8 +957,7 @@ static void control_set_state(pq_sim_t *sim, struct evhttp_request *req, int via
     size_t len = evbuffer_get_length(in);
     const char *body = len ? (const char *)evbuffer_pullup(in, -1) : "{}";
     pq_sim_state_t st;
-    pq_sim_mode_t old = sim->state.mode;
-    char err[256];
+    char err[512];
     int listener_change;
 
     if (!len)
@@ -705,13 +968,15 @@ static void control_set_state(pq_sim_t *sim, struct evhttp_request *req, int via
     }
     pq_sim_state_clear(&sim->state);
     sim->state = st;
+    sim->applied_ms = pq_mono_ms();
     if (st.revoke_tokens)
         sim->token_floor = sim->next_id + 1; /* every id handed out so far is below it */
-    PQ_INFO("%s: state mode=%s status=%d latency_ms=%lld failure_rate=%g", sim->name,
-            pq_sim_mode_name(st.mode), st.status, (long long)st.latency_ms, st.failure_rate);
+    PQ_INFO("%s: state mode=%s status=%d latency_ms=%lld failure_rate=%g schedule=%s models=%zu",
+            sim->name, pq_sim_mode_name(st.mode), st.status, (long long)st.latency_ms,
+            st.failure_rate, st.sched_down ? "yes" : "no", st.nmodels);
 
-    if (old == PQ_SIM_MODE_HANG && st.mode != PQ_SIM_MODE_HANG && st.mode != PQ_SIM_MODE_DOWN)
-        release_hanging(sim);
+    if (st.mode != PQ_SIM_MODE_DOWN)
+        release_held(sim);
 
     listener_change = (st.mode == PQ_SIM_MODE_DOWN) != (sim->http == NULL);
     if (listener_change && via_main) {
@@ -728,11 +993,30 @@ static void control_set_state(pq_sim_t *sim, struct evhttp_request *req, int via
 
 static json_t *stats_json(pq_sim_t *sim)
 {
-    return json_pack("{s:s, s:s, s:b, s:I, s:O, s:O, s:I, s:I, s:I}", "name", sim->name, "mode",
-                     pq_sim_mode_name(sim->state.mode), "listening", sim->http != NULL, "requests",
-                     (json_int_t)sim->requests, "by_status", sim->by_status, "by_path",
-                     sim->by_path, "inflight", (json_int_t)sim->inflight, "max_inflight",
-                     (json_int_t)sim->max_inflight, "tokens", (json_int_t)sim->tokens);
+    return json_pack("{s:s, s:s, s:b, s:I, s:O, s:O, s:O, s:I, s:I, s:I}", "name", sim->name,
+                     "mode", pq_sim_mode_name(sim->state.mode), "listening", sim->http != NULL,
+                     "requests", (json_int_t)sim->requests, "by_status", sim->by_status, "by_path",
+                     sim->by_path, "by_model", sim->by_model, "inflight", (json_int_t)sim->inflight,
+                     "max_inflight", (json_int_t)sim->max_inflight, "tokens",
+                     (json_int_t)sim->tokens);
+}
+
+/* {"calls": [...]}: the kept chat calls, oldest first. */
+static json_t *log_json(pq_sim_t *sim)
+{
+    json_t *calls = json_array();
+    uint64_t n = sim->log_count > LOG_MAX ? sim->log_count - LOG_MAX : 0;
+
+    if (n < sim->log_start)
+        n = sim->log_start;
+    for (; calls && n < sim->log_count; n++) {
+        const log_entry_t *e = &sim->log[n % LOG_MAX];
+        json_array_append_new(calls,
+                              json_pack("{s:I, s:s, s:s, s:i, s:s}", "t_ms", (json_int_t)e->t_ms,
+                                        "model", e->model, "path", e->path, "status", e->status,
+                                        "outcome", outcome_names[e->outcome]));
+    }
+    return json_pack("{s:o}", "calls", calls);
 }
 
 static void control_request(pq_sim_t *sim, struct evhttp_request *req, const char *path,
@@ -749,12 +1033,16 @@ static void control_request(pq_sim_t *sim, struct evhttp_request *req, const cha
             send_json(req, 405, json_pack("{s:{s:s}}", "error", "message", "use GET or POST"));
     } else if (!strcmp(path, "/_sim/stats") && m == EVHTTP_REQ_GET) {
         send_json(req, 200, stats_json(sim));
+    } else if (!strcmp(path, "/_sim/log") && m == EVHTTP_REQ_GET) {
+        send_json(req, 200, log_json(sim));
     } else if (!strcmp(path, "/_sim/reset") && m == EVHTTP_REQ_POST) {
         sim->requests = 0;
         sim->tokens = 0;
         sim->max_inflight = sim->inflight;
         json_object_clear(sim->by_status);
         json_object_clear(sim->by_path);
+        json_object_clear(sim->by_model);
+        sim->log_start = sim->log_count;
         send_json(req, 200, json_pack("{s:b}", "ok", 1));
     } else {
         send_json(req, 404, json_pack("{s:{s:s}}", "error", "message", "unknown control path"));
@@ -824,7 +1112,7 @@ void pq_sim_call_json(pq_sim_call_t *call, int status, json_t *doc)
 void pq_sim_call_error(pq_sim_call_t *call, int status, pq_sim_ekind_t kind, const char *message,
                        const char *param, const char *code)
 {
-    pq_sim_error_t e = {kind, message, param, code};
+    pq_sim_error_t e = {kind, message, param, code, 0};
     call->format->error(call, status, &e);
 }
 
@@ -940,11 +1228,16 @@ pq_sim_t *pq_sim_new(struct event_base *base, const pq_sim_opts_t *opts, char *e
     if (!sim->rng)
         sim->rng = 88172645463325252ULL;
     sim->started_s = pq_now_ms() / 1000;
+    sim->started_ms = pq_mono_ms();
+    sim->applied_ms = sim->started_ms;
     sim->by_status = json_object();
     sim->by_path = json_object();
     sim->models = json_object();
+    sim->by_model = json_object();
+    sim->log = calloc(LOG_MAX, sizeof(*sim->log));
     sim->apply_ev = evtimer_new(base, apply_cb, sim);
-    if (!sim->by_status || !sim->by_path || !sim->models || !sim->apply_ev) {
+    if (!sim->by_status || !sim->by_path || !sim->models || !sim->by_model || !sim->log ||
+        !sim->apply_ev) {
         snprintf(errstr, errstr_size, "out of memory");
         goto out_destroy;
     }
@@ -1010,6 +1303,8 @@ void pq_sim_destroy(pq_sim_t *sim)
     json_decref(sim->by_status);
     json_decref(sim->by_path);
     json_decref(sim->models);
+    json_decref(sim->by_model);
+    free(sim->log);
     pq_sim_state_clear(&sim->state);
     free(sim);
 }

@@ -199,7 +199,7 @@ out_free:
 
 /* Auth is done by the handlers: IAM checks the apikey, chat checks the token. */
 const pq_sim_route_t pq_sim_watsonx_routes[] = {
-    {&watsonx_format, EVHTTP_REQ_POST, match_token, watsonx_token, 0},
-    {&watsonx_format, EVHTTP_REQ_POST, match_chat, watsonx_chat, 0},
-    {NULL, 0, NULL, NULL, 0},
+    {&watsonx_format, EVHTTP_REQ_POST, match_token, watsonx_token, 0, NULL},
+    {&watsonx_format, EVHTTP_REQ_POST, match_chat, watsonx_chat, 0, "model_id"},
+    {NULL, 0, NULL, NULL, 0, NULL},
 };
