@@ -464,4 +464,387 @@ def test_other_wire_formats():
         assert s.proc.stop() == 0
 
 
+def raw_chat(s, model, content="hi", timeout=None):
+    """A socket with an OpenAI chat request sent (the caller reads and closes)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}]})
+    req = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+           "\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)).encode()
+    c = socket.create_connection(("127.0.0.1", s.port), timeout=timeout or T(10))
+    c.sendall(req)
+    return c
+
+
+def sim_log(s):
+    status, _, raw = harness.http("GET", s.control_url + "/_sim/log")
+    assert status == 200, raw
+    return json.loads(raw)["calls"]
+
+
+def state_refused(s, state, field):
+    status, _, raw = harness.http("POST", s.control_url + "/_sim/state", state)
+    msg = json.loads(raw)["error"]["message"]
+    assert status == 400 and field in msg, (state, status, raw)
+
+
+def test_per_model_state():
+    with harness.Stack("sim_per_model") as st:
+        s = st.sim("a")
+        s.set_state({"models": {"m-429": {"mode": "rate_limit", "retry_after": None},
+                                "m-slow": {"latency_ms": 300},
+                                "dep-err": {"mode": "error", "status": 503},
+                                "gem-err": {"mode": "error", "status": 500},
+                                "claude-err": {"mode": "error", "status": 529},
+                                "ibm/wx-err": {"mode": "rate_limit", "retry_after": ""}}})
+        # One model 429 without any Retry-After while another answers 200.
+        status, hdrs, raw = chat(s, "hi", model="m-429")
+        assert status == 429 and "retry-after" not in hdrs, (status, hdrs)
+        assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+        assert chat(s, "hi", model="m-ok")[0] == 200
+        # Slow first byte per model.
+        t0 = time.monotonic()
+        assert chat(s, "hi", model="m-slow")[0] == 200
+        assert time.monotonic() - t0 >= 0.3
+        t0 = time.monotonic()
+        assert chat(s, "hi", model="m-fast")[0] == 200
+        assert time.monotonic() - t0 < 0.3
+        # The model comes from each format's own place: Azure deployment and Gemini model in
+        # the path, Anthropic "model" and watsonx "model_id" in the body.
+        msgs = [{"role": "user", "content": "x"}]
+        az = s.url + "/openai/deployments/%s/chat/completions?api-version=2024-10-21"
+        assert harness.http("POST", az % "dep-err", {"messages": msgs})[0] == 503
+        assert harness.http("POST", az % "dep-ok", {"messages": msgs, "model": "dep-err"})[0] \
+            == 200
+        g = s.url + "/v1beta/models/%s:generateContent"
+        gbody = {"contents": [{"parts": [{"text": "x"}]}]}
+        assert harness.http("POST", g % "gem-err", gbody)[0] == 500
+        assert harness.http("POST", g % "gem-ok", gbody)[0] == 200
+        ah = {"anthropic-version": "2023-06-01"}
+        abody = {"model": "claude-err", "max_tokens": 5, "messages": msgs}
+        assert harness.http("POST", s.url + "/v1/messages", abody, headers=ah)[0] == 529
+        abody["model"] = "claude-ok"
+        assert harness.http("POST", s.url + "/v1/messages", abody, headers=ah)[0] == 200
+        wx = s.url + "/ml/v1/text/chat?version=2024-05-01"
+        wbody = {"model_id": "ibm/wx-err", "project_id": "p", "messages": msgs}
+        status, hdrs, _ = harness.http("POST", wx, wbody)
+        assert status == 429 and "retry-after" not in hdrs, (status, hdrs)
+        wbody["model_id"] = "ibm/wx-ok"
+        assert harness.http("POST", wx, wbody)[0] == 200
+        # Non-chat routes keep the top-level state.
+        s.set_state({"models": {"sim-model": {"mode": "error", "status": 503}}})
+        assert harness.http("GET", s.api + "/models")[0] == 200
+        assert harness.http("GET", s.api + "/models/sim-model")[0] == 200
+        s.set_state({"mode": "error", "status": 502, "models": {"m-ok": {}}})
+        assert chat(s, "hi", model="m-ok")[0] == 200
+        assert chat(s, "hi", model="other")[0] == 502
+        assert harness.http("GET", s.api + "/models")[0] == 502
+
+        # A per-model hang holds only that model; a new state without it answers the call.
+        s.set_state({"models": {"m-hang": {"mode": "hang"}}})
+        held = raw_chat(s, "m-hang", "wait")
+        wait_for(lambda: s.stats()["inflight"] == 1, T(5), "the call to be held")
+        assert chat(s, "hi", model="m-ok")[0] == 200
+        s.set_state({"models": {"m-hang": {"mode": "hang"}, "m-x": {"mode": "error"}}})
+        held.settimeout(0.3)
+        try:
+            raise AssertionError("held call answered: %r" % held.recv(64))
+        except socket.timeout:
+            pass
+        s.set_state({"models": {"m-hang": {"latency_ms": 200}}})
+        held.settimeout(T(5))
+        head = held.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        held.close()
+
+        # down is global only: refused per model and inside a schedule, naming the field.
+        state_refused(s, {"models": {"x": {"mode": "down"}}}, "models.x.mode")
+        state_refused(s, {"schedule": {"period_ms": 100, "down_ms": 50,
+                                       "down": {"mode": "down"}}}, "schedule.down.mode")
+        state_refused(s, {"models": {"x": {"schedule": {"period_ms": 100, "down_ms": 50,
+                                                        "down": {"mode": "down"}}}}},
+                      "models.x.schedule.down.mode")
+        state_refused(s, {"models": {"x": {"models": {}}}}, "models.x.models")
+        state_refused(s, {"models": {"x": {"status": 99}}}, "models.x.status")
+        state_refused(s, {"models": {"x": "error"}}, "models.x")
+        state_refused(s, {"schedule": {"period_ms": 100, "down_ms": 200, "down": {}}},
+                      "schedule.down_ms")
+        state_refused(s, {"schedule": {"period_ms": 100, "down_ms": 50}}, "schedule")
+        # GET shows what was applied.
+        got = s.set_state({"models": {"m": {"mode": "reset"}}})["state"]
+        assert got["models"]["m"]["mode"] == "reset" and got["mode"] == "ok", got
+        assert s.proc.stop() == 0
+
+
+def test_reset_mode():
+    with harness.Stack("sim_reset") as st:
+        s = st.sim("a")
+        s.set_state({"mode": "reset"})
+        c = raw_chat(s, "m")
+        try:
+            got = c.recv(65536)
+            assert got == b"", got  # closed before any header
+        except ConnectionResetError:
+            pass
+        c.close()
+        # A plain HTTP client sees a connection error, no status.
+        try:
+            chat(s, "hi", timeout=T(5))
+            raise AssertionError("sim answered in reset mode")
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
+            reason = getattr(e, "reason", e)
+            assert isinstance(reason, (ConnectionError, http.client.HTTPException)), repr(e)
+        # After latency_ms.
+        s.set_state({"models": {"m-late": {"mode": "reset", "latency_ms": 300}}})
+        t0 = time.monotonic()
+        c = raw_chat(s, "m-late")
+        try:
+            assert c.recv(65536) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 >= 0.3
+        c.close()
+        assert chat(s, "hi", model="m-other")[0] == 200
+        wait_for(lambda: s.stats()["inflight"] == 0, T(5), "no call left")
+        log = sim_log(s)
+        assert [(e["model"], e["status"], e["outcome"]) for e in log] == \
+            [("m", 0, "reset"), ("gpt-test", 0, "reset"), ("m-late", 0, "reset"),
+             ("m-other", 200, "ok")], log
+        assert s.proc.stop() == 0
+
+
+def read_head(c):
+    """Reads from socket c up to the end of the headers; returns (head, body bytes so far)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = c.recv(65536)
+        assert chunk, buf
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head.decode(), rest
+
+
+def test_stall_mode():
+    with harness.Stack("sim_stall") as st:
+        s = st.sim("a")
+        s.set_state({"models": {"m-stall": {"mode": "stall"}}})
+        c = raw_chat(s, "m-stall", "a long enough prompt to have a body worth cutting")
+        head, body = read_head(c)
+        assert head.startswith("HTTP/1.1 200"), head
+        length = int([ln.split(":", 1)[1] for ln in head.split("\r\n")
+                      if ln.lower().startswith("content-length:")][0])
+        c.settimeout(0.5)
+        try:
+            while len(body) < length:
+                chunk = c.recv(65536)
+                assert chunk, "connection closed while stalled"
+                body += chunk
+            raise AssertionError("stalled answer completed")
+        except socket.timeout:
+            pass
+        assert 0 < len(body) < length and len(body) == length // 2, (len(body), length)
+        assert s.stats()["inflight"] == 1
+        # Other models answer meanwhile.
+        assert chat(s, "hi", model="m-ok")[0] == 200
+        # A new state without the stall sends the rest: the answer completes.
+        s.set_state({})
+        c.settimeout(T(5))
+        while len(body) < length:
+            chunk = c.recv(65536)
+            assert chunk, "closed before the rest"
+            body += chunk
+        doc = json.loads(body)
+        assert doc["choices"][0]["message"]["content"].startswith("echo: a long"), doc
+        c.close()
+
+        # An HTTP client gets status and headers, then its read times out.
+        s.set_state({"mode": "stall", "latency_ms": 200})
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=1)
+        conn.request("POST", "/v1/chat/completions",
+                     body=json.dumps({"model": "m", "messages": [{"role": "user",
+                                                                  "content": "x"}]}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and time.monotonic() - t0 >= 0.2
+        try:
+            resp.read()
+            raise AssertionError("stalled body completed")
+        except (socket.timeout, TimeoutError):
+            pass
+        resp.close()  # the response holds the socket too
+        conn.close()
+        wait_for(lambda: s.stats()["inflight"] == 0, T(5), "the stalled call freed")
+        outcomes = [(e["model"], e["status"], e["outcome"]) for e in sim_log(s)]
+        assert outcomes == [("m-stall", 200, "stall"), ("m-ok", 200, "ok"),
+                            ("m", 0, "stall")], outcomes
+        # down resets a stalled call.
+        c = raw_chat(s, "m")
+        read_head(c)
+        s.set_state({"mode": "down"})
+        c.settimeout(T(5))
+        try:
+            while c.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        c.close()
+        s.set_state({})
+        assert s.proc.stop() == 0
+
+
+def test_error_code_documents():
+    with harness.Stack("sim_error_code") as st:
+        s = st.sim("a")
+        msgs = [{"role": "user", "content": "x"}]
+        # OpenAI (and Azure): code in "code", type by status.
+        s.set_state({"mode": "error", "status": 400, "error_code": "context_length_exceeded",
+                     "error_message": "This model's maximum context length is 8 tokens."})
+        status, _, raw = chat(s, "hi")
+        assert status == 400 and json.loads(raw) == {"error": {
+            "message": "This model's maximum context length is 8 tokens.",
+            "type": "invalid_request_error", "param": None,
+            "code": "context_length_exceeded"}}, raw
+        az = s.url + "/openai/deployments/d/chat/completions?api-version=1"
+        status, _, raw = harness.http("POST", az, {"messages": msgs})
+        assert status == 400 and json.loads(raw)["error"]["code"] == "context_length_exceeded"
+        s.set_state({"mode": "error", "status": 429, "error_code": "insufficient_quota",
+                     "retry_after": None})
+        status, hdrs, raw = chat(s, "hi")
+        err = json.loads(raw)["error"]
+        assert status == 429 and "retry-after" not in hdrs
+        assert err["type"] == "insufficient_quota" and err["code"] == "insufficient_quota", err
+        assert err["message"]
+        s.set_state({"mode": "error", "status": 429, "error_code": "rate_limit_exceeded"})
+        assert json.loads(chat(s, "hi")[2])["error"]["type"] == "rate_limit_error"
+
+        # Anthropic: the code is error.type.
+        ah = {"anthropic-version": "2023-06-01"}
+        abody = {"model": "c", "max_tokens": 5, "messages": msgs}
+        for status_, code in ((529, "overloaded_error"), (400, "invalid_request_error"),
+                              (429, "rate_limit_error")):
+            s.set_state({"mode": "error", "status": status_, "error_code": code,
+                         "error_message": "m-" + code})
+            status, _, raw = harness.http("POST", s.url + "/v1/messages", abody, headers=ah)
+            assert status == status_ and json.loads(raw) == {
+                "type": "error", "error": {"type": code, "message": "m-" + code}}, raw
+
+        # Gemini: the code is error.status, error.code the HTTP status.
+        g = s.url + "/v1beta/models/gem:generateContent"
+        gbody = {"contents": [{"parts": [{"text": "x"}]}]}
+        for status_, code in ((400, "FAILED_PRECONDITION"), (429, "RESOURCE_EXHAUSTED"),
+                              (503, "UNAVAILABLE"), (400, "INVALID_ARGUMENT")):
+            s.set_state({"mode": "error", "status": status_, "error_code": code})
+            status, _, raw = harness.http("POST", g, gbody)
+            err = json.loads(raw)["error"]
+            assert status == status_ and err["code"] == status_ and err["status"] == code, raw
+            assert err["message"]
+
+        # watsonx: errors[0].code.
+        s.set_state({"mode": "error", "status": 400, "error_code": "token_quota_reached",
+                     "error_message": "quota"})
+        wx = s.url + "/ml/v1/text/chat?version=2024-05-01"
+        status, _, raw = harness.http("POST", wx, {"model_id": "w", "project_id": "p",
+                                                   "messages": msgs})
+        doc = json.loads(raw)
+        assert status == 400 and doc["errors"] == [{"code": "token_quota_reached",
+                                                    "message": "quota"}], doc
+        assert doc["status_code"] == 400 and doc["trace"]
+
+        # Per model; error_body still wins; status 200 with a raw body (Gemini safety block).
+        blocked = '{"promptFeedback":{"blockReason":"SAFETY"}}'
+        s.set_state({"models": {
+            "gem": {"mode": "error", "status": 200, "error_body": blocked},
+            "o": {"mode": "error", "status": 400, "error_code": "x", "error_body": '{"raw":1}'}}})
+        status, _, raw = harness.http("POST", g, gbody)
+        assert status == 200 and raw == blocked.encode(), (status, raw)
+        status, _, raw = chat(s, "hi", model="o")
+        assert status == 400 and raw == b'{"raw":1}'
+        assert chat(s, "hi")[0] == 200
+        assert s.proc.stop() == 0
+
+
+def test_schedule_flaps():
+    with harness.Stack("sim_schedule") as st:
+        s = st.sim("a")
+        down = {"mode": "error", "status": 503}
+        s.set_state({"models": {"flap": {"schedule": {"period_ms": 600, "down_ms": 300,
+                                                      "down": down}}}})
+        t0 = time.monotonic()  # the state was applied just before this
+
+        def at(t, model="flap"):
+            delay = t0 + t - time.monotonic()
+            assert delay > 0, "the test fell behind its schedule"
+            time.sleep(delay)
+            return chat(s, "hi", model=model)[0]
+
+        # phases: 0.1 down, 0.45 up, 0.7 down (2nd period), 1.05 up, 1.3 down
+        got = [at(0.1), at(0.45), at(0.7), at(1.05), at(1.3, "steady"), at(1.32)]
+        assert got == [503, 200, 503, 200, 200, 503], got
+        # At top level, with the surrounding state not ok, and latency in the down state.
+        s.set_state({"mode": "rate_limit", "retry_after": "9",
+                     "schedule": {"period_ms": 600, "down_ms": 300,
+                                  "down": {"mode": "reset", "latency_ms": 50}}})
+        t0 = time.monotonic()
+        time.sleep(0.1)
+        try:
+            chat(s, "hi", timeout=T(5))
+            raise AssertionError("answered in a reset window")
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError):
+            pass
+        time.sleep(max(0.0, t0 + 0.45 - time.monotonic()))
+        status, hdrs, _ = chat(s, "hi")
+        assert status == 429 and hdrs["retry-after"] == "9", (status, hdrs)
+        assert s.proc.stop() == 0
+
+
+def test_stats_by_model_and_log():
+    with harness.Stack("sim_by_model") as st:
+        key = "sk-test-secretsecretsecret9999"
+        s = st.sim("a", args=("--key", key))
+        auth = {"Authorization": "Bearer " + key}
+        s.set_state({"models": {"b": {"mode": "error", "status": 503}}})
+        t_start = time.monotonic()
+        for m in ("a", "a", "b"):
+            chat(s, "hi", model=m, headers=auth)
+        assert chat(s, "hi", model="a")[0] == 401  # no key: still counted for model a
+        assert harness.http("GET", s.api + "/models", headers=auth)[0] == 200
+        stats = s.stats()
+        assert stats["by_model"] == {"a": {"requests": 3, "by_status": {"200": 2, "401": 1}},
+                                     "b": {"requests": 1, "by_status": {"503": 1}}}, stats
+        log = sim_log(s)
+        assert [(e["model"], e["path"], e["status"], e["outcome"]) for e in log] == [
+            ("a", "/v1/chat/completions", 200, "ok"), ("a", "/v1/chat/completions", 200, "ok"),
+            ("b", "/v1/chat/completions", 503, "error"),
+            ("a", "/v1/chat/completions", 401, "ok")], log
+        ts = [e["t_ms"] for e in log]
+        assert ts == sorted(ts) and all(isinstance(t, int) and t >= 0 for t in ts), ts
+        assert ts[-1] - ts[0] <= (time.monotonic() - t_start) * 1000 + 5, ts
+        # Other formats are logged with their model (path parameter or model_id).
+        g = s.url + "/v1beta/models/gem-1:generateContent"
+        harness.http("POST", g, {"contents": [{"parts": [{"text": "x"}]}]},
+                     headers={"x-goog-api-key": key})
+        status, _, raw = harness.http("POST", g + "?key=" + key, {"contents": []})
+        assert status == 400
+        log = sim_log(s)
+        assert [(e["model"], e["path"], e["status"]) for e in log[-2:]] == [
+            ("gem-1", "/v1beta/models/gem-1:generateContent", 200),
+            ("gem-1", "/v1beta/models/gem-1:generateContent", 400)], log
+        # No API key anywhere in stats, log or state.
+        for url in ("/_sim/stats", "/_sim/log", "/_sim/state"):
+            assert "secret" not in harness.http("GET", s.control_url + url)[2].decode(), url
+        # reset clears by_model and the log.
+        s.reset()
+        assert s.stats()["by_model"] == {} and sim_log(s) == []
+        # The log keeps the last 1000 chat calls; by_model is capped like by_path.
+        bodies = [{"model": "m%d" % i, "messages": [{"role": "user", "content": "x"}]}
+                  for i in range(1005)]
+        res = harness.post_many(s.api + "/chat/completions", bodies, headers=auth)
+        assert all(r[0] == 200 for r in res)
+        log = sim_log(s)
+        assert len(log) == 1000, len(log)
+        by_model = s.stats()["by_model"]
+        assert len(by_model) == 257 and by_model["other"]["requests"] == 1005 - 256, \
+            len(by_model)
+        assert s.proc.stop() == 0
+
+
 harness.run(globals())
