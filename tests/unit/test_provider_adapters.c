@@ -9,8 +9,11 @@
  *     "body": the JSON body}) or expected_error.json ({"error": pq_err_name, "errstr_contains"});
  *   - an answer case: status (the HTTP status), response.json or response.txt (the raw body) and
  *     expected_completion.json (the OpenAI chat.completion; "created": "$now" means "the current
- *     time") or expected_error.json.
- * Every errstr is checked for the key (error fixtures echo it in their messages, G6).
+ *     time") or expected_error.json, and optional fault.json ({"code", "reason" (exact),
+ *     "reason_contains", "key_wide"}: the pq_provider_fault_t parse_response fills; without it
+ *     the fault is only checked for the key).
+ * Every errstr and fault is checked for the key (error fixtures echo it in their messages, G6);
+ * the test provider's configured key is KEY, so the reason sanitiser sees it.
  * Also: watsonx IAM token request/parse, keys echoed in error bodies, request out-param hygiene. */
 #include <dirent.h>
 #include <setjmp.h>
@@ -25,6 +28,7 @@
 #include <cmocka.h>
 
 #include "providers/provider.h"
+#include "providers/common.h"
 #include "providers/watsonx.h"
 #include "promptq/util.h"
 
@@ -48,6 +52,7 @@ static const adapter_t adapters[] = {
     {"anthropic", &pq_provider_anthropic, "claude-3-5-haiku-latest"},
     {"gemini", &pq_provider_gemini, "gemini-2.0-flash"},
     {"watsonx", &pq_provider_watsonx, "ibm/granite-3-8b-instruct"},
+    {"openai", &pq_provider_openai, "gpt-4o-mini"},
 };
 #define NADAPTERS (sizeof(adapters) / sizeof(adapters[0]))
 
@@ -56,6 +61,7 @@ typedef struct fixture_s {
     pq_provider_conf_t p;
     pq_target_t t;
     pq_kv_t headers[8];
+    char *keys[1];
     json_t *target_json;
 } fixture_t;
 
@@ -79,6 +85,9 @@ static void fixture_init(fixture_t *f, const adapter_t *a, json_t *target_json)
     f->p.project_id = (char *)"proj-1";
     f->p.iam_url = (char *)BASE "/identity/token";
     f->p.default_max_tokens = 4096;
+    f->keys[0] = (char *)KEY;
+    f->p.api_keys = f->keys;
+    f->p.napi_keys = 1;
     f->t.provider = (char *)"prov";
     f->t.model = (char *)a->model;
     f->t.p = &f->p;
@@ -146,6 +155,34 @@ static void assert_no_secret(const char *errstr)
         print_error("errstr leaks the key: %s\n", errstr);
         fail();
     }
+}
+
+/* Neither the fault's code nor its reason holds the key or a piece of it. */
+static void assert_fault_no_secret(const pq_provider_fault_t *fault)
+{
+    assert_no_secret(fault->code);
+    assert_no_secret(fault->reason);
+    for (size_t i = 0; i + 6 <= strlen(KEY); i++) /* no 6 characters of the key */
+        if (memmem(fault->reason, strlen(fault->reason), KEY + i, 6))
+            fail_msg("fault reason holds a piece of the key: %s", fault->reason);
+    assert_true(strlen(fault->reason) < sizeof(fault->reason));
+}
+
+static void check_fault(const json_t *exp, const pq_provider_fault_t *fault)
+{
+    const char *code = json_string_value(json_object_get(exp, "code"));
+    const char *reason = json_string_value(json_object_get(exp, "reason"));
+    const char *sub = json_string_value(json_object_get(exp, "reason_contains"));
+
+    assert_fault_no_secret(fault);
+    if (!exp)
+        return;
+    assert_string_equal(fault->code, code ? code : "");
+    if (reason)
+        assert_string_equal(fault->reason, reason);
+    if (sub && !strstr(fault->reason, sub))
+        fail_msg("fault reason \"%s\" lacks \"%s\"", fault->reason, sub);
+    assert_int_equal(fault->key_wide, json_is_true(json_object_get(exp, "key_wide")) ? 1 : 0);
 }
 
 /* The value of header name in list (case-insensitive name), or NULL; fails on duplicates. */
@@ -259,7 +296,9 @@ static void run_response_case(const adapter_t *a, const char *name)
 {
     json_t *exp_c = case_json(a->type, name, "expected_completion.json");
     json_t *exp_err = case_json(a->type, name, "expected_error.json");
+    json_t *exp_fault = case_json(a->type, name, "fault.json");
     char *status_s = case_read(a->type, name, "status", NULL), errstr[512] = "";
+    pq_provider_fault_t fault;
     json_t *completion = (json_t *)1;
     size_t len = 0;
     char *body = case_read(a->type, name, "response.json", &len);
@@ -272,9 +311,11 @@ static void run_response_case(const adapter_t *a, const char *name)
     assert_non_null(status_s);
     assert_true((exp_c != NULL) != (exp_err != NULL));
     fixture_init(&f, a, case_json(a->type, name, "target.json"));
-    err = a->ops->parse_response(&f.t, atol(status_s), body, len, &completion, NULL, errstr,
+    memset(&fault, 0, sizeof(fault));
+    err = a->ops->parse_response(&f.t, atol(status_s), body, len, &completion, &fault, errstr,
                                  sizeof(errstr));
     assert_no_secret(errstr);
+    check_fault(exp_fault, &fault);
     if (exp_err) {
         check_expected_error(exp_err, err, errstr);
         assert_null(completion);
@@ -297,6 +338,7 @@ static void run_response_case(const adapter_t *a, const char *name)
     json_decref(f.target_json);
     json_decref(exp_c);
     json_decref(exp_err);
+    json_decref(exp_fault);
     free(status_s);
     free(body);
 }
@@ -344,14 +386,17 @@ static void test_no_key_in_errstr(void **state)
                 fixture_t f;
                 json_t *c = NULL;
                 char errstr[512] = "";
+                pq_provider_fault_t fault;
                 pq_err_t err;
                 fixture_init(&f, &adapters[a], NULL);
-                err =
-                    adapters[a].ops->parse_response(&f.t, statuses[s], bodies[b], strlen(bodies[b]),
-                                                    &c, NULL, errstr, sizeof(errstr));
+                memset(&fault, 0, sizeof(fault));
+                err = adapters[a].ops->parse_response(&f.t, statuses[s], bodies[b],
+                                                      strlen(bodies[b]), &c, b % 2 ? &fault : NULL,
+                                                      errstr, sizeof(errstr));
                 assert_int_not_equal(err, PQ_OK);
                 assert_null(c);
                 assert_no_secret(errstr);
+                assert_fault_no_secret(&fault);
                 assert_int_equal(err, statuses[s] == 529 ? PQ_ERR_OVERLOADED
                                                          : pq_err_from_http_status(statuses[s]));
             }
@@ -385,7 +430,8 @@ static void test_invalid_requests(void **state)
                       json_pack("{s:[i]}", "messages", 1)};
     (void)state;
     for (size_t a = 0; a < NADAPTERS; a++) {
-        if (strcmp(adapters[a].type, "azure_openai") == 0)
+        if (strcmp(adapters[a].type, "azure_openai") == 0 ||
+            strcmp(adapters[a].type, "openai") == 0)
             continue; /* passes the body through: the provider judges it */
         for (size_t r = 0; r < sizeof(reqs) / sizeof(reqs[0]); r++) {
             fixture_t f;
@@ -528,6 +574,131 @@ static void test_watsonx_token_parse(void **state)
     assert_null(token);
 }
 
+/* 1 when s is valid UTF-8 without control characters, double, leading or trailing spaces. */
+static int reason_well_formed(const char *s)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t n = strlen(s);
+
+    if (n > 0 && (s[0] == ' ' || s[n - 1] == ' '))
+        return 0;
+    for (size_t i = 0; i < n;) {
+        size_t need = u[i] < 0x80 ? 1 : u[i] >= 0xF0 ? 4 : u[i] >= 0xE0 ? 3 : u[i] >= 0xC2 ? 2 : 0;
+        if (need == 0 || i + need > n || u[i] < 0x20 || u[i] == 0x7F)
+            return 0;
+        for (size_t k = 1; k < need; k++)
+            if ((u[i + k] & 0xC0) != 0x80)
+                return 0;
+        if (u[i] == ' ' && u[i + 1] == ' ')
+            return 0;
+        i += need;
+    }
+    return 1;
+}
+
+static void sanitize_expect(const pq_provider_conf_t *p, const char *in, size_t len,
+                            const char *want)
+{
+    char out[PQ_PROVIDER_REASON_MAX];
+
+    memset(out, 'X', sizeof(out));
+    pq_provider_reason_sanitize(in, len, p, out, sizeof(out));
+    assert_true(reason_well_formed(out));
+    if (strcmp(out, want) != 0)
+        fail_msg("sanitised \"%s\", want \"%s\"", out, want);
+}
+#define SANITIZE_EXPECT(p, lit, want) sanitize_expect(p, lit, sizeof(lit) - 1, want)
+
+static void test_reason_sanitize(void **state)
+{
+    fixture_t f;
+    char *keys[2] = {(char *)KEY, (char *)"hunter2hunter"};
+    char big[2048 + 1], out[PQ_PROVIDER_REASON_MAX], small[8];
+    size_t n;
+    (void)state;
+
+    fixture_init(&f, &adapters[0], NULL);
+    f.p.api_keys = keys;
+    f.p.napi_keys = 2;
+
+    /* ordinary prose survives intact */
+    SANITIZE_EXPECT(&f.p,
+                    "This model's maximum context length is 128000 tokens. However, your "
+                    "messages resulted in 130412 tokens. Please reduce the length of the messages.",
+                    "This model's maximum context length is 128000 tokens. However, your messages "
+                    "resulted in 130412 tokens. Please reduce the length of the messages.");
+    SANITIZE_EXPECT(&f.p, "prompt is too long: 208656 tokens > 200000 maximum",
+                    "prompt is too long: 208656 tokens > 200000 maximum");
+    SANITIZE_EXPECT(&f.p, "Café crème, naïve façade — 東京 ✓", "Café crème, naïve façade — 東京 ✓");
+    /* the configured key, whole or in pieces, in words of any shape */
+    SANITIZE_EXPECT(&f.p, "Incorrect API key provided: " KEY ". Find your key at x.",
+                    "Incorrect API key provided: [redacted] Find your key at x.");
+    SANITIZE_EXPECT(&f.p, "key (SECRETKEY) and xSECRETx and 'test-S' rejected",
+                    "key ([redacted]) and [redacted] and '[redacted]' rejected");
+    SANITIZE_EXPECT(&f.p, "token hunter2hunter, or unter2h, is wrong; hunt is fine",
+                    "token [redacted], or [redacted], is wrong; hunt is fine");
+    /* a masked echo and key-looking words, even of keys not configured */
+    SANITIZE_EXPECT(&f.p, "Incorrect API key provided: sk-abc1********wxyz.",
+                    "Incorrect API key provided: [redacted]");
+    SANITIZE_EXPECT(&f.p, "key abc1****wxyz, ** bold ** and 5 * 3",
+                    "key [redacted], ** bold ** and 5 * 3");
+    SANITIZE_EXPECT(NULL, "keys sk-x sk_live_1 AIzaSyA Bearer eyJ.a.b req_011CWdepJvA2D819tdYYq4h7",
+                    "keys [redacted] [redacted] [redacted] [redacted] eyJ.a.b [redacted]");
+    SANITIZE_EXPECT(NULL, "internationalizations internationalization", /* no digits */
+                    "internationalizations internationalization");
+    /* control characters, newlines and tabs are spaces; runs collapse; ends trimmed */
+    SANITIZE_EXPECT(NULL, "  line one\n\tline two\r\n\x01\x7f end  ", "line one line two end");
+    SANITIZE_EXPECT(NULL,
+                    "a\0b\xc2\x85"
+                    "c",
+                    "a b c"); /* NUL and C1 NEL */
+    /* invalid UTF-8: each bad byte is '?' (bad lead, bad continuation, overlong, surrogate,
+     * cut short at the end) */
+    SANITIZE_EXPECT(NULL, "bad \xff\xfe \xc3( \xc0\xaf \xed\xa0\x80 end \xe2\x82",
+                    "bad ?? ?( ?? ??? end ??");
+
+    /* a 2 KB message: at most 300 bytes, whole words of prose kept up to the cap */
+    for (n = 0; n + 5 <= 2048; n += 5)
+        memcpy(big + n, "word ", 5);
+    memset(big + n, 'x', 2048 - n);
+    big[2048] = '\0';
+    pq_provider_reason_sanitize(big, 2048, &f.p, out, sizeof(out));
+    assert_int_equal(strlen(out), 299); /* 60 "word"s and the space between */
+    assert_true(reason_well_formed(out));
+    assert_int_equal(strncmp(out, big, strlen(out)), 0);
+
+    /* cut mid-"é" at the cap: the half character is dropped */
+    memset(big, 0, sizeof(big));
+    for (n = 0; n + 4 <= 296; n += 4)
+        memcpy(big + n, "abc ", 4);
+    memcpy(big + n, "abcé and more", strlen("abcé and more")); /* é at bytes 299-300 */
+    pq_provider_reason_sanitize(big, strlen(big), &f.p, out, sizeof(out));
+    assert_int_equal(strlen(out), 299);
+    assert_true(reason_well_formed(out));
+    assert_string_equal(out + 296, "abc");
+    /* ... and at a caller's small buffer */
+    pq_provider_reason_sanitize("ab\xc3\xa9\xc3\xa9\xc3\xa9", 8, NULL, small, sizeof(small));
+    assert_string_equal(small, "ab\xc3\xa9\xc3\xa9");
+    /* a key at the cap is redacted whole, never cut into a shorter piece that passes */
+    memset(big, 0, sizeof(big));
+    for (n = 0; n + 4 <= 292; n += 4)
+        memcpy(big + n, "abc ", 4);
+    memcpy(big + n, KEY, strlen(KEY));
+    pq_provider_reason_sanitize(big, strlen(big), &f.p, out, sizeof(out));
+    assert_null(strstr(out, "sk-"));
+    assert_null(strstr(out, "SECRET"));
+    assert_true(reason_well_formed(out));
+
+    /* degenerate buffers */
+    pq_provider_reason_sanitize("abc", 3, NULL, small, 1);
+    assert_string_equal(small, "");
+    small[0] = 'Z';
+    pq_provider_reason_sanitize("abc", 3, NULL, small, 0);
+    assert_int_equal(small[0], 'Z');
+    pq_provider_reason_sanitize(NULL, 0, NULL, small, sizeof(small));
+    assert_string_equal(small, "");
+}
+
 /* ---- main ---- */
 
 static int name_cmp(const void *a, const void *b)
@@ -587,8 +758,9 @@ int main(void)
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_no_key);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_watsonx_token_request);
     tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_watsonx_token_parse);
+    tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_reason_sanitize);
     rc = _cmocka_run_group_tests("provider_adapters", tests, n, NULL, NULL);
-    for (size_t i = 0; i < n - 6; i++)
+    for (size_t i = 0; i < n - 7; i++)
         free((char *)tests[i].name);
     free(tests);
     free(cases);

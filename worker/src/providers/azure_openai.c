@@ -57,7 +57,10 @@ out:
 }
 
 /* Answers have OpenAI's shape and are read by the OpenAI parser; errors
- * {"error":{"code","message","type"?,"innererror"?}} are classified here by status. */
+ * {"error":{"code","message","type"?,"innererror"?}} are classified by status and then by
+ * pq_provider_openai_fault: code "content_filter" (a 400 whose innererror.code is
+ * ResponsibleAIPolicyViolation: the prompt tripped the content filter) is content_filter,
+ * "context_length_exceeded" context_length. */
 static pq_err_t azure_parse_response(const pq_target_t *target, long status, const char *body,
                                      size_t len, json_t **completion, pq_provider_fault_t *fault,
                                      char *errstr, size_t errstr_size)
@@ -75,6 +78,7 @@ static pq_err_t azure_parse_response(const pq_target_t *target, long status, con
     pq_provider_safe_token(json_object_get(e, "code"), token, sizeof(token));
     if (!token[0])
         pq_provider_safe_token(json_object_get(e, "type"), token, sizeof(token));
+    err = pq_provider_openai_fault(target, err, json_is_object(e) ? e : NULL, fault);
     pq_provider_http_error(errstr, errstr_size, target, status, token);
     json_decref(root);
     return err;

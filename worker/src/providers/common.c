@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 pq_err_t pq_provider_req_start(const json_t *request, pq_provider_req_t *out, char *errstr,
                                size_t errstr_size)
@@ -257,6 +258,161 @@ void pq_provider_safe_token(const json_t *v, char *buf, size_t size)
             return;
     }
     memcpy(buf, s, n + 1);
+}
+
+/* Words longer than this are redacted whatever they hold: no prose word is that long, and it
+ * bounds the work of the key-fragment test. */
+#define REASON_WORD_MAX 200
+/* Shared run of characters with a configured key that makes a word a key fragment. */
+#define REASON_KEY_RUN 6
+
+static int reason_alnum(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+static int reason_word_char(unsigned char c)
+{
+    return reason_alnum(c) || c == '_' || c == '+' || c == '/' || c == '=' || c == '.' ||
+           c == '-' || c == '*';
+}
+
+/* 1 when the word w (n bytes) may be (part of) a key. */
+static int reason_word_secret(const char *w, size_t n, const pq_provider_conf_t *p)
+{
+    static const char *const prefixes[] = {"sk-", "sk_", "AIza", "Bearer"};
+    int letters = 0, digits = 0;
+
+    if (n > REASON_WORD_MAX)
+        return 1;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)w[i];
+        if (c >= '0' && c <= '9')
+            digits = 1;
+        else if (reason_alnum(c))
+            letters = 1;
+        else if (c == '*' && ((i > 0 && reason_alnum((unsigned char)w[i - 1])) ||
+                              (i + 1 < n && reason_alnum((unsigned char)w[i + 1]))))
+            return 1; /* a masked key: "sk-abc1****wxyz" */
+    }
+    if (n >= 20 && letters && digits)
+        return 1;
+    for (size_t k = 0; k < sizeof(prefixes) / sizeof(prefixes[0]); k++)
+        if (n >= strlen(prefixes[k]) && memcmp(w, prefixes[k], strlen(prefixes[k])) == 0)
+            return 1;
+    for (size_t k = 0; p && k < p->napi_keys && n >= REASON_KEY_RUN; k++) {
+        const char *key = p->api_keys[k];
+        size_t klen = key ? strlen(key) : 0;
+        for (size_t off = 0; klen >= REASON_KEY_RUN && off + REASON_KEY_RUN <= n; off++)
+            if (memmem(key, klen, w + off, REASON_KEY_RUN))
+                return 1;
+    }
+    return 0;
+}
+
+/* Length of the valid UTF-8 character at s (n > 0 bytes available), 0 when it is not one
+ * (bad lead or continuation byte, overlong form, surrogate, beyond U+10FFFF, cut short). */
+static size_t reason_utf8_len(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0];
+    size_t need;
+    unsigned long cp, min;
+
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xC2 && c <= 0xDF) {
+        need = 2, cp = c & 0x1F, min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+        need = 3, cp = c & 0x0F, min = 0x800;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        need = 4, cp = c & 0x07, min = 0x10000;
+    } else {
+        return 0;
+    }
+    if (n < need)
+        return 0;
+    for (size_t i = 1; i < need; i++) {
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return need;
+}
+
+void pq_provider_reason_sanitize(const char *in, size_t len, const pq_provider_conf_t *p, char *out,
+                                 size_t size)
+{
+    const unsigned char *s = (const unsigned char *)in;
+    size_t cap, o = 0, i = 0;
+    int pending_space = 0;
+
+    if (size == 0)
+        return;
+    cap = size - 1 < PQ_PROVIDER_REASON_TEXT_MAX ? size - 1 : PQ_PROVIDER_REASON_TEXT_MAX;
+    while (in && i < len && o < cap) {
+        const char *piece = in + i;
+        size_t n, adv, sep;
+        int whole = 1; /* the piece is written whole or not at all */
+
+        if (reason_word_char(s[i])) {
+            size_t j = i;
+            while (j < len && reason_word_char(s[j]))
+                j++;
+            adv = n = j - i;
+            if (reason_word_secret(in + i, n, p))
+                piece = "[redacted]", n = sizeof("[redacted]") - 1;
+            else
+                whole = 0; /* a plain word may be cut at the cap (ASCII only) */
+        } else if (!(adv = n = reason_utf8_len(s + i, len - i))) {
+            piece = "?", adv = n = 1;
+        } else if ((n == 1 && (s[i] <= ' ' || s[i] == 0x7F)) ||
+                   (n == 2 && s[i] == 0xC2 && s[i + 1] < 0xA0)) {
+            pending_space = 1; /* space, C0/C1 control, line break, tab */
+            i += adv;
+            continue;
+        }
+        sep = pending_space && o > 0;
+        if (o + sep + n > cap) {
+            if (whole || o + sep >= cap)
+                break;
+            n = cap - o - sep;
+        }
+        if (sep)
+            out[o++] = ' ';
+        memcpy(out + o, piece, n);
+        o += n;
+        pending_space = 0;
+        i += adv;
+    }
+    out[o] = '\0';
+}
+
+void pq_provider_fault_reason(pq_provider_fault_t *fault, const pq_target_t *target,
+                              const json_t *v)
+{
+    if (!fault || !json_is_string(v))
+        return;
+    pq_provider_reason_sanitize(json_string_value(v), json_string_length(v),
+                                target ? target->p : NULL, fault->reason, sizeof(fault->reason));
+}
+
+void pq_provider_fault_code(pq_provider_fault_t *fault, const char *token)
+{
+    if (fault)
+        snprintf(fault->code, sizeof(fault->code), "%s", token);
+}
+
+int pq_provider_str_has(const json_t *v, const char *needle)
+{
+    const char *s = json_string_value(v);
+    size_t n = strlen(needle);
+
+    for (; s && *s; s++)
+        if (strncasecmp(s, needle, n) == 0)
+            return 1;
+    return 0;
 }
 
 int pq_provider_field_set(const json_t *v)

@@ -89,6 +89,43 @@ int pq_provider_data_url(const char *url, const char **mt, size_t *mt_len, const
  * echo keys (G6). */
 void pq_provider_safe_token(const json_t *v, char *buf, size_t size);
 
+/* Longest reason text kept by pq_provider_reason_sanitize (bytes, before the NUL). */
+#define PQ_PROVIDER_REASON_TEXT_MAX 300
+
+/* Copies a provider's error message (in, len bytes, not NUL-terminated) into out as text fit to
+ * show a client: at most size - 1 and at most PQ_PROVIDER_REASON_TEXT_MAX bytes, cut at a UTF-8
+ * character boundary, invalid UTF-8 bytes as '?', control characters (line breaks and tabs
+ * included) as spaces, runs of spaces collapsed and trimmed. No key fragment survives: each word
+ * (a maximal run of [A-Za-z0-9_+/=.*-]) is replaced by "[redacted]" when it shares 6 or more
+ * consecutive characters with one of p's api_keys, is 20 characters or longer with both letters
+ * and digits, is longer than 200 characters, starts with "sk-", "sk_", "AIza" or "Bearer", or has
+ * a '*' next to a letter or digit (a masked key such as "sk-abc1****wxyz"). Pure; p may be NULL
+ * (no configured keys). in: borrowed. out: size bytes, always NUL-terminated when size > 0. */
+void pq_provider_reason_sanitize(const char *in, size_t len, const pq_provider_conf_t *p, char *out,
+                                 size_t size);
+
+/* Sets fault->reason to the sanitised string v (pq_provider_reason_sanitize with target's
+ * provider) when fault is not NULL and v is a JSON string; else leaves it as is. */
+void pq_provider_fault_reason(pq_provider_fault_t *fault, const pq_target_t *target,
+                              const json_t *v);
+
+/* Sets fault->code to token (a pq_provider_safe_token result) when fault is not NULL. */
+void pq_provider_fault_code(pq_provider_fault_t *fault, const char *token);
+
+/* 1 when the string v contains needle, ignoring ASCII case; 0 when v is not a string. */
+int pq_provider_str_has(const json_t *v, const char *needle);
+
+/* Classifies an OpenAI-shaped error answer (OpenAI, Azure OpenAI, compatible servers):
+ * err is pq_err_from_http_status(status); error is the body's "error" object (or NULL). Returns
+ * the refined code: code (or type) "context_length_exceeded", or a 400 whose message says
+ * "maximum context length" -> PQ_ERR_CONTEXT_LENGTH; "content_policy_violation" /
+ * "content_filter" or innererror.code "ResponsibleAIPolicyViolation" -> PQ_ERR_CONTENT_FILTER;
+ * other codes keep err. Fills fault when not NULL: code (the error's code, else its type),
+ * key_wide for a 429 "insufficient_quota", reason for context length, content filter, refused
+ * and not found. Implemented in openai.c. */
+pq_err_t pq_provider_openai_fault(const pq_target_t *target, pq_err_t err, const json_t *error,
+                                  pq_provider_fault_t *fault);
+
 /* Writes "<provider> answered HTTP <status>[: <token>]" into errstr (token: from
  * pq_provider_safe_token, "" for none). */
 void pq_provider_http_error(char *errstr, size_t errstr_size, const pq_target_t *target,

@@ -1,6 +1,12 @@
 /* OpenAI chat completions (and OpenAI-compatible servers: Ollama, vLLM, llama.cpp).
  * POST {base_url}/chat/completions with the request as is, "model" set to the target's model and
- * streaming turned off. */
+ * streaming turned off.
+ *
+ * Errors {"error":{"message","type","param","code"}} are classified by status, then by code or
+ * type (pq_provider_openai_fault, shared with Azure): context_length_exceeded -> context_length;
+ * content_policy_violation / content_filter -> content_filter; a 429 insufficient_quota is
+ * key-wide. string_above_max_length (a per-field limit, not the context window) and
+ * invalid_prompt stay refused. */
 #include "provider.h"
 #include "common.h"
 
@@ -36,6 +42,43 @@ out:
     return pq_provider_req_end(out, err, errstr, errstr_size);
 }
 
+/* 1 when the code or type of an OpenAI error object is word. */
+static int error_is(const char *code, const char *type, const char *word)
+{
+    return strcmp(code, word) == 0 || strcmp(type, word) == 0;
+}
+
+pq_err_t pq_provider_openai_fault(const pq_target_t *target, pq_err_t err, const json_t *error,
+                                  pq_provider_fault_t *fault)
+{
+    char code[64] = "", type[64] = "";
+    json_t *inner = json_object_get(error, "innererror"), *msg = json_object_get(error, "message");
+
+    if (!json_is_object(error))
+        return err;
+    pq_provider_safe_token(json_object_get(error, "code"), code, sizeof(code));
+    pq_provider_safe_token(json_object_get(error, "type"), type, sizeof(type));
+    pq_provider_fault_code(fault, code[0] ? code : type);
+    if (err == PQ_ERR_REFUSED) {
+        char inner_code[64] = "";
+        pq_provider_safe_token(json_object_get(inner, "code"), inner_code, sizeof(inner_code));
+        if (error_is(code, type, "context_length_exceeded") ||
+            /* compatible servers (vLLM) say it with OpenAI's words but without the code */
+            (!code[0] && pq_provider_str_has(msg, "maximum context length")))
+            err = PQ_ERR_CONTEXT_LENGTH;
+        else if (error_is(code, type, "content_policy_violation") ||
+                 error_is(code, type, "content_filter") ||
+                 strcmp(inner_code, "ResponsibleAIPolicyViolation") == 0)
+            err = PQ_ERR_CONTENT_FILTER;
+    }
+    if (fault && err == PQ_ERR_RATE_LIMITED && error_is(code, type, "insufficient_quota"))
+        fault->key_wide = 1; /* the key has no quota left for any model */
+    if (err == PQ_ERR_CONTEXT_LENGTH || err == PQ_ERR_CONTENT_FILTER || err == PQ_ERR_REFUSED ||
+        err == PQ_ERR_NOT_FOUND)
+        pq_provider_fault_reason(fault, target, msg);
+    return err;
+}
+
 static pq_err_t openai_parse_response(const pq_target_t *target, long status, const char *body,
                                       size_t len, json_t **completion, pq_provider_fault_t *fault,
                                       char *errstr, size_t errstr_size)
@@ -53,6 +96,7 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
             if (!token[0])
                 pq_provider_safe_token(json_object_get(e, "code"), token, sizeof(token));
         }
+        err = pq_provider_openai_fault(target, err, e, fault);
         pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
