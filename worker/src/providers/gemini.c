@@ -22,9 +22,15 @@
  * parts joined (thought parts skipped), finishReason STOP -> stop, MAX_TOKENS -> length,
  * SAFETY, RECITATION, BLOCKLIST, PROHIBITED_CONTENT, SPII, IMAGE_SAFETY -> content_filter,
  * others -> stop; usageMetadata promptTokenCount / candidatesTokenCount (+ thoughtsTokenCount) /
- * totalTokenCount -> usage. A prompt blocked by promptFeedback.blockReason is PQ_ERR_REFUSED.
- * Errors {"error":{"code","message","status"}}: 400 with reason API_KEY_INVALID is an
- * authentication error (Gemini answers a bad key with 400). */
+ * totalTokenCount -> usage. A prompt blocked by promptFeedback.blockReason, and an answer whose
+ * every candidate was blocked by a content policy (SAFETY, PROHIBITED_CONTENT, BLOCKLIST, SPII)
+ * without content, are PQ_ERR_CONTENT_FILTER (fault code: the block or finish reason; reason:
+ * blockReasonMessage / finishMessage when given). Errors {"error":{"code","message","status"}}:
+ * 400 with reason API_KEY_INVALID is an authentication error (Gemini answers a bad key with
+ * 400); status RESOURCE_EXHAUSTED is rate_limited, UNAVAILABLE server_error, FAILED_PRECONDITION
+ * (e.g. no free tier in the caller's region) refused; INVALID_ARGUMENT whose message says the
+ * input token count exceeds the maximum is context_length. The fault's code is error.status;
+ * its reason the sanitised message for context_length, refused and not_found. */
 #include "provider.h"
 #include "common.h"
 
@@ -367,13 +373,63 @@ static int key_invalid(const json_t *error)
     return 0;
 }
 
+/* Refines err (from the HTTP status) by the error's status and message; sets token (size
+ * bytes) to the most specific safe word: "API_KEY_INVALID" for a bad key, else error.status. */
+static pq_err_t error_class(pq_err_t err, const json_t *e, char *token, size_t size)
+{
+    json_t *msg = json_object_get(e, "message");
+
+    pq_provider_safe_token(json_object_get(e, "status"), token, size);
+    if (err == PQ_ERR_REFUSED && key_invalid(e)) {
+        snprintf(token, size, "API_KEY_INVALID");
+        return PQ_ERR_AUTH;
+    }
+    if (strcmp(token, "RESOURCE_EXHAUSTED") == 0)
+        return PQ_ERR_RATE_LIMITED;
+    if (strcmp(token, "UNAVAILABLE") == 0)
+        return PQ_ERR_SERVER;
+    if (strcmp(token, "FAILED_PRECONDITION") == 0)
+        return PQ_ERR_REFUSED; /* e.g. no free tier in the caller's region: another may serve */
+    /* "The input token count (1200293) exceeds the maximum number of tokens allowed (1048576)." */
+    if (err == PQ_ERR_REFUSED && strcmp(token, "INVALID_ARGUMENT") == 0 &&
+        pq_provider_str_has(msg, "input token count") &&
+        pq_provider_str_has(msg, "exceeds the maximum"))
+        return PQ_ERR_CONTEXT_LENGTH;
+    return err;
+}
+
+/* The first candidate when every candidate is blocked by a content policy without content
+ * (finishReason SAFETY, PROHIBITED_CONTENT, BLOCKLIST or SPII, no parts), else NULL: the answer
+ * is a refusal. A blocked candidate that has parts (or next to one that has) is an answer with
+ * finish_reason content_filter. */
+static json_t *all_blocked(const json_t *cands)
+{
+    static const char *const policy[] = {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", NULL};
+    const json_t *c;
+    size_t i;
+
+    json_array_foreach(cands, i, c)
+    {
+        json_t *parts = json_object_get(json_object_get(c, "content"), "parts");
+        const char *fr = json_string_value(json_object_get(c, "finishReason"));
+        int blocked = 0;
+        if (json_array_size(parts) > 0 || !fr)
+            return NULL;
+        for (size_t k = 0; policy[k]; k++)
+            blocked |= strcmp(fr, policy[k]) == 0;
+        if (!blocked)
+            return NULL;
+    }
+    return json_array_get(cands, 0);
+}
+
 static pq_err_t gemini_parse_response(const pq_target_t *target, long status, const char *body,
                                       size_t len, json_t **completion, pq_provider_fault_t *fault,
                                       char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, 0, NULL), *cands, *c, *choices = NULL, *usage, *id;
-    json_t *block, *v;
+    json_t *block, *pf, *v;
     json_int_t pt, ct, tt;
     size_t i;
 
@@ -381,28 +437,39 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
     if (err != PQ_OK) {
         char token[80] = "";
         json_t *e = json_object_get(root, "error");
-        pq_provider_safe_token(json_object_get(e, "status"), token, sizeof(token));
-        if (err == PQ_ERR_REFUSED && key_invalid(e)) {
-            err = PQ_ERR_AUTH;
-            snprintf(token, sizeof(token), "API_KEY_INVALID");
-        }
+        err = error_class(err, e, token, sizeof(token));
+        pq_provider_fault_code(fault, token);
+        if (err == PQ_ERR_CONTEXT_LENGTH || err == PQ_ERR_REFUSED || err == PQ_ERR_NOT_FOUND)
+            pq_provider_fault_reason(fault, target, json_object_get(e, "message"));
         pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
     cands = json_object_get(root, "candidates");
-    block = json_object_get(json_object_get(root, "promptFeedback"), "blockReason");
+    pf = json_object_get(root, "promptFeedback");
+    block = json_object_get(pf, "blockReason");
     if (json_is_object(root) && json_array_size(cands) == 0 && block) {
         char token[80] = "";
         pq_provider_safe_token(block, token, sizeof(token));
         snprintf(errstr, errstr_size, "%s blocked the prompt%s%s", target->p->name,
                  token[0] ? ": " : "", token);
-        err = PQ_ERR_REFUSED;
+        pq_provider_fault_code(fault, token);
+        pq_provider_fault_reason(fault, target, json_object_get(pf, "blockReasonMessage"));
+        err = PQ_ERR_CONTENT_FILTER;
         goto out;
     }
     if (!json_is_array(cands) || json_array_size(cands) == 0) {
         snprintf(errstr, errstr_size, "%s answered HTTP %ld without candidates", target->p->name,
                  status);
         err = PQ_ERR_MALFORMED;
+        goto out;
+    }
+    if ((c = all_blocked(cands))) {
+        char token[80] = "";
+        pq_provider_safe_token(json_object_get(c, "finishReason"), token, sizeof(token));
+        snprintf(errstr, errstr_size, "%s blocked the answer: %s", target->p->name, token);
+        pq_provider_fault_code(fault, token);
+        pq_provider_fault_reason(fault, target, json_object_get(c, "finishMessage"));
+        err = PQ_ERR_CONTENT_FILTER;
         goto out;
     }
     if (!(choices = json_array()))
