@@ -25,7 +25,11 @@
  * stop_reason end_turn/stop_sequence/pause_turn -> stop, max_tokens -> length, tool_use ->
  * tool_calls, refusal -> content_filter; usage input (+ cache) / output -> prompt / completion
  * / total. Errors {"type":"error","error":{"type","message"}}: rate_limit_error and 429 are
- * rate_limited, overloaded_error and 529 overloaded (both retryable), 401/403 authentication. */
+ * rate_limited, overloaded_error (whatever the status) and 529 overloaded (both retryable),
+ * 401/403 authentication, 404 not_found, an invalid_request_error whose message says "prompt is
+ * too long" context_length, other 400/413/422 refused. The fault's code is error.type; its
+ * reason the sanitised message for context_length, refused and not_found. Anthropic has no
+ * content-filter error: a refusal is a successful answer with stop_reason "refusal". */
 #include "provider.h"
 #include "common.h"
 
@@ -596,11 +600,18 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
     if (err != PQ_OK) {
         char token[80] = "";
         e = json_object_get(root, "error");
+        json_t *m = json_object_get(e, "message");
         pq_provider_safe_token(json_object_get(e, "type"), token, sizeof(token));
         if (strcmp(token, "overloaded_error") == 0)
             err = PQ_ERR_OVERLOADED;
         else if (strcmp(token, "rate_limit_error") == 0)
             err = PQ_ERR_RATE_LIMITED;
+        else if (err == PQ_ERR_REFUSED && strcmp(token, "invalid_request_error") == 0 &&
+                 pq_provider_str_has(m, "prompt is too long"))
+            err = PQ_ERR_CONTEXT_LENGTH; /* "prompt is too long: 208656 tokens > 200000 maximum" */
+        pq_provider_fault_code(fault, token);
+        if (err == PQ_ERR_CONTEXT_LENGTH || err == PQ_ERR_REFUSED || err == PQ_ERR_NOT_FOUND)
+            pq_provider_fault_reason(fault, target, m);
         pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
