@@ -17,7 +17,11 @@
  *
  * Answer: OpenAI-like {id, model_id, created, choices, usage}; model_id -> model, choices get an
  * index and a finish_reason (time_limit -> length). Errors {"errors":[{"code","message"}],
- * "trace","status_code"}: errors[0].code names the error in errstr. */
+ * "trace","status_code"}: errors[0].code names the error in errstr and is the fault's code; a
+ * 400 whose message says the input tokens exceed the model's maximum sequence length / total
+ * tokens limit is context_length (watsonx gives it no code of its own), other 400/413/422
+ * refused; the sanitised message is the fault's reason for those and 404. watsonx chat has no
+ * content-filter error (its HAP/PII moderations annotate a successful answer). */
 #include "watsonx.h"
 #include "common.h"
 
@@ -232,6 +236,19 @@ static const char *finish_reason(const char *r)
     return "stop";
 }
 
+/* 1 when an error message says the input has more tokens than the model takes. watsonx has no
+ * code of its own for it (invalid_input_argument covers any bad argument), so the message
+ * decides: "Token sequence length is longer than the specified maximum sequence length for
+ * this model (1336 > 512)", "the number of input tokens 9000 cannot exceed the total tokens
+ * limit 8192 for this model". */
+static int too_many_tokens(const json_t *m)
+{
+    return pq_provider_str_has(m, "token") &&
+           (pq_provider_str_has(m, "maximum sequence length") ||
+            pq_provider_str_has(m, "total tokens limit") ||
+            pq_provider_str_has(m, "context length") || pq_provider_str_has(m, "context window"));
+}
+
 static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, const char *body,
                                        size_t len, json_t **completion, pq_provider_fault_t *fault,
                                        char *errstr, size_t errstr_size)
@@ -246,7 +263,13 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
     if (err != PQ_OK) {
         char token[80] = "";
         json_t *e0 = json_array_get(json_object_get(root, "errors"), 0);
+        json_t *m = json_object_get(e0, "message");
         pq_provider_safe_token(json_object_get(e0, "code"), token, sizeof(token));
+        if (err == PQ_ERR_REFUSED && too_many_tokens(m))
+            err = PQ_ERR_CONTEXT_LENGTH;
+        pq_provider_fault_code(fault, token);
+        if (err == PQ_ERR_CONTEXT_LENGTH || err == PQ_ERR_REFUSED || err == PQ_ERR_NOT_FOUND)
+            pq_provider_fault_reason(fault, target, m);
         pq_provider_http_error(errstr, errstr_size, target, status, token);
         goto out;
     }
