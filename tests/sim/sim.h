@@ -4,7 +4,35 @@
  * control API, stats), sim_state.c (the control state: pure parse/serialise), sim_core.c (the
  * shared "answer for this prompt" core), and one file per wire format (sim_openai.c, ...), each
  * exporting a table of routes listed in sim_routes.c. Adding a format touches that one new file
- * and one line of sim_routes.c. */
+ * and one line of sim_routes.c.
+ *
+ * Control API (on --control, and on --listen while it is up):
+ *   POST /_sim/state  a whole state; absent fields take their defaults:
+ *     mode            ok | down | error | rate_limit | hang | malformed | reset | stall
+ *                     reset: read the request, then close with a TCP reset, no answer;
+ *                     stall: status line, headers (Content-Length of the whole body) and half
+ *                     a good answer's body, then nothing until the state changes
+ *     status          error mode / failure_rate status (100-599, default 500; 200 with
+ *                     error_body is a raw 200 answer)
+ *     retry_after     "1" by default (429s; error mode only when given); null or "": none
+ *     retry_after_ms, latency_ms (delay before any answer, reset and stall), failure_rate
+ *     error_body      raw body of simulated errors (wins over error_code)
+ *     error_code      the format's own error document carrying this code: OpenAI/Azure
+ *                     error.code (type from status: invalid_request_error, rate_limit_error,
+ *                     insufficient_quota), Anthropic error.type, Gemini error.status, watsonx
+ *                     errors[0].code; error_message its message
+ *     schedule        {"period_ms": N, "down_ms": M, "down": {state}}: for the first M ms of
+ *                     every N ms since the state was applied, "down" applies instead
+ *     models          {"<model>": {state}}: chat calls for that model (OpenAI/Anthropic body
+ *                     "model", Azure deployment, Gemini path model, watsonx "model_id") meet
+ *                     it instead of the top level; non-chat routes meet the top level
+ *     revoke_tokens   top level only
+ *   "down" only at the top level (not in models nor in a schedule's down: a 400 names it).
+ *   GET /_sim/state; GET /_sim/stats (by_status, by_path, by_model {"<model>": {requests,
+ *   by_status}}, ...); GET /_sim/log {"calls": [{t_ms, model, path, status, outcome}]} for
+ *   the last 1000 chat calls (t_ms: arrival, monotonic ms since start; status 0: no answer;
+ *   outcome ok|error|rate_limit|reset|hang|stall|malformed); POST /_sim/reset zeroes the
+ *   stats and clears by_model and the log. */
 #ifndef PROMPTQ_SIM_H
 #define PROMPTQ_SIM_H
 

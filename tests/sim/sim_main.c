@@ -11,24 +11,34 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: promptq-sim --listen HOST:PORT [--control HOST:PORT] [--name NAME]\n"
-            "                   [--key KEY]... [--log-level debug|info|warn|error]\n"
-            "\n"
-            "Simulates an LLM provider on --listen: OpenAI (/v1/chat/completions, /v1/models),\n"
-            "Azure OpenAI (/openai/deployments/D/chat/completions?api-version=V), Anthropic\n"
-            "(/v1/messages), Gemini (/v1beta/models/M:generateContent), watsonx (/identity/token,\n"
-            "/ml/v1/text/chat?version=V). Answers \"echo: \" + the last message's text.\n"
-            "Control API (also on --listen while it is up):\n"
-            "  POST /_sim/state  {\"mode\":\"ok|down|error|rate_limit|hang|malformed\",\n"
-            "                     \"status\":500, \"retry_after\":\"1\", \"retry_after_ms\":N,\n"
-            "                     \"latency_ms\":0, \"failure_rate\":0.0, \"error_body\":\"...\"}\n"
-            "                    replaces the whole state (absent fields: defaults)\n"
-            "  GET  /_sim/state, GET /_sim/stats, POST /_sim/reset (zeroes the stats)\n"
-            "down closes --listen (refused; held calls reset), any other mode re-binds it.\n"
-            "Leaving hang answers the hanging calls under the new state (down drops them).\n"
-            "Prints \"listening=HOST:PORT control=HOST:PORT\" once bound (port 0: any).\n"
-            "--key (repeatable): requests must carry one of the keys in the format's header.\n");
+    fprintf(
+        f,
+        "usage: promptq-sim --listen HOST:PORT [--control HOST:PORT] [--name NAME]\n"
+        "                   [--key KEY]... [--log-level debug|info|warn|error]\n"
+        "\n"
+        "Simulates an LLM provider on --listen: OpenAI (/v1/chat/completions, /v1/models),\n"
+        "Azure OpenAI (/openai/deployments/D/chat/completions?api-version=V), Anthropic\n"
+        "(/v1/messages), Gemini (/v1beta/models/M:generateContent), watsonx (/identity/token,\n"
+        "/ml/v1/text/chat?version=V). Answers \"echo: \" + the last message's text.\n"
+        "Control API (also on --listen while it is up):\n"
+        "  POST /_sim/state  {\"mode\":\"ok|down|error|rate_limit|hang|malformed|reset|stall\",\n"
+        "                     \"status\":500, \"retry_after\":\"1\" (null or \"\": none),\n"
+        "                     \"retry_after_ms\":N, \"latency_ms\":0, \"failure_rate\":0.0,\n"
+        "                     \"error_body\":\"...\", \"error_code\":\"...\", "
+        "\"error_message\":\"...\",\n"
+        "                     \"schedule\":{\"period_ms\":N, \"down_ms\":M, \"down\":{STATE}},\n"
+        "                     \"models\":{\"MODEL\":{STATE}}, \"revoke_tokens\":false}\n"
+        "                    replaces the whole state (absent fields: defaults)\n"
+        "  GET  /_sim/state, GET /_sim/stats, GET /_sim/log (last 1000 chat calls),\n"
+        "  POST /_sim/reset (zeroes the stats, clears the log)\n"
+        "A chat call for MODEL meets models.MODEL (else the top-level state); schedule: the\n"
+        "first down_ms of every period_ms the down state applies. reset closes without an\n"
+        "answer; stall sends headers and half a body. error_code: the format's own error\n"
+        "document with that code (error_body wins). down: top level only.\n"
+        "down closes --listen (refused; held calls reset), any other mode re-binds it.\n"
+        "A new state answers hanging calls (finishes stalled ones) that it no longer holds.\n"
+        "Prints \"listening=HOST:PORT control=HOST:PORT\" once bound (port 0: any).\n"
+        "--key (repeatable): requests must carry one of the keys in the format's header.\n");
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
