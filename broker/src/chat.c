@@ -17,9 +17,11 @@
  *              content chunk (content, refusal, tool_calls) and a finish chunk, then a usage
  *              chunk with empty choices if stream_options.include_usage (as OpenAI sends it),
  *              then "data: [DONE]";
- *   failed     400 invalid_request_error (the provider refused the request), 502 upstream_error
- *              (provider failures), 409 (id conflict), 500 server_error (internal), with the
- *              worker's error type as "code" and never a provider's error text;
+ *   failed     400 invalid_request_error (the provider refused the request; code
+ *              content_filter and context_length_exceeded carry the provider's reason, which
+ *              the worker sanitised), 502 upstream_error (provider failures), 409 (id
+ *              conflict), 500 server_error (internal), with the worker's error type as "code"
+ *              and never a provider's raw error text;
  *   expired    504 code "expired", x-should-retry: false;
  *   cancelled  409 code "cancelled", x-should-retry: false;
  *   wait timeout (broker.sync_timeout_ms) 504 code "timeout", x-should-retry: false; the job
@@ -480,6 +482,7 @@ static void reply_failed(pq_slot_t *s, json_t *err)
 {
     const char *type = json_string_value(json_object_get(err, "type"));
     const char *provider = json_string_value(json_object_get(err, "provider"));
+    const char *reason = json_string_value(json_object_get(err, "reason"));
     json_t *st = json_object_get(err, "status");
     char detail[160] = "";
 
@@ -490,11 +493,21 @@ static void reply_failed(pq_slot_t *s, json_t *err)
                  provider ? provider : "?", (long long)json_integer_value(st));
     else if (provider)
         snprintf(detail, sizeof(detail), " (last provider %s)", provider);
-    if (!strcmp(type, "invalid_request") || !strcmp(type, "refused") ||
-        !strcmp(type, "unsupported") || !strcmp(type, "not_found")) {
+    if (!strcmp(type, "content_filter") || !strcmp(type, "context_length_exceeded")) {
+        /* the provider's reason (sanitised by the worker) is what the client needs to see */
+        no_retry(s);
+        pq_chat_error(s->t, s->req, 400, "invalid_request_error", type, "%s%s; job %s failed",
+                      reason && *reason ? reason
+                      : !strcmp(type, "content_filter")
+                          ? "the provider's content policy refused the request"
+                          : "the prompt is longer than the model's context window",
+                      detail, s->id);
+    } else if (!strcmp(type, "invalid_request") || !strcmp(type, "refused") ||
+               !strcmp(type, "unsupported") || !strcmp(type, "not_found")) {
         no_retry(s);
         pq_chat_error(s->t, s->req, 400, "invalid_request_error", type,
-                      "the provider refused the request%s; job %s failed", detail, s->id);
+                      "the provider refused the request%s%s%s; job %s failed", detail,
+                      reason && *reason ? ": " : "", reason && *reason ? reason : "", s->id);
     } else if (!strcmp(type, "id_conflict")) {
         no_retry(s);
         pq_chat_error(s->t, s->req, 409, "invalid_request_error", type,

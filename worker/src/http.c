@@ -12,6 +12,8 @@
 
 #define FREE_REQS_MAX 1024
 #define KEEP_BUF_MAX  (64 * 1024)
+/* Retry-After values are clamped here (about 31 years); callers cap them to their own policy. */
+#define RETRY_AFTER_MAX_MS 1e12
 
 typedef struct shard_s shard_t;
 
@@ -26,6 +28,10 @@ struct pq_http_req_s {
     int too_large;
     int64_t retry_after_ms;
     int64_t started_ms;
+    int64_t last_rx_ms;  /* monotonic ms of the last byte received, 0 before the first */
+    int first_byte_ms;   /* 0 = none */
+    int idle_ms;         /* 0 = none */
+    struct event *watch; /* first byte / idle watch (created on first use, kept) */
     pq_http_done_cb *cb;
     void *opaque;
     pq_http_req_t *next_free;
@@ -131,6 +137,7 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
     pq_http_req_t *r = userp;
     size_t n = size * nmemb;
 
+    r->last_rx_ms = pq_mono_ms();
     if (r->resp_len + n > r->resp_max) {
         r->too_large = 1;
         return 0; /* CURLE_WRITE_ERROR ends the transfer */
@@ -166,6 +173,7 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
     double d;
     char *end;
 
+    r->last_rx_ms = pq_mono_ms();
     if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
         r->retry_after_ms = -1; /* a new response (after 100 Continue or a redirect) */
         return n;
@@ -177,8 +185,8 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
     if (strncasecmp(line, "retry-after-ms:", 15) == 0) {
         v = line + 15;
         d = strtod(v, &end);
-        if (end != v && d >= 0)
-            r->retry_after_ms = (int64_t)d;
+        if (end != v && d >= 0) /* NaN fails the test; huge values (inf) are clamped */
+            r->retry_after_ms = d < RETRY_AFTER_MAX_MS ? (int64_t)d : (int64_t)RETRY_AFTER_MAX_MS;
     } else if (strncasecmp(line, "retry-after:", 12) == 0 && r->retry_after_ms < 0) {
         v = line + 12;
         while (*v == ' ' || *v == '\t')
@@ -215,8 +223,19 @@ static pq_err_t map_curl_error(CURLcode rc)
     }
 }
 
+static void req_free(pq_http_req_t *r)
+{
+    curl_easy_cleanup(r->easy);
+    if (r->watch)
+        event_free(r->watch);
+    free(r->resp);
+    free(r);
+}
+
 static void req_recycle(pq_http_t *h, pq_http_req_t *r)
 {
+    if (r->watch)
+        evtimer_del(r->watch);
     curl_slist_free_all(r->headers);
     r->headers = NULL;
     free(r->body);
@@ -224,9 +243,7 @@ static void req_recycle(pq_http_t *h, pq_http_req_t *r)
     r->cb = NULL;
     r->opaque = NULL;
     if (h->nfree >= FREE_REQS_MAX) {
-        curl_easy_cleanup(r->easy);
-        free(r->resp);
-        free(r);
+        req_free(r);
         return;
     }
     if (r->resp_cap > KEEP_BUF_MAX) {
@@ -262,6 +279,11 @@ static void check_done(shard_t *sh)
             curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
         } else {
             res.err = map_curl_error(msg->data.result);
+            if (res.err == PQ_ERR_TIMEOUT) {
+                curl_off_t connected = 0;
+                curl_easy_getinfo(r->easy, CURLINFO_PRETRANSFER_TIME_T, &connected);
+                res.timeout = connected > 0 ? PQ_HTTP_TIMEOUT_TOTAL : PQ_HTTP_TIMEOUT_CONNECT;
+            }
         }
         res.body = r->resp ? r->resp : "";
         res.body_len = r->resp_len;
@@ -274,6 +296,88 @@ static void check_done(shard_t *sh)
             r->cb(r->opaque, &res);
         req_recycle(h, r);
     }
+}
+
+const char *pq_http_timeout_name(pq_http_timeout_t t)
+{
+    switch (t) {
+    case PQ_HTTP_TIMEOUT_CONNECT:
+        return "connect";
+    case PQ_HTTP_TIMEOUT_FIRST_BYTE:
+        return "first_byte";
+    case PQ_HTTP_TIMEOUT_IDLE:
+        return "idle";
+    case PQ_HTTP_TIMEOUT_TOTAL:
+        return "total";
+    default:
+        return "";
+    }
+}
+
+static void watch_in(pq_http_req_t *r, int64_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+
+    evtimer_add(r->watch, &tv);
+}
+
+/* Ends r as a timeout of our own (first byte or idle): libcurl has no such timeouts. */
+static void watch_expire(pq_http_req_t *r, pq_http_timeout_t kind, int ms)
+{
+    pq_http_t *h = r->h;
+    pq_http_result_t res;
+    char detail[96];
+
+    snprintf(detail, sizeof(detail), "%s timeout: nothing received for %d ms",
+             pq_http_timeout_name(kind), ms);
+    memset(&res, 0, sizeof(res));
+    res.err = PQ_ERR_TIMEOUT;
+    res.timeout = kind;
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
+    res.body = r->resp ? r->resp : "";
+    res.body_len = r->resp_len;
+    res.retry_after_ms = -1;
+    res.detail = detail;
+    res.elapsed_ms = pq_mono_ms() - r->started_ms;
+    curl_multi_remove_handle(r->shard->multi, r->easy);
+    h->active--;
+    if (r->cb)
+        r->cb(r->opaque, &res);
+    req_recycle(h, r);
+}
+
+/* The first byte and idle watch: one timer per transfer, re-armed from the time of the last
+ * byte (the data callbacks only note the time). */
+static void on_watch(evutil_socket_t fd, short what, void *arg)
+{
+    pq_http_req_t *r = arg;
+    int64_t now = pq_mono_ms();
+
+    (void)fd;
+    (void)what;
+    if (r->last_rx_ms == 0) {
+        if (r->first_byte_ms > 0 && now - r->started_ms >= r->first_byte_ms) {
+            /* a transfer still connecting (no pre-transfer time yet; a reused connection has
+             * one) is libcurl's connect timeout to report */
+            curl_off_t connected = 0;
+            curl_easy_getinfo(r->easy, CURLINFO_PRETRANSFER_TIME_T, &connected);
+            if (connected > 0) {
+                watch_expire(r, PQ_HTTP_TIMEOUT_FIRST_BYTE, r->first_byte_ms);
+                return;
+            }
+        }
+        watch_in(r, r->first_byte_ms > 0 && now - r->started_ms < r->first_byte_ms
+                        ? r->first_byte_ms - (now - r->started_ms)
+                        : 50);
+        return;
+    }
+    if (r->idle_ms <= 0)
+        return;
+    if (now - r->last_rx_ms >= r->idle_ms) {
+        watch_expire(r, PQ_HTTP_TIMEOUT_IDLE, r->idle_ms);
+        return;
+    }
+    watch_in(r, r->idle_ms - (now - r->last_rx_ms));
 }
 
 pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errstr,
@@ -338,9 +442,7 @@ void pq_http_destroy(pq_http_t *h)
     /* Transfers still running belong to their owners, who cancel them first; free the pool. */
     while ((r = h->free_reqs)) {
         h->free_reqs = r->next_free;
-        curl_easy_cleanup(r->easy);
-        free(r->resp);
-        free(r);
+        req_free(r);
     }
     for (int i = 0; i < h->nshards; i++) {
         if (h->shards[i].multi)
@@ -352,7 +454,7 @@ void pq_http_destroy(pq_http_t *h)
 }
 
 static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slist *headers,
-                                 char *body, size_t body_len, int get, long timeout_ms,
+                                 char *body, size_t body_len, int get, const pq_timeouts_t *to,
                                  size_t max_response, pq_http_done_cb *cb, void *opaque)
 {
     pq_http_req_t *r = h->free_reqs;
@@ -378,6 +480,10 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
     r->resp_max = max_response;
     r->too_large = 0;
     r->retry_after_ms = -1;
+    r->last_rx_ms = 0;
+    r->first_byte_ms =
+        to->first_byte_ms > 0 && to->first_byte_ms < to->total_ms ? to->first_byte_ms : 0;
+    r->idle_ms = to->idle_ms > 0 && to->idle_ms < to->total_ms ? to->idle_ms : 0;
     r->errbuf[0] = '\0';
     r->cb = cb;
     r->opaque = opaque;
@@ -408,8 +514,10 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
     curl_easy_setopt(r->easy, CURLOPT_PRIVATE, r);
     curl_easy_setopt(r->easy, CURLOPT_ERRORBUFFER, r->errbuf);
     curl_easy_setopt(r->easy, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
-    curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms < 10000 ? timeout_ms : 10000L);
+    curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, (long)to->total_ms);
+    curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT_MS,
+                     (long)(to->connect_ms > 0 && to->connect_ms < to->total_ms ? to->connect_ms
+                                                                                : to->total_ms));
     curl_easy_setopt(r->easy, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
     /* Wait for a connection being set up to tell whether it multiplexes (HTTP/2 over TLS)
      * rather than opening another; plain http:// is HTTP/1.1 here, and waiting there would
@@ -425,6 +533,19 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
 
     r->shard = &h->shards[h->next_shard];
     h->next_shard = (h->next_shard + 1) % h->nshards;
+    if (r->first_byte_ms > 0 || r->idle_ms > 0) {
+        if (!r->watch) {
+            r->watch = evtimer_new(h->base, on_watch, r);
+            if (r->watch && h->priority >= 0)
+                event_priority_set(r->watch, h->priority);
+        }
+        if (!r->watch) {
+            req_recycle(h, r);
+            return NULL;
+        }
+        /* before the first byte the watch looks at the first-byte limit; after, at idle gaps */
+        watch_in(r, r->first_byte_ms > 0 ? r->first_byte_ms : r->idle_ms);
+    }
     if (curl_multi_add_handle(r->shard->multi, r->easy) != CURLM_OK) {
         req_recycle(h, r);
         return NULL;
@@ -438,17 +559,37 @@ out_fail:
     return NULL;
 }
 
+/* The timeouts of a call that has only a total: connect within 10 s of it. */
+static pq_timeouts_t total_only(long timeout_ms)
+{
+    pq_timeouts_t to = {.connect_ms = timeout_ms < 10000 ? (int)timeout_ms : 10000,
+                        .total_ms = (int)timeout_ms};
+
+    return to;
+}
+
 pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *headers, char *body,
                             size_t body_len, long timeout_ms, size_t max_response,
                             pq_http_done_cb *cb, void *opaque)
 {
-    return http_start(h, url, headers, body, body_len, 0, timeout_ms, max_response, cb, opaque);
+    pq_timeouts_t to = total_only(timeout_ms);
+
+    return http_start(h, url, headers, body, body_len, 0, &to, max_response, cb, opaque);
+}
+
+pq_http_req_t *pq_http_post_timed(pq_http_t *h, const char *url, struct curl_slist *headers,
+                                  char *body, size_t body_len, const pq_timeouts_t *to,
+                                  size_t max_response, pq_http_done_cb *cb, void *opaque)
+{
+    return http_start(h, url, headers, body, body_len, 0, to, max_response, cb, opaque);
 }
 
 pq_http_req_t *pq_http_get(pq_http_t *h, const char *url, struct curl_slist *headers,
                            long timeout_ms, size_t max_response, pq_http_done_cb *cb, void *opaque)
 {
-    return http_start(h, url, headers, NULL, 0, 1, timeout_ms, max_response, cb, opaque);
+    pq_timeouts_t to = total_only(timeout_ms);
+
+    return http_start(h, url, headers, NULL, 0, 1, &to, max_response, cb, opaque);
 }
 
 void pq_http_cancel(pq_http_t *h, pq_http_req_t *req)

@@ -8,10 +8,23 @@
 #include <stdint.h>
 #include <event2/event.h>
 #include <curl/curl.h>
+#include "promptq/conf.h"
 #include "promptq/err.h"
 
 typedef struct pq_http_s pq_http_t;
 typedef struct pq_http_req_s pq_http_req_t;
+
+/* Which timeout ended a transfer (err PQ_ERR_TIMEOUT). */
+typedef enum {
+    PQ_HTTP_TIMEOUT_NONE = 0,
+    PQ_HTTP_TIMEOUT_CONNECT,    /* no connection in connect_ms */
+    PQ_HTTP_TIMEOUT_FIRST_BYTE, /* connected, no byte of the answer in first_byte_ms */
+    PQ_HTTP_TIMEOUT_IDLE,       /* the answer started, then nothing for idle_ms */
+    PQ_HTTP_TIMEOUT_TOTAL,      /* the whole transfer passed total_ms */
+} pq_http_timeout_t;
+
+/* "connect", "first_byte", "idle", "total" ("" for NONE). */
+const char *pq_http_timeout_name(pq_http_timeout_t t);
 
 typedef struct pq_http_result_s {
     pq_err_t err;     /* PQ_OK when an HTTP answer arrived; else CONNECT, TIMEOUT,
@@ -23,6 +36,7 @@ typedef struct pq_http_result_s {
                                absent */
     const char *detail;     /* libcurl's error text (no URL, no headers), "" if none */
     int64_t elapsed_ms;
+    pq_http_timeout_t timeout; /* with err PQ_ERR_TIMEOUT: which one */
 } pq_http_result_t;
 
 /* Called once per request that was not cancelled, on the loop. */
@@ -46,6 +60,14 @@ void pq_http_destroy(pq_http_t *h);
 pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *headers, char *body,
                             size_t body_len, long timeout_ms, size_t max_response,
                             pq_http_done_cb *cb, void *opaque);
+
+/* Same with each timeout class (to: borrowed for the call; 0 = none for first_byte_ms and
+ * idle_ms; total_ms > 0). first_byte_ms counts from the start of the transfer (connecting
+ * included) to the first byte of the answer; idle_ms is the longest gap between received
+ * parts once the answer started. */
+pq_http_req_t *pq_http_post_timed(pq_http_t *h, const char *url, struct curl_slist *headers,
+                                  char *body, size_t body_len, const pq_timeouts_t *to,
+                                  size_t max_response, pq_http_done_cb *cb, void *opaque);
 
 /* Starts a GET (probes); like pq_http_post without a body. headers: taken. */
 pq_http_req_t *pq_http_get(pq_http_t *h, const char *url, struct curl_slist *headers,

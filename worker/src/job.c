@@ -133,6 +133,12 @@ struct pq_job_s {
     pq_err_t err;
     char errmsg[256];
     long http_status;
+    pq_provider_fault_t fault; /* the provider's code and reason of the error in err */
+    int64_t budget_end_ms;     /* wall ms: a waiting client gives up then; 0 = no budget */
+    int64_t ctx_floor;         /* after a context_length_exceeded: only targets with a larger
+                                  max_context_tokens; -1 = any */
+    const pq_provider_conf_t *refused[8]; /* providers that refused the request (400/422) */
+    int nrefused;
     json_t *response;
     int64_t created_ms;
     int64_t start_mono;
@@ -386,6 +392,10 @@ static json_t *error_object(const pq_job_t *j)
                         j->last_target ? json_string(j->last_target->provider) : json_null());
     json_object_set_new(e, "status",
                         j->http_status > 0 ? json_integer(j->http_status) : json_null());
+    if (j->fault.code[0])
+        json_object_set_new(e, "code", json_string(j->fault.code));
+    if (j->fault.reason[0])
+        json_object_set_new(e, "reason", json_string(j->fault.reason));
     return e;
 }
 
@@ -1119,12 +1129,24 @@ static void on_renew_tick(evutil_socket_t fd, short what, void *arg)
 
 /* ---- provider calls ----
  *
- * Per target: circuit check -> slot (key, concurrency, rpm/tpm) -> [watsonx token] -> build ->
- * HTTP -> classify. Retryable errors retry the same target (backoff with full jitter, or the
- * Retry-After when it is short enough); 401/403 try the provider's next key; refusals and
- * exhausted retries move to the next target. Every attempt and skip lands in the attempt log. */
+ * Per target: eligibility -> circuit check -> slot (key, concurrency, rpm/tpm) -> [watsonx
+ * token] -> build -> HTTP (connect, first byte, idle and total timeouts) -> classify. What a
+ * failed attempt does next is its error class (act_of, README "Failover"): retry the same
+ * target (backoff with full jitter), try the provider's next key, fail over to the next
+ * eligible target, or end the job. A 429 rests that key for that model only. Interactive calls
+ * a client waits for run inside the route's budget: no attempt is started or waited for that
+ * cannot end before the client gives up. Every attempt and skip lands in the attempt log. */
 
 #define ATTEMPT_LOG_MAX 64
+#define MIN_ATTEMPT_MS  500 /* a budget with less left than this is spent */
+
+typedef enum { ACT_RETRY, ACT_NEXT_KEY, ACT_FAILOVER, ACT_END } act_t;
+
+static const char *act_name(act_t a)
+{
+    static const char *const names[] = {"retry", "next_key", "failover", "end"};
+    return names[a];
+}
 
 static int is_watsonx(const pq_target_t *t)
 {
@@ -1138,6 +1160,32 @@ static int64_t backoff_ms(const pq_provider_conf_t *p, int n)
                                    p->retry_max_ms > 0 ? p->retry_max_ms : 5000, n);
 
     return (int64_t)(random() % (d + 1));
+}
+
+/* ms of the budget left; INT64_MAX without one. A budget with less than MIN_ATTEMPT_MS left is
+ * spent: the client has its 504 (and the job id), the job goes on under the ordinary rules. */
+static int64_t budget_left(pq_job_t *j)
+{
+    int64_t left;
+
+    if (j->budget_end_ms == 0)
+        return INT64_MAX;
+    left = j->budget_end_ms - pq_now_ms();
+    if (left >= MIN_ATTEMPT_MS)
+        return left;
+    PQ_INFO("job %s/%s: the budget of route %s is spent (its client was answered 504): the job "
+            "goes on without it",
+            tenant_of(j), id_of(j), j->route->name);
+    j->budget_end_ms = 0;
+    return INT64_MAX;
+}
+
+/* A wait of delay ms before trying the same target again fits the budget. */
+static int budget_allows_wait(pq_job_t *j, int64_t delay)
+{
+    int64_t left = budget_left(j);
+
+    return left == INT64_MAX || delay + MIN_ATTEMPT_MS <= left;
 }
 
 static void job_backoff(pq_job_t *j, int64_t delay)
@@ -1181,9 +1229,10 @@ static double job_cost(pq_job_t *j)
 }
 
 /* One line of the attempt log, the attempt metric and the attempt's log line. status: HTTP
- * status or 0; latency_ms < 0 for a skip (no call made). */
+ * status or 0; latency_ms < 0 for a skip (no call made); act: what the job did next (NULL for
+ * a success or a skip); timeout: which timeout class ended the call ("" for none). */
 static void attempt_note(pq_job_t *j, const pq_target_t *t, pq_err_t outcome, long status,
-                         int64_t latency_ms, const char *msg)
+                         int64_t latency_ms, const char *msg, const char *act, const char *timeout)
 {
     json_t *e;
 
@@ -1193,9 +1242,9 @@ static void attempt_note(pq_job_t *j, const pq_target_t *t, pq_err_t outcome, lo
         PQ_DBG("job %s/%s: %s/%s HTTP %ld ok in %" PRId64 " ms", tenant_of(j), id_of(j),
                t->provider, t->model, status, latency_ms);
     else if (latency_ms >= 0)
-        PQ_INFO("job %s/%s: attempt %d on %s/%s: HTTP %ld %s in %" PRId64 " ms: %s", tenant_of(j),
-                id_of(j), j->attempts, t->provider, t->model, status, pq_err_name(outcome),
-                latency_ms, msg ? msg : "");
+        PQ_INFO("job %s/%s: attempt %d on %s/%s: HTTP %ld %s in %" PRId64 " ms (%s): %s",
+                tenant_of(j), id_of(j), j->attempts, t->provider, t->model, status,
+                pq_err_name(outcome), latency_ms, act ? act : "", msg ? msg : "");
     else if (outcome == PQ_ERR_CIRCUIT_OPEN)
         PQ_DBG("job %s/%s: %s/%s skipped: %s", tenant_of(j), id_of(j), t->provider, t->model,
                msg ? msg : "");
@@ -1206,24 +1255,104 @@ static void attempt_note(pq_job_t *j, const pq_target_t *t, pq_err_t outcome, lo
         j->alog = json_array();
     if (!j->alog || json_array_size(j->alog) >= ATTEMPT_LOG_MAX)
         return;
-    e = json_pack("{s:s, s:s, s:o, s:s, s:o}", "provider", t->provider, "model", t->model, "status",
-                  status > 0 ? json_integer(status) : json_null(), "outcome",
+    e = json_pack("{s:s, s:s, s:o, s:s, s:o, s:s}", "provider", t->provider, "model", t->model,
+                  "status", status > 0 ? json_integer(status) : json_null(), "outcome",
                   outcome == PQ_OK ? "ok" : pq_err_name(outcome), "latency_ms",
-                  latency_ms >= 0 ? json_integer(latency_ms) : json_null());
+                  latency_ms >= 0 ? json_integer(latency_ms) : json_null(), "class",
+                  outcome == PQ_OK ? "ok"
+                  : latency_ms < 0 ? "skip"
+                  : act            ? act
+                                   : "failover");
+    if (e && timeout && timeout[0])
+        json_object_set_new(e, "timeout", json_string(timeout));
     if (e)
         json_array_append_new(j->alog, e);
 }
 
-/* Records why the current target did not serve the job. */
+/* Records why the current target did not serve the job. fault: the provider's code and
+ * reason, or NULL. */
 static void note_error(pq_job_t *j, const pq_target_t *t, pq_err_t err, long status,
-                       const char *msg)
+                       const char *msg, const pq_provider_fault_t *fault)
 {
     j->err = err;
     j->http_status = status;
     j->last_target = t;
     pq_strlcpy(j->errmsg, msg, sizeof(j->errmsg));
+    if (fault)
+        j->fault = *fault;
+    else
+        memset(&j->fault, 0, sizeof(j->fault));
     if (pq_err_is_retryable(err))
         j->any_retryable = 1;
+}
+
+/* The error classes: what a failed call on t does next. */
+static act_t act_of(const pq_job_t *j, const pq_target_t *t, pq_err_t err, long status,
+                    pq_http_timeout_t timeout)
+{
+    switch (err) {
+    case PQ_ERR_TIMEOUT:
+        /* a provider's 408 is worth a retry; our own timeouts move on unless asked not to */
+        if (status == 408 || timeout == PQ_HTTP_TIMEOUT_NONE)
+            return ACT_RETRY;
+        return t->p->retry_on_timeout ? ACT_RETRY : ACT_FAILOVER;
+    case PQ_ERR_CONNECT:
+    case PQ_ERR_SERVER:
+    case PQ_ERR_OVERLOADED:
+    case PQ_ERR_MALFORMED:
+    case PQ_ERR_RATE_LIMITED: /* the key+model rests; another key, a wait, or the next target */
+        return ACT_RETRY;
+    case PQ_ERR_AUTH:
+        return ACT_NEXT_KEY;
+    case PQ_ERR_REFUSED:
+        return j->route->on_bad_request == PQ_BAD_REQUEST_END ? ACT_END : ACT_FAILOVER;
+    case PQ_ERR_CONTENT_FILTER:
+    case PQ_ERR_TOO_LARGE: /* the answer is over max_response_bytes */
+        return ACT_END;
+    default: /* NOT_FOUND, CONTEXT_LENGTH (to a larger target only), UNSUPPORTED, ... */
+        return ACT_FAILOVER;
+    }
+}
+
+/* Whether target t may still serve this job: after a context_length_exceeded only targets
+ * with a larger max_context_tokens; after a 400/422 refusal never a target of the provider
+ * that refused. Sets why when not. */
+static int target_eligible(const pq_job_t *j, const pq_target_t *t, pq_err_t *why)
+{
+    if (j->ctx_floor >= 0 && t->max_context_tokens <= j->ctx_floor) {
+        *why = PQ_ERR_CONTEXT_LENGTH;
+        return 0;
+    }
+    for (int i = 0; i < j->nrefused; i++)
+        if (j->refused[i] == t->p) {
+            *why = PQ_ERR_REFUSED;
+            return 0;
+        }
+    return 1;
+}
+
+/* Some target after the current one may still serve this job. */
+static int later_target(const pq_job_t *j)
+{
+    pq_err_t why;
+
+    for (size_t i = j->target + 1; i < j->route->ntargets; i++)
+        if (target_eligible(j, &j->route->targets[i], &why))
+            return 1;
+    return 0;
+}
+
+/* Some later eligible target may take a call now (circuit, keys). */
+static int later_target_ready(const pq_job_t *j)
+{
+    pq_err_t why;
+
+    for (size_t i = j->target + 1; i < j->route->ntargets; i++) {
+        const pq_target_t *t = &j->route->targets[i];
+        if (target_eligible(j, t, &why) && pq_provs_target_available(j->gen->provs, t))
+            return 1;
+    }
+    return 0;
 }
 
 static void give_back_probe(pq_job_t *j)
@@ -1326,7 +1455,16 @@ static void job_all_targets_down(pq_job_t *j)
     j->refreshed = 0;
     j->any_retryable = 0;
     j->pass_attempts = 0;
+    j->ctx_floor = -1;
+    j->nrefused = 0;
     job_backoff(j, backoff_ms(p0, j->rounds + p0->retries_per_target));
+}
+
+/* The job ends with the error noted last (a refusal the provider explained). */
+static void job_end(pq_job_t *j)
+{
+    give_back_probe(j);
+    job_finish(j, "failed", j->err ? j->err : PQ_ERR_REFUSED, NULL);
 }
 
 /* Every target was tried (or the attempt budget of this pass is spent). */
@@ -1347,20 +1485,43 @@ static void job_exhausted(pq_job_t *j)
     job_finish(j, "failed", j->err ? j->err : PQ_ERR_UNSUPPORTED, msg);
 }
 
+/* A 429 on the current target: rest that key for that model (or the whole key for a quota
+ * error about it), then try again at once (another key may be free; job_no_key waits or moves
+ * on when none is). A Retry-After beyond max_rest_ms moves on now. */
+static void rate_limited(pq_job_t *j, const pq_target_t *t, int64_t retry_after,
+                         const pq_provider_fault_t *fault)
+{
+    const pq_provider_conf_t *p = t->p;
+
+    if (fault && fault->key_wide)
+        pq_prov_key_rest(j->prov, j->key,
+                         retry_after >= 0 && retry_after < p->max_rest_ms ? retry_after
+                         : retry_after >= 0                               ? p->max_rest_ms
+                                                                          : p->key_rest_ms,
+                         0);
+    else if (j->circ)
+        pq_circuit_rate_limited(j->circ, j->key, retry_after);
+    if (retry_after > p->max_rest_ms) {
+        next_target(j);
+        return;
+    }
+    job_attempt(j);
+}
+
 /* A failed call or a failed step before it, on the current target. */
-static void attempt_failed(pq_job_t *j, pq_err_t err, long status, int64_t retry_after,
-                           const char *msg)
+static void attempt_failed(pq_job_t *j, act_t act, pq_err_t err, long status, int64_t retry_after,
+                           const char *msg, const pq_provider_fault_t *fault)
 {
     pq_worker_t *w = j->w;
     const pq_target_t *t = &j->route->targets[j->target];
     int64_t delay;
 
-    note_error(j, t, err, status, msg);
-    if (err == PQ_ERR_TOO_LARGE) {
-        job_finish(j, "failed", err, msg);
+    note_error(j, t, err, status, msg, fault);
+    switch (act) {
+    case ACT_END:
+        job_end(j);
         return;
-    }
-    if (err == PQ_ERR_AUTH) {
+    case ACT_NEXT_KEY:
         /* watsonx: a 401 may be an expired token; refresh it once before moving on */
         if (is_watsonx(t) && status == 401 && !j->refreshed) {
             j->refreshed = 1;
@@ -1375,26 +1536,32 @@ static void attempt_failed(pq_job_t *j, pq_err_t err, long status, int64_t retry
         j->refreshed = 0;
         job_attempt(j); /* the next key, or the next target when none is left */
         return;
+    case ACT_FAILOVER:
+        if (err == PQ_ERR_CONTEXT_LENGTH)
+            j->ctx_floor =
+                t->max_context_tokens > j->ctx_floor ? t->max_context_tokens : j->ctx_floor;
+        else if (err == PQ_ERR_REFUSED &&
+                 j->nrefused < (int)(sizeof(j->refused) / sizeof(j->refused[0])))
+            j->refused[j->nrefused++] = t->p;
+        next_target(j);
+        return;
+    case ACT_RETRY:
+        break;
     }
-    if (!pq_err_is_retryable(err)) {
-        next_target(j); /* 400/404/422, unsupported */
+    pq_counter_add(w->m.retries, 1);
+    if (err == PQ_ERR_RATE_LIMITED && (status == 429 || fault)) {
+        rate_limited(j, t, retry_after, fault);
         return;
     }
-    if (err == PQ_ERR_RATE_LIMITED && status == 429)
-        pq_prov_key_rest(j->prov, j->key, retry_after >= 0 ? retry_after : t->p->key_rest_ms, 0);
     j->tries++;
-    pq_counter_add(w->m.retries, 1);
     if (j->tries > t->p->retries_per_target) {
         next_target(j);
         return;
     }
     delay = backoff_ms(t->p, j->tries);
-    if (retry_after >= 0) {
-        if (retry_after > t->p->max_retry_wait_ms || deadline_passed(j, retry_after)) {
-            next_target(j);
-            return;
-        }
-        delay = retry_after;
+    if (!budget_allows_wait(j, delay) && later_target(j)) {
+        next_target(j); /* the client would give up before the retry ends: the next target now */
+        return;
     }
     job_backoff(j, delay);
 }
@@ -1409,11 +1576,11 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     pq_provider_fault_t fault;
     char msg[256];
     pq_err_t err;
+    act_t act;
     int64_t tokens = -1;
-    int probe = j->probe;
+    int probe = j->probe, failure;
 
     memset(&fault, 0, sizeof(fault));
-
     j->http = NULL;
     msg[0] = '\0';
     if (res->err == PQ_OK) {
@@ -1435,12 +1602,15 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     }
     release_slot(j, tokens, 0);
     j->probe = 0;
-    /* health: connect, timeout, 5xx, malformed fail the circuit; rate limits and refusals
-     * prove the provider answers */
+    /* health: connect, timeouts, 5xx, malformed and 429s without Retry-After fail the circuit;
+     * a 429 with Retry-After and refusals prove the provider answers */
+    failure = pq_err_is_retryable(err) && !(err == PQ_ERR_RATE_LIMITED && res->retry_after_ms >= 0);
     if (j->circ)
-        pq_circuit_record(j->circ, pq_err_is_retryable(err) && err != PQ_ERR_RATE_LIMITED, probe);
-    attempt_note(j, t, err, res->status, res->elapsed_ms, msg);
+        pq_circuit_record(j->circ, failure, probe);
     if (err == PQ_OK) {
+        attempt_note(j, t, err, res->status, res->elapsed_ms, msg, NULL, NULL);
+        if (j->circ)
+            pq_circuit_key_ok(j->circ, j->key);
         j->response = completion;
         j->err = PQ_OK;
         j->http_status = res->status;
@@ -1450,7 +1620,34 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         return;
     }
     pq_counter_add(w->m.provider_errors, 1);
-    attempt_failed(j, err, res->status, res->retry_after_ms, msg);
+    act = act_of(j, t, err, res->status, res->timeout);
+    attempt_note(j, t, err, res->status, res->elapsed_ms, msg, act_name(act),
+                 err == PQ_ERR_TIMEOUT ? pq_http_timeout_name(res->timeout) : NULL);
+    attempt_failed(j, act, err, res->status, res->retry_after_ms, msg,
+                   fault.code[0] || fault.reason[0] || fault.key_wide ? &fault : NULL);
+}
+
+/* The timeouts of the next call on t: the target's, the total cut to the budget left (less
+ * reserve_ms while later targets remain, but at least half of what is left). Returns 0, or -1
+ * when the budget cannot hold an attempt on t (then the next target gets the rest). */
+static int attempt_timeouts(pq_job_t *j, const pq_target_t *t, pq_timeouts_t *to)
+{
+    int64_t left = budget_left(j), cap;
+
+    *to = t->timeouts;
+    if (left == INT64_MAX)
+        return 0;
+    cap = left;
+    if (later_target(j)) {
+        cap = left - j->route->reserve_ms;
+        if (cap < left / 2)
+            cap = left / 2;
+    }
+    if (cap < MIN_ATTEMPT_MS)
+        return -1;
+    if (cap < to->total_ms)
+        to->total_ms = (int)cap;
+    return 0;
 }
 
 /* Builds and sends the call with key (an API key, a watsonx token, or NULL). */
@@ -1460,9 +1657,18 @@ static void job_send(pq_job_t *j, const char *key)
     const pq_target_t *t = &j->route->targets[j->target];
     const pq_provider_ops_t *ops = pq_provider_find(t->p->type);
     pq_provider_req_t req;
+    pq_timeouts_t to;
     char msg[256] = "";
     pq_err_t err;
 
+    if (attempt_timeouts(j, t, &to) != 0) {
+        release_slot(j, -1, 1);
+        give_back_probe(j);
+        snprintf(msg, sizeof(msg), "the route's budget left is kept for its later targets");
+        attempt_note(j, t, PQ_ERR_TIMEOUT, 0, -1, msg, NULL, NULL);
+        next_target(j);
+        return;
+    }
     memset(&req, 0, sizeof(req));
     err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));
     if (err != PQ_OK) {
@@ -1471,8 +1677,8 @@ static void job_send(pq_job_t *j, const char *key)
         give_back_probe(j);
         if (err == PQ_ERR_UNSUPPORTED)
             pq_counter_add(w->m.skips, 1);
-        attempt_note(j, t, err, 0, -1, msg);
-        note_error(j, t, err, 0, msg);
+        attempt_note(j, t, err, 0, -1, msg, NULL, NULL);
+        note_error(j, t, err, 0, msg, NULL);
         next_target(j);
         return;
     }
@@ -1481,15 +1687,15 @@ static void job_send(pq_job_t *j, const char *key)
     j->attempts++;
     j->pass_attempts++;
     pq_counter_add(w->m.provider_calls, 1);
-    j->http = pq_http_post(job_http(j), req.url, req.headers, req.body, req.body_len,
-                           t->p->timeout_ms, w->max_response, on_http_done, j);
+    j->http = pq_http_post_timed(job_http(j), req.url, req.headers, req.body, req.body_len, &to,
+                                 w->max_response, on_http_done, j);
     req.headers = NULL;
     req.body = NULL;
     pq_provider_req_clear(&req);
     if (!j->http) {
         release_slot(j, -1, 1);
         give_back_probe(j);
-        note_error(j, t, PQ_ERR_INTERNAL, 0, "could not start the HTTP request");
+        note_error(j, t, PQ_ERR_INTERNAL, 0, "could not start the HTTP request", NULL);
         j->any_retryable = 1;
         job_backoff(j, backoff_ms(t->p, ++j->tries));
         return;
@@ -1502,6 +1708,7 @@ static void on_token(void *opaque, const char *token, pq_err_t err)
     pq_job_t *j = opaque;
     const pq_target_t *t = &j->route->targets[j->target];
     char msg[160];
+    act_t act;
 
     if (token) {
         job_send(j, token);
@@ -1510,9 +1717,10 @@ static void on_token(void *opaque, const char *token, pq_err_t err)
     release_slot(j, -1, 1);
     give_back_probe(j);
     snprintf(msg, sizeof(msg), "%s: IAM token exchange failed (%s)", t->provider, pq_err_name(err));
-    attempt_note(j, t, err, 0, -1, msg);
+    act = act_of(j, t, err, 0, PQ_HTTP_TIMEOUT_NONE);
+    attempt_note(j, t, err, 0, -1, msg, act_name(act), NULL);
     j->refreshed = 1; /* a fresh token was just asked for */
-    attempt_failed(j, err, 0, -1, msg);
+    attempt_failed(j, act, err, 0, -1, msg, NULL);
 }
 
 /* A slot (and key) is ours. */
@@ -1554,19 +1762,21 @@ static void job_no_key(pq_job_t *j, pq_err_t err, int64_t wake)
     if (err == PQ_ERR_RATE_LIMITED) {
         if (wait < 0)
             wait = 0;
+        /* wait for the key only when no later target can take the call now */
         if (wait <= t->p->max_retry_wait_ms && j->tries < t->p->retries_per_target &&
-            !deadline_passed(j, wait)) {
+            !deadline_passed(j, wait) && budget_allows_wait(j, wait) && !later_target_ready(j)) {
             j->tries++;
             job_backoff(j, wait);
             return;
         }
-        snprintf(msg, sizeof(msg), "every key of %s is resting after rate limits", t->provider);
+        snprintf(msg, sizeof(msg), "every key of %s is resting after rate limits for %s",
+                 t->provider, t->model);
     } else {
         snprintf(msg, sizeof(msg), "every key of %s was refused", t->provider);
     }
-    attempt_note(j, t, err, 0, -1, msg);
+    attempt_note(j, t, err, 0, -1, msg, NULL, NULL);
     if (err == PQ_ERR_RATE_LIMITED || j->err == PQ_OK || j->last_target != t)
-        note_error(j, t, err, 0, msg); /* else keep the refusal this target answered */
+        note_error(j, t, err, 0, msg, NULL); /* else keep the refusal this target answered */
     next_target(j);
 }
 
@@ -1621,8 +1831,20 @@ static void job_attempt(pq_job_t *j)
             snprintf(msg, sizeof(msg), "provider type \"%s\" (%s) is not supported", t->p->type,
                      t->provider);
             pq_counter_add(w->m.skips, 1);
-            attempt_note(j, t, PQ_ERR_UNSUPPORTED, 0, -1, msg);
-            note_error(j, t, PQ_ERR_UNSUPPORTED, 0, msg);
+            attempt_note(j, t, PQ_ERR_UNSUPPORTED, 0, -1, msg, NULL, NULL);
+            note_error(j, t, PQ_ERR_UNSUPPORTED, 0, msg, NULL);
+            j->target++;
+            j->tries = 0;
+            j->excluded = 0;
+            continue;
+        }
+        if (!j->probe && !target_eligible(j, t, &err)) {
+            snprintf(msg, sizeof(msg), "%s",
+                     err == PQ_ERR_CONTEXT_LENGTH
+                         ? "its max_context_tokens is not larger than the target that refused "
+                           "the prompt's length"
+                         : "its provider refused the request already");
+            attempt_note(j, t, err, 0, -1, msg, NULL, NULL);
             j->target++;
             j->tries = 0;
             j->excluded = 0;
@@ -1633,8 +1855,8 @@ static void job_attempt(pq_job_t *j)
             if (a == 0) {
                 snprintf(msg, sizeof(msg), "circuit of %s/%s is open", t->provider, t->model);
                 pq_counter_add(w->m.skips, 1);
-                attempt_note(j, t, PQ_ERR_CIRCUIT_OPEN, 0, -1, msg);
-                note_error(j, t, PQ_ERR_CIRCUIT_OPEN, 0, msg);
+                attempt_note(j, t, PQ_ERR_CIRCUIT_OPEN, 0, -1, msg, NULL, NULL);
+                note_error(j, t, PQ_ERR_CIRCUIT_OPEN, 0, msg, NULL);
                 j->target++;
                 j->tries = 0;
                 j->excluded = 0;
@@ -1645,6 +1867,7 @@ static void job_attempt(pq_job_t *j)
         j->sw.cost = j->prov && pq_prov_conf(j->prov)->tpm > 0 ? job_cost(j) : 1.0;
         j->cost = j->sw.cost;
         j->sw.excluded = j->excluded;
+        j->sw.circ = j->circ;
         j->sw.cb = on_slot;
         j->sw.opaque = j;
         j->sw.priority = j->topic == PQ_T_REQUESTS; /* the interactive lane goes first */
@@ -1951,6 +2174,9 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
     j->route = pq_conf_route(j->gen->conf, j->env.model);
     if (j->route)
         j->rs = pq_worker_route_state(w, j->route->name);
+    j->ctx_floor = -1;
+    if (j->route && topic == PQ_T_REQUESTS && j->env.reply_to)
+        j->budget_end_ms = j->created_ms + pq_conf_route_budget_ms(j->gen->conf, j->route);
     if (delay_ms > 0) {
         j->state = JS_WAIT_LOCAL; /* its timer begins it */
         timer_in(j, delay_ms);

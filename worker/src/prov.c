@@ -51,6 +51,10 @@ struct pq_circuit_s {
     int state;
     int consecutive;
     uint8_t *ring; /* 1 = failure */
+    /* 429 rests of this model, per key (monotonic ms), and 429s in a row per key (the backoff
+     * of a 429 without Retry-After) */
+    int64_t *rest_until;
+    int *rate_hits;
     int ring_size, ring_pos, ring_count, ring_fail;
     int probe_inflight;
     int probe_own; /* the configured probe is ours (not a job's call) */
@@ -130,7 +134,8 @@ static int64_t bucket_wait(bucket_t *b, double need, int64_t now)
 
 /* The key for a waiter: >= 0 usable now; -1 none usable (err, wake); -2 keys rest on their
  * buckets only (*wake = when to try again). */
-static int choose_key(pq_prov_t *pv, uint64_t excluded, int64_t now, pq_err_t *err, int64_t *wake)
+static int choose_key(pq_prov_t *pv, uint64_t excluded, const pq_circuit_t *c, int64_t now,
+                      pq_err_t *err, int64_t *wake)
 {
     int64_t best_rest = INT64_MAX, best_bucket = INT64_MAX;
     int any_rate_rest = 0;
@@ -148,6 +153,12 @@ static int choose_key(pq_prov_t *pv, uint64_t excluded, int64_t now, pq_err_t *e
                 if (k->rest_until < best_rest)
                     best_rest = k->rest_until;
             }
+            continue;
+        }
+        if (c && c->rest_until[i] > now) { /* rate limited for this model only */
+            any_rate_rest = 1;
+            if (c->rest_until[i] < best_rest)
+                best_rest = c->rest_until[i];
             continue;
         }
         w = bucket_wait(&k->rpm, 1.0, now);
@@ -207,7 +218,7 @@ static void on_pump(evutil_socket_t fd, short what, void *arg)
 
         if (slots_full(pv))
             break; /* a release pumps again */
-        key = choose_key(pv, w->excluded, now, &err, &wake);
+        key = choose_key(pv, w->excluded, w->circ, now, &err, &wake);
         if (key == -2) {
             pump_in(pv, wake - now);
             break;
@@ -229,7 +240,7 @@ int pq_prov_acquire(pq_prov_t *pv, pq_slot_wait_t *w, int *key, pq_err_t *err, i
     int k;
 
     if (TAILQ_EMPTY(&pv->queue) && !slots_full(pv)) {
-        k = choose_key(pv, w->excluded, now, err, &wake);
+        k = choose_key(pv, w->excluded, w->circ, now, err, &wake);
         if (k >= 0) {
             grant(pv, k, w->cost);
             *key = k;
@@ -650,9 +661,13 @@ pq_circuit_t *pq_prov_circuit(pq_prov_t *pv, const pq_target_t *target)
     c->target = target;
     c->ring_size = pv->conf->circuit_window > 0 ? pv->conf->circuit_window : 20;
     c->ring = calloc((size_t)c->ring_size, 1);
+    c->rest_until = calloc((size_t)pv->nkeys, sizeof(*c->rest_until));
+    c->rate_hits = calloc((size_t)pv->nkeys, sizeof(*c->rate_hits));
     c->timer = evtimer_new(pv->ps->base, on_circuit_timer, c);
-    if (!c->ring || !c->timer) {
+    if (!c->ring || !c->rest_until || !c->rate_hits || !c->timer) {
         free(c->ring);
+        free(c->rest_until);
+        free(c->rate_hits);
         if (c->timer)
             event_free(c->timer);
         free(c);
@@ -850,12 +865,61 @@ int pq_circuit_available(const pq_circuit_t *c)
     return c->state == C_CLOSED || (c->state == C_HALF_OPEN && !c->probe_inflight);
 }
 
+int64_t pq_circuit_rate_limited(pq_circuit_t *c, int key, int64_t retry_after_ms)
+{
+    const pq_provider_conf_t *p = c->pv->conf;
+    int64_t ms, d, until;
+
+    if (key < 0 || key >= c->pv->nkeys)
+        return 0;
+    if (c->rate_hits[key] < 30)
+        c->rate_hits[key]++;
+    if (retry_after_ms >= 0) {
+        ms = retry_after_ms < p->max_rest_ms ? retry_after_ms : p->max_rest_ms;
+    } else {
+        /* no word from the provider: 1 s, 2 s, 4 s ... up to max_rest_ms, upper half jittered
+         * so that the workers sharing a key do not come back together */
+        d = pq_backoff_step_ms(1000, p->max_rest_ms, c->rate_hits[key]);
+        ms = d / 2 + (int64_t)(random() % (d / 2 + 1));
+    }
+    until = pq_mono_ms() + ms;
+    if (until > c->rest_until[key])
+        c->rest_until[key] = until;
+    PQ_INFO("provider %s: key #%d rests %" PRId64 " ms for model %s (429%s)", p->name, key, ms,
+            c->target->model, retry_after_ms >= 0 ? " with Retry-After" : ", backing off");
+    return ms;
+}
+
+void pq_circuit_key_ok(pq_circuit_t *c, int key)
+{
+    if (key >= 0 && key < c->pv->nkeys)
+        c->rate_hits[key] = 0;
+}
+
+int pq_circuit_keys_ready(const pq_circuit_t *c, int64_t *wake_ms)
+{
+    int64_t now = pq_mono_ms(), best = INT64_MAX;
+
+    for (int i = 0; i < c->pv->nkeys; i++) {
+        const pkey_t *k = &c->pv->keys[i];
+        int64_t until = k->rest_until > c->rest_until[i] ? k->rest_until : c->rest_until[i];
+
+        if (until <= now)
+            return 1;
+        if (until < best)
+            best = until;
+    }
+    if (wake_ms)
+        *wake_ms = best;
+    return 0;
+}
+
 int pq_provs_target_available(pq_provs_t *ps, const pq_target_t *t)
 {
     pq_prov_t *pv = pq_provs_get(ps, t->p);
     pq_circuit_t *c = pv ? pq_prov_circuit(pv, t) : NULL;
 
-    return !c || pq_circuit_available(c);
+    return !c || (pq_circuit_available(c) && pq_circuit_keys_ready(c, NULL));
 }
 
 size_t pq_provs_open_circuits(const pq_provs_t *ps)
@@ -969,6 +1033,8 @@ void pq_provs_destroy(pq_provs_t *ps)
             if (c->timer)
                 event_free(c->timer);
             free(c->ring);
+            free(c->rest_until);
+            free(c->rate_hits);
             free(c);
         }
         for (int k = 0; pv->keys && k < pv->nkeys; k++) {

@@ -1,7 +1,11 @@
 /* Runtime state of the configured providers, shared by every job on a worker loop (DESIGN.md §8):
  *
- *   - API keys rotated round-robin among rested ones (a key that answered 429 rests for its
- *     Retry-After or key_rest_ms, one that answered 401 rests key_rest_ms);
+ *   - API keys rotated round-robin among rested ones. A 429 rests what it is about: that key
+ *     for that model (the circuit of (provider, model) holds the rests), for its Retry-After
+ *     capped at max_rest_ms, or without one for a jittered backoff (1 s doubling up to
+ *     max_rest_ms) over the 429s in a row; other models and other keys are untouched. A key
+ *     that answered 401 (or a quota error for the whole key) rests key_rest_ms for every
+ *     model;
  *   - calls in flight capped by max_concurrency, the rest wait in a FIFO on the loop (no busy
  *     waiting: a timer or a released slot wakes the queue);
  *   - rpm and tpm token buckets per key (one second of burst; tpm may go into debt by one
@@ -42,9 +46,10 @@ typedef void(pq_slot_cb)(void *opaque, int key, pq_err_t err, int64_t wake_ms);
 typedef struct pq_slot_wait_s {
     TAILQ_ENTRY(pq_slot_wait_s) link;
     int queued;
-    int priority;      /* interactive lane: queued ahead of every waiter without it */
-    double cost;       /* estimated tokens of the call (tpm) */
-    uint64_t excluded; /* bit i: key i (i < 64) refused this waiter, do not use it */
+    int priority;       /* interactive lane: queued ahead of every waiter without it */
+    double cost;        /* estimated tokens of the call (tpm) */
+    pq_circuit_t *circ; /* the model's circuit: its keys' 429 rests apply; NULL = none */
+    uint64_t excluded;  /* bit i: key i (i < 64) refused this waiter, do not use it */
     pq_slot_cb *cb;
     void *opaque;
 } pq_slot_wait_t;
@@ -91,7 +96,8 @@ void pq_prov_cancel(pq_prov_t *pv, pq_slot_wait_t *w);
  * with refund = 1). */
 void pq_prov_release(pq_prov_t *pv, int key, double cost, int64_t tokens, int refund);
 
-/* A key answered 429 (auth = 0) or 401 (auth = 1): it rests ms milliseconds. */
+/* A key rests ms milliseconds for every model: it answered 401 (auth = 1) or a quota error
+ * about the whole key (auth = 0). A 429 about one model is pq_circuit_rate_limited. */
 void pq_prov_key_rest(pq_prov_t *pv, int key, int64_t ms, int auth);
 
 /* watsonx IAM token of key: returns 0 with *token set (borrowed: copy it before returning to
@@ -132,6 +138,19 @@ void pq_circuit_probe_abort(pq_circuit_t *c);
  * latency_ms >= 0, its latency. */
 void pq_circuit_count(pq_circuit_t *c, pq_err_t outcome, int64_t latency_ms);
 
+/* key answered 429 for this (provider, model): it rests for this model only, for
+ * retry_after_ms (>= 0) capped at the provider's max_rest_ms, or without one (-1) for a
+ * jittered backoff over the 429s in a row. Returns the rest in ms. */
+int64_t pq_circuit_rate_limited(pq_circuit_t *c, int key, int64_t retry_after_ms);
+
+/* key answered this model: its 429 backoff starts over. */
+void pq_circuit_key_ok(pq_circuit_t *c, int key);
+
+/* 1 when some key may call this model now (no 401 rest, no 429 rest for the model); else 0
+ * with *wake_ms (may be NULL) the monotonic time the first one wakes. Buckets (rpm/tpm) are
+ * not looked at: they wait, they do not refuse. */
+int pq_circuit_keys_ready(const pq_circuit_t *c, int64_t *wake_ms);
+
 /* "closed", "open" or "half_open". */
 const char *pq_circuit_state(const pq_circuit_t *c);
 
@@ -147,8 +166,8 @@ typedef void(pq_circuit_cb)(void *opaque, const pq_provider_conf_t *p, const cha
 /* Sets the listener (one; NULL to clear). */
 void pq_provs_set_listener(pq_provs_t *ps, pq_circuit_cb *cb, void *opaque);
 
-/* 1 when target's circuit lets a call through now (see pq_circuit_available); a target
- * without a circuit yet is available. */
+/* 1 when target may take a call now: its circuit lets it through (pq_circuit_available) and
+ * some key is not resting for its model (pq_circuit_keys_ready). */
 int pq_provs_target_available(pq_provs_t *ps, const pq_target_t *t);
 
 /* Circuits not closed (summaries). */
