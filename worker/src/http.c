@@ -132,12 +132,28 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
     return 0;
 }
 
+static void watch_in(pq_http_req_t *r, int64_t ms);
+
+/* A part of the answer arrived: the first one moves the watch from the first-byte limit to
+ * idle gaps (later ones only note the time; the watch re-arms itself from it). */
+static void note_rx(pq_http_req_t *r)
+{
+    int first = r->last_rx_ms == 0;
+
+    r->last_rx_ms = pq_mono_ms();
+    if (first && r->watch) {
+        evtimer_del(r->watch);
+        if (r->idle_ms > 0)
+            watch_in(r, r->idle_ms);
+    }
+}
+
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
     pq_http_req_t *r = userp;
     size_t n = size * nmemb;
 
-    r->last_rx_ms = pq_mono_ms();
+    note_rx(r);
     if (r->resp_len + n > r->resp_max) {
         r->too_large = 1;
         return 0; /* CURLE_WRITE_ERROR ends the transfer */
@@ -173,7 +189,7 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
     double d;
     char *end;
 
-    r->last_rx_ms = pq_mono_ms();
+    note_rx(r);
     if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
         r->retry_after_ms = -1; /* a new response (after 100 Continue or a redirect) */
         return n;
@@ -356,19 +372,15 @@ static void on_watch(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     if (r->last_rx_ms == 0) {
-        if (r->first_byte_ms > 0 && now - r->started_ms >= r->first_byte_ms) {
-            /* a transfer still connecting (no pre-transfer time yet; a reused connection has
-             * one) is libcurl's connect timeout to report */
-            curl_off_t connected = 0;
-            curl_easy_getinfo(r->easy, CURLINFO_PRETRANSFER_TIME_T, &connected);
-            if (connected > 0) {
-                watch_expire(r, PQ_HTTP_TIMEOUT_FIRST_BYTE, r->first_byte_ms);
-                return;
-            }
+        /* the first-byte limit passed; a transfer still connecting (no pre-transfer time yet;
+         * a reused connection has one) is libcurl's connect timeout to report: look again */
+        curl_off_t connected = 0;
+        curl_easy_getinfo(r->easy, CURLINFO_PRETRANSFER_TIME_T, &connected);
+        if (connected > 0) {
+            watch_expire(r, PQ_HTTP_TIMEOUT_FIRST_BYTE, r->first_byte_ms);
+            return;
         }
-        watch_in(r, r->first_byte_ms > 0 && now - r->started_ms < r->first_byte_ms
-                        ? r->first_byte_ms - (now - r->started_ms)
-                        : 50);
+        watch_in(r, 50);
         return;
     }
     if (r->idle_ms <= 0)
@@ -543,8 +555,10 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
             req_recycle(h, r);
             return NULL;
         }
-        /* before the first byte the watch looks at the first-byte limit; after, at idle gaps */
-        watch_in(r, r->first_byte_ms > 0 ? r->first_byte_ms : r->idle_ms);
+        /* before the first byte the watch looks at the first-byte limit; after, at idle gaps
+         * (note_rx arms it then) */
+        if (r->first_byte_ms > 0)
+            watch_in(r, r->first_byte_ms);
     }
     if (curl_multi_add_handle(r->shard->multi, r->easy) != CURLM_OK) {
         req_recycle(h, r);

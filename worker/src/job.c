@@ -1419,10 +1419,20 @@ static int job_park(pq_job_t *j)
              j->errmsg[0] ? j->errmsg : "every target is down");
     park = json_pack("{s:s, s:i, s:s, s:I}", "reason", reason, "attempts", j->attempts, "parked_at",
                      at, "deliveries", (json_int_t)(prev + j->deliveries));
+    /* the attempts so far travel with the job, so its final record shows every pass */
+    if (park && j->alog && json_object_set(park, "attempt_log", j->alog) != 0) {
+        json_decref(park);
+        park = NULL;
+    }
     if (!park || pq_envelope_set_object(&j->env, "park", park) != 0)
         return -1;
     free(j->parked);
     j->parked = pq_envelope_dump(&j->env, &j->parked_len);
+    if (j->parked && j->parked_len > w->max_msg && json_object_get(park, "attempt_log")) {
+        json_object_del(park, "attempt_log"); /* the job itself must fit, its history need not */
+        free(j->parked);
+        j->parked = pq_envelope_dump(&j->env, &j->parked_len);
+    }
     if (!j->parked)
         return -1;
     event_del(&j->timer);
@@ -2175,6 +2185,8 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
     if (j->route)
         j->rs = pq_worker_route_state(w, j->route->name);
     j->ctx_floor = -1;
+    if (j->env.park && json_is_array(json_object_get(j->env.park, "attempt_log")))
+        j->alog = json_copy(json_object_get(j->env.park, "attempt_log")); /* earlier passes */
     if (j->route && topic == PQ_T_REQUESTS && j->env.reply_to)
         j->budget_end_ms = j->created_ms + pq_conf_route_budget_ms(j->gen->conf, j->route);
     if (delay_ms > 0) {

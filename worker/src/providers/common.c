@@ -300,11 +300,14 @@ static int reason_word_secret(const char *w, size_t n, const pq_provider_conf_t 
     for (size_t k = 0; k < sizeof(prefixes) / sizeof(prefixes[0]); k++)
         if (n >= strlen(prefixes[k]) && memcmp(w, prefixes[k], strlen(prefixes[k])) == 0)
             return 1;
-    for (size_t k = 0; p && k < p->napi_keys && n >= REASON_KEY_RUN; k++) {
+    for (size_t k = 0; p && k < p->napi_keys; k++) {
         const char *key = p->api_keys[k];
         size_t klen = key ? strlen(key) : 0;
-        for (size_t off = 0; klen >= REASON_KEY_RUN && off + REASON_KEY_RUN <= n; off++)
-            if (memmem(key, klen, w + off, REASON_KEY_RUN))
+        /* a key shorter than the run counts whole: a configured key never shows, however
+         * short */
+        size_t run = klen < REASON_KEY_RUN ? klen : REASON_KEY_RUN;
+        for (size_t off = 0; run > 0 && off + run <= n; off++)
+            if (memmem(key, klen, w + off, run))
                 return 1;
     }
     return 0;
