@@ -579,6 +579,77 @@ static void test_key_rest(void **state)
     assert_true(wake >= now + 80 && wake <= now + 130);
 }
 
+/* A 429 rests that key for that model only: the same key serves the route's other model, the
+ * other key serves the limited model; a Retry-After is capped at max_rest_ms; without one the
+ * rest backs off (1 s doubling, upper half jittered) and a success starts it over; a target
+ * whose keys all rest for its model is not available (its route is not up for it). */
+static void test_rest_per_model(void **state)
+{
+    fx_t *f = *state;
+    pq_prov_t *pv = prov(f, "a");
+    const pq_target_t *t1 = target(f, "ra", 0), *t2 = target(f, "ra", 1);
+    pq_circuit_t *c1 = pq_prov_circuit(pv, t1), *c2 = pq_prov_circuit(pv, t2);
+    waiter_t w1, w2;
+    int key;
+    pq_err_t err;
+    int64_t wake, now, ms;
+
+    waiter_init(&w1, f, 1, 0);
+    waiter_init(&w2, f, 1, 0);
+    w1.w.circ = c1;
+    w2.w.circ = c2;
+    /* key 0 rests for m1: m1 gets key 1 every time, m2 still gets key 0 in its turn */
+    assert_int_equal(pq_circuit_rate_limited(c1, 0, 300), 300);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(pq_prov_acquire(pv, &w1.w, &key, &err, &wake), 0);
+        assert_int_equal(key, 1);
+        pq_prov_release(pv, key, 1, -1, 0);
+    }
+    assert_int_equal(pq_prov_acquire(pv, &w2.w, &key, &err, &wake), 0);
+    assert_int_equal(key, 0);
+    pq_prov_release(pv, key, 1, -1, 0);
+    /* a call without a circuit (a probe, say) is not held by model rests */
+    assert_int_equal(acquire_now(pv, f, 1) >= 0, 1);
+    pq_prov_release(pv, 0, 1, -1, 0);
+
+    /* both keys rest for m1: rate limited with the first wake; m2 unaffected */
+    now = pq_mono_ms();
+    assert_int_equal(pq_circuit_rate_limited(c1, 1, 100), 100);
+    err = PQ_OK;
+    assert_int_equal(pq_prov_acquire(pv, &w1.w, &key, &err, &wake), -1);
+    assert_int_equal(err, PQ_ERR_RATE_LIMITED);
+    assert_true(wake >= now + 100 && wake <= now + 150);
+    assert_int_equal(pq_circuit_keys_ready(c1, &wake), 0);
+    assert_int_equal(pq_circuit_keys_ready(c2, NULL), 1);
+    assert_int_equal(pq_provs_target_available(f->ps, t1), 0);
+    assert_int_equal(pq_provs_target_available(f->ps, t2), 1);
+    assert_int_equal(pq_prov_acquire(pv, &w2.w, &key, &err, &wake), 0);
+    pq_prov_release(pv, key, 1, -1, 0);
+    run_for(f, 130);
+    assert_int_equal(pq_provs_target_available(f->ps, t1), 1); /* key 1 woke */
+    run_for(f, 200);
+
+    /* Retry-After far in the future (115 days): capped at max_rest_ms (default 60 s) */
+    assert_int_equal(pq_circuit_rate_limited(c2, 0, 9999999000LL), 60000);
+    /* without Retry-After: [0.5, 1] s, then [1, 2] s, then [2, 4] s; a success starts over */
+    ms = pq_circuit_rate_limited(c2, 1, -1);
+    assert_true(ms >= 500 && ms <= 1000);
+    ms = pq_circuit_rate_limited(c2, 1, -1);
+    assert_true(ms >= 1000 && ms <= 2000);
+    ms = pq_circuit_rate_limited(c2, 1, -1);
+    assert_true(ms >= 2000 && ms <= 4000);
+    pq_circuit_key_ok(c2, 1);
+    ms = pq_circuit_rate_limited(c2, 1, -1);
+    assert_true(ms >= 500 && ms <= 1000);
+    /* both keys rest for m2 now, m1 is free again */
+    assert_int_equal(pq_provs_target_available(f->ps, t2), 0);
+    assert_int_equal(pq_provs_target_available(f->ps, t1), 1);
+    /* a key-wide rest (401 or a quota for the whole key) holds every model */
+    pq_prov_key_rest(pv, 0, 200, 1);
+    pq_prov_key_rest(pv, 1, 200, 1);
+    assert_int_equal(pq_provs_target_available(f->ps, t1), 0);
+}
+
 /* A queued waiter is told when every key rests by the time its turn comes. */
 static void test_key_rest_queued(void **state)
 {
@@ -1226,6 +1297,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_key_rotation, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_key_rest, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_key_rest_queued, setup_main, teardown),
+        cmocka_unit_test_setup_teardown(test_rest_per_model, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_max_concurrency, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_rpm, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_tpm, setup_main, teardown),
