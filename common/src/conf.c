@@ -431,6 +431,8 @@ static const prop_t provider_props[] = {
           "probe period of an open circuit"),
     P_ENUM(pq_provider_conf_t, "probe", probe, "completion", "completion|models", 0,
            "probe kind: 1-token completion or model list"),
+    P_ENUM(pq_provider_conf_t, "half_open", half_open, "probe", "probe|call", 0,
+           "what tests a half-open circuit: the worker's probe, or the next job's real call"),
     P_STR(pq_provider_conf_t, "status_url", status_url, NULL, PF_NONEMPTY,
           "statuspage.io /api/v2/status.json, an extra health signal"),
     P_STR(pq_provider_conf_t, "api_version", api_version, NULL, PF_NONEMPTY,

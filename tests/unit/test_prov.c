@@ -176,7 +176,8 @@ struct fx_s {
  *   rpm  openai, 1 key, 600 rpm (a burst of 10, then one per 100 ms), no concurrency cap
  *   tpm  openai, 1 key, 6000 tpm (a burst of 100 tokens, 0.1 per ms)
  *   wx   watsonx, 2 keys, IAM at the loopback server
- *   loc  openai without a key */
+ *   loc  openai without a key
+ *   hc   openai, 1 key, opens on the first failure, 50 ms cooldown, half_open "call" */
 static const char *CONF_MAIN =
     "{\"providers\":{"
     "\"a\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:%d/v1\","
@@ -193,7 +194,10 @@ static const char *CONF_MAIN =
     "\"wx\":{\"type\":\"watsonx\",\"base_url\":\"http://127.0.0.1:%d\","
     "\"api_keys\":[\"wk0\",\"wk1\"],\"project_id\":\"p1\","
     "\"iam_url\":\"http://127.0.0.1:%d/identity/token\",\"timeout_ms\":2000},"
-    "\"loc\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:%d/v1\"}},"
+    "\"loc\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:%d/v1\"},"
+    "\"hc\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:%d/v1\",\"api_key\":\"kh\","
+    "\"circuit_failures\":1,\"circuit_cooldown_ms\":50,\"probe_interval_ms\":100,"
+    "\"half_open\":\"call\"}},"
     "\"routes\":{"
     "\"ra\":[{\"provider\":\"a\",\"model\":\"m1\"},{\"provider\":\"a\",\"model\":\"m2\"}],"
     "\"rr\":[{\"provider\":\"r\",\"model\":\"m1\"},{\"provider\":\"r\",\"model\":\"m2\"},"
@@ -201,7 +205,8 @@ static const char *CONF_MAIN =
     "\"rp\":[{\"provider\":\"rpm\",\"model\":\"m\"}],"
     "\"rt\":[{\"provider\":\"tpm\",\"model\":\"m\"}],"
     "\"rw\":[{\"provider\":\"wx\",\"model\":\"granite\"}],"
-    "\"rl\":[{\"provider\":\"loc\",\"model\":\"m\"}]}}";
+    "\"rl\":[{\"provider\":\"loc\",\"model\":\"m\"}],"
+    "\"rh\":[{\"provider\":\"hc\",\"model\":\"m\"}]}}";
 
 /* st: openai with a status page, opens on the first failure, 50 ms cooldown. */
 static const char *CONF_STATUS =
@@ -262,7 +267,7 @@ static fx_t *fx_new(const char *tmpl)
     evhttp_set_gencb(f->srv.http, srv_on_request, &f->srv);
 
     p = f->srv.port;
-    snprintf(json, sizeof(json), tmpl, p, p, p, p, p, p, p);
+    snprintf(json, sizeof(json), tmpl, p, p, p, p, p, p, p, p);
     f->conf = pq_conf_load_str(json, strlen(json), err, sizeof(err));
     if (!f->conf)
         print_error("config: %s\n", err);
@@ -971,6 +976,28 @@ static void test_circuit_ratio(void **state)
     assert_int_equal(pq_provs_open_circuits(f->ps), 3);
 }
 
+/* half_open "call": no probe of the worker's own; the next job's call is the probe. */
+static void test_half_open_by_call(void **state)
+{
+    fx_t *f = *state;
+    pq_prov_t *pv = prov(f, "hc");
+    pq_circuit_t *c = pq_prov_circuit(pv, target(f, "rh", 0));
+    int probes = f->srv.probe_count;
+
+    pq_circuit_record(c, 1, 0);
+    assert_string_equal(pq_circuit_state(c), "open");
+    assert_int_equal(pq_circuit_allow(c), 0);
+    run_for(f, 300); /* past the cooldown and several probe intervals */
+    assert_string_equal(pq_circuit_state(c), "half_open");
+    assert_int_equal(f->srv.probe_count, probes); /* nothing probed it */
+    assert_int_equal(pq_circuit_available(c), 1);
+    assert_int_equal(pq_circuit_allow(c), 2); /* this call is the probe */
+    assert_int_equal(pq_circuit_allow(c), 0); /* one at a time */
+    pq_circuit_record(c, 0, 1);
+    assert_string_equal(pq_circuit_state(c), "closed");
+    assert_int_equal(f->closed, 1);
+}
+
 static void test_half_open_probe_success(void **state)
 {
     fx_t *f = *state;
@@ -1305,6 +1332,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_circuit_consecutive, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_circuit_ratio, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_half_open_probe_success, setup_main, teardown),
+        cmocka_unit_test_setup_teardown(test_half_open_by_call, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_half_open_probe_failure, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_probe_unanswered, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_status_page, setup_status, teardown),

@@ -528,7 +528,8 @@ static void on_circuit_timer(evutil_socket_t fd, short what, void *arg)
     if (c->state == C_CLOSED)
         return;
     c->state = C_HALF_OPEN;
-    if (!c->probe_inflight)
+    /* half_open "call": the next job's call takes the probe role (pq_circuit_allow) */
+    if (!c->probe_inflight && strcmp(c->pv->conf->half_open, "call") != 0)
         probe_start(c);
     /* a probe that never answers (or a job holding the probe role) cannot wedge it */
     circuit_timer_in(c, reprobe_ms(c) + c->pv->conf->timeout_ms);

@@ -13,8 +13,9 @@
  *   - a circuit breaker per (provider, model): opens on circuit_failures consecutive failures or
  *     a failure ratio >= circuit_ratio over the last circuit_window calls (at least
  *     min(circuit_window, 10) calls), stays open circuit_cooldown_ms, then half-opens for ONE
- *     probe (the configured probe, or a job's call when no probe is in flight); while it stays
- *     open it is probed every min(circuit_cooldown_ms, probe_interval_ms);
+ *     probe (the configured probe, or a job's call when no probe is in flight; with half_open
+ *     "call" always the next job's call); while it stays open it is probed every
+ *     min(circuit_cooldown_ms, probe_interval_ms);
  *   - watsonx IAM tokens per (provider, key): one exchange in flight per key, waiters queue,
  *     cached until the refresh time pq_watsonx_token_parse gives;
  *   - metrics: promptq_worker_attempts_total{provider,model,outcome} and

@@ -43,6 +43,8 @@ typedef struct pq_provider_conf_s {
     int circuit_cooldown_ms; /* open -> half-open, default 5000 */
     int probe_interval_ms;   /* default 5000 (at most 5000) */
     char *probe;             /* "completion" (default) | "models" */
+    char *half_open;         /* "probe" (default): the worker's probe tests a half-open circuit;
+                                "call": the next job's real call does */
     char *status_url;        /* statuspage.io status.json, or NULL */
     char *api_version;       /* azure_openai */
     char *project_id;        /* watsonx */
