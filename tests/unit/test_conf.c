@@ -711,6 +711,50 @@ static void *load_loop(void *arg)
     return (void *)bad;
 }
 
+/* --check-config's warnings: a route with several targets whose silent providers outlast
+ * broker.sync_timeout_ms is named; a one-target route, or timeouts that fit, are not. */
+static void test_warnings(void **state)
+{
+    static const char *fits =
+        "{\"broker\":{\"sync_timeout_ms\":50000},"
+        "\"providers\":{\"p\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:1/v1\","
+        "\"first_byte_timeout_ms\":20000}},"
+        "\"routes\":{\"one\":[{\"provider\":\"p\",\"model\":\"m\"}],"
+        "\"two\":[{\"provider\":\"p\",\"model\":\"m\"},{\"provider\":\"p\",\"model\":\"n\"}]}}";
+    static const char *slow =
+        "{\"broker\":{\"sync_timeout_ms\":50000},"
+        "\"providers\":{\"p\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:1/v1\","
+        "\"retry_on_timeout\":true}},"
+        "\"routes\":{\"one\":[{\"provider\":\"p\",\"model\":\"m\"}],"
+        "\"two\":[{\"provider\":\"p\",\"model\":\"m\",\"first_byte_timeout_ms\":5000},"
+        "{\"provider\":\"p\",\"model\":\"n\"}]}}";
+    char err[512], buf[2048];
+    pq_conf_t *c;
+    FILE *out;
+    size_t n;
+
+    (void)state;
+    c = pq_conf_load_str(fits, strlen(fits), err, sizeof(err));
+    assert_non_null(c);
+    out = tmpfile();
+    assert_int_equal(pq_conf_warn(c, out, "w: "), 0);
+    fclose(out);
+    pq_conf_destroy(c);
+
+    c = pq_conf_load_str(slow, strlen(slow), err, sizeof(err));
+    assert_non_null(c);
+    out = tmpfile();
+    assert_int_equal(pq_conf_warn(c, out, "w: "), 1);
+    rewind(out);
+    n = fread(buf, 1, sizeof(buf) - 1, out);
+    buf[n] = '\0';
+    fclose(out);
+    /* 3 x 5 s + 3 x 60 s with retry_on_timeout and 2 retries */
+    assert_non_null(strstr(buf, "w: routes.two: silent providers could take 195000 ms"));
+    assert_null(strstr(buf, "routes.one"));
+    pq_conf_destroy(c);
+}
+
 static void test_reentrant(void **state)
 {
     pthread_t t[4];
@@ -730,12 +774,12 @@ static void test_reentrant(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_full_example),  cmocka_unit_test(test_defaults),
-        cmocka_unit_test(test_everything),    cmocka_unit_test(test_bad_cases),
-        cmocka_unit_test(test_env_overrides), cmocka_unit_test(test_redis_url),
-        cmocka_unit_test(test_read_errors),   cmocka_unit_test(test_kafka_conf),
-        cmocka_unit_test(test_cli),           cmocka_unit_test(test_reentrant),
-        cmocka_unit_test(test_reference),
+        cmocka_unit_test(test_full_example), cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_everything),   cmocka_unit_test(test_bad_cases),
+        cmocka_unit_test(test_warnings),     cmocka_unit_test(test_env_overrides),
+        cmocka_unit_test(test_redis_url),    cmocka_unit_test(test_read_errors),
+        cmocka_unit_test(test_kafka_conf),   cmocka_unit_test(test_cli),
+        cmocka_unit_test(test_reentrant),    cmocka_unit_test(test_reference),
     };
 
     return cmocka_run_group_tests(tests, setup, NULL);
