@@ -151,7 +151,8 @@ def test_all_down_parks_then_replays():
         wait_for(lambda: all(status(r, i) == "parked" for i in ids[:10] + ids[-10:]), T(10),
                  "records parked")
         park = [d for d in docs(st, "promptq.retry.r") if d["id"] == ids[0]][0]["park"]
-        assert set(park) == {"reason", "attempts", "parked_at", "deliveries"}, park
+        assert set(park) == {"reason", "attempts", "parked_at", "deliveries", "attempt_log"}, park
+        assert park["attempt_log"] and park["attempt_log"][0]["provider"] == "a", park
         assert park["deliveries"] >= 1 and ts(park["parked_at"]) > time.time() - 120, park
         msgs = [m for m in st.consume_all("promptq.retry.r") if json.loads(m["value"])["id"] == ids[0]]
         assert msgs[0]["key"] == ids[0], msgs[0]
