@@ -35,6 +35,9 @@
 #define DRAIN_BUDGET      512
 #define BULK_DRAIN_BUDGET 64 /* per loop turn: interactive events run in between */
 #define LANE_RESERVE_DIV  8  /* max_inflight / 8 is kept for the interactive lane */
+#define BACKLOG_MIN       64 /* messages: a lane's backlog holds max(this, max_inflight / 2) */
+#define BACKLOG_MAX_BYTES (16 * 1024 * 1024) /* payload bytes per lane's backlog */
+static const char BACKLOG_FULL[] = "backlog full (every slot busy)";
 #define SAFETY_MS         100
 #define STATS_MS          10000
 #define FINAL_WAIT_MS     1500
@@ -109,14 +112,77 @@ static void part_assign(pq_worker_t *w, const char *topic_name, int32_t partitio
     p->partition = partition;
     p->refcnt = 1;
     p->next_taken = -1;
+    p->next_polled = -1;
     pq_offsets_init(&p->offsets);
     TAILQ_INSERT_TAIL(&w->parts, p, link);
+}
+
+/* ---- backlog (messages polled, not yet taken in) ---- */
+
+static int backlog_push(pq_backlog_t *b, rd_kafka_message_t *m)
+{
+    if (b->count == b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 256;
+        rd_kafka_message_t **n = malloc(cap * sizeof(*n));
+        if (!n)
+            return -1;
+        for (size_t i = 0; i < b->count; i++)
+            n[i] = b->m[(b->head + i) & (b->cap - 1)];
+        free(b->m);
+        b->m = n;
+        b->cap = cap;
+        b->head = 0;
+    }
+    b->m[(b->head + b->count) & (b->cap - 1)] = m;
+    b->count++;
+    b->bytes += m->len;
+    return 0;
+}
+
+static rd_kafka_message_t *backlog_pop(pq_backlog_t *b)
+{
+    rd_kafka_message_t *m;
+
+    if (b->count == 0)
+        return NULL;
+    m = b->m[b->head];
+    b->head = (b->head + 1) & (b->cap - 1);
+    b->count--;
+    b->bytes -= m->len;
+    return m;
+}
+
+static int backlog_full(const pq_backlog_t *b)
+{
+    return b->count >= b->max || b->bytes >= b->max_bytes;
+}
+
+/* Drops the messages of partition p (p NULL: every message); returns how many. They were
+ * never taken in: nothing past them was stored, they are fetched again (or by the new owner). */
+static size_t backlog_purge(pq_backlog_t *b, const pq_part_t *p)
+{
+    size_t kept = 0, n = b->count, dropped = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        rd_kafka_message_t *m = b->m[(b->head + i) & (b->cap - 1)];
+        if (!p ||
+            (m->partition == p->partition && strcmp(rd_kafka_topic_name(m->rkt), p->name) == 0)) {
+            b->bytes -= m->len;
+            rd_kafka_message_destroy(m);
+            dropped++;
+        } else {
+            b->m[(b->head + kept++) & (b->cap - 1)] = m;
+        }
+    }
+    b->count = kept;
+    return dropped;
 }
 
 static void part_revoke(pq_worker_t *w, pq_part_t *p)
 {
     TAILQ_REMOVE(&w->parts, p, link);
     p->revoked = 1;
+    backlog_purge(&w->backlog[p->topic == PQ_T_REQUESTS], p); /* the new owner reads them */
     if (p->held) {
         p->held = 0;
         p->rs->nheld--;
@@ -180,12 +246,39 @@ void pq_worker_offset_done(pq_worker_t *w, pq_part_t *part, uint64_t seq)
 
 /* ---- flow control ---- */
 
+/* Wakes the fetcher of resumed partitions. librdkafka 2.0.2 serves a resume on its main thread
+ * and never wakes the partition's broker thread, which goes on sleeping until something else
+ * wakes it (a metadata refresh, a heartbeat, the end of a fetch.wait.max.ms wait): with debug
+ * "fetch", "fetch decide: updating to version N" came 200-800 ms after the resume. A seek wakes
+ * it ("seek done"), and is served after the resume (same partition op queue), so each resumed
+ * partition whose position is known is sought to that same position. l: the resumed partitions;
+ * offsets are set here. */
+static void wake_fetch(pq_worker_t *w, rd_kafka_t *rk, rd_kafka_topic_partition_list_t *l)
+{
+    rd_kafka_topic_partition_list_t *s = rd_kafka_topic_partition_list_new(l->cnt);
+    rd_kafka_error_t *e;
+
+    for (int i = 0; i < l->cnt; i++) {
+        pq_route_state_t *rs;
+        int topic = topic_index(w, l->elems[i].topic, &rs);
+        pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, l->elems[i].partition);
+        if (p && p->next_polled >= 0)
+            rd_kafka_topic_partition_list_add(s, p->name, p->partition)->offset = p->next_polled;
+    }
+    if (s->cnt > 0 && (e = rd_kafka_seek_partitions(rk, s, 0))) {
+        PQ_WARN("seek after resume: %s", rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    }
+    rd_kafka_topic_partition_list_destroy(s);
+}
+
 /* Pauses or resumes one consumer's partitions (lane 1: the interactive consumer, 0: bulk and
- * retry topics). Every message polled so far was taken in, so a resume fetches from the next
- * one (pausing drops only prefetched messages). */
+ * retry topics). Every message polled so far is in the backlog or taken in, so a resume fetches
+ * from the next one (pausing drops only prefetched messages). */
 static void set_paused(pq_worker_t *w, int lane, int pause, const char *why)
 {
     rd_kafka_topic_partition_list_t *a = rd_kafka_topic_partition_list_new(16);
+    rd_kafka_t *rk = lane ? w->iconsumer : w->consumer;
     pq_part_t *p;
 
     /* the assignment as we track it; held retry partitions stay paused on a resume */
@@ -193,10 +286,12 @@ static void set_paused(pq_worker_t *w, int lane, int pause, const char *why)
     if ((p->topic == PQ_T_REQUESTS) == lane && (pause || !p->held))
         rd_kafka_topic_partition_list_add(a, p->name, p->partition);
     if (a->cnt > 0) {
-        if (pause)
-            rd_kafka_pause_partitions(lane ? w->iconsumer : w->consumer, a);
-        else
-            rd_kafka_resume_partitions(lane ? w->iconsumer : w->consumer, a);
+        if (pause) {
+            rd_kafka_pause_partitions(rk, a);
+        } else {
+            rd_kafka_resume_partitions(rk, a);
+            wake_fetch(w, rk, a);
+        }
     }
     rd_kafka_topic_partition_list_destroy(a);
     if (lane)
@@ -204,27 +299,39 @@ static void set_paused(pq_worker_t *w, int lane, int pause, const char *why)
     else
         w->paused = pause;
     if (pause)
-        PQ_INFO("consumption paused: %s (%s lane; %zu jobs in flight, %zu interactive)", why,
-                lane ? "interactive" : "bulk", w->inflight, w->iinflight);
-    else
-        PQ_INFO("consumption resumed (%s lane; %zu jobs in flight, %zu interactive)",
-                lane ? "interactive" : "bulk", w->inflight, w->iinflight);
+        w->pause_why[lane] = why;
+    /* a full backlog pauses and resumes often under load: debug; Redis and stopping: info */
+    PQ_LOG(w->pause_why[lane] == BACKLOG_FULL ? PQ_LOG_DEBUG : PQ_LOG_INFO,
+           "consumption %s%s (%s lane; %zu jobs in flight, %zu interactive, %zu in backlog)",
+           pause ? "paused: " : "resumed", pause ? why : "", lane ? "interactive" : "bulk",
+           w->inflight, w->iinflight, w->backlog[lane].count);
     if (!pause) /* the io event fires only once per non-empty queue */
         event_active(lane ? w->ev_idrain : w->ev_drain, 0, 0);
 }
 
-/* Why the bulk consumer (lane 0) or the interactive one (lane 1) must pause now; NULL: it may
- * run. resume: the lower mark (hysteresis) applies. */
-static const char *flow_stop(pq_worker_t *w, int lane, int redis_up, int resume)
+/* Whether a job of the lane may start now (a slot free, Redis up, not stopping). The bulk lane
+ * keeps a share of max_inflight for the interactive one. */
+static int flow_may_start(const pq_worker_t *w, int lane)
 {
     size_t cap = lane ? w->max_inflight : w->max_inflight - w->reserve;
+
+    return !w->stopping && w->inflight < cap && pq_redis_up(w->redis);
+}
+
+/* Why the bulk consumer (lane 0) or the interactive one (lane 1) must pause now; NULL: it may
+ * fetch. Slots do not pause it: it fetches into its backlog, which is the bound. resume: the
+ * lower mark (half the backlog) applies, so that a resume has half a backlog of work to cover
+ * its first fetch. */
+static const char *flow_stop(pq_worker_t *w, int lane, int redis_up, int resume)
+{
+    const pq_backlog_t *b = &w->backlog[lane];
 
     if (w->stopping)
         return "stopping";
     if (!redis_up)
         return "redis unavailable";
-    if (resume ? w->inflight > (lane ? w->low_water : cap - cap / 32 - 1) : w->inflight >= cap)
-        return lane ? "max_inflight reached" : "max_inflight reached (share kept for interactive)";
+    if (resume ? b->count > b->max / 2 || b->bytes > b->max_bytes / 2 : backlog_full(b))
+        return BACKLOG_FULL;
     return NULL;
 }
 
@@ -255,6 +362,11 @@ void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part)
         event_base_loopbreak(w->base);
         return;
     }
+    /* a slot is free: the next job of a backlog starts on the loop */
+    if (w->backlog[1].count > 0)
+        event_active(w->ev_idrain, 0, 0);
+    if (w->backlog[0].count > 0)
+        event_active(w->ev_drain, 0, 0);
     update_flow(w);
 }
 
@@ -453,6 +565,9 @@ static void part_hold(pq_worker_t *w, pq_part_t *p, int64_t offset)
     }
     rd_kafka_pause_partitions(w->consumer, l);
     rd_kafka_topic_partition_list_destroy(l);
+    /* what was polled after the head is fetched again on the resume */
+    backlog_purge(&w->backlog[0], p);
+    p->next_polled = offset;
     p->held = 1;
     p->held_offset = offset;
     p->rs->nheld++;
@@ -478,6 +593,7 @@ static void route_resume(pq_worker_t *w, pq_route_state_t *rs)
     }
     if (l) {
         rd_kafka_resume_partitions(w->consumer, l);
+        wake_fetch(w, w->consumer, l); /* at held_offset (p->next_polled) */
         rd_kafka_topic_partition_list_destroy(l);
         event_active(w->ev_drain, 0, 0); /* the io event fires only once per non-empty queue */
     }
@@ -894,30 +1010,61 @@ static void on_consumer_error(pq_worker_t *w, const rd_kafka_message_t *m)
             m->rkt ? rd_kafka_topic_name(m->rkt) : "");
 }
 
-/* Polls one consumer (lane 1: interactive). The bulk consumer takes a small batch per loop
- * turn, so an interactive message waits for at most that much work. */
+/* Takes in the oldest message of the lane's backlog. */
+static void backlog_start_one(pq_worker_t *w, int lane)
+{
+    rd_kafka_message_t *m = backlog_pop(&w->backlog[lane]);
+
+    on_message(w, m);
+    rd_kafka_message_destroy(m);
+}
+
+/* One consumer (lane 1: interactive): starts jobs from its backlog while slots are free and
+ * polls into the backlog until it is full. Polling goes on while saturated (at least one poll
+ * per call: max.poll.interval.ms); the consumer pauses when the backlog fills (librdkafka then
+ * drops what it prefetched for it, fetched again on the resume). The bulk consumer does a small
+ * batch per loop turn, so an interactive message waits for at most that much work. */
 static void drain_consumer(pq_worker_t *w, int lane)
 {
     rd_kafka_t *rk = lane ? w->iconsumer : w->consumer;
-    int n, budget = lane ? DRAIN_BUDGET : BULK_DRAIN_BUDGET;
+    pq_backlog_t *b = &w->backlog[lane];
+    int n, polled = 0, budget = lane ? DRAIN_BUDGET : BULK_DRAIN_BUDGET;
 
     for (n = 0; n < budget; n++) {
         rd_kafka_message_t *m;
-        /* Full: pause now, not after the batch, so librdkafka drops what it prefetched for
-         * the paused partitions (fetched again on resume) instead of handing it all over.
-         * Polling goes on while paused (max.poll.interval.ms); what still comes is taken. */
-        if (!(lane ? w->ipaused : w->paused))
-            update_flow(w);
+
+        if (b->count > 0 && flow_may_start(w, lane)) {
+            backlog_start_one(w, lane);
+            continue;
+        }
+        if (polled && backlog_full(b))
+            break;
         m = rd_kafka_consumer_poll(rk, 0);
+        polled = 1;
         if (!m)
             break;
-        if (m->err)
+        if (m->err) {
             on_consumer_error(w, m);
-        else
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        {
+            pq_route_state_t *rs;
+            int topic = topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
+            pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, m->partition);
+            if (p && m->offset + 1 > p->next_polled)
+                p->next_polled = m->offset + 1;
+        }
+        if (backlog_push(b, m) != 0) { /* out of memory: taken in now, over the cap */
             on_message(w, m);
-        rd_kafka_message_destroy(m);
+            rd_kafka_message_destroy(m);
+        }
+        /* full: pause now, not after the batch, so that librdkafka drops what it prefetched
+         * instead of handing it all over */
+        if (!(lane ? w->ipaused : w->paused) && backlog_full(b))
+            update_flow(w);
     }
-    if (n == budget && w->inflight < w->max_inflight) /* more waiting: other events first */
+    if (n == budget) /* more waiting: other events first */
         event_active(lane ? w->ev_idrain : w->ev_drain, 0, 0);
     update_flow(w);
 }
@@ -993,14 +1140,16 @@ static void on_stats(evutil_socket_t fd, short what, void *arg)
                 pq_counter_get(m->reparked), w->retry_inflight);
 
     pq_gauge_set(m->inflight, (double)w->inflight);
-    PQ_INFO("inflight=%zu paused=%d received=%" PRIu64 " succeeded=%" PRIu64 " failed=%" PRIu64
-            " expired=%" PRIu64 " dlq=%" PRIu64 " republished=%" PRIu64 " calls=%" PRIu64
-            " provider_errors=%" PRIu64 " http_active=%zu redis_pending=%zu offset_resets=%" PRIu64,
-            w->inflight, w->paused, pq_counter_get(m->received), pq_counter_get(m->succeeded),
-            pq_counter_get(m->failed), pq_counter_get(m->expired), pq_counter_get(m->dlq),
-            pq_counter_get(m->republished), pq_counter_get(m->provider_calls),
-            pq_counter_get(m->provider_errors), pq_http_active(w->http) + pq_http_active(w->ihttp),
-            pq_redis_pending(w->redis), pq_counter_get(m->offset_resets));
+    PQ_INFO("inflight=%zu backlog=%zu paused=%d received=%" PRIu64 " succeeded=%" PRIu64
+            " failed=%" PRIu64 " expired=%" PRIu64 " dlq=%" PRIu64 " republished=%" PRIu64
+            " calls=%" PRIu64 " provider_errors=%" PRIu64
+            " http_active=%zu redis_pending=%zu offset_resets=%" PRIu64,
+            w->inflight, w->backlog[0].count + w->backlog[1].count, w->paused,
+            pq_counter_get(m->received), pq_counter_get(m->succeeded), pq_counter_get(m->failed),
+            pq_counter_get(m->expired), pq_counter_get(m->dlq), pq_counter_get(m->republished),
+            pq_counter_get(m->provider_calls), pq_counter_get(m->provider_errors),
+            pq_http_active(w->http) + pq_http_active(w->ihttp), pq_redis_pending(w->redis),
+            pq_counter_get(m->offset_resets));
 }
 
 /* ---- Redis state ---- */
@@ -1009,8 +1158,13 @@ static void on_redis_state(void *opaque, int up)
 {
     pq_worker_t *w = opaque;
 
-    if (up)
+    if (up) {
         pq_job_redis_up(w);
+        if (w->ev_drain && w->ev_idrain) { /* the backlogs' jobs may start */
+            event_active(w->ev_idrain, 0, 0);
+            event_active(w->ev_drain, 0, 0);
+        }
+    }
     update_flow(w);
 }
 
@@ -1346,6 +1500,8 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     }
     PQ_INFO("signal %d: stopping, %zu jobs in flight", (int)sig, w->inflight);
     w->stopping = 1;
+    for (int lane = 0; lane < 2; lane++) /* never taken in: the next owner reads them */
+        pq_counter_add(w->m.handed_back, backlog_purge(&w->backlog[lane], NULL));
     pq_callbacks_stop(w->callbacks);
     update_flow(w);
     if (w->inflight == 0) {
@@ -1489,8 +1645,12 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     pq_conf_topic(conf, "results", w->topics[PQ_T_RESULTS], sizeof(w->topics[0]));
     pq_conf_topic(conf, "dlq", w->topics[PQ_T_DLQ], sizeof(w->topics[0]));
     w->max_inflight = conf->max_inflight > 0 ? (size_t)conf->max_inflight : 4096;
-    w->low_water = w->max_inflight * 3 / 4;
     w->reserve = w->max_inflight / LANE_RESERVE_DIV;
+    for (int lane = 0; lane < 2; lane++) {
+        w->backlog[lane].max =
+            w->max_inflight / 2 > BACKLOG_MIN ? w->max_inflight / 2 : BACKLOG_MIN;
+        w->backlog[lane].max_bytes = BACKLOG_MAX_BYTES;
+    }
     w->ttl_ms = conf->result_ttl_s * 1000;
     w->limits = pq_envelope_limits_default;
     if (conf->max_prompt_bytes > 0)
@@ -1793,6 +1953,8 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
 
     event_base_dispatch(w->base);
 
+    for (int lane = 0; lane < 2; lane++) /* before the close: messages hold partition refs */
+        backlog_purge(&w->backlog[lane], NULL);
     flush_offsets(w);
     /* both commits before either close: the two consumers share the group, and a close (a
      * member leaving) starts a rebalance that would fail the other's commit */
@@ -1829,6 +1991,10 @@ void pq_worker_destroy(pq_worker_t *w)
     if (w->mhttp)
         evhttp_free(w->mhttp);
     pq_job_free_all(w);
+    for (int lane = 0; lane < 2; lane++) {
+        backlog_purge(&w->backlog[lane], NULL);
+        free(w->backlog[lane].m);
+    }
     while ((p = TAILQ_FIRST(&w->parts))) {
         TAILQ_REMOVE(&w->parts, p, link);
         pq_part_unref(p);

@@ -75,13 +75,28 @@ typedef struct pq_part_s {
     int held;             /* retry partition sought back to held_offset and paused by us */
     int64_t held_offset;
     int32_t partition;
-    int revoked;        /* offsets now belong to the new owner: never store them */
-    int dirty;          /* offsets.next advanced since the last store */
-    int refcnt;         /* 1 for the assignment + 1 per job */
-    int64_t next_taken; /* one past the highest offset taken in; -1 none */
+    int revoked;         /* offsets now belong to the new owner: never store them */
+    int dirty;           /* offsets.next advanced since the last store */
+    int refcnt;          /* 1 for the assignment + 1 per job */
+    int64_t next_taken;  /* one past the highest offset taken in; -1 none */
+    int64_t next_polled; /* one past the highest offset polled (backlog or taken in), or where
+                            a hold sought back to: the position a resume seeks to; -1 unknown */
     pq_offsets_t offsets;
     TAILQ_ENTRY(pq_part_s) link;
 } pq_part_t;
+
+/* Messages polled but not yet taken in (one per lane), oldest first: consumption goes on while
+ * every slot is busy, and a freed slot starts the next job at once. Bounded by count and bytes;
+ * the lane's consumer pauses when it is full. Messages are owned (rd_kafka_message_destroy). */
+typedef struct pq_backlog_s {
+    rd_kafka_message_t **m;
+    size_t cap;  /* ring size (a power of two) */
+    size_t head; /* index of the oldest */
+    size_t count;
+    size_t bytes;     /* payload bytes held */
+    size_t max;       /* pause at this many messages */
+    size_t max_bytes; /* or at this many bytes */
+} pq_backlog_t;
 
 typedef struct pq_job_s pq_job_t;
 TAILQ_HEAD(pq_job_list, pq_job_s);
@@ -145,15 +160,17 @@ struct pq_worker_s {
     size_t table_mask;
 
     size_t inflight;
-    size_t max_inflight, low_water;
-    /* lanes: interactive jobs in flight; the bulk consumer pauses when they pass
-     * LANE_YIELD or when every job in flight reaches max_inflight - reserve (a share kept for
-     * the interactive lane) */
+    size_t max_inflight;
+    pq_backlog_t backlog[2]; /* [0] bulk consumer, [1] interactive */
+    /* lanes: interactive jobs in flight; bulk jobs start only while every job in flight stays
+     * below max_inflight - reserve (a share kept for the interactive lane) */
     size_t iinflight, reserve;
-    int paused;   /* the bulk consumer's partitions (bulk and retry topics) */
-    int ipaused;  /* the interactive consumer's */
-    int stopping; /* SIGTERM: take no new work */
-    int no_store; /* grace over: store no more offsets */
+    int paused;  /* the bulk consumer's partitions (bulk and retry topics): backlog full, Redis
+                    down or stopping */
+    int ipaused; /* the interactive consumer's */
+    const char *pause_why[2]; /* why each lane paused (static strings) */
+    int stopping;             /* SIGTERM: take no new work */
+    int no_store;             /* grace over: store no more offsets */
     int64_t final_deadline_ms;
     int grace_ms;
 
