@@ -1645,6 +1645,50 @@ static int64_t silent_attempt_ms(const pq_target_t *t)
     return o->first_byte_ms > 0 && o->first_byte_ms < o->total_ms ? o->first_byte_ms : o->total_ms;
 }
 
+/* A worker holds worker.max_inflight jobs, but each provider takes at most max_concurrency calls
+ * of one worker process at once: when the providers its routes use (each counted once) take
+ * fewer in total, the rest of the jobs wait inside the worker for a provider slot, and
+ * max_concurrency, not max_inflight, sets the worker's throughput. 0 = unlimited. */
+static int route_uses(const pq_conf_t *conf, const pq_provider_conf_t *p)
+{
+    for (size_t i = 0; i < conf->nroutes; i++)
+        for (size_t k = 0; k < conf->routes[i].ntargets; k++)
+            if (conf->routes[i].targets[k].p == p)
+                return 1;
+    return 0;
+}
+
+static int warn_concurrency(const pq_conf_t *conf, FILE *out, const char *prefix)
+{
+    long long sum = 0;
+    size_t nused = 0, len = 0;
+    char names[256] = "";
+
+    for (size_t i = 0; i < conf->nproviders; i++) {
+        const pq_provider_conf_t *p = &conf->providers[i];
+        if (!route_uses(conf, p))
+            continue;
+        if (p->max_concurrency <= 0)
+            return 0; /* unlimited: max_inflight is the bound */
+        sum += p->max_concurrency;
+        nused++;
+        if (len < sizeof(names) - 1) {
+            int w = snprintf(names + len, sizeof(names) - len, "%s%s %d", len ? ", " : "", p->name,
+                             p->max_concurrency);
+            len = w < 0 || (size_t)w >= sizeof(names) - len ? sizeof(names) - 1 : len + (size_t)w;
+        }
+    }
+    if (nused == 0 || sum >= conf->max_inflight)
+        return 0;
+    fprintf(out,
+            "%sworker.max_inflight (%d) is above the max_concurrency of the routes' providers "
+            "summed (%lld: %s): a worker never has more than %lld calls in flight and its other "
+            "jobs wait inside it for a provider slot; raise max_concurrency (0 = unlimited) or "
+            "lower worker.max_inflight to %lld\n",
+            prefix, conf->max_inflight, sum, names, sum, sum);
+    return 1;
+}
+
 int pq_conf_warn(const pq_conf_t *conf, FILE *out, const char *prefix)
 {
     int n = 0;
@@ -1671,6 +1715,7 @@ int pq_conf_warn(const pq_conf_t *conf, FILE *out, const char *prefix)
             n++;
         }
     }
+    n += warn_concurrency(conf, out, prefix);
     return n;
 }
 

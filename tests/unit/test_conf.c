@@ -716,13 +716,13 @@ static void *load_loop(void *arg)
 static void test_warnings(void **state)
 {
     static const char *fits =
-        "{\"broker\":{\"sync_timeout_ms\":50000},"
+        "{\"broker\":{\"sync_timeout_ms\":50000},\"worker\":{\"max_inflight\":256},"
         "\"providers\":{\"p\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:1/v1\","
         "\"first_byte_timeout_ms\":20000}},"
         "\"routes\":{\"one\":[{\"provider\":\"p\",\"model\":\"m\"}],"
         "\"two\":[{\"provider\":\"p\",\"model\":\"m\"},{\"provider\":\"p\",\"model\":\"n\"}]}}";
     static const char *slow =
-        "{\"broker\":{\"sync_timeout_ms\":50000},"
+        "{\"broker\":{\"sync_timeout_ms\":50000},\"worker\":{\"max_inflight\":256},"
         "\"providers\":{\"p\":{\"type\":\"openai\",\"base_url\":\"http://127.0.0.1:1/v1\","
         "\"retry_on_timeout\":true}},"
         "\"routes\":{\"one\":[{\"provider\":\"p\",\"model\":\"m\"}],"
@@ -755,6 +755,67 @@ static void test_warnings(void **state)
     pq_conf_destroy(c);
 }
 
+/* The providers' max_concurrency, each provider used by a route counted once, below
+ * worker.max_inflight caps a worker's calls silently: warned, naming the figures. Unlimited
+ * (0) on any used provider, a sum that reaches max_inflight, or an unused provider: no warning. */
+static void test_warn_concurrency(void **state)
+{
+    static const struct {
+        const char *json;
+        int warnings;
+        const char *text;
+    } cases[] = {
+        /* the defaults: 256 per provider, max_inflight 4096 */
+        {"{\"providers\":{\"p\":{\"type\":\"openai\",\"base_url\":\"http://h/v1\"}},"
+         "\"routes\":{\"r\":[{\"provider\":\"p\",\"model\":\"m\"}]}}",
+         1,
+         "w: worker.max_inflight (4096) is above the max_concurrency of the routes' providers "
+         "summed (256: p 256)"},
+        /* p used by two routes counts once; q is used by no route */
+        {"{\"worker\":{\"max_inflight\":1000},\"providers\":{"
+         "\"p\":{\"type\":\"openai\",\"base_url\":\"http://h/v1\",\"max_concurrency\":300},"
+         "\"o\":{\"type\":\"openai\",\"base_url\":\"http://i/v1\",\"max_concurrency\":200},"
+         "\"q\":{\"type\":\"openai\",\"base_url\":\"http://j/v1\",\"max_concurrency\":900}},"
+         "\"routes\":{\"r\":[{\"provider\":\"p\",\"model\":\"m\"}],"
+         "\"s\":[{\"provider\":\"o\",\"model\":\"m\"}],"
+         "\"t\":[{\"provider\":\"p\",\"model\":\"n\"}]}}",
+         1, "(500: p 300, o 200)"},
+        {"{\"worker\":{\"max_inflight\":500},\"providers\":{"
+         "\"p\":{\"type\":\"openai\",\"base_url\":\"http://h/v1\",\"max_concurrency\":300},"
+         "\"o\":{\"type\":\"openai\",\"base_url\":\"http://i/v1\",\"max_concurrency\":200}},"
+         "\"routes\":{\"r\":[{\"provider\":\"p\",\"model\":\"m\"}],"
+         "\"s\":[{\"provider\":\"o\",\"model\":\"m\"}]}}",
+         0, NULL},
+        {"{\"worker\":{\"max_inflight\":5000},\"providers\":{"
+         "\"p\":{\"type\":\"openai\",\"base_url\":\"http://h/v1\",\"max_concurrency\":0},"
+         "\"o\":{\"type\":\"openai\",\"base_url\":\"http://i/v1\",\"max_concurrency\":20}},"
+         "\"routes\":{\"r\":[{\"provider\":\"o\",\"model\":\"m\"}],"
+         "\"s\":[{\"provider\":\"p\",\"model\":\"m\"}]}}",
+         0, NULL},
+    };
+    char err[512], buf[2048];
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        pq_conf_t *c = pq_conf_load_str(cases[i].json, strlen(cases[i].json), err, sizeof(err));
+        FILE *out = tmpfile();
+        size_t n;
+
+        assert_non_null(c);
+        assert_non_null(out);
+        assert_int_equal(pq_conf_warn(c, out, "w: "), cases[i].warnings);
+        rewind(out);
+        n = fread(buf, 1, sizeof(buf) - 1, out);
+        buf[n] = '\0';
+        fclose(out);
+        if (cases[i].text)
+            assert_non_null(strstr(buf, cases[i].text));
+        else
+            assert_int_equal(n, 0);
+        pq_conf_destroy(c);
+    }
+}
+
 static void test_reentrant(void **state)
 {
     pthread_t t[4];
@@ -774,12 +835,13 @@ static void test_reentrant(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_full_example), cmocka_unit_test(test_defaults),
-        cmocka_unit_test(test_everything),   cmocka_unit_test(test_bad_cases),
-        cmocka_unit_test(test_warnings),     cmocka_unit_test(test_env_overrides),
-        cmocka_unit_test(test_redis_url),    cmocka_unit_test(test_read_errors),
-        cmocka_unit_test(test_kafka_conf),   cmocka_unit_test(test_cli),
-        cmocka_unit_test(test_reentrant),    cmocka_unit_test(test_reference),
+        cmocka_unit_test(test_full_example),  cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_everything),    cmocka_unit_test(test_bad_cases),
+        cmocka_unit_test(test_warnings),      cmocka_unit_test(test_warn_concurrency),
+        cmocka_unit_test(test_env_overrides), cmocka_unit_test(test_redis_url),
+        cmocka_unit_test(test_read_errors),   cmocka_unit_test(test_kafka_conf),
+        cmocka_unit_test(test_cli),           cmocka_unit_test(test_reentrant),
+        cmocka_unit_test(test_reference),
     };
 
     return cmocka_run_group_tests(tests, setup, NULL);
