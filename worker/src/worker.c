@@ -1035,6 +1035,9 @@ static void drain_consumer(pq_worker_t *w, int lane)
 
         if (b->count > 0 && flow_may_start(w, lane)) {
             backlog_start_one(w, lane);
+            /* half empty: resume now, so the next fetch overlaps the rest of this batch */
+            if ((lane ? w->ipaused : w->paused) && b->count <= b->max / 2)
+                update_flow(w);
             continue;
         }
         if (polled && backlog_full(b))
