@@ -139,7 +139,25 @@ class Policy:
             status, _, doc, _ = self.chat("chat", "after " + tag)
             last["r"] = (status, doc)
             return status == 200 and doc["model"] == "m-main"
+        t0 = time.monotonic()
         wait_for(ok, T(12), "the primary serving again after %s (last %r)" % (tag, last))
+        return time.monotonic() - t0
+
+
+MEASURED = []
+
+
+def measure(case, took, rec):
+    """One line of the figures the closing note and RELIABILITY.md quote: the wall time a
+    client saw and the attempts per target of that job."""
+    per = {}
+    for a in rec.get("attempt_log", []):
+        if a.get("class") != "skip":
+            per[a["model"]] = per.get(a["model"], 0) + 1
+    MEASURED.append("%-34s %6.2f s  %s -> %s" % (case, took, " ".join(
+        "%s×%d" % kv for kv in per.items()) or "-",
+        rec.get("model") if rec.get("status") == "succeeded" else
+        "%s %s" % (rec.get("status"), (rec.get("error") or {}).get("type"))))
 
 
 def attempt_log(doc_or_rec):
@@ -173,6 +191,7 @@ def case_429_one_model_does_not_block_the_fallback(p):
         assert took < 3.0, took
         rec = p.job(job_id(hdrs))
         assert rec["provider"] == "oa" and rec["model"] == "m-backup", rec
+        measure("429 no Retry-After (one model)", took, rec)
         assert ("m-main", "rate_limited", "retry") in attempt_log(rec) or \
             ("m-main", "rate_limited", "skip") in attempt_log(rec), rec
         # the answering attempt's usage only
@@ -205,6 +224,7 @@ def case_retry_after_beyond_cap(p):
     status, hdrs, doc, took = p.chat("chat", "far retry-after")
     assert status == 200 and doc["model"] == "m-backup", doc
     assert took < 3.0, took
+    measure("Retry-After 9999999", took, p.job(job_id(hdrs)))
     t_healthy = time.monotonic()
     p.healthy()
     p.primary_serves("Retry-After 9999999")
@@ -222,6 +242,7 @@ def case_silent_provider_costs_one_timeout(p):
     first = rec["attempt_log"][0]
     assert (first["model"], first["outcome"], first["class"], first.get("timeout")) == \
         ("m-main", "timeout", "failover", "first_byte"), rec
+    measure("silent (first byte 1.5 s)", took, rec)
     assert 1400 <= first["latency_ms"] < 2500, first
     assert len(p.calls(p.oa, "m-main", t_start)) == 1, "a silent provider must cost one call"
     p.healthy()
@@ -236,6 +257,7 @@ def case_stall_idle_gap(p):
     rec = p.job(job_id(hdrs))
     first = rec["attempt_log"][0]
     assert (first["outcome"], first.get("timeout")) == ("timeout", "idle"), rec
+    measure("stalled body (idle 0.5 s)", took, rec)
     assert 400 <= first["latency_ms"] < 1500, first
     assert took < 3.0, took
     p.healthy()
@@ -249,6 +271,7 @@ def case_reset_before_headers_retried_then_next(p):
     status, hdrs, doc, took = p.chat("chat", "reset")
     assert status == 200 and doc["model"] == "m-backup", doc
     rec = p.job(job_id(hdrs))
+    measure("reset before headers", took, rec)
     assert attempt_log(rec)[:2] == [("m-main", "connect", "retry"), ("m-main", "connect", "retry")], rec
     assert attempt_log(rec)[-1] == ("m-backup", "ok", "ok"), rec
     p.healthy()
@@ -265,6 +288,7 @@ def case_context_length(p):
                                           "error_message": reason}}})
     status, hdrs, doc, took = p.chat("chat", "long prompt")
     assert status == 200 and doc["model"] == "m-backup", doc
+    measure("context_length -> larger target", took, p.job(job_id(hdrs)))
     # the larger target refuses too: claude-x has no larger max_context_tokens: end cleanly
     p.oa.set_state({"models": {m: {"mode": "error", "status": 400,
                                    "error_code": "context_length_exceeded",
@@ -277,6 +301,7 @@ def case_context_length(p):
     assert hdrs.get("x-should-retry") == "false", hdrs
     assert p.calls(p.an, "claude-x", t_an) == [], "claude-x has no larger context"
     rec = p.job(job_id(hdrs))
+    measure("context_length, none larger: 400", took, rec)
     assert rec["status"] == "failed" and rec["error"]["code"] == "context_length_exceeded", rec
     assert ("claude-x", "context_length_exceeded", "skip") in attempt_log(rec), rec
     p.healthy()
@@ -297,6 +322,7 @@ def case_content_filter_ends(p):
     assert p.calls(p.oa, "m-backup", t0) == [], "a content filter must not fail over"
     rec = p.job(job_id(hdrs))
     assert rec["error"]["reason"] == reason, rec
+    measure("content_filter: 400", took, rec)
     assert attempt_log(rec) == [("m-main", "content_filter", "end")], rec
     p.healthy()
     p.primary_serves("content filter")
@@ -314,6 +340,7 @@ def case_bad_request_next_provider_or_end(p):
     assert p.calls(p.oa, "m-backup", t0) == [], "m-backup is the same provider"
     rec = p.job(job_id(hdrs))
     assert ("m-backup", "refused", "skip") in attempt_log(rec), rec
+    measure("other 400 -> next provider", took, rec)
 
     p.oa.set_state({"models": {"m-strict": {"mode": "error", "status": 400,
                                             "error_code": "invalid_value",
@@ -323,6 +350,7 @@ def case_bad_request_next_provider_or_end(p):
     assert status == 400, (status, doc)
     assert "Invalid value for 'top_k'." in doc["error"]["message"], doc
     assert p.calls(p.an, "claude-x", t_an) == [], "on_bad_request end"
+    measure("other 400, on_bad_request end", took, p.job(job_id(hdrs)))
     p.healthy()
     p.primary_serves("bad request")
 
@@ -347,18 +375,21 @@ def case_anthropic_and_gemini_classes(p):
     p.healthy()
     rec = p.job(rec_id, timeout=T(30))  # replayed once the route is up again
     assert rec["status"] == "succeeded" and rec["source"]["topic"] == "promptq.retry.chat", rec
+    measure("all busy (503/529): 504, parked", took, rec)
 
     p.ge.set_state({"models": {"g-1": {"mode": "error", "status": 429,
                                        "error_code": "RESOURCE_EXHAUSTED",
                                        "error_message": "Quota exceeded"}}})
     status, hdrs, doc, took = p.chat("gem", "gemini busy")
     assert status == 200 and doc["model"] == "m-backup", doc
+    measure("Gemini RESOURCE_EXHAUSTED", took, p.job(job_id(hdrs)))
     p.ge.set_state({"models": {"g-1": {"mode": "error", "status": 200,
                                        "error_body": json.dumps(
                                            {"promptFeedback": {"blockReason": "SAFETY"}})}}})
     time.sleep(3.2)  # g-1's rest after the 429 (max_rest_ms) is over
     status, hdrs, doc, took = p.chat("gem", "blocked")
     assert status == 400 and doc["error"]["code"] == "content_filter", (status, doc)
+    measure("Gemini safety block: 400", took, p.job(job_id(hdrs)))
     p.healthy()
     p.primary_serves("anthropic/gemini")
 
@@ -381,8 +412,12 @@ def case_flapping_primary(p):
     # the primary came back in the later up windows, not only at the start
     later = [m for t, m in served if t > t_end - 4]
     assert "m-main" in later, served
+    MEASURED.append("%-34s %d calls in 8 s: m-main %d, m-backup %d, all 200" % (
+        "flapping 503 (0.7 s of 1.4 s)", len(models), models.count("m-main"),
+        models.count("m-backup")))
     p.healthy()
-    p.primary_serves("flapping")
+    back = p.primary_serves("flapping")
+    MEASURED.append("%-34s %6.2f s until m-main answers again" % ("recovery after flapping", back))
 
 
 def case_budget_tries_the_fallback_before_the_504(p):
@@ -410,7 +445,31 @@ def case_budget_tries_the_fallback_before_the_504(p):
     second = rec["attempt_log"][1]
     assert second["model"] == "claude-slow" and second["outcome"] == "timeout", rec
     assert first["latency_ms"] + second["latency_ms"] <= SYNC_MS, rec
+    measure("budget: both silent (504, parked)", took, rec)
     p.primary_serves("budget")
+
+
+def case_streaming_through_failover(p):
+    """stream: true through the same policy: a 429 on m-main, the SSE answer comes from
+    m-backup."""
+    p.oa.set_state({"models": {"m-main": {"mode": "rate_limit", "retry_after": None}}})
+    body = {"model": "chat", "stream": True,
+            "messages": [{"role": "user", "content": "stream me"}]}
+    t0 = time.monotonic()
+    status, hdrs, raw = harness.http("POST", p.st.broker_url + "/v1/chat/completions", body,
+                                     AUTH, timeout=T(30))
+    took = time.monotonic() - t0
+    assert status == 200, (status, raw)
+    assert hdrs.get("content-type", "").startswith("text/event-stream"), hdrs
+    events = [json.loads(l[6:]) for l in raw.decode().splitlines()
+              if l.startswith("data: ") and l != "data: [DONE]"]
+    assert events and all(e["model"] == "m-backup" for e in events), events
+    assert "data: [DONE]" in raw.decode()
+    text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    assert text == "echo: stream me", text
+    measure("stream: 429 on the primary", took, p.job(job_id(hdrs)))
+    p.healthy()
+    p.primary_serves("stream")
 
 
 def case_no_secret_in_errors(p):
@@ -435,7 +494,8 @@ CASES = [case_baseline, case_429_one_model_does_not_block_the_fallback,
          case_stall_idle_gap, case_reset_before_headers_retried_then_next, case_context_length,
          case_content_filter_ends, case_bad_request_next_provider_or_end,
          case_anthropic_and_gemini_classes, case_flapping_primary,
-         case_budget_tries_the_fallback_before_the_504, case_no_secret_in_errors]
+         case_budget_tries_the_fallback_before_the_504, case_streaming_through_failover,
+         case_no_secret_in_errors]
 
 
 def test_policy_cases_on_one_stack():
@@ -448,6 +508,9 @@ def test_policy_cases_on_one_stack():
             case(p)
             timings.append("%s %.1fs" % (case.__name__, time.monotonic() - t0))
             print("  ok %s" % timings[-1], flush=True)
+        print("fault                              client  attempts per target -> answered by")
+        for line in MEASURED:
+            print("  " + line, flush=True)
 
 
 if __name__ == "__main__":
