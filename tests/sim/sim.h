@@ -27,12 +27,20 @@
  *                     "model", Azure deployment, Gemini path model, watsonx "model_id") meet
  *                     it instead of the top level; non-chat routes meet the top level
  *     revoke_tokens   top level only
- *   "down" only at the top level (not in models nor in a schedule's down: a 400 names it).
- *   GET /_sim/state; GET /_sim/stats (by_status, by_path, by_model {"<model>": {requests,
- *   by_status}}, ...); GET /_sim/log {"calls": [{t_ms, model, path, status, outcome}]} for
- *   the last 1000 chat calls (t_ms: arrival, monotonic ms since start; status 0: no answer;
- *   outcome ok|error|rate_limit|reset|hang|stall|malformed); POST /_sim/reset zeroes the
- *   stats and clears by_model and the log. */
+ *     chunk_ms        streamed answers (OpenAI/Azure/watsonx "stream": true, watsonx
+ *                     /ml/v1/text/chat_stream, Anthropic "stream": true, Gemini
+ *                     :streamGenerateContent?alt=sse): delay between SSE events, 0 (default):
+ *                     all at once. The answer text is cut into one event per word.
+ *     stream_cut_after  N: close the connection after the Nth event (no end marker, no final
+ *                     chunk); stream_malformed_at N: the Nth event's data is cut in half (not
+ *                     JSON); stream_no_done true: no [DONE] (OpenAI, Azure) nor
+ *                     message_stop (Anthropic); Gemini and watsonx have no end marker. Events count
+ * from 1, every event of the stream (role/start and usage events included). "down" only at the top
+ * level (not in models nor in a schedule's down: a 400 names it). GET /_sim/state; GET /_sim/stats
+ * (by_status, by_path, by_model {"<model>": {requests, by_status}}, ...); GET /_sim/log {"calls":
+ * [{t_ms, model, path, status, outcome}]} for the last 1000 chat calls (t_ms: arrival, monotonic ms
+ * since start; status 0: no answer; outcome ok|error|rate_limit|reset|hang|stall|malformed); POST
+ * /_sim/reset zeroes the stats and clears by_model and the log. */
 #ifndef PROMPTQ_SIM_H
 #define PROMPTQ_SIM_H
 
@@ -72,17 +80,21 @@ typedef struct pq_sim_model_state_s pq_sim_model_state_t;
 
 struct pq_sim_state_s {
     pq_sim_mode_t mode;
-    int status;             /* error mode and failure_rate answers; default 500 */
-    char retry_after[64];   /* Retry-After value; default "1" */
-    int retry_after_set;    /* retry_after given explicitly (then also sent in error mode) */
-    int retry_after_none;   /* retry_after null or "": no Retry-After header, even on 429 */
-    int64_t retry_after_ms; /* -1: no retry-after-ms header */
-    int64_t latency_ms;     /* delay before every answer (not down/hang) */
-    double failure_rate;    /* ok mode: this fraction of answers become `status` */
-    char *error_body;       /* owned; NULL: the format's own error JSON */
-    char *error_code;       /* owned; NULL: none. The format's own error code (error documents) */
-    char *error_message;    /* owned; NULL: a default message */
-    int revoke_tokens;      /* applying this state revokes every IAM token issued so far */
+    int status;                  /* error mode and failure_rate answers; default 500 */
+    char retry_after[64];        /* Retry-After value; default "1" */
+    int retry_after_set;         /* retry_after given explicitly (then also sent in error mode) */
+    int retry_after_none;        /* retry_after null or "": no Retry-After header, even on 429 */
+    int64_t retry_after_ms;      /* -1: no retry-after-ms header */
+    int64_t latency_ms;          /* delay before every answer (not down/hang) */
+    int64_t chunk_ms;            /* streamed answers: delay between events; 0: all at once */
+    int64_t stream_cut_after;    /* streamed: close the connection after N events; 0: never */
+    int64_t stream_malformed_at; /* streamed: event N's data is broken JSON; 0: none */
+    int stream_no_done;          /* streamed: leave out the end marker ([DONE], message_stop) */
+    double failure_rate;         /* ok mode: this fraction of answers become `status` */
+    char *error_body;            /* owned; NULL: the format's own error JSON */
+    char *error_code;    /* owned; NULL: none. The format's own error code (error documents) */
+    char *error_message; /* owned; NULL: a default message */
+    int revoke_tokens;   /* applying this state revokes every IAM token issued so far */
     /* Flapping: for the first down_ms of every period_ms (from when the state was applied)
      * sched_down applies instead of this state. period_ms 0: no schedule. */
     int64_t period_ms, down_ms;
@@ -142,6 +154,10 @@ int64_t pq_sim_core_tokens(size_t bytes);
  * concatenated, or null (""). Returns 0 with *out new (NUL-terminated; caller frees) or -1 when
  * content is none of those. Pure. */
 int pq_sim_core_text(const json_t *content, char **out, size_t *len);
+
+/* End (exclusive) of the piece of text that starts at off: the spaces there and the word after
+ * them, so pieces joined give text back. Streamed answers send one piece per event. Pure. */
+size_t pq_sim_core_piece_end(const char *text, size_t len, size_t off);
 
 /* Appends doc as compact JSON to out with a single evbuffer_add (one copy, no per-token calls).
  * Returns 0, or -1 if doc cannot be serialised. */
@@ -221,6 +237,22 @@ void pq_sim_call_json(pq_sim_call_t *call, int status, json_t *doc);
 void pq_sim_call_error(pq_sim_call_t *call, int status, pq_sim_ekind_t kind, const char *message,
                        const char *param, const char *code);
 
+/* Makes the call's answer a streamed one: 200, Content-Type text/event-stream, the events added
+ * with pq_sim_call_stream_event sent one by one chunk_ms apart (the state's stream_* faults
+ * applied). eol: the line end the events use ("\n", or "\r\n" as Gemini sends). Returns 0, or
+ * -1 when out of memory (the call then answers 500). */
+int pq_sim_call_stream(pq_sim_call_t *call, const char *eol);
+
+/* Appends an SSE event to a streamed answer: an "event:" line when event is not NULL, and one
+ * "data:" line with doc as compact JSON (doc: borrowed), or raw when doc is NULL. done: the
+ * stream's end marker ([DONE], message_stop), which stream_no_done leaves out. Returns 0, or -1
+ * when out of memory. */
+int pq_sim_call_stream_event(pq_sim_call_t *call, const char *event, const json_t *doc,
+                             const char *raw, int done);
+
+/* 1 when the call's body asks for a streamed answer ("stream": true); doc: borrowed. */
+int pq_sim_wants_stream(const json_t *doc);
+
 /* Counts tokens of a successful answer into the stats. */
 void pq_sim_call_tokens(pq_sim_call_t *call, int64_t tokens);
 
@@ -277,7 +309,16 @@ void pq_sim_openai_error(pq_sim_call_t *call, int status, const pq_sim_error_t *
 /* 1 if the request's Content-Type is application/json (parameters allowed). */
 int pq_sim_json_content_type(struct evhttp_request *req);
 
-/* Sets a chat.completion answer for p, showing `model`. */
+/* Streams ans as OpenAI chat.completion.chunk events (pq_sim_call_stream): a role chunk, one
+ * chunk per word, a chunk with the finish reason, then a usage chunk (choices []) when usage is
+ * set, then [DONE] when done_marker is set. watsonx: chunks also carry model_id and the events
+ * are named "message" (watsonx's text/chat_stream). Returns 0, or -1 when out of memory. */
+int pq_sim_openai_stream(pq_sim_call_t *call, const char *id, const char *model, int watsonx,
+                         const pq_sim_answer_t *ans, int64_t ptok, int64_t ctok, int usage,
+                         int done_marker);
+
+/* Sets a chat.completion answer for p, showing `model`; a stream of chat.completion.chunk
+ * events when p's body has "stream": true (usage with stream_options.include_usage). */
 void pq_sim_openai_reply(pq_sim_call_t *call, const char *model, const pq_sim_prompt_t *p);
 
 /* ---- server (sim_server.c) ---- */

@@ -98,6 +98,55 @@ static long content_bytes(const json_t *content, char **last, size_t *last_len)
     return (long)n;
 }
 
+/* One named event whose data is doc (taken) with its "type" set to the event name. */
+static int anthropic_event(pq_sim_call_t *call, const char *type, json_t *doc, int done)
+{
+    int rc = -1;
+
+    if (doc && !json_object_set_new(doc, "type", json_string(type)))
+        rc = pq_sim_call_stream_event(call, type, doc, NULL, done);
+    json_decref(doc);
+    return rc;
+}
+
+/* The Messages stream: message_start, a text block (one delta per word, a ping after the block
+ * start), message_delta with the stop reason and output usage, message_stop. */
+static int anthropic_stream(pq_sim_call_t *call, const char *id, const char *model,
+                            const pq_sim_answer_t *ans, int64_t itok, int64_t otok)
+{
+    if (pq_sim_call_stream(call, "\n") ||
+        anthropic_event(call, "message_start",
+                        json_pack("{s:{s:s, s:s, s:s, s:[], s:s, s:n, s:n, s:{s:I, s:i}}}",
+                                  "message", "id", id, "type", "message", "role", "assistant",
+                                  "content", "model", model, "stop_reason", "stop_sequence",
+                                  "usage", "input_tokens", (json_int_t)itok, "output_tokens", 1),
+                        0) ||
+        anthropic_event(call, "content_block_start",
+                        json_pack("{s:i, s:{s:s, s:s}}", "index", 0, "content_block", "type",
+                                  "text", "text", ""),
+                        0) ||
+        anthropic_event(call, "ping", json_object(), 0))
+        return -1;
+    for (size_t off = 0, end; off < ans->len; off = end) {
+        end = pq_sim_core_piece_end(ans->text, ans->len, off);
+        if (anthropic_event(call, "content_block_delta",
+                            json_pack("{s:i, s:{s:s, s:s%}}", "index", 0, "delta", "type",
+                                      "text_delta", "text", ans->text + off, end - off),
+                            0))
+            return -1;
+    }
+    return anthropic_event(call, "content_block_stop", json_pack("{s:i}", "index", 0), 0) ||
+                   anthropic_event(call, "message_delta",
+                                   json_pack("{s:{s:s, s:n}, s:{s:I}}", "delta", "stop_reason",
+                                             ans->truncated ? "max_tokens" : "end_turn",
+                                             "stop_sequence", "usage", "output_tokens",
+                                             (json_int_t)otok),
+                                   0) ||
+                   anthropic_event(call, "message_stop", json_object(), 1)
+               ? -1
+               : 0;
+}
+
 static void anthropic_messages(pq_sim_call_t *call)
 {
     struct evhttp_request *req = pq_sim_call_request(call);
@@ -210,7 +259,13 @@ static void anthropic_messages(pq_sim_call_t *call)
                      "text", "text", ans.text, ans.len, "stop_reason",
                      ans.truncated ? "max_tokens" : "end_turn", "stop_sequence", "usage",
                      "input_tokens", (json_int_t)itok, "output_tokens", (json_int_t)otok);
-    if (resp) {
+    if (resp && pq_sim_wants_stream(doc)) {
+        json_decref(resp);
+        if (anthropic_stream(call, id, model, &ans, itok, otok) == 0)
+            pq_sim_call_tokens(call, itok + otok);
+        else
+            pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "could not build the answer", NULL, NULL);
+    } else if (resp) {
         pq_sim_call_json(call, 200, resp);
         pq_sim_call_tokens(call, itok + otok);
     } else {

@@ -124,3 +124,17 @@ int pq_sim_core_dump(const json_t *doc, struct evbuffer *out)
     free(heap);
     return rc;
 }
+
+size_t pq_sim_core_piece_end(const char *text, size_t len, size_t off)
+{
+    while (off < len && text[off] == ' ')
+        off++;
+    while (off < len && text[off] != ' ')
+        off++;
+    return off;
+}
+
+int pq_sim_wants_stream(const json_t *doc)
+{
+    return json_is_true(json_object_get(doc, "stream"));
+}

@@ -9,8 +9,9 @@
 
 #include <event2/keyvalq_struct.h>
 
-#define MSG_MAX    512
-#define GEN_SUFFIX ":generateContent"
+#define MSG_MAX       512
+#define GEN_SUFFIX    ":generateContent"
+#define STREAM_SUFFIX ":streamGenerateContent"
 
 static int gemini_auth_key(struct evhttp_request *req, char *buf, size_t size)
 {
@@ -95,9 +96,10 @@ static const pq_sim_format_t gemini_format = {
     .error = gemini_error,
 };
 
-static int match_generate(const char *path, pq_sim_call_t *call)
+/* 1 when path is models/{model}<suffix> (v1beta or v1); the model goes to the call's arg. */
+static int match_suffix(const char *path, pq_sim_call_t *call, const char *suffix)
 {
-    size_t n = strlen(path), slen = sizeof(GEN_SUFFIX) - 1, plen;
+    size_t n = strlen(path), slen = strlen(suffix), plen;
 
     if (!strncmp(path, "/v1beta/models/", 15))
         plen = 15;
@@ -105,10 +107,74 @@ static int match_generate(const char *path, pq_sim_call_t *call)
         plen = 11;
     else
         return 0;
-    if (n <= plen + slen || strcmp(path + n - slen, GEN_SUFFIX) != 0)
+    if (n <= plen + slen || strcmp(path + n - slen, suffix) != 0)
         return 0;
     pq_sim_call_set_arg(call, path + plen, n - plen - slen);
     return 1;
+}
+
+static int match_generate(const char *path, pq_sim_call_t *call)
+{
+    return match_suffix(path, call, GEN_SUFFIX);
+}
+
+static int match_stream(const char *path, pq_sim_call_t *call)
+{
+    return match_suffix(path, call, STREAM_SUFFIX);
+}
+
+/* One GenerateContentResponse of a stream: text (len bytes), the finish reason on the last,
+ * usage so far on each. */
+static json_t *stream_response(const char *text, size_t len, const char *finish, int64_t ptok,
+                               int64_t ctok, const char *model, const char *id)
+{
+    json_t *doc = json_pack("{s:[{s:{s:s, s:[{s:s%}]}, s:i}], s:{s:I, s:I, s:I}, s:s, s:s}",
+                            "candidates", "content", "role", "model", "parts", "text", text, len,
+                            "index", 0, "usageMetadata", "promptTokenCount", (json_int_t)ptok,
+                            "candidatesTokenCount", (json_int_t)ctok, "totalTokenCount",
+                            (json_int_t)(ptok + ctok), "modelVersion", model, "responseId", id);
+    if (doc && finish)
+        json_object_set_new(json_array_get(json_object_get(doc, "candidates"), 0), "finishReason",
+                            json_string(finish));
+    return doc;
+}
+
+/* streamGenerateContent: with alt=sse an SSE stream (CRLF line ends, as Gemini sends), one
+ * response per word; without it one JSON array of those responses. */
+static int gemini_stream(pq_sim_call_t *call, const pq_sim_answer_t *ans, int64_t ptok,
+                         int64_t ctok, const char *model, const char *id)
+{
+    char alt[16];
+    int sse = pq_sim_call_query(call, "alt", alt, sizeof(alt)) == 0 && !strcmp(alt, "sse");
+    json_t *arr = sse ? NULL : json_array(), *doc;
+    int rc = -1;
+
+    if ((sse && pq_sim_call_stream(call, "\r\n")) || (!sse && !arr))
+        goto out;
+    for (size_t off = 0, end; off < ans->len; off = end) {
+        end = pq_sim_core_piece_end(ans->text, ans->len, off);
+        doc = stream_response(ans->text + off, end - off,
+                              end == ans->len ? (ans->truncated ? "MAX_TOKENS" : "STOP") : NULL,
+                              ptok, end == ans->len ? ctok : pq_sim_core_tokens(end), model, id);
+        if (!doc)
+            goto out;
+        if (sse) {
+            int err = pq_sim_call_stream_event(call, NULL, doc, NULL, 0);
+            json_decref(doc);
+            if (err)
+                goto out;
+        } else if (json_array_append_new(arr, doc)) {
+            goto out;
+        }
+    }
+    if (!sse) {
+        pq_sim_call_json(call, 200, arr);
+        arr = NULL;
+    }
+    rc = 0;
+out:
+    json_decref(arr);
+    return rc;
 }
 
 static void invalid(pq_sim_call_t *call, const char *msg)
@@ -137,7 +203,8 @@ static long parts_bytes(const json_t *parts)
     return (long)n;
 }
 
-static void gemini_generate(pq_sim_call_t *call)
+/* generateContent, or streamGenerateContent when stream is set. */
+static void gemini_answer(pq_sim_call_t *call, int stream)
 {
     pq_sim_t *sim = pq_sim_call_sim(call);
     const char *model = pq_sim_call_arg(call), *body, *role;
@@ -221,7 +288,13 @@ static void gemini_generate(pq_sim_call_t *call)
                      "usageMetadata", "promptTokenCount", (json_int_t)ptok, "candidatesTokenCount",
                      (json_int_t)ctok, "totalTokenCount", (json_int_t)(ptok + ctok), "modelVersion",
                      model, "responseId", id);
-    if (resp) {
+    if (resp && stream) {
+        json_decref(resp);
+        if (gemini_stream(call, &ans, ptok, ctok, model, id) == 0)
+            pq_sim_call_tokens(call, ptok + ctok);
+        else
+            pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "could not build the answer", NULL, NULL);
+    } else if (resp) {
         pq_sim_call_json(call, 200, resp);
         pq_sim_call_tokens(call, ptok + ctok);
     } else {
@@ -233,7 +306,18 @@ out_free:
     json_decref(doc);
 }
 
+static void gemini_generate(pq_sim_call_t *call)
+{
+    gemini_answer(call, 0);
+}
+
+static void gemini_stream_generate(pq_sim_call_t *call)
+{
+    gemini_answer(call, 1);
+}
+
 const pq_sim_route_t pq_sim_gemini_routes[] = {
     {&gemini_format, EVHTTP_REQ_POST, match_generate, gemini_generate, 1, ""},
+    {&gemini_format, EVHTTP_REQ_POST, match_stream, gemini_stream_generate, 1, ""},
     {NULL, 0, NULL, NULL, 0, NULL},
 };

@@ -27,7 +27,10 @@ static void usage(FILE *f)
         "                     \"error_body\":\"...\", \"error_code\":\"...\", "
         "\"error_message\":\"...\",\n"
         "                     \"schedule\":{\"period_ms\":N, \"down_ms\":M, \"down\":{STATE}},\n"
-        "                     \"models\":{\"MODEL\":{STATE}}, \"revoke_tokens\":false}\n"
+        "                     \"models\":{\"MODEL\":{STATE}}, \"revoke_tokens\":false,\n"
+        "                     \"chunk_ms\":0, \"stream_cut_after\":0, "
+        "\"stream_malformed_at\":0,\n"
+        "                     \"stream_no_done\":false}\n"
         "                    replaces the whole state (absent fields: defaults)\n"
         "  GET  /_sim/state, GET /_sim/stats, GET /_sim/log (last 1000 chat calls),\n"
         "  POST /_sim/reset (zeroes the stats, clears the log)\n"
@@ -37,6 +40,11 @@ static void usage(FILE *f)
         "document with that code (error_body wins). down: top level only.\n"
         "down closes --listen (refused; held calls reset), any other mode re-binds it.\n"
         "A new state answers hanging calls (finishes stalled ones) that it no longer holds.\n"
+        "Streams (SSE, one event per word) when asked: \"stream\": true (OpenAI, Azure,\n"
+        "Anthropic, watsonx), /ml/v1/text/chat_stream, Gemini M:streamGenerateContent?alt=sse.\n"
+        "chunk_ms: delay between events (0: all at once); stream_cut_after N: close after the\n"
+        "Nth event; stream_malformed_at N: the Nth event is not JSON; stream_no_done: no\n"
+        "[DONE] / message_stop.\n"
         "Prints \"listening=HOST:PORT control=HOST:PORT\" once bound (port 0: any).\n"
         "--key (repeatable): requests must carry one of the keys in the format's header.\n");
 }

@@ -322,6 +322,66 @@ out_fail:
     return -1;
 }
 
+/* One chat.completion.chunk; delta: taken (NULL: no choices, for the usage chunk). */
+static int chunk_event(pq_sim_call_t *call, const char *id, const char *model, int watsonx,
+                       json_int_t created, json_t *delta, const char *finish, json_t *usage)
+{
+    json_t *doc = json_pack("{s:s, s:s, s:I, s:s, s:[]}", "id", id, "object",
+                            "chat.completion.chunk", "created", created, "model", model, "choices");
+    int rc = -1;
+
+    if (!doc)
+        goto out;
+    if (delta && json_array_append_new(json_object_get(doc, "choices"),
+                                       json_pack("{s:i, s:O, s:n, s:o}", "index", 0, "delta", delta,
+                                                 "logprobs", "finish_reason",
+                                                 finish ? json_string(finish) : json_null())))
+        goto out;
+    if (watsonx)
+        json_object_set_new(doc, "model_id", json_string(model));
+    else
+        json_object_set_new(doc, "system_fingerprint", json_string("fp_sim"));
+    if (usage)
+        json_object_set(doc, "usage", usage);
+    rc = pq_sim_call_stream_event(call, watsonx ? "message" : NULL, doc, NULL, 0);
+out:
+    json_decref(delta);
+    json_decref(doc);
+    return rc;
+}
+
+int pq_sim_openai_stream(pq_sim_call_t *call, const char *id, const char *model, int watsonx,
+                         const pq_sim_answer_t *ans, int64_t ptok, int64_t ctok, int usage,
+                         int done_marker)
+{
+    json_int_t created = (json_int_t)pq_sim_now_s(pq_sim_call_sim(call));
+    const char *finish = ans->truncated ? "length" : "stop";
+    json_t *u = json_pack("{s:I, s:I, s:I}", "prompt_tokens", (json_int_t)ptok, "completion_tokens",
+                          (json_int_t)ctok, "total_tokens", (json_int_t)(ptok + ctok));
+    int rc = -1;
+
+    if (!u || pq_sim_call_stream(call, "\n") ||
+        chunk_event(call, id, model, watsonx, created,
+                    json_pack("{s:s, s:s}", "role", "assistant", "content", ""), NULL, NULL))
+        goto out;
+    for (size_t off = 0, end; off < ans->len; off = end) {
+        end = pq_sim_core_piece_end(ans->text, ans->len, off);
+        if (chunk_event(call, id, model, watsonx, created,
+                        json_pack("{s:s%}", "content", ans->text + off, end - off), NULL, NULL))
+            goto out;
+    }
+    /* watsonx puts the usage on its last chunk; OpenAI sends a chunk of its own */
+    if (chunk_event(call, id, model, watsonx, created, json_object(), finish,
+                    watsonx && usage ? u : NULL) ||
+        (!watsonx && usage && chunk_event(call, id, model, 0, created, NULL, NULL, u)) ||
+        (done_marker && pq_sim_call_stream_event(call, NULL, NULL, "[DONE]", 1)))
+        goto out;
+    rc = 0;
+out:
+    json_decref(u);
+    return rc;
+}
+
 void pq_sim_openai_reply(pq_sim_call_t *call, const char *model, const pq_sim_prompt_t *p)
 {
     pq_sim_t *sim = pq_sim_call_sim(call);
@@ -346,7 +406,17 @@ void pq_sim_openai_reply(pq_sim_call_t *call, const char *model, const pq_sim_pr
                      "finish_reason", ans.truncated ? "length" : "stop", "logprobs", "usage",
                      "prompt_tokens", (json_int_t)ptok, "completion_tokens", (json_int_t)ctok,
                      "total_tokens", (json_int_t)(ptok + ctok), "system_fingerprint", "fp_sim");
-    if (!resp) {
+    if (resp && pq_sim_wants_stream(p->doc)) {
+        json_decref(resp);
+        resp = NULL;
+        if (pq_sim_openai_stream(call, id, model, 0, &ans, ptok, ctok,
+                                 json_is_true(json_object_get(
+                                     json_object_get(p->doc, "stream_options"), "include_usage")),
+                                 1) == 0)
+            pq_sim_call_tokens(call, ptok + ctok);
+        else
+            pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "could not build the answer", NULL, NULL);
+    } else if (!resp) {
         pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "could not build the answer", NULL, NULL);
     } else {
         pq_sim_call_json(call, 200, resp);

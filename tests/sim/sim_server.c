@@ -49,7 +49,15 @@
 #define PATH_KEY_MAX      200
 #define LOG_MAX           1000 /* chat calls kept by GET /_sim/log */
 
-typedef enum { STAGE_NEW = 0, STAGE_HANG, STAGE_DELAY, STAGE_STALL } stage_t;
+typedef enum { STAGE_NEW = 0, STAGE_HANG, STAGE_DELAY, STAGE_STALL, STAGE_STREAM } stage_t;
+
+/* One SSE event of a streamed answer, rendered; data_off/data_len locate its data value (for
+ * stream_malformed_at). */
+typedef struct {
+    char *text;
+    size_t len, data_off, data_len;
+    int done; /* the end marker */
+} stream_ev_t;
 
 /* What the call does once its latency has passed. */
 typedef enum { ACT_SEND = 0, ACT_RESET, ACT_STALL } action_t;
@@ -95,6 +103,20 @@ struct pq_sim_call_s {
     struct event *watch; /* client close while held */
     pq_sim_call_t *prev, *next;
     char arg[256];
+
+    /* streamed answer (pq_sim_call_stream) */
+    int stream;       /* the handler made the answer a stream */
+    int streaming;    /* headers sent, events going out (STAGE_STREAM) */
+    int detached;     /* our close callback is off the connection */
+    int gone;         /* the connection closed under the stream */
+    int own_req;      /* evhttp let go of req (closed without a reply): ours to free */
+    int cutting;      /* stream_cut_after reached: drop once the last chunk is written */
+    int stream_timer; /* timer is the stream's (stream_timer_cb), no longer the latency's */
+    char eol[3];
+    stream_ev_t *evs;
+    size_t nev, cap, next_ev, nsent;
+    int64_t chunk_ms, cut_after, malformed_at;
+    int no_done;
 };
 
 typedef struct {
@@ -340,9 +362,37 @@ static evutil_socket_t http_fd(struct evhttp *http)
 
 /* ---- calls ---- */
 
+static void stream_reset(pq_sim_call_t *c)
+{
+    for (size_t i = 0; i < c->nev; i++)
+        free(c->evs[i].text);
+    free(c->evs);
+    c->evs = NULL;
+    c->nev = c->cap = c->next_ev = c->nsent = 0;
+    c->stream = 0;
+}
+
+/* Takes our close callback off a streaming call's connection (before any end of ours). */
+static void stream_detach(pq_sim_call_t *c)
+{
+    struct evhttp_connection *evcon;
+
+    if (!c->streaming || c->detached)
+        return;
+    c->detached = 1;
+    evcon = c->req && !c->gone ? evhttp_request_get_connection(c->req) : NULL;
+    if (evcon)
+        evhttp_connection_set_closecb(evcon, NULL, NULL);
+}
+
 static void call_free(pq_sim_call_t *c)
 {
     pq_sim_t *sim = c->sim;
+
+    stream_detach(c);
+    if (c->own_req)
+        evhttp_request_free(c->req);
+    stream_reset(c);
 
     if (c->prev)
         c->prev->next = c->next;
@@ -410,8 +460,155 @@ static void call_log_update(pq_sim_call_t *c, int status)
     sim->log[n % LOG_MAX].outcome = c->outcome;
 }
 
+/* ---- streamed answers ---- */
+
+static void stream_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void call_drop(pq_sim_call_t *c, int reset);
+
+static void stream_arm(pq_sim_call_t *c, int64_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+
+    if (c->timer && !c->stream_timer) {
+        /* the latency timer, fired already: it becomes the stream's */
+        event_free(c->timer);
+        c->timer = NULL;
+    }
+    if (!c->timer)
+        c->timer = evtimer_new(c->sim->base, stream_timer_cb, c);
+    c->stream_timer = 1;
+    if (c->timer)
+        evtimer_add(c->timer, &tv);
+}
+
+/* The client's connection closed under the stream (evhttp frees it after this returns). */
+static void stream_closed_cb(struct evhttp_connection *evcon, void *arg)
+{
+    pq_sim_call_t *c = arg;
+
+    c->gone = 1;
+    c->detached = 1;
+    /* Closed before our reply ended: evhttp has let go of the request (it is ours to free);
+     * else it frees it with the connection. */
+    if (evhttp_request_get_connection(c->req) == NULL)
+        c->own_req = 1;
+    else
+        c->req = NULL;
+    stream_arm(c, 0); /* free the call outside evhttp's callback */
+}
+
+static void stream_cut_cb(struct evhttp_connection *evcon, void *arg)
+{
+    stream_arm(arg, 0);
+}
+
+/* Appends event i to out, its data cut in half when it is the malformed one. */
+static void stream_render(pq_sim_call_t *c, const stream_ev_t *e, size_t n, struct evbuffer *out)
+{
+    if (c->malformed_at != (int64_t)n) {
+        evbuffer_add(out, e->text, e->len);
+        return;
+    }
+    evbuffer_add(out, e->text, e->data_off + e->data_len / 2);
+    evbuffer_add_printf(out, "%s%s", c->eol, c->eol);
+}
+
+/* Sends the next event (all of them when chunk_ms is 0), then ends, cuts or waits. */
+static void stream_next(pq_sim_call_t *c)
+{
+    struct evbuffer *buf = evbuffer_new();
+    int cut = 0;
+
+    if (!buf) {
+        stream_detach(c);
+        call_drop(c, 0);
+        return;
+    }
+    while (c->next_ev < c->nev) {
+        stream_ev_t *e = &c->evs[c->next_ev++];
+        if (e->done && c->no_done)
+            continue;
+        stream_render(c, e, ++c->nsent, buf);
+        if (c->cut_after && (int64_t)c->nsent >= c->cut_after) {
+            cut = 1;
+            break;
+        }
+        if (c->chunk_ms > 0)
+            break;
+    }
+    if (cut) {
+        c->cutting = 1;
+        evhttp_send_reply_chunk_with_cb(c->req, buf, stream_cut_cb, c);
+        evbuffer_free(buf);
+        return;
+    }
+    if (evbuffer_get_length(buf))
+        evhttp_send_reply_chunk(c->req, buf);
+    evbuffer_free(buf);
+    if (c->next_ev < c->nev) {
+        stream_arm(c, c->chunk_ms);
+        return;
+    }
+    stream_detach(c);
+    evhttp_send_reply_end(c->req);
+    call_free(c);
+}
+
+static void stream_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    pq_sim_call_t *c = arg;
+
+    if (c->gone) {
+        call_free(c);
+        return;
+    }
+    if (c->cutting) {
+        stream_detach(c);
+        call_drop(c, 0);
+        return;
+    }
+    stream_next(c);
+}
+
+/* Starts a streamed answer: counts it, sends the status line and headers, then the events. */
+static void stream_begin(pq_sim_call_t *c)
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(c->req);
+
+    call_count(c);
+    call_log_update(c, c->status);
+    set_header(c->req, "Content-Type", "text/event-stream");
+    set_header(c->req, "Cache-Control", "no-cache");
+    c->stage = STAGE_STREAM;
+    c->streaming = 1;
+    if (c->watch) {
+        event_free(c->watch);
+        c->watch = NULL;
+    }
+    if (evcon)
+        evhttp_connection_set_closecb(evcon, stream_closed_cb, c);
+    evhttp_send_reply_start(c->req, 200, "OK");
+    stream_next(c);
+}
+
+/* A stalled stream: the whole event stream as one body (the stall sends half of it). */
+static void stream_flatten(pq_sim_call_t *c)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(c->req);
+
+    evbuffer_drain(out, evbuffer_get_length(out));
+    for (size_t i = 0; i < c->nev; i++)
+        evbuffer_add(out, c->evs[i].text, c->evs[i].len);
+    set_header(c->req, "Content-Type", "text/event-stream");
+    stream_reset(c);
+}
+
 static void call_send(pq_sim_call_t *c)
 {
+    if (c->stream) {
+        stream_begin(c);
+        return;
+    }
     call_count(c);
     call_log_update(c, c->status);
     evhttp_send_reply(c->req, c->status, reason_phrase(c->status), NULL);
@@ -420,7 +617,7 @@ static void call_send(pq_sim_call_t *c)
 
 static evutil_socket_t call_fd(pq_sim_call_t *c)
 {
-    struct evhttp_connection *evcon = evhttp_request_get_connection(c->req);
+    struct evhttp_connection *evcon = c->req ? evhttp_request_get_connection(c->req) : NULL;
     struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
     return bev ? bufferevent_getfd(bev) : -1;
 }
@@ -428,7 +625,8 @@ static evutil_socket_t call_fd(pq_sim_call_t *c)
 /* Frees the call and its connection, with a reset (SO_LINGER 0) or a plain close. */
 static void call_drop(pq_sim_call_t *c, int reset)
 {
-    struct evhttp_connection *evcon = evhttp_request_get_connection(c->req);
+    struct evhttp_connection *evcon =
+        c->req && !c->own_req ? evhttp_request_get_connection(c->req) : NULL;
     struct linger lg = {1, 0};
     evutil_socket_t fd = call_fd(c);
 
@@ -675,6 +873,11 @@ static void call_prepare(pq_sim_call_t *c, const pq_sim_state_t *st)
     struct evbuffer *out = evhttp_request_get_output_buffer(c->req);
 
     evbuffer_drain(out, evbuffer_get_length(out));
+    stream_reset(c);
+    c->chunk_ms = st->chunk_ms;
+    c->cut_after = st->stream_cut_after;
+    c->malformed_at = st->stream_malformed_at;
+    c->no_done = st->stream_no_done;
     c->tokens = 0;
     c->action = ACT_SEND;
     c->outcome = OUT_OK;
@@ -688,7 +891,10 @@ static void call_prepare(pq_sim_call_t *c, const pq_sim_state_t *st)
         call_handle(c);
         c->status = 200;
         c->tokens = 0;
-        body_truncate(c);
+        if (c->stream)
+            c->malformed_at = 1; /* a stream's first event is broken */
+        else
+            body_truncate(c);
         return;
     }
     if (call_auth(c))
@@ -717,6 +923,8 @@ static void call_prepare(pq_sim_call_t *c, const pq_sim_state_t *st)
     }
     call_handle(c);
     if (st->mode == PQ_SIM_MODE_STALL) {
+        if (c->stream)
+            stream_flatten(c);
         c->action = ACT_STALL;
         c->outcome = OUT_STALL;
     }
@@ -1114,6 +1322,53 @@ void pq_sim_call_error(pq_sim_call_t *call, int status, pq_sim_ekind_t kind, con
 {
     pq_sim_error_t e = {kind, message, param, code, 0};
     call->format->error(call, status, &e);
+}
+
+int pq_sim_call_stream(pq_sim_call_t *call, const char *eol)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(call->req);
+
+    stream_reset(call);
+    evbuffer_drain(out, evbuffer_get_length(out));
+    pq_strlcpy(call->eol, eol && *eol ? eol : "\n", sizeof(call->eol));
+    call->stream = 1;
+    call->status = 200;
+    return 0;
+}
+
+int pq_sim_call_stream_event(pq_sim_call_t *call, const char *event, const json_t *doc,
+                             const char *raw, int done)
+{
+    char *data = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+    const char *d = doc ? data : (raw ? raw : "");
+    stream_ev_t *e;
+    int n;
+
+    if (doc && !data)
+        return -1;
+    if (call->nev == call->cap) {
+        size_t cap = call->cap ? call->cap * 2 : 16;
+        stream_ev_t *evs = realloc(call->evs, cap * sizeof(*evs));
+        if (!evs) {
+            free(data);
+            return -1;
+        }
+        call->evs = evs;
+        call->cap = cap;
+    }
+    e = &call->evs[call->nev];
+    memset(e, 0, sizeof(*e));
+    e->done = done;
+    n = asprintf(&e->text, "%s%s%sdata: %s%s%s", event ? "event: " : "", event ? event : "",
+                 event ? call->eol : "", d, call->eol, call->eol);
+    e->data_off = (event ? 7 + strlen(event) + strlen(call->eol) : 0) + 6;
+    free(data);
+    if (n < 0)
+        return -1;
+    e->len = (size_t)n;
+    e->data_len = strlen(d);
+    call->nev++;
+    return 0;
 }
 
 void pq_sim_call_tokens(pq_sim_call_t *call, int64_t tokens)

@@ -290,6 +290,23 @@ static int parse_object(json_t *doc, level_t level, const char *path, pq_sim_sta
         } else if (!strcmp(key, "latency_ms")) {
             if (get_int(v, "latency_ms", 0, LATENCY_MAX_MS, &out->latency_ms, errstr, errstr_size))
                 goto out_path;
+        } else if (!strcmp(key, "chunk_ms")) {
+            if (get_int(v, "chunk_ms", 0, LATENCY_MAX_MS, &out->chunk_ms, errstr, errstr_size))
+                goto out_path;
+        } else if (!strcmp(key, "stream_cut_after")) {
+            if (get_int(v, "stream_cut_after", 0, INT32_MAX, &out->stream_cut_after, errstr,
+                        errstr_size))
+                goto out_path;
+        } else if (!strcmp(key, "stream_malformed_at")) {
+            if (get_int(v, "stream_malformed_at", 0, INT32_MAX, &out->stream_malformed_at, errstr,
+                        errstr_size))
+                goto out_path;
+        } else if (!strcmp(key, "stream_no_done")) {
+            if (!json_is_boolean(v)) {
+                snprintf(errstr, errstr_size, "%sstream_no_done: must be true or false", path);
+                return -1;
+            }
+            out->stream_no_done = json_is_true(v);
         } else if (!strcmp(key, "failure_rate")) {
             if (json_is_null(v))
                 continue;
@@ -397,6 +414,12 @@ static json_t *state_json(const pq_sim_state_t *st)
         st->error_code ? json_string(st->error_code) : json_null(), "error_message",
         st->error_message ? json_string(st->error_message) : json_null());
 
+    if (doc)
+        json_object_update_new(
+            doc,
+            json_pack("{s:I, s:I, s:I, s:b}", "chunk_ms", (json_int_t)st->chunk_ms,
+                      "stream_cut_after", (json_int_t)st->stream_cut_after, "stream_malformed_at",
+                      (json_int_t)st->stream_malformed_at, "stream_no_done", st->stream_no_done));
     if (doc && st->sched_down)
         json_object_set_new(doc, "schedule",
                             json_pack("{s:I, s:I, s:o}", "period_ms", (json_int_t)st->period_ms,

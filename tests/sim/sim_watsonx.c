@@ -79,6 +79,11 @@ static int match_chat(const char *path, pq_sim_call_t *call)
     return !strcmp(path, "/ml/v1/text/chat");
 }
 
+static int match_chat_stream(const char *path, pq_sim_call_t *call)
+{
+    return !strcmp(path, "/ml/v1/text/chat_stream");
+}
+
 /* IAM answers errors in its own shape. */
 static void iam_error(pq_sim_call_t *call, int status, const char *code, const char *message)
 {
@@ -132,7 +137,8 @@ out_free:
     free(copy);
 }
 
-static void watsonx_chat(pq_sim_call_t *call)
+/* text/chat, or text/chat_stream when stream is set. */
+static void watsonx_answer(pq_sim_call_t *call, int stream)
 {
     pq_sim_t *sim = pq_sim_call_sim(call);
     pq_sim_prompt_t p;
@@ -186,7 +192,13 @@ static void watsonx_chat(pq_sim_call_t *call)
         "index", 0, "message", "role", "assistant", "content", ans.text, ans.len, "finish_reason",
         ans.truncated ? "length" : "stop", "usage", "prompt_tokens", (json_int_t)ptok,
         "completion_tokens", (json_int_t)ctok, "total_tokens", (json_int_t)(ptok + ctok));
-    if (resp) {
+    if (resp && (stream || pq_sim_wants_stream(p.doc))) {
+        json_decref(resp);
+        if (pq_sim_openai_stream(call, id, p.model, 1, &ans, ptok, ctok, 1, 0) == 0)
+            pq_sim_call_tokens(call, ptok + ctok);
+        else
+            pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "could not build the answer", NULL, NULL);
+    } else if (resp) {
         pq_sim_call_json(call, 200, resp);
         pq_sim_call_tokens(call, ptok + ctok);
     } else {
@@ -197,9 +209,20 @@ out_free:
     pq_sim_prompt_free(&p);
 }
 
+static void watsonx_chat(pq_sim_call_t *call)
+{
+    watsonx_answer(call, 0);
+}
+
+static void watsonx_chat_stream(pq_sim_call_t *call)
+{
+    watsonx_answer(call, 1);
+}
+
 /* Auth is done by the handlers: IAM checks the apikey, chat checks the token. */
 const pq_sim_route_t pq_sim_watsonx_routes[] = {
     {&watsonx_format, EVHTTP_REQ_POST, match_token, watsonx_token, 0, NULL},
     {&watsonx_format, EVHTTP_REQ_POST, match_chat, watsonx_chat, 0, "model_id"},
+    {&watsonx_format, EVHTTP_REQ_POST, match_chat_stream, watsonx_chat_stream, 0, "model_id"},
     {NULL, 0, NULL, NULL, 0, NULL},
 };
