@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -844,6 +845,222 @@ def test_stats_by_model_and_log():
         by_model = s.stats()["by_model"]
         assert len(by_model) == 257 and by_model["other"]["requests"] == 1005 - 256, \
             len(by_model)
+        assert s.proc.stop() == 0
+
+
+# ---- streamed answers ----
+
+def read_sse(url, body, headers=None, timeout=10):
+    """POSTs body and reads an SSE answer: (status, content type, [(t_s, event, data)], clean)
+    where t_s is each event's arrival (monotonic seconds) and clean says the body ended
+    properly (chunked end seen)."""
+    u = urllib.parse.urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    h = {"Content-Type": "application/json"}
+    h.update(headers or {})
+    events, ev, data, clean = [], None, [], True
+    try:
+        c.request("POST", u.path + ("?" + u.query if u.query else ""), json.dumps(body), h)
+        r = c.getresponse()
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            line = line.decode().rstrip("\r\n")
+            if line == "":
+                if data:
+                    events.append((time.monotonic(), ev, "\n".join(data)))
+                ev, data = None, []
+            elif line.startswith("event:"):
+                ev = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].lstrip(" "))
+        # http.client's readline gives b"" at a close inside the chunked body too: the
+        # stream ended properly only if the last (zero) chunk was read
+        clean = not r.chunked or r.chunk_left is None
+    except http.client.IncompleteRead:
+        clean = False
+    finally:
+        c.close()
+    return r.status, r.getheader("content-type"), events, clean
+
+
+def sim_state(s):
+    return json.loads(harness.http("GET", s.control_url + "/_sim/state")[2])
+
+
+def stream_text(fmt, events):
+    """The answer text an event stream carries, and its finish reason."""
+    text, finish = "", None
+    for _, ev, data in events:
+        if data == "[DONE]":
+            continue
+        d = json.loads(data)
+        if fmt in ("openai", "watsonx"):
+            for ch in d.get("choices", []):
+                text += ch["delta"].get("content") or ""
+                finish = ch.get("finish_reason") or finish
+        elif fmt == "anthropic":
+            if d["type"] == "content_block_delta":
+                text += d["delta"]["text"]
+            elif d["type"] == "message_delta":
+                finish = d["delta"]["stop_reason"]
+        else:
+            for cand in d.get("candidates", []):
+                text += "".join(p["text"] for p in cand["content"]["parts"])
+                finish = cand.get("finishReason") or finish
+    return text, finish
+
+
+def stream_cases(s, prompt):
+    """(format, url, non-streamed body, streamed body, headers, text of the non-streamed
+    answer) per format."""
+    msgs = [{"role": "user", "content": prompt}]
+    ah = {"anthropic-version": "2023-06-01"}
+    ab = {"model": "claude-x", "max_tokens": 100, "messages": msgs}
+    gb = {"contents": [{"role": "user", "parts": [{"text": prompt}]}]}
+    wb = {"model_id": "ibm/granite", "project_id": "p1", "messages": msgs}
+    ob = {"model": "gpt-test", "messages": msgs}
+    az = s.url + "/openai/deployments/dep1/chat/completions?api-version=2024-10-21"
+    cases = []
+    for fmt, url, surl, body, sbody, hdr, get in (
+            ("openai", s.api + "/chat/completions", None, ob, dict(ob, stream=True), {},
+             lambda d: d["choices"][0]["message"]["content"]),
+            ("openai", az, None, {"messages": msgs}, {"messages": msgs, "stream": True}, {},
+             lambda d: d["choices"][0]["message"]["content"]),
+            ("anthropic", s.url + "/v1/messages", None, ab, dict(ab, stream=True), ah,
+             lambda d: d["content"][0]["text"]),
+            ("gemini", s.url + "/v1beta/models/gem-s:generateContent",
+             s.url + "/v1beta/models/gem-s:streamGenerateContent?alt=sse", gb, gb, {},
+             lambda d: d["candidates"][0]["content"]["parts"][0]["text"]),
+            ("watsonx", s.url + "/ml/v1/text/chat?version=2024-05-01",
+             s.url + "/ml/v1/text/chat_stream?version=2024-05-01", wb, wb, {},
+             lambda d: d["choices"][0]["message"]["content"]),
+            ("watsonx", s.url + "/ml/v1/text/chat?version=2024-05-01", None, wb,
+             dict(wb, stream=True), {}, lambda d: d["choices"][0]["message"]["content"])):
+        status, _, raw = harness.http("POST", url, body, headers=dict(hdr) or None)
+        assert status == 200, (url, raw)
+        cases.append((fmt, surl or url, sbody, hdr, get(json.loads(raw))))
+    return cases
+
+
+def test_streamed_answers_match():
+    with harness.Stack("sim_stream") as st:
+        s = st.sim("a")
+        prompt = "the quick brown fox jumps"
+        for fmt, url, body, hdr, want in stream_cases(s, prompt):
+            status, ctype, events, clean = read_sse(url, body, hdr)
+            assert status == 200 and ctype.startswith("text/event-stream"), (url, status, ctype)
+            assert clean, url
+            text, finish = stream_text(fmt, events)
+            assert text == want == "echo: " + prompt, (url, text, want)
+            assert finish in ("stop", "end_turn", "STOP"), (url, finish)
+            assert len(events) >= 6, (url, len(events))  # one per word at least
+            datas = [d for _, _, d in events]
+            if fmt == "openai":
+                assert datas[-1] == "[DONE]", url
+                assert "usage" not in json.loads(datas[-2]), url  # no include_usage asked
+            if fmt == "anthropic":
+                names = [e for _, e, _ in events]
+                assert names[0] == "message_start" and names[-1] == "message_stop", names
+                assert "ping" in names, names
+            if fmt == "watsonx":
+                last = json.loads(datas[-1])
+                assert last["usage"]["total_tokens"] > 0 and last["model_id"] == "ibm/granite"
+        # OpenAI usage chunk only with stream_options.include_usage.
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}],
+                "stream": True, "stream_options": {"include_usage": True}}
+        _, _, events, _ = read_sse(s.api + "/chat/completions", body)
+        u = json.loads(events[-2][2])
+        assert u["choices"] == [] and u["usage"]["total_tokens"] > 0, u
+        # Gemini streams with CRLF line ends, as Gemini does.
+        raw = harness.http("POST", s.url + "/v1beta/models/g:streamGenerateContent?alt=sse",
+                           {"contents": [{"parts": [{"text": "a b"}]}]})[2]
+        assert raw.startswith(b"data: {") and raw.endswith(b"}\r\n\r\n"), raw
+        status, _, raw = harness.http("POST", s.url + "/v1beta/models/g:streamGenerateContent",
+                                      {"contents": [{"parts": [{"text": "a b"}]}]})
+        arr = json.loads(raw)  # without alt=sse: one JSON array of responses
+        assert status == 200 and "".join(
+            r["candidates"][0]["content"]["parts"][0]["text"] for r in arr) == "echo: a b", raw
+        # max_tokens cuts a stream as it cuts an answer.
+        _, _, events, _ = read_sse(s.api + "/chat/completions",
+                                   {"model": "m", "messages": [{"role": "user", "content": "x" * 40}],
+                                    "max_tokens": 3, "stream": True})
+        assert stream_text("openai", events) == ("echo: xxxxxx", "length"), events
+        # The stats count a streamed answer like any other.
+        assert s.stats()["by_status"].get("200", 0) >= 12 and s.stats()["inflight"] == 0
+        assert s.proc.stop() == 0
+
+
+def test_stream_chunk_ms_paces():
+    with harness.Stack("sim_stream_pace") as st:
+        s = st.sim("a")
+        prompt = "one two three four five six"
+        s.set_state({"chunk_ms": 60})
+        for fmt, url, body, hdr, want in stream_cases(s, prompt):
+            t0 = time.monotonic()
+            status, _, events, clean = read_sse(url, body, hdr)
+            assert status == 200 and clean and stream_text(fmt, events)[0] == want, url
+            first, last = events[0][0] - t0, events[-1][0] - t0
+            n = len(events)
+            assert first < 0.5 * (n - 1) * 0.060, (url, first, n)  # the first event comes at once
+            assert last - first >= 0.8 * (n - 1) * 0.060, (url, first, last, n)
+        # chunk_ms is in the state and validated.
+        assert sim_state(s)["chunk_ms"] == 60
+        assert harness.http("POST", s.control_url + "/_sim/state", {"chunk_ms": -1})[0] == 400
+        # A client leaving mid-stream frees the call; the sim keeps serving.
+        s.set_state({"chunk_ms": 200})
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": True}
+        try:
+            read_sse(s.api + "/chat/completions", body, timeout=0.3)
+        except (socket.timeout, TimeoutError, OSError):
+            pass
+        wait_for(lambda: s.stats()["inflight"] == 0, 5, "stream call freed after the client left")
+        s.set_state({})
+        assert read_sse(s.api + "/chat/completions", body)[0] == 200
+        assert s.proc.stop() == 0
+
+
+def test_stream_faults():
+    with harness.Stack("sim_stream_faults") as st:
+        s = st.sim("a")
+        body = {"model": "m", "messages": [{"role": "user", "content": "a b c d e"}],
+                "stream": True}
+        url = s.api + "/chat/completions"
+        # cut after N events: N events, then the connection closes without the chunked end.
+        for chunk_ms in (0, 20):
+            s.set_state({"stream_cut_after": 3, "chunk_ms": chunk_ms})
+            status, _, events, clean = read_sse(url, body)
+            assert status == 200 and len(events) == 3 and not clean, (chunk_ms, events, clean)
+        # the Nth event malformed: its data is not JSON, the others are.
+        s.set_state({"stream_malformed_at": 2})
+        _, _, events, clean = read_sse(url, body)
+        assert clean and events[-1][2] == "[DONE]"
+        bad = []
+        for i, (_, _, d) in enumerate(events[:-1]):
+            try:
+                json.loads(d)
+            except ValueError:
+                bad.append(i + 1)
+        assert bad == [2], bad
+        # no [DONE] / message_stop.
+        s.set_state({"stream_no_done": True})
+        _, _, events, clean = read_sse(url, body)
+        assert clean and events[-1][2] != "[DONE]" and \
+            stream_text("openai", events) == ("echo: a b c d e", "stop")
+        ab = {"model": "c", "max_tokens": 50, "messages": [{"role": "user", "content": "a b"}],
+              "stream": True}
+        _, _, events, _ = read_sse(s.url + "/v1/messages", ab, {"anthropic-version": "2023-06-01"})
+        assert [e for _, e, _ in events][-1] == "message_delta", events
+        # malformed mode breaks a stream's first event.
+        s.set_state({"mode": "malformed"})
+        _, _, events, _ = read_sse(url, body)
+        try:
+            json.loads(events[0][2])
+            assert False, events[0]
+        except ValueError:
+            pass
+        assert sim_state(s)["stream_no_done"] is False
         assert s.proc.stop() == 0
 
 
