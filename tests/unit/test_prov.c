@@ -27,6 +27,7 @@
 
 #include "http.h"
 #include "prov.h"
+#include "rate_hints.h"
 #include "promptq/conf.h"
 #include "promptq/log.h"
 #include "promptq/metrics.h"
@@ -682,6 +683,98 @@ static void test_key_rest_queued(void **state)
     assert_int_equal(w.called, 1);
 }
 
+/* ---- rate-limit header hints (pure) ---- */
+
+static int64_t hints_of(const char *const *lines, int64_t now_ms)
+{
+    pq_rate_hints_t h;
+
+    pq_rate_hints_init(&h);
+    for (; *lines; lines++)
+        pq_rate_hints_header(&h, *lines, strlen(*lines), now_ms);
+    return pq_rate_hints_wait_ms(&h);
+}
+
+static void test_rate_hints(void **state)
+{
+    /* 2026-12-04T00:00:00Z */
+    const int64_t now = 1796342400000LL;
+    int64_t ms;
+    (void)state;
+
+    {
+        const char *l[] = {"Content-Type: application/json\r\n", NULL};
+        assert_int_equal(hints_of(l, now), -1);
+    }
+    {
+        const char *l[] = {"Retry-After: 2\r\n", NULL};
+        assert_int_equal(hints_of(l, now), 2000);
+    }
+    {
+        /* retry-after-ms wins, in either order */
+        const char *a[] = {"retry-after-ms: 150\r\n", "Retry-After: 2\r\n", NULL};
+        const char *b[] = {"Retry-After: 2\r\n", "retry-after-ms: 150\r\n", NULL};
+        assert_int_equal(hints_of(a, now), 150);
+        assert_int_equal(hints_of(b, now), 150);
+    }
+    {
+        const char *l[] = {"Retry-After: Fri, 04 Dec 2026 00:00:30 GMT\r\n", NULL};
+        assert_int_equal(hints_of(l, now), 30000);
+    }
+    {
+        /* huge, negative, inf, nan, junk: clamped or ignored, never undefined */
+        const char *big[] = {"Retry-After: 9999999\r\n", NULL};
+        const char *ms15[] = {"retry-after-ms: 9e15\r\n", NULL};
+        const char *inf[] = {"retry-after-ms: inf\r\n", NULL};
+        const char *nan[] = {"retry-after-ms: nan\r\n", NULL};
+        const char *neg[] = {"Retry-After: -5\r\n", NULL};
+        const char *junk[] = {"Retry-After: soon\r\n", NULL};
+        const char *far[] = {"Retry-After: Sat, 01 Jan 9999 00:00:00 GMT\r\n", NULL};
+        assert_int_equal(hints_of(big, now), 9999999000LL);
+        assert_int_equal(hints_of(ms15, now), PQ_RATE_HINT_MAX_MS);
+        assert_int_equal(hints_of(inf, now), -1);
+        assert_int_equal(hints_of(nan, now), -1);
+        assert_int_equal(hints_of(neg, now), -1);
+        assert_int_equal(hints_of(junk, now), -1);
+        ms = hints_of(far, now);
+        assert_true(ms == -1 || (ms > 0 && ms <= PQ_RATE_HINT_MAX_MS));
+    }
+    {
+        /* OpenAI: the exhausted limit's reset */
+        const char *tok[] = {
+            "x-ratelimit-remaining-requests: 59\r\n", "x-ratelimit-remaining-tokens: 0\r\n",
+            "x-ratelimit-reset-requests: 6m0s\r\n", "x-ratelimit-reset-tokens: 20ms\r\n", NULL};
+        const char *req[] = {
+            "x-ratelimit-remaining-requests: 0\r\n", "x-ratelimit-remaining-tokens: 1000\r\n",
+            "x-ratelimit-reset-requests: 1h2m3.5s\r\n", "x-ratelimit-reset-tokens: 20ms\r\n", NULL};
+        const char *unknown[] = {"x-ratelimit-reset-requests: 1s\r\n",
+                                 "x-ratelimit-reset-tokens: 2.5s\r\n", NULL};
+        assert_int_equal(hints_of(tok, now), 20);
+        assert_int_equal(hints_of(req, now), 3723500);
+        assert_int_equal(hints_of(unknown, now), 2500);
+    }
+    {
+        /* Anthropic: RFC 3339 resets */
+        const char *l[] = {"anthropic-ratelimit-requests-remaining: 0\r\n",
+                           "anthropic-ratelimit-requests-reset: 2026-12-04T00:00:05Z\r\n",
+                           "anthropic-ratelimit-tokens-reset: 2026-12-04T00:00:01.5+00:00\r\n",
+                           NULL};
+        const char *bad[] = {"anthropic-ratelimit-tokens-reset: 2026-12-04 00:00:05\r\n", NULL};
+        assert_int_equal(hints_of(l, now), 5000);
+        assert_int_equal(hints_of(bad, now), -1);
+    }
+    /* durations */
+    assert_int_equal(pq_rate_hints_duration("6m0s", 4, &ms), 0);
+    assert_int_equal(ms, 360000);
+    assert_int_equal(pq_rate_hints_duration("0.5s", 4, &ms), 0);
+    assert_int_equal(ms, 500);
+    assert_int_equal(pq_rate_hints_duration("", 0, &ms), -1);
+    assert_int_equal(pq_rate_hints_duration("5", 1, &ms), -1);
+    assert_int_equal(pq_rate_hints_duration("5x", 2, &ms), -1);
+    assert_int_equal(pq_rate_hints_duration("s", 1, &ms), -1);
+    assert_int_equal(pq_rate_hints_duration("99999999999999999h", 18, &ms), -1);
+}
+
 /* ---- slots ---- */
 
 static void test_max_concurrency(void **state)
@@ -1325,6 +1418,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_key_rest, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_key_rest_queued, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_rest_per_model, setup_main, teardown),
+        cmocka_unit_test(test_rate_hints),
         cmocka_unit_test_setup_teardown(test_max_concurrency, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_rpm, setup_main, teardown),
         cmocka_unit_test_setup_teardown(test_tpm, setup_main, teardown),

@@ -9,11 +9,10 @@
 #include <time.h>
 #include "promptq/log.h"
 #include "promptq/util.h"
+#include "rate_hints.h"
 
 #define FREE_REQS_MAX 1024
 #define KEEP_BUF_MAX  (64 * 1024)
-/* Retry-After values are clamped here (about 31 years); callers cap them to their own policy. */
-#define RETRY_AFTER_MAX_MS 1e12
 
 typedef struct shard_s shard_t;
 
@@ -26,7 +25,7 @@ struct pq_http_req_s {
     char *resp;
     size_t resp_len, resp_cap, resp_max;
     int too_large;
-    int64_t retry_after_ms;
+    pq_rate_hints_t hints;
     int64_t started_ms;
     int64_t last_rx_ms;  /* monotonic ms of the last byte received, 0 before the first */
     int first_byte_ms;   /* 0 = none */
@@ -177,49 +176,18 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
     return n;
 }
 
-/* Retry-After: delay-seconds or an HTTP date (RFC 9110 §10.2.3); retry-after-ms: milliseconds
- * (OpenAI, Azure), preferred when both come. */
+/* Headers: the rate-limit hints (rate_hints.h) of the last response (a new status line, after
+ * 100 Continue or a redirect, starts over). */
 static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
     pq_http_req_t *r = userp;
     size_t n = size * nmemb;
-    char line[128];
-    size_t len = n < sizeof(line) - 1 ? n : sizeof(line) - 1;
-    const char *v;
-    double d;
-    char *end;
 
     note_rx(r);
-    if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
-        r->retry_after_ms = -1; /* a new response (after 100 Continue or a redirect) */
-        return n;
-    }
-    memcpy(line, data, len);
-    line[len] = '\0';
-    while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == '\n'))
-        line[--len] = '\0';
-    if (strncasecmp(line, "retry-after-ms:", 15) == 0) {
-        v = line + 15;
-        d = strtod(v, &end);
-        if (end != v && d >= 0) /* NaN fails the test; huge values (inf) are clamped */
-            r->retry_after_ms = d < RETRY_AFTER_MAX_MS ? (int64_t)d : (int64_t)RETRY_AFTER_MAX_MS;
-    } else if (strncasecmp(line, "retry-after:", 12) == 0 && r->retry_after_ms < 0) {
-        v = line + 12;
-        while (*v == ' ' || *v == '\t')
-            v++;
-        d = strtod(v, &end);
-        while (*end == ' ' || *end == '\t' || *end == '\r' || *end == '\n')
-            end++;
-        if (end != v && *end == '\0' && d >= 0 && d < 1e7) {
-            r->retry_after_ms = (int64_t)(d * 1000);
-        } else if (end == v || *end != '\0') {
-            time_t t = curl_getdate(v, NULL); /* "Wed, 21 Oct 2015 07:28:00 GMT" */
-            if (t != (time_t)-1) {
-                int64_t ms = (int64_t)t * 1000 - pq_now_ms();
-                r->retry_after_ms = ms > 0 ? ms : 0;
-            }
-        }
-    }
+    if (n >= 5 && strncmp(data, "HTTP/", 5) == 0)
+        pq_rate_hints_init(&r->hints);
+    else
+        pq_rate_hints_header(&r->hints, data, n, pq_now_ms());
     return n;
 }
 
@@ -303,7 +271,7 @@ static void check_done(shard_t *sh)
         }
         res.body = r->resp ? r->resp : "";
         res.body_len = r->resp_len;
-        res.retry_after_ms = r->retry_after_ms;
+        res.retry_after_ms = pq_rate_hints_wait_ms(&r->hints);
         res.detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(msg->data.result);
         res.elapsed_ms = pq_mono_ms() - r->started_ms;
         curl_multi_remove_handle(sh->multi, r->easy);
@@ -491,7 +459,7 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
     r->resp_len = 0;
     r->resp_max = max_response;
     r->too_large = 0;
-    r->retry_after_ms = -1;
+    pq_rate_hints_init(&r->hints);
     r->last_rx_ms = 0;
     r->first_byte_ms =
         to->first_byte_ms > 0 && to->first_byte_ms < to->total_ms ? to->first_byte_ms : 0;

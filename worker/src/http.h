@@ -32,8 +32,9 @@ typedef struct pq_http_result_s {
     long status;      /* HTTP status, 0 without an answer */
     const char *body; /* borrowed until the callback returns; NUL-terminated */
     size_t body_len;
-    int64_t retry_after_ms; /* retry-after-ms, else Retry-After (seconds or HTTP date), -1 when
-                               absent */
+    int64_t retry_after_ms; /* the wait the answer asks for (rate_hints.h: retry-after-ms,
+                               Retry-After, else the x-ratelimit / anthropic-ratelimit reset of
+                               the limit used up), -1 when it says nothing */
     const char *detail;     /* libcurl's error text (no URL, no headers), "" if none */
     int64_t elapsed_ms;
     pq_http_timeout_t timeout; /* with err PQ_ERR_TIMEOUT: which one */
