@@ -550,9 +550,16 @@ static void test_key_rest(void **state)
     assert_int_equal(acquire_now(pv, f, 1), 1 - key); /* both usable again: rotation */
     pq_prov_release(pv, 1 - key, 1, -1, 0);
 
-    /* refused keys (401): PQ_ERR_AUTH and no wake time, even after a shorter rate rest */
+    /* refused keys (401): PQ_ERR_AUTH and no wake time, even after a shorter rate rest; each
+     * refusal is counted per key index (an operator rotates the key) */
     pq_prov_key_rest(pv, 0, 100, 1);
     pq_prov_key_rest(pv, 1, 100, 1);
+    assert_int_equal(
+        pq_counter_get(pq_metrics_counter(f->metrics, "promptq_worker_key_refused_total",
+                                          "provider keys refused (401/403) by provider and key "
+                                          "index: rotate the key",
+                                          "provider=\"a\",key=\"1\"")),
+        1);
     err = PQ_OK;
     wake = -1;
     assert_int_equal(pq_prov_acquire(pv, &w.w, &key, &err, &wake), -1);

@@ -99,6 +99,7 @@ struct pq_provs_s {
 };
 
 static void circuit_open(pq_circuit_t *c, const char *why);
+static void label_value(const char *s, char *buf, size_t size);
 static void probe_start(pq_circuit_t *c);
 
 /* ---- token buckets ---- */
@@ -307,9 +308,22 @@ void pq_prov_key_rest(pq_prov_t *pv, int key, int64_t ms, int auth)
         k->rest_until = until;
         k->rest_auth = auth;
     }
-    if (pv->conf->napi_keys > 1)
-        PQ_INFO("provider %s: key #%d rests %" PRId64 " ms (%s)", pv->conf->name, key, ms,
-                auth ? "refused" : "rate limited");
+    if (auth) {
+        /* a bad key is an operator's problem: say so loudly (the index, never the key) */
+        char prov[160], labels[240];
+        label_value(pv->conf->name, prov, sizeof(prov));
+        snprintf(labels, sizeof(labels), "provider=\"%s\",key=\"%d\"", prov, key);
+        pq_counter_add(pq_metrics_counter(pv->ps->metrics, "promptq_worker_key_refused_total",
+                                          "provider keys refused (401/403) by provider and key "
+                                          "index: rotate the key",
+                                          labels),
+                       1);
+        PQ_WARN("provider %s: key #%d was refused (401/403): it rests %" PRId64 " ms; rotate it",
+                pv->conf->name, key, ms);
+    } else if (pv->conf->napi_keys > 1) {
+        PQ_INFO("provider %s: key #%d rests %" PRId64 " ms (quota for the whole key)",
+                pv->conf->name, key, ms);
+    }
 }
 
 const char *pq_prov_key(const pq_prov_t *pv, int key)
