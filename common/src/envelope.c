@@ -79,6 +79,48 @@ int pq_tenant_valid(const char *tenant)
     return charset_valid(tenant, PQ_TENANT_MAX, 0);
 }
 
+/* jansson's messages that carry no input, matched as prefixes of its error text. */
+static const char *const json_fixed_texts[] = {
+    "invalid token",      "invalid escape",   "control character",   "invalid Unicode",
+    "unexpected newline", "unexpected token", "'[' or '{' expected", "string or '}' expected",
+    "':' expected",       "'}' expected",     "']' expected",        "maximum parsing depth",
+};
+
+const char *pq_json_error_what(const json_error_t *jerr)
+{
+    size_t i;
+
+    /* jansson appends up to 20 bytes of the offending token (" near '...'"), and some texts
+     * quote input themselves ("invalid Unicode '\\uD800'"): answer from fixed strings only. */
+    for (i = 0; i < sizeof(json_fixed_texts) / sizeof(json_fixed_texts[0]); i++)
+        if (strncmp(jerr->text, json_fixed_texts[i], strlen(json_fixed_texts[i])) == 0)
+            return json_fixed_texts[i];
+    switch (json_error_code(jerr)) {
+    case json_error_out_of_memory:
+        return "out of memory";
+    case json_error_stack_overflow:
+        return "nested too deeply";
+    case json_error_invalid_utf8:
+        return "invalid UTF-8";
+    case json_error_premature_end_of_input:
+        return "premature end of input";
+    case json_error_end_of_input_expected:
+        return "end of input expected";
+    case json_error_invalid_syntax:
+        return "invalid syntax";
+    case json_error_null_character:
+        return "\\u0000 is not allowed";
+    case json_error_null_byte_in_key:
+        return "NUL byte in object key";
+    case json_error_duplicate_key:
+        return "duplicate object key";
+    case json_error_numeric_overflow:
+        return "number out of range";
+    default:
+        return "malformed";
+    }
+}
+
 /* Re-reads the borrowed pointers after root changed. Fields were validated by the parser. */
 static void env_refresh(pq_envelope_t *env)
 {
@@ -305,8 +347,8 @@ pq_err_t pq_envelope_parse(const char *buf, size_t len, const pq_envelope_limits
     }
     root = json_loadb(buf, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
     if (!root) {
-        env_err(errstr, errstr_size, "invalid JSON: %s (line %d, column %d)", jerr.text, jerr.line,
-                jerr.column);
+        env_err(errstr, errstr_size, "invalid JSON: %s (line %d, column %d, position %d)",
+                pq_json_error_what(&jerr), jerr.line, jerr.column, jerr.position);
         err = PQ_ERR_INVALID;
         goto out_clear;
     }

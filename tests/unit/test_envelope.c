@@ -1,10 +1,11 @@
 /* Envelope parsing, data-driven: each folder under $PQ_TEST_DATA/envelope/ holds input.json (raw
  * bytes, not necessarily JSON), optional limits.json ({"max_bytes","max_prompt_bytes",
  * "max_messages"}) and expected.json, either {"error": "substring", "code": "invalid" |
- * "too_large"} or the fields of a successful parse (each optional): "envelope" (the normalised
- * document, compared after a dump round trip), "id", "tenant", "model", "deadline_ms", "cache",
- * "callback_url", "reply_to", "has_metadata", "has_park", "request_hash".
- * Also: dump, set_id, set_reply_to and job id generation. */
+ * "too_large", optional "error_lacks": a string or list the error must not contain} or the fields
+ * of a successful parse (each optional): "envelope" (the normalised document, compared after a dump
+ * round trip), "id", "tenant", "model", "deadline_ms", "cache", "callback_url", "reply_to",
+ * "has_metadata", "has_park", "request_hash". Also: dump, set_id, set_reply_to and job id
+ * generation. */
 #include <dirent.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -70,6 +71,18 @@ static void want_bool(json_t *exp, const char *key, int actual)
         assert_int_equal(!!actual, json_is_true(v));
 }
 
+/* "error_lacks": a string or a list of strings the error must not contain (input bytes). */
+static void want_lacks(const char *name, json_t *lacks, const char *errstr)
+{
+    size_t i, n = json_is_array(lacks) ? json_array_size(lacks) : (lacks ? 1 : 0);
+
+    for (i = 0; i < n; i++) {
+        const char *s = json_string_value(json_is_array(lacks) ? json_array_get(lacks, i) : lacks);
+        if (s && strstr(errstr, s))
+            fail_msg("case %s: error \"%s\" contains \"%s\"", name, errstr, s);
+    }
+}
+
 static void test_case(void **state)
 {
     const char *name = *state;
@@ -102,6 +115,7 @@ static void test_case(void **state)
             fail_msg("case %s: parsed, expected error \"%s\"", name, sub);
         if (!strstr(errstr, sub))
             fail_msg("case %s: error \"%s\" lacks \"%s\"", name, errstr, sub);
+        want_lacks(name, json_object_get(exp, "error_lacks"), errstr);
         assert_int_equal(rc, code && strcmp(code, "too_large") == 0 ? PQ_ERR_TOO_LARGE
                                                                     : PQ_ERR_INVALID);
         /* out is left cleared */

@@ -55,6 +55,12 @@ typedef struct pq_envelope_s {
 pq_err_t pq_envelope_parse(const char *buf, size_t len, const pq_envelope_limits_t *limits,
                            pq_envelope_t *out, char *errstr, size_t errstr_size);
 
+/* A fixed description of a jansson parse error ("invalid token", "premature end of input",
+ * "duplicate object key", ...) without the input bytes jansson quotes in jerr->text, for error
+ * texts built from untrusted input (G6: a prompt fragment never reaches a log or a dlq error).
+ * Returns a static string. */
+const char *pq_json_error_what(const json_error_t *jerr);
+
 /* Frees root and zeroes the struct. Safe on a cleared envelope. */
 void pq_envelope_clear(pq_envelope_t *env);
 
