@@ -15,6 +15,7 @@
 #include <jansson.h>
 
 #include "promptq/callback.h"
+#include "promptq/envelope.h"
 #include "promptq/kafka.h"
 #include "promptq/log.h"
 #include "promptq/util.h"
@@ -235,6 +236,7 @@ typedef enum {
 #define PF_NONEMPTY    0x02u /* string: not ""; list: at least one element */
 #define PF_SECRET_KEYS 0x04u /* KVMAP whose keys are secrets: ${VAR} in keys, never echoed */
 #define PF_HEADERS     0x08u /* KVMAP of HTTP headers: token names, values without CR/LF */
+#define PF_TENANTS     0x10u /* KVMAP values / STRLIST elements are tenants (pq_tenant_valid) */
 
 typedef struct {
     const char *name;
@@ -314,9 +316,9 @@ static const prop_t broker_props[] = {
           "local spool for jobs Kafka did not confirm in time; created if missing"),
     P_I64(pq_conf_t, "spool_max_bytes", spool_max_bytes, GIB, 1024 * 1024, 1LL << 50,
           "spool size cap"),
-    P_LIST(PT_KVMAP, pq_conf_t, "api_keys", api_keys, napi_keys, PF_SECRET_KEYS,
-           "client key -> tenant; empty: the broker runs open"),
-    P_LIST(PT_STRLIST, pq_conf_t, "admin_tenants", admin_tenants, nadmin_tenants, 0,
+    P_LIST(PT_KVMAP, pq_conf_t, "api_keys", api_keys, napi_keys, PF_SECRET_KEYS | PF_TENANTS,
+           "client key -> tenant (" PQ_TENANT_PATTERN "); empty: the broker runs open"),
+    P_LIST(PT_STRLIST, pq_conf_t, "admin_tenants", admin_tenants, nadmin_tenants, PF_TENANTS,
            "tenants whose keys may ask for requests that affect every tenant (POST "
            "/v1/parked/{route}/replay); open brokers allow them to all"),
     P_INT(pq_conf_t, "sync_timeout_ms", sync_timeout_ms, 50000, 1, ONE_HOUR_MS,
@@ -667,6 +669,11 @@ static int set_kvmap(const prop_t *p, void *base, json_t *v, const char *path, c
             goto out_free;
         }
         i++;
+        if ((p->flags & PF_TENANTS) && !pq_tenant_valid(s)) {
+            /* the value, not the key: keys may be secrets */
+            fail(e, sub, "tenant \"%.64s\" must match %s", s, PQ_TENANT_PATTERN);
+            goto out_free;
+        }
         if ((p->flags & PF_HEADERS) &&
             (!header_name_ok(key) || strchr(s, '\r') || strchr(s, '\n'))) {
             fail(e, sub, "not a valid HTTP header");
@@ -723,6 +730,10 @@ static int set_strlist(const prop_t *p, void *base, json_t *v, const char *path,
             path_index(sub, sizeof(sub), path, i);
         if (get_string(el, sub, p->flags, &s, e))
             goto out_free;
+        if ((p->flags & PF_TENANTS) && !pq_tenant_valid(s)) {
+            fail(e, sub, "tenant \"%.64s\" must match %s", s, PQ_TENANT_PATTERN);
+            goto out_free;
+        }
         if (!(list[i] = strdup(s))) {
             fail(e, sub, "out of memory");
             goto out_free;

@@ -266,7 +266,7 @@ static pq_err_t env_check_top(pq_envelope_t *env, const pq_envelope_limits_t *li
     if ((v = json_object_get(root, "tenant"))) {
         if (!json_is_string(v) || !pq_tenant_valid(json_string_value(v)) ||
             strlen(json_string_value(v)) != json_string_length(v)) {
-            env_err(errstr, errstr_size, "tenant: must match [A-Za-z0-9._-]{1,%d}", PQ_TENANT_MAX);
+            env_err(errstr, errstr_size, "tenant: must match %s", PQ_TENANT_PATTERN);
             return PQ_ERR_INVALID;
         }
     }

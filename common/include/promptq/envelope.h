@@ -11,6 +11,10 @@
 
 #define PQ_ID_MAX     128
 #define PQ_TENANT_MAX 64
+/* The one definition of a valid tenant, for messages; pq_tenant_valid checks it. The envelope
+ * parser and the config loader (broker.api_keys values, broker.admin_tenants) both use it, so a
+ * tenant the broker accepts a key for is one the worker accepts in an envelope. */
+#define PQ_TENANT_PATTERN "[A-Za-z0-9._-]{1,64}"
 
 /* Caps applied while parsing; a value over a cap is PQ_ERR_TOO_LARGE. 0 means no cap. */
 typedef struct pq_envelope_limits_s {
@@ -86,7 +90,7 @@ char *pq_envelope_dump(const pq_envelope_t *env, size_t *len);
 /* 1 if id matches [A-Za-z0-9._:-]{1,128}. */
 int pq_id_valid(const char *id);
 
-/* 1 if tenant matches [A-Za-z0-9._-]{1,64}. */
+/* 1 if tenant matches PQ_TENANT_PATTERN, [A-Za-z0-9._-]{1,64}. */
 int pq_tenant_valid(const char *tenant);
 
 /* Writes "job_" + 26 Crockford base32 characters of a time-sortable unique id (48-bit ms time,
