@@ -1737,7 +1737,7 @@ int pq_conf_cli_skip(int argc, char **argv, int i)
     if (!strcmp(argv[i], "--config"))
         return i + 1 < argc ? 2 : 1;
     if (!strncmp(argv[i], "--config=", 9) || !strcmp(argv[i], "--check-config") ||
-        !strcmp(argv[i], "--config-help"))
+        !strcmp(argv[i], "--config-help") || !strcmp(argv[i], "--print-config-reference"))
         return 1;
     return 0;
 }
@@ -1767,7 +1767,8 @@ int pq_conf_cli(int argc, char **argv, const char *prog, pq_conf_t **out)
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--check-config"))
             check = 1;
-        if (!strcmp(argv[i], "--config-help")) {
+        /* --print-config-reference: the same table, the name docs/gen-configuration.sh uses */
+        if (!strcmp(argv[i], "--config-help") || !strcmp(argv[i], "--print-config-reference")) {
             pq_conf_print_reference(stdout);
             fflush(stdout);
             return 0;

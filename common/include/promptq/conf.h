@@ -221,7 +221,8 @@ int pq_conf_parse_redis_url(const char *url, char **host, int *port, int *db, ch
  *     PROMPTQ_CONFIG" to stderr, returns 2;
  *   - --config without a value: usage error on stderr, returns 2;
  *   - the config does not load: prints "<prog>: <path>: <error>" to stderr, returns 1;
- *   - --config-help: prints pq_conf_print_reference() to stdout, returns 0;
+ *   - --config-help (or its alias --print-config-reference): prints pq_conf_print_reference()
+ *     to stdout, returns 0 (docs/configuration.md is generated from it);
  *   - --check-config and the config loads: prints "<path>: OK" to stdout, returns 0;
  *   - otherwise: calls pq_log_init(prog, log.level, log.json), sets *out to the new conf (the
  *     caller owns it) and returns PQ_CONF_CLI_RUN.
@@ -230,9 +231,8 @@ int pq_conf_parse_redis_url(const char *url, char **host, int *port, int *db, ch
 int pq_conf_cli(int argc, char **argv, const char *prog, pq_conf_t **out);
 
 /* How many argv entries starting at argv[i] belong to pq_conf_cli's flags: 2 for "--config
- * PATH", 1 for "--config=PATH", "--check-config", "--config-help" (or a trailing "--config"),
- * 0 otherwise. For
- * programs that parse the rest of argv themselves. */
+ * PATH", 1 for "--config=PATH", "--check-config", "--config-help", "--print-config-reference"
+ * (or a trailing "--config"), 0 otherwise. For programs that parse the rest of argv themselves. */
 int pq_conf_cli_skip(int argc, char **argv, int i);
 
 /* Prints every property (name, type, default, range, description) as a Markdown table, from the
