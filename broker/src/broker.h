@@ -324,6 +324,15 @@ void pq_http_reply_json(pq_slot_t *s, int code, json_t *o);
  * mode), or -1 after answering 401. */
 int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **tenant);
 
+/* Refuses a request whose head RFC 9112 says to refuse and libevent lets through: a header
+ * name with whitespace or another non-token character (also "Name : value"), Content-Length
+ * given twice or not plain digits ("+5"), HTTP/1.1 without exactly one Host, and a NUL byte in
+ * the request line or a header (libevent cuts the value there: an Idempotency-Key "a\0b" would
+ * be "a"). Returns 0, or -1 after answering 400 (JSON error naming what is wrong) with
+ * Connection: close, since the bytes after a head like that cannot be trusted to start the
+ * next request. Called once per request, before any handler. */
+int pq_http_check_head(pq_bthread_t *t, struct evhttp_request *req);
+
 /* 405 with Allow. */
 void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
                                 const char *allow);

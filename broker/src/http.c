@@ -5,9 +5,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
 #include <event2/buffer.h>
+#include <event2/http_struct.h> /* headers_size, major, minor: not in the accessor API */
 #include <event2/keyvalq_struct.h>
+#include <event2/util.h>
 #include <jansson.h>
 
 #include "promptq/log.h"
@@ -181,6 +184,114 @@ static int key_equal(const char *a, size_t alen, const char *b)
     for (size_t i = 0; i < alen; i++)
         d |= (unsigned char)(a[i] ^ b[i < blen ? i : 0]);
     return d == 0 && blen > 0;
+}
+
+static const char *http_method_name(enum evhttp_cmd_type m)
+{
+    switch (m) {
+    case EVHTTP_REQ_GET:
+        return "GET";
+    case EVHTTP_REQ_POST:
+        return "POST";
+    case EVHTTP_REQ_HEAD:
+        return "HEAD";
+    case EVHTTP_REQ_PUT:
+        return "PUT";
+    case EVHTTP_REQ_DELETE:
+        return "DELETE";
+    case EVHTTP_REQ_OPTIONS:
+        return "OPTIONS";
+    case EVHTTP_REQ_TRACE:
+        return "TRACE";
+    case EVHTTP_REQ_CONNECT:
+        return "CONNECT";
+    case EVHTTP_REQ_PATCH:
+        return "PATCH";
+    }
+    return NULL;
+}
+
+/* RFC 9110 §5.6.2 token characters. */
+static int http_token_char(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+static void http_head_error(pq_bthread_t *t, struct evhttp_request *req, const char *what,
+                            const char *msg)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Connection", "close");
+    pq_http_error(t, req, PQ_PATH_OTHER, 400, "invalid_request", "%s%.64s%s%s",
+                  what ? "header \"" : "", what ? what : "", what ? "\": " : "", msg);
+}
+
+int pq_http_check_head(pq_bthread_t *t, struct evhttp_request *req)
+{
+    struct evkeyvalq *h = evhttp_request_get_input_headers(req);
+    const struct evkeyval *kv;
+    const char *method = http_method_name(evhttp_request_get_command(req));
+    const char *uri = evhttp_request_get_uri(req);
+    size_t seen = 0, nheaders = 0, ncl = 0, nhost = 0;
+
+    TAILQ_FOREACH(kv, h, next)
+    {
+        const unsigned char *k = (const unsigned char *)kv->key;
+
+        if (!*k) {
+            http_head_error(t, req, NULL, "a header line has an empty name");
+            return -1;
+        }
+        for (; *k; k++) {
+            if (!http_token_char(*k)) {
+                http_head_error(t, req, kv->key,
+                                "the name holds whitespace or a character a header name may not "
+                                "hold (no space before the colon)");
+                return -1;
+            }
+        }
+        nheaders++;
+        seen += strlen(kv->key) + 1 + strlen(kv->value);
+        if (!evutil_ascii_strcasecmp(kv->key, "Content-Length")) {
+            const char *v = kv->value;
+
+            if (++ncl > 1) {
+                http_head_error(t, req, NULL, "Content-Length: given more than once");
+                return -1;
+            }
+            if (!*v || strspn(v, "0123456789") != strlen(v)) {
+                http_head_error(t, req, NULL, "Content-Length: must be decimal digits only");
+                return -1;
+            }
+        } else if (!evutil_ascii_strcasecmp(kv->key, "Host")) {
+            nhost++;
+        }
+    }
+    if (req->major == 1 && req->minor >= 1 && nhost != 1) {
+        http_head_error(t, req, NULL,
+                        nhost ? "Host: given more than once" : "Host: required in HTTP/1.1");
+        return -1;
+    }
+    if (nhost > 1) {
+        http_head_error(t, req, NULL, "Host: given more than once");
+        return -1;
+    }
+    /* libevent keeps each line's length in headers_size but stores the value only up to a NUL:
+     * the request line and "Name: value" lines (one optional space after the colon) account
+     * for every byte of a head without one. */
+    if (method && uri) {
+        seen += strlen(method) + 1 + strlen(uri) + 1 + 8; /* "HTTP/1.1" */
+        if (req->headers_size > seen + nheaders) {
+            http_head_error(t, req, NULL,
+                            evhttp_find_header(h, "Idempotency-Key")
+                                ? "Idempotency-Key (or another header or the request line): "
+                                  "holds a NUL byte, or a header value has extra whitespace"
+                                : "a header or the request line holds a NUL byte, or a header "
+                                  "value has extra whitespace");
+            return -1;
+        }
+    }
+    return 0;
 }
 
 int pq_http_auth(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **tenant)

@@ -245,6 +245,8 @@ static void on_request(struct evhttp_request *req, void *arg)
 
     if (!path)
         path = "";
+    if (pq_http_check_head(t, req))
+        return;
     if (t->stopping) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Connection", "close");
         evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
