@@ -69,9 +69,16 @@ static int charset_valid(const char *s, size_t max, int allow_colon)
     return n > 0;
 }
 
+/* "." and ".." match the charset but name no job: /v1/jobs/. and /v1/jobs/.. are the
+ * collection and its parent to every URL normaliser between the client and the broker. */
+static int id_dots(const char *id)
+{
+    return id && (!strcmp(id, ".") || !strcmp(id, ".."));
+}
+
 int pq_id_valid(const char *id)
 {
-    return charset_valid(id, PQ_ID_MAX, 1);
+    return charset_valid(id, PQ_ID_MAX, 1) && !id_dots(id);
 }
 
 int pq_tenant_valid(const char *tenant)
@@ -255,6 +262,10 @@ static pq_err_t env_check_top(pq_envelope_t *env, const pq_envelope_limits_t *li
         }
         if (json_string_length(v) > PQ_ID_MAX) {
             env_err(errstr, errstr_size, "id: longer than %d characters", PQ_ID_MAX);
+            return PQ_ERR_INVALID;
+        }
+        if (id_dots(json_string_value(v))) {
+            env_err(errstr, errstr_size, "id: must not be \".\" or \"..\"");
             return PQ_ERR_INVALID;
         }
         if (!pq_id_valid(json_string_value(v)) ||

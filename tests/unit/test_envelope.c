@@ -289,6 +289,9 @@ static void test_id_tenant_valid(void **state)
     id[PQ_ID_MAX] = 'x';
     id[PQ_ID_MAX + 1] = '\0';
     assert_false(pq_id_valid(id));
+    assert_false(pq_id_valid("."));
+    assert_false(pq_id_valid(".."));
+    assert_true(pq_id_valid("..."));
     assert_true(pq_tenant_valid("acme-corp.eu_1"));
     assert_false(pq_tenant_valid("a:b"));
     assert_false(pq_tenant_valid(""));

@@ -44,7 +44,8 @@ typedef struct pq_envelope_s {
 } pq_envelope_t;
 
 /* Parses and validates an envelope (or a bare chat-completions body). Checks: a JSON object
- * without duplicate keys; id, if present, matches [A-Za-z0-9._:-]{1,128}; tenant
+ * without duplicate keys; id, if present, matches [A-Za-z0-9._:-]{1,128} and is not "." or
+ * ".."; tenant
  * [A-Za-z0-9._-]{1,64}; request an object with a non-empty string model and a non-empty messages
  * array of objects, each with a string role and a content (a string, an array of content part
  * objects with a string "type", or null; it may be absent when the message has tool_calls or
@@ -87,7 +88,7 @@ int pq_envelope_set_object(pq_envelope_t *env, const char *key, json_t *value);
  * string (free()), NULL on failure. len: NULL or receives strlen. */
 char *pq_envelope_dump(const pq_envelope_t *env, size_t *len);
 
-/* 1 if id matches [A-Za-z0-9._:-]{1,128}. */
+/* 1 if id matches [A-Za-z0-9._:-]{1,128} and is not "." or "..". */
 int pq_id_valid(const char *id);
 
 /* 1 if tenant matches PQ_TENANT_PATTERN, [A-Za-z0-9._-]{1,64}. */
