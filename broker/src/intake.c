@@ -364,6 +364,13 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         pq_http_error(t, req, PQ_PATH_JOBS, 400, "invalid_request", "%s", errstr);
         return;
     }
+    /* reply_to names the Redis channel the worker publishes the finished id on: only the broker
+     * sets it, for its own sync waiters; a client's would publish to any channel it names. */
+    if (env.reply_to) {
+        pq_http_error(t, req, PQ_PATH_JOBS, 400, "invalid_request",
+                      "reply_to: set by the broker for its own waiters, not by clients");
+        goto out;
+    }
 
     named = json_object_get(env.root, "tenant");
     if (key_tenant) {
