@@ -30,9 +30,12 @@
 #define DEFAULT_SEGMENT_BYTES (16ull << 20)
 #define DEFAULT_MAX_RECORD    (8u << 20)
 #define SEG_NAME_FMT          "spool-%016" PRIu64 ".log"
-#define SEG_NAME_LEN          26 /* "spool-" + 16 digits + ".log" */
-#define LOCK_NAME             "LOCK"
-#define WRITE_IOV_MAX         1024
+/* Modes of what the spool creates (SECURITY.md "Local disk"; the umask may only narrow them). */
+#define SPOOL_DIR_MODE  0750
+#define SPOOL_FILE_MODE 0640
+#define SEG_NAME_LEN    26 /* "spool-" + 16 digits + ".log" */
+#define LOCK_NAME       "LOCK"
+#define WRITE_IOV_MAX   1024
 
 enum { REC_PENDING = 0, REC_OUT, REC_ACKED };
 
@@ -252,7 +255,8 @@ void pq_spool_opts_init(pq_spool_opts_t *opts)
     opts->max_record_bytes = DEFAULT_MAX_RECORD;
 }
 
-/* mkdir -p: creates dir and its missing parents (mode 0755). Returns 0 or -1 with errno. */
+/* mkdir -p: creates dir and its missing parents (mode 0750: the spool holds prompts). Returns 0
+ * or -1 with errno. */
 static int mkdir_p(const char *dir)
 {
     char path[PATH_MAX];
@@ -266,11 +270,11 @@ static int mkdir_p(const char *dir)
         if (*p != '/')
             continue;
         *p = '\0';
-        if (mkdir(path, 0755) != 0 && errno != EEXIST)
+        if (mkdir(path, SPOOL_DIR_MODE) != 0 && errno != EEXIST)
             return -1;
         *p = '/';
     }
-    if (mkdir(path, 0755) != 0 && errno != EEXIST)
+    if (mkdir(path, SPOOL_DIR_MODE) != 0 && errno != EEXIST)
         return -1;
     return 0;
 }
@@ -484,7 +488,7 @@ static int save_cut(pq_spool_t *sp, seg_t *seg, const unsigned char *data, size_
     int fd, rc = -1;
 
     snprintf(qname, qsize, "%s.cut-%zu", seg->name, off);
-    fd = openat(sp->dirfd, qname, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    fd = openat(sp->dirfd, qname, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, SPOOL_FILE_MODE);
     if (fd < 0)
         return -1;
     if (write_all(fd, data + off, len) == 0 && fsync(fd) == 0)
@@ -648,7 +652,7 @@ static seg_t *seg_create(pq_spool_t *sp)
 
     if (!seg)
         return NULL;
-    seg->fd = openat(sp->dirfd, seg->name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    seg->fd = openat(sp->dirfd, seg->name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, SPOOL_FILE_MODE);
     if (seg->fd < 0) {
         PQ_ERR("spool %s: cannot create %s: %s", sp->dir, seg->name, strerror(errno));
         goto out_free;
@@ -905,7 +909,7 @@ pq_spool_t *pq_spool_open(const char *dir, const pq_spool_opts_t *opts, char *er
         snprintf(errstr, errstr_size, "spool: cannot open directory %s: %s", dir, strerror(errno));
         goto out_fail;
     }
-    sp->lockfd = openat(sp->dirfd, LOCK_NAME, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    sp->lockfd = openat(sp->dirfd, LOCK_NAME, O_RDWR | O_CREAT | O_CLOEXEC, SPOOL_FILE_MODE);
     if (sp->lockfd < 0) {
         snprintf(errstr, errstr_size, "spool: cannot open %s/%s: %s", dir, LOCK_NAME,
                  strerror(errno));

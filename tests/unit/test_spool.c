@@ -855,6 +855,59 @@ static void test_lock(void **state)
     tdir_remove(&td);
 }
 
+/* The spool holds prompts in clear text: the directory (and parents it creates) is 0750, its
+ * files 0640, whatever the umask lets through (SECURITY.md "Local disk"). */
+static void test_modes(void **state)
+{
+    tdir_t td;
+    char sub[128], path[512];
+    struct stat st;
+    pq_spool_t *sp;
+    mode_t old = umask(022);
+    DIR *d;
+    struct dirent *de;
+    int files = 0;
+
+    tdir_make(&td);
+    snprintf(sub, sizeof(sub), "%s/a/spool", td.dir);
+    sp = open_dir(sub, NULL);
+    cbs_reset();
+    assert_int_equal(append_ti(sp, 0, 1), PQ_OK);
+    cbs_wait(1);
+    assert_int_equal(stat(sub, &st), 0);
+    assert_int_equal(st.st_mode & 07777, 0750);
+    snprintf(path, sizeof(path), "%s/a", td.dir);
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 07777, 0750);
+    assert_non_null(d = opendir(sub));
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", sub, de->d_name);
+        assert_int_equal(stat(path, &st), 0);
+        if ((st.st_mode & 07777) != 0640)
+            fail_msg("%s: mode %o, want 640", de->d_name, (unsigned)(st.st_mode & 07777));
+        files++;
+    }
+    closedir(d);
+    assert_true(files >= 2); /* LOCK and a segment */
+    pq_spool_close(sp);
+    umask(old);
+    d = opendir(sub);
+    while (d && (de = readdir(d))) {
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", sub, de->d_name);
+        unlink(path);
+    }
+    if (d)
+        closedir(d);
+    rmdir(sub);
+    snprintf(path, sizeof(path), "%s/a", td.dir);
+    rmdir(path);
+    tdir_remove(&td);
+}
+
 /* 1000 appends queued while the writer is held in its first batch are committed with far
  * fewer than 1000 fsyncs. */
 static void test_group_commit(void **state)
@@ -1011,6 +1064,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_crc32c),
+        cmocka_unit_test(test_modes),
         cmocka_unit_test(test_frame_roundtrip),
         cmocka_unit_test(test_scan_classify),
         cmocka_unit_test(test_concurrent_append_reopen),
