@@ -329,7 +329,14 @@ class RedisProxy:
     """TCP proxy to Redis. drop_mark: once, forwards the command holding it and then drops the
     connection before the reply reaches the worker. hold: while set, replies are kept back."""
 
-    FINISH = b"'result', ARGV[2]"
+    @staticmethod
+    def keys_mark(*keys):
+        """The RESP framing of consecutive command arguments: with the job's lease key first,
+        ("promptq:lease:T:ID", "promptq:callbacks") marks its terminal write and
+        ("promptq:lease:T:ID", "promptq:jobs:T") its begin (scripts go by EVALSHA, their text
+        only in the SCRIPT LOAD at connect)."""
+        return b"".join(b"%s\r\n$%d\r\n" % (k.encode(), len(keys[i + 1]))
+                        for i, k in enumerate(keys[:-1])) + keys[-1].encode() + b"\r\n"
 
     def __init__(self, port, drop_mark=None):
         import socket
@@ -411,7 +418,8 @@ def test_lost_finish_reply_still_reaches_the_dlq():
         r = st.redis()
         st.devkafka(brokers=1, partitions=1)
         st.sim("a")
-        proxy = RedisProxy(r.port, RedisProxy.FINISH)
+        proxy = RedisProxy(r.port, RedisProxy.keys_mark("promptq:lease:default:lost-1",
+                                                        "promptq:callbacks"))
         path, _ = st.config(extra={"worker": {"lease_ms": 3000},
                                    "redis": {"url": "redis://127.0.0.1:%d" % proxy.port}})
         w = start_worker(st, path)
@@ -484,7 +492,8 @@ def test_redis_reconnect_is_not_another_delivery():
         r = st.redis()
         st.devkafka(brokers=1, partitions=1)
         st.sim("a")
-        proxy = RedisProxy(r.port, b"'delivery'")
+        proxy = RedisProxy(r.port, RedisProxy.keys_mark("promptq:lease:default:rc-1",
+                                                        "promptq:jobs:default"))
         path, _ = st.config(extra={"worker": {"lease_ms": 3000, "max_deliveries": 1},
                                    "redis": {"url": "redis://127.0.0.1:%d" % proxy.port}})
         w = start_worker(st, path)

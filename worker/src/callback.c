@@ -24,6 +24,9 @@ typedef struct cb_item_s {
     pq_callbacks_t *cb;
     char *key; /* the job's record */
     int attempts;
+    const char *outcome; /* the outcome being recorded (a literal), its due time and why */
+    int64_t due_ms;
+    char why[320];
     pq_http_req_t *req;
     TAILQ_ENTRY(cb_item_s) link;
 } cb_item_t;
@@ -44,6 +47,7 @@ struct pq_callbacks_s {
     int claiming;              /* a claim is in flight */
     int again;                 /* kicked while claiming: claim again when it returns */
     int stopping;
+    int claim_eval; /* the next claim goes as EVAL with the text (after a NOSCRIPT) */
     pq_counter_t *m_delivered, *m_retried, *m_failed, *m_refused;
     pq_hist_t *m_latency;
 };
@@ -67,10 +71,17 @@ static void item_free(cb_item_t *it)
 
 /* ---- outcome ---- */
 
+static void item_done_send(cb_item_t *it, int eval);
+
 static void on_done_reply(void *opaque, redisReply *r)
 {
     cb_item_t *it = opaque;
 
+    if (r && r->type == REDIS_REPLY_ERROR && pq_script_noscript(r->str, r->len)) {
+        /* the script cache was flushed: the script did not run; once more with its text */
+        item_done_send(it, 1);
+        return;
+    }
     if (!r || r->type == REDIS_REPLY_ERROR)
         PQ_WARN("callback of %s: outcome not recorded (%s); it is sent again when its claim "
                 "expires",
@@ -78,36 +89,28 @@ static void on_done_reply(void *opaque, redisReply *r)
     item_free(it);
 }
 
-/* outcome: "delivered", "failed", "refused" or "retry" (then after delay_ms). */
-static void item_done(cb_item_t *it, const char *outcome, int64_t delay_ms, const char *why)
+static void item_done_send(cb_item_t *it, int eval)
 {
     pq_callbacks_t *cb = it->cb;
-    const char *argv[10];
-    size_t lens[10];
-    char attempts[16], now[24], due[24];
-    int64_t t = pq_now_ms();
+    pq_script_cmd_t cmd;
 
-    snprintf(attempts, sizeof(attempts), "%d", it->attempts);
-    snprintf(now, sizeof(now), "%" PRId64, t);
-    snprintf(due, sizeof(due), "%" PRId64, t + delay_ms);
-    argv[0] = "EVAL";
-    argv[1] = pq_script_callback_done;
-    argv[2] = "2";
-    argv[3] = cb->zkey;
-    argv[4] = it->key;
-    argv[5] = outcome;
-    argv[6] = attempts;
-    argv[7] = now;
-    argv[8] = due;
-    argv[9] = why;
-    for (int i = 0; i < 10; i++)
-        lens[i] = strlen(argv[i]);
-    if (pq_redis_command(cb->redis, 10, argv, lens, on_done_reply, it) != 0) {
+    if (pq_script_callback_done_cmd(&cmd, eval, cb->zkey, it->key, it->outcome, it->attempts,
+                                    pq_now_ms(), it->due_ms, it->why) != 0 ||
+        pq_redis_command(cb->redis, cmd.argc, cmd.argv, cmd.lens, on_done_reply, it) != 0) {
         PQ_WARN("callback of %s: outcome not recorded (redis down); it is sent again when its "
                 "claim expires",
                 it->key);
         item_free(it);
     }
+}
+
+/* outcome: "delivered", "failed", "refused" or "retry" (then after delay_ms). */
+static void item_done(cb_item_t *it, const char *outcome, int64_t delay_ms, const char *why)
+{
+    it->outcome = outcome;
+    it->due_ms = pq_now_ms() + delay_ms;
+    pq_strlcpy(it->why, why ? why : "", sizeof(it->why));
+    item_done_send(it, 0);
 }
 
 /* The n-th retry's delay: base * 2^(n-1), capped, with the upper half jittered, so a receiver
@@ -256,6 +259,11 @@ static void on_claim(void *opaque, redisReply *r)
     cb->claiming = 0;
     if (r && r->type == REDIS_REPLY_ARRAY && r->elements < cb->asked)
         cb->starved = 0; /* took every due entry: nothing waits for room */
+    if (r && r->type == REDIS_REPLY_ERROR && pq_script_noscript(r->str, r->len)) {
+        cb->claim_eval = 1; /* the script cache was flushed: claim again with its text */
+        claim(cb);
+        return;
+    }
     if (!r || r->type != REDIS_REPLY_ARRAY) {
         if (r && r->type == REDIS_REPLY_ERROR)
             PQ_ERR("callbacks: claim: %.200s", r->str);
@@ -283,9 +291,7 @@ static void on_claim(void *opaque, redisReply *r)
 static void claim(pq_callbacks_t *cb)
 {
     const pq_conf_t *c = cb->conf;
-    const char *argv[7];
-    size_t lens[7];
-    char now[24], hold[24], limit[16];
+    pq_script_cmd_t cmd;
     size_t room;
 
     if (cb->stopping)
@@ -305,23 +311,15 @@ static void claim(pq_callbacks_t *cb)
     }
     if (room > CLAIM_MAX)
         room = CLAIM_MAX;
-    snprintf(now, sizeof(now), "%" PRId64, pq_now_ms());
-    snprintf(hold, sizeof(hold), "%d", c->callback_timeout_ms + CLAIM_MARGIN_MS);
-    snprintf(limit, sizeof(limit), "%zu", room);
     cb->asked = room;
-    argv[0] = "EVAL";
-    argv[1] = pq_script_callback_claim;
-    argv[2] = "1";
-    argv[3] = cb->zkey;
-    argv[4] = now;
-    argv[5] = hold;
-    argv[6] = limit;
-    for (int i = 0; i < 7; i++)
-        lens[i] = strlen(argv[i]);
-    if (pq_redis_command(cb->redis, 7, argv, lens, on_claim, cb) != 0) {
+    if (pq_script_callback_claim_cmd(&cmd, cb->claim_eval, cb->zkey, pq_now_ms(),
+                                     c->callback_timeout_ms + CLAIM_MARGIN_MS,
+                                     (int64_t)room) != 0 ||
+        pq_redis_command(cb->redis, cmd.argc, cmd.argv, cmd.lens, on_claim, cb) != 0) {
         poll_in(cb, REDIS_RETRY_MS); /* Redis down */
         return;
     }
+    cb->claim_eval = 0;
     cb->claiming = 1;
 }
 

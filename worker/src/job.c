@@ -40,14 +40,6 @@
 #define PRODUCE_RETRY_MS     100
 #define DELIVERY_RETRY_MS    500
 
-/* Releases our lease and puts a running job back to queued (hand-back at shutdown). */
-static const char release_script[] =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1])\n"
-    "  if redis.call('HGET', KEYS[2], 'status') == 'running' then\n"
-    "    redis.call('HSET', KEYS[2], 'status', 'queued', 'updated_at', ARGV[2]) end\n"
-    "  return 1 end\n"
-    "return 0\n";
-
 typedef enum {
     JS_BEGIN,
     JS_WAIT_LOCAL,
@@ -102,6 +94,7 @@ struct pq_job_s {
     int in_lane;   /* bulk: on w->lane_wait (state JS_BACKOFF) while interactive work runs */
     int lane_pass; /* bulk: waited LANE_MAX_WAIT_MS, the next attempt goes ahead anyway */
     int in_wait, in_table, lease_held, handed_back, nredis;
+    int eval_text; /* the next script step goes as EVAL with the text (after a NOSCRIPT) */
     int slim;      /* result record without attempt log and metadata (too large otherwise) */
     int dlq_small; /* the dlq record is the small stand-in (the full one was too large) */
     struct event timer, renew;
@@ -672,50 +665,46 @@ static void redis_wait(pq_job_t *j)
     }
 }
 
+/* Sends j's Redis step (j->rstep): a script by its SHA1 (EVALSHA), or as EVAL with its text
+ * once after Redis answered NOSCRIPT; or the cache GET. */
 static void job_redis_issue(pq_job_t *j)
 {
     pq_worker_t *w = j->w;
     const pq_conf_t *c = w->conf;
-    const char *argv[20];
-    size_t lens[20];
-    char now[24], ttl[24], lease[24], maxd[24], attempts[24], token[512], cbwhy[300],
-        index_key[512];
-    int argc = 0;
+    pq_script_cmd_t cmd;
+    char token[512], cbwhy[300], index_key[512];
     char *resp = NULL, *err = NULL;
     size_t resp_len = 0, err_len = 0;
+    int64_t now = pq_now_ms();
+    int eval = j->eval_text, rc = -1;
 
-    snprintf(now, sizeof(now), "%" PRId64, pq_now_ms());
-    snprintf(ttl, sizeof(ttl), "%" PRId64, w->ttl_ms);
-    argv[argc++] = "EVAL";
     switch (j->rstep) {
-    case RS_BEGIN:
-        snprintf(lease, sizeof(lease), "%d", c->lease_ms);
-        snprintf(maxd, sizeof(maxd), "%d", c->max_deliveries);
-        argv[argc++] = pq_script_job_begin;
+    case RS_BEGIN: {
+        pq_job_begin_args_t a = {0};
         /* KEYS[3]: the tenant's listing index, for a record created here (straight from
          * Kafka); without room for its name the job is simply not listed */
         if (pq_key_jobs(index_key, sizeof(index_key), c->redis_prefix, tenant_of(j)) < 0)
             index_key[0] = '\0';
-        argv[argc++] = index_key[0] ? "3" : "2";
-        argv[argc++] = j->job_key;
-        argv[argc++] = j->lease_key;
-        if (index_key[0])
-            argv[argc++] = index_key;
-        argv[argc++] = j->env.request_hash;
-        argv[argc++] = now;
-        argv[argc++] = ttl;
-        argv[argc++] = j->env.model;
-        argv[argc++] = w->owner;
-        argv[argc++] = lease;
-        argv[argc++] = maxd;
         /* this delivery: the same message in this process is the same delivery */
         snprintf(token, sizeof(token), "%s/%s/%" PRId32 "/%" PRId64, w->owner, j->src_topic,
                  j->partition, j->offset);
-        argv[argc++] = token;
-        if (index_key[0])
-            argv[argc++] = id_of(j);
+        a.job_key = j->job_key;
+        a.lease_key = j->lease_key;
+        a.index_key = index_key[0] ? index_key : NULL;
+        a.request_hash = j->env.request_hash;
+        a.route = j->env.model;
+        a.owner = w->owner;
+        a.delivery = token;
+        a.id = id_of(j);
+        a.now_ms = now;
+        a.ttl_ms = w->ttl_ms;
+        a.lease_ms = c->lease_ms;
+        a.max_deliveries = c->max_deliveries;
+        rc = pq_script_job_begin_cmd(&cmd, eval, &a);
         break;
-    case RS_FINISH:
+    }
+    case RS_FINISH: {
+        pq_job_finish_args_t a = {0};
         if (j->response) {
             resp = dump(j->response, &resp_len);
         } else {
@@ -723,70 +712,65 @@ static void job_redis_issue(pq_job_t *j)
             err = dump(e, &err_len);
             json_decref(e);
         }
-        snprintf(attempts, sizeof(attempts), "%d", j->attempts);
-        argv[argc++] = pq_script_job_finish;
-        argv[argc++] = "3";
-        argv[argc++] = j->job_key;
-        argv[argc++] = j->lease_key;
-        argv[argc++] = w->callbacks_key;
-        argv[argc++] = j->status;
-        argv[argc++] = j->result ? j->result : "";
-        argv[argc++] = resp ? resp : "";
-        argv[argc++] = err ? err : "";
-        argv[argc++] = result_provider(j) ? result_provider(j) : "";
-        argv[argc++] = result_model(j) ? result_model(j) : "";
-        argv[argc++] = attempts;
-        argv[argc++] = now;
-        argv[argc++] = ttl;
-        argv[argc++] = j->env.model;
-        argv[argc++] = j->env.request_hash;
+        a.job_key = j->job_key;
+        a.lease_key = j->lease_key;
+        a.callbacks_key = w->callbacks_key;
+        a.status = j->status;
+        a.result = j->result;
+        a.result_len = j->result ? j->result_len : 0;
+        a.response = resp;
+        a.response_len = resp_len;
+        a.error = err;
+        a.error_len = err_len;
+        a.provider = result_provider(j);
+        a.model = result_model(j);
+        a.attempts = j->attempts;
+        a.now_ms = now;
+        a.ttl_ms = w->ttl_ms;
+        a.route = j->env.model;
+        a.request_hash = j->env.request_hash;
+        a.tenant = tenant_of(j);
         /* callback_url: queued by the winner when allowed here, else recorded as refused */
         cbwhy[0] = '\0';
         if (j->env.callback_url &&
             pq_callback_check(c, tenant_of(j), j->env.callback_url, cbwhy, sizeof(cbwhy)) == 0) {
-            argv[argc++] = j->env.callback_url;
-            argv[argc++] = tenant_of(j);
-            argv[argc++] = "";
+            a.callback_url = j->env.callback_url;
         } else {
-            argv[argc++] = "";
-            argv[argc++] = tenant_of(j);
-            argv[argc++] = cbwhy;
+            a.callback_refused = cbwhy;
             if (cbwhy[0])
                 PQ_WARN("job %s/%s: no callback: %s", tenant_of(j), id_of(j), cbwhy);
         }
+        rc = pq_script_job_finish_cmd(&cmd, eval, &a);
         break;
+    }
     case RS_CACHE_GET:
-        argv[0] = "GET";
-        argv[argc++] = j->cache_key;
+        pq_script_cmd_clear(&cmd);
+        pq_script_cmd_str(&cmd, "GET");
+        rc = pq_script_cmd_str(&cmd, j->cache_key);
         break;
     case RS_PARK:
-        snprintf(attempts, sizeof(attempts), "%d", j->attempts);
-        argv[argc++] = pq_script_job_park;
-        argv[argc++] = "2";
-        argv[argc++] = j->job_key;
-        argv[argc++] = j->lease_key;
-        argv[argc++] = now;
-        argv[argc++] = w->owner;
-        argv[argc++] = ttl;
-        argv[argc++] = attempts;
+        rc = pq_script_job_park_cmd(&cmd, eval, j->job_key, j->lease_key, now, w->owner, w->ttl_ms,
+                                    j->attempts);
         break;
     case RS_RELEASE:
-        argv[argc++] = release_script;
-        argv[argc++] = "2";
-        argv[argc++] = j->lease_key;
-        argv[argc++] = j->job_key;
-        argv[argc++] = w->owner;
-        argv[argc++] = now;
+        rc = pq_script_job_release_cmd(&cmd, eval, j->lease_key, j->job_key, w->owner, now);
         break;
     default:
         return;
     }
-    for (int i = 0; i < argc; i++)
-        lens[i] = strlen(argv[i]);
-    if (pq_redis_command(job_redis(j), argc, argv, lens, on_redis_reply, j) == 0)
+    if (rc != 0) {
+        /* a builder's fixed arity outgrew its bound: a bug, never sent half-built */
+        PQ_ERR("job %s/%s: redis command does not fit (step %d)", tenant_of(j), id_of(j),
+               (int)j->rstep);
+        if (j->rstep != RS_RELEASE)
+            timer_in(j, REDIS_ERROR_RETRY_MS);
+    } else if (pq_redis_command(job_redis(j), cmd.argc, cmd.argv, cmd.lens, on_redis_reply, j) ==
+               0) {
         j->nredis++;
-    else if (j->rstep != RS_RELEASE)
+        j->eval_text = 0;
+    } else if (j->rstep != RS_RELEASE) {
         redis_wait(j);
+    }
     free(resp);
     free(err);
 }
@@ -958,6 +942,21 @@ static void on_park(pq_job_t *j, redisReply *r)
     job_done(j);
 }
 
+/* A NOSCRIPT answer: logged at most once a second per thread (after a SCRIPT FLUSH every job in
+ * flight gets one). */
+static void noscript_note(const pq_job_t *j)
+{
+    static _Thread_local int64_t last_ms;
+    int64_t now = pq_mono_ms();
+
+    if (now - last_ms >= 1000) {
+        last_ms = now;
+        PQ_WARN("redis answered NOSCRIPT (script cache flushed or Redis restarted): sending "
+                "the scripts' text again (job %s/%s)",
+                tenant_of(j), id_of(j));
+    }
+}
+
 static void on_redis_reply(void *opaque, redisReply *reply)
 {
     pq_job_t *j = opaque;
@@ -965,6 +964,19 @@ static void on_redis_reply(void *opaque, redisReply *reply)
 
     if (redis_replied(j))
         return;
+    if (reply && reply->type == REDIS_REPLY_ERROR && step != RS_CACHE_GET && step != RS_NONE &&
+        pq_script_noscript(reply->str, reply->len)) {
+        /* Redis lost its script cache (SCRIPT FLUSH, restarted): the script did not run, so
+         * this same step goes again, once as EVAL with the text (which caches it again) */
+        noscript_note(j);
+        if (j->handed_back && step == RS_BEGIN) {
+            j->rstep = RS_NONE; /* it took no lease: nothing to release */
+            return;
+        }
+        j->eval_text = 1;
+        job_redis_issue(j);
+        return;
+    }
     if (step == RS_RELEASE) {
         j->rstep = RS_NONE;
         return;
@@ -1057,7 +1069,11 @@ static void lease_lost(pq_job_t *j)
     timer_in(j, w->conf->lease_ms);
 }
 
-static void on_retake_reply(void *opaque, redisReply *reply)
+static void lease_renew_send(pq_job_t *j, int eval);
+
+/* The renewal's answer: 1 renewed, 2 it had expired and was free, so it is ours again, 0
+ * another owner holds it; NOSCRIPT: the same renewal as EVAL. */
+static void on_renew_reply(void *opaque, redisReply *reply)
 {
     pq_job_t *j = opaque;
 
@@ -1065,66 +1081,32 @@ static void on_retake_reply(void *opaque, redisReply *reply)
         return;
     if (!reply || !j->lease_held)
         return; /* connection lost: the next renew tries again */
-    if (reply->type == REDIS_REPLY_STATUS) {
+    if (reply->type == REDIS_REPLY_ERROR && pq_script_noscript(reply->str, reply->len)) {
+        noscript_note(j);
+        lease_renew_send(j, 1);
+    } else if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 2) {
         PQ_WARN("job %s/%s: lease had expired; taken again", tenant_of(j), id_of(j));
-        return;
-    }
-    if (reply->type == REDIS_REPLY_NIL)
+    } else if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 0) {
         lease_lost(j);
+    }
 }
 
-/* The renewal found the lease not ours: take it again if it is free (SET NX). */
-static void lease_retake(pq_job_t *j)
+static void lease_renew_send(pq_job_t *j, int eval)
 {
     pq_worker_t *w = j->w;
-    char lease[24];
-    const char *argv[6];
-    size_t lens[6];
+    pq_script_cmd_t cmd;
 
-    snprintf(lease, sizeof(lease), "%d", w->conf->lease_ms);
-    argv[0] = "SET";
-    argv[1] = j->lease_key;
-    argv[2] = w->owner;
-    argv[3] = "NX";
-    argv[4] = "PX";
-    argv[5] = lease;
-    for (int i = 0; i < 6; i++)
-        lens[i] = strlen(argv[i]);
-    if (pq_redis_command(job_redis(j), 6, argv, lens, on_retake_reply, j) == 0)
+    if (pq_script_lease_renew_cmd(&cmd, eval, j->lease_key, w->owner, w->conf->lease_ms) == 0 &&
+        pq_redis_command(job_redis(j), cmd.argc, cmd.argv, cmd.lens, on_renew_reply, j) == 0)
         j->nredis++;
-}
-
-static void on_renew_reply(void *opaque, redisReply *reply)
-{
-    pq_job_t *j = opaque;
-
-    if (redis_replied(j))
-        return;
-    if (reply && reply->type == REDIS_REPLY_INTEGER && reply->integer == 0 && j->lease_held)
-        lease_retake(j);
 }
 
 static void on_renew_tick(evutil_socket_t fd, short what, void *arg)
 {
     pq_job_t *j = arg;
-    pq_worker_t *w = j->w;
-    char lease[24];
-    const char *argv[6];
-    size_t lens[6];
 
-    if (!j->lease_held)
-        return;
-    snprintf(lease, sizeof(lease), "%d", w->conf->lease_ms);
-    argv[0] = "EVAL";
-    argv[1] = pq_script_lease_renew;
-    argv[2] = "1";
-    argv[3] = j->lease_key;
-    argv[4] = w->owner;
-    argv[5] = lease;
-    for (int i = 0; i < 6; i++)
-        lens[i] = strlen(argv[i]);
-    if (pq_redis_command(job_redis(j), 6, argv, lens, on_renew_reply, j) == 0)
-        j->nredis++;
+    if (j->lease_held)
+        lease_renew_send(j, 0);
 }
 
 /* ---- provider calls ----

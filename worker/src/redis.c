@@ -12,6 +12,7 @@
 #include <hiredis/async.h>
 #include <hiredis/adapters/libevent.h>
 #include "promptq/log.h"
+#include "promptq/scripts.h"
 #include "promptq/util.h"
 
 #define RECONNECT_MIN_MS 100
@@ -131,6 +132,14 @@ static void on_connect(const redisAsyncContext *ac, int status)
         redisAsyncCommand(r->ac, NULL, NULL, "AUTH %s", r->password);
     if (r->db)
         redisAsyncCommand(r->ac, NULL, NULL, "SELECT %d", r->db);
+    /* every EVALSHA sent on this connection then finds its script, also on a Redis restarted
+     * empty; a later SCRIPT FLUSH is answered NOSCRIPT and the caller sends EVAL */
+    for (int i = 0; i < PQ_SCRIPT__CNT; i++) {
+        const char *text = pq_script_text((pq_script_id_t)i);
+        const char *argv[3] = {"SCRIPT", "LOAD", text};
+        size_t lens[3] = {6, 4, strlen(text)};
+        redisAsyncCommandArgv(r->ac, NULL, NULL, 3, argv, lens);
+    }
     redisAsyncCommand(r->ac, on_ready, r, "PING");
 }
 

@@ -17,8 +17,9 @@ typedef void(pq_redis_reply_cb)(void *opaque, redisReply *reply);
 /* up: 1 when the connection is ready (after AUTH/SELECT), 0 when it was lost. */
 typedef void(pq_redis_state_cb)(void *opaque, int up);
 
-/* Connects in the background (and again after every loss, with backoff). host, password:
- * copied; password may be NULL. Returns NULL with errstr set. */
+/* Connects in the background (and again after every loss, with backoff), and SCRIPT LOADs every
+ * script of promptq/scripts.h on each connection before it is up, so EVALSHA finds them. host,
+ * password: copied; password may be NULL. Returns NULL with errstr set. */
 pq_redis_t *pq_redis_new(struct event_base *base, const char *host, int port, const char *password,
                          int db, int timeout_ms, pq_redis_state_cb *state_cb, void *opaque,
                          char *errstr, size_t errstr_size);
