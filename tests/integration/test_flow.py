@@ -65,12 +65,17 @@ def test_no_stall_at_max_inflight():
             providers={"sim": {"type": "openai", "base_url": s.api, "max_concurrency": 0}},
             extra={"worker": {"max_inflight": MAX_INFLIGHT,
                               "metrics_listen": "127.0.0.1:%d" % port}})
-        st.spawn("promptq-worker", "--config", path, name="worker")
+        w = st.spawn("promptq-worker", "--config", path, name="worker")
         url = "http://127.0.0.1:%d" % port
         wait_for(lambda: up(url), T(20), "worker /healthz")
-        # warm-up: the group is joined and connections are open
-        st.produce("promptq.bulk", [envelope("warm-%d" % i) for i in range(8)])
-        wait_for(lambda: succeeded(url) >= 8, T(30), "warm-up jobs")
+        # both consumers (bulk and interactive, one group) have their partitions: the second
+        # one's join rebalances the first, which must not fall inside a measured run
+        wait_for(lambda: open(w.log_path).read().count("on_rebalance: assigned") >= 2, T(30),
+                 "both consumers assigned")
+        warm = ["warm-%d" % i for i in range(8)]
+        st.produce("promptq.bulk", [envelope(i) for i in warm], keys=warm)
+        st.produce("promptq.requests", [envelope("i" + i) for i in warm], keys=warm)
+        wait_for(lambda: succeeded(url) >= 16, T(30), "warm-up jobs")
         run(st, url, "promptq.bulk", "bulk", MAX_INFLIGHT - MAX_INFLIGHT // 8)
         run(st, url, "promptq.requests", "req", MAX_INFLIGHT)
         assert len(st.consume_all("promptq.dlq")) == 0
