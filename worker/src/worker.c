@@ -1,5 +1,6 @@
 /* The worker's loop: Kafka consumer and producer queues (io-event pipes), partition bookkeeping
- * and offset storing (G5), flow control (pause when full or when Redis is down), parking and
+ * and offset storing (G5), flow control (each consumer polls into a bounded backlog that feeds
+ * free slots; it pauses when the backlog is full or Redis is down), parking and
  * replay per route (G4), the health key, signals (SIGHUP reload, graceful stop). The per-job
  * state machine lives in job.c.
  *
