@@ -1783,6 +1783,20 @@ static void on_slot(void *opaque, int key, pq_err_t err, int64_t wake_ms)
         job_granted(j, key);
 }
 
+/* The current target t cannot take this job (no call made): recorded in the attempt log and,
+ * when noted, as the job's last error; the walk goes on with the next target. */
+static void skip_target(pq_job_t *j, const pq_target_t *t, pq_err_t why, const char *msg, int noted)
+{
+    if (why != PQ_ERR_CONTEXT_LENGTH && why != PQ_ERR_REFUSED)
+        pq_counter_add(j->w->m.skips, 1);
+    attempt_note(j, t, why, 0, -1, msg, NULL, NULL);
+    if (noted)
+        note_error(j, t, why, 0, msg, NULL);
+    j->target++;
+    j->tries = 0;
+    j->excluded = 0;
+}
+
 static void job_attempt(pq_job_t *j)
 {
     pq_worker_t *w = j->w;
@@ -1822,36 +1836,24 @@ static void job_attempt(pq_job_t *j)
         if (!pq_provider_find(t->p->type) || !j->prov) {
             snprintf(msg, sizeof(msg), "provider type \"%s\" (%s) is not supported", t->p->type,
                      t->provider);
-            pq_counter_add(w->m.skips, 1);
-            attempt_note(j, t, PQ_ERR_UNSUPPORTED, 0, -1, msg, NULL, NULL);
-            note_error(j, t, PQ_ERR_UNSUPPORTED, 0, msg, NULL);
-            j->target++;
-            j->tries = 0;
-            j->excluded = 0;
+            skip_target(j, t, PQ_ERR_UNSUPPORTED, msg, 1);
             continue;
         }
         if (!j->probe && !target_eligible(j, t, &err)) {
-            snprintf(msg, sizeof(msg), "%s",
-                     err == PQ_ERR_CONTEXT_LENGTH
-                         ? "its max_context_tokens is not larger than the target that refused "
-                           "the prompt's length"
-                         : "its provider refused the request already");
-            attempt_note(j, t, err, 0, -1, msg, NULL, NULL);
-            j->target++;
-            j->tries = 0;
-            j->excluded = 0;
+            /* not an error of its own: the refusal that made it ineligible stays the job's */
+            skip_target(j, t, err,
+                        err == PQ_ERR_CONTEXT_LENGTH
+                            ? "its max_context_tokens is not larger than the target that refused "
+                              "the prompt's length"
+                            : "its provider refused the request already",
+                        0);
             continue;
         }
         if (!j->probe) {
             a = j->circ ? pq_circuit_allow(j->circ) : 1;
             if (a == 0) {
                 snprintf(msg, sizeof(msg), "circuit of %s/%s is open", t->provider, t->model);
-                pq_counter_add(w->m.skips, 1);
-                attempt_note(j, t, PQ_ERR_CIRCUIT_OPEN, 0, -1, msg, NULL, NULL);
-                note_error(j, t, PQ_ERR_CIRCUIT_OPEN, 0, msg, NULL);
-                j->target++;
-                j->tries = 0;
-                j->excluded = 0;
+                skip_target(j, t, PQ_ERR_CIRCUIT_OPEN, msg, 1);
                 continue;
             }
             j->probe = a == 2;
