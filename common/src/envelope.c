@@ -321,6 +321,13 @@ static pq_err_t env_check_top(pq_envelope_t *env, const pq_envelope_limits_t *li
                     ENV_REPLY_TO_MAX);
             return PQ_ERR_INVALID;
         }
+        if (lim->reply_prefix &&
+            strncmp(json_string_value(v), lim->reply_prefix, strlen(lim->reply_prefix))) {
+            /* the prefix is configuration, never input: safe to name */
+            env_err(errstr, errstr_size, "reply_to: must be a promptq reply channel (%.64s...)",
+                    lim->reply_prefix);
+            return PQ_ERR_INVALID;
+        }
     }
     if ((v = json_object_get(root, "park")) && !json_is_object(v)) {
         env_err(errstr, errstr_size, "park: must be an object");

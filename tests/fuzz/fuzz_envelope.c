@@ -18,7 +18,7 @@ static const pq_envelope_limits_t fuzz_limits = {
 
 /* The dump of a valid envelope may be longer than its input (a bare body gets wrapped, 1e2
  * becomes 100.0), so the re-parse is uncapped. */
-static const pq_envelope_limits_t no_limits = {0, 0, 0};
+static const pq_envelope_limits_t no_limits = {0, 0, 0, NULL};
 
 static int same_str(const char *a, const char *b)
 {

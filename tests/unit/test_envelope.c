@@ -255,6 +255,34 @@ static void test_set_id_reply_to(void **state)
     assert_null(pq_envelope_dump(&env, NULL));
 }
 
+/* reply_to is limited to promptq's own reply channels when the limits name their prefix (the
+ * worker's), so a direct producer cannot make a worker PUBLISH to any channel. */
+static void test_reply_prefix(void **state)
+{
+    static const char ok[] = "{\"id\":\"a\",\"request\":{\"model\":\"m\",\"messages\":[{\"role\":"
+                             "\"user\",\"content\":\"hi\"}]},"
+                             "\"reply_to\":\"promptq:reply:b-1\"}";
+    static const char bad[] = "{\"id\":\"a\",\"request\":{\"model\":\"m\",\"messages\":[{\"role\":"
+                              "\"user\",\"content\":\"hi\"}]},"
+                              "\"reply_to\":\"__keyspace@0__:secret-channel\"}";
+    pq_envelope_limits_t lim = pq_envelope_limits_default;
+    pq_envelope_t env;
+    char err[256];
+
+    (void)state;
+    /* without a prefix (the default) any channel name passes, as before */
+    assert_int_equal(pq_envelope_parse(bad, strlen(bad), &lim, &env, err, sizeof(err)), PQ_OK);
+    pq_envelope_clear(&env);
+    lim.reply_prefix = "promptq:reply:";
+    assert_int_equal(pq_envelope_parse(ok, strlen(ok), &lim, &env, err, sizeof(err)), PQ_OK);
+    assert_string_equal(env.reply_to, "promptq:reply:b-1");
+    pq_envelope_clear(&env);
+    assert_int_equal(pq_envelope_parse(bad, strlen(bad), &lim, &env, err, sizeof(err)),
+                     PQ_ERR_INVALID);
+    assert_non_null(strstr(err, "reply_to: must be a promptq reply channel (promptq:reply:"));
+    assert_null(strstr(err, "secret-channel")); /* input never echoed */
+}
+
 static void test_default_document_cap(void **state)
 {
     size_t n = pq_envelope_limits_default.max_bytes + 1;
@@ -372,8 +400,9 @@ int main(void)
 {
     static const struct CMUnitTest fixed[] = {
         cmocka_unit_test(test_dump_one_line),        cmocka_unit_test(test_set_id_reply_to),
-        cmocka_unit_test(test_default_document_cap), cmocka_unit_test(test_id_tenant_valid),
-        cmocka_unit_test(test_id_generate),          cmocka_unit_test(test_id_generate_threads),
+        cmocka_unit_test(test_default_document_cap), cmocka_unit_test(test_reply_prefix),
+        cmocka_unit_test(test_id_tenant_valid),      cmocka_unit_test(test_id_generate),
+        cmocka_unit_test(test_id_generate_threads),
     };
     char path[1024], **names = NULL;
     size_t n = 0, cap = 0, nfixed = sizeof(fixed) / sizeof(fixed[0]);

@@ -1657,6 +1657,8 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     }
     w->ttl_ms = conf->result_ttl_s * 1000;
     w->limits = pq_envelope_limits_default;
+    snprintf(w->reply_prefix, sizeof(w->reply_prefix), "%sreply:", conf->redis_prefix);
+    w->limits.reply_prefix = w->reply_prefix;
     if (conf->max_prompt_bytes > 0)
         w->limits.max_prompt_bytes = (size_t)conf->max_prompt_bytes;
     if (conf->max_body_bytes > 0 && (size_t)conf->max_body_bytes > w->limits.max_bytes)

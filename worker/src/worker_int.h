@@ -136,6 +136,7 @@ struct pq_worker_s {
     size_t retry_inflight; /* jobs from retry topics in flight (replay takes at most half) */
     int64_t last_summary_ms;
     char instance[160];
+    char reply_prefix[192]; /* "<redis prefix>reply:": the only channels reply_to may name */
     char health_key[320];
     int health_pending;
     int no_admin; /* CreateTopics timed out once: use metadata auto-creation */

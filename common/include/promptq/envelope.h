@@ -22,6 +22,10 @@ typedef struct pq_envelope_limits_s {
     size_t max_prompt_bytes; /* sum of message content lengths in bytes (string contents and
                                 content parts' "text") */
     size_t max_messages;     /* entries in request.messages */
+    /* reply_to must start with this (promptq's own reply channels, "<redis prefix>reply:"),
+     * so an envelope cannot make a worker publish to any Redis channel; NULL: any.
+     * Borrowed: must outlive the limits' use. */
+    const char *reply_prefix;
 } pq_envelope_limits_t;
 
 /* Defaults: 1 MiB document, 1 MiB prompt, 2048 messages. */
