@@ -590,9 +590,11 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
                                          size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    json_t *root = json_loadb(body, len, 0, NULL), *content, *msg, *usage, *e;
+    static const char *const usage_names[] = {"input_tokens", "cache_creation_input_tokens",
+                                              "cache_read_input_tokens", "output_tokens"};
+    json_t *root = json_loadb(body, len, 0, NULL), *content, *msg, *e;
     const char *type = json_string_value(json_object_get(root, "type"));
-    json_int_t in, out;
+    json_int_t in, out, counts[4];
 
     *completion = NULL;
     if (err == PQ_OK && type && strcmp(type, "error") == 0)
@@ -627,11 +629,13 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
         err = PQ_ERR_MALFORMED;
         goto out;
     }
-    usage = json_object_get(root, "usage");
-    in = pq_provider_usage_int(usage, "input_tokens") +
-         pq_provider_usage_int(usage, "cache_creation_input_tokens") +
-         pq_provider_usage_int(usage, "cache_read_input_tokens");
-    out = pq_provider_usage_int(usage, "output_tokens");
+    if ((err = pq_provider_usage_read(target, json_object_get(root, "usage"), usage_names, counts,
+                                      4, errstr, errstr_size)) != PQ_OK) {
+        json_decref(msg);
+        goto out;
+    }
+    in = counts[0] + counts[1] + counts[2];
+    out = counts[3];
     *completion = json_pack(
         "{s:s, s:s, s:I, s:s, s:[{s:i, s:o, s:s, s:n}], s:{s:I, s:I, s:I}}", "id",
         json_is_string(json_object_get(root, "id")) ? json_string_value(json_object_get(root, "id"))

@@ -236,10 +236,47 @@ pq_err_t pq_provider_completion(json_t **completion, const char *id, json_int_t 
     return PQ_OK;
 }
 
-json_int_t pq_provider_usage_int(const json_t *usage, const char *name)
+pq_err_t pq_provider_usage_read(const pq_target_t *target, const json_t *usage,
+                                const char *const *names, json_int_t *vals, size_t n, char *errstr,
+                                size_t errstr_size)
 {
-    json_t *v = json_object_get(usage, name);
-    return json_is_integer(v) && json_integer_value(v) > 0 ? json_integer_value(v) : 0;
+    for (size_t i = 0; i < n; i++)
+        vals[i] = 0;
+    if (!usage || json_is_null(usage))
+        return PQ_OK;
+    if (!json_is_object(usage)) {
+        snprintf(errstr, errstr_size, "%s answered a bad usage", target->p->name);
+        return PQ_ERR_MALFORMED;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_object_get(usage, names[i]);
+        if (!v || json_is_null(v))
+            continue;
+        if (!json_is_integer(v) || json_integer_value(v) < 0) {
+            snprintf(errstr, errstr_size, "%s answered a bad usage.%s", target->p->name, names[i]);
+            return PQ_ERR_MALFORMED;
+        }
+        vals[i] = json_integer_value(v);
+    }
+    return PQ_OK;
+}
+
+int pq_provider_content_ok(const json_t *content)
+{
+    size_t i;
+    json_t *part;
+
+    if (!content || json_is_null(content) || json_is_string(content))
+        return 1;
+    if (!json_is_array(content))
+        return 0;
+    json_array_foreach(content, i, part)
+    {
+        const char *type = json_string_value(json_object_get(part, "type"));
+        if (!type || (strcmp(type, "text") == 0 && !json_is_string(json_object_get(part, "text"))))
+            return 0;
+    }
+    return 1;
 }
 
 void pq_provider_safe_token(const json_t *v, char *buf, size_t size)

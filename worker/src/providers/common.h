@@ -140,8 +140,20 @@ pq_err_t pq_provider_completion(json_t **completion, const char *id, json_int_t 
                                 json_int_t completion_tokens, json_int_t total, char *errstr,
                                 size_t errstr_size);
 
-/* usage[name] when it is a positive integer, else 0. */
-json_int_t pq_provider_usage_int(const json_t *usage, const char *name);
+/* Reads the token counts names[0..n-1] of a 2xx answer's usage object into vals[0..n-1]: a
+ * count that is absent or null is 0. A usage that is present, not null and not an object, or a
+ * count that is not a non-negative integer (-3, 1.5, "7"), is PQ_ERR_MALFORMED ("<provider>
+ * answered a bad usage.<name>" in errstr): a provider that cannot count is not trusted with the
+ * answer either, and the next attempt may answer well; clamping would bill a wrong count. */
+pq_err_t pq_provider_usage_read(const pq_target_t *target, const json_t *usage,
+                                const char *const *names, json_int_t *vals, size_t n, char *errstr,
+                                size_t errstr_size);
+
+/* 1 when a 2xx answer's message content is something a client can read: absent, null, a string,
+ * or an array of parts that are objects with a string "type" whose "text" parts hold a string
+ * "text" (other part types, such as Mistral's "thinking", pass). 0 otherwise ("content": 5): the
+ * caller answers PQ_ERR_MALFORMED. */
+int pq_provider_content_ok(const json_t *content);
 
 /* ---- misc ---- */
 

@@ -423,14 +423,17 @@ static json_t *all_blocked(const json_t *cands)
     return json_array_get(cands, 0);
 }
 
+static const char *const usage_names[] = {"promptTokenCount", "candidatesTokenCount",
+                                          "thoughtsTokenCount", "totalTokenCount"};
+
 static pq_err_t gemini_parse_response(const pq_target_t *target, long status, const char *body,
                                       size_t len, json_t **completion, pq_provider_fault_t *fault,
                                       char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    json_t *root = json_loadb(body, len, 0, NULL), *cands, *c, *choices = NULL, *usage, *id;
+    json_t *root = json_loadb(body, len, 0, NULL), *cands, *c, *choices = NULL, *id;
     json_t *block, *pf, *v;
-    json_int_t pt, ct, tt;
+    json_int_t pt, ct, tt, counts[4];
     size_t i;
 
     *completion = NULL;
@@ -486,11 +489,12 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
         if (json_array_append_new(choices, choice))
             goto out_nomem;
     }
-    usage = json_object_get(root, "usageMetadata");
-    pt = pq_provider_usage_int(usage, "promptTokenCount");
-    ct = pq_provider_usage_int(usage, "candidatesTokenCount") +
-         pq_provider_usage_int(usage, "thoughtsTokenCount");
-    tt = pq_provider_usage_int(usage, "totalTokenCount");
+    if ((err = pq_provider_usage_read(target, json_object_get(root, "usageMetadata"), usage_names,
+                                      counts, 4, errstr, errstr_size)) != PQ_OK)
+        goto out;
+    pt = counts[0];
+    ct = counts[1] + counts[2];
+    tt = counts[3];
     id = json_object_get(root, "responseId");
     v = json_object_get(root, "modelVersion");
     err = pq_provider_completion(

@@ -79,6 +79,8 @@ pq_err_t pq_provider_openai_fault(const pq_target_t *target, pq_err_t err, const
     return err;
 }
 
+static const char *const usage_names[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
+
 static pq_err_t openai_parse_response(const pq_target_t *target, long status, const char *body,
                                       size_t len, json_t **completion, pq_provider_fault_t *fault,
                                       char *errstr, size_t errstr_size)
@@ -86,6 +88,7 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, 0, NULL);
     json_t *choices;
+    json_int_t counts[3];
 
     *completion = NULL;
     if (err != PQ_OK) {
@@ -115,23 +118,44 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
             err = PQ_ERR_MALFORMED;
             goto out;
         }
+        if (!pq_provider_content_ok(json_object_get(json_object_get(c, "message"), "content"))) {
+            snprintf(errstr, errstr_size, "%s answered a message with unreadable content",
+                     target->p->name);
+            err = PQ_ERR_MALFORMED;
+            goto out;
+        }
         if (!json_is_integer(json_object_get(c, "index")))
             json_object_set_new(c, "index", json_integer((json_int_t)i));
         if (!json_is_string(json_object_get(c, "finish_reason")))
             json_object_set_new(c, "finish_reason", json_string("stop"));
     }
+    if ((err = pq_provider_usage_read(target, json_object_get(root, "usage"), usage_names, counts,
+                                      3, errstr, errstr_size)) != PQ_OK)
+        goto out;
     if (!json_is_string(json_object_get(root, "object")))
         json_object_set_new(root, "object", json_string("chat.completion"));
     if (!json_is_integer(json_object_get(root, "created")))
         json_object_set_new(root, "created", json_integer((json_int_t)time(NULL)));
     if (!json_is_string(json_object_get(root, "model")))
         json_object_set_new(root, "model", json_string(target->model));
-    if (!json_is_object(json_object_get(root, "usage")))
-        json_object_set_new(root, "usage",
-                            json_pack("{s:i,s:i,s:i}", "prompt_tokens", 0, "completion_tokens", 0,
-                                      "total_tokens", 0));
+    /* the counts, checked, replace what was sent (a missing or null count is 0; other usage
+     * fields such as prompt_tokens_details stay) */
+    if (!json_is_object(json_object_get(root, "usage")) &&
+        json_object_set_new(root, "usage", json_object()))
+        goto out_nomem;
+    if (counts[2] == 0)
+        counts[2] = counts[0] + counts[1];
+    for (size_t i = 0; i < 3; i++)
+        if (json_object_set_new(json_object_get(root, "usage"), usage_names[i],
+                                json_integer(counts[i])))
+            goto out_nomem;
     *completion = root;
     root = NULL;
+    goto out;
+
+out_nomem:
+    snprintf(errstr, errstr_size, "out of memory");
+    err = PQ_ERR_NOMEM;
 out:
     json_decref(root);
     return err;

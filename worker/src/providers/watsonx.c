@@ -254,9 +254,10 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
                                        char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    json_t *root = json_loadb(body, len, 0, NULL), *choices, *c, *out = NULL, *usage, *v;
+    static const char *const usage_names[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
+    json_t *root = json_loadb(body, len, 0, NULL), *choices, *c, *out = NULL, *v;
     json_t *id, *created;
-    json_int_t pt, ct, tt;
+    json_int_t counts[3];
     size_t i;
 
     *completion = NULL;
@@ -292,6 +293,12 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
             err = PQ_ERR_MALFORMED;
             goto out;
         }
+        if (!pq_provider_content_ok(json_object_get(msg, "content"))) {
+            snprintf(errstr, errstr_size, "%s answered a message with unreadable content",
+                     target->p->name);
+            err = PQ_ERR_MALFORMED;
+            goto out;
+        }
         oc = json_pack(
             "{s:I, s:O, s:s, s:O}", "index",
             json_is_integer(idx) ? json_integer_value(idx) : (json_int_t)i, "message", msg,
@@ -304,10 +311,9 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
             json_object_set_new(json_object_get(oc, "message"), "role", json_string("assistant")))
             goto out_nomem;
     }
-    usage = json_object_get(root, "usage");
-    pt = pq_provider_usage_int(usage, "prompt_tokens");
-    ct = pq_provider_usage_int(usage, "completion_tokens");
-    tt = pq_provider_usage_int(usage, "total_tokens");
+    if ((err = pq_provider_usage_read(target, json_object_get(root, "usage"), usage_names, counts,
+                                      3, errstr, errstr_size)) != PQ_OK)
+        goto out;
     id = json_object_get(root, "id");
     created = json_object_get(root, "created");
     v = json_object_get(root, "model_id");
@@ -316,8 +322,8 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
     err = pq_provider_completion(
         completion, json_is_string(id) ? json_string_value(id) : "chat-unknown",
         json_is_integer(created) ? json_integer_value(created) : (json_int_t)time(NULL),
-        json_is_string(v) ? json_string_value(v) : target->model, out, pt, ct, tt, errstr,
-        errstr_size);
+        json_is_string(v) ? json_string_value(v) : target->model, out, counts[0], counts[1],
+        counts[2], errstr, errstr_size);
     goto out;
 
 out_nomem:
