@@ -19,18 +19,19 @@
  *   - stream, stream_options, user, store, metadata, service_tier and unknown fields are dropped.
  *
  * Answer mapping: each candidate -> a choice (index from the candidate or its position), text
- * parts joined (thought parts skipped), finishReason STOP -> stop, MAX_TOKENS -> length,
- * SAFETY, RECITATION, BLOCKLIST, PROHIBITED_CONTENT, SPII, IMAGE_SAFETY -> content_filter,
- * others -> stop; usageMetadata promptTokenCount / candidatesTokenCount (+ thoughtsTokenCount) /
- * totalTokenCount -> usage. A prompt blocked by promptFeedback.blockReason, and an answer whose
- * every candidate was blocked by a content policy (SAFETY, PROHIBITED_CONTENT, BLOCKLIST, SPII)
- * without content, are PQ_ERR_CONTENT_FILTER (fault code: the block or finish reason; reason:
- * blockReasonMessage / finishMessage when given). Errors {"error":{"code","message","status"}}:
- * 400 with reason API_KEY_INVALID is an authentication error (Gemini answers a bad key with
- * 400); status RESOURCE_EXHAUSTED is rate_limited, UNAVAILABLE server_error, FAILED_PRECONDITION
- * (e.g. no free tier in the caller's region) refused; INVALID_ARGUMENT whose message says the
- * input token count exceeds the maximum is context_length. The fault's code is error.status;
- * its reason the sanitised message for context_length, refused and not_found. */
+ * parts joined (thought parts skipped; a MAX_TOKENS candidate without parts has content ""),
+ * finishReason STOP -> stop, MAX_TOKENS -> length, SAFETY, RECITATION, BLOCKLIST,
+ * PROHIBITED_CONTENT, SPII, IMAGE_SAFETY -> content_filter, others -> stop; usageMetadata
+ * promptTokenCount / candidatesTokenCount (+ thoughtsTokenCount) / totalTokenCount -> usage. A
+ * prompt blocked by promptFeedback.blockReason, and an answer whose every candidate was blocked by
+ * a content policy (SAFETY, PROHIBITED_CONTENT, BLOCKLIST, SPII) without content, are
+ * PQ_ERR_CONTENT_FILTER (fault code: the block or finish reason; reason: blockReasonMessage /
+ * finishMessage when given). Errors {"error":{"code","message","status"}}: 400 with reason
+ * API_KEY_INVALID is an authentication error (Gemini answers a bad key with 400); status
+ * RESOURCE_EXHAUSTED is rate_limited, UNAVAILABLE server_error, FAILED_PRECONDITION (e.g. no free
+ * tier in the caller's region) refused; INVALID_ARGUMENT whose message says the input token count
+ * exceeds the maximum is context_length. The fault's code is error.status; its reason the sanitised
+ * message for context_length, refused and not_found. */
 #include "provider.h"
 #include "common.h"
 
@@ -325,7 +326,11 @@ static json_t *choice_from_candidate(const json_t *cand, size_t pos)
 
     if (!json_is_object(cand))
         return NULL;
-    if (!json_is_array(parts)) {
+    if (!parts && fr && strcmp(fr, "MAX_TOKENS") == 0) {
+        /* the limit was reached before any text: thinking models spend a small max_tokens
+         * (the health probe's 1) on thoughts and answer no parts */
+        content = json_string("");
+    } else if (!json_is_array(parts)) {
         /* a filtered candidate carries no content; anything else without content is broken */
         if (strcmp(mapped, "content_filter") != 0)
             return NULL;
