@@ -1949,8 +1949,9 @@ static void on_cache_get(pq_job_t *j, redisReply *r)
     pq_worker_t *w = j->w;
     json_t *doc = NULL, *resp;
 
+    /* JSON_ALLOW_NUL: an answer may carry U+0000, which json_dumps stored as "\u0000" */
     if (r->type == REDIS_REPLY_STRING)
-        doc = json_loadb(r->str, r->len, 0, NULL);
+        doc = json_loadb(r->str, r->len, JSON_ALLOW_NUL, NULL);
     resp = json_object_get(doc, "response");
     if (json_is_object(resp) && json_is_string(json_object_get(doc, "provider")) &&
         json_is_string(json_object_get(doc, "model"))) {
