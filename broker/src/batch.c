@@ -617,18 +617,32 @@ static void create_finished_cb(redisAsyncContext *ac, void *r, void *priv)
         pq_rconn_sendf(bt->t, NULL, NULL, "DEL %s", bt->lkey);
         bt->locked = 0;
         start_cancel(bt->t, bt->tenant, bt->id, bt->line, "cancelled");
+    } else if (!strcmp(reply->str, "failed")) {
+        /* every line invalid: terminal now, nothing to finalize */
+        PQ_INFO("batch %s/%s: failed validation: all %u lines invalid", bt->tenant, bt->id,
+                bt->ninvalid);
+        pq_rconn_sendf(bt->t, NULL, NULL, "SREM %sbatches:active %s:%s",
+                       bt->t->bc->conf->redis_prefix, bt->tenant, bt->id);
     }
     task_check(bt);
 }
 
+/* A batch none of whose lines is valid fails validation as OpenAI's does: status failed with
+ * failed_at and the line errors, no in_progress, no output or error file (so no invalid lines
+ * kept for one). */
 static const char finish_script[] =
     "local s = redis.call('HGET', KEYS[1], 'status')\n"
     "if not s then return '' end\n"
     "if redis.call('HEXISTS', KEYS[1], 'lines') == 1 then return s end\n"
-    "if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5]) end\n"
+    "local all_bad = s == 'validating' and tonumber(ARGV[1]) > 0 and ARGV[3] == ARGV[1]\n"
+    "if ARGV[5] ~= '' and not all_bad then redis.call('SET', KEYS[2], ARGV[5]) end\n"
     "if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'failed', ARGV[3]) end\n"
     "redis.call('HSET', KEYS[1], 'total', ARGV[1], 'lines', ARGV[2])\n"
     "if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'errors', ARGV[4]) end\n"
+    "if all_bad then\n"
+    "  redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', ARGV[6])\n"
+    "  return 'failed'\n"
+    "end\n"
     "if s == 'validating' then\n"
     "  redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[6])\n"
     "  return 'in_progress'\n"

@@ -285,6 +285,35 @@ def test_batch_end_to_end():
         assert "fail 0" in out_text and "pass 1" in out_text, out_text[-3000:]
 
 
+def test_batch_every_line_invalid_fails():
+    """OpenAI's Batch object: status "failed" means the input file failed validation, with the
+    reasons in errors. A batch none of whose lines is valid is failed (failed_at, errors per
+    line, no output or error file), not "completed"; nothing is queued."""
+    with harness.Stack("batch_all_invalid") as st:
+        red = stack(st, worker=False)
+        bad = ["{not json", line("x-url", "u", url="/v1/embeddings"),
+               line("x-method", "m", method="GET")]
+        status, _, f = upload(st, "\n".join(bad))
+        assert status == 200, f
+        status, _, b = create(st, f["id"])
+        assert status == 200, b
+        d = wait_status(st, b["id"], ("failed", "completed"), 30)
+        assert d["status"] == "failed", d
+        assert isinstance(d["failed_at"], int) and d["completed_at"] is None, d
+        assert d["in_progress_at"] is None, d
+        assert d["output_file_id"] is None and d["error_file_id"] is None, d
+        assert d["request_counts"] == {"total": 3, "completed": 0, "failed": 3}, d
+        assert d["errors"]["object"] == "list", d
+        assert [e["line"] for e in d["errors"]["data"]] == [1, 2, 3], d["errors"]
+        assert [e["code"] for e in d["errors"]["data"]] == ["invalid_json_line", "invalid_url",
+                                                            "invalid_method"], d["errors"]
+        time.sleep(1.5)  # the timer would finalize it by now if it still could
+        d = get(st, b["id"])[2]
+        assert d["status"] == "failed", d
+        assert red.cli("SISMEMBER", "promptq:batches:active", "%s:%s" % (TENANT, b["id"])) == "0"
+        assert red.cli("EXISTS", "promptq:batch:%s:%s:invalid" % (TENANT, b["id"])) == "0"
+
+
 def test_batch_cancel():
     """No worker: lines stay queued until cancelled (or expired)."""
     with harness.Stack("batches-cancel") as st:
