@@ -440,7 +440,12 @@ static const prop_t provider_props[] = {
     P_STR(pq_provider_conf_t, "api_version", api_version, NULL, PF_NONEMPTY,
           "azure_openai api-version (required there)"),
     P_STR(pq_provider_conf_t, "project_id", project_id, NULL, PF_NONEMPTY,
-          "watsonx project (required there)"),
+          "watsonx project; watsonx needs exactly one of project_id and space_id"),
+    P_STR(pq_provider_conf_t, "space_id", space_id, NULL, PF_NONEMPTY,
+          "watsonx deployment space, instead of project_id"),
+    P_STR(pq_provider_conf_t, "watsonx_version", watsonx_version, NULL, PF_NONEMPTY,
+          "watsonx API version date YYYY-MM-DD (the chat URL's ?version=); "
+          "default " PQ_WATSONX_VERSION_DEFAULT),
     P_STR(pq_provider_conf_t, "iam_url", iam_url, NULL, PF_NONEMPTY,
           "watsonx IAM token URL; default " DEFAULT_IAM_URL),
     P_INT(pq_provider_conf_t, "default_max_tokens", default_max_tokens, 4096, 1, 10000000,
@@ -980,6 +985,17 @@ static int url_ok(const char *s)
     return !strncmp(s, "http://", 7) || !strncmp(s, "https://", 8);
 }
 
+/* 1 when s is a date "YYYY-MM-DD" (digits and dashes in place; the month and day in range). */
+static int version_date_ok(const char *s)
+{
+    if (strlen(s) != 10 || s[4] != '-' || s[7] != '-')
+        return 0;
+    for (int i = 0; i < 10; i++)
+        if (i != 4 && i != 7 && (s[i] < '0' || s[i] > '9'))
+            return 0;
+    return atoi(s + 5) >= 1 && atoi(s + 5) <= 12 && atoi(s + 8) >= 1 && atoi(s + 8) <= 31;
+}
+
 static const char *default_base_url(const char *type)
 {
     if (!strcmp(type, "openai"))
@@ -1044,9 +1060,19 @@ static int load_provider(pq_provider_conf_t *p, const char *name, json_t *obj, c
         return fail(e, sub, "required for type azure_openai");
     }
     if (!strcmp(p->type, "watsonx")) {
-        if (!p->project_id) {
+        if (!p->project_id && !p->space_id) {
             path_key(sub, sizeof(sub), path, "project_id");
-            return fail(e, sub, "required for type watsonx");
+            return fail(e, sub, "required for type watsonx (or space_id)");
+        }
+        if (p->project_id && p->space_id) {
+            path_key(sub, sizeof(sub), path, "space_id");
+            return fail(e, sub, "give project_id or space_id, not both");
+        }
+        if (!p->watsonx_version && !(p->watsonx_version = strdup(PQ_WATSONX_VERSION_DEFAULT)))
+            return fail(e, path, "out of memory");
+        if (!version_date_ok(p->watsonx_version)) {
+            path_key(sub, sizeof(sub), path, "watsonx_version");
+            return fail(e, sub, "must be a date YYYY-MM-DD");
         }
         if (!p->iam_url && !(p->iam_url = strdup(DEFAULT_IAM_URL)))
             return fail(e, path, "out of memory");

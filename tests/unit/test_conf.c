@@ -126,6 +126,8 @@ static void test_full_example(void **state)
     p = pq_conf_provider(c, "watson");
     assert_string_equal(p->type, "watsonx");
     assert_string_equal(p->project_id, "...");
+    assert_null(p->space_id);
+    assert_string_equal(p->watsonx_version, PQ_WATSONX_VERSION_DEFAULT);
     assert_string_equal(p->iam_url, "https://iam.cloud.ibm.com/identity/token");
     p = pq_conf_provider(c, "local");
     assert_int_equal(p->napi_keys, 0);
@@ -423,6 +425,26 @@ static void test_env_overrides(void **state)
     assert_null(strstr(err, SECRET_MARK));
     unsetenv("PROMPTQ_KAFKA_BOOTSTRAP");
     unsetenv("PROMPTQ_REDIS_URL");
+}
+
+/* watsonx takes a deployment space instead of a project, and a version date of its own. */
+static void test_watsonx_space(void **state)
+{
+    char err[512] = "";
+    const pq_provider_conf_t *p;
+    pq_conf_t *c;
+
+    (void)state;
+    c = load_str("{\"providers\":{\"w\":{\"type\":\"watsonx\",\"space_id\":\"s-1\","
+                 "\"watsonx_version\":\"2024-05-31\"}},"
+                 "\"routes\":{\"r\":[{\"provider\":\"w\",\"model\":\"m\"}]}}",
+                 err, sizeof(err));
+    assert_non_null(c);
+    p = pq_conf_provider(c, "w");
+    assert_null(p->project_id);
+    assert_string_equal(p->space_id, "s-1");
+    assert_string_equal(p->watsonx_version, "2024-05-31");
+    pq_conf_destroy(c);
 }
 
 static void test_redis_url(void **state)
@@ -841,7 +863,7 @@ int main(void)
         cmocka_unit_test(test_env_overrides), cmocka_unit_test(test_redis_url),
         cmocka_unit_test(test_read_errors),   cmocka_unit_test(test_kafka_conf),
         cmocka_unit_test(test_cli),           cmocka_unit_test(test_reentrant),
-        cmocka_unit_test(test_reference),
+        cmocka_unit_test(test_reference),     cmocka_unit_test(test_watsonx_space),
     };
 
     return cmocka_run_group_tests(tests, setup, NULL);

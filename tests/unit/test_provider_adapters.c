@@ -3,7 +3,8 @@
  * Each folder $PQ_TEST_DATA/providers/<type>/<case>/ holds a README line citing the public
  * reference the case follows, and either
  *   - a request case: request.json (OpenAI-shaped input), optional target.json ({"model",
- *     "base_url", "default_max_tokens", "headers": {name: value}} overriding the test target),
+ *     "base_url", "default_max_tokens", "headers": {name: value}, "api_version", "project_id",
+ *     "space_id", "watsonx_version" (null unsets the default)} overriding the test target),
  *     optional key.txt (the key to pass, default KEY below), and expected_request.json
  *     ({"url", "headers": {name: value} that must be sent, "headers_absent": [names],
  *     "body": the JSON body}) or expected_error.json ({"error": pq_err_name, "errstr_contains"});
@@ -97,6 +98,15 @@ static void fixture_init(fixture_t *f, const adapter_t *a, json_t *target_json)
         f->t.model = (char *)json_string_value(v);
     if ((v = json_object_get(target_json, "base_url")))
         f->p.base_url = (char *)json_string_value(v);
+    /* provider strings: a JSON null unsets the test default */
+    if ((v = json_object_get(target_json, "api_version")))
+        f->p.api_version = (char *)json_string_value(v);
+    if ((v = json_object_get(target_json, "project_id")))
+        f->p.project_id = (char *)json_string_value(v);
+    if ((v = json_object_get(target_json, "space_id")))
+        f->p.space_id = (char *)json_string_value(v);
+    if ((v = json_object_get(target_json, "watsonx_version")))
+        f->p.watsonx_version = (char *)json_string_value(v);
     if ((v = json_object_get(target_json, "default_max_tokens")))
         f->p.default_max_tokens = (int)json_integer_value(v);
     json_object_foreach(json_object_get(target_json, "headers"), k, v)

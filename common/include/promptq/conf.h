@@ -14,6 +14,9 @@ typedef struct pq_kv_s {
     char *value;
 } pq_kv_t;
 
+/* The watsonx API version date a provider uses when its config names none. */
+#define PQ_WATSONX_VERSION_DEFAULT "2025-02-06"
+
 typedef struct pq_provider_conf_s {
     char *name;     /* key in "providers" */
     char *type;     /* openai | azure_openai | anthropic | gemini | watsonx */
@@ -47,7 +50,10 @@ typedef struct pq_provider_conf_s {
                                 "call": the next job's real call does */
     char *status_url;        /* statuspage.io status.json, or NULL */
     char *api_version;       /* azure_openai */
-    char *project_id;        /* watsonx */
+    char *project_id;        /* watsonx: the project, or NULL when space_id is given */
+    char *space_id;          /* watsonx: the deployment space, or NULL when project_id is */
+    char *watsonx_version;   /* watsonx chat ?version= (YYYY-MM-DD), default
+                                PQ_WATSONX_VERSION_DEFAULT */
     char *iam_url;           /* watsonx */
     int default_max_tokens;  /* anthropic, default 4096 */
 } pq_provider_conf_t;

@@ -1,19 +1,21 @@
 /* IBM watsonx.ai chat (https://cloud.ibm.com/apidocs/watsonx-ai#text-chat) and the IBM Cloud
  * IAM token exchange (https://cloud.ibm.com/docs/iam?topic=iam-iamtoken_from_apikey).
  *
- * POST {base_url}/ml/v1/text/chat?version=2025-02-06 with Authorization: Bearer <IAM token>
- * (the `key` given to build_request is the token, see watsonx.h).
+ * POST {base_url}/ml/v1/text/chat?version={watsonx_version} (default
+ * PQ_WATSONX_VERSION_DEFAULT) with Authorization: Bearer <IAM token> (the `key` given to
+ * build_request is the token, see watsonx.h).
  *
- * Request mapping from OpenAI chat completions: body {model_id: target model, project_id,
- * messages, ...}; developer messages become system messages; system and assistant contents
- * given as text parts are joined into a string (watsonx takes a string there); user content
- * parts, tool messages and assistant tool_calls pass unchanged. max_completion_tokens or
- * max_tokens -> max_tokens; stop (string or array) -> stop array; temperature, top_p, n, seed,
- * presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs, response_format
- * and tools pass; tool_choice "auto"/"none"/"required" -> tool_choice_option, a {function}
- * object -> tool_choice. functions, function_call, audio, prediction, web_search_options and
- * non-text modalities are PQ_ERR_UNSUPPORTED; stream, stream_options, user, store, metadata,
- * service_tier, parallel_tool_calls and unknown fields are dropped.
+ * Request mapping from OpenAI chat completions: body {model_id: target model, project_id or
+ * space_id (whichever the provider config gives), messages, ...}; developer messages become system
+ * messages; system and assistant contents given as text parts are joined into a string (watsonx
+ * takes a string there); user content parts, tool messages and assistant tool_calls pass unchanged.
+ * max_completion_tokens or max_tokens -> max_tokens; stop (string or array) -> stop array;
+ * temperature, top_p, n, seed, presence_penalty, frequency_penalty, logit_bias, logprobs,
+ * top_logprobs, response_format and tools pass; tool_choice "auto"/"none"/"required" ->
+ * tool_choice_option, a {function} object -> tool_choice. functions, function_call, audio,
+ * prediction, web_search_options and non-text modalities are PQ_ERR_UNSUPPORTED; stream,
+ * stream_options, user, store, metadata, service_tier, parallel_tool_calls and unknown fields are
+ * dropped.
  *
  * Answer: OpenAI-like {id, model_id, created, choices, usage}; model_id -> model, choices get an
  * index and a finish_reason (time_limit -> length). Errors {"errors":[{"code","message"}],
@@ -32,7 +34,6 @@
 
 #include "promptq/util.h"
 
-#define WATSONX_VERSION    "2025-02-06"
 #define IAM_GRANT_APIKEY   "urn:ibm:params:oauth:grant-type:apikey"
 #define IAM_TOKEN_MAX      (64 * 1024)
 #define IAM_REFRESH_MARGIN 60 /* seconds before expiration */
@@ -157,7 +158,9 @@ static pq_err_t build_body(const pq_target_t *target, const json_t *req, json_t 
         goto out;
     err = PQ_ERR_NOMEM;
     if (json_object_set_new(body, "model_id", json_string(target->model)) ||
-        json_object_set_new(body, "project_id", json_string(target->p->project_id)) ||
+        (target->p->project_id
+             ? json_object_set_new(body, "project_id", json_string(target->p->project_id))
+             : json_object_set_new(body, "space_id", json_string(target->p->space_id))) ||
         json_object_set(body, "messages", msgs))
         goto out;
     if ((err = pq_provider_max_tokens(req, &v, errstr, errstr_size)) != PQ_OK)
@@ -196,12 +199,16 @@ static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *r
 {
     const pq_provider_conf_t *p = target->p;
     json_t *body = json_object();
+    char *ver = NULL;
     pq_err_t err;
 
     if ((err = pq_provider_req_start(request, out, errstr, errstr_size)) != PQ_OK)
         goto out;
-    if (!p->project_id) {
-        snprintf(errstr, errstr_size, "providers.%s.project_id is required", p->name);
+    if (!p->project_id == !p->space_id) {
+        snprintf(errstr, errstr_size,
+                 "providers.%s: exactly one of project_id and space_id is "
+                 "required",
+                 p->name);
         err = PQ_ERR_CONFIG;
         goto out;
     }
@@ -211,14 +218,18 @@ static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *r
         PQ_OK)
         goto out;
     err = PQ_ERR_NOMEM;
+    if (!(ver = pq_provider_escape(p->watsonx_version ? p->watsonx_version
+                                                      : PQ_WATSONX_VERSION_DEFAULT)))
+        goto out;
     if (pq_provider_req_json(out, body) ||
-        pq_provider_req_url(out, "%s/ml/v1/text/chat?version=" WATSONX_VERSION, p->base_url) ||
+        pq_provider_req_url(out, "%s/ml/v1/text/chat?version=%s", p->base_url, ver) ||
         pq_provider_header_add(&out->headers, "Accept", "application/json") ||
         (key && *key && pq_provider_header_add_bearer(&out->headers, key)) ||
         pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
         goto out;
     err = PQ_OK;
 out:
+    free(ver);
     json_decref(body);
     return pq_provider_req_end(out, err, errstr, errstr_size);
 }
