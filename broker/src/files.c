@@ -313,20 +313,54 @@ static int boundary_of(const char *ctype, char *out, size_t size)
 
 typedef struct {
     char id[64];
+    char tenant[PQ_TENANT_MAX + 1];
     char filename[FILENAME_MAX_LEN + 1];
     char purpose[32];
     size_t bytes;
 } upload_t;
 
+/* The length of the client's file name that is kept: at most FILENAME_MAX_LEN bytes, cut
+ * before a UTF-8 continuation byte so no character is split; -1 when the name is not UTF-8
+ * (or holds NUL), which no file object could carry. */
+static long filename_keep(const char *name, size_t len)
+{
+    size_t keep = len < FILENAME_MAX_LEN ? len : FILENAME_MAX_LEN;
+    json_t *probe;
+
+    while (keep < len && keep > 0 && ((unsigned char)name[keep] & 0xC0) == 0x80)
+        keep--;
+    if (memchr(name, '\0', keep))
+        return -1;
+    probe = json_stringn(name, keep);
+    if (!probe)
+        return -1;
+    json_decref(probe);
+    return (long)keep;
+}
+
 static void upload_stored(pq_slot_t *s, const void *r)
 {
     upload_t *u = s->ctx;
-    char bytes[24], created[24];
+    char bytes[24], created[24], key[512], skey[512];
+    json_t *o;
 
-    pq_counter_add(s->t->b->m_files_uploaded, (uint64_t)u->bytes);
     snprintf(bytes, sizeof(bytes), "%zu", u->bytes);
     snprintf(created, sizeof(created), "%lld", (long long)(pq_now_ms() / 1000));
-    pq_http_reply_json(s, 200, file_object(u->id, bytes, created, u->filename, u->purpose));
+    o = file_object(u->id, bytes, created, u->filename, u->purpose);
+    if (!o) {
+        /* not answerable: take back what was stored so no file is left that nobody was told
+         * of, that does not list and does not read */
+        if (file_key(s->t, key, sizeof(key), u->tenant, u->id) >= 0)
+            pq_rconn_sendf(s->t, NULL, NULL, "DEL %s", key);
+        if (files_set_key(s->t, skey, sizeof(skey), u->tenant) >= 0)
+            pq_rconn_sendf(s->t, NULL, NULL, "ZREM %s %s", skey, u->id);
+        PQ_ERR("file %s/%s: cannot build the file object: upload removed", u->tenant, u->id);
+        pq_http_error(s->t, s->req, s->path, 500, "internal", "cannot build the file object");
+        pq_slot_release(s);
+        return;
+    }
+    pq_counter_add(s->t->b->m_files_uploaded, (uint64_t)u->bytes);
+    pq_http_reply_json(s, 200, o);
     pq_slot_release(s);
 }
 
@@ -342,6 +376,7 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
     upload_t *u;
     pq_slot_t *s;
     int64_t lines = 0;
+    long fl = 0;
     int n = 0;
 
     if (boundary_of(evhttp_find_header(evhttp_request_get_input_headers(req), "Content-Type"),
@@ -377,6 +412,11 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
                       f.file_len, (long long)conf->max_file_bytes);
         return;
     }
+    if (f.filename && (fl = filename_keep(f.filename, f.filename_len)) < 0) {
+        pq_http_error(t, req, PQ_PATH_FILES, 400, "invalid_request_error",
+                      "filename: not valid UTF-8");
+        return;
+    }
     for (const char *p = f.file, *e = f.file + f.file_len; p < e;) {
         const char *nl = memchr(p, '\n', (size_t)(e - p));
 
@@ -401,10 +441,9 @@ static void files_post(pq_bthread_t *t, struct evhttp_request *req, const char *
     s->ctx = u;
     s->ctx_free = free;
     pq_files_new_id(u->id, sizeof(u->id));
+    pq_strlcpy(u->tenant, tenant, sizeof(u->tenant));
     if (f.filename) {
-        size_t fl = f.filename_len < FILENAME_MAX_LEN ? f.filename_len : FILENAME_MAX_LEN;
-
-        memcpy(u->filename, f.filename, fl);
+        memcpy(u->filename, f.filename, (size_t)fl);
         u->filename[fl] = '\0';
     } else {
         pq_strlcpy(u->filename, "upload.jsonl", sizeof(u->filename));

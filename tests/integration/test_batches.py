@@ -314,6 +314,43 @@ def test_batch_every_line_invalid_fails():
         assert red.cli("EXISTS", "promptq:batch:%s:%s:invalid" % (TENANT, b["id"])) == "0"
 
 
+def upload_raw(st, filename_bytes, text=b'{"a":1}\n'):
+    boundary = "----pq" + uuid.uuid4().hex
+    body = ("--%s\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            "--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\""
+            % (boundary, boundary)).encode() + filename_bytes + (
+            "\"\r\nContent-Type: application/jsonl\r\n\r\n").encode() + text + (
+            "\r\n--%s--\r\n" % boundary).encode()
+    h = dict(AUTH)
+    h["Content-Type"] = "multipart/form-data; boundary=" + boundary
+    return harness.http_json("POST", st.broker_url + "/v1/files", body, h)
+
+
+def test_file_names_cut_at_a_character():
+    """A file name longer than 255 bytes is cut at the last whole UTF-8 character within 255
+    bytes (200 x "\u00e9" is 400 bytes: 127 characters are kept), and the file answers, lists and
+    reads back; a name that is not UTF-8 is refused with 400 before anything is stored."""
+    with harness.Stack("files_names") as st:
+        red = stack(st, worker=False)
+        skey = "promptq:files:" + TENANT
+        status, _, f = upload(st, "{}\n", filename="\u00e9" * 200)
+        assert status == 200, f
+        assert f["filename"] == "\u00e9" * 127, f
+        status, _, g = harness.http_json("GET", st.broker_url + "/v1/files/" + f["id"],
+                                         headers=AUTH)
+        assert status == 200 and g["filename"] == "\u00e9" * 127, g
+        status, _, lst = harness.http_json("GET", st.broker_url + "/v1/files", headers=AUTH)
+        assert status == 200 and [x["id"] for x in lst["data"]] == [f["id"]], lst
+        assert red.cli("ZCARD", skey) == "1"
+
+        for bad in (b"\xff\xfe.jsonl", b"a\xc3", b"\xed\xa0\x80.jsonl"):
+            status, _, err = upload_raw(st, bad)
+            assert status == 400 and "filename" in err["error"]["message"], (bad, status, err)
+        assert red.cli("ZCARD", skey) == "1"
+        assert red.cli("KEYS", "promptq:file:%s:*" % TENANT).split() == [
+            "promptq:file:%s:%s" % (TENANT, f["id"])]
+
+
 def test_batch_cancel():
     """No worker: lines stay queued until cancelled (or expired)."""
     with harness.Stack("batches-cancel") as st:
