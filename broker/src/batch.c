@@ -815,7 +815,8 @@ static void final_line(pq_btask_t *bt, uint32_t line, const redisReply *v)
 
     if (!status)
         return; /* an invalid line (already in the error file) */
-    res = result ? json_loads(result, 0, NULL) : NULL;
+    /* JSON_ALLOW_NUL: an answer may carry U+0000 (the worker stored it as "\u0000") */
+    res = result ? json_loads(result, JSON_ALLOW_NUL, NULL) : NULL;
     snprintf(rid, sizeof(rid), "batch_req_%s_%u", bt->id + 6, line);
     snprintf(jid, sizeof(jid), "%s-%u", bt->id, line);
     if (!strcmp(status, "succeeded") && json_object_get(res, "response")) {

@@ -351,6 +351,37 @@ def test_file_names_cut_at_a_character():
             "promptq:file:%s:%s" % (TENANT, f["id"])]
 
 
+def test_batch_output_keeps_nul_content():
+    """A line whose result carries U+0000 in its content (stored as "\\u0000", as json_dumps
+    writes it) is an output line with that content, not an error line. The worker's terminal
+    write is stood in for by writing the line's record and counting it."""
+    with harness.Stack("batch_nul") as st:
+        red = stack(st, worker=False)
+        status, _, f = upload(st, line("nul-1", "nul please") + "\n")
+        assert status == 200, f
+        status, _, b = create(st, f["id"])
+        assert status == 200, b
+        wait_status(st, b["id"], ("in_progress",), 30)
+        jid = b["id"] + "-1"
+        result = {"id": jid, "tenant": TENANT, "status": "succeeded",
+                  "response": {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                               "model": MODEL,
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant",
+                                                        "content": "a\u0000b"}}]}}
+        text = json.dumps(result, separators=(",", ":"))
+        assert "\\u0000" in text
+        red.cli("HSET", "promptq:job:%s:%s" % (TENANT, jid), "status", "succeeded", "result", text)
+        red.cli("HINCRBY", "promptq:batch:%s:%s" % (TENANT, b["id"]), "completed", "1")
+        d = wait_status(st, b["id"], ("completed",), 30)
+        assert d["request_counts"] == {"total": 1, "completed": 1, "failed": 0}, d
+        assert d["output_file_id"], d
+        out = content(st, d["output_file_id"])
+        assert len(out) == 1 and out[0]["custom_id"] == "nul-1", out
+        body = out[0]["response"]["body"]
+        assert body["choices"][0]["message"]["content"] == "a\u0000b", out
+
+
 def test_batch_cancel():
     """No worker: lines stay queued until cancelled (or expired)."""
     with harness.Stack("batches-cancel") as st:
