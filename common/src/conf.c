@@ -438,7 +438,10 @@ static const prop_t provider_props[] = {
     P_STR(pq_provider_conf_t, "status_url", status_url, NULL, PF_NONEMPTY,
           "statuspage.io /api/v2/status.json, an extra health signal"),
     P_STR(pq_provider_conf_t, "api_version", api_version, NULL, PF_NONEMPTY,
-          "azure_openai api-version (required there)"),
+          "azure_openai api-version (required there unless azure_api is v1)"),
+    P_ENUM(pq_provider_conf_t, "azure_api", azure_api, "deployments", "deployments|v1", 0,
+           "azure_openai API: /openai/deployments/{model}?api-version=, or the v1 API "
+           "(/openai/v1, model in the body, no api-version)"),
     P_STR(pq_provider_conf_t, "project_id", project_id, NULL, PF_NONEMPTY,
           "watsonx project; watsonx needs exactly one of project_id and space_id"),
     P_STR(pq_provider_conf_t, "space_id", space_id, NULL, PF_NONEMPTY,
@@ -1055,9 +1058,9 @@ static int load_provider(pq_provider_conf_t *p, const char *name, json_t *obj, c
         path_key(sub, sizeof(sub), path, "status_url");
         return fail(e, sub, "must start with http:// or https://");
     }
-    if (!strcmp(p->type, "azure_openai") && !p->api_version) {
+    if (!strcmp(p->type, "azure_openai") && !p->api_version && strcmp(p->azure_api, "v1") != 0) {
         path_key(sub, sizeof(sub), path, "api_version");
-        return fail(e, sub, "required for type azure_openai");
+        return fail(e, sub, "required for type azure_openai unless azure_api is \"v1\"");
     }
     if (!strcmp(p->type, "watsonx")) {
         if (!p->project_id && !p->space_id) {

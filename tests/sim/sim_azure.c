@@ -1,6 +1,7 @@
 /* Azure OpenAI wire format: POST /openai/deployments/{deployment}/chat/completions
  * ?api-version=..., key in the api-key header. Body, answer and errors as OpenAI; the answer
- * names the deployment as its model when the body has none. */
+ * names the deployment as its model when the body has none. The v1 API: POST
+ * /openai/v1/chat/completions, no api-version, the deployment as the body's "model". */
 #include "sim.h"
 
 #include <stdlib.h>
@@ -71,7 +72,24 @@ static void azure_chat(pq_sim_call_t *call)
     pq_sim_prompt_free(&p);
 }
 
+static int match_v1_chat(const char *path, pq_sim_call_t *call)
+{
+    (void)call;
+    return !strcmp(path, "/openai/v1/chat/completions");
+}
+
+static void azure_v1_chat(pq_sim_call_t *call)
+{
+    pq_sim_prompt_t p;
+
+    if (pq_sim_openai_parse(call, 1, &p))
+        return;
+    pq_sim_openai_reply(call, p.model, &p);
+    pq_sim_prompt_free(&p);
+}
+
 const pq_sim_route_t pq_sim_azure_routes[] = {
     {&azure_format, EVHTTP_REQ_POST, match_chat, azure_chat, 1, ""},
+    {&azure_format, EVHTTP_REQ_POST, match_v1_chat, azure_v1_chat, 1, "model"},
     {NULL, 0, NULL, NULL, 0, NULL},
 };

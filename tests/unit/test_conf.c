@@ -122,6 +122,7 @@ static void test_full_example(void **state)
     p = pq_conf_provider(c, "azure");
     assert_string_equal(p->type, "azure_openai");
     assert_string_equal(p->api_version, "2024-10-21");
+    assert_string_equal(p->azure_api, "deployments");
     assert_string_equal(p->api_keys[0], "az-SECRET");
     p = pq_conf_provider(c, "watson");
     assert_string_equal(p->type, "watsonx");
@@ -444,6 +445,25 @@ static void test_watsonx_space(void **state)
     assert_null(p->project_id);
     assert_string_equal(p->space_id, "s-1");
     assert_string_equal(p->watsonx_version, "2024-05-31");
+    pq_conf_destroy(c);
+}
+
+/* Azure's v1 API needs no api_version; the deployments API (the default) does. */
+static void test_azure_v1(void **state)
+{
+    char err[512] = "";
+    const pq_provider_conf_t *p;
+    pq_conf_t *c;
+
+    (void)state;
+    c = load_str("{\"providers\":{\"a\":{\"type\":\"azure_openai\",\"azure_api\":\"v1\","
+                 "\"base_url\":\"https://x.openai.azure.com\"}},"
+                 "\"routes\":{\"r\":[{\"provider\":\"a\",\"model\":\"dep\"}]}}",
+                 err, sizeof(err));
+    assert_non_null(c);
+    p = pq_conf_provider(c, "a");
+    assert_string_equal(p->azure_api, "v1");
+    assert_null(p->api_version);
     pq_conf_destroy(c);
 }
 
@@ -864,6 +884,7 @@ int main(void)
         cmocka_unit_test(test_read_errors),   cmocka_unit_test(test_kafka_conf),
         cmocka_unit_test(test_cli),           cmocka_unit_test(test_reentrant),
         cmocka_unit_test(test_reference),     cmocka_unit_test(test_watsonx_space),
+        cmocka_unit_test(test_azure_v1),
     };
 
     return cmocka_run_group_tests(tests, setup, NULL);

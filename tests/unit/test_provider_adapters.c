@@ -3,8 +3,9 @@
  * Each folder $PQ_TEST_DATA/providers/<type>/<case>/ holds a README line citing the public
  * reference the case follows, and either
  *   - a request case: request.json (OpenAI-shaped input), optional target.json ({"model",
- *     "base_url", "default_max_tokens", "headers": {name: value}, "api_version", "project_id",
- *     "space_id", "watsonx_version" (null unsets the default)} overriding the test target),
+ *     "base_url", "default_max_tokens", "headers": {name: value}, "api_version", "azure_api",
+ *     "project_id", "space_id", "watsonx_version" (null unsets the default)} overriding the
+ *     test target),
  *     optional key.txt (the key to pass, default KEY below), and expected_request.json
  *     ({"url", "headers": {name: value} that must be sent, "headers_absent": [names],
  *     "body": the JSON body}) or expected_error.json ({"error": pq_err_name, "errstr_contains"});
@@ -101,6 +102,8 @@ static void fixture_init(fixture_t *f, const adapter_t *a, json_t *target_json)
     /* provider strings: a JSON null unsets the test default */
     if ((v = json_object_get(target_json, "api_version")))
         f->p.api_version = (char *)json_string_value(v);
+    if ((v = json_object_get(target_json, "azure_api")))
+        f->p.azure_api = (char *)json_string_value(v);
     if ((v = json_object_get(target_json, "project_id")))
         f->p.project_id = (char *)json_string_value(v);
     if ((v = json_object_get(target_json, "space_id")))

@@ -49,7 +49,10 @@ typedef struct pq_provider_conf_s {
     char *half_open;         /* "probe" (default): the worker's probe tests a half-open circuit;
                                 "call": the next job's real call does */
     char *status_url;        /* statuspage.io status.json, or NULL */
-    char *api_version;       /* azure_openai */
+    char *api_version;       /* azure_openai (not needed with azure_api "v1") */
+    char *azure_api;         /* azure_openai: "deployments" (default):
+                                /openai/deployments/{model}/...?api-version=; "v1":
+                                /openai/v1/chat/completions with the model in the body */
     char *project_id;        /* watsonx: the project, or NULL when space_id is given */
     char *space_id;          /* watsonx: the deployment space, or NULL when project_id is */
     char *watsonx_version;   /* watsonx chat ?version= (YYYY-MM-DD), default

@@ -7,7 +7,12 @@
  * reference's request body has no model field) and with streaming turned off. The answer and
  * errors are OpenAI's ({"error":{"code","message"}}; content-filter annotations such as
  * prompt_filter_results and content_filter_results are extra fields and kept), so the answer
- * is read by the OpenAI adapter's parser. */
+ * is read by the OpenAI adapter's parser.
+ *
+ * With azure_api "v1" (the v1 API,
+ * https://learn.microsoft.com/en-us/azure/ai-foundry/openai/api-version-lifecycle):
+ * POST {base_url}/openai/v1/chat/completions without api-version, with the body's "model" set
+ * to the target's model (the deployment name), as OpenAI's. */
 #include "provider.h"
 #include "common.h"
 
@@ -22,11 +27,12 @@ static pq_err_t azure_build_request(const pq_target_t *target, const json_t *req
     const pq_provider_conf_t *p = target->p;
     json_t *body = NULL;
     char *dep = NULL, *ver = NULL;
+    int v1 = p->azure_api && strcmp(p->azure_api, "v1") == 0;
     pq_err_t err;
 
     if ((err = pq_provider_req_start(request, out, errstr, errstr_size)) != PQ_OK)
         goto out;
-    if (!p->api_version) {
+    if (!v1 && !p->api_version) {
         snprintf(errstr, errstr_size, "providers.%s.api_version is required", p->name);
         err = PQ_ERR_CONFIG;
         goto out;
@@ -36,16 +42,22 @@ static pq_err_t azure_build_request(const pq_target_t *target, const json_t *req
     err = PQ_ERR_NOMEM;
     if (!(body = json_copy((json_t *)request))) /* shallow: values are shared */
         goto out;
-    json_object_del(body, "model");
     json_object_del(body, "stream");
     json_object_del(body, "stream_options");
-    if (pq_provider_req_json(out, body))
-        goto out;
-    if (!(dep = pq_provider_escape(target->model)) || !(ver = pq_provider_escape(p->api_version)))
-        goto out;
-    if (pq_provider_req_url(out, "%s/openai/deployments/%s/chat/completions?api-version=%s",
-                            p->base_url, dep, ver) ||
-        (key && *key && pq_provider_header_add(&out->headers, "api-key", key)) ||
+    if (v1) {
+        if (json_object_set_new(body, "model", json_string(target->model)) ||
+            pq_provider_req_json(out, body) ||
+            pq_provider_req_url(out, "%s/openai/v1/chat/completions", p->base_url))
+            goto out;
+    } else {
+        json_object_del(body, "model");
+        if (pq_provider_req_json(out, body) || !(dep = pq_provider_escape(target->model)) ||
+            !(ver = pq_provider_escape(p->api_version)) ||
+            pq_provider_req_url(out, "%s/openai/deployments/%s/chat/completions?api-version=%s",
+                                p->base_url, dep, ver))
+            goto out;
+    }
+    if ((key && *key && pq_provider_header_add(&out->headers, "api-key", key)) ||
         pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
         goto out;
     err = PQ_OK;
