@@ -529,10 +529,13 @@ static void answer(pq_slot_t *s, const char *status, const char *result, size_t 
 {
     pq_bthread_t *t = s->t;
     json_error_t jerr;
-    json_t *doc = json_loadb(result, len, 0, &jerr), *resp;
+    /* JSON_ALLOW_NUL: a provider's content may hold "\u0000", stored escaped */
+    json_t *doc = json_loadb(result, len, JSON_ALLOW_NUL, &jerr), *resp;
 
     if (!json_is_object(doc)) {
-        PQ_WARN("job %s/%s: result record unreadable: %s", s->tenant, s->id, jerr.text);
+        /* jansson's text quotes the record's bytes (a prompt's answer): name the error only */
+        PQ_WARN("job %s/%s: result record unreadable: %s", s->tenant, s->id,
+                pq_json_error_what(&jerr));
         pq_chat_error(t, s->req, 500, "server_error", "internal", "result of job %s unreadable",
                       s->id);
         goto out;

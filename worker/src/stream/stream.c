@@ -618,7 +618,7 @@ static pq_err_t on_event(const pq_sse_event_t *ev, void *opaque)
     }
     if (ev->data_len == 0 || strcmp(ev->type, "ping") == 0)
         return PQ_OK;
-    root = json_loadb(ev->data, ev->data_len, JSON_REJECT_DUPLICATES, &jerr);
+    root = json_loadb(ev->data, ev->data_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (!json_is_object(root)) {
         json_decref(root);
         return fail(st, PQ_ERR_MALFORMED, "not a JSON object");
