@@ -33,6 +33,45 @@ def content(res):
     return res["response"]["choices"][0]["message"]["content"]
 
 
+def completion(text):
+    return json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                       "model": "sim-model",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": text}}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                 "total_tokens": 2}})
+
+
+def test_nul_in_provider_content():
+    """A provider answer whose content is "a\\u0000b" succeeds once with its content intact
+    (result, Redis record, cache); before, every adapter refused it as malformed and the job
+    parked and came back forever."""
+    with harness.Stack("hostile_worker_nul_provider") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        s = st.sim("a")
+        s.set_state({"mode": "error", "status": 200, "error_body": completion("a\u0000b")})
+        path, _ = st.config(extra={"worker": {"lease_ms": 3000}})
+        st.spawn("promptq-worker", "--config", path, name="worker")
+        req = {"model": "sim-model", "messages": [{"role": "user", "content": "nul please"}]}
+        st.produce(REQ, [{"id": "nul-1", "cache": True, "request": req}], keys=["nul-1"])
+        wait_for(lambda: results(st, "nul-1"), T(30), "a result for nul-1", interval=0.3)
+        time.sleep(1.5)
+        got = results(st, "nul-1")
+        assert len(got) == 1, got
+        res = got[0]
+        assert res["status"] == "succeeded", res
+        assert res["response"]["choices"][0]["message"]["content"] == "a\u0000b", res
+        assert s.stats()["requests"] == 1, s.stats()
+        assert r.cli("HGET", "promptq:job:default:nul-1", "status") == "succeeded"
+        s.set_state({"mode": "error", "status": 500})
+        st.produce(REQ, [{"id": "nul-2", "cache": True, "request": req}], keys=["nul-2"])
+        wait_for(lambda: results(st, "nul-2"), T(30), "a result for nul-2", interval=0.3)
+        res2 = results(st, "nul-2")[0]
+        assert res2["status"] == "succeeded" and res2["provider"] == "cache", res2
+        assert res2["response"]["choices"][0]["message"]["content"] == "a\u0000b", res2
+
+
 def test_nul_in_cached_content():
     """A cached answer whose content holds U+0000 (stored as "a\\u0000b", as json_dumps writes
     it): a cache hit serves it once, content intact in the result and the Redis record, instead

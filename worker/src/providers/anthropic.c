@@ -592,7 +592,7 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
     pq_err_t err = pq_err_from_http_status(status);
     static const char *const usage_names[] = {"input_tokens", "cache_creation_input_tokens",
                                               "cache_read_input_tokens", "output_tokens"};
-    json_t *root = json_loadb(body, len, 0, NULL), *content, *msg, *e;
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL), *content, *msg, *e;
     const char *type = json_string_value(json_object_get(root, "type"));
     json_int_t in, out, counts[4];
 

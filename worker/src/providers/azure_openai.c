@@ -85,7 +85,7 @@ static pq_err_t azure_parse_response(const pq_target_t *target, long status, con
         return pq_provider_openai.parse_response(target, status, body, len, completion, fault,
                                                  errstr, errstr_size);
     *completion = NULL;
-    root = json_loadb(body, len, 0, NULL);
+    root = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
     e = json_object_get(root, "error");
     pq_provider_safe_token(json_object_get(e, "code"), token, sizeof(token));
     if (!token[0])

@@ -436,7 +436,7 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
                                       char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    json_t *root = json_loadb(body, len, 0, NULL), *cands, *c, *choices = NULL, *id;
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL), *cands, *c, *choices = NULL, *id;
     json_t *block, *pf, *v;
     json_int_t pt, ct, tt, counts[4];
     size_t i;

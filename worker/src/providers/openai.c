@@ -86,7 +86,7 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
                                       char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
     json_t *choices;
     json_int_t counts[3];
 

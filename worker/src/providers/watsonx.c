@@ -266,7 +266,7 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
 {
     pq_err_t err = pq_err_from_http_status(status);
     static const char *const usage_names[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
-    json_t *root = json_loadb(body, len, 0, NULL), *choices, *c, *out = NULL, *v;
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL), *choices, *c, *out = NULL, *v;
     json_t *id, *created;
     json_int_t counts[3];
     size_t i;
@@ -425,7 +425,7 @@ pq_err_t pq_watsonx_token_parse(long status, const char *body, size_t len, char 
                                 int64_t *expires_at_ms, char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    json_t *root = json_loadb(body, len, 0, NULL), *at, *exp, *ein;
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL), *at, *exp, *ein;
     int64_t expiration, lifetime, margin;
 
     *token = NULL;
