@@ -12,6 +12,11 @@ int pq_key_job(char *buf, size_t size, const char *prefix, const char *tenant, c
     return fit(snprintf(buf, size, "%sjob:%s:%s", prefix, tenant, id), size);
 }
 
+int pq_key_stream(char *buf, size_t size, const char *prefix, const char *tenant, const char *id)
+{
+    return fit(snprintf(buf, size, "%sstream:%s:%s", prefix, tenant, id), size);
+}
+
 int pq_key_lease(char *buf, size_t size, const char *prefix, const char *tenant, const char *id)
 {
     return fit(snprintf(buf, size, "%slease:%s:%s", prefix, tenant, id), size);

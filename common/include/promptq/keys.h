@@ -20,5 +20,8 @@ int pq_key_route_ops(char *buf, size_t size, const char *prefix, const char *rou
 /* The tenant's job index for GET /v1/jobs: sorted set <prefix>jobs:<tenant>, member job id,
  * score created_at (ms). Filled by pq_script_job_create and pq_script_job_begin. */
 int pq_key_jobs(char *buf, size_t size, const char *prefix, const char *tenant);
+/* The Redis Stream of a streamed job's relayed events, <prefix>stream:<tenant>:<id>: entries
+ * {"t": "chunk" | "restart" | "end", "d": data}; see docs/protocol.md. */
+int pq_key_stream(char *buf, size_t size, const char *prefix, const char *tenant, const char *id);
 
 #endif
