@@ -43,6 +43,9 @@
 /* In-flight requests per thread; beyond this new jobs get 503. */
 #define PQ_BROKER_SLOTS_MAX  65536
 #define PQ_BROKER_SLOT_CHUNK 256
+/* Live chat streams per process (broker.max_streams, a constant until the config has it): each
+ * holds its own Redis connection blocked in XREAD; beyond it stream requests get 429. */
+#define PQ_BROKER_MAX_STREAMS 1000
 /* Outstanding Redis commands per thread before Redis is treated as unavailable. */
 #define PQ_BROKER_REDIS_PENDING_MAX 8192
 
@@ -139,6 +142,8 @@ typedef struct pq_broker_s {
     int64_t started_s;       /* unix seconds, "created" of /v1/models entries */
     struct pq_ratelimit_s *rl;
     pq_gauge_t *m_chat_waiting;
+    /* chat streams with a live reader (chat.c), at most PQ_BROKER_MAX_STREAMS */
+    atomic_int nstreams;
     pq_counter_t *m_chat_timeouts;
     pq_counter_t *m_chat_abandoned;
     pq_counter_t *m_chat_notified;
@@ -311,6 +316,9 @@ pq_slot_t *pq_slot_from_handle(pq_bthread_t *t, void *handle);
  * OpenAI-compatible paths (chat, models) also carry "param": null and "code" (= type). */
 void pq_http_reply(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
                    const char *body, size_t len);
+/* Starts a chunked reply (headers now, the body in evhttp_send_reply_chunk calls, then
+ * evhttp_send_reply_end), counted as pq_http_reply counts. */
+void pq_http_reply_start(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code);
 void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
                    const char *type, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 /* Writes s JSON-escaped (without quotes) into out (size >= 1, always NUL-terminated); truncates at

@@ -16,7 +16,7 @@
  *              "stream": true server-sent events of that result: per choice a role chunk, a
  *              content chunk (content, refusal, tool_calls) and a finish chunk, then a usage
  *              chunk with empty choices if stream_options.include_usage (as OpenAI sends it),
- *              then "data: [DONE]";
+ *              then "data: [DONE]" (when the worker relayed no chunks; see "live streams");
  *   failed     400 invalid_request_error (the provider refused the request; code
  *              content_filter and context_length_exceeded carry the provider's reason, which
  *              the worker sanitised), 502 upstream_error (provider failures), 409 (id
@@ -28,7 +28,12 @@
  *              still completes (GET /v1/jobs/{id});
  *   not durable 503 + Retry-After (intake).
  * A client that disconnects while waiting frees its waiter at once (connection close
- * callback). */
+ * callback).
+ *
+ * "stream": true (kept in the job for the worker): the 200 and the event-stream headers go out
+ * as soon as the job is durable, the worker's chunks are relayed live from the job's Redis
+ * Stream (see "live streams" below), and every later answer above is an event on that reply:
+ * errors as {"error":{...}} events (timeout too), always ending with "data: [DONE]". */
 #include "broker.h"
 
 #include <stdarg.h>
@@ -39,6 +44,7 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/keyvalq_struct.h>
+#include <hiredis/adapters/libevent.h>
 #include <hiredis/hiredis.h>
 
 #include "promptq/keys.h"
@@ -50,27 +56,37 @@
 
 /* ---- errors ---- */
 
-static void openai_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
-                         const char *type, const char *errcode, const char *fmt, va_list ap)
+/* The OpenAI error body; returns its length. */
+static size_t error_body(char *body, size_t size, const char *type, const char *errcode,
+                         const char *fmt, va_list ap)
 {
-    char msg[512], esc[1024], body[1400];
+    char msg[512], esc[1024];
     int n;
 
     vsnprintf(msg, sizeof(msg), fmt, ap);
     pq_http_json_escape(esc, sizeof(esc), msg);
     if (errcode)
-        n = snprintf(body, sizeof(body),
+        n = snprintf(body, size,
                      "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,"
                      "\"code\":\"%s\"}}",
                      esc, type, errcode);
     else
-        n = snprintf(body, sizeof(body),
+        n = snprintf(body, size,
                      "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,"
                      "\"code\":null}}",
                      esc, type);
-    if (n < 0 || (size_t)n >= sizeof(body))
+    if (n < 0 || (size_t)n >= size)
         n = (int)strlen(body);
-    pq_http_reply(t, req, path, code, body, (size_t)n);
+    return (size_t)n;
+}
+
+static void openai_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code,
+                         const char *type, const char *errcode, const char *fmt, va_list ap)
+{
+    char body[1400];
+    size_t n = error_body(body, sizeof(body), type, errcode, fmt, ap);
+
+    pq_http_reply(t, req, path, code, body, n);
 }
 
 void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const char *type,
@@ -81,6 +97,84 @@ void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const 
     va_start(ap, fmt);
     openai_error(t, req, PQ_PATH_CHAT, code, type, errcode, fmt, ap);
     va_end(ap);
+}
+
+/* ---- live streams: the state of a stream: true waiter (s->ctx) ---- */
+
+typedef struct {
+    pq_bthread_t *t;
+    redisAsyncContext *ac;   /* the reader's own connection (XREAD BLOCK only); NULL when down */
+    struct event *keepalive; /* 10 s after the last write: a comment line; watches the reader */
+    struct event *grace;     /* after a terminal record: how long a missing end is awaited */
+    char key[512];           /* the job's Redis Stream */
+    char last[64];           /* id of the last entry read ("0-0": none) */
+    uint64_t chunks;         /* chunk entries relayed */
+    int64_t xread_sent_ms;   /* monotonic, 0 when no XREAD is outstanding */
+    unsigned started : 1;    /* headers sent: the rest goes out as chunks */
+    unsigned ended : 1;      /* the stream said end before any chunk: the record answers */
+    unsigned terminal : 1;   /* the record is terminal (status, result kept) */
+    char status[16];
+} stream_t;
+
+static void stream_free(void *ctx);
+
+/* The live stream of s, or NULL. */
+static stream_t *stream_of(const pq_slot_t *s)
+{
+    return s->stream && s->ctx && s->ctx_free == stream_free ? s->ctx : NULL;
+}
+
+/* 1 if s's headers went out: its answers are events on the started reply. */
+static int stream_started(const pq_slot_t *s)
+{
+    const stream_t *st = stream_of(s);
+
+    return st && st->started;
+}
+
+static void stream_write(pq_slot_t *s, struct evbuffer *buf);
+
+/* Writes buf and "data: [DONE]" and ends the reply (the caller releases the slot). */
+static void stream_close(pq_slot_t *s, struct evbuffer *buf)
+{
+    stream_t *st = stream_of(s);
+
+    evbuffer_add(buf, "data: [DONE]\n\n", 14);
+    stream_write(s, buf);
+    if (s->req)
+        evhttp_send_reply_end(s->req);
+    st->started = 0; /* nothing more goes out */
+    s->req = NULL;
+}
+
+/* An error answer: the usual reply, or once the stream started an error event and [DONE]. */
+static void chat_fail(pq_slot_t *s, int code, const char *type, const char *errcode,
+                      const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static void chat_fail(pq_slot_t *s, int code, const char *type, const char *errcode,
+                      const char *fmt, ...)
+{
+    va_list ap;
+    char body[1400];
+    size_t n;
+    struct evbuffer *buf;
+
+    va_start(ap, fmt);
+    if (!stream_started(s)) {
+        openai_error(s->t, s->req, PQ_PATH_CHAT, code, type, errcode, fmt, ap);
+        va_end(ap);
+        return;
+    }
+    n = error_body(body, sizeof(body), type, errcode, fmt, ap);
+    va_end(ap);
+    buf = evbuffer_new();
+    if (!buf)
+        return; /* the slot's release ends nothing: the client times out */
+    evbuffer_add(buf, "data: ", 6);
+    evbuffer_add(buf, body, n);
+    evbuffer_add(buf, "\n\n", 2);
+    stream_close(s, buf);
+    evbuffer_free(buf);
 }
 
 static void model_not_found(pq_bthread_t *t, struct evhttp_request *req, const char *fmt, ...)
@@ -399,11 +493,10 @@ static json_t *choice_delta(json_int_t index, json_t *delta, json_t *finish)
                      "finish_reason", finish ? finish : json_null());
 }
 
-/* Server-sent events of a finished chat.completion (see the file comment). */
-static int reply_stream(pq_slot_t *s, json_t *resp)
+/* Server-sent events of a finished chat.completion (see the file comment) into out, without
+ * the final [DONE]. */
+static int sse_answer(pq_slot_t *s, json_t *resp, struct evbuffer *out)
 {
-    struct evbuffer *out = evhttp_request_get_output_buffer(s->req);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
     json_t *choices = json_object_get(resp, "choices");
     int u = s->include_usage;
     size_t i;
@@ -465,7 +558,30 @@ static int reply_stream(pq_slot_t *s, json_t *resp)
         if (sse_chunk(out, last))
             return -1;
     }
-    if (evbuffer_add(out, "data: [DONE]\n\n", 14))
+    return 0;
+}
+
+/* Answers with the events of a finished chat.completion: a whole reply, or onto the started
+ * one. */
+static int reply_stream(pq_slot_t *s, json_t *resp)
+{
+    struct evbuffer *out;
+    struct evkeyvalq *h;
+
+    if (stream_started(s)) {
+        if (!(out = evbuffer_new()))
+            return -1;
+        if (sse_answer(s, resp, out)) {
+            evbuffer_free(out);
+            return -1;
+        }
+        stream_close(s, out);
+        evbuffer_free(out);
+        return 0;
+    }
+    out = evhttp_request_get_output_buffer(s->req);
+    h = evhttp_request_get_output_headers(s->req);
+    if (sse_answer(s, resp, out) || evbuffer_add(out, "data: [DONE]\n\n", 14))
         return -1;
     evhttp_add_header(h, "Content-Type", "text/event-stream");
     evhttp_add_header(h, "Cache-Control", "no-cache");
@@ -496,38 +612,37 @@ static void reply_failed(pq_slot_t *s, json_t *err)
     if (!strcmp(type, "content_filter") || !strcmp(type, "context_length_exceeded")) {
         /* the provider's reason (sanitised by the worker) is what the client needs to see */
         no_retry(s);
-        pq_chat_error(s->t, s->req, 400, "invalid_request_error", type, "%s%s; job %s failed",
-                      reason && *reason ? reason
-                      : !strcmp(type, "content_filter")
-                          ? "the provider's content policy refused the request"
-                          : "the prompt is longer than the model's context window",
-                      detail, s->id);
+        chat_fail(s, 400, "invalid_request_error", type, "%s%s; job %s failed",
+                  reason && *reason ? reason
+                  : !strcmp(type, "content_filter")
+                      ? "the provider's content policy refused the request"
+                      : "the prompt is longer than the model's context window",
+                  detail, s->id);
     } else if (!strcmp(type, "invalid_request") || !strcmp(type, "refused") ||
                !strcmp(type, "unsupported") || !strcmp(type, "not_found")) {
         no_retry(s);
-        pq_chat_error(s->t, s->req, 400, "invalid_request_error", type,
-                      "the provider refused the request%s%s%s; job %s failed", detail,
-                      reason && *reason ? ": " : "", reason && *reason ? reason : "", s->id);
+        chat_fail(s, 400, "invalid_request_error", type,
+                  "the provider refused the request%s%s%s; job %s failed", detail,
+                  reason && *reason ? ": " : "", reason && *reason ? reason : "", s->id);
     } else if (!strcmp(type, "id_conflict")) {
         no_retry(s);
-        pq_chat_error(s->t, s->req, 409, "invalid_request_error", type,
-                      "job id %s was used with another request", s->id);
+        chat_fail(s, 409, "invalid_request_error", type, "job id %s was used with another request",
+                  s->id);
     } else if (!strcmp(type, "connect") || !strcmp(type, "timeout") ||
                !strcmp(type, "rate_limited") || !strcmp(type, "server_error") ||
                !strcmp(type, "overloaded") || !strcmp(type, "malformed") ||
                !strcmp(type, "unavailable") || !strcmp(type, "circuit_open") ||
                !strcmp(type, "authentication") || !strcmp(type, "too_large")) {
-        pq_chat_error(s->t, s->req, 502, "upstream_error", type,
-                      "the model provider failed (%s)%s; job %s failed", type, detail, s->id);
+        chat_fail(s, 502, "upstream_error", type, "the model provider failed (%s)%s; job %s failed",
+                  type, detail, s->id);
     } else {
-        pq_chat_error(s->t, s->req, 500, "server_error", type, "job %s failed (%s)", s->id, type);
+        chat_fail(s, 500, "server_error", type, "job %s failed (%s)", s->id, type);
     }
 }
 
 /* Answers from a terminal record's result JSON. */
 static void answer(pq_slot_t *s, const char *status, const char *result, size_t len)
 {
-    pq_bthread_t *t = s->t;
     json_error_t jerr;
     /* JSON_ALLOW_NUL: a provider's content may hold "\u0000", stored escaped */
     json_t *doc = json_loadb(result, len, JSON_ALLOW_NUL, &jerr), *resp;
@@ -536,23 +651,23 @@ static void answer(pq_slot_t *s, const char *status, const char *result, size_t 
         /* jansson's text quotes the record's bytes (a prompt's answer): name the error only */
         PQ_WARN("job %s/%s: result record unreadable: %s", s->tenant, s->id,
                 pq_json_error_what(&jerr));
-        pq_chat_error(t, s->req, 500, "server_error", "internal", "result of job %s unreadable",
-                      s->id);
+        chat_fail(s, 500, "server_error", "internal", "result of job %s unreadable", s->id);
         goto out;
     }
     if (!strcmp(status, "succeeded")) {
         resp = json_object_get(doc, "response");
         if (!json_is_object(resp)) {
-            pq_chat_error(t, s->req, 500, "server_error", "internal",
-                          "job %s succeeded without a response", s->id);
+            chat_fail(s, 500, "server_error", "internal", "job %s succeeded without a response",
+                      s->id);
             goto out;
         }
         json_object_set_new(resp, "id", json_string(s->id));
         if (s->stream) {
             if (reply_stream(s, resp)) {
-                evbuffer_drain(evhttp_request_get_output_buffer(s->req),
-                               evbuffer_get_length(evhttp_request_get_output_buffer(s->req)));
-                pq_chat_error(t, s->req, 500, "server_error", "internal", "out of memory");
+                if (!stream_started(s))
+                    evbuffer_drain(evhttp_request_get_output_buffer(s->req),
+                                   evbuffer_get_length(evhttp_request_get_output_buffer(s->req)));
+                chat_fail(s, 500, "server_error", "internal", "out of memory");
             }
         } else {
             reply_json(s, 200, resp);
@@ -561,18 +676,405 @@ static void answer(pq_slot_t *s, const char *status, const char *result, size_t 
         reply_failed(s, json_object_get(doc, "error"));
     } else if (!strcmp(status, "expired")) {
         no_retry(s);
-        pq_chat_error(t, s->req, 504, "timeout", "expired",
-                      "job %s expired (its deadline or park TTL passed) before a provider "
-                      "answered",
-                      s->id);
+        chat_fail(s, 504, "timeout", "expired",
+                  "job %s expired (its deadline or park TTL passed) before a provider "
+                  "answered",
+                  s->id);
     } else {
         no_retry(s);
-        pq_chat_error(t, s->req, 409, "invalid_request_error", "cancelled", "job %s was cancelled",
-                      s->id);
+        chat_fail(s, 409, "invalid_request_error", "cancelled", "job %s was cancelled", s->id);
     }
 out:
     json_decref(doc);
     pq_slot_release(s);
+}
+
+/* ---- live streams ----
+ *
+ * A stream: true chat gets its headers once its job is durable; from then on each loop-side
+ * event goes out as a chunk of the started reply. The worker XADDs the job's events to its
+ * Redis Stream (pq_key_stream): "chunk" (a chat.completion.chunk, relayed verbatim),
+ * "restart" (the attempt failed after chunks went out: an error event, then [DONE]) and "end"
+ * ([DONE]). Each stream has its own Redis connection that does nothing but XREAD BLOCK on that
+ * one key (a blocked connection serves nothing else; one per stream keeps a new stream from
+ * having to interrupt others with CLIENT UNBLOCK, and a slow client only ever stalls its own
+ * reader); PQ_BROKER_MAX_STREAMS caps them. No polling: the block ends on an entry, after
+ * STREAM_BLOCK_MS (the keep-alive timer writes a comment line), or when the stream is done.
+ * The job's terminal record (reply_to message, as for every waiter) still decides when a
+ * stream without chunks answers: its result is replayed as events (cache hit, a worker that
+ * does not stream, an "end" without chunks). A record that is terminal while chunks went out
+ * but no "end" came (the worker died) ends the stream with an error event after
+ * STREAM_GRACE_MS. */
+
+#define STREAM_BLOCK_MS     10000
+#define STREAM_KEEPALIVE_MS 10000
+#define STREAM_STALL_MS     (STREAM_BLOCK_MS + 5000)
+#define STREAM_GRACE_MS     1000
+#define STREAM_READ_COUNT   256
+#define STREAM_BACKLOG_MAX  (8u << 20)
+
+static void reader_open(pq_slot_t *s);
+
+static void arm(struct event *ev, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+
+    if (ev)
+        evtimer_add(ev, &tv);
+}
+
+/* Sends what buf holds (emptied) on the started reply; the keep-alive restarts. */
+static void stream_write(pq_slot_t *s, struct evbuffer *buf)
+{
+    stream_t *st = stream_of(s);
+
+    if (!st || !st->started || !s->req || !evbuffer_get_length(buf))
+        return;
+    evhttp_send_reply_chunk(s->req, buf);
+    arm(st->keepalive, STREAM_KEEPALIVE_MS);
+}
+
+/* Bytes written to the client's connection and not yet sent. */
+static size_t stream_backlog(pq_slot_t *s)
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(s->req);
+    struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+
+    return bev ? evbuffer_get_length(bufferevent_get_output(bev)) : 0;
+}
+
+static void reader_drop(stream_t *st)
+{
+    redisAsyncContext *ac = st->ac;
+
+    st->ac = NULL;
+    st->xread_sent_ms = 0;
+    if (ac)
+        redisAsyncFree(ac); /* its callbacks see st->ac != ac and do nothing */
+}
+
+static void stream_free(void *ctx)
+{
+    stream_t *st = ctx;
+
+    if (!st)
+        return;
+    reader_drop(st);
+    if (st->keepalive)
+        event_free(st->keepalive);
+    if (st->grace)
+        event_free(st->grace);
+    atomic_fetch_sub(&st->t->b->nstreams, 1);
+    free(st);
+}
+
+/* The slot whose reader is ac (handle in ac->data), or NULL. */
+static pq_slot_t *reader_slot(const redisAsyncContext *ac, stream_t **stp)
+{
+    pq_bthread_t *t = pq_bthread_current;
+    pq_slot_t *s = t ? pq_slot_from_handle(t, ac->data) : NULL;
+    stream_t *st = s ? stream_of(s) : NULL;
+
+    if (!st || st->ac != ac || s->state != PQ_SLOT_WAIT)
+        return NULL;
+    *stp = st;
+    return s;
+}
+
+static void reader_connected(const redisAsyncContext *ac, int status)
+{
+    stream_t *st;
+
+    if (status != REDIS_OK && reader_slot(ac, &st)) {
+        PQ_WARN("stream reader: connect failed: %s", ac->errstr);
+        st->ac = NULL; /* hiredis frees it; the keep-alive tick tries again */
+        st->xread_sent_ms = 0;
+    }
+}
+
+static void reader_disconnected(const redisAsyncContext *ac, int status)
+{
+    stream_t *st;
+
+    if (reader_slot(ac, &st)) {
+        st->ac = NULL;
+        st->xread_sent_ms = 0;
+    }
+}
+
+static void reader_setup_reply(redisAsyncContext *ac, void *r, void *priv)
+{
+    const redisReply *reply = r;
+
+    if (reply && reply->type == REDIS_REPLY_ERROR)
+        PQ_WARN("stream reader: %s failed: %s", (const char *)priv, reply->str);
+}
+
+static void reader_reply(redisAsyncContext *ac, void *r, void *handle);
+
+static void reader_xread(pq_slot_t *s)
+{
+    stream_t *st = stream_of(s);
+    char block[16], count[16];
+    const char *argv[8];
+
+    if (!st->ac || st->xread_sent_ms || st->ended)
+        return;
+    snprintf(block, sizeof(block), "%d", STREAM_BLOCK_MS);
+    snprintf(count, sizeof(count), "%d", STREAM_READ_COUNT);
+    argv[0] = "XREAD";
+    argv[1] = "COUNT";
+    argv[2] = count;
+    argv[3] = "BLOCK";
+    argv[4] = block;
+    argv[5] = "STREAMS";
+    argv[6] = st->key;
+    argv[7] = st->last;
+    if (redisAsyncCommandArgv(st->ac, reader_reply, pq_slot_handle(s), 8, argv, NULL) != REDIS_OK) {
+        reader_drop(st);
+        return;
+    }
+    st->xread_sent_ms = pq_mono_ms();
+}
+
+/* A field of a stream entry's [f1, v1, f2, v2, ...]. */
+static const redisReply *entry_field(const redisReply *fields, const char *name)
+{
+    if (fields->type != REDIS_REPLY_ARRAY)
+        return NULL;
+    for (size_t i = 0; i + 1 < fields->elements; i += 2) {
+        const redisReply *f = fields->element[i];
+
+        if (f->type == REDIS_REPLY_STRING && !strcmp(f->str, name) &&
+            fields->element[i + 1]->type == REDIS_REPLY_STRING)
+            return fields->element[i + 1];
+    }
+    return NULL;
+}
+
+/* Relays the entries of an XREAD reply into buf. Returns 1 when the stream is done (an end or
+ * restart went into buf), else 0. */
+static int relay_entries(pq_slot_t *s, stream_t *st, const redisReply *reply, struct evbuffer *buf)
+{
+    const redisReply *entries;
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements < 1 ||
+        reply->element[0]->type != REDIS_REPLY_ARRAY || reply->element[0]->elements != 2)
+        return 0;
+    entries = reply->element[0]->element[1];
+    if (entries->type != REDIS_REPLY_ARRAY)
+        return 0;
+    for (size_t i = 0; i < entries->elements; i++) {
+        const redisReply *e = entries->element[i], *id, *ty, *d;
+
+        if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+            e->element[0]->type != REDIS_REPLY_STRING)
+            continue;
+        id = e->element[0];
+        if (id->len < sizeof(st->last))
+            memcpy(st->last, id->str, id->len + 1);
+        ty = entry_field(e->element[1], "t");
+        d = entry_field(e->element[1], "d");
+        if (!ty)
+            continue;
+        if (!strcmp(ty->str, "chunk") && d && d->len) {
+            evbuffer_add_printf(buf, "id: %s\ndata: ", id->str);
+            evbuffer_add(buf, d->str, d->len);
+            evbuffer_add(buf, "\n\n", 2);
+            st->chunks++;
+        } else if (!strcmp(ty->str, "restart") && st->chunks) {
+            json_t *doc = d ? json_loadb(d->str, d->len, 0, NULL) : NULL;
+            const char *why = json_string_value(json_object_get(doc, "reason"));
+            json_t *ev =
+                json_pack("{s:{s:s+, s:s, s:n, s:s}}", "error", "message",
+                          "the attempt failed after its stream began (", why ? why : "unknown",
+                          "type", "server_error", "param", "code", "stream_restarted");
+            char *text = ev ? json_dumps(ev, JSON_COMPACT) : NULL;
+
+            if (text) {
+                /* the job is retried and completes: its final answer is GET /v1/jobs/{id} */
+                evbuffer_add_printf(buf, "id: %s\ndata: %s\n\n", id->str, text);
+                free(text);
+            }
+            json_decref(ev);
+            json_decref(doc);
+            return 1;
+        } else if (!strcmp(ty->str, "end")) {
+            if (st->chunks)
+                return 1;  /* a plain "data: [DONE]", as OpenAI ends a stream */
+            st->ended = 1; /* nothing relayed: the terminal record answers */
+            return 0;
+        }
+    }
+    return 0;
+}
+
+static void reader_reply(redisAsyncContext *ac, void *r, void *handle)
+{
+    const redisReply *reply = r;
+    stream_t *st;
+    pq_slot_t *s = reader_slot(ac, &st);
+    struct evbuffer *buf;
+    int done = 0;
+
+    (void)handle;
+    if (!s)
+        return;
+    st->xread_sent_ms = 0;
+    if (!reply) {
+        st->ac = NULL; /* going away; hiredis frees it */
+        return;
+    }
+    if (reply->type == REDIS_REPLY_ERROR) {
+        PQ_WARN("job %s/%s: stream read failed: %s", s->tenant, s->id, reply->str);
+        reader_drop(st);
+        return;
+    }
+    if (reply->type == REDIS_REPLY_ARRAY && (buf = evbuffer_new())) {
+        done = relay_entries(s, st, reply, buf);
+        if (done) {
+            stream_close(s, buf);
+            evbuffer_free(buf);
+            pq_slot_release(s);
+            return;
+        }
+        stream_write(s, buf);
+        evbuffer_free(buf);
+        if (s->req && stream_backlog(s) > STREAM_BACKLOG_MAX) {
+            /* the client reads slower than the model writes: it is dropped, not buffered */
+            PQ_WARN("job %s/%s: stream client too slow (%zu bytes unsent): dropped", s->tenant,
+                    s->id, stream_backlog(s));
+            drop_waiter(s);
+            return;
+        }
+    }
+    reader_xread(s);
+}
+
+static void keepalive_cb(evutil_socket_t fd, short what, void *handle)
+{
+    pq_bthread_t *t = pq_bthread_current;
+    pq_slot_t *s = t ? pq_slot_from_handle(t, handle) : NULL;
+    stream_t *st = s ? stream_of(s) : NULL;
+    struct evbuffer *buf;
+
+    if (!st || !st->started || s->state != PQ_SLOT_WAIT)
+        return;
+    if ((buf = evbuffer_new())) {
+        evbuffer_add(buf, ": keep-alive\n\n", 14);
+        stream_write(s, buf);
+        evbuffer_free(buf);
+    }
+    arm(st->keepalive, STREAM_KEEPALIVE_MS);
+    /* hiredis 0.14 has no timeouts: a block that outlived itself is a stalled connection */
+    if (st->xread_sent_ms && pq_mono_ms() - st->xread_sent_ms > STREAM_STALL_MS) {
+        PQ_WARN("job %s/%s: stream reader stalled: reconnecting", s->tenant, s->id);
+        reader_drop(st);
+    }
+    if (!st->ac && !st->ended)
+        reader_open(s);
+}
+
+/* Chunks went out, the record is terminal and no end came within the grace: the worker that
+ * streamed is gone (its retry's result is on the record). */
+static void grace_cb(evutil_socket_t fd, short what, void *handle)
+{
+    pq_bthread_t *t = pq_bthread_current;
+    pq_slot_t *s = t ? pq_slot_from_handle(t, handle) : NULL;
+    stream_t *st = s ? stream_of(s) : NULL;
+
+    if (!st || !st->started || s->state != PQ_SLOT_WAIT)
+        return;
+    chat_fail(s, 502, "server_error", "stream_restarted",
+              "the stream broke off before its end; job %s is %s: GET /v1/jobs/%s", s->id,
+              st->status, s->id);
+    pq_slot_release(s);
+}
+
+static void reader_open(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+    const pq_conf_t *conf = t->bc->conf;
+    stream_t *st = stream_of(s);
+    redisAsyncContext *ac;
+    char db[16];
+
+    /* the address the loop's own connection reached (resolved already, never blocking) */
+    if (st->ac || !t->rc || !t->redis_connected || !t->rc->c.tcp.host)
+        return;
+    ac = redisAsyncConnect(t->rc->c.tcp.host, conf->redis_port);
+    if (!ac)
+        return;
+    if (ac->err) {
+        PQ_WARN("job %s/%s: stream reader: %s", s->tenant, s->id, ac->errstr);
+        redisAsyncFree(ac);
+        return;
+    }
+    ac->data = pq_slot_handle(s);
+    if (redisLibeventAttach(ac, t->base) != REDIS_OK) {
+        redisAsyncFree(ac);
+        return;
+    }
+    redisAsyncSetConnectCallback(ac, reader_connected);
+    redisAsyncSetDisconnectCallback(ac, reader_disconnected);
+    st->ac = ac;
+    if (conf->redis_password)
+        redisAsyncCommand(ac, reader_setup_reply, "AUTH", "AUTH %s", conf->redis_password);
+    if (conf->redis_db) {
+        snprintf(db, sizeof(db), "%d", conf->redis_db);
+        redisAsyncCommand(ac, reader_setup_reply, "SELECT", "SELECT %s", db);
+    }
+    reader_xread(s);
+}
+
+/* The record of a started stream is terminal. */
+static void stream_terminal(pq_slot_t *s, const char *status, const char *result, size_t len)
+{
+    stream_t *st = stream_of(s);
+
+    if (st->terminal)
+        return;
+    if (!st->chunks) {
+        /* nothing relayed: the whole answer from the record (cache hit, a worker that does
+         * not stream, a replay) */
+        answer(s, status, result, len);
+        return;
+    }
+    st->terminal = 1;
+    snprintf(st->status, sizeof(st->status), "%s", status);
+    arm(st->grace, STREAM_GRACE_MS);
+}
+
+/* The stream's job is durable: headers out, reader started. Returns 0, or -1 (the slot then
+ * waits as a plain stream waiter, answered from the record). */
+static int stream_begin(pq_slot_t *s)
+{
+    pq_bthread_t *t = s->t;
+    stream_t *st = stream_of(s);
+    struct evhttp_connection *evcon = evhttp_request_get_connection(s->req);
+    struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+    struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
+
+    if (!st || st->started)
+        return st ? 0 : -1;
+    if (pq_key_stream(st->key, sizeof(st->key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0 ||
+        !(st->keepalive = evtimer_new(t->base, keepalive_cb, pq_slot_handle(s))) ||
+        !(st->grace = evtimer_new(t->base, grace_cb, pq_slot_handle(s))))
+        return -1;
+    strcpy(st->last, "0-0");
+    evhttp_add_header(h, "Content-Type", "text/event-stream");
+    evhttp_add_header(h, "Cache-Control", "no-cache");
+    pq_http_reply_start(t, s->req, PQ_PATH_CHAT, 200);
+    st->started = 1;
+    /* evhttp now owns the connection's callbacks; reading stays on to see a close, and the
+     * idle timeouts go: the slot's deadline (sync_timeout_ms) bounds the stream */
+    if (bev) {
+        bufferevent_set_timeouts(bev, NULL, NULL);
+        bufferevent_enable(bev, EV_READ);
+    }
+    arm(st->keepalive, STREAM_KEEPALIVE_MS);
+    reader_open(s);
+    return 0;
 }
 
 static int is_terminal(const char *status)
@@ -598,9 +1100,13 @@ void pq_chat_redis_reply(pq_slot_t *s, const void *r)
     res = reply->element[1];
     if (st->type != REDIS_REPLY_STRING || !is_terminal(st->str))
         return; /* not finished yet: the worker's message wakes us */
+    if (stream_started(s) && res->type == REDIS_REPLY_STRING && res->len) {
+        stream_terminal(s, st->str, res->str, res->len);
+        return;
+    }
     if (res->type != REDIS_REPLY_STRING || res->len == 0) {
-        pq_chat_error(s->t, s->req, 500, "server_error", "internal",
-                      "job %s is %s without a result record", s->id, st->str);
+        chat_fail(s, 500, "server_error", "internal", "job %s is %s without a result record", s->id,
+                  st->str);
         pq_slot_release(s);
         return;
     }
@@ -613,9 +1119,9 @@ void pq_chat_timeout(pq_slot_t *s)
 
     pq_counter_add(t->b->m_chat_timeouts, 1);
     no_retry(s);
-    pq_chat_error(t, s->req, 504, "timeout", "timeout",
-                  "job %s did not finish within %d ms; it still completes: GET /v1/jobs/%s", s->id,
-                  t->bc->conf->sync_timeout_ms, s->id);
+    chat_fail(s, 504, "timeout", "timeout",
+              "job %s did not finish within %d ms; it still completes: GET /v1/jobs/%s", s->id,
+              t->bc->conf->sync_timeout_ms, s->id);
     pq_slot_release(s);
 }
 
@@ -650,6 +1156,8 @@ void pq_chat_wait(pq_slot_t *s)
     tv.tv_usec = (left % 1000) * 1000;
     event_add(&s->timer, &tv);
     watch_client(s);
+    if (s->stream && stream_begin(s)) /* then answered from the record as before */
+        PQ_WARN("job %s/%s: cannot start the live stream", s->tenant, s->id);
     /* Subscribed first, then read: a result written before we were linked is seen by the
      * read, one written after by the message. Not subscribed yet: the confirmation reads. */
     if (t->sub_ready)
@@ -710,9 +1218,14 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
     stream = json_is_true(json_object_get(env.request, "stream"));
     so = json_object_get(env.request, "stream_options");
     include_usage = stream && json_is_true(json_object_get(so, "include_usage"));
-    /* The broker streams the final result itself: the job asks for a whole answer. */
-    json_object_del(env.request, "stream");
-    json_object_del(env.request, "stream_options");
+    /* stream and stream_options stay in the job: the worker streams upstream and relays the
+     * chunks through the job's Redis Stream (a worker that cannot still answers whole). */
+    if (stream && atomic_load(&t->b->nstreams) >= PQ_BROKER_MAX_STREAMS) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        pq_chat_error(t, req, 429, "rate_limit_exceeded", "too_many_streams",
+                      "%d streams are open on this broker; retry shortly", PQ_BROKER_MAX_STREAMS);
+        goto out;
+    }
     pq_id_generate(idbuf);
     if (pq_request_hash(env.request, env.request_hash) || pq_envelope_set_tenant(&env, tenant) ||
         pq_envelope_set_id(&env, idbuf) || pq_envelope_set_reply_to(&env, t->b->reply_channel)) {
@@ -725,6 +1238,19 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
         goto out;
     s->stream = (unsigned)stream;
     s->include_usage = (unsigned)include_usage;
+    if (stream) {
+        stream_t *st = calloc(1, sizeof(*st));
+
+        if (!st) {
+            pq_chat_error(t, req, 500, "server_error", "internal", "out of memory");
+            pq_slot_release(s);
+            goto out;
+        }
+        st->t = t;
+        atomic_fetch_add(&t->b->nstreams, 1);
+        s->ctx = st;
+        s->ctx_free = stream_free;
+    }
     s->deadline_ms = pq_mono_ms() + bc->conf->sync_timeout_ms;
     evhttp_add_header(evhttp_request_get_output_headers(req), "x-promptq-job-id", s->id);
     evhttp_connection_set_closecb(evhttp_request_get_connection(req), on_close, pq_slot_handle(s));

@@ -103,6 +103,12 @@ void pq_http_reply(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
     evhttp_send_reply(req, code, reason(code), NULL);
 }
 
+void pq_http_reply_start(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int code)
+{
+    pq_counter_add(request_counter(t, path, code), 1);
+    evhttp_send_reply_start(req, code, reason(code));
+}
+
 void pq_http_method_not_allowed(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
                                 const char *allow)
 {

@@ -1,0 +1,339 @@
+"""POST /v1/chat/completions with "stream": true relays the job's Redis Stream live.
+
+No worker: the test plays it (XADD of chunk / restart / end entries to the job's stream
+promptq:stream:{tenant}:{id}, the terminal write of the record and the PUBLISH on reply_to) and
+reads the answer with a raw socket, so the time each event arrives is known:
+  * headers (200, text/event-stream, x-promptq-job-id) before any chunk exists;
+  * chunks relayed verbatim, in order, with "id: <entry id>", each within a fraction of a second
+    of its XADD, with no polling (INFO commandstats: XREAD calls only per entry batch or block);
+  * "end" gives [DONE]; "restart" an error event (code stream_restarted) and [DONE];
+  * a job without stream entries ends with the record's answer replayed as events;
+  * a terminal record after chunks but without "end" (the worker died) ends with an error event;
+  * a client that goes away mid-stream frees its waiter and its reader connection;
+  * broker.sync_timeout_ms ends a started stream with an error event code "timeout".
+"""
+
+import json
+import socket
+import threading
+import time
+
+import harness
+from harness import T, wait_for
+
+KEY = "chat-key"
+TENANT = "acme"
+AUTH = {"Authorization": "Bearer " + KEY}
+DEAD = {"sim": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}}
+ROUTES = {"m1": [{"provider": "sim", "model": "x"}], "m2": [{"provider": "sim", "model": "y"}]}
+
+
+# the no-worker stack and the worker's part, as in test_chat.py
+
+def ready(st):
+    try:
+        return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def start_broker(st, path, name="broker"):
+    p = st.spawn("promptq-broker", "--config", path, name=name)
+    wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
+    assert p.alive(), "broker exited:\n" + p.tail()
+    return p
+
+
+def no_worker_stack(st, sync_timeout_ms=20000, extra=None):
+    r = st.redis()
+    st.devkafka(brokers=1, partitions=4)
+    ex = {"broker": {"api_keys": {KEY: TENANT}, "sync_timeout_ms": sync_timeout_ms,
+                     "instance_id": "chat-b1"}}
+    if extra:
+        harness._merge(ex, extra)
+    path, cfg = st.config(providers=DEAD, routes=ROUTES, extra=ex)
+    start_broker(st, path)
+    return r
+
+
+def metric(st, name, labels=""):
+    status, _, raw = harness.http("GET", st.broker_url + "/metrics")
+    assert status == 200
+    want = name + ("{" + labels + "}" if labels else "")
+    for line in raw.decode().splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def cmdstat(r, cmd):
+    for line in r.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_%s:" % cmd):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def chat_body(prompt, model="m1", **kw):
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    body.update(kw)
+    return body
+
+
+def queued_envelope(st, prompt, timeout=None):
+    """The envelope the broker produced for the chat with this prompt."""
+    def find():
+        for m in st.consume_all("promptq.requests"):
+            env = json.loads(m["value"])
+            if env["request"]["messages"][0]["content"] == prompt:
+                return env
+        return None
+    return wait_for(find, timeout or T(15), "the chat job on promptq.requests", interval=0.2)
+
+
+def finish(r, env, status, response=None, error=None, publish=True):
+    """Plays the worker: terminal write of the record, then PUBLISH on reply_to."""
+    rec = {"id": env["id"], "tenant": env["tenant"], "status": status, "route": "m1",
+           "provider": "sim", "model": "x", "attempts": 1, "metadata": None, "latency_ms": 5,
+           "created_at": "2026-01-01T00:00:00.000Z", "completed_at": "2026-01-01T00:00:01.000Z",
+           "source": {"topic": "promptq.requests", "partition": 0, "offset": 0}}
+    if response is not None:
+        rec["response"] = response
+    if error is not None:
+        rec["error"] = error
+    key = "promptq:job:%s:%s" % (env["tenant"], env["id"])
+    r.cli("HSET", key, "status", status, "result", json.dumps(rec))
+    if publish:
+        r.cli("PUBLISH", env["reply_to"], "%s:%s" % (env["tenant"], env["id"]))
+
+
+def completion(content, model="x"):
+    return {"id": "chatcmpl-provider-1", "object": "chat.completion", "created": 1700000000,
+            "model": model, "system_fingerprint": "fp_1",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+class StreamClient(threading.Thread):
+    """One streaming chat call over a raw socket; records when the head and each event came."""
+
+    def __init__(self, st, body):
+        super().__init__(daemon=True)
+        data = json.dumps(body).encode()
+        self.sock = socket.create_connection(("127.0.0.1", st.broker_port), timeout=T(60))
+        self.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                          b"Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        self.status, self.headers, self.head_at = None, {}, None
+        self.events = []  # (monotonic time, event text)
+        self.done = threading.Event()
+        self.error = None
+        self.buf = b""
+        self.start()
+
+    def _fill(self):
+        d = self.sock.recv(65536)
+        if not d:
+            raise EOFError("connection closed")
+        self.buf += d
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def run(self):
+        try:
+            while b"\r\n\r\n" not in self.buf:
+                self._fill()
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            self.head_at = time.monotonic()
+            lines = head.decode().split("\r\n")
+            self.status = int(lines[0].split()[1])
+            for ln in lines[1:]:
+                k, v = ln.split(":", 1)
+                self.headers[k.strip().lower()] = v.strip()
+            pending = b""
+            while True:
+                size = int(self._line().split(b";")[0], 16)
+                if size == 0:
+                    break
+                while len(self.buf) < size + 2:
+                    self._fill()
+                pending += self.buf[:size]
+                self.buf = self.buf[size + 2:]
+                while b"\n\n" in pending:
+                    ev, pending = pending.split(b"\n\n", 1)
+                    self.events.append((time.monotonic(), ev.decode()))
+        except Exception as e:  # noqa: BLE001 - checked by the test
+            self.error = e
+        finally:
+            self.done.set()
+
+    def wait_events(self, n, timeout=None):
+        wait_for(lambda: len(self.events) >= n or self.done.is_set(), timeout or T(10),
+                 "%d events" % n, interval=0.005)
+        assert len(self.events) >= n, (self.events, self.error)
+        return self.events[:n]
+
+    def finished(self, timeout=None):
+        assert self.done.wait(timeout or T(15)), "stream not ended"
+        assert self.error is None, (self.error, self.events)
+        return [e for _, e in self.events]
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # a FIN now, though run() is in recv
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def skey(env):
+    return "promptq:stream:%s:%s" % (env["tenant"], env["id"])
+
+
+def xadd(r, env, t, d=""):
+    return r.cli("XADD", skey(env), "MAXLEN", "~", "4096", "*", "t", t, "d", d)
+
+
+def chunk_json(env, content=None, role=None, finish_reason=None):
+    delta = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    return json.dumps({"id": env["id"], "object": "chat.completion.chunk", "created": 1700000000,
+                       "model": "x", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                  "finish_reason": finish_reason}]},
+                      separators=(",", ":"))
+
+
+def start(st, r, prompt, **kw):
+    c = StreamClient(st, chat_body(prompt, stream=True, **kw))
+    env = queued_envelope(st, prompt)
+    assert env["request"]["stream"] is True, env
+    wait_for(lambda: c.head_at is not None or c.done.is_set(), T(10), "headers")
+    assert c.status == 200, (c.status, c.error)
+    assert c.headers["content-type"].startswith("text/event-stream"), c.headers
+    assert c.headers["cache-control"] == "no-cache", c.headers
+    assert c.headers["x-promptq-job-id"] == env["id"], c.headers
+    assert r.cli("EXISTS", skey(env)) == "0"  # the head went out before any chunk
+    return c, env
+
+
+def readers(r):
+    return sum(1 for ln in r.cli("CLIENT", "LIST").splitlines() if "cmd=xread" in ln)
+
+
+def test_stream_relay():
+    with harness.Stack("stream-relay") as st:
+        r = no_worker_stack(st)
+
+        # live relay: in order, with ids, fast, no polling
+        c, env = start(st, r, "p-live")
+        wait_for(lambda: readers(r) == 1, T(5), "the stream's reader blocked in XREAD")
+        x0 = cmdstat(r, "xread")
+        time.sleep(1.0)
+        assert cmdstat(r, "xread") == x0, "XREAD polled while nothing was added"
+        ids, datas, lags = [], [], []
+        for i, (content, role) in enumerate([("", "assistant"), ("Hel", None), ("lo", None)]):
+            d = chunk_json(env, content, role)
+            t0 = time.monotonic()
+            ids.append(xadd(r, env, "chunk", d))
+            datas.append(d)
+            ts, _ = c.wait_events(i + 1)[i]
+            lags.append(ts - t0)
+            time.sleep(0.05)
+        d = chunk_json(env, finish_reason="stop")
+        ids.append(xadd(r, env, "chunk", d))
+        datas.append(d)
+        ids.append(xadd(r, env, "end"))
+        events = c.finished()
+        finish(r, env, "succeeded", completion("Hello"))
+        assert events == ["id: %s\ndata: %s" % (i, d) for i, d in zip(ids, datas)] + \
+            ["data: [DONE]"], events  # plain, as OpenAI's last event
+        print("first-event lags (s):", ["%.4f" % x for x in lags])
+        assert max(lags) < T(0.3), lags
+        assert cmdstat(r, "xread") - x0 <= 8, cmdstat(r, "xread") - x0
+        wait_for(lambda: readers(r) == 0, T(5), "reader closed")
+        c.close()
+
+        # restart after chunks: an error event, then [DONE]
+        c, env = start(st, r, "p-restart")
+        xadd(r, env, "chunk", chunk_json(env, "partial", "assistant"))
+        c.wait_events(1)
+        rid = xadd(r, env, "restart", json.dumps({"reason": "upstream reset"}))
+        events = c.finished()
+        assert len(events) == 3 and events[-1] == "data: [DONE]", events
+        assert events[1].startswith("id: %s\ndata: " % rid), events
+        err = json.loads(events[1].split("data: ", 1)[1])["error"]
+        assert err["code"] == "stream_restarted" and err["type"] == "server_error", err
+        assert "upstream reset" in err["message"], err
+        c.close()
+
+        # no stream entries (cache hit, a worker that does not stream): the record replayed
+        c, env = start(st, r, "p-whole", stream_options={"include_usage": True})
+        time.sleep(0.3)
+        finish(r, env, "succeeded", completion("echo: p-whole"))
+        events = c.finished()
+        assert events[-1] == "data: [DONE]", events
+        chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        assert len(chunks) == 4, chunks
+        assert chunks[1]["choices"][0]["delta"] == {"content": "echo: p-whole"}, chunks
+        assert chunks[3]["usage"]["total_tokens"] == 5, chunks
+        c.close()
+
+        # a failed job without entries: the error as an event on the started stream
+        c, env = start(st, r, "p-failed")
+        finish(r, env, "failed", error={"type": "server_error", "provider": "sim"})
+        events = c.finished()
+        assert events[-1] == "data: [DONE]", events
+        assert json.loads(events[0][len("data: "):])["error"]["code"] == "server_error", events
+        c.close()
+
+        # chunks, then the record is terminal without an end (the worker died)
+        c, env = start(st, r, "p-died")
+        xadd(r, env, "chunk", chunk_json(env, "half", "assistant"))
+        c.wait_events(1)
+        finish(r, env, "succeeded", completion("half and the rest"))
+        events = c.finished()
+        assert events[-1] == "data: [DONE]", events
+        err = json.loads(events[1].split("data: ", 1)[1])["error"]
+        assert err["code"] == "stream_restarted" and env["id"] in err["message"], err
+        c.close()
+
+        # a client that goes away mid-stream frees its waiter and reader
+        c, env = start(st, r, "p-gone")
+        xadd(r, env, "chunk", chunk_json(env, "x", "assistant"))
+        c.wait_events(1)
+        c.close()
+        wait_for(lambda: metric(st, "promptq_broker_chat_waiting") == 0, T(5), "waiter freed")
+        wait_for(lambda: readers(r) == 0 and metric(st, "promptq_broker_inflight_requests") == 0,
+                 T(5), "reader freed")
+        xadd(r, env, "chunk", chunk_json(env, "y"))
+        # the broker keeps answering
+        status, _, _ = harness.http("GET", st.broker_url + "/v1/models", headers=AUTH)
+        assert status == 200
+        c, env = start(st, r, "p-after")
+        xadd(r, env, "chunk", chunk_json(env, "ok", "assistant"))
+        xadd(r, env, "end")
+        events = c.finished()
+        assert len(events) == 2 and events[1] == "data: [DONE]", events
+        c.close()
+
+    with harness.Stack("stream-timeout") as st:
+        r = no_worker_stack(st, sync_timeout_ms=1500)
+        c, env = start(st, r, "p-slow")
+        xadd(r, env, "chunk", chunk_json(env, "slow", "assistant"))
+        events = c.finished(T(10))
+        assert events[-1] == "data: [DONE]", events
+        err = json.loads(events[1].split("data: ", 1)[1])["error"]
+        assert err["code"] == "timeout", err
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/jobs/" + env["id"],
+                                           headers=AUTH)
+        assert status == 200 and doc["status"] == "queued", doc
+
+
+harness.run(globals())
