@@ -241,7 +241,14 @@ static void run_request_case(const adapter_t *a, const char *name)
     assert_non_null(req);
     assert_true((exp_req != NULL) != (exp_err != NULL));
     fixture_init(&f, a, case_json(a->type, name, "target.json"));
-    err = a->ops->build_request(&f.t, req, key ? key : KEY, &out, errstr, sizeof(errstr));
+    /* req_stream*: the streamed form (build_stream_request) */
+    if (strncmp(name, "req_stream", 10) == 0) {
+        assert_non_null(a->ops->build_stream_request);
+        err =
+            a->ops->build_stream_request(&f.t, req, key ? key : KEY, &out, errstr, sizeof(errstr));
+    } else {
+        err = a->ops->build_request(&f.t, req, key ? key : KEY, &out, errstr, sizeof(errstr));
+    }
     assert_no_secret(errstr);
     if (exp_err) {
         check_expected_error(exp_err, err, errstr);

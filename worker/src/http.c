@@ -25,6 +25,10 @@ struct pq_http_req_s {
     char *resp;
     size_t resp_len, resp_cap, resp_max;
     int too_large;
+    pq_http_data_cb *on_data; /* streaming: a 2xx body goes here as it arrives, NULL = buffer */
+    int data_mode;            /* 0: status not looked at yet, 1: to on_data, 2: buffered */
+    size_t data_len;          /* bytes given to on_data (counted against resp_max) */
+    pq_err_t data_err;        /* on_data stopped the transfer with this code */
     pq_rate_hints_t hints;
     int64_t started_ms;
     int64_t last_rx_ms;  /* monotonic ms of the last byte received, 0 before the first */
@@ -153,6 +157,24 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
     size_t n = size * nmemb;
 
     note_rx(r);
+    if (r->on_data && r->data_mode == 0) {
+        long status = 0;
+        curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+        r->data_mode = status >= 200 && status < 300 ? 1 : 2;
+    }
+    if (r->data_mode == 1) {
+        pq_err_t err;
+        if (r->data_len + n > r->resp_max) {
+            r->too_large = 1;
+            return 0;
+        }
+        r->data_len += n;
+        if ((err = r->on_data(r->opaque, data, n)) != PQ_OK) {
+            r->data_err = err;
+            return 0; /* CURLE_WRITE_ERROR ends the transfer */
+        }
+        return n;
+    }
     if (r->resp_len + n > r->resp_max) {
         r->too_large = 1;
         return 0; /* CURLE_WRITE_ERROR ends the transfer */
@@ -184,9 +206,10 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
     size_t n = size * nmemb;
 
     note_rx(r);
-    if (n >= 5 && strncmp(data, "HTTP/", 5) == 0)
+    if (n >= 5 && strncmp(data, "HTTP/", 5) == 0) {
         pq_rate_hints_init(&r->hints);
-    else
+        r->data_mode = 0;
+    } else
         pq_rate_hints_header(&r->hints, data, n, pq_now_ms());
     return n;
 }
@@ -258,6 +281,9 @@ static void check_done(shard_t *sh)
         if (msg->data.result == CURLE_OK) {
             res.err = PQ_OK;
             curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
+        } else if (r->data_err != PQ_OK) {
+            res.err = r->data_err;
+            curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
         } else if (r->too_large) {
             res.err = PQ_ERR_TOO_LARGE;
             curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
@@ -271,6 +297,7 @@ static void check_done(shard_t *sh)
         }
         res.body = r->resp ? r->resp : "";
         res.body_len = r->resp_len;
+        res.streamed = r->data_mode == 1;
         res.retry_after_ms = pq_rate_hints_wait_ms(&r->hints);
         res.detail = r->errbuf[0] ? r->errbuf : curl_easy_strerror(msg->data.result);
         res.elapsed_ms = pq_mono_ms() - r->started_ms;
@@ -320,6 +347,7 @@ static void watch_expire(pq_http_req_t *r, pq_http_timeout_t kind, int ms)
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &res.status);
     res.body = r->resp ? r->resp : "";
     res.body_len = r->resp_len;
+    res.streamed = r->data_mode == 1;
     res.retry_after_ms = -1;
     res.detail = detail;
     res.elapsed_ms = pq_mono_ms() - r->started_ms;
@@ -435,7 +463,8 @@ void pq_http_destroy(pq_http_t *h)
 
 static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slist *headers,
                                  char *body, size_t body_len, int get, const pq_timeouts_t *to,
-                                 size_t max_response, pq_http_done_cb *cb, void *opaque)
+                                 size_t max_response, pq_http_data_cb *on_data, pq_http_done_cb *cb,
+                                 void *opaque)
 {
     pq_http_req_t *r = h->free_reqs;
     struct curl_slist *hs;
@@ -459,6 +488,10 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
     r->resp_len = 0;
     r->resp_max = max_response;
     r->too_large = 0;
+    r->on_data = on_data;
+    r->data_mode = 0;
+    r->data_len = 0;
+    r->data_err = PQ_OK;
     pq_rate_hints_init(&r->hints);
     r->last_rx_ms = 0;
     r->first_byte_ms =
@@ -556,14 +589,14 @@ pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *he
 {
     pq_timeouts_t to = total_only(timeout_ms);
 
-    return http_start(h, url, headers, body, body_len, 0, &to, max_response, cb, opaque);
+    return http_start(h, url, headers, body, body_len, 0, &to, max_response, NULL, cb, opaque);
 }
 
 pq_http_req_t *pq_http_post_timed(pq_http_t *h, const char *url, struct curl_slist *headers,
                                   char *body, size_t body_len, const pq_timeouts_t *to,
                                   size_t max_response, pq_http_done_cb *cb, void *opaque)
 {
-    return http_start(h, url, headers, body, body_len, 0, to, max_response, cb, opaque);
+    return http_start(h, url, headers, body, body_len, 0, to, max_response, NULL, cb, opaque);
 }
 
 pq_http_req_t *pq_http_get(pq_http_t *h, const char *url, struct curl_slist *headers,
@@ -571,7 +604,15 @@ pq_http_req_t *pq_http_get(pq_http_t *h, const char *url, struct curl_slist *hea
 {
     pq_timeouts_t to = total_only(timeout_ms);
 
-    return http_start(h, url, headers, NULL, 0, 1, &to, max_response, cb, opaque);
+    return http_start(h, url, headers, NULL, 0, 1, &to, max_response, NULL, cb, opaque);
+}
+
+pq_http_req_t *pq_http_post_stream(pq_http_t *h, const char *url, struct curl_slist *headers,
+                                   char *body, size_t body_len, const pq_timeouts_t *to,
+                                   size_t max_response, pq_http_data_cb *on_data,
+                                   pq_http_done_cb *cb, void *opaque)
+{
+    return http_start(h, url, headers, body, body_len, 0, to, max_response, on_data, cb, opaque);
 }
 
 void pq_http_cancel(pq_http_t *h, pq_http_req_t *req)

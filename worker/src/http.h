@@ -32,12 +32,14 @@ typedef struct pq_http_result_s {
     long status;      /* HTTP status, 0 without an answer */
     const char *body; /* borrowed until the callback returns; NUL-terminated */
     size_t body_len;
+    /* err may also be the code an on_data callback (pq_http_post_stream) returned to stop */
     int64_t retry_after_ms; /* the wait the answer asks for (rate_hints.h: retry-after-ms,
                                Retry-After, else the x-ratelimit / anthropic-ratelimit reset of
                                the limit used up), -1 when it says nothing */
     const char *detail;     /* libcurl's error text (no URL, no headers), "" if none */
     int64_t elapsed_ms;
     pq_http_timeout_t timeout; /* with err PQ_ERR_TIMEOUT: which one */
+    int streamed;              /* pq_http_post_stream: the (2xx) body went to on_data, body is "" */
 } pq_http_result_t;
 
 /* Called once per request that was not cancelled, on the loop. */
@@ -69,6 +71,22 @@ pq_http_req_t *pq_http_post(pq_http_t *h, const char *url, struct curl_slist *he
 pq_http_req_t *pq_http_post_timed(pq_http_t *h, const char *url, struct curl_slist *headers,
                                   char *body, size_t body_len, const pq_timeouts_t *to,
                                   size_t max_response, pq_http_done_cb *cb, void *opaque);
+
+/* Called on the loop, inside libcurl's processing, with each part of a 2xx answer's body as it
+ * arrives (buf: borrowed for the call, len bytes, not NUL-terminated). It must not cancel the
+ * request. Returning anything but PQ_OK ends the transfer; the done callback then runs with
+ * that code as err. */
+typedef pq_err_t(pq_http_data_cb)(void *opaque, const char *buf, size_t len);
+
+/* pq_http_post_timed for a streamed answer: a 2xx body goes to on_data as it arrives (not
+ * buffered; the done callback then has streamed 1 and an empty body), any other status is
+ * buffered and reported whole as by pq_http_post_timed, so parse_response classifies it.
+ * max_response caps the bytes given to on_data too (PQ_ERR_TOO_LARGE beyond). The first-byte
+ * and idle timeouts apply as they are. on_data: called with opaque. */
+pq_http_req_t *pq_http_post_stream(pq_http_t *h, const char *url, struct curl_slist *headers,
+                                   char *body, size_t body_len, const pq_timeouts_t *to,
+                                   size_t max_response, pq_http_data_cb *on_data,
+                                   pq_http_done_cb *cb, void *opaque);
 
 /* Starts a GET (probes); like pq_http_post without a body. headers: taken. */
 pq_http_req_t *pq_http_get(pq_http_t *h, const char *url, struct curl_slist *headers,

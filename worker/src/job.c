@@ -30,7 +30,9 @@
 #include "promptq/scripts.h"
 #include "promptq/util.h"
 #include "prov.h"
+#include "providers/common.h"
 #include "providers/provider.h"
+#include "stream/stream.h"
 #include "worker_int.h"
 
 #define KEY_MAX              320
@@ -100,6 +102,14 @@ struct pq_job_s {
     struct event timer, renew;
 
     pq_http_req_t *http;
+    /* live streaming (the request has "stream": true): each attempt's decoder and assembler,
+     * the relay into the job's Redis Stream (stream_key) */
+    int stream_usage;    /* ... and for the usage chunk (stream_options.include_usage) */
+    int stream_xadds;    /* XADDs sent to stream_key (the first one sets its TTL) */
+    int stream_relayed;  /* chunks of the current attempt relayed */
+    pq_stream_t *st;     /* the current attempt's decoder, NULL when it does not stream */
+    pq_stream_asm_t *sa; /* its assembler */
+    char stream_key[KEY_MAX + 80];
     size_t target;
     int tries;  /* retryable failures on the current target */
     int rounds; /* passes over all targets */
@@ -321,8 +331,12 @@ static void job_reply(pq_job_t *j)
         j->nredis++;
 }
 
+static void stream_attempt_clear(pq_job_t *j);
+static void stream_xadd(pq_job_t *j, const char *type, const char *data, size_t len);
+
 static void job_free(pq_job_t *j)
 {
+    stream_attempt_clear(j);
     evtimer_del(&j->timer);
     event_del(&j->renew);
     pq_envelope_clear(&j->env);
@@ -915,6 +929,9 @@ static void on_finish(pq_job_t *j, redisReply *r)
         j->status = "republished";
         pq_counter_add(w->m.republished, 1);
     }
+    /* the stream's end: the record now holds the answer (or the error) */
+    if (json_is_true(json_object_get(j->env.request, "stream")))
+        stream_xadd(j, "end", "", 0);
     job_reply(j);
     job_publish(j);
 }
@@ -1558,6 +1575,163 @@ static void attempt_failed(pq_job_t *j, act_t act, pq_err_t err, long status, in
     job_backoff(j, delay);
 }
 
+/* ---- live streaming: the relay into the job's Redis Stream ----
+ *
+ * A job whose request has "stream": true calls a target through its adapter's
+ * build_stream_request and decodes the answer as it arrives (stream/stream.h). Each relayed
+ * event is one entry of the Redis Stream pq_key_stream(prefix, tenant, id), XADD MAXLEN ~ 4096
+ * with fields t and d:
+ *   t=chunk    d = an OpenAI chat.completion.chunk (id = the job id, model = the target's):
+ *              role, content deltas, the finish chunk, then the usage chunk (empty choices)
+ *              when the client asked for stream_options.include_usage;
+ *   t=restart  d = {"reason": "<error class>"}: an attempt failed after some of its chunks were
+ *              relayed (the job itself fails over and completes durably);
+ *   t=end      d = "": the job's terminal write is done (the record holds the answer).
+ * The first XADD also sets PEXPIRE 600000 on the key. Best effort: a failed XADD never fails
+ * the job. The stored answer is the assembler's chat.completion, through the same success path
+ * as a non-streamed call. */
+
+#define STREAM_MAXLEN "4096"
+#define STREAM_TTL_MS "600000"
+
+static void stream_attempt_clear(pq_job_t *j)
+{
+    pq_stream_destroy(j->st);
+    j->st = NULL;
+    pq_stream_asm_destroy(j->sa);
+    j->sa = NULL;
+    j->stream_relayed = 0;
+}
+
+/* XADD <stream_key> MAXLEN ~ 4096 * t <type> d <data> (and the key's TTL with the first). */
+static void stream_xadd(pq_job_t *j, const char *type, const char *data, size_t len)
+{
+    const char *argv[10] = {"XADD", j->stream_key, "MAXLEN", "~", STREAM_MAXLEN,
+                            "*",    "t",           type,     "d", data};
+    size_t lens[10];
+
+    if (!j->stream_key[0] && pq_key_stream(j->stream_key, sizeof(j->stream_key),
+                                           j->w->conf->redis_prefix, tenant_of(j), id_of(j)) < 0) {
+        j->stream_key[0] = '\0';
+        return;
+    }
+    for (int i = 0; i < 9; i++)
+        lens[i] = strlen(argv[i]);
+    lens[9] = len;
+    if (pq_redis_command(job_redis(j), 10, argv, lens, on_aux_reply, j) != 0)
+        return; /* best effort: Redis is down, the relay loses this entry */
+    j->nredis++;
+    if (j->stream_xadds++ == 0) {
+        const char *pv[3] = {"PEXPIRE", j->stream_key, STREAM_TTL_MS};
+        size_t pl[3] = {7, strlen(j->stream_key), strlen(STREAM_TTL_MS)};
+        if (pq_redis_command(job_redis(j), 3, pv, pl, on_aux_reply, j) == 0)
+            j->nredis++;
+    }
+}
+
+/* Relays chunk as a t=chunk entry, with the job's id and the target's model. */
+static void stream_relay(pq_job_t *j, const pq_stream_chunk_t *chunk)
+{
+    const pq_target_t *t = &j->route->targets[j->target];
+    pq_stream_chunk_t c = *chunk;
+    size_t len = 0;
+    char *d;
+
+    c.id = id_of(j);
+    c.model = t->model;
+    if (!(d = pq_stream_chunk_render(&c, t->model, (int64_t)(pq_now_ms() / 1000), NULL, &len)))
+        return;
+    stream_xadd(j, "chunk", d, len);
+    j->stream_relayed++;
+    free(d);
+}
+
+/* A chunk of the current attempt: into the assembler; deltas relayed at once (usage waits for
+ * the end: the last count is the answer's; errors and [DONE] are not relayed). */
+static pq_err_t on_stream_chunk(const pq_stream_chunk_t *chunk, void *opaque)
+{
+    pq_job_t *j = opaque;
+    pq_err_t err = pq_stream_asm_add(j->sa, chunk);
+
+    if (err != PQ_OK)
+        return err;
+    if (chunk->kind == PQ_STREAM_CHUNK_DELTA)
+        stream_relay(j, chunk);
+    return PQ_OK;
+}
+
+static pq_err_t on_stream_data(void *opaque, const char *buf, size_t len)
+{
+    pq_job_t *j = opaque;
+
+    return pq_stream_feed(j->st, buf, len, on_stream_chunk, j);
+}
+
+/* The usage chunk of a clean stream, from the assembled answer, when the client asked. */
+static void stream_relay_usage(pq_job_t *j, const json_t *completion)
+{
+    json_t *u = json_object_get(completion, "usage");
+    pq_stream_chunk_t c;
+
+    if (!j->stream_usage || !json_is_object(u))
+        return;
+    memset(&c, 0, sizeof(c));
+    c.kind = PQ_STREAM_CHUNK_USAGE;
+    c.created = json_integer_value(json_object_get(completion, "created"));
+    c.prompt_tokens = json_integer_value(json_object_get(u, "prompt_tokens"));
+    c.completion_tokens = json_integer_value(json_object_get(u, "completion_tokens"));
+    c.total_tokens = json_integer_value(json_object_get(u, "total_tokens"));
+    stream_relay(j, &c);
+}
+
+/* The current attempt failed: a t=restart entry when some of its chunks were relayed. */
+static void stream_restart(pq_job_t *j, pq_err_t err)
+{
+    char d[96];
+    int n;
+
+    if (j->stream_relayed == 0)
+        return;
+    n = snprintf(d, sizeof(d), "{\"reason\":\"%s\"}", pq_err_name(err));
+    stream_xadd(j, "restart", d, (size_t)n);
+    j->stream_relayed = 0;
+}
+
+/* How a streamed 2xx answer ended: PQ_OK with *completion (new) for a clean stream, else the
+ * class (a cut stream is PQ_ERR_CONNECT; a provider error event its own) with msg and fault. */
+static pq_err_t stream_outcome(pq_job_t *j, const pq_target_t *t, json_t **completion,
+                               pq_provider_fault_t *fault, char *msg, size_t msg_size)
+{
+    const char *code = "", *text = "";
+    pq_err_t err;
+    json_t *v;
+
+    pq_stream_finish(j->st);
+    switch (pq_stream_asm_end(j->sa)) {
+    case PQ_STREAM_END_CLEAN:
+        *completion = pq_stream_asm_completion(j->sa, t->model, (int64_t)(pq_now_ms() / 1000));
+        if (!*completion) {
+            snprintf(msg, msg_size, "out of memory assembling the stream");
+            return PQ_ERR_NOMEM;
+        }
+        return PQ_OK;
+    case PQ_STREAM_END_ERROR:
+        err = pq_stream_asm_error(j->sa, &code, &text);
+        v = json_string(code);
+        pq_provider_safe_token(v, fault->code, sizeof(fault->code));
+        json_decref(v);
+        if (err == PQ_ERR_CONTEXT_LENGTH || err == PQ_ERR_CONTENT_FILTER || err == PQ_ERR_REFUSED)
+            pq_provider_reason_sanitize(text, strlen(text), t->p, fault->reason,
+                                        sizeof(fault->reason));
+        snprintf(msg, msg_size, "%s: error event in the stream (%s%s%s)", t->provider,
+                 pq_err_name(err), fault->code[0] ? ": " : "", fault->code);
+        return err == PQ_OK ? PQ_ERR_SERVER : err;
+    default:
+        snprintf(msg, msg_size, "%s: the stream ended before the answer did", t->provider);
+        return PQ_ERR_CONNECT;
+    }
+}
+
 static void on_http_done(void *opaque, const pq_http_result_t *res)
 {
     pq_job_t *j = opaque;
@@ -1575,9 +1749,15 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     memset(&fault, 0, sizeof(fault));
     j->http = NULL;
     msg[0] = '\0';
-    if (res->err == PQ_OK) {
+    if (res->err == PQ_OK && res->streamed && j->st) {
+        err = stream_outcome(j, t, &completion, &fault, msg, sizeof(msg));
+    } else if (res->err == PQ_OK) {
         err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, &fault,
                                   msg, sizeof(msg));
+    } else if (res->streamed && j->st && res->err != PQ_ERR_TIMEOUT && res->err != PQ_ERR_CONNECT &&
+               pq_stream_errstr(j->st)[0]) {
+        err = res->err; /* the decoder stopped the transfer: malformed, too large */
+        snprintf(msg, sizeof(msg), "%s: stream: %s", t->provider, pq_stream_errstr(j->st));
     } else {
         err = res->err;
         if (err == PQ_ERR_TOO_LARGE)
@@ -1607,10 +1787,15 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         j->err = PQ_OK;
         j->http_status = res->status;
         j->last_target = t;
+        if (j->st)
+            stream_relay_usage(j, completion);
+        stream_attempt_clear(j);
         job_cache_store(j);
         job_finish(j, "succeeded", PQ_OK, NULL);
         return;
     }
+    stream_restart(j, err);
+    stream_attempt_clear(j);
     pq_counter_add(w->m.provider_errors, 1);
     act = act_of(j, t, err, res->status, res->timeout);
     attempt_note(j, t, err, res->status, res->elapsed_ms, msg, act_name(act),
@@ -1662,7 +1847,22 @@ static void job_send(pq_job_t *j, const char *key)
         return;
     }
     memset(&req, 0, sizeof(req));
-    err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));
+    stream_attempt_clear(j);
+    j->stream_usage = json_is_true(
+        json_object_get(json_object_get(j->env.request, "stream_options"), "include_usage"));
+    if (json_is_true(json_object_get(j->env.request, "stream")) && ops->build_stream_request) {
+        err = ops->build_stream_request(t, j->env.request, key, &req, msg, sizeof(msg));
+        if (err == PQ_OK &&
+            (!(j->st = pq_stream_new(pq_stream_format_for(t->p->type), 0, msg, sizeof(msg))) ||
+             !(j->sa = pq_stream_asm_new(w->max_response)))) {
+            pq_provider_req_clear(&req);
+            stream_attempt_clear(j);
+            snprintf(msg, sizeof(msg), "out of memory for the stream decoder");
+            err = PQ_ERR_NOMEM;
+        }
+    } else {
+        err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));
+    }
     if (err != PQ_OK) {
         /* the target cannot express the request (or its config is unusable): skip it */
         release_slot(j, -1, 1);
@@ -1679,12 +1879,17 @@ static void job_send(pq_job_t *j, const char *key)
     j->attempts++;
     j->pass_attempts++;
     pq_counter_add(w->m.provider_calls, 1);
-    j->http = pq_http_post_timed(job_http(j), req.url, req.headers, req.body, req.body_len, &to,
-                                 w->max_response, on_http_done, j);
+    if (j->st)
+        j->http = pq_http_post_stream(job_http(j), req.url, req.headers, req.body, req.body_len,
+                                      &to, w->max_response, on_stream_data, on_http_done, j);
+    else
+        j->http = pq_http_post_timed(job_http(j), req.url, req.headers, req.body, req.body_len, &to,
+                                     w->max_response, on_http_done, j);
     req.headers = NULL;
     req.body = NULL;
     pq_provider_req_clear(&req);
     if (!j->http) {
+        stream_attempt_clear(j);
         release_slot(j, -1, 1);
         give_back_probe(j);
         note_error(j, t, PQ_ERR_INTERNAL, 0, "could not start the HTTP request", NULL);
@@ -2213,6 +2418,7 @@ static void job_stop_calls(pq_job_t *j)
         pq_http_cancel(job_http(j), j->http);
         j->http = NULL;
     }
+    stream_attempt_clear(j);
     if (j->prov) {
         pq_prov_cancel(j->prov, &j->sw);
         pq_prov_token_cancel(j->prov, &j->tw);

@@ -476,9 +476,9 @@ out:
     return err;
 }
 
-static pq_err_t anthropic_build_request(const pq_target_t *target, const json_t *request,
-                                        const char *key, pq_provider_req_t *out, char *errstr,
-                                        size_t errstr_size)
+static pq_err_t anthropic_build(const pq_target_t *target, const json_t *request, const char *key,
+                                pq_provider_req_t *out, char *errstr, size_t errstr_size,
+                                int stream)
 {
     const pq_provider_conf_t *p = target->p;
     json_t *body = json_object();
@@ -491,7 +491,8 @@ static pq_err_t anthropic_build_request(const pq_target_t *target, const json_t 
         PQ_OK)
         goto out;
     err = PQ_ERR_NOMEM;
-    if (pq_provider_req_json(out, body) ||
+    if ((stream && json_object_set_new(body, "stream", json_true())) ||
+        pq_provider_req_json(out, body) ||
         pq_provider_req_url(out, "%s/v1/messages", p->base_url) ||
         pq_provider_header_add(&out->headers, "anthropic-version", ANTHROPIC_VERSION) ||
         (key && *key && pq_provider_header_add(&out->headers, "x-api-key", key)) ||
@@ -501,6 +502,21 @@ static pq_err_t anthropic_build_request(const pq_target_t *target, const json_t 
 out:
     json_decref(body);
     return pq_provider_req_end(out, err, errstr, errstr_size);
+}
+
+static pq_err_t anthropic_build_request(const pq_target_t *target, const json_t *request,
+                                        const char *key, pq_provider_req_t *out, char *errstr,
+                                        size_t errstr_size)
+{
+    return anthropic_build(target, request, key, out, errstr, errstr_size, 0);
+}
+
+/* The same body with "stream": true (Messages streaming: SSE events). */
+static pq_err_t anthropic_build_stream_request(const pq_target_t *target, const json_t *request,
+                                               const char *key, pq_provider_req_t *out,
+                                               char *errstr, size_t errstr_size)
+{
+    return anthropic_build(target, request, key, out, errstr, errstr_size, 1);
 }
 
 /* ---- answer ---- */
@@ -659,5 +675,6 @@ out:
 const pq_provider_ops_t pq_provider_anthropic = {
     .type = "anthropic",
     .build_request = anthropic_build_request,
+    .build_stream_request = anthropic_build_stream_request,
     .parse_response = anthropic_parse_response,
 };

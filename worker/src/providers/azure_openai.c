@@ -20,9 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static pq_err_t azure_build_request(const pq_target_t *target, const json_t *request,
-                                    const char *key, pq_provider_req_t *out, char *errstr,
-                                    size_t errstr_size)
+static pq_err_t azure_build(const pq_target_t *target, const json_t *request, const char *key,
+                            pq_provider_req_t *out, char *errstr, size_t errstr_size, int stream)
 {
     const pq_provider_conf_t *p = target->p;
     json_t *body = NULL;
@@ -42,8 +41,8 @@ static pq_err_t azure_build_request(const pq_target_t *target, const json_t *req
     err = PQ_ERR_NOMEM;
     if (!(body = json_copy((json_t *)request))) /* shallow: values are shared */
         goto out;
-    json_object_del(body, "stream");
-    json_object_del(body, "stream_options");
+    if (pq_provider_stream_fields(body, stream))
+        goto out;
     if (v1) {
         if (json_object_set_new(body, "model", json_string(target->model)) ||
             pq_provider_req_json(out, body) ||
@@ -66,6 +65,21 @@ out:
     free(ver);
     json_decref(body);
     return pq_provider_req_end(out, err, errstr, errstr_size);
+}
+
+static pq_err_t azure_build_request(const pq_target_t *target, const json_t *request,
+                                    const char *key, pq_provider_req_t *out, char *errstr,
+                                    size_t errstr_size)
+{
+    return azure_build(target, request, key, out, errstr, errstr_size, 0);
+}
+
+/* As OpenAI's: "stream": true, "stream_options": {"include_usage": true}. */
+static pq_err_t azure_build_stream_request(const pq_target_t *target, const json_t *request,
+                                           const char *key, pq_provider_req_t *out, char *errstr,
+                                           size_t errstr_size)
+{
+    return azure_build(target, request, key, out, errstr, errstr_size, 1);
 }
 
 /* Answers have OpenAI's shape and are read by the OpenAI parser; errors
@@ -99,5 +113,6 @@ static pq_err_t azure_parse_response(const pq_target_t *target, long status, con
 const pq_provider_ops_t pq_provider_azure_openai = {
     .type = "azure_openai",
     .build_request = azure_build_request,
+    .build_stream_request = azure_build_stream_request,
     .parse_response = azure_parse_response,
 };

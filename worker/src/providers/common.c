@@ -63,6 +63,19 @@ int pq_provider_req_json(pq_provider_req_t *out, const json_t *body)
     return pq_provider_header_add(&out->headers, "Content-Type", "application/json");
 }
 
+int pq_provider_stream_fields(json_t *body, int stream)
+{
+    if (!stream) {
+        json_object_del(body, "stream");
+        json_object_del(body, "stream_options");
+        return 0;
+    }
+    if (json_object_set_new(body, "stream", json_true()) ||
+        json_object_set_new(body, "stream_options", json_pack("{s:b}", "include_usage", 1)))
+        return -1;
+    return 0;
+}
+
 int pq_provider_req_url(pq_provider_req_t *out, const char *fmt, ...)
 {
     va_list ap;

@@ -37,6 +37,11 @@ pq_err_t pq_provider_key_check(const pq_provider_conf_t *p, const char *key, con
  * "Content-Type: application/json". Returns 0, or -1 when out of memory. */
 int pq_provider_req_json(pq_provider_req_t *out, const json_t *body);
 
+/* The OpenAI stream fields of an OpenAI-shaped body (body: borrowed, changed): stream 0 drops
+ * "stream" and "stream_options"; stream 1 sets "stream": true and "stream_options":
+ * {"include_usage": true}. Returns 0, or -1 when out of memory. */
+int pq_provider_stream_fields(json_t *body, int stream);
+
 /* Sets out->url (new) from a printf format. Returns 0, or -1 when out of memory (out->url stays
  * NULL). */
 int pq_provider_req_url(pq_provider_req_t *out, const char *fmt, ...)

@@ -263,9 +263,8 @@ out:
     return err;
 }
 
-static pq_err_t gemini_build_request(const pq_target_t *target, const json_t *request,
-                                     const char *key, pq_provider_req_t *out, char *errstr,
-                                     size_t errstr_size)
+static pq_err_t gemini_build(const pq_target_t *target, const json_t *request, const char *key,
+                             pq_provider_req_t *out, char *errstr, size_t errstr_size, int stream)
 {
     const pq_provider_conf_t *p = target->p;
     const char *model = target->model, *version = "/v1beta";
@@ -287,7 +286,8 @@ static pq_err_t gemini_build_request(const pq_target_t *target, const json_t *re
         version = "";
     if (!(esc = pq_provider_escape(model)))
         goto out;
-    if (pq_provider_req_url(out, "%s%s/models/%s:generateContent", p->base_url, version, esc) ||
+    if (pq_provider_req_url(out, "%s%s/models/%s:%s", p->base_url, version, esc,
+                            stream ? "streamGenerateContent?alt=sse" : "generateContent") ||
         (key && *key && pq_provider_header_add(&out->headers, "x-goog-api-key", key)) ||
         pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
         goto out;
@@ -517,8 +517,24 @@ out:
     return err;
 }
 
+static pq_err_t gemini_build_request(const pq_target_t *target, const json_t *request,
+                                     const char *key, pq_provider_req_t *out, char *errstr,
+                                     size_t errstr_size)
+{
+    return gemini_build(target, request, key, out, errstr, errstr_size, 0);
+}
+
+/* The same body to :streamGenerateContent?alt=sse (an SSE stream of GenerateContentResponse). */
+static pq_err_t gemini_build_stream_request(const pq_target_t *target, const json_t *request,
+                                            const char *key, pq_provider_req_t *out, char *errstr,
+                                            size_t errstr_size)
+{
+    return gemini_build(target, request, key, out, errstr, errstr_size, 1);
+}
+
 const pq_provider_ops_t pq_provider_gemini = {
     .type = "gemini",
     .build_request = gemini_build_request,
+    .build_stream_request = gemini_build_stream_request,
     .parse_response = gemini_parse_response,
 };

@@ -1,6 +1,7 @@
 /* OpenAI chat completions (and OpenAI-compatible servers: Ollama, vLLM, llama.cpp).
  * POST {base_url}/chat/completions with the request as is, "model" set to the target's model and
- * streaming turned off.
+ * streaming turned off; the stream request has "stream": true and "stream_options":
+ * {"include_usage": true} (always: the assembled answer needs the usage).
  *
  * Errors {"error":{"message","type","param","code"}} are classified by status, then by code or
  * type (pq_provider_openai_fault, shared with Azure): context_length_exceeded -> context_length;
@@ -15,9 +16,9 @@
 #include <string.h>
 #include <time.h>
 
-static pq_err_t openai_build_request(const pq_target_t *target, const json_t *request,
-                                     const char *key, pq_provider_req_t *out, char *errstr,
-                                     size_t errstr_size)
+/* stream: ask for an SSE stream with usage on its last chunk. */
+static pq_err_t openai_build(const pq_target_t *target, const json_t *request, const char *key,
+                             pq_provider_req_t *out, char *errstr, size_t errstr_size, int stream)
 {
     const pq_provider_conf_t *p = target->p;
     json_t *body = json_copy((json_t *)request); /* shallow: values are shared, not copied */
@@ -28,8 +29,8 @@ static pq_err_t openai_build_request(const pq_target_t *target, const json_t *re
     err = PQ_ERR_NOMEM;
     if (json_object_set_new(body, "model", json_string(target->model)) != 0)
         goto out;
-    json_object_del(body, "stream");
-    json_object_del(body, "stream_options");
+    if (pq_provider_stream_fields(body, stream))
+        goto out;
 
     if (pq_provider_req_json(out, body) ||
         pq_provider_req_url(out, "%s/chat/completions", p->base_url) ||
@@ -40,6 +41,20 @@ static pq_err_t openai_build_request(const pq_target_t *target, const json_t *re
 out:
     json_decref(body);
     return pq_provider_req_end(out, err, errstr, errstr_size);
+}
+
+static pq_err_t openai_build_request(const pq_target_t *target, const json_t *request,
+                                     const char *key, pq_provider_req_t *out, char *errstr,
+                                     size_t errstr_size)
+{
+    return openai_build(target, request, key, out, errstr, errstr_size, 0);
+}
+
+static pq_err_t openai_build_stream_request(const pq_target_t *target, const json_t *request,
+                                            const char *key, pq_provider_req_t *out, char *errstr,
+                                            size_t errstr_size)
+{
+    return openai_build(target, request, key, out, errstr, errstr_size, 1);
 }
 
 /* 1 when the code or type of an OpenAI error object is word. */
@@ -164,5 +179,6 @@ out:
 const pq_provider_ops_t pq_provider_openai = {
     .type = "openai",
     .build_request = openai_build_request,
+    .build_stream_request = openai_build_stream_request,
     .parse_response = openai_parse_response,
 };

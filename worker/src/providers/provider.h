@@ -52,6 +52,19 @@ typedef struct pq_provider_ops_s {
     pq_err_t (*build_request)(const pq_target_t *target, const json_t *request, const char *key,
                               pq_provider_req_t *out, char *errstr, size_t errstr_size);
 
+    /* Optional (NULL: the provider cannot stream; jobs then make the non-streamed call): the
+     * streamed form of build_request, same arguments and errors. The adapter streams only when
+     * called through this hook; build_request never streams, whatever the request's own
+     * "stream" field says. OpenAI and Azure send "stream": true and "stream_options":
+     * {"include_usage": true} (always; whether the usage chunk is relayed to the client is the
+     * worker's business), Anthropic "stream": true, Gemini :streamGenerateContent?alt=sse,
+     * watsonx /ml/v1/text/chat_stream. A 2xx answer is then an SSE body for
+     * stream/stream.h's decoder of the provider's format; a non-2xx answer is classified by
+     * parse_response as for build_request. */
+    pq_err_t (*build_stream_request)(const pq_target_t *target, const json_t *request,
+                                     const char *key, pq_provider_req_t *out, char *errstr,
+                                     size_t errstr_size);
+
     /* Classifies an HTTP answer (the error classes of README "Failover"). On a 2xx answer that
      * holds a usable completion, returns PQ_OK and sets *completion to a new OpenAI
      * chat.completion object. Otherwise returns the error code: retryable (CONNECT, TIMEOUT,

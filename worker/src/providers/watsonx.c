@@ -193,9 +193,8 @@ out:
     return err;
 }
 
-static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *request,
-                                      const char *key, pq_provider_req_t *out, char *errstr,
-                                      size_t errstr_size)
+static pq_err_t watsonx_build(const pq_target_t *target, const json_t *request, const char *key,
+                              pq_provider_req_t *out, char *errstr, size_t errstr_size, int stream)
 {
     const pq_provider_conf_t *p = target->p;
     json_t *body = json_object();
@@ -222,8 +221,10 @@ static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *r
                                                       : PQ_WATSONX_VERSION_DEFAULT)))
         goto out;
     if (pq_provider_req_json(out, body) ||
-        pq_provider_req_url(out, "%s/ml/v1/text/chat?version=%s", p->base_url, ver) ||
-        pq_provider_header_add(&out->headers, "Accept", "application/json") ||
+        pq_provider_req_url(out, "%s/ml/v1/text/%s?version=%s", p->base_url,
+                            stream ? "chat_stream" : "chat", ver) ||
+        pq_provider_header_add(&out->headers, "Accept",
+                               stream ? "text/event-stream" : "application/json") ||
         (key && *key && pq_provider_header_add_bearer(&out->headers, key)) ||
         pq_provider_headers_add_conf(&out->headers, p, 0, errstr, errstr_size))
         goto out;
@@ -346,9 +347,25 @@ out:
     return err;
 }
 
+static pq_err_t watsonx_build_request(const pq_target_t *target, const json_t *request,
+                                      const char *key, pq_provider_req_t *out, char *errstr,
+                                      size_t errstr_size)
+{
+    return watsonx_build(target, request, key, out, errstr, errstr_size, 0);
+}
+
+/* The same body to /ml/v1/text/chat_stream (SSE, Accept: text/event-stream). */
+static pq_err_t watsonx_build_stream_request(const pq_target_t *target, const json_t *request,
+                                             const char *key, pq_provider_req_t *out, char *errstr,
+                                             size_t errstr_size)
+{
+    return watsonx_build(target, request, key, out, errstr, errstr_size, 1);
+}
+
 const pq_provider_ops_t pq_provider_watsonx = {
     .type = "watsonx",
     .build_request = watsonx_build_request,
+    .build_stream_request = watsonx_build_stream_request,
     .parse_response = watsonx_parse_response,
 };
 

@@ -1,0 +1,168 @@
+"""Live token streaming, worker side (issue "Live token streaming"): a job whose request has
+"stream": true is called upstream as a stream and its chunks are relayed into the job's Redis
+Stream (<prefix>stream:<tenant>:<id>, entries t=chunk|restart|end, d=...) while the job runs;
+the stored record is the assembled chat.completion. Worker-only stack as in test_failover.py:
+envelopes produced straight to promptq.requests, real redis-server, promptq-devkafka and
+promptq-sim."""
+
+import json
+import time
+
+import harness
+from harness import T, wait_for
+
+REQ = "promptq.requests"
+RESULTS = "promptq.results"
+PROMPT = "one two three four five six seven eight nine"  # "echo: " + 9 words: 10 words
+
+
+def provider(kind, sim, **kw):
+    p = {"type": kind, "base_url": sim.api if kind == "openai" else sim.url,
+         "retry_base_ms": 50, "retry_max_ms": 200, "retries_per_target": 0}
+    p.update(kw)
+    return p
+
+
+def env(job_id, stream=True, route="r", usage=False):
+    req = {"model": route, "messages": [{"role": "user", "content": PROMPT}]}
+    if stream:
+        req["stream"] = True
+    if usage:
+        req["stream_options"] = {"include_usage": True}
+    return {"id": job_id, "request": req}
+
+
+def entries(r, key):
+    """XRANGE key - + as [(type, data)] (redis-cli prints each entry as id, t, type, d, data)."""
+    out = r.cli("XRANGE", key, "-", "+")
+    if not out:
+        return []
+    lines = out.split("\n")
+    if len(lines) % 5 == 4:
+        lines.append("")  # r.cli strips the last (empty) data of an end entry
+    assert len(lines) % 5 == 0, lines
+    return [(lines[i + 2], lines[i + 4]) for i in range(0, len(lines), 5)]
+
+
+def result(st, job_id):
+    got = {}
+
+    def have():
+        for m in st.consume_all(RESULTS):
+            d = json.loads(m["value"])
+            got.setdefault(d["id"], d)
+        return job_id in got
+
+    wait_for(have, T(30), "result of %s" % job_id, interval=0.2)
+    return got[job_id]
+
+
+def text_of(chunks):
+    s = ""
+    for t, d in chunks:
+        assert t == "chunk", (t, d)
+        c = json.loads(d)
+        assert c["object"] == "chat.completion.chunk", c
+        for ch in c["choices"]:
+            s += ch["delta"].get("content") or ""
+    return s
+
+
+def follow(r, key):
+    """Polls the stream until its end entry; returns (entries, seconds from the first chunk
+    entry to the end entry)."""
+    first = None
+    deadline = time.time() + T(30)
+    while time.time() < deadline:
+        es = entries(r, key)
+        if first is None and any(t == "chunk" for t, _ in es):
+            first = time.time()
+        if es and es[-1][0] == "end":
+            assert first is not None, es
+            return es, time.time() - first
+        time.sleep(0.05)
+    raise AssertionError("no end entry in %s: %s" % (key, entries(r, key)))
+
+
+def content(res):
+    return res["response"]["choices"][0]["message"]["content"]
+
+
+def split_restart(es):
+    """[chunks of the failed attempt], [chunks of the serving attempt] around one restart."""
+    kinds = [t for t, _ in es]
+    assert kinds.count("restart") == 1 and kinds[-1] == "end", kinds
+    i = kinds.index("restart")
+    reason = json.loads(es[i][1])["reason"]
+    return es[:i], es[i + 1:-1], reason
+
+
+def test_stream_worker():
+    with harness.Stack("stream_worker") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        s = {n: st.sim(n) for n in ("a", "b", "cut", "bad")}
+        providers = {"a": provider("openai", s["a"]), "b": provider("anthropic", s["b"]),
+                     "cut": provider("openai", s["cut"]), "bad": provider("gemini", s["bad"])}
+        routes = {"r": [{"provider": "a", "model": "sim-model"}],
+                  "rcut": [{"provider": "cut", "model": "sim-model"},
+                           {"provider": "b", "model": "sim-model"}],
+                  "rbad": [{"provider": "bad", "model": "sim-model"},
+                           {"provider": "b", "model": "sim-model"}]}
+        path, _ = st.config(providers=providers, routes=routes,
+                            extra={"worker": {"lease_ms": 5000}})
+        st.spawn("promptq-worker", "--config", path, name="worker")
+        for n in ("a", "b", "cut", "bad"):
+            s[n].set_state({"chunk_ms": 100})
+        s["cut"].set_state({"chunk_ms": 100, "stream_cut_after": 3})
+        s["bad"].set_state({"chunk_ms": 100, "stream_malformed_at": 3})
+        key = lambda i: "promptq:stream:default:" + i  # noqa: E731
+
+        # 1. chunks arrive while the job runs; their text is the stored answer; the usage chunk
+        # (asked for) last; then end
+        st.produce(REQ, [env("s-ok", usage=True)], keys=["s-ok"])
+        es, span = follow(r, key("s-ok"))
+        res = result(st, "s-ok")
+        assert res["status"] == "succeeded" and res["provider"] == "a", res
+        assert span >= 0.5, (span, es)
+        assert text_of(es[:-1]) == content(res) == "echo: " + PROMPT, (es, res)
+        assert es[-1] == ("end", ""), es
+        assert res["response"]["object"] == "chat.completion", res
+        assert json.loads(es[0][1])["id"] == "s-ok", es[0]
+        last = json.loads(es[-2][1])
+        assert last["choices"] == [] and last["usage"] == res["response"]["usage"], (last, res)
+        assert json.loads(es[-3][1])["choices"][0]["finish_reason"] == "stop", es
+        # without include_usage (case 2 on) no chunk has usage
+        ttl = int(r.cli("PTTL", key("s-ok")))
+        assert 0 < ttl <= 600000, ttl
+        assert s["a"].stats()["by_path"].get("/v1/chat/completions") == 1
+
+        # 2. the primary's stream is cut after 3 events: its chunks, restart, the fallback's
+        st.produce(REQ, [env("s-cut", route="rcut")], keys=["s-cut"])
+        es, _ = follow(r, key("s-cut"))
+        res = result(st, "s-cut")
+        assert res["status"] == "succeeded" and res["provider"] == "b", res
+        before, after, reason = split_restart(es)
+        assert before and "echo: ".startswith(text_of(before)[:6]), es
+        assert reason == "connect", reason
+        assert all("usage" not in json.loads(d) for t, d in es if t == "chunk"), es
+        assert text_of(after) == content(res) == "echo: " + PROMPT, (es, res)
+
+        # 3. the primary's third event is malformed (Gemini format): the same
+        st.produce(REQ, [env("s-bad", route="rbad")], keys=["s-bad"])
+        es, _ = follow(r, key("s-bad"))
+        res = result(st, "s-bad")
+        assert res["status"] == "succeeded" and res["provider"] == "b", res
+        before, after, reason = split_restart(es)
+        assert before, es
+        assert reason == "malformed", reason
+        assert text_of(after) == content(res) == "echo: " + PROMPT, (es, res)
+
+        # 4. a non-streamed job writes no stream key
+        st.produce(REQ, [env("s-plain", stream=False)], keys=["s-plain"])
+        res = result(st, "s-plain")
+        assert res["status"] == "succeeded" and content(res) == "echo: " + PROMPT, res
+        assert r.cli("EXISTS", key("s-plain")) == "0"
+
+
+harness.run(globals())
