@@ -20,63 +20,11 @@ import time
 
 import harness
 from harness import T, wait_for
+from chatstack import (AUTH, DEAD, KEY, ROUTES, TENANT, chat_body, cmdstat, completion, finish,
+                       metric, no_worker_stack, queued_envelope, ready, start_broker)
 
 ROOT = harness.ROOT
 NODE_DIR = os.path.join(ROOT, "tests", "node")
-KEY = "chat-key"
-TENANT = "acme"
-AUTH = {"Authorization": "Bearer " + KEY}
-DEAD = {"sim": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}}
-ROUTES = {"m1": [{"provider": "sim", "model": "x"}], "m2": [{"provider": "sim", "model": "y"}]}
-
-
-def ready(st):
-    try:
-        return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
-    except OSError:
-        return False
-
-
-def start_broker(st, path, name="broker"):
-    p = st.spawn("promptq-broker", "--config", path, name=name)
-    wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
-    assert p.alive(), "broker exited:\n" + p.tail()
-    return p
-
-
-def no_worker_stack(st, sync_timeout_ms=20000, extra=None):
-    r = st.redis()
-    st.devkafka(brokers=1, partitions=4)
-    ex = {"broker": {"api_keys": {KEY: TENANT}, "sync_timeout_ms": sync_timeout_ms,
-                     "instance_id": "chat-b1"}}
-    if extra:
-        harness._merge(ex, extra)
-    path, cfg = st.config(providers=DEAD, routes=ROUTES, extra=ex)
-    start_broker(st, path)
-    return r
-
-
-def metric(st, name, labels=""):
-    status, _, raw = harness.http("GET", st.broker_url + "/metrics")
-    assert status == 200
-    want = name + ("{" + labels + "}" if labels else "")
-    for line in raw.decode().splitlines():
-        if line.startswith(want + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def cmdstat(r, cmd):
-    for line in r.cli("INFO", "commandstats").splitlines():
-        if line.startswith("cmdstat_%s:" % cmd):
-            return int(line.split("calls=")[1].split(",")[0])
-    return 0
-
-
-def chat_body(prompt, model="m1", **kw):
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
-    body.update(kw)
-    return body
 
 
 class Call(threading.Thread):
@@ -101,41 +49,6 @@ class Call(threading.Thread):
         assert not isinstance(self.result, Exception), self.result
         status, hdrs, raw = self.result
         return status, hdrs, raw
-
-
-def queued_envelope(st, prompt, timeout=None):
-    """The envelope the broker produced for the chat with this prompt."""
-    def find():
-        for m in st.consume_all("promptq.requests"):
-            env = json.loads(m["value"])
-            if env["request"]["messages"][0]["content"] == prompt:
-                return env
-        return None
-    return wait_for(find, timeout or T(15), "the chat job on promptq.requests", interval=0.2)
-
-
-def finish(r, env, status, response=None, error=None, publish=True):
-    """Plays the worker: terminal write of the record, then PUBLISH on reply_to."""
-    rec = {"id": env["id"], "tenant": env["tenant"], "status": status, "route": "m1",
-           "provider": "sim", "model": "x", "attempts": 1, "metadata": None, "latency_ms": 5,
-           "created_at": "2026-01-01T00:00:00.000Z", "completed_at": "2026-01-01T00:00:01.000Z",
-           "source": {"topic": "promptq.requests", "partition": 0, "offset": 0}}
-    if response is not None:
-        rec["response"] = response
-    if error is not None:
-        rec["error"] = error
-    key = "promptq:job:%s:%s" % (env["tenant"], env["id"])
-    r.cli("HSET", key, "status", status, "result", json.dumps(rec))
-    if publish:
-        r.cli("PUBLISH", env["reply_to"], "%s:%s" % (env["tenant"], env["id"]))
-
-
-def completion(content, model="x"):
-    return {"id": "chatcmpl-provider-1", "object": "chat.completion", "created": 1700000000,
-            "model": model, "system_fingerprint": "fp_1",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
 
 
 # ---- protocol tests (the test plays the worker) ----
