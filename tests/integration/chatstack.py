@@ -15,18 +15,9 @@ DEAD = {"sim": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}}
 ROUTES = {"m1": [{"provider": "sim", "model": "x"}], "m2": [{"provider": "sim", "model": "y"}]}
 
 
-def ready(st):
-    try:
-        return harness.http("GET", st.broker_url + "/readyz", timeout=2)[0] == 200
-    except OSError:
-        return False
-
-
 def start_broker(st, path, name="broker"):
-    p = st.spawn("promptq-broker", "--config", path, name=name)
-    wait_for(lambda: ready(st) or not p.alive(), T(20), "broker /readyz")
-    assert p.alive(), "broker exited:\n" + p.tail()
-    return p
+    """The broker on path, once /readyz answers (harness.Stack.broker)."""
+    return st.broker(path, name=name)
 
 
 def no_worker_stack(st, sync_timeout_ms=20000, extra=None):

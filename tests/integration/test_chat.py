@@ -21,7 +21,7 @@ import time
 import harness
 from harness import T, wait_for
 from chatstack import (AUTH, DEAD, KEY, ROUTES, TENANT, chat_body, cmdstat, completion, finish,
-                       metric, no_worker_stack, queued_envelope, ready, start_broker)
+                       metric, no_worker_stack, queued_envelope, start_broker)
 
 ROOT = harness.ROOT
 NODE_DIR = os.path.join(ROOT, "tests", "node")
