@@ -68,10 +68,9 @@ def test_no_stall_at_max_inflight():
         w = st.spawn("promptq-worker", "--config", path, name="worker")
         url = "http://127.0.0.1:%d" % port
         wait_for(lambda: up(url), T(20), "worker /healthz")
-        # both consumers (bulk and interactive, one group) have their partitions: the second
-        # one's join rebalances the first, which must not fall inside a measured run
-        wait_for(lambda: open(w.log_path).read().count("on_rebalance: assigned") >= 2, T(30),
-                 "both consumers assigned")
+        # the worker's one group member has its partitions: nothing rebalances inside a run
+        wait_for(lambda: "on_rebalance: assigned" in open(w.log_path).read(), T(30),
+                 "partitions assigned")
         warm = ["warm-%d" % i for i in range(8)]
         st.produce("promptq.bulk", [envelope(i) for i in warm], keys=warm)
         st.produce("promptq.requests", [envelope("i" + i) for i in warm], keys=warm)

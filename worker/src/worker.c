@@ -1,5 +1,5 @@
 /* The worker's loop: Kafka consumer and producer queues (io-event pipes), partition bookkeeping
- * and offset storing (G5), flow control (each consumer polls into a bounded backlog that feeds
+ * and offset storing (G5), flow control (each lane polls into a bounded backlog that feeds
  * free slots; it pauses when the backlog is full or Redis is down), parking and
  * replay per route (G4), the health key, signals (SIGHUP reload, graceful stop). The per-job
  * state machine lives in job.c.
@@ -198,7 +198,7 @@ static void part_revoke(pq_worker_t *w, pq_part_t *p)
 /* Stores the offsets that advanced (offset + 1 semantics: the next one to read). */
 static void flush_offsets(pq_worker_t *w)
 {
-    rd_kafka_topic_partition_list_t *lists[2] = {NULL, NULL}; /* bulk consumer, interactive */
+    rd_kafka_topic_partition_list_t *list = NULL;
     rd_kafka_resp_err_t err;
     pq_part_t *p;
 
@@ -206,28 +206,23 @@ static void flush_offsets(pq_worker_t *w)
         return;
     TAILQ_FOREACH(p, &w->parts, link)
     {
-        int li = p->topic == PQ_T_REQUESTS;
         if (!p->dirty || p->revoked || p->offsets.next < 0)
             continue;
         p->dirty = 0;
-        if (!lists[li])
-            lists[li] = rd_kafka_topic_partition_list_new(8);
-        rd_kafka_topic_partition_list_add(lists[li], p->name, p->partition)->offset =
-            p->offsets.next;
-    }
-    for (int li = 0; li < 2; li++) {
-        rd_kafka_topic_partition_list_t *list = lists[li];
         if (!list)
-            continue;
-        err = rd_kafka_offsets_store(li ? w->iconsumer : w->consumer, list);
-        if (err)
-            PQ_WARN("offsets_store: %s", rd_kafka_err2str(err));
-        for (int i = 0; i < list->cnt; i++)
-            if (list->elems[i].err)
-                PQ_DBG("offsets_store %s/%" PRId32 ": %s", list->elems[i].topic,
-                       list->elems[i].partition, rd_kafka_err2str(list->elems[i].err));
-        rd_kafka_topic_partition_list_destroy(list);
+            list = rd_kafka_topic_partition_list_new(8);
+        rd_kafka_topic_partition_list_add(list, p->name, p->partition)->offset = p->offsets.next;
     }
+    if (!list)
+        return;
+    err = rd_kafka_offsets_store(w->consumer, list);
+    if (err)
+        PQ_WARN("offsets_store: %s", rd_kafka_err2str(err));
+    for (int i = 0; i < list->cnt; i++)
+        if (list->elems[i].err)
+            PQ_DBG("offsets_store %s/%" PRId32 ": %s", list->elems[i].topic,
+                   list->elems[i].partition, rd_kafka_err2str(list->elems[i].err));
+    rd_kafka_topic_partition_list_destroy(list);
 }
 
 static void on_flush(evutil_socket_t fd, short what, void *arg)
@@ -273,13 +268,13 @@ static void wake_fetch(pq_worker_t *w, rd_kafka_t *rk, rd_kafka_topic_partition_
     rd_kafka_topic_partition_list_destroy(s);
 }
 
-/* Pauses or resumes one consumer's partitions (lane 1: the interactive consumer, 0: bulk and
- * retry topics). Every message polled so far is in the backlog or taken in, so a resume fetches
+/* Pauses or resumes one lane's partitions (lane 1: <prefix>requests, 0: bulk and retry
+ * topics). Every message polled so far is in the backlog or taken in, so a resume fetches
  * from the next one (pausing drops only prefetched messages). */
 static void set_paused(pq_worker_t *w, int lane, int pause, const char *why)
 {
     rd_kafka_topic_partition_list_t *a = rd_kafka_topic_partition_list_new(16);
-    rd_kafka_t *rk = lane ? w->iconsumer : w->consumer;
+    rd_kafka_t *rk = w->consumer;
     pq_part_t *p;
 
     /* the assignment as we track it; held retry partitions stay paused on a resume */
@@ -319,7 +314,7 @@ static int flow_may_start(const pq_worker_t *w, int lane)
     return !w->stopping && w->inflight < cap && pq_redis_up(w->redis);
 }
 
-/* Why the bulk consumer (lane 0) or the interactive one (lane 1) must pause now; NULL: it may
+/* Why the bulk lane (0) or the interactive one (1) must pause now; NULL: it may
  * fetch. Slots do not pause it: it fetches into its backlog, which is the bound. resume: the
  * lower mark (half the backlog) applies, so that a resume has half a backlog of work to cover
  * its first fetch. */
@@ -426,19 +421,39 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     rd_kafka_error_t *e = NULL;
 
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        for (int i = 0; i < parts->cnt; i++)
-            part_assign(w, parts->elems[i].topic, parts->elems[i].partition);
+        rd_kafka_topic_partition_list_t *lane[2] = {rd_kafka_topic_partition_list_new(parts->cnt),
+                                                    rd_kafka_topic_partition_list_new(parts->cnt)};
+
+        for (int i = 0; i < parts->cnt; i++) {
+            const char *topic = parts->elems[i].topic;
+            int32_t partition = parts->elems[i].partition;
+            int li = strcmp(topic, w->topics[PQ_T_REQUESTS]) == 0;
+
+            part_assign(w, topic, partition);
+            rd_kafka_topic_partition_list_add(lane[li], topic, partition);
+            if (li) { /* before the assignment starts its fetcher: the interactive queue */
+                rd_kafka_queue_t *q = rd_kafka_queue_get_partition(rk, topic, partition);
+                if (q) {
+                    rd_kafka_queue_forward(q, w->iqueue);
+                    rd_kafka_queue_destroy(q);
+                } else {
+                    PQ_ERR("%s/%" PRId32 ": no partition queue: served on the bulk lane", topic,
+                           partition);
+                }
+            }
+        }
         if (coop)
             e = rd_kafka_incremental_assign(rk, parts);
         else
             rd_kafka_assign(rk, parts);
         /* librdkafka keeps a partition's pause flag across unassign/assign: a partition paused
          * while we owned it before would otherwise stay silent now. */
-        if (parts->cnt > 0) {
-            if (rk == w->iconsumer ? w->ipaused : w->paused)
-                rd_kafka_pause_partitions(rk, parts);
-            else
-                rd_kafka_resume_partitions(rk, parts);
+        for (int li = 0; li < 2; li++) {
+            if (lane[li]->cnt > 0 && (li ? w->ipaused : w->paused))
+                rd_kafka_pause_partitions(rk, lane[li]);
+            else if (lane[li]->cnt > 0)
+                rd_kafka_resume_partitions(rk, lane[li]);
+            rd_kafka_topic_partition_list_destroy(lane[li]);
         }
         PQ_INFO("assigned %d partitions", parts->cnt);
     } else {
@@ -1020,14 +1035,15 @@ static void backlog_start_one(pq_worker_t *w, int lane)
     rd_kafka_message_destroy(m);
 }
 
-/* One consumer (lane 1: interactive): starts jobs from its backlog while slots are free and
- * polls into the backlog until it is full. Polling goes on while saturated (at least one poll
- * per call: max.poll.interval.ms); the consumer pauses when the backlog fills (librdkafka then
- * drops what it prefetched for it, fetched again on the resume). The bulk consumer does a small
- * batch per loop turn, so an interactive message waits for at most that much work. */
+/* One lane (1: interactive, its queue iqueue; 0: bulk, the consumer queue): starts jobs from
+ * its backlog while slots are free and polls into the backlog until it is full. Polling goes on
+ * while saturated (at least one poll per call: max.poll.interval.ms); the lane's partitions pause
+ * when the backlog fills (librdkafka then drops what it prefetched for them, fetched again on the
+ * resume). The bulk lane does a small batch per loop turn, so an interactive message waits for at
+ * most that much work. */
 static void drain_consumer(pq_worker_t *w, int lane)
 {
-    rd_kafka_t *rk = lane ? w->iconsumer : w->consumer;
+    rd_kafka_t *rk = w->consumer;
     pq_backlog_t *b = &w->backlog[lane];
     int n, polled = 0, budget = lane ? DRAIN_BUDGET : BULK_DRAIN_BUDGET;
 
@@ -1043,7 +1059,8 @@ static void drain_consumer(pq_worker_t *w, int lane)
         }
         if (polled && backlog_full(b))
             break;
-        m = rd_kafka_consumer_poll(rk, 0);
+        /* the consumer queue serves rebalances and errors too; iqueue only messages */
+        m = lane ? rd_kafka_consume_queue(w->iqueue, 0) : rd_kafka_consumer_poll(rk, 0);
         polled = 1;
         if (!m)
             break;
@@ -1398,24 +1415,13 @@ out:
     return failed;
 }
 
-/* Subscribes the interactive consumer to <prefix>requests (once). */
-static rd_kafka_resp_err_t subscribe_interactive(pq_worker_t *w)
-{
-    rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_resp_err_t err;
-
-    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_REQUESTS], RD_KAFKA_PARTITION_UA);
-    err = rd_kafka_subscribe(w->iconsumer, subs);
-    rd_kafka_topic_partition_list_destroy(subs);
-    return err;
-}
-
-/* Subscribes the bulk consumer to <prefix>bulk and every active route's retry topic. */
+/* Subscribes to <prefix>requests, <prefix>bulk and every active route's retry topic. */
 static rd_kafka_resp_err_t subscribe_all(pq_worker_t *w)
 {
     rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(8);
     rd_kafka_resp_err_t err;
 
+    rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_REQUESTS], RD_KAFKA_PARTITION_UA);
     rd_kafka_topic_partition_list_add(subs, w->topics[PQ_T_BULK], RD_KAFKA_PARTITION_UA);
     for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
         if (rs->active)
@@ -1797,20 +1803,14 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     rd_kafka_queue_io_event_enable(w->cqueue, w->cpipe[1], "1", 1);
-    w->iconsumer = consumer_new(w, errstr, errstr_size);
-    if (!w->iconsumer)
-        goto out_fail;
-    rd_kafka_poll_set_consumer(w->iconsumer);
-    w->iqueue = rd_kafka_queue_get_consumer(w->iconsumer);
+    w->iqueue = rd_kafka_queue_new(w->consumer);
     if (!w->iqueue || make_pipe(w->ipipe) != 0) {
-        snprintf(errstr, errstr_size, "interactive consumer queue setup failed");
+        snprintf(errstr, errstr_size, "interactive queue setup failed");
         goto out_fail;
     }
     rd_kafka_queue_io_event_enable(w->iqueue, w->ipipe[1], "1", 1);
     retry_topics_create(w);
     err = subscribe_all(w);
-    if (!err)
-        err = subscribe_interactive(w);
     if (err) {
         snprintf(errstr, errstr_size, "subscribe: %s", rd_kafka_err2str(err));
         goto out_fail;
@@ -1962,18 +1962,12 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
     for (int lane = 0; lane < 2; lane++) /* before the close: messages hold partition refs */
         backlog_purge(&w->backlog[lane], NULL);
     flush_offsets(w);
-    /* both commits before either close: the two consumers share the group, and a close (a
-     * member leaving) starts a rebalance that would fail the other's commit */
-    for (int lane = 0; lane < 2; lane++) {
-        err = rd_kafka_commit(lane ? w->iconsumer : w->consumer, NULL, 0);
-        if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
-            PQ_WARN("final commit: %s", rd_kafka_err2str(err));
-    }
-    for (int lane = 0; lane < 2; lane++) {
-        err = rd_kafka_consumer_close(lane ? w->iconsumer : w->consumer);
-        if (err)
-            PQ_WARN("consumer close: %s", rd_kafka_err2str(err));
-    }
+    err = rd_kafka_commit(w->consumer, NULL, 0);
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+        PQ_WARN("final commit: %s", rd_kafka_err2str(err));
+    err = rd_kafka_consumer_close(w->consumer);
+    if (err)
+        PQ_WARN("consumer close: %s", rd_kafka_err2str(err));
     if (rd_kafka_flush(w->producer, 5000) != RD_KAFKA_RESP_ERR_NO_ERROR)
         PQ_WARN("%d results not confirmed at exit (they are re-published on redelivery)",
                 rd_kafka_outq_len(w->producer));
@@ -2007,12 +2001,10 @@ void pq_worker_destroy(pq_worker_t *w)
     }
     if (w->cqueue)
         rd_kafka_queue_destroy(w->cqueue);
-    if (w->consumer)
-        rd_kafka_destroy(w->consumer);
     if (w->iqueue)
         rd_kafka_queue_destroy(w->iqueue);
-    if (w->iconsumer)
-        rd_kafka_destroy(w->iconsumer);
+    if (w->consumer)
+        rd_kafka_destroy(w->consumer);
     if (w->pqueue)
         rd_kafka_queue_destroy(w->pqueue);
     if (w->t_results)

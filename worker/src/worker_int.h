@@ -115,9 +115,13 @@ struct pq_worker_s {
     const pq_conf_t *conf;
     struct event_base *base;
 
-    rd_kafka_t *consumer;  /* bulk lane and retry topics */
-    rd_kafka_t *iconsumer; /* interactive lane (<prefix>requests), same group: its own fetches,
-                              so the bulk backlog never delays an interactive message */
+    /* One group member per process: two members of one process join every rebalance at the same
+     * instant, and librdkafka 2.0.2's mock cluster (promptq-devkafka) then fails the follower's
+     * SyncGroup and rebalances again, sometimes for minutes. The lanes are two queues instead:
+     * cqueue (the consumer queue: bulk and retry topics, rebalances, errors) and iqueue, to which
+     * each <prefix>requests partition's queue is forwarded on assignment, so a full bulk backlog
+     * never delays an interactive message. */
+    rd_kafka_t *consumer;
     rd_kafka_t *producer;
     rd_kafka_queue_t *cqueue, *iqueue, *pqueue;
     int cpipe[2], ipipe[2], ppipe[2];
@@ -162,13 +166,13 @@ struct pq_worker_s {
 
     size_t inflight;
     size_t max_inflight;
-    pq_backlog_t backlog[2]; /* [0] bulk consumer, [1] interactive */
+    pq_backlog_t backlog[2]; /* [0] bulk lane, [1] interactive */
     /* lanes: interactive jobs in flight; bulk jobs start only while every job in flight stays
      * below max_inflight - reserve (a share kept for the interactive lane) */
     size_t iinflight, reserve;
-    int paused;  /* the bulk consumer's partitions (bulk and retry topics): backlog full, Redis
-                    down or stopping */
-    int ipaused; /* the interactive consumer's */
+    int paused;  /* the bulk lane's partitions (bulk and retry topics): backlog full, Redis down
+                    or stopping */
+    int ipaused; /* the interactive lane's (<prefix>requests) */
     const char *pause_why[2]; /* why each lane paused (static strings) */
     int stopping;             /* SIGTERM: take no new work */
     int no_store;             /* grace over: store no more offsets */
