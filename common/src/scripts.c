@@ -46,6 +46,7 @@ const char pq_script_job_begin[] = TERMINAL_CHECK
     "if not created then\n"
     "  if v[2] ~= ARGV[1] then return {'conflict'} end\n"
     "  if terminal(v[1]) then return {'terminal', v[3] or ''} end\n"
+    "  if v[1] == 'parked' and ARGV[10] == '1' then return {'parked'} end\n"
     "end\n"
     "if not redis.call('SET', KEYS[2], ARGV[5], 'NX', 'PX', ARGV[6]) then\n"
     "  if redis.call('GET', KEYS[2]) ~= ARGV[5] then\n"
@@ -290,8 +291,8 @@ int pq_script_job_begin_cmd(pq_script_cmd_t *c, int eval, const pq_job_begin_arg
     pq_script_cmd_int(c, a->lease_ms);
     pq_script_cmd_int(c, a->max_deliveries);
     pq_script_cmd_str(c, a->delivery);
-    if (index)
-        pq_script_cmd_str(c, a->id);
+    pq_script_cmd_str(c, index ? a->id : "");
+    pq_script_cmd_str(c, a->from_source ? "1" : "0");
     return cmd_end(c);
 }
 

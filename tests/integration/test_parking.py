@@ -213,6 +213,34 @@ def test_all_down_parks_then_replays():
         assert w2.stop(T(15)) == 0
 
 
+def test_source_copy_of_a_parked_job_is_skipped():
+    """A source-topic message of a job whose record says parked (an offset commit lost to a
+    rebalance, or a client producing one envelope twice) is not run: the job's copy on the
+    retry topic owns it, so the provider is not called for it while the route is down and
+    promptq.results gets one result per job after the outage, not two."""
+    with harness.Stack("park_source_copy") as st:
+        r, s, path, w = up(st, sims=("a",))
+        s["a"].set_state({"mode": "down"})
+        ids = ["copy-%d" % i for i in range(6)]
+        envs = [env(i, "copy " + i) for i in ids]
+        submit(st, envs)
+        wait_for(lambda: all(status(r, i) == "parked" for i in ids), T(30), "jobs parked",
+                 interval=0.3)
+        calls = s["a"].stats()["requests"]
+        submit(st, envs)  # the same messages again on promptq.requests
+        wait_for(lambda: log_text(w).count("but parked: its retry-topic copy owns it") ==
+                 len(ids), T(20), "the source copies skipped", interval=0.3)
+        assert all(status(r, i) == "parked" for i in ids)
+        assert len([d for d in docs(st, "promptq.retry.r") if d["id"] in ids]) == len(ids)
+        # probes only (every 1 s while open): none of the copies was called
+        assert s["a"].stats()["requests"] - calls <= 3, s["a"].stats()
+        s["a"].set_state({"mode": "ok"})
+        got = results(st, ids, T(60))
+        assert all(got[i]["status"] == "succeeded" for i in ids), got
+        time.sleep(T(1.5))
+        assert len([d for d in docs(st, RESULTS) if d["id"] in ids]) == len(ids)
+
+
 def test_down_route_never_slows_another():
     """Route ra (provider a) down, route rb (provider b) up: rb's latency while ra's jobs park
     stays near its idle latency; ra back: its jobs replay ramped (20 jobs/s, doubling)."""

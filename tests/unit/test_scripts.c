@@ -126,7 +126,9 @@ static void test_begin_layout(void **state)
     a.lease_ms = 7;
     a.max_deliveries = 8;
     assert_int_equal(pq_script_job_begin_cmd(&c, 0, &a), 0);
-    assert_int_equal(c.argc, 3 + 3 + 9);
+    a.from_source = 1;
+    assert_int_equal(pq_script_job_begin_cmd(&c, 0, &a), 0);
+    assert_int_equal(c.argc, 3 + 3 + 10);
     assert_string_equal(c.argv[2], "3");
     assert_string_equal(c.argv[5], "promptq:jobs:t");
     assert_string_equal(c.argv[6], "h");
@@ -134,11 +136,15 @@ static void test_begin_layout(void **state)
     assert_string_equal(c.argv[11], "7");
     assert_string_equal(c.argv[13], "o/t/0/1");
     assert_string_equal(c.argv[14], "a");
-    a.index_key = NULL; /* not indexed: no KEYS[3], no ARGV[9] */
+    assert_string_equal(c.argv[15], "1");
+    a.index_key = NULL; /* not indexed: no KEYS[3], ARGV[9] "" */
+    a.from_source = 0;
     assert_int_equal(pq_script_job_begin_cmd(&c, 0, &a), 0);
-    assert_int_equal(c.argc, 3 + 2 + 8);
+    assert_int_equal(c.argc, 3 + 2 + 10);
     assert_string_equal(c.argv[2], "2");
     assert_string_equal(c.argv[12], "o/t/0/1");
+    assert_string_equal(c.argv[13], "");
+    assert_string_equal(c.argv[14], "0");
 }
 
 static void test_small_layouts(void **state)

@@ -714,6 +714,7 @@ static void job_redis_issue(pq_job_t *j)
         a.ttl_ms = w->ttl_ms;
         a.lease_ms = c->lease_ms;
         a.max_deliveries = c->max_deliveries;
+        a.from_source = j->retry_rs == NULL;
         rc = pq_script_job_begin_cmd(&cmd, eval, &a);
         break;
     }
@@ -852,6 +853,14 @@ static void on_begin(pq_job_t *j, redisReply *r)
             j->status = "terminal";
             job_done(j);
         }
+    } else if (strcmp(what, "parked") == 0) {
+        /* its copy on the retry topic owns it: running this one too would call the provider
+         * again and could outlive an operator's drop */
+        table_remove(j);
+        PQ_INFO("job %s/%s: redelivered from %s but parked: its retry-topic copy owns it",
+                tenant_of(j), id_of(j), j->src_topic);
+        j->status = "already_parked";
+        job_done(j);
     } else if (strcmp(what, "conflict") == 0) {
         table_remove(j);
         j->err = PQ_ERR_CONFLICT;

@@ -43,11 +43,16 @@ extern const char pq_script_job_drop[];
  * created (its TTL set) and its id added to the index (score now; the index expires ttl after
  * its last add; entries older than ttl are trimmed on about one add in 16: the listing skips
  * ids whose record is gone). A record that exists keeps the TTL it has (every terminal or
- * parked write sets it again). KEYS[3] and ARGV[9] are optional (no indexing); ARGV[8] must
- * then be given for ARGV[9] to be seen. Build it with pq_script_job_begin_cmd.
+ * parked write sets it again). KEYS[3] is optional (no indexing; ARGV[9] is then ""). ARGV[10]
+ * "1": the message came from a source topic (requests or bulk), not from a retry topic. Build it
+ * with pq_script_job_begin_cmd.
  * Returns an array whose first element says what to do:
  *   {"run", deliveries}      lease taken, status running, deliveries incremented
  *   {"terminal", result}     already terminal: do not call, re-publish result verbatim
+ *   {"parked"}               from a source topic, and the record says parked: a copy is
+ *                            durable on the route's retry topic (the record says parked only
+ *                            after its delivery report) and owns the job; this message is a
+ *                            redelivery (an offset commit lost to a rebalance): skip it
  *   {"conflict"}             same id, another request: dlq id_conflict
  *   {"leased", pttl}         another worker holds the lease: try again after pttl ms
  *   {"poison", deliveries}   delivered more than max deliveries times: fail it as poison */
@@ -170,6 +175,7 @@ typedef struct pq_job_begin_args_s {
     const char *request_hash, *route, *owner, *delivery, *id;
     int64_t now_ms, ttl_ms;
     int lease_ms, max_deliveries;
+    int from_source; /* read from requests or bulk (not a retry topic): ARGV[10] */
 } pq_job_begin_args_t;
 
 /* The KEYS and ARGV of pq_script_job_finish. result, response, error: with their lengths
