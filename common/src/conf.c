@@ -175,11 +175,16 @@ out_free:
     return NULL;
 }
 
+/* The one map whose keys are secrets (client API keys): paths into it name the entry's
+ * position, never its key (G6: these messages are logged). */
+#define SECRET_KEYS_PATH "broker.api_keys"
+
 /* Expands ${VAR} in every string value of the tree, in place. Object keys are left alone
  * (broker.api_keys expands its keys itself). */
 static int expand_tree(json_t *j, const char *path, cerr_t *e)
 {
     char sub[CONF_PATH_MAX];
+    size_t n = 0;
 
     if (json_is_string(j)) {
         const char *s = json_string_value(j);
@@ -200,7 +205,11 @@ static int expand_tree(json_t *j, const char *path, cerr_t *e)
 
         json_object_foreach(j, key, v)
         {
-            path_key(sub, sizeof(sub), path, key);
+            n++;
+            if (strcmp(path, SECRET_KEYS_PATH) == 0)
+                path_fmt(sub, sizeof(sub), "%s (entry %zu)", path, n);
+            else
+                path_key(sub, sizeof(sub), path, key);
             if (expand_tree(v, sub, e))
                 return -1;
         }
