@@ -6,6 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <syslog.h>
+
+#include "promptq/log.h"
 
 /* Properties promptq sets itself or relies on; a pass-through value would break a guarantee. */
 static const struct {
@@ -115,6 +118,21 @@ static const char *kv_get(const pq_conf_t *conf, const char *key)
 #define REFRESH_KEY "topic.metadata.refresh.interval.ms"
 #define REFRESH_MAX 5000
 
+void pq_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    (void)rk;
+    if (strcmp(fac, "CONFWARN") == 0 && strstr(buf, "will be ignored by this"))
+        level = LOG_DEBUG;
+    if (level <= LOG_ERR)
+        PQ_ERR("kafka %s: %s", fac, buf);
+    else if (level == LOG_WARNING)
+        PQ_WARN("kafka %s: %s", fac, buf);
+    else if (level <= LOG_INFO)
+        PQ_INFO("kafka %s: %s", fac, buf);
+    else
+        PQ_DBG("kafka %s: %s", fac, buf);
+}
+
 rd_kafka_conf_t *pq_kafka_conf_new(const pq_conf_t *conf, pq_kafka_role_t role, char *errstr,
                                    size_t errstr_size)
 {
@@ -124,6 +142,7 @@ rd_kafka_conf_t *pq_kafka_conf_new(const pq_conf_t *conf, pq_kafka_role_t role, 
         snprintf(errstr, errstr_size, "kafka: out of memory");
         return NULL;
     }
+    rd_kafka_conf_set_log_cb(rk, pq_kafka_log);
     if (role == PQ_KAFKA_PRODUCER) {
         if (set_fixed(rk, "enable.idempotence", "true", errstr, errstr_size) ||
             set_fixed(rk, "acks", "all", errstr, errstr_size))

@@ -30,18 +30,56 @@ int pq_log_level_parse(const char *s)
     return -1;
 }
 
-/* Appends s to buf as the inside of a JSON string. */
+/* Length of the well-formed UTF-8 sequence at s (RFC 3629: no overlong forms, no surrogates,
+ * nothing above U+10FFFF), or 0. */
+static size_t utf8_len(const unsigned char *s)
+{
+    size_t n = s[0] >= 0xF0 ? 4 : s[0] >= 0xE0 ? 3 : 2;
+    unsigned lo = 0x80, hi = 0xBF;
+
+    if (s[0] < 0xC2 || s[0] > 0xF4)
+        return 0;
+    if (s[0] == 0xE0)
+        lo = 0xA0;
+    else if (s[0] == 0xED)
+        hi = 0x9F;
+    else if (s[0] == 0xF0)
+        lo = 0x90;
+    else if (s[0] == 0xF4)
+        hi = 0x8F;
+    if (s[1] < lo || s[1] > hi)
+        return 0;
+    for (size_t i = 2; i < n; i++)
+        if (s[i] < 0x80 || s[i] > 0xBF)
+            return 0;
+    return n;
+}
+
+/* Appends s to buf as the inside of a JSON string; a byte that is not part of well-formed
+ * UTF-8 becomes U+FFFD, so that every line stays valid JSON whatever a message quotes. */
 static size_t json_escape(char *buf, size_t size, size_t off, const char *s)
 {
-    for (; *s && off + 7 < size; s++) {
+    while (*s && off + 7 < size) {
         unsigned char c = (unsigned char)*s;
+        size_t n;
+
         if (c == '"' || c == '\\') {
             buf[off++] = '\\';
             buf[off++] = (char)c;
+            s++;
         } else if (c < 0x20) {
             off += (size_t)snprintf(buf + off, size - off, "\\u%04x", c);
-        } else {
+            s++;
+        } else if (c < 0x80) {
             buf[off++] = (char)c;
+            s++;
+        } else if ((n = utf8_len((const unsigned char *)s)) > 0) {
+            memcpy(buf + off, s, n);
+            off += n;
+            s += n;
+        } else {
+            off += (size_t)snprintf(buf + off, size - off, "\\ufffd");
+            s++;
         }
     }
     return off;

@@ -1,5 +1,5 @@
 /* promptq-devkafka: librdkafka's in-process mock Kafka cluster on 127.0.0.1 for development and
- * tests (DESIGN.md §7).
+ * tests.
  *
  * Startup: creates the mock cluster (--brokers N), the topics <prefix>requests, <prefix>bulk,
  * <prefix>results, <prefix>dlq and every --topic NAME with --partitions N partitions and

@@ -560,20 +560,21 @@ class Stack:
                 "-X", "topic.metadata.refresh.interval.ms=1000"]
 
     def produce(self, topic, values, keys=None, timeout=None):
-        """Produces values (str, bytes or dict -> compact JSON) with kcat; keys optional."""
+        """Produces values (str, bytes (sent as they are, valid UTF-8 or not) or dict ->
+        compact JSON) with kcat; keys optional."""
         lines = []
         for i, v in enumerate(values):
             if isinstance(v, (dict, list)):
                 v = json.dumps(v, separators=(",", ":"))
-            if isinstance(v, bytes):
-                v = v.decode()
-            if "\n" in v or (keys is not None and "\t" in str(keys[i])):
+            if isinstance(v, str):
+                v = v.encode()
+            if b"\n" in v or (keys is not None and "\t" in str(keys[i])):
                 raise ValueError("kcat lines cannot hold newlines")
-            lines.append(("%s\t%s" % (keys[i], v)) if keys is not None else v)
+            lines.append((str(keys[i]).encode() + b"\t" + v) if keys is not None else v)
         argv = ["kcat", "-P", "-b", self.kafka_.bootstrap, "-t", topic]
         if keys is not None:
             argv += ["-K", "\t"]
-        data = ("\n".join(lines) + "\n").encode()
+        data = b"\n".join(lines) + b"\n"
         out = subprocess.run(argv, input=data, capture_output=True, timeout=timeout or T(60))
         if out.returncode != 0:
             raise AssertionError("kcat produce to %s failed: %s" % (topic, out.stderr.decode()))

@@ -22,10 +22,17 @@ typedef enum {
  * up to the lowest job in flight); librdkafka's auto commit then commits only those stored
  * offsets, periodically and on rd_kafka_consumer_close(). The worker may also call
  * rd_kafka_commit(rk, NULL, 0) (e.g. on revoke). Both enable.auto.* keys are therefore refused
- * in the config. Callbacks and opaques are the caller's to add.
+ * in the config. librdkafka's log lines go to promptq's log (pq_kafka_log: one format, JSON
+ * with log.json, never librdkafka's own stderr lines); other callbacks and opaques are the
+ * caller's to add (a caller may set its own log callback and hand lines on to pq_kafka_log).
  * Pass-through keys that would break G1/G5 are refused with an error naming them (the config
  * loader rejects them too). Returns a new conf (the caller owns it; rd_kafka_new takes it), or
  * NULL with errstr set. */
+/* librdkafka log callback: its syslog levels mapped onto promptq's log (0-3 error, 4 warn,
+ * 5-6 info, 7 debug), "facility: message". A consumer-only property on a producer (and the
+ * other way round) is expected, one "kafka" section feeding both: debug, not a warning. */
+void pq_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
+
 rd_kafka_conf_t *pq_kafka_conf_new(const pq_conf_t *conf, pq_kafka_role_t role, char *errstr,
                                    size_t errstr_size);
 
