@@ -3,8 +3,8 @@
  * the mode (bit 3) and the HTTP status (high 4 bits); the rest is the body.
  *   answer mode: parse_response on the body. A PQ_OK completion must be a chat.completion
  *     object with a "choices" array that dumps; errstr must be terminated; the fault's code a
- *     safe token and its reason whole UTF-8 without control bytes; neither may carry the key
- *     (the body may echo it, as providers' error bodies do: G6).
+ *     safe token and its reason whole UTF-8 without control bytes; none may carry a fragment
+ *     of the key (the body may echo it, as providers' error bodies do: G6).
  *   request mode: the body as an OpenAI chat request through build_request and
  *     build_stream_request; what they build must be freed by pq_provider_req_clear and must
  *     not carry the key in the body or URL. */
@@ -35,15 +35,33 @@ static const struct {
 static const long statuses[16] = {200, 200, 200, 201, 400, 401, 403, 404,
                                   408, 409, 413, 422, 429, 500, 503, 529};
 
-static void check_text(const char *s, size_t size, int utf8)
+/* Aborts when s holds 6 consecutive characters of the key; reason: any such run (the
+ * sanitiser's rule), other texts: a run with a digit or dash in it (an error type or code of
+ * letters and underscores only is vocabulary, "rate_limit_error", not a key: a fragment made
+ * of letters alone is allowed there). */
+static void check_key(const char *s, int reason)
+{
+    static const char key[] = KEY;
+
+    for (size_t i = 0; i + 6 <= sizeof(key) - 1; i++) {
+        char run[7];
+        memcpy(run, key + i, 6);
+        run[6] = '\0';
+        if (!reason && strspn(run, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz") == 6)
+            continue;
+        if (strstr(s, run))
+            abort();
+    }
+}
+
+static void check_text(const char *s, size_t size, int reason)
 {
     size_t n = strnlen(s, size);
 
     if (n == size) /* not terminated inside its buffer */
         abort();
-    if (strstr(s, "SECRETKEY"))
-        abort();
-    if (!utf8)
+    check_key(s, reason);
+    if (!reason)
         return;
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)s[i] < 0x20)

@@ -77,7 +77,9 @@ struct pq_prov_s {
     int nkeys; /* at least 1 (a virtual key for a keyless provider) */
     int rr;
     int inflight;
-    TAILQ_HEAD(, pq_slot_wait_s) queue;
+    /* slot waiters in FIFO order: the priority ones (the interactive lane) are served first;
+     * two queues, so that a wait is queued and served in O(1) */
+    TAILQ_HEAD(pq_slot_queue_s, pq_slot_wait_s) pqueue, queue;
     struct event *pump;
     pq_circuit_t *circuits;
     pq_hist_t *latency;
@@ -207,12 +209,23 @@ static void pump_in(pq_prov_t *pv, int64_t ms)
     evtimer_add(pv->pump, &tv);
 }
 
+static struct pq_slot_queue_s *queue_of(pq_prov_t *pv, const pq_slot_wait_t *w)
+{
+    return w->priority ? &pv->pqueue : &pv->queue;
+}
+
+static pq_slot_wait_t *queue_head(pq_prov_t *pv)
+{
+    pq_slot_wait_t *w = TAILQ_FIRST(&pv->pqueue);
+    return w ? w : TAILQ_FIRST(&pv->queue);
+}
+
 static void on_pump(evutil_socket_t fd, short what, void *arg)
 {
     pq_prov_t *pv = arg;
     pq_slot_wait_t *w;
 
-    while ((w = TAILQ_FIRST(&pv->queue))) {
+    while ((w = queue_head(pv))) {
         int64_t now = pq_mono_ms(), wake = 0;
         pq_err_t err = PQ_OK;
         int key;
@@ -224,7 +237,7 @@ static void on_pump(evutil_socket_t fd, short what, void *arg)
             pump_in(pv, wake - now);
             break;
         }
-        TAILQ_REMOVE(&pv->queue, w, link);
+        TAILQ_REMOVE(queue_of(pv, w), w, link);
         w->queued = 0;
         if (key < 0) {
             w->cb(w->opaque, -1, err, wake);
@@ -240,7 +253,7 @@ int pq_prov_acquire(pq_prov_t *pv, pq_slot_wait_t *w, int *key, pq_err_t *err, i
     int64_t now = pq_mono_ms(), wake = 0;
     int k;
 
-    if (TAILQ_EMPTY(&pv->queue) && !slots_full(pv)) {
+    if (!queue_head(pv) && !slots_full(pv)) {
         k = choose_key(pv, w->excluded, w->circ, now, err, &wake);
         if (k >= 0) {
             grant(pv, k, w->cost);
@@ -253,18 +266,8 @@ int pq_prov_acquire(pq_prov_t *pv, pq_slot_wait_t *w, int *key, pq_err_t *err, i
         }
         pump_in(pv, wake - now);
     }
-    if (w->priority) {
-        /* after the other priority waiters (few: the interactive lane), before the rest */
-        pq_slot_wait_t *o = TAILQ_FIRST(&pv->queue);
-        while (o && o->priority)
-            o = TAILQ_NEXT(o, link);
-        if (o)
-            TAILQ_INSERT_BEFORE(o, w, link);
-        else
-            TAILQ_INSERT_TAIL(&pv->queue, w, link);
-    } else {
-        TAILQ_INSERT_TAIL(&pv->queue, w, link);
-    }
+    /* after the other waiters of its kind; a priority one before every other kind */
+    TAILQ_INSERT_TAIL(queue_of(pv, w), w, link);
     w->queued = 1;
     return 1;
 }
@@ -273,9 +276,9 @@ void pq_prov_cancel(pq_prov_t *pv, pq_slot_wait_t *w)
 {
     if (!w->queued)
         return;
-    TAILQ_REMOVE(&pv->queue, w, link);
+    TAILQ_REMOVE(queue_of(pv, w), w, link);
     w->queued = 0;
-    if (!TAILQ_EMPTY(&pv->queue))
+    if (queue_head(pv))
         pump_in(pv, 0); /* the head may have changed */
 }
 
@@ -291,7 +294,7 @@ void pq_prov_release(pq_prov_t *pv, int key, double cost, int64_t tokens, int re
     }
     if (k && refund && k->rpm.rate > 0.0)
         k->rpm.level = fmin(k->rpm.cap, k->rpm.level + 1.0);
-    if (!TAILQ_EMPTY(&pv->queue))
+    if (queue_head(pv))
         pump_in(pv, 0);
 }
 
@@ -999,6 +1002,7 @@ pq_provs_t *pq_provs_new(struct event_base *base, const pq_conf_t *conf, pq_http
         pv->conf = p;
         pv->ops = pq_provider_find(p->type);
         pv->nkeys = p->napi_keys > 0 ? (int)p->napi_keys : 1;
+        TAILQ_INIT(&pv->pqueue);
         TAILQ_INIT(&pv->queue);
         pv->keys = calloc((size_t)pv->nkeys, sizeof(*pv->keys));
         pv->pump = evtimer_new(base, on_pump, pv);
