@@ -11,8 +11,15 @@
 #include "promptq/util.h"
 #include "rate_hints.h"
 
-#define FREE_REQS_MAX 1024
-#define KEEP_BUF_MAX  (64 * 1024)
+/* Finished requests (their curl easy handles, with connections and DNS cache entries) are kept
+ * for reuse up to the most that were ever active at once (at most POOL_MAX), so a wave at
+ * max_inflight does not create and destroy handles. Their receive buffers are kept too, up to
+ * KEEP_BUF_MAX each for the first KEEP_BUFS_MAX pooled requests and KEEP_BUF_SMALL beyond:
+ * memory stays near what the answers in flight need. */
+#define POOL_MAX       100000
+#define KEEP_BUFS_MAX  1024
+#define KEEP_BUF_MAX   (64 * 1024)
+#define KEEP_BUF_SMALL (8 * 1024)
 
 typedef struct shard_s shard_t;
 
@@ -60,6 +67,7 @@ struct pq_http_s {
     pq_http_req_t *free_reqs;
     size_t nfree;
     size_t active;
+    size_t peak;  /* most requests active at once: the pool's bound */
     int priority; /* libevent priority of its events, -1 = the base's default */
 };
 
@@ -249,11 +257,11 @@ static void req_recycle(pq_http_t *h, pq_http_req_t *r)
     r->body = NULL;
     r->cb = NULL;
     r->opaque = NULL;
-    if (h->nfree >= FREE_REQS_MAX) {
+    if (h->nfree >= h->peak || h->nfree >= POOL_MAX) {
         req_free(r);
         return;
     }
-    if (r->resp_cap > KEEP_BUF_MAX) {
+    if (r->resp_cap > (h->nfree < KEEP_BUFS_MAX ? KEEP_BUF_MAX : KEEP_BUF_SMALL)) {
         free(r->resp);
         r->resp = NULL;
         r->resp_cap = 0;
@@ -566,6 +574,8 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
         return NULL;
     }
     h->active++;
+    if (h->active > h->peak)
+        h->peak = h->active;
     return r;
 
 out_fail:
