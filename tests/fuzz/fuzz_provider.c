@@ -98,7 +98,7 @@ static void answer(const pq_target_t *t, const pq_provider_ops_t *ops, long stat
         char *out;
         if (!json_is_object(completion) || !json_is_array(json_object_get(completion, "choices")))
             abort();
-        out = json_dumps(completion, JSON_COMPACT | JSON_ALLOW_NUL);
+        out = json_dumps(completion, JSON_COMPACT);
         if (!out)
             abort();
         free(out);

@@ -144,29 +144,13 @@ static pq_err_t tool_use_blocks(conv_t *c, const json_t *calls, size_t mi, json_
     }
     json_array_foreach(calls, j, call)
     {
-        json_t *fn = json_object_get(call, "function"), *input, *id = json_object_get(call, "id");
-        const char *type = json_string_value(json_object_get(call, "type"));
-        const char *args = json_string_value(json_object_get(fn, "arguments"));
-        json_t *name = json_object_get(fn, "name");
+        const json_t *id, *name;
+        json_t *input;
+        pq_err_t err = pq_provider_tool_call(call, mi, j, "anthropic", &id, &name, &input,
+                                             c->errstr, c->errstr_size);
 
-        if (type && strcmp(type, "function") != 0) {
-            snprintf(c->errstr, c->errstr_size,
-                     "anthropic cannot express messages[%zu].tool_calls[%zu] (not a function)", mi,
-                     j);
-            return PQ_ERR_UNSUPPORTED;
-        }
-        if (!json_is_string(id) || !json_is_string(name)) {
-            snprintf(c->errstr, c->errstr_size,
-                     "messages[%zu].tool_calls[%zu]: id and function.name are required", mi, j);
-            return PQ_ERR_INVALID;
-        }
-        input = (args && *args) ? json_loads(args, 0, NULL) : json_object();
-        if (!json_is_object(input)) {
-            json_decref(input);
-            snprintf(c->errstr, c->errstr_size,
-                     "messages[%zu].tool_calls[%zu].function.arguments: not a JSON object", mi, j);
-            return PQ_ERR_INVALID;
-        }
+        if (err != PQ_OK)
+            return err;
         if (json_array_append_new(blocks, json_pack("{s:s, s:O, s:O, s:o}", "type", "tool_use",
                                                     "id", id, "name", name, "input", input)) != 0)
             return PQ_ERR_NOMEM;
@@ -336,28 +320,21 @@ static pq_err_t map_tools(const json_t *req, json_t *body, char *errstr, size_t 
             return PQ_ERR_NOMEM;
         json_array_foreach(tools, i, t)
         {
-            const char *type = json_string_value(json_object_get(t, "type"));
-            json_t *fn = json_object_get(t, "function"), *o;
-            json_t *name = json_object_get(fn, "name"), *params = json_object_get(fn, "parameters");
-            json_t *desc = json_object_get(fn, "description");
+            const json_t *name, *desc, *params;
+            pq_err_t err =
+                pq_provider_tool_def(t, i, "anthropic", &name, &desc, &params, errstr, errstr_size);
+            json_t *o;
 
-            if (!type || strcmp(type, "function") != 0) {
-                snprintf(errstr, errstr_size,
-                         "anthropic cannot express tools[%zu] (not a function)", i);
-                return PQ_ERR_UNSUPPORTED;
-            }
-            if (!json_is_string(name)) {
-                snprintf(errstr, errstr_size, "tools[%zu].function.name is required", i);
-                return PQ_ERR_INVALID;
-            }
+            if (err != PQ_OK)
+                return err;
             o = json_pack("{s:O}", "name", name);
             if (!o || json_array_append_new(out, o) != 0)
                 return PQ_ERR_NOMEM;
-            if (json_is_string(desc) && json_object_set(o, "description", desc) != 0)
+            if (desc && json_object_set(o, "description", (json_t *)desc) != 0)
                 return PQ_ERR_NOMEM;
             if (json_object_set_new(o, "input_schema",
-                                    json_is_object(params) ? json_incref(params)
-                                                           : json_pack("{s:s}", "type", "object")))
+                                    params ? json_incref((json_t *)params)
+                                           : json_pack("{s:s}", "type", "object")))
                 return PQ_ERR_NOMEM;
         }
     }
@@ -567,16 +544,11 @@ static json_t *message_from_blocks(const json_t *content)
             off += json_string_length(t);
         } else if (strcmp(type, "tool_use") == 0) {
             json_t *id = json_object_get(b, "id"), *name = json_object_get(b, "name"), *call;
-            char *args;
+            json_t *input = json_object_get(b, "input");
             if (!json_is_string(id) || !json_is_string(name))
                 goto out_fail;
-            args = json_is_object(json_object_get(b, "input"))
-                       ? json_dumps(json_object_get(b, "input"), JSON_COMPACT)
-                       : strdup("{}");
-            call = args ? json_pack("{s:O, s:s, s:{s:O, s:s}}", "id", id, "type", "function",
-                                    "function", "name", name, "arguments", args)
-                        : NULL;
-            free(args);
+            call = pq_provider_tool_call_new(json_string_value(id), json_string_value(name),
+                                             json_is_object(input) ? input : NULL);
             if (!call || (!calls && !(calls = json_array())) ||
                 json_array_append_new(calls, call) != 0)
                 goto out_fail;

@@ -468,6 +468,73 @@ int pq_provider_str_has(const json_t *v, const char *needle)
     return 0;
 }
 
+pq_err_t pq_provider_tool_def(const json_t *tool, size_t i, const char *provider,
+                              const json_t **name, const json_t **description,
+                              const json_t **parameters, char *errstr, size_t errstr_size)
+{
+    const char *type = json_string_value(json_object_get(tool, "type"));
+    const json_t *fn = json_object_get(tool, "function"), *v;
+
+    if (!type || strcmp(type, "function") != 0) {
+        snprintf(errstr, errstr_size, "%s cannot express tools[%zu] (not a function)", provider, i);
+        return PQ_ERR_UNSUPPORTED;
+    }
+    *name = json_object_get(fn, "name");
+    if (!json_is_string(*name) || json_string_length(*name) == 0) {
+        snprintf(errstr, errstr_size, "tools[%zu].function.name is required", i);
+        return PQ_ERR_INVALID;
+    }
+    v = json_object_get(fn, "description");
+    *description = json_is_string(v) ? v : NULL;
+    v = json_object_get(fn, "parameters");
+    *parameters = json_is_object(v) ? v : NULL;
+    return PQ_OK;
+}
+
+pq_err_t pq_provider_tool_call(const json_t *call, size_t mi, size_t j, const char *provider,
+                               const json_t **id, const json_t **name, json_t **args, char *errstr,
+                               size_t errstr_size)
+{
+    const json_t *fn = json_object_get(call, "function");
+    const char *type = json_string_value(json_object_get(call, "type"));
+    const char *a = json_string_value(json_object_get(fn, "arguments"));
+
+    *args = NULL;
+    if (type && strcmp(type, "function") != 0) {
+        snprintf(errstr, errstr_size,
+                 "%s cannot express messages[%zu].tool_calls[%zu] (not a "
+                 "function)",
+                 provider, mi, j);
+        return PQ_ERR_UNSUPPORTED;
+    }
+    *id = json_object_get(call, "id");
+    *name = json_object_get(fn, "name");
+    if (!json_is_string(*id) || !json_is_string(*name)) {
+        snprintf(errstr, errstr_size,
+                 "messages[%zu].tool_calls[%zu]: id and function.name are required", mi, j);
+        return PQ_ERR_INVALID;
+    }
+    *args = (a && *a) ? json_loads(a, JSON_ALLOW_NUL, NULL) : json_object();
+    if (!json_is_object(*args)) {
+        json_decref(*args);
+        *args = NULL;
+        snprintf(errstr, errstr_size,
+                 "messages[%zu].tool_calls[%zu].function.arguments: not a JSON object", mi, j);
+        return PQ_ERR_INVALID;
+    }
+    return PQ_OK;
+}
+
+json_t *pq_provider_tool_call_new(const char *id, const char *name, const json_t *args)
+{
+    char *a = args ? json_dumps(args, JSON_COMPACT) : strdup("{}");
+    json_t *call = a ? json_pack("{s:s, s:s, s:{s:s, s:s}}", "id", id, "type", "function",
+                                 "function", "name", name, "arguments", a)
+                     : NULL;
+    free(a);
+    return call;
+}
+
 int pq_provider_field_set(const json_t *v)
 {
     if (!v || json_is_null(v) || json_is_false(v))

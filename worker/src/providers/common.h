@@ -86,6 +86,28 @@ pq_err_t pq_provider_turn_add(json_t *turns, const char *role, const char *key, 
  * NUL-terminated) and the data (*data, up to the end of url), -1 if url is not such a URL. */
 int pq_provider_data_url(const char *url, const char **mt, size_t *mt_len, const char **data);
 
+/* ---- tools ---- */
+
+/* One entry of an OpenAI request's "tools" (tools[i]): its function's name, description and
+ * parameters (borrowed; description and parameters NULL when absent or not a string / object).
+ * PQ_ERR_UNSUPPORTED ("<provider> cannot express tools[i] (not a function)") for another type,
+ * PQ_ERR_INVALID when the name is missing. */
+pq_err_t pq_provider_tool_def(const json_t *tool, size_t i, const char *provider,
+                              const json_t **name, const json_t **description,
+                              const json_t **parameters, char *errstr, size_t errstr_size);
+
+/* One entry of an assistant message's "tool_calls" (messages[mi].tool_calls[j]): its id and
+ * function name (borrowed) and its arguments parsed into a new JSON object (*args; "" or absent
+ * arguments are {}). PQ_ERR_UNSUPPORTED for a call that is not a function, PQ_ERR_INVALID when id
+ * or name is missing or the arguments are not a JSON object. */
+pq_err_t pq_provider_tool_call(const json_t *call, size_t mi, size_t j, const char *provider,
+                               const json_t **id, const json_t **name, json_t **args, char *errstr,
+                               size_t errstr_size);
+
+/* An OpenAI tool_calls entry {id, type "function", function {name, arguments}} whose arguments
+ * are args dumped compact (NULL: "{}"). New reference, NULL when out of memory. */
+json_t *pq_provider_tool_call_new(const char *id, const char *name, const json_t *args);
+
 /* ---- reading the answer ---- */
 
 /* Copies an error type or code into buf when it is a word of letters and underscores (at most

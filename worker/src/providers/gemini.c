@@ -12,14 +12,23 @@
  *   - generationConfig: temperature, top_p -> topP, top_k -> topK, max_completion_tokens or
  *     max_tokens -> maxOutputTokens, stop -> stopSequences, n -> candidateCount, seed,
  *     presence_penalty, frequency_penalty, response_format json_object -> responseMimeType
- *     application/json;
- *   - tools, tool_choice, tool messages and assistant tool_calls, image URLs that are not data:
- *     URLs, response_format json_schema, logprobs, logit_bias, audio and functions are
+ *     application/json, json_schema -> that and responseJsonSchema (the schema as given: the
+ *     field takes JSON Schema, unlike responseSchema's OpenAPI subset);
+ *   - tools (functions) -> tools [{functionDeclarations [{name, description, parameters}]}];
+ *     tool_choice auto / none / required -> toolConfig.functionCallingConfig.mode AUTO / NONE /
+ *     ANY, a named function -> ANY with allowedFunctionNames; assistant tool_calls -> model
+ *     parts {functionCall {name, args}}; tool messages -> user parts {functionResponse {name,
+ *     response}} (the name found from tool_call_id among the earlier tool_calls; content that is
+ *     a JSON object is the response, other content {"content": text});
+ *   - image URLs that are not data: URLs, logprobs, logit_bias, audio, the legacy functions /
+ *     function_call, and tools in a streamed call (the stream decoder reads text only) are
  *     PQ_ERR_UNSUPPORTED (the target is skipped);
  *   - stream, stream_options, user, store, metadata, service_tier and unknown fields are dropped.
  *
  * Answer mapping: each candidate -> a choice (index from the candidate or its position), text
  * parts joined (thought parts skipped; a MAX_TOKENS candidate without parts has content ""),
+ * functionCall parts -> message.tool_calls (id: the part's id, else "call_<choice>_<n>"; content
+ * null when there is no text; finish_reason tool_calls unless the candidate stopped otherwise),
  * finishReason STOP -> stop, MAX_TOKENS -> length, SAFETY, RECITATION, BLOCKLIST,
  * PROHIBITED_CONTENT, SPII, IMAGE_SAFETY -> content_filter, others -> stop; usageMetadata
  * promptTokenCount / candidatesTokenCount (+ thoughtsTokenCount) / totalTokenCount -> usage. A
@@ -120,56 +129,223 @@ static pq_err_t content_parts(const json_t *content, size_t mi, int text_only, j
     return PQ_OK;
 }
 
-static pq_err_t convert_messages(const json_t *msgs, json_t *contents, json_t *sys_parts,
-                                 char *errstr, size_t errstr_size)
+/* Appends functionCall parts for an assistant message's tool_calls; records id -> name. */
+static pq_err_t call_parts(const json_t *calls, size_t mi, json_t *parts, json_t *names,
+                           char *errstr, size_t errstr_size)
 {
-    size_t i;
-    json_t *m;
+    size_t j;
+    json_t *call;
 
-    if (pq_provider_messages_check(msgs, errstr, errstr_size) != PQ_OK)
+    if (!calls || json_is_null(calls))
+        return PQ_OK;
+    if (!json_is_array(calls)) {
+        snprintf(errstr, errstr_size, "messages[%zu].tool_calls: expected an array", mi);
         return PQ_ERR_INVALID;
-    json_array_foreach(msgs, i, m)
-    {
-        const char *role = pq_provider_message_role(m, i, errstr, errstr_size);
-        json_t *content = json_object_get(m, "content"), *parts;
-        pq_err_t err;
-
-        if (!role)
-            return PQ_ERR_INVALID;
-        if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
-            if ((err = content_parts(content, i, 1, sys_parts, errstr, errstr_size)) != PQ_OK)
-                return err;
-            continue;
-        }
-        if (strcmp(role, "tool") == 0 || strcmp(role, "function") == 0)
-            return unsupported("tool results", i, errstr, errstr_size);
-        if (strcmp(role, "user") != 0 && strcmp(role, "assistant") != 0) {
-            snprintf(errstr, errstr_size, "messages[%zu]: unknown role", i);
-            return PQ_ERR_INVALID;
-        }
-        if (pq_provider_field_set(json_object_get(m, "tool_calls")) ||
-            pq_provider_field_set(json_object_get(m, "function_call")))
-            return unsupported("tool calls", i, errstr, errstr_size);
-        if (!(parts = json_array()))
-            return PQ_ERR_NOMEM;
-        if ((err = content_parts(content, i, 0, parts, errstr, errstr_size)) != PQ_OK) {
-            json_decref(parts);
-            return err;
-        }
-        if ((err = pq_provider_turn_add(contents, strcmp(role, "user") == 0 ? "user" : "model",
-                                        "parts", parts)))
-            return err;
     }
-    if (json_array_size(contents) == 0) {
-        snprintf(errstr, errstr_size, "messages: no user or assistant content");
-        return PQ_ERR_INVALID;
+    json_array_foreach(calls, j, call)
+    {
+        const json_t *id, *name;
+        json_t *args;
+        pq_err_t err =
+            pq_provider_tool_call(call, mi, j, "gemini", &id, &name, &args, errstr, errstr_size);
+        if (err != PQ_OK)
+            return err;
+        if (json_array_append_new(
+                parts, json_pack("{s:{s:O, s:o}}", "functionCall", "name", name, "args", args)) ||
+            json_object_set(names, json_string_value(id), (json_t *)name))
+            return PQ_ERR_NOMEM;
     }
     return PQ_OK;
 }
 
+/* A tool message as a functionResponse part (the function's name from names). */
+static pq_err_t result_part(const json_t *m, size_t mi, const json_t *names, json_t *parts,
+                            char *errstr, size_t errstr_size)
+{
+    const char *id = json_string_value(json_object_get(m, "tool_call_id"));
+    json_t *name = id ? json_object_get(names, id) : NULL, *content = json_object_get(m, "content");
+    json_t *text = json_array(), *resp = NULL;
+    pq_err_t err;
+
+    if (!name) {
+        json_decref(text);
+        snprintf(errstr, errstr_size,
+                 "messages[%zu]: tool_call_id does not name a tool call of an earlier message", mi);
+        return PQ_ERR_INVALID;
+    }
+    if (!text)
+        return PQ_ERR_NOMEM;
+    /* the text of the content (string or text parts), then as JSON when it is an object */
+    if ((err = content_parts(content, mi, 1, text, errstr, errstr_size)) != PQ_OK) {
+        json_decref(text);
+        return err;
+    }
+    if (json_array_size(text) == 1) {
+        const json_t *t = json_object_get(json_array_get(text, 0), "text");
+        resp = json_loadb(json_string_value(t), json_string_length(t), JSON_ALLOW_NUL, NULL);
+        if (resp && !json_is_object(resp)) {
+            json_decref(resp);
+            resp = NULL;
+        }
+    }
+    if (!resp) {
+        size_t k, len = 0, off = 0;
+        json_t *p;
+        char *buf;
+        json_array_foreach(text, k, p) len += json_string_length(json_object_get(p, "text"));
+        if (!(buf = malloc(len + 1))) {
+            json_decref(text);
+            return PQ_ERR_NOMEM;
+        }
+        json_array_foreach(text, k, p)
+        {
+            const json_t *t = json_object_get(p, "text");
+            memcpy(buf + off, json_string_value(t), json_string_length(t));
+            off += json_string_length(t);
+        }
+        resp = json_pack("{s:s%}", "content", buf, off);
+        free(buf);
+    }
+    json_decref(text);
+    if (!resp)
+        return PQ_ERR_NOMEM;
+    return json_array_append_new(parts, json_pack("{s:{s:O, s:o}}", "functionResponse", "name",
+                                                  name, "response", resp))
+               ? PQ_ERR_NOMEM
+               : PQ_OK;
+}
+
+static pq_err_t convert_messages(const json_t *msgs, json_t *contents, json_t *sys_parts,
+                                 char *errstr, size_t errstr_size)
+{
+    json_t *m, *names = json_object();
+    pq_err_t err = PQ_ERR_NOMEM;
+    size_t i;
+
+    if (!names)
+        return PQ_ERR_NOMEM;
+    if (pq_provider_messages_check(msgs, errstr, errstr_size) != PQ_OK) {
+        err = PQ_ERR_INVALID;
+        goto out;
+    }
+    json_array_foreach(msgs, i, m)
+    {
+        const char *role = pq_provider_message_role(m, i, errstr, errstr_size);
+        json_t *content = json_object_get(m, "content"), *parts;
+        int tool;
+
+        if (!role) {
+            err = PQ_ERR_INVALID;
+            goto out;
+        }
+        if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
+            if ((err = content_parts(content, i, 1, sys_parts, errstr, errstr_size)) != PQ_OK)
+                goto out;
+            continue;
+        }
+        if (strcmp(role, "function") == 0) {
+            err = unsupported("the legacy function role", i, errstr, errstr_size);
+            goto out;
+        }
+        tool = strcmp(role, "tool") == 0;
+        if (!tool && strcmp(role, "user") != 0 && strcmp(role, "assistant") != 0) {
+            snprintf(errstr, errstr_size, "messages[%zu]: unknown role", i);
+            err = PQ_ERR_INVALID;
+            goto out;
+        }
+        if (pq_provider_field_set(json_object_get(m, "function_call"))) {
+            err = unsupported("the legacy function_call", i, errstr, errstr_size);
+            goto out;
+        }
+        if (!(parts = json_array())) {
+            err = PQ_ERR_NOMEM;
+            goto out;
+        }
+        if (tool)
+            err = result_part(m, i, names, parts, errstr, errstr_size);
+        else if ((err = content_parts(content, i, 0, parts, errstr, errstr_size)) == PQ_OK &&
+                 strcmp(role, "assistant") == 0)
+            err =
+                call_parts(json_object_get(m, "tool_calls"), i, parts, names, errstr, errstr_size);
+        if (err != PQ_OK) {
+            json_decref(parts);
+            goto out;
+        }
+        if ((err = pq_provider_turn_add(contents, strcmp(role, "assistant") == 0 ? "model" : "user",
+                                        "parts", parts)))
+            goto out;
+    }
+    err = PQ_OK;
+    if (json_array_size(contents) == 0) {
+        snprintf(errstr, errstr_size, "messages: no user or assistant content");
+        err = PQ_ERR_INVALID;
+    }
+out:
+    json_decref(names);
+    return err;
+}
+
+/* tools -> functionDeclarations, tool_choice -> toolConfig. */
+static pq_err_t map_tools(const json_t *req, json_t *body, char *errstr, size_t errstr_size)
+{
+    json_t *tools = json_object_get(req, "tools"), *choice = json_object_get(req, "tool_choice");
+    json_t *decls, *t, *fcc;
+    const char *mode = NULL;
+    size_t i;
+
+    if (pq_provider_field_set(tools)) {
+        if (!json_is_array(tools)) {
+            snprintf(errstr, errstr_size, "tools: expected an array");
+            return PQ_ERR_INVALID;
+        }
+        if (!(decls = json_array()) ||
+            json_object_set_new(body, "tools", json_pack("[{s:o}]", "functionDeclarations", decls)))
+            return PQ_ERR_NOMEM;
+        json_array_foreach(tools, i, t)
+        {
+            const json_t *name, *desc, *params;
+            pq_err_t err =
+                pq_provider_tool_def(t, i, "gemini", &name, &desc, &params, errstr, errstr_size);
+            json_t *d;
+
+            if (err != PQ_OK)
+                return err;
+            if (!(d = json_pack("{s:O}", "name", name)) || json_array_append_new(decls, d) ||
+                (desc && json_object_set(d, "description", (json_t *)desc)) ||
+                (params && json_object_set(d, "parameters", (json_t *)params)))
+                return PQ_ERR_NOMEM;
+        }
+    }
+    if (json_is_string(choice)) {
+        const char *c = json_string_value(choice);
+        mode = strcmp(c, "auto") == 0       ? "AUTO"
+               : strcmp(c, "none") == 0     ? "NONE"
+               : strcmp(c, "required") == 0 ? "ANY"
+                                            : NULL;
+        if (!mode) {
+            snprintf(errstr, errstr_size, "tool_choice: unknown value");
+            return PQ_ERR_INVALID;
+        }
+        fcc = json_pack("{s:s}", "mode", mode);
+    } else if (json_is_object(choice)) {
+        json_t *name = json_object_get(json_object_get(choice, "function"), "name");
+        if (!json_is_string(name)) {
+            snprintf(errstr, errstr_size, "gemini cannot express this tool_choice");
+            return PQ_ERR_UNSUPPORTED;
+        }
+        fcc = json_pack("{s:s, s:[O]}", "mode", "ANY", "allowedFunctionNames", name);
+    } else {
+        return PQ_OK;
+    }
+    return !fcc || json_object_set_new(body, "toolConfig",
+                                       json_pack("{s:o}", "functionCallingConfig", fcc))
+               ? PQ_ERR_NOMEM
+               : PQ_OK;
+}
+
 static const char *const unsupported_fields[] = {
-    "tools",      "tool_choice", "functions",          "function_call", "logprobs", "top_logprobs",
-    "logit_bias", "audio",       "web_search_options", "prediction",    NULL,
+    "functions", "function_call",      "logprobs",   "top_logprobs", "logit_bias",
+    "audio",     "web_search_options", "prediction", NULL,
 };
 
 static pq_err_t generation_config(const json_t *req, json_t *gc, char *errstr, size_t errstr_size)
@@ -215,6 +391,17 @@ static pq_err_t generation_config(const json_t *req, json_t *gc, char *errstr, s
         if (t && strcmp(t, "json_object") == 0) {
             if (json_object_set_new(gc, "responseMimeType", json_string("application/json")))
                 return PQ_ERR_NOMEM;
+        } else if (t && strcmp(t, "json_schema") == 0) {
+            json_t *schema = json_object_get(json_object_get(rf, "json_schema"), "schema");
+            if (!json_is_object(schema)) {
+                snprintf(errstr, errstr_size,
+                         "response_format.json_schema.schema: expected an "
+                         "object");
+                return PQ_ERR_INVALID;
+            }
+            if (json_object_set_new(gc, "responseMimeType", json_string("application/json")) ||
+                json_object_set(gc, "responseJsonSchema", schema))
+                return PQ_ERR_NOMEM;
         } else if (t && strcmp(t, "text") != 0) {
             return unsupported("response_format", (size_t)-1, errstr, errstr_size);
         }
@@ -228,7 +415,8 @@ static pq_err_t generation_config(const json_t *req, json_t *gc, char *errstr, s
     return PQ_OK;
 }
 
-static pq_err_t build_body(const json_t *req, json_t *body, char *errstr, size_t errstr_size)
+static pq_err_t build_body(const json_t *req, json_t *body, int stream, char *errstr,
+                           size_t errstr_size)
 {
     json_t *contents = json_array(), *sys = json_array(), *gc = json_object();
     pq_err_t err = PQ_ERR_NOMEM;
@@ -240,8 +428,14 @@ static pq_err_t build_body(const json_t *req, json_t *body, char *errstr, size_t
             err = unsupported(unsupported_fields[i], (size_t)-1, errstr, errstr_size);
             goto out;
         }
+    if (stream && pq_provider_field_set(json_object_get(req, "tools"))) {
+        err = unsupported("tools in a streamed call", (size_t)-1, errstr, errstr_size);
+        goto out;
+    }
     if ((err = convert_messages(json_object_get(req, "messages"), contents, sys, errstr,
                                 errstr_size)) != PQ_OK)
+        goto out;
+    if ((err = map_tools(req, body, errstr, errstr_size)) != PQ_OK)
         goto out;
     if ((err = generation_config(req, gc, errstr, errstr_size)) != PQ_OK)
         goto out;
@@ -275,7 +469,8 @@ static pq_err_t gemini_build(const pq_target_t *target, const json_t *request, c
     if ((err = pq_provider_req_start(request, out, errstr, errstr_size)) != PQ_OK ||
         (err = pq_provider_key_check(p, key, "api key", errstr, errstr_size)) != PQ_OK)
         goto out;
-    if ((err = body ? build_body(request, body, errstr, errstr_size) : PQ_ERR_NOMEM) != PQ_OK)
+    if ((err = body ? build_body(request, body, stream, errstr, errstr_size) : PQ_ERR_NOMEM) !=
+        PQ_OK)
         goto out;
     err = PQ_ERR_NOMEM;
     if (pq_provider_req_json(out, body))
@@ -314,14 +509,54 @@ static const char *finish_reason(const char *r)
     return "stop"; /* STOP, OTHER, LANGUAGE, MALFORMED_FUNCTION_CALL, ... */
 }
 
+/* OpenAI tool_calls for a candidate's functionCall parts (NULL: none; *bad set when one is
+ * unreadable). pos: the choice's index, for ids the answer does not give. */
+static json_t *tool_calls(const json_t *parts, size_t pos, int *bad)
+{
+    json_t *calls = NULL, *p;
+    size_t i, n = 0;
+
+    json_array_foreach(parts, i, p)
+    {
+        json_t *fc = json_object_get(p, "functionCall"), *call;
+        const json_t *name = json_object_get(fc, "name"), *args = json_object_get(fc, "args");
+        const char *id = json_string_value(json_object_get(fc, "id"));
+        char gen[48];
+
+        if (!fc)
+            continue;
+        if (!json_is_string(name) || (args && !json_is_object(args) && !json_is_null(args))) {
+            *bad = 1;
+            break;
+        }
+        if (!id || !*id) {
+            snprintf(gen, sizeof(gen), "call_%zu_%zu", pos, n);
+            id = gen;
+        }
+        n++;
+        call = pq_provider_tool_call_new(id, json_string_value(name),
+                                         json_is_object(args) ? args : NULL);
+        if (!call || (!calls && !(calls = json_array())) || json_array_append_new(calls, call)) {
+            *bad = 1;
+            break;
+        }
+    }
+    if (*bad) {
+        json_decref(calls);
+        return NULL;
+    }
+    return calls;
+}
+
 /* OpenAI choice for one candidate, or NULL when it is unreadable (or no memory). */
 static json_t *choice_from_candidate(const json_t *cand, size_t pos)
 {
     json_t *parts = json_object_get(json_object_get(cand, "content"), "parts"), *p, *idx;
     const char *fr = json_string_value(json_object_get(cand, "finishReason"));
     const char *mapped = finish_reason(fr);
-    json_t *content;
+    json_t *content, *calls = NULL, *choice;
     size_t i, len = 0, off = 0;
+    int bad = 0;
     char *text;
 
     if (!json_is_object(cand))
@@ -344,8 +579,12 @@ static json_t *choice_from_candidate(const json_t *cand, size_t pos)
             if (t && !json_is_true(json_object_get(p, "thought")))
                 len += json_string_length(t);
         }
-        if (!(text = malloc(len + 1)))
+        if ((calls = tool_calls(parts, pos, &bad)) == NULL && bad)
             return NULL;
+        if (!(text = malloc(len + 1))) {
+            json_decref(calls);
+            return NULL;
+        }
         json_array_foreach(parts, i, p)
         {
             json_t *t = json_object_get(p, "text");
@@ -354,13 +593,25 @@ static json_t *choice_from_candidate(const json_t *cand, size_t pos)
                 off += json_string_length(t);
             }
         }
-        content = json_stringn(text, off);
+        content = (off == 0 && calls) ? json_null() : json_stringn(text, off);
         free(text);
+        /* Gemini says STOP after a function call; OpenAI says tool_calls */
+        if (calls && strcmp(mapped, "stop") == 0)
+            mapped = "tool_calls";
     }
     idx = json_object_get(cand, "index");
-    return json_pack("{s:I, s:{s:s, s:o}, s:s, s:n}", "index",
-                     json_is_integer(idx) ? json_integer_value(idx) : (json_int_t)pos, "message",
-                     "role", "assistant", "content", content, "finish_reason", mapped, "logprobs");
+    choice =
+        json_pack("{s:I, s:{s:s, s:o}, s:s, s:n}", "index",
+                  json_is_integer(idx) ? json_integer_value(idx) : (json_int_t)pos, "message",
+                  "role", "assistant", "content", content, "finish_reason", mapped, "logprobs");
+    if (choice && calls &&
+        json_object_set_new(json_object_get(choice, "message"), "tool_calls", calls)) {
+        json_decref(choice);
+        return NULL;
+    }
+    if (!choice)
+        json_decref(calls);
+    return choice;
 }
 
 /* 1 when an error body says the API key is invalid (Gemini answers that with HTTP 400). */
