@@ -20,14 +20,15 @@ static const char *input;
 static size_t input_len;
 
 /* Aborts when errstr holds s while the input holds s only once (in its secret place: as the
- * name of a provider, say, it could be quoted rightly). Short strings match by chance (from 6
- * bytes), and a secret made of [a-z_.] only could be a config path's own words. */
+ * name of a provider, say, it could be quoted rightly). Short strings match by chance (under
+ * 12 bytes: real keys are longer), and a secret made of [a-z_.] only could be a config path's own
+ * words. */
 static void not_in(const char *errstr, const char *s)
 {
     size_t n = s ? strlen(s) : 0, count = 0;
     const char *p = input, *end = input + input_len, *hit;
 
-    if (n < 6 || strspn(s, "abcdefghijklmnopqrstuvwxyz_.") == n || !strstr(errstr, s))
+    if (n < 12 || strspn(s, "abcdefghijklmnopqrstuvwxyz_.") == n || !strstr(errstr, s))
         return;
     while (p < end && (hit = memmem(p, (size_t)(end - p), s, n))) {
         count++;
