@@ -5,8 +5,9 @@
 #   - docker-compose.yml is a valid compose file (docker-compose config);
 #   - the systemd units verify (systemd-analyze verify, with ExecStart pointed at build/bin;
 #     any complaint, even an "unknown key" warning, fails);
-#   - the chart's static YAML lints (yamllint, deploy/.yamllint).
-# Needs docker-compose and yamllint (Debian packages; .ci/run installs them). The chart's
+#   - the chart's static YAML lints (yamllint, deploy/.yamllint);
+#   - the stunnel example for Redis over TLS loads (stunnel, listening on loopback for a moment).
+# Needs docker-compose, yamllint and stunnel4 (Debian packages; .ci/run installs them). The chart's
 # templates are not rendered here (no helm in Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,3 +56,13 @@ echo "systemd deploy/systemd/*.service: verified"
 
 yamllint -s -c deploy/.yamllint deploy/helm/promptq/values.yaml deploy/helm/promptq/Chart.yaml
 echo "yamllint deploy/helm/promptq: clean"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sed "s/^accept = .*/accept = 127.0.0.1:$port/" deploy/examples/stunnel-redis.conf >"$tmp/stunnel.conf"
+timeout 2 stunnel "$tmp/stunnel.conf" >"$tmp/stunnel.log" 2>&1 || true
+if ! grep -q "Configuration successful" "$tmp/stunnel.log"; then
+    cat "$tmp/stunnel.log" >&2
+    echo "deploy check: deploy/examples/stunnel-redis.conf does not load" >&2
+    exit 1
+fi
+echo "stunnel deploy/examples/stunnel-redis.conf: loads"
