@@ -287,6 +287,44 @@ static void test_format_for(void **state)
     assert_int_equal(pq_stream_format_for(NULL), PQ_STREAM_OPENAI);
 }
 
+static pq_err_t text_cb(const pq_stream_chunk_t *chunk, void *opaque)
+{
+    char *out = opaque;
+    if (chunk->kind == PQ_STREAM_CHUNK_DELTA && chunk->text)
+        strncat(out, chunk->text, chunk->text_len);
+    return PQ_OK;
+}
+
+/* stream_malformed "skip": a malformed event that gave nothing is skipped and counted; the
+ * default fails the stream at it. */
+static void test_skip_malformed(void **state)
+{
+    static const char body[] =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n"
+        "data: {not json\n\n"
+        "data: {\"choices\":5}\n\n"
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"b\"}}]}\n\n"
+        "data: [DONE]\n\n";
+    char text[64] = "", errstr[64];
+    pq_stream_t *st = pq_stream_new(PQ_STREAM_OPENAI, 0, errstr, sizeof(errstr));
+
+    (void)state;
+    assert_int_equal(pq_stream_feed(st, body, sizeof(body) - 1, text_cb, text), PQ_ERR_MALFORMED);
+    assert_string_equal(text, "a");
+    assert_non_null(strstr(pq_stream_errstr(st), "event 2"));
+    assert_int_equal(pq_stream_skipped(st), 0);
+    pq_stream_destroy(st);
+
+    text[0] = '\0';
+    st = pq_stream_new(PQ_STREAM_OPENAI, 0, errstr, sizeof(errstr));
+    pq_stream_skip_malformed(st, 1);
+    assert_int_equal(pq_stream_feed(st, body, sizeof(body) - 1, text_cb, text), PQ_OK);
+    assert_string_equal(text, "ab");
+    assert_int_equal(pq_stream_skipped(st), 2);
+    assert_string_equal(pq_stream_errstr(st), "");
+    pq_stream_destroy(st);
+}
+
 static int name_cmp(const void *a, const void *b)
 {
     return strcmp(*(char *const *)a, *(char *const *)b);
@@ -298,6 +336,7 @@ int main(void)
         cmocka_unit_test(test_sticky_errors),
         cmocka_unit_test(test_asm_cap_sticky),
         cmocka_unit_test(test_format_for),
+        cmocka_unit_test(test_skip_malformed),
     };
     size_t n = 0, cap = 0, nfixed = sizeof(fixed) / sizeof(fixed[0]);
     char path[1024], **names = NULL;

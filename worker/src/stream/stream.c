@@ -23,6 +23,9 @@ struct pq_stream_s {
     int block_tool[MAX_BLOCKS]; /* Anthropic: content block -> tool index, -1 for none */
     int ntools;
     uint64_t event_no;
+    int skip_malformed; /* pq_stream_skip_malformed */
+    uint64_t skipped;   /* malformed events skipped */
+    uint64_t emitted;   /* chunks handed to the callback */
     char errstr[128];
 };
 
@@ -115,6 +118,7 @@ static pq_err_t emit(pq_stream_t *st, const pq_stream_chunk_t *c)
 {
     pq_err_t err = st->cb ? st->cb(c, st->opaque) : PQ_OK;
 
+    st->emitted++;
     if (err == PQ_ERR_TOO_LARGE)
         return fail(st, err, "answer over the size cap");
     if (err != PQ_OK)
@@ -601,9 +605,8 @@ static pq_err_t gemini_event(pq_stream_t *st, const json_t *root)
 
 /* ---- events ---- */
 
-static pq_err_t on_event(const pq_sse_event_t *ev, void *opaque)
+static pq_err_t decode_event(pq_stream_t *st, const pq_sse_event_t *ev)
 {
-    pq_stream_t *st = opaque;
     json_error_t jerr;
     json_t *root;
     pq_err_t err;
@@ -636,6 +639,32 @@ static pq_err_t on_event(const pq_sse_event_t *ev, void *opaque)
     }
     json_decref(root);
     return err;
+}
+
+/* One event; with skip_malformed, a malformed event that gave no chunk is dropped (one that
+ * gave some still fails: part of it went out). */
+static pq_err_t on_event(const pq_sse_event_t *ev, void *opaque)
+{
+    pq_stream_t *st = opaque;
+    uint64_t before = st->emitted;
+    pq_err_t err = decode_event(st, ev);
+
+    if (err == PQ_ERR_MALFORMED && st->skip_malformed && st->emitted == before) {
+        st->skipped++;
+        st->errstr[0] = '\0';
+        return PQ_OK;
+    }
+    return err;
+}
+
+void pq_stream_skip_malformed(pq_stream_t *st, int on)
+{
+    st->skip_malformed = on != 0;
+}
+
+uint64_t pq_stream_skipped(const pq_stream_t *st)
+{
+    return st->skipped;
 }
 
 pq_err_t pq_stream_feed(pq_stream_t *st, const char *buf, size_t len, pq_stream_chunk_cb cb,

@@ -115,6 +115,14 @@ void pq_stream_destroy(pq_stream_t *st);
 pq_err_t pq_stream_feed(pq_stream_t *st, const char *buf, size_t len, pq_stream_chunk_cb cb,
                         void *opaque);
 
+/* on: a malformed event (PQ_ERR_MALFORMED) that produced no chunk is skipped and counted
+ * instead of failing the stream (provider setting stream_malformed "skip"); an event that
+ * produced some chunks before failing still fails. Default off (fail over). */
+void pq_stream_skip_malformed(pq_stream_t *st, int on);
+
+/* Malformed events skipped so far. */
+uint64_t pq_stream_skipped(const pq_stream_t *st);
+
 /* The body ended. Returns 1 when it ended inside an event (cut mid-event), else 0. */
 int pq_stream_finish(pq_stream_t *st);
 
