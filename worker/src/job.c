@@ -33,6 +33,7 @@
 #include "providers/common.h"
 #include "providers/provider.h"
 #include "stream/stream.h"
+#include "jobdoc.h"
 #include "worker_int.h"
 
 #define KEY_MAX              320
@@ -256,20 +257,9 @@ static int deadline_passed(const pq_job_t *j, int64_t extra_ms)
     return j->env.deadline_ms > 0 && pq_now_ms() + extra_ms >= j->env.deadline_ms;
 }
 
-/* parked_at of a park object (ms since the epoch), 0 when absent or unreadable. */
-static int64_t park_since(const json_t *park)
-{
-    const char *at = json_string_value(json_object_get(park, "parked_at"));
-    int64_t ms = 0;
-
-    if (!at || pq_time_parse(at, &ms) != 0)
-        return 0;
-    return ms;
-}
-
 static int park_expired(const pq_job_t *j)
 {
-    int64_t at = park_since(j->env.park);
+    int64_t at = pq_jobdoc_park_since(j->env.park);
     return at > 0 && pq_now_ms() - at >= j->w->conf->park_ttl_s * 1000;
 }
 
@@ -279,7 +269,7 @@ int64_t pq_job_parked_expiry(const pq_worker_t *w, const pq_route_state_t *rs,
     json_t *doc = json_loadb(m->payload ? (const char *)m->payload : "", m->len, 0, NULL);
     const char *dl = json_string_value(json_object_get(doc, "deadline"));
     const char *tenant = json_string_value(json_object_get(doc, "tenant"));
-    int64_t at = park_since(json_object_get(doc, "park")), exp = 0, d = 0;
+    int64_t at = pq_jobdoc_park_since(json_object_get(doc, "park")), exp = 0, d = 0;
 
     *dropped = 0;
     if (!json_is_object(doc)) {
@@ -390,136 +380,63 @@ static void job_done(pq_job_t *j)
 
 /* ---- JSON documents ---- */
 
+/* The job's record inputs (jobdoc.h), borrowed from j; the time is now. */
+static void job_doc(const pq_job_t *j, pq_jobdoc_t *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->env = &j->env;
+    d->status = j->status;
+    d->provider = j->last_target ? j->last_target->provider : NULL;
+    d->model = j->last_target ? j->last_target->model : NULL;
+    d->attempts = j->attempts;
+    d->alog = j->alog;
+    d->slim = j->slim;
+    d->cached = j->cached;
+    d->response = j->response;
+    d->err = j->err;
+    d->errmsg = j->errmsg;
+    d->http_status = j->http_status;
+    d->fault_code = j->fault.code;
+    d->fault_reason = j->fault.reason;
+    d->created_ms = j->created_ms;
+    d->now_ms = pq_now_ms();
+    d->src_topic = j->src_topic;
+    d->partition = j->partition;
+    d->offset = j->offset;
+}
+
 static json_t *error_object(const pq_job_t *j)
 {
-    json_t *e = json_object();
-    json_object_set_new(e, "type", json_string(pq_err_name(j->err)));
-    json_object_set_new(e, "message", json_string(j->errmsg[0] ? j->errmsg : pq_err2str(j->err)));
-    json_object_set_new(e, "provider",
-                        j->last_target ? json_string(j->last_target->provider) : json_null());
-    json_object_set_new(e, "status",
-                        j->http_status > 0 ? json_integer(j->http_status) : json_null());
-    if (j->fault.code[0])
-        json_object_set_new(e, "code", json_string(j->fault.code));
-    if (j->fault.reason[0])
-        json_object_set_new(e, "reason", json_string(j->fault.reason));
-    return e;
+    pq_jobdoc_t d;
+
+    job_doc(j, &d);
+    return pq_jobdoc_error(&d);
 }
 
-static char *dump(json_t *o, size_t *len)
-{
-    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    *len = s ? strlen(s) : 0;
-    return s;
-}
-
-/* The provider and model that answered: "cache" and the cached answer's model for a cache
- * hit (the original provider is in the result's "cached_from"). */
-static const char *result_provider(const pq_job_t *j)
-{
-    if (j->cached)
-        return "cache";
-    return j->last_target ? j->last_target->provider : NULL;
-}
-
-static const char *result_model(const pq_job_t *j)
-{
-    if (j->cached)
-        return json_string_value(json_object_get(j->cached, "model"));
-    return j->last_target ? j->last_target->model : NULL;
-}
-
-/* The result record of DESIGN.md §3, plus "attempt_log" (one entry per call or skipped target:
- * provider, model, status, outcome, latency_ms; at most 64) and, for a cache hit,
- * "cached_from" {provider, model}. */
 static char *build_result(const pq_job_t *j, size_t *len)
 {
-    json_t *o = json_object(), *src = json_object();
-    int64_t now = pq_now_ms();
-    char created[40], completed[40];
-    char *s;
+    pq_jobdoc_t d;
 
-    pq_time_format(j->created_ms, created, sizeof(created));
-    pq_time_format(now, completed, sizeof(completed));
-    json_object_set_new(o, "id", json_string(id_of(j)));
-    json_object_set_new(o, "tenant", json_string(tenant_of(j)));
-    json_object_set_new(o, "status", json_string(j->status));
-    json_object_set_new(o, "route", j->env.model ? json_string(j->env.model) : json_null());
-    json_object_set_new(o, "provider",
-                        result_provider(j) ? json_string(result_provider(j)) : json_null());
-    json_object_set_new(o, "model", result_model(j) ? json_string(result_model(j)) : json_null());
-    json_object_set_new(o, "attempts", json_integer(j->attempts));
-    if (j->alog && !j->slim)
-        json_object_set(o, "attempt_log", j->alog);
-    if (j->cached)
-        json_object_set_new(o, "cached_from",
-                            json_pack("{s:O, s:O}", "provider",
-                                      json_object_get(j->cached, "provider"), "model",
-                                      json_object_get(j->cached, "model")));
-    if (j->response)
-        json_object_set(o, "response", j->response);
-    else
-        json_object_set_new(o, "error", error_object(j));
-    json_object_set(o, "metadata", j->env.metadata && !j->slim ? j->env.metadata : json_null());
-    json_object_set_new(o, "latency_ms",
-                        json_integer(now > j->created_ms ? now - j->created_ms : 0));
-    json_object_set_new(o, "created_at", json_string(created));
-    json_object_set_new(o, "completed_at", json_string(completed));
-    json_object_set_new(src, "topic", json_string(j->src_topic));
-    json_object_set_new(src, "partition", json_integer(j->partition));
-    json_object_set_new(src, "offset", json_integer(j->offset));
-    json_object_set_new(o, "source", src);
-    s = dump(o, len);
-    json_decref(o);
-    return s;
+    job_doc(j, &d);
+    return pq_jobdoc_result(&d, len);
 }
 
-/* The stand-in for a dlq record too large for Kafka: id, tenant, route, the error and
- * "truncated": true (the request itself stays in the job's source topic). */
 static char *build_dlq_small(pq_job_t *j, size_t *len)
 {
-    json_t *o = json_object(), *e = error_object(j);
-    char *s;
+    pq_jobdoc_t d;
 
-    if (j->env.id)
-        json_object_set_new(o, "id", json_string(id_of(j)));
-    json_object_set_new(o, "tenant", json_string(tenant_of(j)));
-    if (j->env.model)
-        json_object_set_new(o, "model", json_string(j->env.model));
-    if (!j->env.root) {
-        json_object_set_new(e, "type", json_string("invalid"));
-        json_object_set_new(e, "message", json_string("invalid job too large to copy"));
-    }
-    json_object_set_new(o, "error", e);
-    json_object_set_new(o, "truncated", json_true());
-    json_object_set_new(o, "source",
-                        json_pack("{s:s, s:i, s:I}", "topic", j->src_topic, "partition",
-                                  (int)j->partition, "offset", (json_int_t)j->offset));
-    s = dump(o, len);
-    json_decref(o);
+    job_doc(j, &d);
     j->dlq_small = 1;
-    return s;
+    return pq_jobdoc_dlq_small(&d, len);
 }
 
-/* Envelope + "error" for promptq.dlq (the small stand-in when that is over max_msg). */
+/* Envelope + "error" (taken) for promptq.dlq (the small stand-in when that is over max_msg). */
 static char *build_dlq(pq_job_t *j, json_t *error, size_t *len)
 {
-    json_t *o = json_copy(j->env.root); /* shallow */
-    char *s;
+    pq_jobdoc_t d;
 
-    if (!o) {
-        json_decref(error);
-        *len = 0;
-        return NULL;
-    }
-    json_object_set_new(o, "error", error);
-    s = dump(o, len);
-    json_decref(o);
-    if (s && *len > j->w->max_msg) {
-        free(s);
-        s = build_dlq_small(j, len);
-    }
-    return s;
+    job_doc(j, &d);
+    return pq_jobdoc_dlq(&d, error, j->w->max_msg, &j->dlq_small, len);
 }
 
 /* Produce errors that no retry can fix. */
@@ -556,26 +473,6 @@ static void pub_permanent(pq_job_t *j, pub_t *p, rd_kafka_resp_err_t err)
            id_of(j), p == &j->pubs[0] ? "result" : "dlq",
            p == &j->pubs[0] ? j->result_len : j->dlq_len, rd_kafka_err2str(err));
     p->done = 1;
-}
-
-/* A JSON string of bytes that may not be UTF-8: invalid bytes become '?'. */
-static json_t *raw_string(const char *buf, size_t len)
-{
-    json_t *s = json_stringn(buf, len);
-    char *copy;
-
-    if (s)
-        return s;
-    copy = malloc(len + 1);
-    if (!copy)
-        return json_string("");
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)buf[i];
-        copy[i] = (c == 0 || c >= 0x80) ? '?' : (char)c;
-    }
-    s = json_stringn(copy, len);
-    free(copy);
-    return s ? s : json_string("");
 }
 
 /* ---- publishing ---- */
@@ -720,11 +617,14 @@ static void job_redis_issue(pq_job_t *j)
     }
     case RS_FINISH: {
         pq_job_finish_args_t a = {0};
+        pq_jobdoc_t d;
+
+        job_doc(j, &d);
         if (j->response) {
-            resp = dump(j->response, &resp_len);
+            resp = pq_jobdoc_dump(j->response, &resp_len);
         } else {
-            json_t *e = error_object(j);
-            err = dump(e, &err_len);
+            json_t *e = pq_jobdoc_error(&d);
+            err = pq_jobdoc_dump(e, &err_len);
             json_decref(e);
         }
         a.job_key = j->job_key;
@@ -737,8 +637,8 @@ static void job_redis_issue(pq_job_t *j)
         a.response_len = resp_len;
         a.error = err;
         a.error_len = err_len;
-        a.provider = result_provider(j);
-        a.model = result_model(j);
+        a.provider = pq_jobdoc_result_provider(&d);
+        a.model = pq_jobdoc_result_model(&d);
         a.attempts = j->attempts;
         a.now_ms = now;
         a.ttl_ms = w->ttl_ms;
@@ -829,7 +729,8 @@ static void on_begin(pq_job_t *j, redisReply *r)
         } else if (park_expired(j)) {
             job_finish(j, "expired", PQ_ERR_EXPIRED, "parked longer than worker.park_ttl_s");
         } else if (j->env.park && j->retry_rs &&
-                   pq_worker_route_dropped(j->retry_rs, tenant_of(j), park_since(j->env.park))) {
+                   pq_worker_route_dropped(j->retry_rs, tenant_of(j),
+                                           pq_jobdoc_park_since(j->env.park))) {
             job_finish(j, "cancelled", PQ_ERR_CANCELLED,
                        "dropped by an operator (DELETE /v1/parked/{route})");
         } else {
@@ -1415,7 +1316,7 @@ static void job_park_produce(pq_job_t *j)
 static int job_park(pq_job_t *j)
 {
     pq_worker_t *w = j->w;
-    int64_t since = park_since(j->env.park), prev = 0;
+    int64_t since = pq_jobdoc_park_since(j->env.park), prev = 0;
     char at[40], reason[sizeof(j->errmsg) + 40];
     json_t *park;
 
@@ -2112,17 +2013,13 @@ static int job_cacheable(const pq_job_t *j)
 static void job_cache_store(pq_job_t *j)
 {
     pq_worker_t *w = j->w;
-    json_t *doc;
     char *val, ttl[24];
     const char *argv[6];
     size_t lens[6], len;
 
     if (!j->cacheable || !j->last_target || !j->cache_key[0])
         return;
-    doc = json_pack("{s:s, s:s, s:O}", "provider", j->last_target->provider, "model",
-                    j->last_target->model, "response", j->response);
-    val = dump(doc, &len);
-    json_decref(doc);
+    val = pq_jobdoc_cache_entry(j->last_target->provider, j->last_target->model, j->response, &len);
     if (!val)
         return;
     snprintf(ttl, sizeof(ttl), "%" PRId64, w->conf->cache_ttl_s * 1000);
@@ -2161,22 +2058,18 @@ static void job_run(pq_job_t *j)
 static void on_cache_get(pq_job_t *j, redisReply *r)
 {
     pq_worker_t *w = j->w;
-    json_t *doc = NULL, *resp;
+    json_t *doc = NULL;
 
-    /* JSON_ALLOW_NUL: an answer may carry U+0000, which json_dumps stored as "\u0000" */
     if (r->type == REDIS_REPLY_STRING)
-        doc = json_loadb(r->str, r->len, JSON_ALLOW_NUL, NULL);
-    resp = json_object_get(doc, "response");
-    if (json_is_object(resp) && json_is_string(json_object_get(doc, "provider")) &&
-        json_is_string(json_object_get(doc, "model"))) {
+        doc = pq_jobdoc_cache_parse(r->str, r->len);
+    if (doc) {
         pq_counter_add(w->m.cache_hits, 1);
         PQ_DBG("job %s/%s: cache hit", tenant_of(j), id_of(j));
         j->cached = doc;
-        j->response = json_incref(resp);
+        j->response = json_incref(json_object_get(doc, "response"));
         job_finish(j, "succeeded", PQ_OK, NULL);
         return;
     }
-    json_decref(doc);
     pq_counter_add(w->m.cache_misses, 1);
     job_attempt(j);
 }
@@ -2283,19 +2176,8 @@ static void job_invalid(pq_job_t *j, const rd_kafka_message_t *m, pq_err_t err, 
 {
     pq_worker_t *w = j->w;
     const char *buf = m->payload ? (const char *)m->payload : "";
-    json_t *doc = json_loadb(buf, m->len, 0, NULL);
-    json_t *e = json_object();
 
-    json_object_set_new(e, "type", json_string("invalid"));
-    json_object_set_new(e, "message", json_string(why));
-    if (!json_is_object(doc)) {
-        json_decref(doc);
-        doc = json_object();
-        json_object_set_new(doc, "raw", raw_string(buf, m->len));
-    }
-    json_object_set_new(doc, "error", e);
-    j->dlq = dump(doc, &j->dlq_len);
-    json_decref(doc);
+    j->dlq = pq_jobdoc_invalid(buf, m->len, why, &j->dlq_len);
     if (j->dlq && j->dlq_len > w->max_msg) {
         free(j->dlq);
         j->err = err;
