@@ -34,6 +34,8 @@
 #include "providers/provider.h"
 #include "stream/stream.h"
 #include "jobdoc.h"
+#include "park.h"
+#include "parts.h"
 #include "worker_int.h"
 
 #define KEY_MAX              320
@@ -261,27 +263,6 @@ static int park_expired(const pq_job_t *j)
 {
     int64_t at = pq_jobdoc_park_since(j->env.park);
     return at > 0 && pq_now_ms() - at >= j->w->conf->park_ttl_s * 1000;
-}
-
-int64_t pq_job_parked_expiry(const pq_worker_t *w, const pq_route_state_t *rs,
-                             const rd_kafka_message_t *m, int *dropped)
-{
-    json_t *doc = json_loadb(m->payload ? (const char *)m->payload : "", m->len, 0, NULL);
-    const char *dl = json_string_value(json_object_get(doc, "deadline"));
-    const char *tenant = json_string_value(json_object_get(doc, "tenant"));
-    int64_t at = pq_jobdoc_park_since(json_object_get(doc, "park")), exp = 0, d = 0;
-
-    *dropped = 0;
-    if (!json_is_object(doc)) {
-        json_decref(doc);
-        return 0;
-    }
-    exp = at > 0 ? at + w->conf->park_ttl_s * 1000 : INT64_MAX;
-    if (dl && pq_time_parse(dl, &d) == 0 && d < exp)
-        exp = d;
-    *dropped = rs && pq_worker_route_dropped(rs, tenant ? tenant : "default", at);
-    json_decref(doc);
-    return exp;
 }
 
 /* A Redis reply for j arrived: one command fewer in flight. Returns 1 when j is gone (then
@@ -550,7 +531,7 @@ void pq_job_delivered(pq_worker_t *w, const rd_kafka_message_t *m)
     p->done = 1;
     if (p == &j->park_pub) {
         /* durable on the retry topic: now the record says parked, then the offset is done */
-        pq_worker_parked_at(w, j->rs->topic, m->partition, m->offset);
+        pq_park_parked_at(w, j->rs->topic, m->partition, m->offset);
         if (j->state == JS_PARK) {
             j->lease_held = 0; /* the park script releases it */
             event_del(&j->renew);
@@ -729,8 +710,7 @@ static void on_begin(pq_job_t *j, redisReply *r)
         } else if (park_expired(j)) {
             job_finish(j, "expired", PQ_ERR_EXPIRED, "parked longer than worker.park_ttl_s");
         } else if (j->env.park && j->retry_rs &&
-                   pq_worker_route_dropped(j->retry_rs, tenant_of(j),
-                                           pq_jobdoc_park_since(j->env.park))) {
+                   pq_park_dropped(j->retry_rs, tenant_of(j), pq_jobdoc_park_since(j->env.park))) {
             job_finish(j, "cancelled", PQ_ERR_CANCELLED,
                        "dropped by an operator (DELETE /v1/parked/{route})");
         } else {
@@ -823,7 +803,7 @@ static void on_finish(pq_job_t *j, redisReply *r)
         }
         pq_hist_observe(w->m.latency, (double)(pq_now_ms() - j->created_ms) / 1000.0);
         if (strcmp(j->status, "succeeded") == 0 && !j->cached && j->rs)
-            pq_worker_route_up(w, j->rs, "a job succeeded");
+            pq_park_route_up(w, j->rs, "a job succeeded");
         if (j->env.callback_url)
             pq_callbacks_kick(w->callbacks);
     } else {
@@ -1347,7 +1327,7 @@ static int job_park(pq_job_t *j)
     event_del(&j->timer);
     PQ_DBG("job %s/%s: every target of route %s is down: parked on %s (%s)", tenant_of(j), id_of(j),
            j->route->name, j->rs->topic, reason);
-    pq_worker_route_parked(w, j->rs);
+    pq_park_route_parked(w, j->rs);
     job_park_produce(j);
     return 0;
 }
@@ -2264,7 +2244,7 @@ void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_me
     }
     j->route = pq_conf_route(j->gen->conf, j->env.model);
     if (j->route)
-        j->rs = pq_worker_route_state(w, j->route->name);
+        j->rs = pq_park_route(w, j->route->name);
     j->ctx_floor = -1;
     if (j->env.park && json_is_array(json_object_get(j->env.park, "attempt_log")))
         j->alog = json_copy(json_object_get(j->env.park, "attempt_log")); /* earlier passes */

@@ -1,20 +1,8 @@
 /* The worker's loop: Kafka consumer and producer queues (io-event pipes), partition bookkeeping
  * and offset storing (G5), flow control (each lane polls into a bounded backlog that feeds
- * free slots; it pauses when the backlog is full or Redis is down), parking and
- * replay per route (G4), the health key, signals (SIGHUP reload, graceful stop). The per-job
- * state machine lives in job.c.
- *
- * Replay. Every route's retry topic is created at start and on SIGHUP, then subscribed with the
- * request topics. A parked job read from a retry topic is taken in only when its route is up,
- * its ramp has a token and replayed jobs hold less than half of max_inflight; otherwise its
- * partition is held: sought back to the job's offset, then paused (librdkafka 2.0.2 resumes a
- * paused partition from the sought position; nothing past it is stored since it was never taken
- * in). A route goes down when one of its jobs parks (or every target's circuit is open) and up
- * when a probe closes one of its circuits, when one of its jobs succeeds, or at the recheck
- * (every 5 s) when some circuit is not open. Up again, its held partitions resume and replay
- * ramps: 20 jobs/s, doubling every second, unlimited after 10 s; providers' rpm/tpm still
- * apply. A held head whose deadline or park TTL passes is taken in to expire. Request and bulk
- * partitions are never held. */
+ * free slots; it pauses when the backlog is full or Redis is down), the health key, signals
+ * (SIGHUP reload, graceful stop). The per-job state machine lives in job.c, parking and replay
+ * per route (G4) in park.c. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -31,6 +19,8 @@
 #include "promptq/util.h"
 #include <event2/buffer.h>
 #include <event2/http.h>
+#include "park.h"
+#include "parts.h"
 #include "worker_int.h"
 
 #define DRAIN_BUDGET      512
@@ -43,64 +33,18 @@ static const char BACKLOG_FULL[] = "backlog full (every slot busy)";
 #define STATS_MS          10000
 #define FINAL_WAIT_MS     1500
 #define CLUSTERID_WAIT_MS 60000
-#define ROUTE_TICK_MS     1000
-#define RECHECK_MS        5000
-#define RAMP_START_RPS    20.0
-#define RAMP_UNLIMITED_S  10 /* 20 * 2^9 = 10240 jobs/s in the last limited second */
 #define HEALTH_MS         5000
 #define HEALTH_TTL_MS     (3 * HEALTH_MS)
 #define TOPIC_WAIT_MS     5000
 #define ADMIN_WAIT_MS     1500
-#define RS_MAX_PARTS      1024
-
-static void schedule_replay(pq_worker_t *w, int64_t ms);
-/* ---- partitions ---- */
-
-static pq_route_state_t *route_by_topic(const pq_worker_t *w, const char *name)
-{
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
-        if (strcmp(rs->topic, name) == 0)
-            return rs;
-    return NULL;
-}
-
-/* PQ_T_REQUESTS, PQ_T_BULK, PQ_T_RETRY (*rs set) or -1. */
-static int topic_index(const pq_worker_t *w, const char *name, pq_route_state_t **rs)
-{
-    *rs = NULL;
-    if (strcmp(name, w->topics[PQ_T_REQUESTS]) == 0)
-        return PQ_T_REQUESTS;
-    if (strcmp(name, w->topics[PQ_T_BULK]) == 0)
-        return PQ_T_BULK;
-    if ((*rs = route_by_topic(w, name)))
-        return PQ_T_RETRY;
-    return -1;
-}
-
-static pq_part_t *part_find(pq_worker_t *w, int topic, pq_route_state_t *rs, int32_t partition)
-{
-    pq_part_t *p;
-    TAILQ_FOREACH(p, &w->parts, link)
-    if (p->topic == topic && p->rs == rs && p->partition == partition)
-        return p;
-    return NULL;
-}
-
-void pq_part_unref(pq_part_t *part)
-{
-    if (!part || --part->refcnt > 0)
-        return;
-    pq_offsets_clear(&part->offsets);
-    free(part);
-}
 
 static void part_assign(pq_worker_t *w, const char *topic_name, int32_t partition)
 {
     pq_route_state_t *rs;
-    int topic = topic_index(w, topic_name, &rs);
+    int topic = pq_parts_topic_index(w, topic_name, &rs);
     pq_part_t *p;
 
-    if (topic < 0 || part_find(w, topic, rs, partition))
+    if (topic < 0 || pq_parts_find(w, topic, rs, partition))
         return;
     p = calloc(1, sizeof(*p));
     if (!p) {
@@ -118,72 +62,11 @@ static void part_assign(pq_worker_t *w, const char *topic_name, int32_t partitio
     TAILQ_INSERT_TAIL(&w->parts, p, link);
 }
 
-/* ---- backlog (messages polled, not yet taken in) ---- */
-
-static int backlog_push(pq_backlog_t *b, rd_kafka_message_t *m)
-{
-    if (b->count == b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 256;
-        rd_kafka_message_t **n = malloc(cap * sizeof(*n));
-        if (!n)
-            return -1;
-        for (size_t i = 0; i < b->count; i++)
-            n[i] = b->m[(b->head + i) & (b->cap - 1)];
-        free(b->m);
-        b->m = n;
-        b->cap = cap;
-        b->head = 0;
-    }
-    b->m[(b->head + b->count) & (b->cap - 1)] = m;
-    b->count++;
-    b->bytes += m->len;
-    return 0;
-}
-
-static rd_kafka_message_t *backlog_pop(pq_backlog_t *b)
-{
-    rd_kafka_message_t *m;
-
-    if (b->count == 0)
-        return NULL;
-    m = b->m[b->head];
-    b->head = (b->head + 1) & (b->cap - 1);
-    b->count--;
-    b->bytes -= m->len;
-    return m;
-}
-
-static int backlog_full(const pq_backlog_t *b)
-{
-    return b->count >= b->max || b->bytes >= b->max_bytes;
-}
-
-/* Drops the messages of partition p (p NULL: every message); returns how many. They were
- * never taken in: nothing past them was stored, they are fetched again (or by the new owner). */
-static size_t backlog_purge(pq_backlog_t *b, const pq_part_t *p)
-{
-    size_t kept = 0, n = b->count, dropped = 0;
-
-    for (size_t i = 0; i < n; i++) {
-        rd_kafka_message_t *m = b->m[(b->head + i) & (b->cap - 1)];
-        if (!p ||
-            (m->partition == p->partition && strcmp(rd_kafka_topic_name(m->rkt), p->name) == 0)) {
-            b->bytes -= m->len;
-            rd_kafka_message_destroy(m);
-            dropped++;
-        } else {
-            b->m[(b->head + kept++) & (b->cap - 1)] = m;
-        }
-    }
-    b->count = kept;
-    return dropped;
-}
-
 static void part_revoke(pq_worker_t *w, pq_part_t *p)
 {
     TAILQ_REMOVE(&w->parts, p, link);
     p->revoked = 1;
-    backlog_purge(&w->backlog[p->topic == PQ_T_REQUESTS], p); /* the new owner reads them */
+    pq_backlog_purge(&w->backlog[p->topic == PQ_T_REQUESTS], p); /* the new owner reads them */
     if (p->held) {
         p->held = 0;
         p->rs->nheld--;
@@ -230,43 +113,7 @@ static void on_flush(evutil_socket_t fd, short what, void *arg)
     flush_offsets(arg);
 }
 
-void pq_worker_offset_done(pq_worker_t *w, pq_part_t *part, uint64_t seq)
-{
-    if (!part)
-        return;
-    if (pq_offsets_done(&part->offsets, seq) && !part->revoked && !w->no_store) {
-        part->dirty = 1;
-        event_active(w->ev_flush, 0, 0);
-    }
-}
-
 /* ---- flow control ---- */
-
-/* Wakes the fetcher of resumed partitions. librdkafka 2.0.2 serves a resume on its main thread
- * and never wakes the partition's broker thread, which goes on sleeping until something else
- * wakes it (a metadata refresh, a heartbeat, the end of a fetch.wait.max.ms wait): with debug
- * "fetch", "fetch decide: updating to version N" came 200-800 ms after the resume. A seek wakes
- * it ("seek done"), and is served after the resume (same partition op queue), so each resumed
- * partition whose position is known is sought to that same position. l: the resumed partitions;
- * offsets are set here. */
-static void wake_fetch(pq_worker_t *w, rd_kafka_t *rk, rd_kafka_topic_partition_list_t *l)
-{
-    rd_kafka_topic_partition_list_t *s = rd_kafka_topic_partition_list_new(l->cnt);
-    rd_kafka_error_t *e;
-
-    for (int i = 0; i < l->cnt; i++) {
-        pq_route_state_t *rs;
-        int topic = topic_index(w, l->elems[i].topic, &rs);
-        pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, l->elems[i].partition);
-        if (p && p->next_polled >= 0)
-            rd_kafka_topic_partition_list_add(s, p->name, p->partition)->offset = p->next_polled;
-    }
-    if (s->cnt > 0 && (e = rd_kafka_seek_partitions(rk, s, 0))) {
-        PQ_WARN("seek after resume: %s", rd_kafka_error_string(e));
-        rd_kafka_error_destroy(e);
-    }
-    rd_kafka_topic_partition_list_destroy(s);
-}
 
 /* Pauses or resumes one lane's partitions (lane 1: <prefix>requests, 0: bulk and retry
  * topics). Every message polled so far is in the backlog or taken in, so a resume fetches
@@ -286,7 +133,7 @@ static void set_paused(pq_worker_t *w, int lane, int pause, const char *why)
             rd_kafka_pause_partitions(rk, a);
         } else {
             rd_kafka_resume_partitions(rk, a);
-            wake_fetch(w, rk, a);
+            pq_parts_wake_fetch(w, rk, a);
         }
     }
     rd_kafka_topic_partition_list_destroy(a);
@@ -326,7 +173,7 @@ static const char *flow_stop(pq_worker_t *w, int lane, int redis_up, int resume)
         return "stopping";
     if (!redis_up)
         return "redis unavailable";
-    if (resume ? b->count > b->max / 2 || b->bytes > b->max_bytes / 2 : backlog_full(b))
+    if (resume ? b->count > b->max / 2 || b->bytes > b->max_bytes / 2 : pq_backlog_full(b))
         return BACKLOG_FULL;
     return NULL;
 }
@@ -351,7 +198,7 @@ void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part)
     if (part && part->topic == PQ_T_REQUESTS && --w->iinflight == 0 && !TAILQ_EMPTY(&w->lane_wait))
         event_active(w->ev_lanes, 0, 0); /* on the loop, not inside this job's end */
     if (part && part->rs && part->rs->nheld > 0 && !part->rs->down)
-        schedule_replay(w, 0); /* a replay slot is free */
+        pq_park_schedule(w, 0); /* a replay slot is free */
     pq_part_unref(part);
     if (w->stopping && w->inflight == 0) {
         PQ_INFO("every job in flight finished");
@@ -462,8 +309,9 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         flush_offsets(w); /* still ours: the commit on revoke includes them */
         for (int i = 0; i < parts->cnt; i++) {
             pq_route_state_t *rs;
-            int topic = topic_index(w, parts->elems[i].topic, &rs);
-            pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, parts->elems[i].partition);
+            int topic = pq_parts_topic_index(w, parts->elems[i].topic, &rs);
+            pq_part_t *p =
+                topic < 0 ? NULL : pq_parts_find(w, topic, rs, parts->elems[i].partition);
             if (p)
                 part_revoke(w, p);
         }
@@ -477,426 +325,6 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
         PQ_ERR("incremental rebalance: %s", rd_kafka_error_string(e));
         rd_kafka_error_destroy(e);
     }
-}
-
-/* ---- routes: parking state, hold and replay (G4) ---- */
-
-pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name)
-{
-    pq_route_state_t *rs;
-    const pq_route_t *r;
-
-    for (rs = w->routes; rs; rs = rs->next)
-        if (strcmp(rs->name, name) == 0)
-            return rs;
-    r = pq_conf_route(w->gen->conf, name);
-    rs = calloc(1, sizeof(*rs));
-    if (!rs || !r || !(rs->name = strdup(name))) {
-        free(rs);
-        return NULL;
-    }
-    pq_conf_retry_topic(w->gen->conf, r, rs->topic, sizeof(rs->topic));
-    if (pq_key_route_ops(rs->ops_key, sizeof(rs->ops_key), w->conf->redis_prefix, name) < 0) {
-        rs->ops_key[0] = '\0';
-        rs->ops_loaded = 1; /* no requests can be read: never wait for them */
-    }
-    rs->w = w;
-    rs->replay_seen = pq_now_ms(); /* replay requests from before this process are done */
-    rs->ramp_start = 0;            /* a fresh process ramps from its first replay */
-    rs->next = w->routes;
-    w->routes = rs;
-    return rs;
-}
-
-/* Jobs per second the ramp allows now; 0 = unlimited. */
-static double ramp_rate(const pq_route_state_t *rs, int64_t now)
-{
-    int64_t s = (now - rs->ramp_start) / 1000;
-
-    if (rs->ramp_start == 0)
-        return RAMP_START_RPS;
-    if (s < 0)
-        s = 0;
-    if (s >= RAMP_UNLIMITED_S)
-        return 0.0;
-    return RAMP_START_RPS * (double)(1 << s);
-}
-
-/* The start time (monotonic ms) of the next replayed job: jobs are spaced 1/rate apart, the
- * rate doubling every second from 20 jobs/s (a virtual-time token bucket without bursts). */
-static int64_t ramp_slot(pq_route_state_t *rs, int64_t now)
-{
-    double t, rate;
-
-    if (rs->ramp_start == 0) {
-        rs->ramp_start = now;
-        rs->next_slot = (double)now;
-    }
-    t = rs->next_slot > (double)now ? rs->next_slot : (double)now;
-    rate = ramp_rate(rs, (int64_t)t);
-    rs->next_slot = rate > 0.0 ? t + 1000.0 / rate : t;
-    return (int64_t)t;
-}
-
-/* Some target of the route may take a call now (not every circuit open). */
-static int route_some_target(pq_worker_t *w, const pq_route_state_t *rs)
-{
-    const pq_route_t *r = pq_conf_route(w->gen->conf, rs->name);
-
-    if (!r)
-        return 1; /* removed: its jobs run (and fail as an unknown route) */
-    for (size_t i = 0; i < r->ntargets; i++)
-        if (pq_provs_target_available(w->gen->provs, &r->targets[i]))
-            return 1;
-    return 0;
-}
-
-static void route_set_down(pq_worker_t *w, pq_route_state_t *rs, const char *why)
-{
-    if (rs->down)
-        return;
-    rs->down = 1;
-    rs->recheck_ms = pq_mono_ms() + RECHECK_MS;
-    PQ_WARN("route %s is down (%s): its jobs park on %s until a probe finds a target available",
-            rs->name, why, rs->topic);
-}
-
-void pq_worker_route_parked(pq_worker_t *w, pq_route_state_t *rs)
-{
-    route_set_down(w, rs, "every target failed");
-}
-
-static void part_hold(pq_worker_t *w, pq_part_t *p, int64_t offset)
-{
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_error_t *e;
-
-    rd_kafka_topic_partition_list_add(l, p->name, p->partition)->offset = offset;
-    /* seek first: the pause then keeps the sought position for the resume */
-    e = rd_kafka_seek_partitions(w->consumer, l, 0);
-    if (e) {
-        PQ_WARN("seek %s/%" PRId32 " to %" PRId64 ": %s", p->name, p->partition, offset,
-                rd_kafka_error_string(e));
-        rd_kafka_error_destroy(e);
-    }
-    rd_kafka_pause_partitions(w->consumer, l);
-    rd_kafka_topic_partition_list_destroy(l);
-    /* what was polled after the head is fetched again on the resume */
-    backlog_purge(&w->backlog[0], p);
-    p->next_polled = offset;
-    p->held = 1;
-    p->held_offset = offset;
-    p->rs->nheld++;
-    PQ_DBG("held %s/%" PRId32 " at %" PRId64, p->name, p->partition, offset);
-}
-
-static void route_resume(pq_worker_t *w, pq_route_state_t *rs)
-{
-    rd_kafka_topic_partition_list_t *l = NULL;
-    pq_part_t *p;
-
-    TAILQ_FOREACH(p, &w->parts, link)
-    {
-        if (p->rs != rs || !p->held)
-            continue;
-        p->held = 0;
-        rs->nheld--;
-        if (w->paused)
-            continue; /* the flow-control resume takes it along */
-        if (!l)
-            l = rd_kafka_topic_partition_list_new(4);
-        rd_kafka_topic_partition_list_add(l, p->name, p->partition);
-    }
-    if (l) {
-        rd_kafka_resume_partitions(w->consumer, l);
-        wake_fetch(w, w->consumer, l); /* at held_offset (p->next_polled) */
-        rd_kafka_topic_partition_list_destroy(l);
-        event_active(w->ev_drain, 0, 0); /* the io event fires only once per non-empty queue */
-    }
-}
-
-void pq_worker_route_up(pq_worker_t *w, pq_route_state_t *rs, const char *why)
-{
-    int64_t now = pq_mono_ms();
-
-    if (!rs->down)
-        return;
-    rs->down = 0;
-    rs->ramp_start = now;
-    rs->next_slot = (double)now;
-    PQ_WARN("route %s is up (%s): replaying %s ramped from %.0f jobs/s", rs->name, why, rs->topic,
-            RAMP_START_RPS);
-    if (rs->nheld > 0)
-        schedule_replay(w, 0);
-}
-
-/* Probes close circuits: every route with that (provider, model) as a target is up. */
-static void on_circuit(void *opaque, const pq_provider_conf_t *p, const char *model, int available)
-{
-    pq_worker_t *w = opaque;
-    char why[300];
-
-    if (!available)
-        return;
-    snprintf(why, sizeof(why), "circuit %.120s/%.120s closed", p->name, model);
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        const pq_route_t *r = rs->down ? pq_conf_route(w->gen->conf, rs->name) : NULL;
-        for (size_t i = 0; r && i < r->ntargets; i++) {
-            if (strcmp(r->targets[i].provider, p->name) == 0 &&
-                strcmp(r->targets[i].model, model) == 0) {
-                pq_worker_route_up(w, rs, why);
-                break;
-            }
-        }
-    }
-}
-
-/* A message from a retry topic: returns -1 when its partition was held, else the delay (ms)
- * after which the job may begin (its ramp slot). At most a second of slots is handed out ahead:
- * beyond that the partition is held until the window moves. */
-static int64_t replay_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message_t *m)
-{
-    pq_route_state_t *rs = p->rs;
-    size_t cap = w->max_inflight / 2 ? w->max_inflight / 2 : 1;
-    int64_t now = pq_mono_ms();
-
-    if (p->held)
-        return -1; /* prefetched before the hold: fetched again on the resume */
-    if (!rs->ops_loaded) {
-        /* nothing replays before the route's operator requests are read (a drop must not
-         * miss jobs a new process takes in first) */
-        part_hold(w, p, m->offset);
-        return -1;
-    }
-    if (!rs->down && !route_some_target(w, rs))
-        route_set_down(w, rs, "every target's circuit is open");
-    if (rs->down) {
-        int dropped;
-        int64_t exp = pq_job_parked_expiry(w, rs, m, &dropped);
-        if (exp == 0 || exp <= pq_now_ms() || dropped)
-            return 0; /* unreadable (dlq), expired or dropped: taken in to end */
-        if (rs->held_wake == 0 || exp < rs->held_wake)
-            rs->held_wake = exp;
-        part_hold(w, p, m->offset);
-        return -1;
-    }
-    if (w->retry_inflight >= cap) {
-        part_hold(w, p, m->offset); /* a job ending schedules the replay again */
-        return -1;
-    }
-    if (rs->ramp_start != 0 && rs->next_slot - (double)now > 1000.0) {
-        part_hold(w, p, m->offset);
-        schedule_replay(w, (int64_t)(rs->next_slot - (double)now) - 1000 + 1);
-        return -1;
-    }
-    return ramp_slot(rs, now) - now;
-}
-
-/* Resumes what may run again; schedules the next wake-up for ramps. */
-static void replay_tick(pq_worker_t *w)
-{
-    int64_t now = pq_mono_ms(), wall = pq_now_ms(), next = -1;
-    size_t cap = w->max_inflight / 2 ? w->max_inflight / 2 : 1;
-
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        if (rs->down && now >= rs->recheck_ms) {
-            if (route_some_target(w, rs))
-                pq_worker_route_up(w, rs, "recheck: some circuit is not open");
-            else
-                rs->recheck_ms = now + RECHECK_MS;
-        }
-        if (rs->nheld == 0 || !rs->ops_loaded)
-            continue;
-        if (rs->down) {
-            if (rs->held_wake > 0 && wall >= rs->held_wake) {
-                rs->held_wake = 0; /* the head expired: read it (and what follows) again */
-                route_resume(w, rs);
-            }
-            continue;
-        }
-        if (w->retry_inflight >= cap)
-            continue;
-        if (rs->ramp_start == 0 || rs->next_slot - (double)now <= 1000.0) {
-            route_resume(w, rs);
-        } else {
-            int64_t wait = (int64_t)(rs->next_slot - (double)now) - 1000 + 1;
-            if (next < 0 || wait < next)
-                next = wait;
-        }
-    }
-    if (next >= 0)
-        schedule_replay(w, next);
-}
-
-static void on_replay(evutil_socket_t fd, short what, void *arg)
-{
-    replay_tick(arg);
-}
-
-static void schedule_replay(pq_worker_t *w, int64_t ms)
-{
-    struct timeval tv;
-
-    if (ms < 0)
-        ms = 0;
-    tv.tv_sec = (time_t)(ms / 1000);
-    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
-    if (!evtimer_pending(w->ev_replay, NULL) || ms == 0)
-        evtimer_add(w->ev_replay, &tv);
-}
-
-/* ---- operator requests (POST /v1/parked/{route}/replay, DELETE /v1/parked/{route}) ---- */
-
-int pq_worker_route_dropped(const pq_route_state_t *rs, const char *tenant, int64_t parked_at)
-{
-    for (size_t i = 0; i < rs->ndrops; i++)
-        if (strcmp(rs->drops[i].tenant, tenant) == 0)
-            return parked_at > 0 && parked_at < rs->drops[i].before;
-    return 0;
-}
-
-static void drops_free(pq_route_state_t *rs)
-{
-    for (size_t i = 0; i < rs->ndrops; i++)
-        free(rs->drops[i].tenant);
-    free(rs->drops);
-    rs->drops = NULL;
-    rs->ndrops = 0;
-}
-
-/* Replay now: the route's circuits close by force and its parked jobs replay, ramped. */
-static void route_replay_now(pq_worker_t *w, pq_route_state_t *rs)
-{
-    const pq_route_t *r = pq_conf_route(w->gen->conf, rs->name);
-
-    for (size_t i = 0; r && i < r->ntargets; i++) {
-        pq_prov_t *pv = pq_provs_get(w->gen->provs, r->targets[i].p);
-        pq_circuit_t *c = pv ? pq_prov_circuit(pv, &r->targets[i]) : NULL;
-        if (c)
-            pq_circuit_force_close(c, "an operator's replay");
-    }
-    if (rs->down) {
-        pq_worker_route_up(w, rs, "an operator asked for a replay");
-    } else if (rs->nheld > 0) {
-        route_resume(w, rs);
-    }
-}
-
-/* The route's ops hash: {field, value, ...} (HGETALL). */
-static void on_route_ops(void *opaque, redisReply *r)
-{
-    pq_route_state_t *rs = opaque;
-    pq_worker_t *w = rs->w;
-    struct pq_drop_s *drops = NULL;
-    size_t n = 0, newer = 0;
-
-    rs->ops_pending = 0;
-    if (!r || r->type != REDIS_REPLY_ARRAY || !rs->active)
-        return;
-    if (!rs->ops_loaded) {
-        rs->ops_loaded = 1; /* replay may start: the drops are known */
-        newer = 1;
-    }
-    if (r->elements / 2 > 0 && !(drops = calloc(r->elements / 2, sizeof(*drops))))
-        return;
-    for (size_t i = 0; i + 1 < r->elements; i += 2) {
-        const redisReply *f = r->element[i], *v = r->element[i + 1];
-        int64_t at;
-
-        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
-            continue;
-        at = strtoll(v->str, NULL, 10);
-        if (strcmp(f->str, "replay_at") == 0) {
-            if (at > rs->replay_seen) {
-                rs->replay_seen = at;
-                PQ_WARN("route %s: an operator asked for a replay of its parked jobs", rs->name);
-                route_replay_now(w, rs);
-            }
-        } else if (strncmp(f->str, "drop:", 5) == 0 && f->str[5]) {
-            if (!(drops[n].tenant = strdup(f->str + 5)))
-                continue;
-            drops[n].before = at;
-            if (!pq_worker_route_dropped(rs, drops[n].tenant, at - 1)) {
-                newer++;
-                PQ_WARN("route %s: an operator dropped tenant %s's parked jobs (parked before "
-                        "%" PRId64 ")",
-                        rs->name, drops[n].tenant, at);
-            }
-            n++;
-        }
-    }
-    drops_free(rs);
-    rs->drops = drops;
-    rs->ndrops = n;
-    /* held partitions are read again: the dropped jobs at their heads are taken in and end
-     * (and after the first read, what waited for it goes on) */
-    if (newer && rs->nheld > 0)
-        route_resume(w, rs);
-}
-
-static void routes_ops_poll(pq_worker_t *w)
-{
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        const char *argv[2] = {"HGETALL", rs->ops_key};
-        size_t lens[2] = {7, strlen(rs->ops_key)};
-
-        if (!rs->active || rs->ops_pending || !rs->ops_key[0])
-            continue;
-        if (pq_redis_command(w->redis, 2, argv, lens, on_route_ops, rs) == 0)
-            rs->ops_pending = 1;
-    }
-}
-
-static void on_routes(evutil_socket_t fd, short what, void *arg)
-{
-    routes_ops_poll(arg);
-    replay_tick(arg);
-}
-
-/* Parked jobs of a route not yet replayed, estimated from this worker's retry partitions: the
- * high watermark (or the highest offset it parked there itself) minus the read position. */
-static int64_t route_parked_estimate(pq_worker_t *w, const pq_route_state_t *rs)
-{
-    int64_t n = 0;
-    pq_part_t *p;
-
-    TAILQ_FOREACH(p, &w->parts, link)
-    {
-        int64_t lo = -1, hi = -1, pos;
-        rd_kafka_topic_partition_list_t *l;
-
-        if (p->rs != rs)
-            continue;
-        rd_kafka_get_watermark_offsets(w->consumer, p->name, p->partition, &lo, &hi);
-        if (p->partition < RS_MAX_PARTS && rs->hi && rs->hi[p->partition] > hi)
-            hi = rs->hi[p->partition];
-        if (p->held) {
-            pos = p->held_offset;
-        } else {
-            l = rd_kafka_topic_partition_list_new(1);
-            rd_kafka_topic_partition_list_add(l, p->name, p->partition);
-            rd_kafka_position(w->consumer, l);
-            pos = l->elems[0].offset;
-            rd_kafka_topic_partition_list_destroy(l);
-            if (pos < 0)
-                pos = p->next_taken >= 0 ? p->next_taken : hi;
-        }
-        if (hi > pos && pos >= 0)
-            n += hi - pos;
-    }
-    return n;
-}
-
-void pq_worker_parked_at(pq_worker_t *w, const char *topic, int32_t partition, int64_t offset)
-{
-    pq_route_state_t *rs = route_by_topic(w, topic);
-
-    if (!rs || partition < 0 || partition >= RS_MAX_PARTS)
-        return;
-    if (!rs->hi && !(rs->hi = calloc(RS_MAX_PARTS, sizeof(*rs->hi))))
-        return;
-    if (offset + 1 > rs->hi[partition])
-        rs->hi[partition] = offset + 1;
 }
 
 /* ---- health key ---- */
@@ -929,7 +357,7 @@ static void on_health(evutil_socket_t fd, short what, void *arg)
 {
     pq_worker_t *w = arg;
     int64_t now = pq_mono_ms();
-    json_t *o, *routes;
+    json_t *o;
     char *s, ttl[24];
     const char *argv[5];
     size_t lens[5];
@@ -937,7 +365,6 @@ static void on_health(evutil_socket_t fd, short what, void *arg)
     if (w->health_pending || !pq_redis_up(w->redis))
         return;
     o = json_object();
-    routes = json_object();
     json_object_set_new(o, "instance", json_string(w->instance));
     json_object_set_new(o, "owner", json_string(w->owner));
     json_object_set_new(o, "updated_at", json_integer(pq_now_ms()));
@@ -946,22 +373,7 @@ static void on_health(evutil_socket_t fd, short what, void *arg)
     json_object_set_new(o, "replay_inflight", json_integer((json_int_t)w->retry_inflight));
     json_object_set_new(o, "paused", json_boolean(w->paused));
     json_object_set_new(o, "circuits", pq_provs_health(w->gen->provs));
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        double rate = ramp_rate(rs, now);
-        if (!rs->active)
-            continue;
-        json_object_set_new(
-            routes, rs->name,
-            json_pack("{s:s, s:b, s:I, s:i, s:o, s:I, s:I, s:I}", "retry_topic", rs->topic, "down",
-                      rs->down, "parked", (json_int_t)route_parked_estimate(w, rs),
-                      "held_partitions", rs->nheld, "replay_rate",
-                      rs->down     ? json_integer(0)
-                      : rate > 0.0 ? json_integer((json_int_t)rate)
-                                   : json_null(),
-                      "parked_total", (json_int_t)rs->parked, "reparked_total",
-                      (json_int_t)rs->reparked, "replayed_total", (json_int_t)rs->replayed));
-    }
-    json_object_set_new(o, "routes", routes);
+    json_object_set_new(o, "routes", pq_park_health(w, now));
     s = json_dumps(o, JSON_COMPACT);
     json_decref(o);
     if (!s)
@@ -984,7 +396,7 @@ static void on_health(evutil_socket_t fd, short what, void *arg)
 static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
 {
     pq_route_state_t *rs;
-    int topic = topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
+    int topic = pq_parts_topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
     pq_part_t *part;
     int64_t delay = 0;
 
@@ -997,13 +409,13 @@ static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
         pq_counter_add(w->m.handed_back, 1);
         return;
     }
-    part = part_find(w, topic, rs, m->partition);
+    part = pq_parts_find(w, topic, rs, m->partition);
     if (part && part->next_taken >= 0 && m->offset < part->next_taken) {
         /* Fetched again after a pause/resume: this offset is already in flight or done. */
         pq_counter_add(w->m.duplicates, 1);
         return;
     }
-    if (topic == PQ_T_RETRY && part && (delay = replay_admit(w, part, m)) < 0)
+    if (topic == PQ_T_RETRY && part && (delay = pq_park_admit(w, part, m)) < 0)
         return;
     if (topic == PQ_T_REQUESTS && part)
         w->iinflight++; /* pq_worker_job_gone takes it off */
@@ -1029,7 +441,7 @@ static void on_consumer_error(pq_worker_t *w, const rd_kafka_message_t *m)
 /* Takes in the oldest message of the lane's backlog. */
 static void backlog_start_one(pq_worker_t *w, int lane)
 {
-    rd_kafka_message_t *m = backlog_pop(&w->backlog[lane]);
+    rd_kafka_message_t *m = pq_backlog_pop(&w->backlog[lane]);
 
     on_message(w, m);
     rd_kafka_message_destroy(m);
@@ -1057,7 +469,7 @@ static void drain_consumer(pq_worker_t *w, int lane)
                 update_flow(w);
             continue;
         }
-        if (polled && backlog_full(b))
+        if (polled && pq_backlog_full(b))
             break;
         /* the consumer queue serves rebalances and errors too; iqueue only messages */
         m = lane ? rd_kafka_consume_queue(w->iqueue, 0) : rd_kafka_consumer_poll(rk, 0);
@@ -1071,18 +483,18 @@ static void drain_consumer(pq_worker_t *w, int lane)
         }
         {
             pq_route_state_t *rs;
-            int topic = topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
-            pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, m->partition);
+            int topic = pq_parts_topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
+            pq_part_t *p = topic < 0 ? NULL : pq_parts_find(w, topic, rs, m->partition);
             if (p && m->offset + 1 > p->next_polled)
                 p->next_polled = m->offset + 1;
         }
-        if (backlog_push(b, m) != 0) { /* out of memory: taken in now, over the cap */
+        if (pq_backlog_push(b, m) != 0) { /* out of memory: taken in now, over the cap */
             on_message(w, m);
             rd_kafka_message_destroy(m);
         }
         /* full: pause now, not after the batch, so that librdkafka drops what it prefetched
          * instead of handing it all over */
-        if (!(lane ? w->ipaused : w->paused) && backlog_full(b))
+        if (!(lane ? w->ipaused : w->paused) && pq_backlog_full(b))
             update_flow(w);
     }
     if (n == budget) /* more waiting: other events first */
@@ -1252,7 +664,7 @@ static pq_gen_t *gen_new(pq_worker_t *w, pq_conf_t *conf, int owned, char *errst
         return NULL;
     }
     g->owned = owned;
-    pq_provs_set_listener(g->provs, on_circuit, w);
+    pq_provs_set_listener(g->provs, pq_park_on_circuit, w);
     return g;
 }
 
@@ -1264,7 +676,7 @@ static void routes_refresh(pq_worker_t *w)
     for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
         rs->active = 0;
     for (size_t i = 0; i < c->nroutes; i++) {
-        pq_route_state_t *rs = pq_worker_route_state(w, c->routes[i].name);
+        pq_route_state_t *rs = pq_park_route(w, c->routes[i].name);
         if (rs)
             rs->active = 1;
     }
@@ -1511,7 +923,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     PQ_INFO("signal %d: stopping, %zu jobs in flight", (int)sig, w->inflight);
     w->stopping = 1;
     for (int lane = 0; lane < 2; lane++) /* never taken in: the next owner reads them */
-        pq_counter_add(w->m.handed_back, backlog_purge(&w->backlog[lane], NULL));
+        pq_counter_add(w->m.handed_back, pq_backlog_purge(&w->backlog[lane], NULL));
     pq_callbacks_stop(w->callbacks);
     update_flow(w);
     if (w->inflight == 0) {
@@ -1833,8 +1245,8 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->ev_sigint = evsignal_new(w->base, SIGINT, on_signal, w);
     w->ev_grace = evtimer_new(w->base, on_grace, w);
     w->ev_final = event_new(w->base, -1, EV_PERSIST, on_final, w);
-    w->ev_routes = event_new(w->base, -1, EV_PERSIST, on_routes, w);
-    w->ev_replay = evtimer_new(w->base, on_replay, w);
+    w->ev_routes = event_new(w->base, -1, EV_PERSIST, pq_park_on_routes, w);
+    w->ev_replay = evtimer_new(w->base, pq_park_on_replay, w);
     w->ev_health = event_new(w->base, -1, EV_PERSIST, on_health, w);
     w->ev_sighup = evsignal_new(w->base, SIGHUP, on_sighup, w);
     if (!w->ev_cqueue || !w->ev_iqueue || !w->ev_idrain || !w->ev_lanes || !w->ev_pqueue ||
@@ -1937,7 +1349,7 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
 {
     struct timeval safety = {0, SAFETY_MS * 1000};
     struct timeval stats = {STATS_MS / 1000, 0};
-    struct timeval routes = {ROUTE_TICK_MS / 1000, (ROUTE_TICK_MS % 1000) * 1000};
+    struct timeval routes = {PQ_PARK_TICK_MS / 1000, (PQ_PARK_TICK_MS % 1000) * 1000};
     struct timeval health = {HEALTH_MS / 1000, 0};
     rd_kafka_resp_err_t err;
 
@@ -1960,7 +1372,7 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
     event_base_dispatch(w->base);
 
     for (int lane = 0; lane < 2; lane++) /* before the close: messages hold partition refs */
-        backlog_purge(&w->backlog[lane], NULL);
+        pq_backlog_purge(&w->backlog[lane], NULL);
     flush_offsets(w);
     err = rd_kafka_commit(w->consumer, NULL, 0);
     if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
@@ -1983,7 +1395,6 @@ void pq_worker_destroy(pq_worker_t *w)
         &w->ev_cqueue, &w->ev_iqueue, &w->ev_idrain, &w->ev_lanes,   &w->ev_pqueue, &w->ev_drain,
         &w->ev_flush,  &w->ev_safety, &w->ev_stats,  &w->ev_sigterm, &w->ev_sigint, &w->ev_grace,
         &w->ev_final,  &w->ev_routes, &w->ev_replay, &w->ev_health,  &w->ev_sighup};
-    pq_route_state_t *rs;
     pq_gen_t *g;
 
     if (!w)
@@ -1992,7 +1403,7 @@ void pq_worker_destroy(pq_worker_t *w)
         evhttp_free(w->mhttp);
     pq_job_free_all(w);
     for (int lane = 0; lane < 2; lane++) {
-        backlog_purge(&w->backlog[lane], NULL);
+        pq_backlog_purge(&w->backlog[lane], NULL);
         free(w->backlog[lane].m);
     }
     while ((p = TAILQ_FIRST(&w->parts))) {
@@ -2023,13 +1434,7 @@ void pq_worker_destroy(pq_worker_t *w)
     }
     if (w->gen)
         gen_free(w->gen);
-    while ((rs = w->routes)) {
-        w->routes = rs->next;
-        drops_free(rs);
-        free(rs->hi);
-        free(rs->name);
-        free(rs);
-    }
+    pq_park_free_all(w);
     pq_http_destroy(w->http);
     pq_http_destroy(w->ihttp);
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
