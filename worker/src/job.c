@@ -34,8 +34,10 @@
 #include "providers/provider.h"
 #include "stream/stream.h"
 #include "jobdoc.h"
+#include "gen.h"
 #include "park.h"
 #include "parts.h"
+#include "produce.h"
 #include "worker_int.h"
 
 #define KEY_MAX              320
@@ -354,7 +356,7 @@ static void job_done(pq_job_t *j)
     }
     pq_gen_unref(w, j->gen);
     j->gen = NULL;
-    pq_worker_job_gone(w, part);
+    w->job_gone(w, part);
     if (j->nredis == 0)
         job_free(j);
 }

@@ -18,7 +18,9 @@
 #include "offsets.h"
 #include "prov.h"
 #include "redis.h"
-#include "worker.h"
+
+/* worker.h names it too; not included here, so the modules below worker.c never reach up. */
+typedef struct pq_worker_s pq_worker_t;
 
 enum { PQ_T_REQUESTS = 0, PQ_T_BULK, PQ_T_RESULTS, PQ_T_DLQ, PQ_T_COUNT };
 #define PQ_T_RETRY       PQ_T_COUNT
@@ -180,27 +182,16 @@ struct pq_worker_s {
     int64_t final_deadline_ms;
     int grace_ms;
 
+    /* A job left (job.c calls it): drops the partition reference, frees its slot and re-checks
+     * flow control. Set by the consumer (pq_consumer_init). */
+    void (*job_gone)(struct pq_worker_s *w, pq_part_t *part);
+
     pq_metrics_t *metrics;
     pq_worker_metrics_t m;
     struct evhttp *mhttp; /* worker.metrics_listen: GET /metrics, /healthz; NULL when off */
 };
 
 /* worker.c, for job.c */
-
-/* A job left: drop the partition reference and re-check flow control. */
-void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part);
-
-/* Produces value to topic (PQ_T_RESULTS / PQ_T_DLQ) with key; msg_opaque comes back in the
- * delivery report. value: borrowed, must stay valid until the report. Returns 0 or the error. */
-rd_kafka_resp_err_t pq_worker_produce(pq_worker_t *w, int topic, const char *key, const char *value,
-                                      size_t len, void *msg_opaque);
-
-/* Same, to a topic by name (retry topics). */
-rd_kafka_resp_err_t pq_worker_produce_to(pq_worker_t *w, const char *topic, const char *key,
-                                         const char *value, size_t len, void *msg_opaque);
-
-/* Drops a job's reference on a generation; frees a retired one at zero. */
-void pq_gen_unref(pq_worker_t *w, pq_gen_t *g);
 
 /* job.c, for worker.c */
 
