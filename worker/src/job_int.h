@@ -1,11 +1,14 @@
-/* Internals shared by the job's modules: job.c (state machine, in-flight table, Redis steps,
- * leases, parking a job, publishing), attempt.c (provider calls, retries, failover, budget) and
- * jobstream.c (the live-streaming relay). The lower ones reach job.c through j->hooks. */
+/* Internals shared by the job's modules, from the top: job.c (state machine, in-flight table,
+ * intake, parking a job, publishing, lanes, shutdown), jobredis.c (Redis steps: begin and finish
+ * scripts, release, park write, cache; leases), attempt.c (provider calls, retries, failover,
+ * budget), jobstream.c (the live-streaming relay) and jobrec.c (the job's records, jobdoc.h).
+ * A lower one reaches job.c (or jobredis.c) only through j->hooks. */
 #ifndef PQ_JOB_INT_H
 #define PQ_JOB_INT_H
 
 #include <stdint.h>
 #include <time.h>
+#include "jobdoc.h"
 #include "promptq/util.h"
 #include "providers/provider.h"
 #include "stream/stream.h"
@@ -139,7 +142,7 @@ struct pq_job_s {
     TAILQ_ENTRY(pq_job_s) lane_link;
 };
 
-/* What attempt.c and jobstream.c call in job.c (set by job.c at intake; static, never NULL). */
+/* What the lower job modules call above them (set by job.c at intake; static, never NULL). */
 typedef struct pq_job_hooks_s {
     /* Terminal write: status with err (msg: NULL keeps errmsg). */
     void (*finish)(pq_job_t *j, const char *status, pq_err_t err, const char *msg);
@@ -151,6 +154,12 @@ typedef struct pq_job_hooks_s {
     void (*cache_store)(pq_job_t *j);
     /* pq_redis_command's callback for a best-effort command of j (opaque: j). */
     pq_redis_reply_cb *aux_reply;
+    /* for jobredis.c: */
+    void (*publish)(pq_job_t *j);      /* produce the result (and dlq) records */
+    void (*done)(pq_job_t *j);         /* the job is over (offset done unless handed back) */
+    void (*free)(pq_job_t *j);         /* its last Redis reply came in after it was over */
+    void (*stop_calls)(pq_job_t *j);   /* cancel its provider call or wait */
+    void (*table_remove)(pq_job_t *j); /* it no longer holds its id in this process */
 } pq_job_hooks_t;
 
 /* Interactive jobs talk to Redis over their own connection: the server serves connections in
@@ -202,6 +211,42 @@ static inline int job_cacheable(const pq_job_t *j)
     temp = json_object_get(j->env.request, "temperature");
     return json_is_number(temp) && json_number_value(temp) == 0.0;
 }
+
+static inline int park_expired(const pq_job_t *j)
+{
+    int64_t at = pq_jobdoc_park_since(j->env.park);
+    return at > 0 && pq_now_ms() - at >= j->w->conf->park_ttl_s * 1000;
+}
+
+/* jobrec.c: the job's records (jobdoc.h) from its state; the time is now */
+
+/* The inputs of j's records, borrowed from j. */
+void pq_jobrec_doc(const pq_job_t *j, pq_jobdoc_t *d);
+/* The "error" object. New reference. */
+json_t *pq_jobrec_error(const pq_job_t *j);
+/* The result record. New string, NULL on failure. */
+char *pq_jobrec_result(const pq_job_t *j, size_t *len);
+/* The dlq record's small stand-in (sets j->dlq_small). New string, NULL on failure. */
+char *pq_jobrec_dlq_small(pq_job_t *j, size_t *len);
+/* Envelope + error (taken) for the dlq; the small stand-in when that is over max_msg. */
+char *pq_jobrec_dlq(pq_job_t *j, json_t *error, size_t *len);
+
+/* jobredis.c: the Redis steps (begin and finish scripts, release, park, cache), leases */
+
+/* Issues j's current Redis step (j->rstep); waits on w->redis_wait while Redis is down. */
+void pq_jobredis_issue(pq_job_t *j);
+/* The job runs: the cache first when it is cacheable, else its provider calls. */
+void pq_jobredis_run(pq_job_t *j);
+/* PUBLISH <reply_to> "<tenant>:<id>" when the envelope asks for it (best effort). */
+void pq_jobredis_reply(pq_job_t *j);
+/* Stores a fresh answer in the cache (best effort). */
+void pq_jobredis_cache_store(pq_job_t *j);
+/* Renews the lease (eval: EVAL with the script text, after a NOSCRIPT). */
+void pq_jobredis_renew_send(pq_job_t *j, int eval);
+/* j->renew's callback (arg: the job). */
+void pq_jobredis_on_renew_tick(evutil_socket_t fd, short what, void *arg);
+/* pq_redis_command's callback of a best-effort command (opaque: the job). */
+void pq_jobredis_aux_reply(void *opaque, redisReply *reply);
 
 /* attempt.c */
 

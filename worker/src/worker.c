@@ -21,6 +21,7 @@
 #include <event2/http.h>
 #include "consumer.h"
 #include "gen.h"
+#include "health.h"
 #include "produce.h"
 #include "park.h"
 #include "parts.h"
@@ -31,10 +32,6 @@
 #define STATS_MS          10000
 #define FINAL_WAIT_MS     1500
 #define CLUSTERID_WAIT_MS 60000
-#define HEALTH_MS         5000
-#define HEALTH_TTL_MS     (3 * HEALTH_MS)
-#define TOPIC_WAIT_MS     5000
-#define ADMIN_WAIT_MS     1500
 
 /* ---- Kafka callbacks ---- */
 
@@ -81,70 +78,6 @@ static void on_kafka_error(rd_kafka_t *rk, int err, const char *reason, void *op
 static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     pq_job_delivered(opaque, m);
-}
-
-/* ---- health key ---- */
-
-/* promptq:health:{instance}: a JSON string, SET every 5 s with a 15 s TTL (PX), read by the
- * broker for /v1/health, the CLI and the dashboard:
- *   {"instance": "<worker.instance_id or hostname-pid>", "owner": "<lease owner id>",
- *    "updated_at": <ms since the epoch>, "interval_ms": 5000,
- *    "inflight": <jobs in flight>, "replay_inflight": <of them read from retry topics>,
- *    "paused": <consumption paused by flow control>,
- *    "circuits": [{"provider", "model", "circuit": "closed"|"open"|"half_open",
- *                  "last_probe": null | {"ok": bool, "at": <ms>, "detail": "..."},
- *                  "status_page": null | "none"|"minor"|"major"|"critical"}],
- *    "routes": {"<route>": {"retry_topic", "down": bool,
- *                           "parked": <estimate: messages on this worker's retry partitions not
- *                                      yet replayed>,
- *                           "held_partitions": n, "replay_rate": <jobs/s> | null (unlimited),
- *                           "parked_total", "reparked_total", "replayed_total" (since start)}}}
- * Circuits appear once a target was used or probed. Each worker reports the retry partitions
- * assigned to it: the broker sums "parked" over workers. */
-static void on_health_reply(void *opaque, redisReply *reply)
-{
-    pq_worker_t *w = opaque;
-    w->health_pending = 0;
-    if (reply && reply->type == REDIS_REPLY_ERROR)
-        PQ_DBG("health key: %s", reply->str);
-}
-
-static void on_health(evutil_socket_t fd, short what, void *arg)
-{
-    pq_worker_t *w = arg;
-    int64_t now = pq_mono_ms();
-    json_t *o;
-    char *s, ttl[24];
-    const char *argv[5];
-    size_t lens[5];
-
-    if (w->health_pending || !pq_redis_up(w->redis))
-        return;
-    o = json_object();
-    json_object_set_new(o, "instance", json_string(w->instance));
-    json_object_set_new(o, "owner", json_string(w->owner));
-    json_object_set_new(o, "updated_at", json_integer(pq_now_ms()));
-    json_object_set_new(o, "interval_ms", json_integer(HEALTH_MS));
-    json_object_set_new(o, "inflight", json_integer((json_int_t)w->inflight));
-    json_object_set_new(o, "replay_inflight", json_integer((json_int_t)w->retry_inflight));
-    json_object_set_new(o, "paused", json_boolean(w->paused));
-    json_object_set_new(o, "circuits", pq_provs_health(w->gen->provs));
-    json_object_set_new(o, "routes", pq_park_health(w, now));
-    s = json_dumps(o, JSON_COMPACT);
-    json_decref(o);
-    if (!s)
-        return;
-    snprintf(ttl, sizeof(ttl), "%d", HEALTH_TTL_MS);
-    argv[0] = "SET";
-    argv[1] = w->health_key;
-    argv[2] = s;
-    argv[3] = "PX";
-    argv[4] = ttl;
-    for (int i = 0; i < 5; i++)
-        lens[i] = strlen(argv[i]);
-    if (pq_redis_command(w->redis, 5, argv, lens, on_health_reply, w) == 0)
-        w->health_pending = 1;
-    free(s);
 }
 
 static void drain_producer(pq_worker_t *w)
@@ -219,165 +152,6 @@ static void on_redis_state(void *opaque, int up)
 
 /* ---- generations (SIGHUP) ---- */
 
-/* Marks the routes of the current config active (creating their states). */
-static void routes_refresh(pq_worker_t *w)
-{
-    const pq_conf_t *c = w->gen->conf;
-
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
-        rs->active = 0;
-    for (size_t i = 0; i < c->nroutes; i++) {
-        pq_route_state_t *rs = pq_park_route(w, c->routes[i].name);
-        if (rs)
-            rs->active = 1;
-    }
-}
-
-/* Creates one topic through a metadata request (the cluster auto-creates it); waits for it to
- * have partitions. Returns 0 or -1. */
-static int topic_autocreate(pq_worker_t *w, const char *name)
-{
-    rd_kafka_topic_t *rkt = rd_kafka_topic_new(w->producer, name, NULL);
-    int64_t deadline = pq_mono_ms() + TOPIC_WAIT_MS;
-    int rc = -1;
-
-    if (!rkt)
-        return -1;
-    while (rc != 0 && pq_mono_ms() < deadline) {
-        const struct rd_kafka_metadata *md = NULL;
-        if (rd_kafka_metadata(w->producer, 0, rkt, &md, 1000) == RD_KAFKA_RESP_ERR_NO_ERROR && md) {
-            if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR &&
-                md->topics[0].partition_cnt > 0)
-                rc = 0;
-            rd_kafka_metadata_destroy(md);
-        }
-        if (rc != 0)
-            usleep(100 * 1000);
-    }
-    rd_kafka_topic_destroy(rkt);
-    return rc;
-}
-
-/* Creates every active route's retry topic before subscribing to it: Admin API CreateTopics
- * (topics.partitions partitions), or, when the cluster does not support it (promptq-devkafka),
- * a metadata request that auto-creates it. Blocks up to a few seconds (at start and SIGHUP).
- * Returns the number of topics that could not be created. */
-static int retry_topics_create(pq_worker_t *w)
-{
-    const pq_conf_t *c = w->gen->conf;
-    rd_kafka_NewTopic_t **nts = NULL;
-    const char **names = NULL;
-    int *fallback = NULL;
-    rd_kafka_AdminOptions_t *opt = NULL;
-    rd_kafka_queue_t *q = NULL;
-    rd_kafka_event_t *ev = NULL;
-    char why[256] = "";
-    size_t n = 0;
-    int failed = 0;
-
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
-        n += rs->active;
-    if (n == 0)
-        return 0;
-    nts = calloc(n, sizeof(*nts));
-    names = calloc(n, sizeof(*names));
-    fallback = calloc(n, sizeof(*fallback));
-    if (!nts || !names || !fallback) {
-        failed = (int)n;
-        goto out;
-    }
-    n = 0;
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        char err[200];
-        if (!rs->active)
-            continue;
-        names[n] = rs->topic;
-        nts[n] = rd_kafka_NewTopic_new(rs->topic, c->topic_partitions > 0 ? c->topic_partitions : 4,
-                                       -1, err, sizeof(err));
-        fallback[n] = 1;
-        if (!nts[n])
-            PQ_WARN("retry topic %s: %s", rs->topic, err);
-        n++;
-    }
-    /* librdkafka's mock cluster (promptq-devkafka, cluster id "mockCluster...") lacks the API
-     * and a cluster that did not answer it before is not asked again */
-    if (w->no_admin || (w->cluster_id && strncmp(w->cluster_id, "mockCluster", 11) == 0)) {
-        snprintf(why, sizeof(why), "not supported by this cluster");
-        goto fallback;
-    }
-    opt = rd_kafka_AdminOptions_new(w->producer, RD_KAFKA_ADMIN_OP_CREATETOPICS);
-    q = rd_kafka_queue_new(w->producer);
-    if (opt && q) {
-        size_t k = 0;
-        rd_kafka_NewTopic_t **valid = calloc(n, sizeof(*valid));
-        rd_kafka_AdminOptions_set_request_timeout(opt, ADMIN_WAIT_MS, NULL, 0);
-        for (size_t i = 0; valid && i < n; i++)
-            if (nts[i])
-                valid[k++] = nts[i];
-        if (k > 0) {
-            rd_kafka_CreateTopics(w->producer, valid, k, opt, q);
-            ev = rd_kafka_queue_poll(q, ADMIN_WAIT_MS + 1000);
-        }
-        free(valid);
-    }
-    if (ev && rd_kafka_event_error(ev)) {
-        snprintf(why, sizeof(why), "%s", rd_kafka_event_error_string(ev));
-        w->no_admin = rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__TIMED_OUT;
-    } else if (ev) {
-        const rd_kafka_CreateTopics_result_t *res = rd_kafka_event_CreateTopics_result(ev);
-        size_t cnt = 0;
-        const rd_kafka_topic_result_t **tr =
-            res ? rd_kafka_CreateTopics_result_topics(res, &cnt) : NULL;
-        for (size_t i = 0; i < cnt; i++) {
-            rd_kafka_resp_err_t e = rd_kafka_topic_result_error(tr[i]);
-            const char *name = rd_kafka_topic_result_name(tr[i]);
-            for (size_t t = 0; t < n; t++) {
-                if (strcmp(names[t], name) != 0)
-                    continue;
-                if (e == RD_KAFKA_RESP_ERR_NO_ERROR) {
-                    PQ_INFO("retry topic %s created (CreateTopics)", name);
-                    fallback[t] = 0;
-                } else if (e == RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS) {
-                    PQ_DBG("retry topic %s exists", name);
-                    fallback[t] = 0;
-                } else {
-                    snprintf(why, sizeof(why), "%s", rd_kafka_err2str(e));
-                }
-            }
-        }
-    } else {
-        snprintf(why, sizeof(why), "no answer");
-    }
-fallback:
-    for (size_t t = 0; t < n; t++) {
-        if (!fallback[t])
-            continue;
-        if (topic_autocreate(w, names[t]) == 0) {
-            PQ_INFO("retry topic %s auto-created by a metadata request (CreateTopics: %s)",
-                    names[t], why[0] ? why : "not supported");
-        } else {
-            PQ_ERR("retry topic %s could not be created (CreateTopics: %s; metadata request "
-                   "timed out): parking on that route waits for it",
-                   names[t], why[0] ? why : "not supported");
-            failed++;
-        }
-    }
-out:
-    if (ev)
-        rd_kafka_event_destroy(ev);
-    if (q)
-        rd_kafka_queue_destroy(q);
-    if (opt)
-        rd_kafka_AdminOptions_destroy(opt);
-    for (size_t i = 0; nts && i < n; i++)
-        if (nts[i])
-            rd_kafka_NewTopic_destroy(nts[i]);
-    free(nts);
-    free(names);
-    free(fallback);
-    return failed;
-}
-
 /* Subscribes to <prefix>requests, <prefix>bulk and every active route's retry topic. */
 static rd_kafka_resp_err_t subscribe_all(pq_worker_t *w)
 {
@@ -425,8 +199,8 @@ static void on_sighup(evutil_socket_t sig, short what, void *arg)
     old->next = w->retired;
     w->retired = old;
     pq_gen_unref(w, old);
-    routes_refresh(w);
-    retry_topics_create(w);
+    pq_gen_routes_refresh(w);
+    pq_gen_retry_topics_create(w);
     err = subscribe_all(w);
     if (err)
         PQ_ERR("SIGHUP: subscribe: %s", rd_kafka_err2str(err));
@@ -591,8 +365,6 @@ static rd_kafka_t *producer_new(pq_worker_t *w, char *errstr, size_t errstr_size
     return rk;
 }
 
-static int metrics_listen(pq_worker_t *w, const char *spec, char *errstr, size_t errstr_size);
-
 pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_size)
 {
     pq_worker_t *w = calloc(1, sizeof(*w));
@@ -709,7 +481,7 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->gen = pq_gen_new(w, (pq_conf_t *)conf, 0, errstr, errstr_size);
     if (!w->gen)
         goto out_fail;
-    routes_refresh(w);
+    pq_gen_routes_refresh(w);
     w->redis = pq_redis_new(w->base, conf->redis_host, conf->redis_port, conf->redis_password,
                             conf->redis_db, 5000, on_redis_state, w, errstr, errstr_size);
     if (!w->redis)
@@ -767,7 +539,7 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     rd_kafka_queue_io_event_enable(w->iqueue, w->ipipe[1], "1", 1);
-    retry_topics_create(w);
+    pq_gen_retry_topics_create(w);
     err = subscribe_all(w);
     if (err) {
         snprintf(errstr, errstr_size, "subscribe: %s", rd_kafka_err2str(err));
@@ -793,7 +565,7 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     w->ev_final = event_new(w->base, -1, EV_PERSIST, on_final, w);
     w->ev_routes = event_new(w->base, -1, EV_PERSIST, pq_park_on_routes, w);
     w->ev_replay = evtimer_new(w->base, pq_park_on_replay, w);
-    w->ev_health = event_new(w->base, -1, EV_PERSIST, on_health, w);
+    w->ev_health = event_new(w->base, -1, EV_PERSIST, pq_health_on_tick, w);
     w->ev_sighup = evsignal_new(w->base, SIGHUP, on_sighup, w);
     if (!w->ev_cqueue || !w->ev_iqueue || !w->ev_idrain || !w->ev_lanes || !w->ev_pqueue ||
         !w->ev_drain || !w->ev_flush || !w->ev_safety || !w->ev_stats || !w->ev_sigterm ||
@@ -803,7 +575,7 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     if (conf->metrics_listen && conf->metrics_listen[0] &&
-        metrics_listen(w, conf->metrics_listen, errstr, errstr_size) != 0)
+        pq_health_metrics_listen(w, conf->metrics_listen, errstr, errstr_size) != 0)
         goto out_fail;
     PQ_INFO("worker %s: group %s, topics %s %s, max_inflight %zu, cluster %s", w->owner,
             conf->group_id, w->topics[PQ_T_REQUESTS], w->topics[PQ_T_BULK], w->max_inflight,
@@ -815,88 +587,12 @@ out_fail:
     return NULL;
 }
 
-/* ---- metrics endpoint (worker.metrics_listen) ---- */
-
-static void on_metrics_http(struct evhttp_request *req, void *arg)
-{
-    pq_worker_t *w = arg;
-    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
-    struct evbuffer *out = evhttp_request_get_output_buffer(req);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-
-    if (evhttp_request_get_command(req) != EVHTTP_REQ_GET &&
-        evhttp_request_get_command(req) != EVHTTP_REQ_HEAD) {
-        evhttp_send_error(req, 405, "Method Not Allowed");
-        return;
-    }
-    if (path && strcmp(path, "/metrics") == 0) {
-        size_t len = 0;
-        char *text = pq_metrics_render(w->metrics, &len);
-        if (!text) {
-            evhttp_send_error(req, 500, "Internal Server Error");
-            return;
-        }
-        evhttp_add_header(h, "Content-Type", "text/plain; version=0.0.4");
-        evbuffer_add(out, text, len);
-        free(text);
-        evhttp_send_reply(req, 200, "OK", NULL);
-    } else if (path && strcmp(path, "/healthz") == 0) {
-        int up = pq_redis_up(w->redis);
-        evhttp_add_header(h, "Content-Type", "application/json");
-        evbuffer_add_printf(out, "{\"status\":\"%s\",\"redis\":%s,\"inflight\":%zu}\n",
-                            w->stopping ? "stopping"
-                            : up        ? "ok"
-                                        : "degraded",
-                            up ? "true" : "false", w->inflight);
-        evhttp_send_reply(req, w->stopping || !up ? 503 : 200,
-                          w->stopping || !up ? "Unavailable" : "OK", NULL);
-    } else {
-        evhttp_send_error(req, 404, "Not Found");
-    }
-}
-
-/* Binds worker.metrics_listen ("HOST:PORT") on the worker's loop. Returns 0 or -1 (errstr). */
-static int metrics_listen(pq_worker_t *w, const char *spec, char *errstr, size_t errstr_size)
-{
-    char host[256];
-    const char *colon = strrchr(spec, ':');
-    char *end;
-    long port;
-
-    if (!colon || (size_t)(colon - spec) >= sizeof(host)) {
-        snprintf(errstr, errstr_size, "worker.metrics_listen: expected HOST:PORT");
-        return -1;
-    }
-    memcpy(host, spec, (size_t)(colon - spec));
-    host[colon - spec] = '\0';
-    port = strtol(colon + 1, &end, 10);
-    if (*end || port < 0 || port > 65535 || end == colon + 1) {
-        snprintf(errstr, errstr_size, "worker.metrics_listen: bad port");
-        return -1;
-    }
-    w->mhttp = evhttp_new(w->base);
-    if (!w->mhttp) {
-        snprintf(errstr, errstr_size, "out of memory");
-        return -1;
-    }
-    evhttp_set_allowed_methods(w->mhttp, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
-    evhttp_set_timeout(w->mhttp, 10);
-    evhttp_set_max_body_size(w->mhttp, 4096);
-    evhttp_set_gencb(w->mhttp, on_metrics_http, w);
-    if (!evhttp_bind_socket_with_handle(w->mhttp, host[0] ? host : "0.0.0.0", (ev_uint16_t)port)) {
-        snprintf(errstr, errstr_size, "worker.metrics_listen %s: cannot bind", spec);
-        return -1;
-    }
-    PQ_INFO("metrics on http://%s/metrics", spec);
-    return 0;
-}
-
 int pq_worker_run(pq_worker_t *w, int grace_ms)
 {
     struct timeval safety = {0, SAFETY_MS * 1000};
     struct timeval stats = {STATS_MS / 1000, 0};
     struct timeval routes = {PQ_PARK_TICK_MS / 1000, (PQ_PARK_TICK_MS % 1000) * 1000};
-    struct timeval health = {HEALTH_MS / 1000, 0};
+    struct timeval health = {PQ_HEALTH_MS / 1000, 0};
     rd_kafka_resp_err_t err;
 
     w->grace_ms = grace_ms;
