@@ -23,22 +23,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "promptq/callback.h"
-#include "promptq/err.h"
-#include "promptq/keys.h"
-#include "promptq/log.h"
-#include "promptq/scripts.h"
-#include "promptq/util.h"
-#include "prov.h"
-#include "providers/common.h"
-#include "providers/provider.h"
-#include "stream/stream.h"
-#include "jobdoc.h"
 #include "gen.h"
+#include "job_int.h"
 #include "park.h"
 #include "parts.h"
 #include "produce.h"
-#include "job_int.h"
+#include "promptq/err.h"
+#include "promptq/keys.h"
+#include "promptq/log.h"
+#include "promptq/util.h"
 
 static void job_begin(pq_job_t *j);
 static void job_free(pq_job_t *j);

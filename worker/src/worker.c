@@ -1,8 +1,13 @@
-/* The worker's loop: Kafka consumer and producer queues (io-event pipes), partition bookkeeping
- * and offset storing (G5), flow control (each lane polls into a bounded backlog that feeds
- * free slots; it pauses when the backlog is full or Redis is down), the health key, signals
- * (SIGHUP reload, graceful stop). The per-job state machine lives in job.c, parking and replay
- * per route (G4) in park.c. */
+/* The worker's top: construction and teardown, the loop and its queue events, stats, signals
+ * (SIGHUP reload into a new generation, graceful stop). The modules below it, from the top:
+ *   consumer.c   partitions, offsets storing (G5), backlogs and flow control, rebalances;
+ *   job.c        the job state machine (jobredis.c: Redis steps and leases; attempt.c: provider
+ *                calls, retries, failover; jobstream.c: streaming relay; jobrec.c: records);
+ *   gen.c        generations, routes and retry topics;  health.c  health key, metrics endpoint;
+ *   park.c       parking and replay per route (G4);
+ *   parts.c, produce.c, jobdoc.c  shared bookkeeping, producing, pure job documents.
+ * A lower module reaches a higher one only through a callback set at setup (w->job_gone,
+ * j->hooks, the providers' circuit listener). */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
