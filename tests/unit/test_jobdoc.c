@@ -1,10 +1,11 @@
 /* Job documents (worker/src/jobdoc.c): the result record, the error object, the dlq record and
  * its small stand-in, the invalid-job dlq record, cache entries and park times, built from plain
- * inputs (no worker, no I/O). */
+ * inputs (no worker, no I/O), and the expiry of a parked job read back. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
@@ -338,6 +339,58 @@ static void test_park_since(void **state)
     assert_int_equal(pq_jobdoc_park_since(NULL), 0);
 }
 
+static int drop_calls;
+static char drop_tenant[80];
+static int64_t drop_at;
+
+static int drop_before(const char *tenant, int64_t parked_at, void *opaque)
+{
+    drop_calls++;
+    snprintf(drop_tenant, sizeof(drop_tenant), "%s", tenant);
+    drop_at = parked_at;
+    return parked_at > 0 && parked_at < *(const int64_t *)opaque;
+}
+
+static void test_parked_expiry(void **state)
+{
+    const char *both = "{\"tenant\":\"acme\",\"deadline\":\"2023-11-14T22:13:30.000Z\","
+                       "\"park\":{\"parked_at\":\"2023-11-14T22:13:20.000Z\"}}";
+    const char *park_only = "{\"park\":{\"parked_at\":\"2023-11-14T22:13:20.000Z\"}}";
+    int64_t at = 0, dl = 0, cut;
+    int dropped = -1;
+    (void)state;
+
+    assert_int_equal(pq_time_parse("2023-11-14T22:13:20.000Z", &at), 0);
+    assert_int_equal(pq_time_parse("2023-11-14T22:13:30.000Z", &dl), 0);
+    /* the deadline comes first */
+    assert_int_equal(pq_jobdoc_parked_expiry(both, strlen(both), 60000, NULL, NULL, &dropped), dl);
+    assert_int_equal(dropped, 0);
+    /* the park TTL comes first */
+    assert_int_equal(pq_jobdoc_parked_expiry(both, strlen(both), 5000, NULL, NULL, &dropped),
+                     at + 5000);
+    /* neither: never */
+    assert_int_equal(pq_jobdoc_parked_expiry("{}", 2, 5000, NULL, NULL, &dropped), INT64_MAX);
+    /* not an object: 0, not dropped, the callback not asked */
+    drop_calls = 0;
+    cut = at + 1;
+    dropped = -1;
+    assert_int_equal(pq_jobdoc_parked_expiry("[1]", 3, 5000, drop_before, &cut, &dropped), 0);
+    assert_int_equal(dropped, 0);
+    assert_int_equal(pq_jobdoc_parked_expiry("{", 1, 5000, drop_before, &cut, &dropped), 0);
+    assert_int_equal(drop_calls, 0);
+    /* dropped: parked before the operator's cut, asked with the tenant and parked_at */
+    assert_int_equal(
+        pq_jobdoc_parked_expiry(both, strlen(both), 60000, drop_before, &cut, &dropped), dl);
+    assert_int_equal(dropped, 1);
+    assert_string_equal(drop_tenant, "acme");
+    assert_int_equal(drop_at, at);
+    /* parked after the cut; no tenant: "default" */
+    cut = at;
+    pq_jobdoc_parked_expiry(park_only, strlen(park_only), 60000, drop_before, &cut, &dropped);
+    assert_int_equal(dropped, 0);
+    assert_string_equal(drop_tenant, "default");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -350,6 +403,7 @@ int main(void)
         cmocka_unit_test(test_raw_string),
         cmocka_unit_test(test_cache_entry),
         cmocka_unit_test(test_park_since),
+        cmocka_unit_test(test_parked_expiry),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -211,3 +211,24 @@ int64_t pq_jobdoc_park_since(const json_t *park)
         return 0;
     return ms;
 }
+
+int64_t pq_jobdoc_parked_expiry(const char *buf, size_t len, int64_t park_ttl_ms,
+                                pq_jobdoc_dropped_fn *dropped_fn, void *opaque, int *dropped)
+{
+    json_t *doc = json_loadb(buf, len, 0, NULL);
+    const char *dl = json_string_value(json_object_get(doc, "deadline"));
+    const char *tenant = json_string_value(json_object_get(doc, "tenant"));
+    int64_t at = pq_jobdoc_park_since(json_object_get(doc, "park")), exp = 0, d = 0;
+
+    *dropped = 0;
+    if (!json_is_object(doc)) {
+        json_decref(doc);
+        return 0;
+    }
+    exp = at > 0 ? at + park_ttl_ms : INT64_MAX;
+    if (dl && pq_time_parse(dl, &d) == 0 && d < exp)
+        exp = d;
+    *dropped = dropped_fn && dropped_fn(tenant ? tenant : "default", at, opaque);
+    json_decref(doc);
+    return exp;
+}

@@ -78,6 +78,18 @@ json_t *pq_jobdoc_cache_parse(const char *buf, size_t len);
 /* parked_at of a park object (ms since the epoch), 0 when absent or unreadable. */
 int64_t pq_jobdoc_park_since(const json_t *park);
 
+/* Whether a parked job of tenant, parked at parked_at (wall ms; 0 unknown), was dropped by an
+ * operator. opaque: the caller's. */
+typedef int pq_jobdoc_dropped_fn(const char *tenant, int64_t parked_at, void *opaque);
+
+/* A parked job read from a retry topic (buf: its envelope, borrowed, need not be
+ * NUL-terminated): its expiry time (wall ms), the earlier of its deadline and parked_at +
+ * park_ttl_ms, INT64_MAX when it has neither; 0 when buf is not a JSON object. *dropped:
+ * dropped_fn's answer for its tenant ("default" when it has none) and parked_at; 0 when
+ * dropped_fn is NULL or buf is not an object. */
+int64_t pq_jobdoc_parked_expiry(const char *buf, size_t len, int64_t park_ttl_ms,
+                                pq_jobdoc_dropped_fn *dropped_fn, void *opaque, int *dropped);
+
 /* Compact JSON of o; new string (free()), NULL when o is NULL or on failure; *len its length. */
 char *pq_jobdoc_dump(const json_t *o, size_t *len);
 

@@ -27,28 +27,10 @@
 #define RAMP_UNLIMITED_S 10 /* 20 * 2^9 = 10240 jobs/s in the last limited second */
 #define RS_MAX_PARTS     1024
 
-/* A parked job read from a retry topic: its expiry time (wall ms, the earlier of its deadline
- * and parked_at + park_ttl_s), 0 when the message cannot be read (taken in: it goes to the dlq
- * as invalid); *dropped = 1 when an operator dropped it from rs. Pure apart from the clock. */
-static int64_t parked_expiry(const pq_worker_t *w, const pq_route_state_t *rs,
-                             const rd_kafka_message_t *m, int *dropped)
+/* pq_jobdoc_dropped_fn on a route (opaque: its pq_route_state_t). */
+static int route_dropped(const char *tenant, int64_t parked_at, void *opaque)
 {
-    json_t *doc = json_loadb(m->payload ? (const char *)m->payload : "", m->len, 0, NULL);
-    const char *dl = json_string_value(json_object_get(doc, "deadline"));
-    const char *tenant = json_string_value(json_object_get(doc, "tenant"));
-    int64_t at = pq_jobdoc_park_since(json_object_get(doc, "park")), exp = 0, d = 0;
-
-    *dropped = 0;
-    if (!json_is_object(doc)) {
-        json_decref(doc);
-        return 0;
-    }
-    exp = at > 0 ? at + w->conf->park_ttl_s * 1000 : INT64_MAX;
-    if (dl && pq_time_parse(dl, &d) == 0 && d < exp)
-        exp = d;
-    *dropped = rs && pq_park_dropped(rs, tenant ? tenant : "default", at);
-    json_decref(doc);
-    return exp;
+    return pq_park_dropped(opaque, tenant, parked_at);
 }
 
 pq_route_state_t *pq_park_route(pq_worker_t *w, const char *name)
@@ -242,7 +224,9 @@ int64_t pq_park_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message_t *m)
         route_set_down(w, rs, "every target's circuit is open");
     if (rs->down) {
         int dropped;
-        int64_t exp = parked_expiry(w, rs, m, &dropped);
+        int64_t exp =
+            pq_jobdoc_parked_expiry(m->payload ? (const char *)m->payload : "", m->len,
+                                    w->conf->park_ttl_s * 1000, route_dropped, rs, &dropped);
         if (exp == 0 || exp <= pq_now_ms() || dropped)
             return 0; /* unreadable (dlq), expired or dropped: taken in to end */
         if (rs->held_wake == 0 || exp < rs->held_wake)
