@@ -1,20 +1,13 @@
-/* The worker's loop: Kafka consumer and producer queues (io-event pipes), partition bookkeeping
- * and offset storing (G5), flow control (each lane polls into a bounded backlog that feeds
- * free slots; it pauses when the backlog is full or Redis is down), parking and
- * replay per route (G4), the health key, signals (SIGHUP reload, graceful stop). The per-job
- * state machine lives in job.c.
- *
- * Replay. Every route's retry topic is created at start and on SIGHUP, then subscribed with the
- * request topics. A parked job read from a retry topic is taken in only when its route is up,
- * its ramp has a token and replayed jobs hold less than half of max_inflight; otherwise its
- * partition is held: sought back to the job's offset, then paused (librdkafka 2.0.2 resumes a
- * paused partition from the sought position; nothing past it is stored since it was never taken
- * in). A route goes down when one of its jobs parks (or every target's circuit is open) and up
- * when a probe closes one of its circuits, when one of its jobs succeeds, or at the recheck
- * (every 5 s) when some circuit is not open. Up again, its held partitions resume and replay
- * ramps: 20 jobs/s, doubling every second, unlimited after 10 s; providers' rpm/tpm still
- * apply. A held head whose deadline or park TTL passes is taken in to expire. Request and bulk
- * partitions are never held. */
+/* The worker's top: construction and teardown, the loop and its queue events, stats, signals
+ * (SIGHUP reload into a new generation, graceful stop). The modules below it, from the top:
+ *   consumer.c   partitions, offsets storing (G5), backlogs and flow control, rebalances;
+ *   job.c        the job state machine (jobredis.c: Redis steps and leases; attempt.c: provider
+ *                calls, retries, failover; jobstream.c: streaming relay; jobrec.c: records);
+ *   gen.c        generations, routes and retry topics;  health.c  health key, metrics endpoint;
+ *   park.c       parking and replay per route (G4);
+ *   parts.c, produce.c, jobdoc.c  shared bookkeeping, producing, pure job documents.
+ * A lower module reaches a higher one only through a callback set at setup (w->job_gone,
+ * j->hooks, the providers' circuit listener). */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -31,340 +24,19 @@
 #include "promptq/util.h"
 #include <event2/buffer.h>
 #include <event2/http.h>
+#include "consumer.h"
+#include "gen.h"
+#include "health.h"
+#include "produce.h"
+#include "park.h"
+#include "parts.h"
+#include "worker.h"
 #include "worker_int.h"
 
-#define DRAIN_BUDGET      512
-#define BULK_DRAIN_BUDGET 64 /* per loop turn: interactive events run in between */
-#define LANE_RESERVE_DIV  8  /* max_inflight / 8 is kept for the interactive lane */
-#define BACKLOG_MIN       64 /* messages: a lane's backlog holds max(this, max_inflight / 2) */
-#define BACKLOG_MAX_BYTES (16 * 1024 * 1024) /* payload bytes per lane's backlog */
-static const char BACKLOG_FULL[] = "backlog full (every slot busy)";
 #define SAFETY_MS         100
 #define STATS_MS          10000
 #define FINAL_WAIT_MS     1500
 #define CLUSTERID_WAIT_MS 60000
-#define ROUTE_TICK_MS     1000
-#define RECHECK_MS        5000
-#define RAMP_START_RPS    20.0
-#define RAMP_UNLIMITED_S  10 /* 20 * 2^9 = 10240 jobs/s in the last limited second */
-#define HEALTH_MS         5000
-#define HEALTH_TTL_MS     (3 * HEALTH_MS)
-#define TOPIC_WAIT_MS     5000
-#define ADMIN_WAIT_MS     1500
-#define RS_MAX_PARTS      1024
-
-static void schedule_replay(pq_worker_t *w, int64_t ms);
-/* ---- partitions ---- */
-
-static pq_route_state_t *route_by_topic(const pq_worker_t *w, const char *name)
-{
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
-        if (strcmp(rs->topic, name) == 0)
-            return rs;
-    return NULL;
-}
-
-/* PQ_T_REQUESTS, PQ_T_BULK, PQ_T_RETRY (*rs set) or -1. */
-static int topic_index(const pq_worker_t *w, const char *name, pq_route_state_t **rs)
-{
-    *rs = NULL;
-    if (strcmp(name, w->topics[PQ_T_REQUESTS]) == 0)
-        return PQ_T_REQUESTS;
-    if (strcmp(name, w->topics[PQ_T_BULK]) == 0)
-        return PQ_T_BULK;
-    if ((*rs = route_by_topic(w, name)))
-        return PQ_T_RETRY;
-    return -1;
-}
-
-static pq_part_t *part_find(pq_worker_t *w, int topic, pq_route_state_t *rs, int32_t partition)
-{
-    pq_part_t *p;
-    TAILQ_FOREACH(p, &w->parts, link)
-    if (p->topic == topic && p->rs == rs && p->partition == partition)
-        return p;
-    return NULL;
-}
-
-void pq_part_unref(pq_part_t *part)
-{
-    if (!part || --part->refcnt > 0)
-        return;
-    pq_offsets_clear(&part->offsets);
-    free(part);
-}
-
-static void part_assign(pq_worker_t *w, const char *topic_name, int32_t partition)
-{
-    pq_route_state_t *rs;
-    int topic = topic_index(w, topic_name, &rs);
-    pq_part_t *p;
-
-    if (topic < 0 || part_find(w, topic, rs, partition))
-        return;
-    p = calloc(1, sizeof(*p));
-    if (!p) {
-        PQ_ERR("out of memory assigning %s/%" PRId32, topic_name, partition);
-        return;
-    }
-    p->topic = topic;
-    p->rs = rs;
-    p->name = rs ? rs->topic : w->topics[topic];
-    p->partition = partition;
-    p->refcnt = 1;
-    p->next_taken = -1;
-    p->next_polled = -1;
-    pq_offsets_init(&p->offsets);
-    TAILQ_INSERT_TAIL(&w->parts, p, link);
-}
-
-/* ---- backlog (messages polled, not yet taken in) ---- */
-
-static int backlog_push(pq_backlog_t *b, rd_kafka_message_t *m)
-{
-    if (b->count == b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 256;
-        rd_kafka_message_t **n = malloc(cap * sizeof(*n));
-        if (!n)
-            return -1;
-        for (size_t i = 0; i < b->count; i++)
-            n[i] = b->m[(b->head + i) & (b->cap - 1)];
-        free(b->m);
-        b->m = n;
-        b->cap = cap;
-        b->head = 0;
-    }
-    b->m[(b->head + b->count) & (b->cap - 1)] = m;
-    b->count++;
-    b->bytes += m->len;
-    return 0;
-}
-
-static rd_kafka_message_t *backlog_pop(pq_backlog_t *b)
-{
-    rd_kafka_message_t *m;
-
-    if (b->count == 0)
-        return NULL;
-    m = b->m[b->head];
-    b->head = (b->head + 1) & (b->cap - 1);
-    b->count--;
-    b->bytes -= m->len;
-    return m;
-}
-
-static int backlog_full(const pq_backlog_t *b)
-{
-    return b->count >= b->max || b->bytes >= b->max_bytes;
-}
-
-/* Drops the messages of partition p (p NULL: every message); returns how many. They were
- * never taken in: nothing past them was stored, they are fetched again (or by the new owner). */
-static size_t backlog_purge(pq_backlog_t *b, const pq_part_t *p)
-{
-    size_t kept = 0, n = b->count, dropped = 0;
-
-    for (size_t i = 0; i < n; i++) {
-        rd_kafka_message_t *m = b->m[(b->head + i) & (b->cap - 1)];
-        if (!p ||
-            (m->partition == p->partition && strcmp(rd_kafka_topic_name(m->rkt), p->name) == 0)) {
-            b->bytes -= m->len;
-            rd_kafka_message_destroy(m);
-            dropped++;
-        } else {
-            b->m[(b->head + kept++) & (b->cap - 1)] = m;
-        }
-    }
-    b->count = kept;
-    return dropped;
-}
-
-static void part_revoke(pq_worker_t *w, pq_part_t *p)
-{
-    TAILQ_REMOVE(&w->parts, p, link);
-    p->revoked = 1;
-    backlog_purge(&w->backlog[p->topic == PQ_T_REQUESTS], p); /* the new owner reads them */
-    if (p->held) {
-        p->held = 0;
-        p->rs->nheld--;
-    }
-    if (pq_offsets_count(&p->offsets) > 0)
-        PQ_INFO("%s/%" PRId32 " revoked with %zu jobs in flight: they finish under their lease, "
-                "the new owner redelivers them",
-                p->name, p->partition, pq_offsets_count(&p->offsets));
-    pq_part_unref(p);
-}
-
-/* Stores the offsets that advanced (offset + 1 semantics: the next one to read). */
-static void flush_offsets(pq_worker_t *w)
-{
-    rd_kafka_topic_partition_list_t *list = NULL;
-    rd_kafka_resp_err_t err;
-    pq_part_t *p;
-
-    if (w->no_store)
-        return;
-    TAILQ_FOREACH(p, &w->parts, link)
-    {
-        if (!p->dirty || p->revoked || p->offsets.next < 0)
-            continue;
-        p->dirty = 0;
-        if (!list)
-            list = rd_kafka_topic_partition_list_new(8);
-        rd_kafka_topic_partition_list_add(list, p->name, p->partition)->offset = p->offsets.next;
-    }
-    if (!list)
-        return;
-    err = rd_kafka_offsets_store(w->consumer, list);
-    if (err)
-        PQ_WARN("offsets_store: %s", rd_kafka_err2str(err));
-    for (int i = 0; i < list->cnt; i++)
-        if (list->elems[i].err)
-            PQ_DBG("offsets_store %s/%" PRId32 ": %s", list->elems[i].topic,
-                   list->elems[i].partition, rd_kafka_err2str(list->elems[i].err));
-    rd_kafka_topic_partition_list_destroy(list);
-}
-
-static void on_flush(evutil_socket_t fd, short what, void *arg)
-{
-    flush_offsets(arg);
-}
-
-void pq_worker_offset_done(pq_worker_t *w, pq_part_t *part, uint64_t seq)
-{
-    if (!part)
-        return;
-    if (pq_offsets_done(&part->offsets, seq) && !part->revoked && !w->no_store) {
-        part->dirty = 1;
-        event_active(w->ev_flush, 0, 0);
-    }
-}
-
-/* ---- flow control ---- */
-
-/* Wakes the fetcher of resumed partitions. librdkafka 2.0.2 serves a resume on its main thread
- * and never wakes the partition's broker thread, which goes on sleeping until something else
- * wakes it (a metadata refresh, a heartbeat, the end of a fetch.wait.max.ms wait): with debug
- * "fetch", "fetch decide: updating to version N" came 200-800 ms after the resume. A seek wakes
- * it ("seek done"), and is served after the resume (same partition op queue), so each resumed
- * partition whose position is known is sought to that same position. l: the resumed partitions;
- * offsets are set here. */
-static void wake_fetch(pq_worker_t *w, rd_kafka_t *rk, rd_kafka_topic_partition_list_t *l)
-{
-    rd_kafka_topic_partition_list_t *s = rd_kafka_topic_partition_list_new(l->cnt);
-    rd_kafka_error_t *e;
-
-    for (int i = 0; i < l->cnt; i++) {
-        pq_route_state_t *rs;
-        int topic = topic_index(w, l->elems[i].topic, &rs);
-        pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, l->elems[i].partition);
-        if (p && p->next_polled >= 0)
-            rd_kafka_topic_partition_list_add(s, p->name, p->partition)->offset = p->next_polled;
-    }
-    if (s->cnt > 0 && (e = rd_kafka_seek_partitions(rk, s, 0))) {
-        PQ_WARN("seek after resume: %s", rd_kafka_error_string(e));
-        rd_kafka_error_destroy(e);
-    }
-    rd_kafka_topic_partition_list_destroy(s);
-}
-
-/* Pauses or resumes one lane's partitions (lane 1: <prefix>requests, 0: bulk and retry
- * topics). Every message polled so far is in the backlog or taken in, so a resume fetches
- * from the next one (pausing drops only prefetched messages). */
-static void set_paused(pq_worker_t *w, int lane, int pause, const char *why)
-{
-    rd_kafka_topic_partition_list_t *a = rd_kafka_topic_partition_list_new(16);
-    rd_kafka_t *rk = w->consumer;
-    pq_part_t *p;
-
-    /* the assignment as we track it; held retry partitions stay paused on a resume */
-    TAILQ_FOREACH(p, &w->parts, link)
-    if ((p->topic == PQ_T_REQUESTS) == lane && (pause || !p->held))
-        rd_kafka_topic_partition_list_add(a, p->name, p->partition);
-    if (a->cnt > 0) {
-        if (pause) {
-            rd_kafka_pause_partitions(rk, a);
-        } else {
-            rd_kafka_resume_partitions(rk, a);
-            wake_fetch(w, rk, a);
-        }
-    }
-    rd_kafka_topic_partition_list_destroy(a);
-    if (lane)
-        w->ipaused = pause;
-    else
-        w->paused = pause;
-    if (pause)
-        w->pause_why[lane] = why;
-    /* a full backlog pauses and resumes often under load: debug; Redis and stopping: info */
-    PQ_LOG(w->pause_why[lane] == BACKLOG_FULL ? PQ_LOG_DEBUG : PQ_LOG_INFO,
-           "consumption %s%s (%s lane; %zu jobs in flight, %zu interactive, %zu in backlog)",
-           pause ? "paused: " : "resumed", pause ? why : "", lane ? "interactive" : "bulk",
-           w->inflight, w->iinflight, w->backlog[lane].count);
-    if (!pause) /* the io event fires only once per non-empty queue */
-        event_active(lane ? w->ev_idrain : w->ev_drain, 0, 0);
-}
-
-/* Whether a job of the lane may start now (a slot free, Redis up, not stopping). The bulk lane
- * keeps a share of max_inflight for the interactive one. */
-static int flow_may_start(const pq_worker_t *w, int lane)
-{
-    size_t cap = lane ? w->max_inflight : w->max_inflight - w->reserve;
-
-    return !w->stopping && w->inflight < cap && pq_redis_up(w->redis);
-}
-
-/* Why the bulk lane (0) or the interactive one (1) must pause now; NULL: it may
- * fetch. Slots do not pause it: it fetches into its backlog, which is the bound. resume: the
- * lower mark (half the backlog) applies, so that a resume has half a backlog of work to cover
- * its first fetch. */
-static const char *flow_stop(pq_worker_t *w, int lane, int redis_up, int resume)
-{
-    const pq_backlog_t *b = &w->backlog[lane];
-
-    if (w->stopping)
-        return "stopping";
-    if (!redis_up)
-        return "redis unavailable";
-    if (resume ? b->count > b->max / 2 || b->bytes > b->max_bytes / 2 : backlog_full(b))
-        return BACKLOG_FULL;
-    return NULL;
-}
-
-static void update_flow(pq_worker_t *w)
-{
-    int redis_up = pq_redis_up(w->redis);
-    const char *why;
-
-    for (int lane = 1; lane >= 0; lane--) {
-        int paused = lane ? w->ipaused : w->paused;
-        if (!paused && (why = flow_stop(w, lane, redis_up, 0)))
-            set_paused(w, lane, 1, why);
-        else if (paused && !flow_stop(w, lane, redis_up, 1))
-            set_paused(w, lane, 0, NULL);
-    }
-}
-
-void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part)
-{
-    w->inflight--;
-    if (part && part->topic == PQ_T_REQUESTS && --w->iinflight == 0 && !TAILQ_EMPTY(&w->lane_wait))
-        event_active(w->ev_lanes, 0, 0); /* on the loop, not inside this job's end */
-    if (part && part->rs && part->rs->nheld > 0 && !part->rs->down)
-        schedule_replay(w, 0); /* a replay slot is free */
-    pq_part_unref(part);
-    if (w->stopping && w->inflight == 0) {
-        PQ_INFO("every job in flight finished");
-        event_base_loopbreak(w->base);
-        return;
-    }
-    /* a slot is free: the next job of a backlog starts on the loop */
-    if (w->backlog[1].count > 0)
-        event_active(w->ev_idrain, 0, 0);
-    if (w->backlog[0].count > 0)
-        event_active(w->ev_drain, 0, 0);
-    update_flow(w);
-}
 
 /* ---- Kafka callbacks ---- */
 
@@ -413,711 +85,10 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     pq_job_delivered(opaque, m);
 }
 
-static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
-                         rd_kafka_topic_partition_list_t *parts, void *opaque)
-{
-    pq_worker_t *w = opaque;
-    int coop = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
-    rd_kafka_error_t *e = NULL;
-
-    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        rd_kafka_topic_partition_list_t *lane[2] = {rd_kafka_topic_partition_list_new(parts->cnt),
-                                                    rd_kafka_topic_partition_list_new(parts->cnt)};
-
-        for (int i = 0; i < parts->cnt; i++) {
-            const char *topic = parts->elems[i].topic;
-            int32_t partition = parts->elems[i].partition;
-            int li = strcmp(topic, w->topics[PQ_T_REQUESTS]) == 0;
-
-            part_assign(w, topic, partition);
-            rd_kafka_topic_partition_list_add(lane[li], topic, partition);
-            if (li) { /* before the assignment starts its fetcher: the interactive queue */
-                rd_kafka_queue_t *q = rd_kafka_queue_get_partition(rk, topic, partition);
-                if (q) {
-                    rd_kafka_queue_forward(q, w->iqueue);
-                    rd_kafka_queue_destroy(q);
-                } else {
-                    PQ_ERR("%s/%" PRId32 ": no partition queue: served on the bulk lane", topic,
-                           partition);
-                }
-            }
-        }
-        if (coop)
-            e = rd_kafka_incremental_assign(rk, parts);
-        else
-            rd_kafka_assign(rk, parts);
-        /* librdkafka keeps a partition's pause flag across unassign/assign: a partition paused
-         * while we owned it before would otherwise stay silent now. */
-        for (int li = 0; li < 2; li++) {
-            if (lane[li]->cnt > 0 && (li ? w->ipaused : w->paused))
-                rd_kafka_pause_partitions(rk, lane[li]);
-            else if (lane[li]->cnt > 0)
-                rd_kafka_resume_partitions(rk, lane[li]);
-            rd_kafka_topic_partition_list_destroy(lane[li]);
-        }
-        PQ_INFO("assigned %d partitions", parts->cnt);
-    } else {
-        if (err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
-            PQ_ERR("rebalance error: %s", rd_kafka_err2str(err));
-        flush_offsets(w); /* still ours: the commit on revoke includes them */
-        for (int i = 0; i < parts->cnt; i++) {
-            pq_route_state_t *rs;
-            int topic = topic_index(w, parts->elems[i].topic, &rs);
-            pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, parts->elems[i].partition);
-            if (p)
-                part_revoke(w, p);
-        }
-        if (coop)
-            e = rd_kafka_incremental_unassign(rk, parts);
-        else
-            rd_kafka_assign(rk, NULL);
-        PQ_INFO("revoked %d partitions", parts->cnt);
-    }
-    if (e) {
-        PQ_ERR("incremental rebalance: %s", rd_kafka_error_string(e));
-        rd_kafka_error_destroy(e);
-    }
-}
-
-/* ---- routes: parking state, hold and replay (G4) ---- */
-
-pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name)
-{
-    pq_route_state_t *rs;
-    const pq_route_t *r;
-
-    for (rs = w->routes; rs; rs = rs->next)
-        if (strcmp(rs->name, name) == 0)
-            return rs;
-    r = pq_conf_route(w->gen->conf, name);
-    rs = calloc(1, sizeof(*rs));
-    if (!rs || !r || !(rs->name = strdup(name))) {
-        free(rs);
-        return NULL;
-    }
-    pq_conf_retry_topic(w->gen->conf, r, rs->topic, sizeof(rs->topic));
-    if (pq_key_route_ops(rs->ops_key, sizeof(rs->ops_key), w->conf->redis_prefix, name) < 0) {
-        rs->ops_key[0] = '\0';
-        rs->ops_loaded = 1; /* no requests can be read: never wait for them */
-    }
-    rs->w = w;
-    rs->replay_seen = pq_now_ms(); /* replay requests from before this process are done */
-    rs->ramp_start = 0;            /* a fresh process ramps from its first replay */
-    rs->next = w->routes;
-    w->routes = rs;
-    return rs;
-}
-
-/* Jobs per second the ramp allows now; 0 = unlimited. */
-static double ramp_rate(const pq_route_state_t *rs, int64_t now)
-{
-    int64_t s = (now - rs->ramp_start) / 1000;
-
-    if (rs->ramp_start == 0)
-        return RAMP_START_RPS;
-    if (s < 0)
-        s = 0;
-    if (s >= RAMP_UNLIMITED_S)
-        return 0.0;
-    return RAMP_START_RPS * (double)(1 << s);
-}
-
-/* The start time (monotonic ms) of the next replayed job: jobs are spaced 1/rate apart, the
- * rate doubling every second from 20 jobs/s (a virtual-time token bucket without bursts). */
-static int64_t ramp_slot(pq_route_state_t *rs, int64_t now)
-{
-    double t, rate;
-
-    if (rs->ramp_start == 0) {
-        rs->ramp_start = now;
-        rs->next_slot = (double)now;
-    }
-    t = rs->next_slot > (double)now ? rs->next_slot : (double)now;
-    rate = ramp_rate(rs, (int64_t)t);
-    rs->next_slot = rate > 0.0 ? t + 1000.0 / rate : t;
-    return (int64_t)t;
-}
-
-/* Some target of the route may take a call now (not every circuit open). */
-static int route_some_target(pq_worker_t *w, const pq_route_state_t *rs)
-{
-    const pq_route_t *r = pq_conf_route(w->gen->conf, rs->name);
-
-    if (!r)
-        return 1; /* removed: its jobs run (and fail as an unknown route) */
-    for (size_t i = 0; i < r->ntargets; i++)
-        if (pq_provs_target_available(w->gen->provs, &r->targets[i]))
-            return 1;
-    return 0;
-}
-
-static void route_set_down(pq_worker_t *w, pq_route_state_t *rs, const char *why)
-{
-    if (rs->down)
-        return;
-    rs->down = 1;
-    rs->recheck_ms = pq_mono_ms() + RECHECK_MS;
-    PQ_WARN("route %s is down (%s): its jobs park on %s until a probe finds a target available",
-            rs->name, why, rs->topic);
-}
-
-void pq_worker_route_parked(pq_worker_t *w, pq_route_state_t *rs)
-{
-    route_set_down(w, rs, "every target failed");
-}
-
-static void part_hold(pq_worker_t *w, pq_part_t *p, int64_t offset)
-{
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_error_t *e;
-
-    rd_kafka_topic_partition_list_add(l, p->name, p->partition)->offset = offset;
-    /* seek first: the pause then keeps the sought position for the resume */
-    e = rd_kafka_seek_partitions(w->consumer, l, 0);
-    if (e) {
-        PQ_WARN("seek %s/%" PRId32 " to %" PRId64 ": %s", p->name, p->partition, offset,
-                rd_kafka_error_string(e));
-        rd_kafka_error_destroy(e);
-    }
-    rd_kafka_pause_partitions(w->consumer, l);
-    rd_kafka_topic_partition_list_destroy(l);
-    /* what was polled after the head is fetched again on the resume */
-    backlog_purge(&w->backlog[0], p);
-    p->next_polled = offset;
-    p->held = 1;
-    p->held_offset = offset;
-    p->rs->nheld++;
-    PQ_DBG("held %s/%" PRId32 " at %" PRId64, p->name, p->partition, offset);
-}
-
-static void route_resume(pq_worker_t *w, pq_route_state_t *rs)
-{
-    rd_kafka_topic_partition_list_t *l = NULL;
-    pq_part_t *p;
-
-    TAILQ_FOREACH(p, &w->parts, link)
-    {
-        if (p->rs != rs || !p->held)
-            continue;
-        p->held = 0;
-        rs->nheld--;
-        if (w->paused)
-            continue; /* the flow-control resume takes it along */
-        if (!l)
-            l = rd_kafka_topic_partition_list_new(4);
-        rd_kafka_topic_partition_list_add(l, p->name, p->partition);
-    }
-    if (l) {
-        rd_kafka_resume_partitions(w->consumer, l);
-        wake_fetch(w, w->consumer, l); /* at held_offset (p->next_polled) */
-        rd_kafka_topic_partition_list_destroy(l);
-        event_active(w->ev_drain, 0, 0); /* the io event fires only once per non-empty queue */
-    }
-}
-
-void pq_worker_route_up(pq_worker_t *w, pq_route_state_t *rs, const char *why)
-{
-    int64_t now = pq_mono_ms();
-
-    if (!rs->down)
-        return;
-    rs->down = 0;
-    rs->ramp_start = now;
-    rs->next_slot = (double)now;
-    PQ_WARN("route %s is up (%s): replaying %s ramped from %.0f jobs/s", rs->name, why, rs->topic,
-            RAMP_START_RPS);
-    if (rs->nheld > 0)
-        schedule_replay(w, 0);
-}
-
-/* Probes close circuits: every route with that (provider, model) as a target is up. */
-static void on_circuit(void *opaque, const pq_provider_conf_t *p, const char *model, int available)
-{
-    pq_worker_t *w = opaque;
-    char why[300];
-
-    if (!available)
-        return;
-    snprintf(why, sizeof(why), "circuit %.120s/%.120s closed", p->name, model);
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        const pq_route_t *r = rs->down ? pq_conf_route(w->gen->conf, rs->name) : NULL;
-        for (size_t i = 0; r && i < r->ntargets; i++) {
-            if (strcmp(r->targets[i].provider, p->name) == 0 &&
-                strcmp(r->targets[i].model, model) == 0) {
-                pq_worker_route_up(w, rs, why);
-                break;
-            }
-        }
-    }
-}
-
-/* A message from a retry topic: returns -1 when its partition was held, else the delay (ms)
- * after which the job may begin (its ramp slot). At most a second of slots is handed out ahead:
- * beyond that the partition is held until the window moves. */
-static int64_t replay_admit(pq_worker_t *w, pq_part_t *p, const rd_kafka_message_t *m)
-{
-    pq_route_state_t *rs = p->rs;
-    size_t cap = w->max_inflight / 2 ? w->max_inflight / 2 : 1;
-    int64_t now = pq_mono_ms();
-
-    if (p->held)
-        return -1; /* prefetched before the hold: fetched again on the resume */
-    if (!rs->ops_loaded) {
-        /* nothing replays before the route's operator requests are read (a drop must not
-         * miss jobs a new process takes in first) */
-        part_hold(w, p, m->offset);
-        return -1;
-    }
-    if (!rs->down && !route_some_target(w, rs))
-        route_set_down(w, rs, "every target's circuit is open");
-    if (rs->down) {
-        int dropped;
-        int64_t exp = pq_job_parked_expiry(w, rs, m, &dropped);
-        if (exp == 0 || exp <= pq_now_ms() || dropped)
-            return 0; /* unreadable (dlq), expired or dropped: taken in to end */
-        if (rs->held_wake == 0 || exp < rs->held_wake)
-            rs->held_wake = exp;
-        part_hold(w, p, m->offset);
-        return -1;
-    }
-    if (w->retry_inflight >= cap) {
-        part_hold(w, p, m->offset); /* a job ending schedules the replay again */
-        return -1;
-    }
-    if (rs->ramp_start != 0 && rs->next_slot - (double)now > 1000.0) {
-        part_hold(w, p, m->offset);
-        schedule_replay(w, (int64_t)(rs->next_slot - (double)now) - 1000 + 1);
-        return -1;
-    }
-    return ramp_slot(rs, now) - now;
-}
-
-/* Resumes what may run again; schedules the next wake-up for ramps. */
-static void replay_tick(pq_worker_t *w)
-{
-    int64_t now = pq_mono_ms(), wall = pq_now_ms(), next = -1;
-    size_t cap = w->max_inflight / 2 ? w->max_inflight / 2 : 1;
-
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        if (rs->down && now >= rs->recheck_ms) {
-            if (route_some_target(w, rs))
-                pq_worker_route_up(w, rs, "recheck: some circuit is not open");
-            else
-                rs->recheck_ms = now + RECHECK_MS;
-        }
-        if (rs->nheld == 0 || !rs->ops_loaded)
-            continue;
-        if (rs->down) {
-            if (rs->held_wake > 0 && wall >= rs->held_wake) {
-                rs->held_wake = 0; /* the head expired: read it (and what follows) again */
-                route_resume(w, rs);
-            }
-            continue;
-        }
-        if (w->retry_inflight >= cap)
-            continue;
-        if (rs->ramp_start == 0 || rs->next_slot - (double)now <= 1000.0) {
-            route_resume(w, rs);
-        } else {
-            int64_t wait = (int64_t)(rs->next_slot - (double)now) - 1000 + 1;
-            if (next < 0 || wait < next)
-                next = wait;
-        }
-    }
-    if (next >= 0)
-        schedule_replay(w, next);
-}
-
-static void on_replay(evutil_socket_t fd, short what, void *arg)
-{
-    replay_tick(arg);
-}
-
-static void schedule_replay(pq_worker_t *w, int64_t ms)
-{
-    struct timeval tv;
-
-    if (ms < 0)
-        ms = 0;
-    tv.tv_sec = (time_t)(ms / 1000);
-    tv.tv_usec = (suseconds_t)((ms % 1000) * 1000);
-    if (!evtimer_pending(w->ev_replay, NULL) || ms == 0)
-        evtimer_add(w->ev_replay, &tv);
-}
-
-/* ---- operator requests (POST /v1/parked/{route}/replay, DELETE /v1/parked/{route}) ---- */
-
-int pq_worker_route_dropped(const pq_route_state_t *rs, const char *tenant, int64_t parked_at)
-{
-    for (size_t i = 0; i < rs->ndrops; i++)
-        if (strcmp(rs->drops[i].tenant, tenant) == 0)
-            return parked_at > 0 && parked_at < rs->drops[i].before;
-    return 0;
-}
-
-static void drops_free(pq_route_state_t *rs)
-{
-    for (size_t i = 0; i < rs->ndrops; i++)
-        free(rs->drops[i].tenant);
-    free(rs->drops);
-    rs->drops = NULL;
-    rs->ndrops = 0;
-}
-
-/* Replay now: the route's circuits close by force and its parked jobs replay, ramped. */
-static void route_replay_now(pq_worker_t *w, pq_route_state_t *rs)
-{
-    const pq_route_t *r = pq_conf_route(w->gen->conf, rs->name);
-
-    for (size_t i = 0; r && i < r->ntargets; i++) {
-        pq_prov_t *pv = pq_provs_get(w->gen->provs, r->targets[i].p);
-        pq_circuit_t *c = pv ? pq_prov_circuit(pv, &r->targets[i]) : NULL;
-        if (c)
-            pq_circuit_force_close(c, "an operator's replay");
-    }
-    if (rs->down) {
-        pq_worker_route_up(w, rs, "an operator asked for a replay");
-    } else if (rs->nheld > 0) {
-        route_resume(w, rs);
-    }
-}
-
-/* The route's ops hash: {field, value, ...} (HGETALL). */
-static void on_route_ops(void *opaque, redisReply *r)
-{
-    pq_route_state_t *rs = opaque;
-    pq_worker_t *w = rs->w;
-    struct pq_drop_s *drops = NULL;
-    size_t n = 0, newer = 0;
-
-    rs->ops_pending = 0;
-    if (!r || r->type != REDIS_REPLY_ARRAY || !rs->active)
-        return;
-    if (!rs->ops_loaded) {
-        rs->ops_loaded = 1; /* replay may start: the drops are known */
-        newer = 1;
-    }
-    if (r->elements / 2 > 0 && !(drops = calloc(r->elements / 2, sizeof(*drops))))
-        return;
-    for (size_t i = 0; i + 1 < r->elements; i += 2) {
-        const redisReply *f = r->element[i], *v = r->element[i + 1];
-        int64_t at;
-
-        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
-            continue;
-        at = strtoll(v->str, NULL, 10);
-        if (strcmp(f->str, "replay_at") == 0) {
-            if (at > rs->replay_seen) {
-                rs->replay_seen = at;
-                PQ_WARN("route %s: an operator asked for a replay of its parked jobs", rs->name);
-                route_replay_now(w, rs);
-            }
-        } else if (strncmp(f->str, "drop:", 5) == 0 && f->str[5]) {
-            if (!(drops[n].tenant = strdup(f->str + 5)))
-                continue;
-            drops[n].before = at;
-            if (!pq_worker_route_dropped(rs, drops[n].tenant, at - 1)) {
-                newer++;
-                PQ_WARN("route %s: an operator dropped tenant %s's parked jobs (parked before "
-                        "%" PRId64 ")",
-                        rs->name, drops[n].tenant, at);
-            }
-            n++;
-        }
-    }
-    drops_free(rs);
-    rs->drops = drops;
-    rs->ndrops = n;
-    /* held partitions are read again: the dropped jobs at their heads are taken in and end
-     * (and after the first read, what waited for it goes on) */
-    if (newer && rs->nheld > 0)
-        route_resume(w, rs);
-}
-
-static void routes_ops_poll(pq_worker_t *w)
-{
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        const char *argv[2] = {"HGETALL", rs->ops_key};
-        size_t lens[2] = {7, strlen(rs->ops_key)};
-
-        if (!rs->active || rs->ops_pending || !rs->ops_key[0])
-            continue;
-        if (pq_redis_command(w->redis, 2, argv, lens, on_route_ops, rs) == 0)
-            rs->ops_pending = 1;
-    }
-}
-
-static void on_routes(evutil_socket_t fd, short what, void *arg)
-{
-    routes_ops_poll(arg);
-    replay_tick(arg);
-}
-
-/* Parked jobs of a route not yet replayed, estimated from this worker's retry partitions: the
- * high watermark (or the highest offset it parked there itself) minus the read position. */
-static int64_t route_parked_estimate(pq_worker_t *w, const pq_route_state_t *rs)
-{
-    int64_t n = 0;
-    pq_part_t *p;
-
-    TAILQ_FOREACH(p, &w->parts, link)
-    {
-        int64_t lo = -1, hi = -1, pos;
-        rd_kafka_topic_partition_list_t *l;
-
-        if (p->rs != rs)
-            continue;
-        rd_kafka_get_watermark_offsets(w->consumer, p->name, p->partition, &lo, &hi);
-        if (p->partition < RS_MAX_PARTS && rs->hi && rs->hi[p->partition] > hi)
-            hi = rs->hi[p->partition];
-        if (p->held) {
-            pos = p->held_offset;
-        } else {
-            l = rd_kafka_topic_partition_list_new(1);
-            rd_kafka_topic_partition_list_add(l, p->name, p->partition);
-            rd_kafka_position(w->consumer, l);
-            pos = l->elems[0].offset;
-            rd_kafka_topic_partition_list_destroy(l);
-            if (pos < 0)
-                pos = p->next_taken >= 0 ? p->next_taken : hi;
-        }
-        if (hi > pos && pos >= 0)
-            n += hi - pos;
-    }
-    return n;
-}
-
-void pq_worker_parked_at(pq_worker_t *w, const char *topic, int32_t partition, int64_t offset)
-{
-    pq_route_state_t *rs = route_by_topic(w, topic);
-
-    if (!rs || partition < 0 || partition >= RS_MAX_PARTS)
-        return;
-    if (!rs->hi && !(rs->hi = calloc(RS_MAX_PARTS, sizeof(*rs->hi))))
-        return;
-    if (offset + 1 > rs->hi[partition])
-        rs->hi[partition] = offset + 1;
-}
-
-/* ---- health key ---- */
-
-/* promptq:health:{instance}: a JSON string, SET every 5 s with a 15 s TTL (PX), read by the
- * broker for /v1/health, the CLI and the dashboard:
- *   {"instance": "<worker.instance_id or hostname-pid>", "owner": "<lease owner id>",
- *    "updated_at": <ms since the epoch>, "interval_ms": 5000,
- *    "inflight": <jobs in flight>, "replay_inflight": <of them read from retry topics>,
- *    "paused": <consumption paused by flow control>,
- *    "circuits": [{"provider", "model", "circuit": "closed"|"open"|"half_open",
- *                  "last_probe": null | {"ok": bool, "at": <ms>, "detail": "..."},
- *                  "status_page": null | "none"|"minor"|"major"|"critical"}],
- *    "routes": {"<route>": {"retry_topic", "down": bool,
- *                           "parked": <estimate: messages on this worker's retry partitions not
- *                                      yet replayed>,
- *                           "held_partitions": n, "replay_rate": <jobs/s> | null (unlimited),
- *                           "parked_total", "reparked_total", "replayed_total" (since start)}}}
- * Circuits appear once a target was used or probed. Each worker reports the retry partitions
- * assigned to it: the broker sums "parked" over workers. */
-static void on_health_reply(void *opaque, redisReply *reply)
-{
-    pq_worker_t *w = opaque;
-    w->health_pending = 0;
-    if (reply && reply->type == REDIS_REPLY_ERROR)
-        PQ_DBG("health key: %s", reply->str);
-}
-
-static void on_health(evutil_socket_t fd, short what, void *arg)
-{
-    pq_worker_t *w = arg;
-    int64_t now = pq_mono_ms();
-    json_t *o, *routes;
-    char *s, ttl[24];
-    const char *argv[5];
-    size_t lens[5];
-
-    if (w->health_pending || !pq_redis_up(w->redis))
-        return;
-    o = json_object();
-    routes = json_object();
-    json_object_set_new(o, "instance", json_string(w->instance));
-    json_object_set_new(o, "owner", json_string(w->owner));
-    json_object_set_new(o, "updated_at", json_integer(pq_now_ms()));
-    json_object_set_new(o, "interval_ms", json_integer(HEALTH_MS));
-    json_object_set_new(o, "inflight", json_integer((json_int_t)w->inflight));
-    json_object_set_new(o, "replay_inflight", json_integer((json_int_t)w->retry_inflight));
-    json_object_set_new(o, "paused", json_boolean(w->paused));
-    json_object_set_new(o, "circuits", pq_provs_health(w->gen->provs));
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        double rate = ramp_rate(rs, now);
-        if (!rs->active)
-            continue;
-        json_object_set_new(
-            routes, rs->name,
-            json_pack("{s:s, s:b, s:I, s:i, s:o, s:I, s:I, s:I}", "retry_topic", rs->topic, "down",
-                      rs->down, "parked", (json_int_t)route_parked_estimate(w, rs),
-                      "held_partitions", rs->nheld, "replay_rate",
-                      rs->down     ? json_integer(0)
-                      : rate > 0.0 ? json_integer((json_int_t)rate)
-                                   : json_null(),
-                      "parked_total", (json_int_t)rs->parked, "reparked_total",
-                      (json_int_t)rs->reparked, "replayed_total", (json_int_t)rs->replayed));
-    }
-    json_object_set_new(o, "routes", routes);
-    s = json_dumps(o, JSON_COMPACT);
-    json_decref(o);
-    if (!s)
-        return;
-    snprintf(ttl, sizeof(ttl), "%d", HEALTH_TTL_MS);
-    argv[0] = "SET";
-    argv[1] = w->health_key;
-    argv[2] = s;
-    argv[3] = "PX";
-    argv[4] = ttl;
-    for (int i = 0; i < 5; i++)
-        lens[i] = strlen(argv[i]);
-    if (pq_redis_command(w->redis, 5, argv, lens, on_health_reply, w) == 0)
-        w->health_pending = 1;
-    free(s);
-}
-
-/* ---- queues ---- */
-
-static void on_message(pq_worker_t *w, const rd_kafka_message_t *m)
-{
-    pq_route_state_t *rs;
-    int topic = topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
-    pq_part_t *part;
-    int64_t delay = 0;
-
-    if (topic < 0) {
-        PQ_WARN("message from unexpected topic %s", rd_kafka_topic_name(m->rkt));
-        return;
-    }
-    if (w->stopping) {
-        /* Not taken in: its offset is never stored, the next owner reads it. */
-        pq_counter_add(w->m.handed_back, 1);
-        return;
-    }
-    part = part_find(w, topic, rs, m->partition);
-    if (part && part->next_taken >= 0 && m->offset < part->next_taken) {
-        /* Fetched again after a pause/resume: this offset is already in flight or done. */
-        pq_counter_add(w->m.duplicates, 1);
-        return;
-    }
-    if (topic == PQ_T_RETRY && part && (delay = replay_admit(w, part, m)) < 0)
-        return;
-    if (topic == PQ_T_REQUESTS && part)
-        w->iinflight++; /* pq_worker_job_gone takes it off */
-    pq_job_intake(w, part, topic, m, delay);
-}
-
-static void on_consumer_error(pq_worker_t *w, const rd_kafka_message_t *m)
-{
-    if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF)
-        return;
-    if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET ||
-        m->err == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE) {
-        pq_counter_add(w->m.offset_resets, 1);
-        PQ_ERR("kafka offset reset on %s/%" PRId32 ": %s",
-               m->rkt ? rd_kafka_topic_name(m->rkt) : "?", m->partition,
-               rd_kafka_message_errstr(m));
-        return;
-    }
-    PQ_WARN("consumer: %s%s%s", rd_kafka_err2name(m->err), m->rkt ? " on " : "",
-            m->rkt ? rd_kafka_topic_name(m->rkt) : "");
-}
-
-/* Takes in the oldest message of the lane's backlog. */
-static void backlog_start_one(pq_worker_t *w, int lane)
-{
-    rd_kafka_message_t *m = backlog_pop(&w->backlog[lane]);
-
-    on_message(w, m);
-    rd_kafka_message_destroy(m);
-}
-
-/* One lane (1: interactive, its queue iqueue; 0: bulk, the consumer queue): starts jobs from
- * its backlog while slots are free and polls into the backlog until it is full. Polling goes on
- * while saturated (at least one poll per call: max.poll.interval.ms); the lane's partitions pause
- * when the backlog fills (librdkafka then drops what it prefetched for them, fetched again on the
- * resume). The bulk lane does a small batch per loop turn, so an interactive message waits for at
- * most that much work. */
-static void drain_consumer(pq_worker_t *w, int lane)
-{
-    rd_kafka_t *rk = w->consumer;
-    pq_backlog_t *b = &w->backlog[lane];
-    int n, polled = 0, budget = lane ? DRAIN_BUDGET : BULK_DRAIN_BUDGET;
-
-    for (n = 0; n < budget; n++) {
-        rd_kafka_message_t *m;
-
-        if (b->count > 0 && flow_may_start(w, lane)) {
-            backlog_start_one(w, lane);
-            /* half empty: resume now, so the next fetch overlaps the rest of this batch */
-            if ((lane ? w->ipaused : w->paused) && b->count <= b->max / 2)
-                update_flow(w);
-            continue;
-        }
-        if (polled && backlog_full(b))
-            break;
-        /* the consumer queue serves rebalances and errors too; iqueue only messages */
-        m = lane ? rd_kafka_consume_queue(w->iqueue, 0) : rd_kafka_consumer_poll(rk, 0);
-        polled = 1;
-        if (!m)
-            break;
-        if (m->err) {
-            on_consumer_error(w, m);
-            rd_kafka_message_destroy(m);
-            continue;
-        }
-        {
-            pq_route_state_t *rs;
-            int topic = topic_index(w, rd_kafka_topic_name(m->rkt), &rs);
-            pq_part_t *p = topic < 0 ? NULL : part_find(w, topic, rs, m->partition);
-            if (p && m->offset + 1 > p->next_polled)
-                p->next_polled = m->offset + 1;
-        }
-        if (backlog_push(b, m) != 0) { /* out of memory: taken in now, over the cap */
-            on_message(w, m);
-            rd_kafka_message_destroy(m);
-        }
-        /* full: pause now, not after the batch, so that librdkafka drops what it prefetched
-         * instead of handing it all over */
-        if (!(lane ? w->ipaused : w->paused) && backlog_full(b))
-            update_flow(w);
-    }
-    if (n == budget) /* more waiting: other events first */
-        event_active(lane ? w->ev_idrain : w->ev_drain, 0, 0);
-    update_flow(w);
-}
-
 static void drain_producer(pq_worker_t *w)
 {
     for (int i = 0; i < 64 && rd_kafka_poll(w->producer, 0) > 0; i++)
         ;
-}
-
-static void drain_pipe(int fd)
-{
-    char buf[256];
-    while (read(fd, buf, sizeof(buf)) > 0)
-        ;
-}
-
-static void on_cqueue(evutil_socket_t fd, short what, void *arg)
-{
-    drain_pipe(fd);
-    drain_consumer(arg, 0);
-}
-
-static void on_iqueue(evutil_socket_t fd, short what, void *arg)
-{
-    drain_pipe(fd);
-    drain_consumer(arg, 1);
-}
-
-static void on_idrain(evutil_socket_t fd, short what, void *arg)
-{
-    drain_consumer(arg, 1);
 }
 
 static void on_lanes(evutil_socket_t fd, short what, void *arg)
@@ -1127,20 +98,15 @@ static void on_lanes(evutil_socket_t fd, short what, void *arg)
 
 static void on_pqueue(evutil_socket_t fd, short what, void *arg)
 {
-    drain_pipe(fd);
+    pq_consumer_drain_pipe(fd);
     drain_producer(arg);
-}
-
-static void on_drain(evutil_socket_t fd, short what, void *arg)
-{
-    drain_consumer(arg, 0);
 }
 
 static void on_safety(evutil_socket_t fd, short what, void *arg)
 {
     pq_worker_t *w = arg;
-    drain_consumer(w, 1);
-    drain_consumer(w, 0);
+    pq_consumer_drain(w, 1);
+    pq_consumer_drain(w, 0);
     drain_producer(w);
 }
 
@@ -1186,234 +152,10 @@ static void on_redis_state(void *opaque, int up)
             event_active(w->ev_drain, 0, 0);
         }
     }
-    update_flow(w);
-}
-
-/* ---- producing ---- */
-
-rd_kafka_resp_err_t pq_worker_produce(pq_worker_t *w, int topic, const char *key, const char *value,
-                                      size_t len, void *msg_opaque)
-{
-    rd_kafka_topic_t *t = topic == PQ_T_RESULTS ? w->t_results : w->t_dlq;
-
-    if (rd_kafka_produce(t, RD_KAFKA_PARTITION_UA, 0, (void *)value, len, key,
-                         key ? strlen(key) : 0, msg_opaque) == -1)
-        return rd_kafka_last_error();
-    return RD_KAFKA_RESP_ERR_NO_ERROR;
-}
-
-rd_kafka_resp_err_t pq_worker_produce_to(pq_worker_t *w, const char *topic, const char *key,
-                                         const char *value, size_t len, void *msg_opaque)
-{
-    return rd_kafka_producev(
-        w->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, key ? strlen(key) : 0),
-        RD_KAFKA_V_VALUE((void *)value, len), RD_KAFKA_V_OPAQUE(msg_opaque), RD_KAFKA_V_END);
+    pq_consumer_update_flow(w);
 }
 
 /* ---- generations (SIGHUP) ---- */
-
-static void gen_free(pq_gen_t *g)
-{
-    pq_provs_destroy(g->provs);
-    if (g->owned)
-        pq_conf_destroy(g->conf);
-    free(g);
-}
-
-void pq_gen_unref(pq_worker_t *w, pq_gen_t *g)
-{
-    pq_gen_t **pp;
-
-    if (!g || --g->refs > 0)
-        return;
-    for (pp = &w->retired; *pp; pp = &(*pp)->next) {
-        if (*pp == g) {
-            *pp = g->next;
-            break;
-        }
-    }
-    gen_free(g);
-}
-
-static pq_gen_t *gen_new(pq_worker_t *w, pq_conf_t *conf, int owned, char *errstr,
-                         size_t errstr_size)
-{
-    pq_gen_t *g = calloc(1, sizeof(*g));
-
-    if (!g) {
-        snprintf(errstr, errstr_size, "out of memory");
-        return NULL;
-    }
-    g->conf = conf;
-    g->refs = 1;
-    g->provs = pq_provs_new(w->base, conf, w->http, w->metrics, errstr, errstr_size);
-    if (!g->provs) {
-        free(g);
-        return NULL;
-    }
-    g->owned = owned;
-    pq_provs_set_listener(g->provs, on_circuit, w);
-    return g;
-}
-
-/* Marks the routes of the current config active (creating their states). */
-static void routes_refresh(pq_worker_t *w)
-{
-    const pq_conf_t *c = w->gen->conf;
-
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
-        rs->active = 0;
-    for (size_t i = 0; i < c->nroutes; i++) {
-        pq_route_state_t *rs = pq_worker_route_state(w, c->routes[i].name);
-        if (rs)
-            rs->active = 1;
-    }
-}
-
-/* Creates one topic through a metadata request (the cluster auto-creates it); waits for it to
- * have partitions. Returns 0 or -1. */
-static int topic_autocreate(pq_worker_t *w, const char *name)
-{
-    rd_kafka_topic_t *rkt = rd_kafka_topic_new(w->producer, name, NULL);
-    int64_t deadline = pq_mono_ms() + TOPIC_WAIT_MS;
-    int rc = -1;
-
-    if (!rkt)
-        return -1;
-    while (rc != 0 && pq_mono_ms() < deadline) {
-        const struct rd_kafka_metadata *md = NULL;
-        if (rd_kafka_metadata(w->producer, 0, rkt, &md, 1000) == RD_KAFKA_RESP_ERR_NO_ERROR && md) {
-            if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR &&
-                md->topics[0].partition_cnt > 0)
-                rc = 0;
-            rd_kafka_metadata_destroy(md);
-        }
-        if (rc != 0)
-            usleep(100 * 1000);
-    }
-    rd_kafka_topic_destroy(rkt);
-    return rc;
-}
-
-/* Creates every active route's retry topic before subscribing to it: Admin API CreateTopics
- * (topics.partitions partitions), or, when the cluster does not support it (promptq-devkafka),
- * a metadata request that auto-creates it. Blocks up to a few seconds (at start and SIGHUP).
- * Returns the number of topics that could not be created. */
-static int retry_topics_create(pq_worker_t *w)
-{
-    const pq_conf_t *c = w->gen->conf;
-    rd_kafka_NewTopic_t **nts = NULL;
-    const char **names = NULL;
-    int *fallback = NULL;
-    rd_kafka_AdminOptions_t *opt = NULL;
-    rd_kafka_queue_t *q = NULL;
-    rd_kafka_event_t *ev = NULL;
-    char why[256] = "";
-    size_t n = 0;
-    int failed = 0;
-
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next)
-        n += rs->active;
-    if (n == 0)
-        return 0;
-    nts = calloc(n, sizeof(*nts));
-    names = calloc(n, sizeof(*names));
-    fallback = calloc(n, sizeof(*fallback));
-    if (!nts || !names || !fallback) {
-        failed = (int)n;
-        goto out;
-    }
-    n = 0;
-    for (pq_route_state_t *rs = w->routes; rs; rs = rs->next) {
-        char err[200];
-        if (!rs->active)
-            continue;
-        names[n] = rs->topic;
-        nts[n] = rd_kafka_NewTopic_new(rs->topic, c->topic_partitions > 0 ? c->topic_partitions : 4,
-                                       -1, err, sizeof(err));
-        fallback[n] = 1;
-        if (!nts[n])
-            PQ_WARN("retry topic %s: %s", rs->topic, err);
-        n++;
-    }
-    /* librdkafka's mock cluster (promptq-devkafka, cluster id "mockCluster...") lacks the API
-     * and a cluster that did not answer it before is not asked again */
-    if (w->no_admin || (w->cluster_id && strncmp(w->cluster_id, "mockCluster", 11) == 0)) {
-        snprintf(why, sizeof(why), "not supported by this cluster");
-        goto fallback;
-    }
-    opt = rd_kafka_AdminOptions_new(w->producer, RD_KAFKA_ADMIN_OP_CREATETOPICS);
-    q = rd_kafka_queue_new(w->producer);
-    if (opt && q) {
-        size_t k = 0;
-        rd_kafka_NewTopic_t **valid = calloc(n, sizeof(*valid));
-        rd_kafka_AdminOptions_set_request_timeout(opt, ADMIN_WAIT_MS, NULL, 0);
-        for (size_t i = 0; valid && i < n; i++)
-            if (nts[i])
-                valid[k++] = nts[i];
-        if (k > 0) {
-            rd_kafka_CreateTopics(w->producer, valid, k, opt, q);
-            ev = rd_kafka_queue_poll(q, ADMIN_WAIT_MS + 1000);
-        }
-        free(valid);
-    }
-    if (ev && rd_kafka_event_error(ev)) {
-        snprintf(why, sizeof(why), "%s", rd_kafka_event_error_string(ev));
-        w->no_admin = rd_kafka_event_error(ev) == RD_KAFKA_RESP_ERR__TIMED_OUT;
-    } else if (ev) {
-        const rd_kafka_CreateTopics_result_t *res = rd_kafka_event_CreateTopics_result(ev);
-        size_t cnt = 0;
-        const rd_kafka_topic_result_t **tr =
-            res ? rd_kafka_CreateTopics_result_topics(res, &cnt) : NULL;
-        for (size_t i = 0; i < cnt; i++) {
-            rd_kafka_resp_err_t e = rd_kafka_topic_result_error(tr[i]);
-            const char *name = rd_kafka_topic_result_name(tr[i]);
-            for (size_t t = 0; t < n; t++) {
-                if (strcmp(names[t], name) != 0)
-                    continue;
-                if (e == RD_KAFKA_RESP_ERR_NO_ERROR) {
-                    PQ_INFO("retry topic %s created (CreateTopics)", name);
-                    fallback[t] = 0;
-                } else if (e == RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS) {
-                    PQ_DBG("retry topic %s exists", name);
-                    fallback[t] = 0;
-                } else {
-                    snprintf(why, sizeof(why), "%s", rd_kafka_err2str(e));
-                }
-            }
-        }
-    } else {
-        snprintf(why, sizeof(why), "no answer");
-    }
-fallback:
-    for (size_t t = 0; t < n; t++) {
-        if (!fallback[t])
-            continue;
-        if (topic_autocreate(w, names[t]) == 0) {
-            PQ_INFO("retry topic %s auto-created by a metadata request (CreateTopics: %s)",
-                    names[t], why[0] ? why : "not supported");
-        } else {
-            PQ_ERR("retry topic %s could not be created (CreateTopics: %s; metadata request "
-                   "timed out): parking on that route waits for it",
-                   names[t], why[0] ? why : "not supported");
-            failed++;
-        }
-    }
-out:
-    if (ev)
-        rd_kafka_event_destroy(ev);
-    if (q)
-        rd_kafka_queue_destroy(q);
-    if (opt)
-        rd_kafka_AdminOptions_destroy(opt);
-    for (size_t i = 0; nts && i < n; i++)
-        if (nts[i])
-            rd_kafka_NewTopic_destroy(nts[i]);
-    free(nts);
-    free(names);
-    free(fallback);
-    return failed;
-}
 
 /* Subscribes to <prefix>requests, <prefix>bulk and every active route's retry topic. */
 static rd_kafka_resp_err_t subscribe_all(pq_worker_t *w)
@@ -1451,7 +193,7 @@ static void on_sighup(evutil_socket_t sig, short what, void *arg)
         PQ_ERR("SIGHUP: config not reloaded, keeping the old one: %s", errstr);
         return;
     }
-    g = gen_new(w, nc, 1, errstr, sizeof(errstr));
+    g = pq_gen_new(w, nc, 1, errstr, sizeof(errstr));
     if (!g) {
         PQ_ERR("SIGHUP: config not reloaded: %s", errstr);
         pq_conf_destroy(nc);
@@ -1462,8 +204,8 @@ static void on_sighup(evutil_socket_t sig, short what, void *arg)
     old->next = w->retired;
     w->retired = old;
     pq_gen_unref(w, old);
-    routes_refresh(w);
-    retry_topics_create(w);
+    pq_gen_routes_refresh(w);
+    pq_gen_retry_topics_create(w);
     err = subscribe_all(w);
     if (err)
         PQ_ERR("SIGHUP: subscribe: %s", rd_kafka_err2str(err));
@@ -1490,7 +232,7 @@ static void on_grace(evutil_socket_t fd, short what, void *arg)
 
     PQ_WARN("grace period over: handing back %zu jobs (leases released, offsets not stored)",
             w->inflight);
-    flush_offsets(w);
+    pq_consumer_flush_offsets(w);
     w->no_store = 1;
     pq_job_hand_back_all(w);
     w->final_deadline_ms = pq_mono_ms() + FINAL_WAIT_MS;
@@ -1511,9 +253,9 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     PQ_INFO("signal %d: stopping, %zu jobs in flight", (int)sig, w->inflight);
     w->stopping = 1;
     for (int lane = 0; lane < 2; lane++) /* never taken in: the next owner reads them */
-        pq_counter_add(w->m.handed_back, backlog_purge(&w->backlog[lane], NULL));
+        pq_counter_add(w->m.handed_back, pq_backlog_purge(&w->backlog[lane], NULL));
     pq_callbacks_stop(w->callbacks);
-    update_flow(w);
+    pq_consumer_update_flow(w);
     if (w->inflight == 0) {
         event_base_loopbreak(w->base);
         return;
@@ -1602,7 +344,7 @@ static rd_kafka_t *consumer_new(pq_worker_t *w, char *errstr, size_t errstr_size
     if (!pq_conf_kafka_get(w->conf, "queued.max.messages.kbytes"))
         rd_kafka_conf_set(kc, "queued.max.messages.kbytes", "16384", NULL, 0);
     rd_kafka_conf_set_opaque(kc, w);
-    rd_kafka_conf_set_rebalance_cb(kc, on_rebalance);
+    rd_kafka_conf_set_rebalance_cb(kc, pq_consumer_on_rebalance);
     rd_kafka_conf_set_log_cb(kc, on_kafka_log);
     rd_kafka_conf_set_error_cb(kc, on_kafka_error);
     rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errstr, errstr_size);
@@ -1627,8 +369,6 @@ static rd_kafka_t *producer_new(pq_worker_t *w, char *errstr, size_t errstr_size
         rd_kafka_conf_destroy(kc);
     return rk;
 }
-
-static int metrics_listen(pq_worker_t *w, const char *spec, char *errstr, size_t errstr_size);
 
 pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_size)
 {
@@ -1655,12 +395,7 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     pq_conf_topic(conf, "results", w->topics[PQ_T_RESULTS], sizeof(w->topics[0]));
     pq_conf_topic(conf, "dlq", w->topics[PQ_T_DLQ], sizeof(w->topics[0]));
     w->max_inflight = conf->max_inflight > 0 ? (size_t)conf->max_inflight : 4096;
-    w->reserve = w->max_inflight / LANE_RESERVE_DIV;
-    for (int lane = 0; lane < 2; lane++) {
-        w->backlog[lane].max =
-            w->max_inflight / 2 > BACKLOG_MIN ? w->max_inflight / 2 : BACKLOG_MIN;
-        w->backlog[lane].max_bytes = BACKLOG_MAX_BYTES;
-    }
+    pq_consumer_init(w);
     w->ttl_ms = conf->result_ttl_s * 1000;
     w->limits = pq_envelope_limits_default;
     snprintf(w->reply_prefix, sizeof(w->reply_prefix), "%sreply:", conf->redis_prefix);
@@ -1748,10 +483,10 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     if (!w->ihttp)
         goto out_fail;
     pq_http_set_priority(w->ihttp, 0);
-    w->gen = gen_new(w, (pq_conf_t *)conf, 0, errstr, errstr_size);
+    w->gen = pq_gen_new(w, (pq_conf_t *)conf, 0, errstr, errstr_size);
     if (!w->gen)
         goto out_fail;
-    routes_refresh(w);
+    pq_gen_routes_refresh(w);
     w->redis = pq_redis_new(w->base, conf->redis_host, conf->redis_port, conf->redis_password,
                             conf->redis_db, 5000, on_redis_state, w, errstr, errstr_size);
     if (!w->redis)
@@ -1809,33 +544,33 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     rd_kafka_queue_io_event_enable(w->iqueue, w->ipipe[1], "1", 1);
-    retry_topics_create(w);
+    pq_gen_retry_topics_create(w);
     err = subscribe_all(w);
     if (err) {
         snprintf(errstr, errstr_size, "subscribe: %s", rd_kafka_err2str(err));
         goto out_fail;
     }
 
-    w->ev_cqueue = event_new(w->base, w->cpipe[0], EV_READ | EV_PERSIST, on_cqueue, w);
-    w->ev_iqueue = event_new(w->base, w->ipipe[0], EV_READ | EV_PERSIST, on_iqueue, w);
-    w->ev_idrain = event_new(w->base, -1, 0, on_idrain, w);
+    w->ev_cqueue = event_new(w->base, w->cpipe[0], EV_READ | EV_PERSIST, pq_consumer_on_cqueue, w);
+    w->ev_iqueue = event_new(w->base, w->ipipe[0], EV_READ | EV_PERSIST, pq_consumer_on_iqueue, w);
+    w->ev_idrain = event_new(w->base, -1, 0, pq_consumer_on_idrain, w);
     w->ev_lanes = event_new(w->base, -1, 0, on_lanes, w);
     if (w->ev_iqueue)
         event_priority_set(w->ev_iqueue, 0);
     if (w->ev_idrain)
         event_priority_set(w->ev_idrain, 0);
     w->ev_pqueue = event_new(w->base, w->ppipe[0], EV_READ | EV_PERSIST, on_pqueue, w);
-    w->ev_drain = event_new(w->base, -1, 0, on_drain, w);
-    w->ev_flush = event_new(w->base, -1, 0, on_flush, w);
+    w->ev_drain = event_new(w->base, -1, 0, pq_consumer_on_drain, w);
+    w->ev_flush = event_new(w->base, -1, 0, pq_consumer_on_flush, w);
     w->ev_safety = event_new(w->base, -1, EV_PERSIST, on_safety, w);
     w->ev_stats = event_new(w->base, -1, EV_PERSIST, on_stats, w);
     w->ev_sigterm = evsignal_new(w->base, SIGTERM, on_signal, w);
     w->ev_sigint = evsignal_new(w->base, SIGINT, on_signal, w);
     w->ev_grace = evtimer_new(w->base, on_grace, w);
     w->ev_final = event_new(w->base, -1, EV_PERSIST, on_final, w);
-    w->ev_routes = event_new(w->base, -1, EV_PERSIST, on_routes, w);
-    w->ev_replay = evtimer_new(w->base, on_replay, w);
-    w->ev_health = event_new(w->base, -1, EV_PERSIST, on_health, w);
+    w->ev_routes = event_new(w->base, -1, EV_PERSIST, pq_park_on_routes, w);
+    w->ev_replay = evtimer_new(w->base, pq_park_on_replay, w);
+    w->ev_health = event_new(w->base, -1, EV_PERSIST, pq_health_on_tick, w);
     w->ev_sighup = evsignal_new(w->base, SIGHUP, on_sighup, w);
     if (!w->ev_cqueue || !w->ev_iqueue || !w->ev_idrain || !w->ev_lanes || !w->ev_pqueue ||
         !w->ev_drain || !w->ev_flush || !w->ev_safety || !w->ev_stats || !w->ev_sigterm ||
@@ -1845,7 +580,7 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     if (conf->metrics_listen && conf->metrics_listen[0] &&
-        metrics_listen(w, conf->metrics_listen, errstr, errstr_size) != 0)
+        pq_health_metrics_listen(w, conf->metrics_listen, errstr, errstr_size) != 0)
         goto out_fail;
     PQ_INFO("worker %s: group %s, topics %s %s, max_inflight %zu, cluster %s", w->owner,
             conf->group_id, w->topics[PQ_T_REQUESTS], w->topics[PQ_T_BULK], w->max_inflight,
@@ -1857,88 +592,12 @@ out_fail:
     return NULL;
 }
 
-/* ---- metrics endpoint (worker.metrics_listen) ---- */
-
-static void on_metrics_http(struct evhttp_request *req, void *arg)
-{
-    pq_worker_t *w = arg;
-    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
-    struct evbuffer *out = evhttp_request_get_output_buffer(req);
-    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
-
-    if (evhttp_request_get_command(req) != EVHTTP_REQ_GET &&
-        evhttp_request_get_command(req) != EVHTTP_REQ_HEAD) {
-        evhttp_send_error(req, 405, "Method Not Allowed");
-        return;
-    }
-    if (path && strcmp(path, "/metrics") == 0) {
-        size_t len = 0;
-        char *text = pq_metrics_render(w->metrics, &len);
-        if (!text) {
-            evhttp_send_error(req, 500, "Internal Server Error");
-            return;
-        }
-        evhttp_add_header(h, "Content-Type", "text/plain; version=0.0.4");
-        evbuffer_add(out, text, len);
-        free(text);
-        evhttp_send_reply(req, 200, "OK", NULL);
-    } else if (path && strcmp(path, "/healthz") == 0) {
-        int up = pq_redis_up(w->redis);
-        evhttp_add_header(h, "Content-Type", "application/json");
-        evbuffer_add_printf(out, "{\"status\":\"%s\",\"redis\":%s,\"inflight\":%zu}\n",
-                            w->stopping ? "stopping"
-                            : up        ? "ok"
-                                        : "degraded",
-                            up ? "true" : "false", w->inflight);
-        evhttp_send_reply(req, w->stopping || !up ? 503 : 200,
-                          w->stopping || !up ? "Unavailable" : "OK", NULL);
-    } else {
-        evhttp_send_error(req, 404, "Not Found");
-    }
-}
-
-/* Binds worker.metrics_listen ("HOST:PORT") on the worker's loop. Returns 0 or -1 (errstr). */
-static int metrics_listen(pq_worker_t *w, const char *spec, char *errstr, size_t errstr_size)
-{
-    char host[256];
-    const char *colon = strrchr(spec, ':');
-    char *end;
-    long port;
-
-    if (!colon || (size_t)(colon - spec) >= sizeof(host)) {
-        snprintf(errstr, errstr_size, "worker.metrics_listen: expected HOST:PORT");
-        return -1;
-    }
-    memcpy(host, spec, (size_t)(colon - spec));
-    host[colon - spec] = '\0';
-    port = strtol(colon + 1, &end, 10);
-    if (*end || port < 0 || port > 65535 || end == colon + 1) {
-        snprintf(errstr, errstr_size, "worker.metrics_listen: bad port");
-        return -1;
-    }
-    w->mhttp = evhttp_new(w->base);
-    if (!w->mhttp) {
-        snprintf(errstr, errstr_size, "out of memory");
-        return -1;
-    }
-    evhttp_set_allowed_methods(w->mhttp, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
-    evhttp_set_timeout(w->mhttp, 10);
-    evhttp_set_max_body_size(w->mhttp, 4096);
-    evhttp_set_gencb(w->mhttp, on_metrics_http, w);
-    if (!evhttp_bind_socket_with_handle(w->mhttp, host[0] ? host : "0.0.0.0", (ev_uint16_t)port)) {
-        snprintf(errstr, errstr_size, "worker.metrics_listen %s: cannot bind", spec);
-        return -1;
-    }
-    PQ_INFO("metrics on http://%s/metrics", spec);
-    return 0;
-}
-
 int pq_worker_run(pq_worker_t *w, int grace_ms)
 {
     struct timeval safety = {0, SAFETY_MS * 1000};
     struct timeval stats = {STATS_MS / 1000, 0};
-    struct timeval routes = {ROUTE_TICK_MS / 1000, (ROUTE_TICK_MS % 1000) * 1000};
-    struct timeval health = {HEALTH_MS / 1000, 0};
+    struct timeval routes = {PQ_PARK_TICK_MS / 1000, (PQ_PARK_TICK_MS % 1000) * 1000};
+    struct timeval health = {PQ_HEALTH_MS / 1000, 0};
     rd_kafka_resp_err_t err;
 
     w->grace_ms = grace_ms;
@@ -1953,15 +612,15 @@ int pq_worker_run(pq_worker_t *w, int grace_ms)
     event_add(w->ev_stats, &stats);
     event_add(w->ev_sigterm, NULL);
     event_add(w->ev_sigint, NULL);
-    update_flow(w);
+    pq_consumer_update_flow(w);
     event_active(w->ev_drain, 0, 0);
     event_active(w->ev_idrain, 0, 0);
 
     event_base_dispatch(w->base);
 
     for (int lane = 0; lane < 2; lane++) /* before the close: messages hold partition refs */
-        backlog_purge(&w->backlog[lane], NULL);
-    flush_offsets(w);
+        pq_backlog_purge(&w->backlog[lane], NULL);
+    pq_consumer_flush_offsets(w);
     err = rd_kafka_commit(w->consumer, NULL, 0);
     if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
         PQ_WARN("final commit: %s", rd_kafka_err2str(err));
@@ -1983,7 +642,6 @@ void pq_worker_destroy(pq_worker_t *w)
         &w->ev_cqueue, &w->ev_iqueue, &w->ev_idrain, &w->ev_lanes,   &w->ev_pqueue, &w->ev_drain,
         &w->ev_flush,  &w->ev_safety, &w->ev_stats,  &w->ev_sigterm, &w->ev_sigint, &w->ev_grace,
         &w->ev_final,  &w->ev_routes, &w->ev_replay, &w->ev_health,  &w->ev_sighup};
-    pq_route_state_t *rs;
     pq_gen_t *g;
 
     if (!w)
@@ -1992,7 +650,7 @@ void pq_worker_destroy(pq_worker_t *w)
         evhttp_free(w->mhttp);
     pq_job_free_all(w);
     for (int lane = 0; lane < 2; lane++) {
-        backlog_purge(&w->backlog[lane], NULL);
+        pq_backlog_purge(&w->backlog[lane], NULL);
         free(w->backlog[lane].m);
     }
     while ((p = TAILQ_FIRST(&w->parts))) {
@@ -2019,17 +677,11 @@ void pq_worker_destroy(pq_worker_t *w)
     pq_callbacks_destroy(w->callbacks);
     while ((g = w->retired)) {
         w->retired = g->next;
-        gen_free(g);
+        pq_gen_free(g);
     }
     if (w->gen)
-        gen_free(w->gen);
-    while ((rs = w->routes)) {
-        w->routes = rs->next;
-        drops_free(rs);
-        free(rs->hi);
-        free(rs->name);
-        free(rs);
-    }
+        pq_gen_free(w->gen);
+    pq_park_free_all(w);
     pq_http_destroy(w->http);
     pq_http_destroy(w->ihttp);
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)

@@ -1,4 +1,5 @@
-/* Internals shared by worker.c (loop, Kafka, flow control) and job.c (per-job state machine). */
+/* Internals shared by the worker's modules: worker.c (setup, signals, generations), the consumer
+ * (partitions, offsets, flow control), park.c (parking and replay), parts.c and job.c. */
 #ifndef PQ_WORKER_INT_H
 #define PQ_WORKER_INT_H
 
@@ -17,7 +18,9 @@
 #include "offsets.h"
 #include "prov.h"
 #include "redis.h"
-#include "worker.h"
+
+/* worker.h names it too; not included here, so the modules below worker.c never reach up. */
+typedef struct pq_worker_s pq_worker_t;
 
 enum { PQ_T_REQUESTS = 0, PQ_T_BULK, PQ_T_RESULTS, PQ_T_DLQ, PQ_T_COUNT };
 #define PQ_T_RETRY       PQ_T_COUNT
@@ -179,6 +182,10 @@ struct pq_worker_s {
     int64_t final_deadline_ms;
     int grace_ms;
 
+    /* A job left (job.c calls it): drops the partition reference, frees its slot and re-checks
+     * flow control. Set by the consumer (pq_consumer_init). */
+    void (*job_gone)(struct pq_worker_s *w, pq_part_t *part);
+
     pq_metrics_t *metrics;
     pq_worker_metrics_t m;
     struct evhttp *mhttp; /* worker.metrics_listen: GET /metrics, /healthz; NULL when off */
@@ -186,57 +193,12 @@ struct pq_worker_s {
 
 /* worker.c, for job.c */
 
-/* The job at (part, seq) is done (its results are durable): store offsets up to the lowest job
- * still in flight. part may be NULL. */
-void pq_worker_offset_done(pq_worker_t *w, pq_part_t *part, uint64_t seq);
-
-/* Drops one reference; frees the partition at zero. NULL is a no-op. */
-void pq_part_unref(pq_part_t *part);
-
-/* A job left: drop the partition reference and re-check flow control. */
-void pq_worker_job_gone(pq_worker_t *w, pq_part_t *part);
-
-/* Produces value to topic (PQ_T_RESULTS / PQ_T_DLQ) with key; msg_opaque comes back in the
- * delivery report. value: borrowed, must stay valid until the report. Returns 0 or the error. */
-rd_kafka_resp_err_t pq_worker_produce(pq_worker_t *w, int topic, const char *key, const char *value,
-                                      size_t len, void *msg_opaque);
-
-/* Same, to a topic by name (retry topics). */
-rd_kafka_resp_err_t pq_worker_produce_to(pq_worker_t *w, const char *topic, const char *key,
-                                         const char *value, size_t len, void *msg_opaque);
-
-/* The route's parking state (created on first use; name copied). NULL when out of memory. */
-pq_route_state_t *pq_worker_route_state(pq_worker_t *w, const char *name);
-
-/* A job of rs parked: replay of rs waits for a probe (or the recheck). */
-void pq_worker_route_parked(pq_worker_t *w, pq_route_state_t *rs);
-
-/* A job of rs succeeded on a provider: rs is up (replay resumes, ramped). */
-void pq_worker_route_up(pq_worker_t *w, pq_route_state_t *rs, const char *why);
-
-/* A parked job is on topic at (partition, offset) (health estimates). */
-void pq_worker_parked_at(pq_worker_t *w, const char *topic, int32_t partition, int64_t offset);
-
-/* Whether a job of tenant parked at parked_at (wall ms; 0 unknown) on rs was dropped by an
- * operator (DELETE /v1/parked/{route}: the route's ops hash, read every second). */
-int pq_worker_route_dropped(const pq_route_state_t *rs, const char *tenant, int64_t parked_at);
-
-/* Drops a job's reference on a generation; frees a retired one at zero. */
-void pq_gen_unref(pq_worker_t *w, pq_gen_t *g);
-
 /* job.c, for worker.c */
 
 /* Takes in one message (never drops it): parses, leases, runs it; delay_ms > 0 postpones its
  * begin (a replay's ramp slot). */
 void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m,
                    int64_t delay_ms);
-
-/* A parked job read from a retry topic: its expiry time (wall ms, the earlier of its deadline
- * and parked_at + park_ttl_s), 0 when the message cannot be read (taken in: it goes to the dlq
- * as invalid); *dropped = 1 when an operator dropped it from rs (pq_worker_route_dropped).
- * Pure apart from the clock. */
-int64_t pq_job_parked_expiry(const pq_worker_t *w, const pq_route_state_t *rs,
-                             const rd_kafka_message_t *m, int *dropped);
 
 /* Redis is back: re-issue the steps of jobs that waited for it. */
 void pq_job_redis_up(pq_worker_t *w);
