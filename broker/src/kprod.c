@@ -148,7 +148,9 @@ static rd_kafka_t *producer_new(pq_bthread_t *t, char *errstr, size_t errstr_siz
 static rd_kafka_topic_t *topic_new(rd_kafka_t *rk, const char *name, const pq_kprod_dr_fn *fn,
                                    char *errstr, size_t errstr_size)
 {
-    rd_kafka_topic_conf_t *tc = rd_kafka_topic_conf_new();
+    /* a copy of the producer's default topic conf, so topic properties set in the config
+     * (acks, message.timeout.ms) still apply */
+    rd_kafka_topic_conf_t *tc = rd_kafka_default_topic_conf_dup(rk);
     rd_kafka_topic_t *rkt;
 
     rd_kafka_topic_conf_set_opaque(tc, (void *)fn);
