@@ -1624,7 +1624,7 @@ static void batch_post(pq_bthread_t *t, struct evhttp_request *req, const char *
         pq_api_unavailable(t, req, PQ_PATH_BATCHES);
         goto out;
     }
-    s = pq_slot_get(t, PQ_PATH_BATCHES, req);
+    s = pq_slot_get(t, PQ_PATH_BATCHES, req, &pq_api_ops);
     c = calloc(1, sizeof(*c));
     if (!s || !c) {
         free(c);
@@ -1725,7 +1725,7 @@ void pq_batch_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
     if (cancel && pq_http_ratelimit(t, req, path, tenant))
         return;
     bkey_of(t, key, sizeof(key), tenant, id);
-    s = pq_slot_get(t, path, req);
+    s = pq_slot_get(t, path, req, &pq_api_ops);
     if (!s) {
         pq_api_unavailable(t, req, path);
         return;

@@ -95,6 +95,16 @@ void pq_bconf_unref(pq_bconf_t *bc);
 typedef struct pq_bthread_s pq_bthread_t;
 typedef struct pq_drain_s pq_drain_t;
 
+/* A delivery report for a message produced by a loop (runs on that loop); the message's opaque
+ * is what the producer passed. */
+typedef void (*pq_kprod_dr_fn)(pq_bthread_t *t, const rd_kafka_message_t *m);
+/* Who hears the delivery reports of each of the loop's topics. */
+typedef struct pq_kprod_dr_s {
+    pq_kprod_dr_fn requests; /* topic_requests (jobs) */
+    pq_kprod_dr_fn results;  /* topic_results (cancelled results) */
+    pq_kprod_dr_fn bulk;     /* topic_bulk (batch lines) */
+} pq_kprod_dr_t;
+
 /* Process-wide state. */
 typedef struct pq_broker_s {
     const char *conf_path; /* borrowed from argv/environment */
@@ -177,13 +187,23 @@ typedef enum {
                            * ctx say where */
 } pq_slot_state_t;
 
+typedef struct pq_slot_s pq_slot_t;
+
+/* What a slot's endpoint does when the loop needs it (set by pq_slot_get; static storage). */
+typedef struct pq_slot_ops_s {
+    void (*timeout)(pq_slot_t *s); /* the slot's timer fired */
+    void (*stop)(pq_slot_t *s);    /* the stop deadline passed (NULL: nothing to do) */
+    void (*release)(pq_slot_t *s); /* the slot is being released (NULL: nothing to undo) */
+} pq_slot_ops_t;
+
 /* One request waiting for Redis or Kafka. Slots are pooled per thread. */
-typedef struct pq_slot_s {
+struct pq_slot_s {
     pq_bthread_t *t;
     uint32_t idx; /* position in the table, 1-based */
     uint32_t gen; /* bumped whenever the slot is released */
     pq_slot_state_t state;
     pq_path_t path;
+    const pq_slot_ops_t *ops;
     struct evhttp_request *req; /* borrowed until we reply */
     struct event timer;         /* Redis timeout, then the ack deadline */
     int created;                /* this request created the Redis job record */
@@ -192,6 +212,7 @@ typedef struct pq_slot_s {
     size_t payload_len;
     char *callback_url; /* owned: a job's callback_url, kept on its record, or NULL */
     uint32_t next_free;
+    void (*spooled)(struct pq_slot_s *s, pq_err_t err); /* PQ_SLOT_SPOOLING: the spool's answer */
     /* chat */
     unsigned stream : 1;        /* answer server-sent events */
     unsigned include_usage : 1; /* stream_options.include_usage */
@@ -205,6 +226,9 @@ typedef struct pq_slot_s {
     /* idempotency */
     char *idem_key; /* owned: the Redis key promptq:idem:{tenant}:{key}, or NULL */
     int idem_tries;
+    void (*idem_first)(struct pq_slot_s *s);               /* a first use: submit */
+    void (*idem_repeat)(struct pq_slot_s *s, int spooled); /* a repeat of a durable job */
+    void (*durable)(struct pq_slot_s *s, int spooled);     /* intake: the job is durable */
     int64_t idem_deadline_ms;
     char body_hash[PQ_SHA256_HEX_LEN + 1];
     char id[PQ_ID_MAX + 1];
@@ -216,7 +240,7 @@ typedef struct pq_slot_s {
     void *ctx; /* owned; freed with ctx_free on release */
     void (*ctx_free)(void *ctx);
     void (*api_fn)(struct pq_slot_s *s, const void *reply);
-} pq_slot_t;
+};
 
 struct pq_bthread_s {
     pq_broker_t *b;
@@ -246,6 +270,7 @@ struct pq_bthread_s {
     rd_kafka_topic_t *rkt;
     rd_kafka_topic_t *rkt_results; /* cancelled results (DELETE) */
     rd_kafka_topic_t *rkt_bulk;    /* batch lines (batch.c) */
+    pq_kprod_dr_t kdr;             /* each topic handle's opaque points at its member */
     int kpipe[2];
     struct event *kafka_ev;
     struct event *kafka_timer;
@@ -255,6 +280,8 @@ struct pq_bthread_s {
     /* redis subscriber (rsub.c): SUBSCRIBE b->reply_channel */
     redisAsyncContext *sub;
     int sub_ready; /* subscription confirmed */
+    void (*sub_message)(pq_bthread_t *t, const char *msg, size_t len);
+    void (*sub_confirmed)(pq_bthread_t *t);
     int sub_retry_ms;
     struct event *sub_retry_ev;
     /* chat waiters by (tenant, id): chains of slot indexes */
@@ -305,12 +332,21 @@ int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_
 /* Thread-safe: asks the loop to look at stop / next_bc. */
 void pq_bthread_poke(pq_bthread_t *t);
 
-/* slots (loop.c) */
-pq_slot_t *pq_slot_get(pq_bthread_t *t, pq_path_t path, struct evhttp_request *req);
+/* slots (slot.c) */
+/* The slot at a 1-based index (1 .. t->nslots). */
+pq_slot_t *pq_slot_at(pq_bthread_t *t, uint32_t idx);
+/* Frees the slot table (after the loop ran; what slots still hold is freed too). */
+void pq_slots_free(pq_bthread_t *t);
+/* A free slot for req, run by ops (borrowed, static), or NULL when the table is full. */
+pq_slot_t *pq_slot_get(pq_bthread_t *t, pq_path_t path, struct evhttp_request *req,
+                       const pq_slot_ops_t *ops);
 void pq_slot_release(pq_slot_t *s);
 void *pq_slot_handle(const pq_slot_t *s);
 /* The slot behind a handle if it is still the same request, else NULL. */
 pq_slot_t *pq_slot_from_handle(pq_bthread_t *t, void *handle);
+/* For a Redis callback whose opaque is a slot handle: the reply's bookkeeping
+ * (pq_rconn_replied), then the slot if it is still the same request, else NULL. */
+pq_slot_t *pq_slot_replied(redisAsyncContext *ac, void *reply, void *handle);
 
 /* http.c: replies. Every reply goes through pq_http_reply so it is counted. Errors on the
  * OpenAI-compatible paths (chat, models) also carry "param": null and "code" (= type). */
@@ -325,6 +361,9 @@ void pq_http_error(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
  * a character boundary. Returns the length written. Shared by the error bodies of http.c and
  * chat.c. */
 size_t pq_http_json_escape(char *out, size_t size, const char *s);
+/* 503 "job not accepted: <why>; retry" with Retry-After (counted as unavailable). */
+void pq_http_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                         const char *retry_after, const char *why);
 /* Answers s's request with o as compact JSON (500 when it cannot be written); takes o (NULL:
  * out of memory). The slot stays the caller's. */
 void pq_http_reply_json(pq_slot_t *s, int code, json_t *o);
@@ -374,9 +413,6 @@ int pq_redrive_start(pq_broker_t *b, char *errstr, size_t errstr_size);
 void pq_redrive_stop(pq_broker_t *b);
 /* Frees what pq_redrive_start made (stops first if needed); after the loops are joined. */
 void pq_redrive_free(pq_broker_t *b);
-/* The health keys of a /v1/health slot could not be read: answers the broker's own state with
- * redis "down" and status "down" (releases the slot). */
-void pq_ops_redis_failed(pq_slot_t *s);
 
 /* intake.c: POST /v1/jobs */
 void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req);
@@ -387,11 +423,20 @@ void pq_intake_submit(pq_slot_t *s);
  * route and hash; the caller owns it. NULL after answering 503 (no slot free). Shared by
  * POST /v1/jobs and chat completions. */
 pq_slot_t *pq_intake_slot_get(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
-                              const pq_envelope_t *env, const char *tenant);
+                              const pq_envelope_t *env, const char *tenant,
+                              const pq_slot_ops_t *ops);
+/* Slot ops of POST /v1/jobs: the timeouts of the idempotency claim and of intake (Redis
+ * create, ack deadline); at stop what still waits for Kafka goes to the spool; on release an
+ * idempotency claim whose job never became durable is given up. */
+extern const pq_slot_ops_t pq_intake_ops;
 /* Takes over a slot whose job is ready (as for pq_intake_submit): with an Idempotency-Key
  * (idem, not NULL) it goes through pq_idem_start with the hash of the request body, else
  * straight to pq_intake_submit. */
-void pq_intake_start(pq_slot_t *s, const char *idem, const void *body, size_t len);
+/* Makes s's job durable (after claiming idem, when set); then durable(s, spooled) answers or
+ * waits. An idempotent repeat of a durable job goes to repeat(s, spooled) instead. */
+void pq_intake_start(pq_slot_t *s, const char *idem, const void *body, size_t len,
+                     void (*durable)(pq_slot_t *s, int spooled),
+                     void (*repeat)(pq_slot_t *s, int spooled));
 /* 503 + Retry-After for a job that could not be accepted. */
 void pq_intake_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
                            const char *why);
@@ -421,9 +466,9 @@ void pq_bspool_close(pq_broker_t *b);
 int pq_bspool_thread_init(pq_bthread_t *t);
 void pq_bspool_thread_free(pq_bthread_t *t);
 /* Hands the slot's payload to the spool (slot state becomes PQ_SLOT_SPOOLING on PQ_OK; the
- * answer comes through pq_intake_spooled). Returns PQ_OK, PQ_ERR_UNAVAILABLE (full or
+ * answer comes through done(s, err) on the slot's loop). Returns PQ_OK, PQ_ERR_UNAVAILABLE (full or
  * closing), PQ_ERR_TOO_LARGE or another error; on error the slot is untouched. */
-pq_err_t pq_bspool_append(pq_slot_t *s);
+pq_err_t pq_bspool_append(pq_slot_t *s, void (*done)(pq_slot_t *s, pq_err_t err));
 /* 1 if the spool has no room for more jobs (readiness). */
 int pq_bspool_full(pq_broker_t *b);
 /* 1 if any producer of the process (a loop's or the drainer's) reaches Kafka. */
@@ -446,10 +491,6 @@ void pq_jobs_delete(pq_bthread_t *t, struct evhttp_request *req, const char *id)
 void pq_jobs_cancel_reply(pq_slot_t *s, const void *reply);
 void pq_jobs_cancel_delivered(pq_bthread_t *t, const rd_kafka_message_t *m);
 void pq_jobs_cancel_timeout(pq_slot_t *s);
-/* Tenant of a request: the API key's, or in open mode ?tenant= (default "default"). Returns 0,
- * or -1 after answering. */
-int pq_jobs_request_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, char *out,
-                           size_t size);
 
 /* chat.c: POST /v1/chat/completions, sync waiters, GET /v1/models */
 void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req);
@@ -475,7 +516,10 @@ void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const 
                    const char *errcode, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 
 /* rsub.c: the loop's subscriber connection */
-int pq_rsub_start(pq_bthread_t *t);
+/* Subscribes to the reply channel: each message goes to message(t, payload, len), each
+ * (re)confirmed subscription to confirmed(t). */
+int pq_rsub_start(pq_bthread_t *t, void (*message)(pq_bthread_t *t, const char *msg, size_t len),
+                  void (*confirmed)(pq_bthread_t *t));
 void pq_rsub_stop(pq_bthread_t *t);
 /* Drops the subscriber connection and reconnects (not from a hiredis callback). */
 void pq_rsub_reset(pq_bthread_t *t);
@@ -486,7 +530,10 @@ void pq_rsub_reset(pq_bthread_t *t);
 int pq_idem_header(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, const char **key);
 /* Claims the key for the slot (its id, tenant and body_hash set). The outcome: the slot's job is
  * submitted (first use), or answered / waited for as the first use's job (repeat), or 422. */
-void pq_idem_start(pq_slot_t *s, const char *key);
+/* first(s) submits the job of a first use; repeat(s, spooled) answers a repeat of a durable
+ * one (s->id is then the first use's job). */
+void pq_idem_start(pq_slot_t *s, const char *key, void (*first)(pq_slot_t *s),
+                   void (*repeat)(pq_slot_t *s, int spooled));
 void pq_idem_reply(pq_slot_t *s, const void *reply);
 void pq_idem_timeout(pq_slot_t *s);
 /* The slot's job is durable: the key now names it for good. */
@@ -508,12 +555,6 @@ int pq_rconn_start(pq_bthread_t *t);
 void pq_rconn_stop(pq_bthread_t *t);
 /* 1 if commands may be sent now. */
 int pq_rconn_usable(const pq_bthread_t *t);
-/* Sends a command whose reply goes to the slot behind handle (or nowhere when handle is NULL).
- * Returns 0, or -1 if it could not be sent. */
-int pq_rconn_command(pq_bthread_t *t, void *handle, const char *fmt, ...);
-int pq_rconn_commandargv(pq_bthread_t *t, void *handle, int argc, const char **argv,
-                         const size_t *argvlen);
-
 /* Resolves the configured Redis host without blocking the loop: a numeric host (127.0.0.1,
  * ::1) is handed to fn at once, a name is looked up with evdns (/etc/hosts, then DNS) and fn
  * runs on the loop with a numeric address (IPv4 preferred), or NULL when the lookup failed.
@@ -550,7 +591,9 @@ extern const char pq_bscript_cancel[];
 extern const char pq_bscript_jobs_list[];
 
 /* kprod.c: the thread's producer */
-int pq_kprod_start(pq_bthread_t *t, char *errstr, size_t errstr_size);
+/* Creates the loop's producer; a message's delivery report goes to the member of dr for the
+ * topic it was produced to (dr is copied). */
+int pq_kprod_start(pq_bthread_t *t, const pq_kprod_dr_t *dr, char *errstr, size_t errstr_size);
 /* Flushes for at most timeout_ms, then destroys the producer. */
 void pq_kprod_stop(pq_bthread_t *t, int timeout_ms);
 /* A producer configuration with the broker's defaults (statistics for up/down, reconnect
@@ -559,8 +602,9 @@ rd_kafka_conf_t *pq_kprod_conf(const pq_conf_t *conf, char *errstr, size_t errst
 /* 1 if a statistics JSON shows a broker connection in state UP. */
 int pq_kprod_stats_up(const char *json, size_t len);
 
-/* Sends a command whose reply goes to cb(t's context, reply, priv) (files.c, batch.c); cb must
- * first call pq_rconn_replied. Returns 0, or -1 if it could not be sent. */
+/* Sends a command whose reply goes to cb(t's context, reply, priv), or nowhere when cb is NULL;
+ * cb must first call pq_rconn_replied (or pq_slot_replied). Returns 0, or -1 if it could not be
+ * sent. */
 int pq_rconn_send(pq_bthread_t *t, void (*cb)(redisAsyncContext *, void *, void *), void *priv,
                   int argc, const char **argv, const size_t *argvlen);
 int pq_rconn_sendf(pq_bthread_t *t, void (*cb)(redisAsyncContext *, void *, void *), void *priv,
@@ -582,11 +626,16 @@ void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
 int pq_files_store(pq_bthread_t *t, const char *tenant, const char *id, const char *filename,
                    const char *purpose, const char *body, size_t len, int64_t lines);
 void pq_files_new_id(char *out, size_t size);
-/* Tenant of an OpenAI-shaped request (as pq_jobs_request_tenant). */
+/* api.c: what the OpenAI-shaped endpoints share */
+/* Tenant of a request: the API key's, or in open mode ?tenant= (default "default"). Returns 0,
+ * or -1 after answering. */
 int pq_api_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, char *out,
                   size_t size);
 /* 503 "store (Redis) unavailable" with Retry-After: 1, for the files and batches paths. */
 void pq_api_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path);
+/* Slot ops of the files, batches, list and ops requests: a timeout in PQ_SLOT_API is
+ * pq_api_timeout. */
+extern const pq_slot_ops_t pq_api_ops;
 /* 503 for a slot in PQ_SLOT_API whose Redis reply did not come. */
 void pq_api_timeout(pq_slot_t *s);
 /* Starts a list request: takes a slot (s->ctx = limit) and sends the list script for set skey
@@ -612,6 +661,8 @@ long pq_api_query_limit(struct evhttp_request *req, char *after, size_t after_si
  * fn(s, reply). Arms the Redis timer. Returns 0 or -1 (nothing sent). */
 int pq_api_send(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), int argc, const char **argv,
                 const size_t *argvlen);
+/* pq_api_send for NUL-terminated arguments (at most 16). */
+int pq_api_sendv(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), int argc, const char **argv);
 
 /* batch.c: /v1/batches */
 void pq_batch_serve(pq_bthread_t *t, struct evhttp_request *req, const char *rest);

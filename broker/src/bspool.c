@@ -3,7 +3,7 @@
  * Intake: a job that Kafka did not confirm in time (or while Kafka is known down) is appended
  * to the spool; the spool's writer thread calls back once the record is fsync'd. The callback
  * only pushes (slot, result) onto the slot's loop's completion list under a short mutex and
- * activates that loop's event; the loop then answers the request (pq_intake_spooled). A slot
+ * activates that loop's event; the loop then answers the request (the slot's done callback). A slot
  * in PQ_SLOT_SPOOLING is never released or reused before its callback is served, so the slot
  * pointer is a safe opaque.
  *
@@ -177,8 +177,8 @@ static void spool_ev_cb(evutil_socket_t fd, short what, void *arg)
             work[i].fn(work[i].arg, work[i].err);
             continue;
         }
-        if (s->state == PQ_SLOT_SPOOLING)
-            pq_intake_spooled(s, work[i].err);
+        if (s->state == PQ_SLOT_SPOOLING && s->spooled)
+            s->spooled(s, work[i].err);
     }
 }
 
@@ -204,7 +204,7 @@ void pq_bspool_thread_free(pq_bthread_t *t)
     t->spool_mu_ready = 0;
 }
 
-pq_err_t pq_bspool_append(pq_slot_t *s)
+pq_err_t pq_bspool_append(pq_slot_t *s, void (*done)(pq_slot_t *s, pq_err_t err))
 {
     pq_bthread_t *t = s->t;
     pq_spool_t *sp = t->b->spool;
@@ -215,6 +215,7 @@ pq_err_t pq_bspool_append(pq_slot_t *s)
     if (pq_spool_full(sp))
         return PQ_ERR_UNAVAILABLE;
     s->state = PQ_SLOT_SPOOLING;
+    s->spooled = done;
     err = pq_spool_append(sp, t->bc->topic_requests, s->id, strlen(s->id), s->payload,
                           s->payload_len, spool_cb, s);
     if (err != PQ_OK)

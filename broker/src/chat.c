@@ -302,13 +302,21 @@ static void arm_reread(pq_bthread_t *t)
         evtimer_add(t->reread_ev, &tv);
 }
 
+static void read_cb(redisAsyncContext *ac, void *reply, void *handle)
+{
+    pq_slot_t *s = pq_slot_replied(ac, reply, handle);
+
+    if (s && s->state == PQ_SLOT_WAIT)
+        pq_chat_redis_reply(s, reply);
+}
+
 static void read_record(pq_slot_t *s)
 {
     pq_bthread_t *t = s->t;
     char key[512];
 
     if (pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0 ||
-        pq_rconn_command(t, pq_slot_handle(s), "HMGET %s status result", key)) {
+        pq_rconn_sendf(t, read_cb, pq_slot_handle(s), "HMGET %s status result", key)) {
         s->need_read = 1;
         arm_reread(t);
         return;
@@ -1166,6 +1174,51 @@ void pq_chat_wait(pq_slot_t *s)
 
 /* ---- POST /v1/chat/completions ---- */
 
+/* A chat request is a job request (pq_intake_ops) until it waits for its result. */
+static void chat_slot_timeout(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_WAIT)
+        pq_chat_timeout(s);
+    else
+        pq_intake_ops.timeout(s);
+}
+
+static void chat_slot_stop(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_WAIT)
+        pq_chat_timeout(s);
+    else
+        pq_intake_ops.stop(s);
+}
+
+static void chat_slot_release(pq_slot_t *s)
+{
+    pq_chat_unlink(s);
+    pq_intake_ops.release(s);
+}
+
+/* The chat job is durable: wait for its result. */
+static void chat_durable(pq_slot_t *s, int spooled)
+{
+    (void)spooled;
+    free(s->payload);
+    s->payload = NULL;
+    pq_chat_wait(s);
+}
+
+/* An idempotent repeat: wait for the first request's job (its id answers the header). */
+static void chat_repeat(pq_slot_t *s, int spooled)
+{
+    struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
+
+    (void)spooled;
+    evhttp_remove_header(h, "x-promptq-job-id");
+    evhttp_add_header(h, "x-promptq-job-id", s->id);
+    pq_chat_wait(s);
+}
+
+static const pq_slot_ops_t chat_ops = {chat_slot_timeout, chat_slot_stop, chat_slot_release};
+
 void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
 {
     const pq_bconf_t *bc = t->bc;
@@ -1233,7 +1286,7 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
         goto out;
     }
 
-    s = pq_intake_slot_get(t, req, PQ_PATH_CHAT, &env, tenant);
+    s = pq_intake_slot_get(t, req, PQ_PATH_CHAT, &env, tenant, &chat_ops);
     if (!s)
         goto out;
     s->stream = (unsigned)stream;
@@ -1261,7 +1314,7 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
         pq_slot_release(s);
         return;
     }
-    pq_intake_start(s, idem, body, len);
+    pq_intake_start(s, idem, body, len, chat_durable, chat_repeat);
     return;
 out:
     pq_envelope_clear(&env);

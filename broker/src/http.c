@@ -130,6 +130,14 @@ void pq_http_reply_json(pq_slot_t *s, int code, json_t *o)
     free(text);
 }
 
+void pq_http_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
+                         const char *retry_after, const char *why)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", retry_after);
+    pq_counter_add(t->b->m_unavailable, 1);
+    pq_http_error(t, req, path, 503, "unavailable", "job not accepted: %s; retry", why);
+}
+
 size_t pq_http_json_escape(char *out, size_t size, const char *s)
 {
     static const char hex[] = "0123456789abcdef";

@@ -57,8 +57,16 @@ int pq_idem_header(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, 
 
 static void idem_unavailable(pq_slot_t *s, const char *why)
 {
-    pq_intake_unavailable(s->t, s->req, s->path, why);
+    pq_http_unavailable(s->t, s->req, s->path, "1", why);
     pq_slot_release(s);
+}
+
+static void claim_cb(redisAsyncContext *ac, void *reply, void *handle)
+{
+    pq_slot_t *s = pq_slot_replied(ac, reply, handle);
+
+    if (s && s->state == PQ_SLOT_IDEM)
+        pq_idem_reply(s, reply);
 }
 
 static int send_claim(pq_slot_t *s)
@@ -78,7 +86,7 @@ static int send_claim(pq_slot_t *s)
     argv[5] = ttl;
     for (int i = 0; i < 6; i++)
         argvlen[i] = strlen(argv[i]);
-    if (pq_rconn_commandargv(t, pq_slot_handle(s), 6, argv, argvlen))
+    if (pq_rconn_send(t, claim_cb, pq_slot_handle(s), 6, argv, argvlen))
         return -1;
     s->state = PQ_SLOT_IDEM;
     event_del(&s->timer);
@@ -86,7 +94,8 @@ static int send_claim(pq_slot_t *s)
     return 0;
 }
 
-void pq_idem_start(pq_slot_t *s, const char *key)
+void pq_idem_start(pq_slot_t *s, const char *key, void (*first)(pq_slot_t *s),
+                   void (*repeat)(pq_slot_t *s, int spooled))
 {
     pq_bthread_t *t = s->t;
     char rkey[PQ_TENANT_MAX + PQ_IDEM_KEY_MAX + 128];
@@ -99,6 +108,8 @@ void pq_idem_start(pq_slot_t *s, const char *key)
         pq_slot_release(s);
         return;
     }
+    s->idem_first = first;
+    s->idem_repeat = repeat;
     s->idem_tries = 0;
     s->idem_deadline_ms = pq_mono_ms() + ack + IDEM_PENDING_EXTRA_MS;
     if (send_claim(s))
@@ -119,7 +130,7 @@ void pq_idem_timeout(pq_slot_t *s)
     idem_unavailable(s, "the idempotency store (Redis) did not answer");
 }
 
-/* A repeat of a request whose job is durable: answer (jobs) or wait (chat) as that job. */
+/* A repeat of a request whose job is durable: the caller's repeat answers as that job. */
 static void replay(pq_slot_t *s, const char *id, char state)
 {
     pq_bthread_t *t = s->t;
@@ -130,13 +141,7 @@ static void replay(pq_slot_t *s, const char *id, char state)
     s->payload = NULL;
     s->payload_len = 0;
     event_del(&s->timer);
-    if (s->path == PQ_PATH_CHAT) {
-        evhttp_remove_header(evhttp_request_get_output_headers(s->req), "x-promptq-job-id");
-        evhttp_add_header(evhttp_request_get_output_headers(s->req), "x-promptq-job-id", s->id);
-        pq_chat_wait(s);
-    } else {
-        pq_intake_accepted(s, state == 's');
-    }
+    s->idem_repeat(s, state == 's');
 }
 
 void pq_idem_reply(pq_slot_t *s, const void *r)
@@ -158,7 +163,7 @@ void pq_idem_reply(pq_slot_t *s, const void *r)
     if (reply->type == REDIS_REPLY_NIL) {
         /* first use: this request's own job */
         s->idem_owner = 1;
-        pq_intake_submit(s);
+        s->idem_first(s);
         return;
     }
     sp1 = memchr(reply->str, ' ', reply->len);
@@ -219,7 +224,7 @@ void pq_idem_durable(pq_slot_t *s, int spooled)
     s->idem_durable = 1;
     snprintf(value, sizeof(value), "%s %s %c", s->id, s->body_hash, spooled ? 's' : 'k');
     snprintf(ttl, sizeof(ttl), "%lld", (long long)t->bc->conf->idempotency_ttl_s * 1000);
-    if (pq_rconn_command(t, NULL, "SET %s %s XX PX %s", s->idem_key, value, ttl))
+    if (pq_rconn_sendf(t, NULL, NULL, "SET %s %s XX PX %s", s->idem_key, value, ttl))
         PQ_WARN("idempotency key of job %s/%s: Redis unavailable, a repeat waits for the claim "
                 "to expire",
                 s->tenant, s->id);
@@ -228,7 +233,7 @@ void pq_idem_durable(pq_slot_t *s, int spooled)
 void pq_idem_release(pq_slot_t *s)
 {
     if (s->idem_key && s->idem_owner && !s->idem_durable)
-        pq_rconn_command(s->t, NULL, "DEL %s", s->idem_key);
+        pq_rconn_sendf(s->t, NULL, NULL, "DEL %s", s->idem_key);
     free(s->idem_key);
     s->idem_key = NULL;
     s->idem_owner = 0;

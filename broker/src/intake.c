@@ -24,24 +24,17 @@
 /* Retry-After when the spool is full: it empties only as fast as Kafka takes it back. */
 #define RETRY_AFTER_FULL "5"
 
-static void reply_unavailable_after(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
-                                    const char *retry_after, const char *why)
-{
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", retry_after);
-    pq_counter_add(t->b->m_unavailable, 1);
-    pq_http_error(t, req, path, 503, "unavailable", "job not accepted: %s; retry", why);
-}
-
 void pq_intake_unavailable(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
                            const char *why)
 {
-    reply_unavailable_after(t, req, path, "1", why);
+    pq_http_unavailable(t, req, path, "1", why);
 }
 
 pq_slot_t *pq_intake_slot_get(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path,
-                              const pq_envelope_t *env, const char *tenant)
+                              const pq_envelope_t *env, const char *tenant,
+                              const pq_slot_ops_t *ops)
 {
-    pq_slot_t *s = pq_slot_get(t, path, req);
+    pq_slot_t *s = pq_slot_get(t, path, req, ops);
 
     if (!s) {
         pq_intake_unavailable(t, req, path, "too many requests in flight");
@@ -54,11 +47,14 @@ pq_slot_t *pq_intake_slot_get(pq_bthread_t *t, struct evhttp_request *req, pq_pa
     return s;
 }
 
-void pq_intake_start(pq_slot_t *s, const char *idem, const void *body, size_t len)
+void pq_intake_start(pq_slot_t *s, const char *idem, const void *body, size_t len,
+                     void (*durable)(pq_slot_t *s, int spooled),
+                     void (*repeat)(pq_slot_t *s, int spooled))
 {
+    s->durable = durable;
     if (idem) {
         pq_sha256_hex(body, len, s->body_hash);
-        pq_idem_start(s, idem);
+        pq_idem_start(s, idem, pq_intake_submit, repeat);
         return;
     }
     pq_intake_submit(s);
@@ -75,7 +71,7 @@ static void drop_record(pq_slot_t *s)
         return;
     if (pq_key_job(key, sizeof(key), t->bc->conf->redis_prefix, s->tenant, s->id) < 0)
         return;
-    pq_rconn_command(t, NULL, "EVALSHA %s 1 %s", pq_rconn_sha(pq_script_job_drop), key);
+    pq_rconn_sendf(t, NULL, NULL, "EVALSHA %s 1 %s", pq_rconn_sha(pq_script_job_drop), key);
 }
 
 void pq_intake_not_durable(pq_slot_t *s, const char *why)
@@ -86,7 +82,7 @@ void pq_intake_not_durable(pq_slot_t *s, const char *why)
     if (s->state == PQ_SLOT_SPOOLING)
         return; /* already on its way to disk */
     event_del(&s->timer);
-    err = pq_bspool_append(s);
+    err = pq_bspool_append(s, pq_intake_spooled);
     if (err == PQ_OK) {
         PQ_DBG("job %s/%s spooled: %s", s->tenant, s->id, why);
         return;
@@ -100,8 +96,8 @@ void pq_intake_not_durable(pq_slot_t *s, const char *why)
                       "job of %zu bytes exceeds the spool's record limit", s->payload_len);
     } else if (err == PQ_ERR_UNAVAILABLE) {
         pq_counter_add(t->b->m_spool_refused_full, 1);
-        reply_unavailable_after(t, s->req, s->path, RETRY_AFTER_FULL,
-                                "Kafka did not confirm it in time and the local spool is full");
+        pq_http_unavailable(t, s->req, s->path, RETRY_AFTER_FULL,
+                            "Kafka did not confirm it in time and the local spool is full");
     } else {
         pq_counter_add(t->b->m_spool_refused_error, 1);
         pq_intake_unavailable(t, s->req, s->path, why);
@@ -132,13 +128,7 @@ static void durable(pq_slot_t *s, int spooled)
 
     pq_counter_add(spooled ? t->b->m_accepted_spooled : t->b->m_accepted, 1);
     pq_idem_durable(s, spooled);
-    if (s->path == PQ_PATH_CHAT) {
-        free(s->payload);
-        s->payload = NULL;
-        pq_chat_wait(s);
-    } else {
-        pq_intake_accepted(s, spooled);
-    }
+    s->durable(s, spooled);
 }
 
 void pq_intake_spooled(pq_slot_t *s, pq_err_t err)
@@ -276,6 +266,22 @@ void pq_intake_delivered(pq_bthread_t *t, const rd_kafka_message_t *m)
     }
 }
 
+static void intake_slot_timeout(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_IDEM)
+        pq_idem_timeout(s);
+    else
+        pq_intake_timeout(s);
+}
+
+static void intake_slot_stop(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_PRODUCING || s->state == PQ_SLOT_REDIS_CREATE)
+        pq_intake_not_durable(s, "shutting down");
+}
+
+const pq_slot_ops_t pq_intake_ops = {intake_slot_timeout, intake_slot_stop, pq_idem_release};
+
 int pq_job_create_argv(const pq_conf_t *conf, const char *tenant, const char *id, const char *hash,
                        const char *route, const char *callback_url, pq_job_create_buf_t *b,
                        const char **argv, size_t *lens)
@@ -302,6 +308,20 @@ int pq_job_create_argv(const pq_conf_t *conf, const char *tenant, const char *id
     return 0;
 }
 
+static void create_cb(redisAsyncContext *ac, void *r, void *handle)
+{
+    const redisReply *reply = r;
+    pq_slot_t *s = pq_slot_replied(ac, r, handle);
+
+    if (!s || (s->state != PQ_SLOT_REDIS_CREATE && s->state != PQ_SLOT_PRODUCING &&
+               s->state != PQ_SLOT_SPOOLING))
+        return;
+    if (reply && reply->type == REDIS_REPLY_INTEGER)
+        pq_intake_redis_reply(s, reply->integer, 1);
+    else
+        pq_intake_redis_reply(s, 0, 0);
+}
+
 /* Checks that (tenant, id) is new or was used with the same request: job_create, which also
  * adds a new job to the tenant's listing index (GET /v1/jobs). */
 static int check_record(pq_slot_t *s)
@@ -314,7 +334,7 @@ static int check_record(pq_slot_t *s)
     if (!pq_rconn_usable(t) ||
         pq_job_create_argv(t->bc->conf, s->tenant, s->id, s->hash, s->route, s->callback_url, &b,
                            argv, argvlen) ||
-        pq_rconn_commandargv(t, pq_slot_handle(s), PQ_JOB_CREATE_ARGC, argv, argvlen))
+        pq_rconn_send(t, create_cb, pq_slot_handle(s), PQ_JOB_CREATE_ARGC, argv, argvlen))
         return -1;
     s->state = PQ_SLOT_REDIS_CREATE;
     event_add(&s->timer, t->tv_redis);
@@ -413,7 +433,7 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         }
     }
 
-    s = pq_intake_slot_get(t, req, PQ_PATH_JOBS, &env, tenant);
+    s = pq_intake_slot_get(t, req, PQ_PATH_JOBS, &env, tenant, &pq_intake_ops);
     if (!s)
         goto out;
     s->payload = pq_envelope_dump(&env, &s->payload_len);
@@ -427,7 +447,7 @@ void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req)
         pq_slot_release(s);
         return;
     }
-    pq_intake_start(s, idem, body, len);
+    pq_intake_start(s, idem, body, len, pq_intake_accepted, pq_intake_accepted);
     return;
 
 out:

@@ -47,36 +47,6 @@ static int is_terminal(const char *status)
            !strcmp(status, "expired") || !strcmp(status, "cancelled");
 }
 
-int pq_jobs_request_tenant(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, char *out,
-                           size_t size)
-{
-    const char *key_tenant, *q;
-    struct evkeyvalq params;
-
-    if (pq_http_auth(t, req, path, &key_tenant))
-        return -1;
-    if (key_tenant) {
-        pq_strlcpy(out, key_tenant, size);
-        return 0;
-    }
-    pq_strlcpy(out, "default", size);
-    q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req));
-    if (q && evhttp_parse_query_str(q, &params) == 0) {
-        const char *v = evhttp_find_header(&params, "tenant");
-
-        if (v && !pq_tenant_valid(v)) {
-            evhttp_clear_headers(&params);
-            pq_http_error(t, req, path, 400, "invalid_request",
-                          "tenant: must match [A-Za-z0-9._-]{1,%d}", PQ_TENANT_MAX);
-            return -1;
-        }
-        if (v)
-            pq_strlcpy(out, v, size);
-        evhttp_clear_headers(&params);
-    }
-    return 0;
-}
-
 /* 503 with Retry-After: 1 for a job request: the job store or a request slot is missing only
  * for a moment, so the client may retry soon. */
 static void job_unavailable(pq_bthread_t *t, struct evhttp_request *req, const char *why)
@@ -88,6 +58,23 @@ static void job_unavailable(pq_bthread_t *t, struct evhttp_request *req, const c
 /* The shared start of GET and DELETE /v1/jobs/{id}: checks the id, builds the job's Redis key
  * into key, and takes a request slot holding id and tenant. Returns the slot (the caller sends
  * its command and owns the slot), or NULL after answering the request (404 or 503). */
+static void jobs_slot_timeout(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_GET)
+        pq_jobs_timeout(s);
+    else if (s->state == PQ_SLOT_CANCEL_READ || s->state == PQ_SLOT_CANCEL_CAS ||
+             s->state == PQ_SLOT_CANCEL_PUB)
+        pq_jobs_cancel_timeout(s);
+}
+
+static void jobs_slot_stop(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_GET)
+        pq_jobs_timeout(s);
+}
+
+static const pq_slot_ops_t jobs_ops = {jobs_slot_timeout, jobs_slot_stop, NULL};
+
 static pq_slot_t *job_slot_open(pq_bthread_t *t, struct evhttp_request *req, const char *id,
                                 const char *tenant, char *key, size_t key_size)
 {
@@ -102,7 +89,7 @@ static pq_slot_t *job_slot_open(pq_bthread_t *t, struct evhttp_request *req, con
         job_unavailable(t, req, "job store (Redis) unavailable");
         return NULL;
     }
-    s = pq_slot_get(t, PQ_PATH_JOB, req);
+    s = pq_slot_get(t, PQ_PATH_JOB, req, &jobs_ops);
     if (!s) {
         job_unavailable(t, req, "too many requests in flight");
         return NULL;
@@ -112,17 +99,33 @@ static pq_slot_t *job_slot_open(pq_bthread_t *t, struct evhttp_request *req, con
     return s;
 }
 
+static void get_cb(redisAsyncContext *ac, void *reply, void *handle)
+{
+    pq_slot_t *s = pq_slot_replied(ac, reply, handle);
+
+    if (s && s->state == PQ_SLOT_GET)
+        pq_jobs_redis_reply(s, reply);
+}
+
+static void cancel_cb(redisAsyncContext *ac, void *reply, void *handle)
+{
+    pq_slot_t *s = pq_slot_replied(ac, reply, handle);
+
+    if (s && (s->state == PQ_SLOT_CANCEL_READ || s->state == PQ_SLOT_CANCEL_CAS))
+        pq_jobs_cancel_reply(s, reply);
+}
+
 void pq_jobs_get(pq_bthread_t *t, struct evhttp_request *req, const char *id)
 {
     char tenant[PQ_TENANT_MAX + 1], key[512];
     pq_slot_t *s;
 
-    if (pq_jobs_request_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)))
+    if (pq_api_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)))
         return;
     s = job_slot_open(t, req, id, tenant, key, sizeof(key));
     if (!s)
         return;
-    if (pq_rconn_command(t, pq_slot_handle(s), "HGETALL %s", key)) {
+    if (pq_rconn_sendf(t, get_cb, pq_slot_handle(s), "HGETALL %s", key)) {
         job_unavailable(t, req, "job store (Redis) unavailable");
         pq_slot_release(s);
         return;
@@ -238,14 +241,15 @@ void pq_jobs_delete(pq_bthread_t *t, struct evhttp_request *req, const char *id)
     char tenant[PQ_TENANT_MAX + 1], key[512];
     pq_slot_t *s;
 
-    if (pq_jobs_request_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)))
+    if (pq_api_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)))
         return;
     if (pq_http_ratelimit(t, req, PQ_PATH_JOB, tenant))
         return;
     s = job_slot_open(t, req, id, tenant, key, sizeof(key));
     if (!s)
         return;
-    if (pq_rconn_command(t, pq_slot_handle(s), "HMGET %s status route created_at attempts", key)) {
+    if (pq_rconn_sendf(t, cancel_cb, pq_slot_handle(s), "HMGET %s status route created_at attempts",
+                       key)) {
         job_unavailable(t, req, "job store (Redis) unavailable");
         pq_slot_release(s);
         return;
@@ -372,7 +376,7 @@ void pq_jobs_cancel_reply(pq_slot_t *s, const void *r)
         for (int i = 0; i < 8; i++)
             argvlen[i] = strlen(argv[i]);
         argvlen[5] = s->payload_len;
-        if (pq_rconn_commandargv(t, pq_slot_handle(s), 8, argv, argvlen)) {
+        if (pq_rconn_send(t, cancel_cb, pq_slot_handle(s), 8, argv, argvlen)) {
             pq_jobs_timeout(s);
             return;
         }
@@ -570,7 +574,7 @@ void pq_jobs_list(pq_bthread_t *t, struct evhttp_request *req)
     long limit;
     pq_slot_t *s;
 
-    if (pq_jobs_request_tenant(t, req, PQ_PATH_JOBS, tenant, sizeof(tenant)))
+    if (pq_api_tenant(t, req, PQ_PATH_JOBS, tenant, sizeof(tenant)))
         return;
     if (list_query(evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req)), &limit, after,
                    sizeof(after), &status, why, sizeof(why))) {
@@ -582,7 +586,7 @@ void pq_jobs_list(pq_bthread_t *t, struct evhttp_request *req)
         pq_api_unavailable(t, req, PQ_PATH_JOBS);
         return;
     }
-    s = pq_slot_get(t, PQ_PATH_JOBS, req);
+    s = pq_slot_get(t, PQ_PATH_JOBS, req, &pq_api_ops);
     if (!s) {
         pq_api_unavailable(t, req, PQ_PATH_JOBS);
         return;

@@ -40,16 +40,14 @@ static void kafka_timer_cb(evutil_socket_t fd, short what, void *arg)
     poll_all(arg);
 }
 
+/* Each topic handle carries its delivery callback as its opaque (pq_kprod_start). */
 static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     pq_bthread_t *t = opaque;
+    const pq_kprod_dr_fn *fn = m->rkt ? rd_kafka_topic_opaque(m->rkt) : &t->kdr.requests;
 
-    if (m->rkt && m->rkt == t->rkt_results)
-        pq_jobs_cancel_delivered(t, m);
-    else if (m->rkt && m->rkt == t->rkt_bulk)
-        pq_batch_delivered(t, m);
-    else
-        pq_intake_delivered(t, m);
+    if (fn && *fn)
+        (*fn)(t, m);
 }
 
 static void recreate_cb(evutil_socket_t fd, short what, void *arg);
@@ -146,31 +144,38 @@ static rd_kafka_t *producer_new(pq_bthread_t *t, char *errstr, size_t errstr_siz
     return rk;
 }
 
-/* Attaches rk to the loop: topic handle and main-queue io event. */
+/* A topic handle whose delivery reports go to *fn. */
+static rd_kafka_topic_t *topic_new(rd_kafka_t *rk, const char *name, const pq_kprod_dr_fn *fn,
+                                   char *errstr, size_t errstr_size)
+{
+    /* a copy of the producer's default topic conf, so topic properties set in the config
+     * (acks, message.timeout.ms) still apply */
+    rd_kafka_topic_conf_t *tc = rd_kafka_default_topic_conf_dup(rk);
+    rd_kafka_topic_t *rkt;
+
+    rd_kafka_topic_conf_set_opaque(tc, (void *)fn);
+    rkt = rd_kafka_topic_new(rk, name, tc);
+    if (!rkt)
+        snprintf(errstr, errstr_size, "topic %s: %s", name,
+                 rd_kafka_err2str(rd_kafka_last_error()));
+    return rkt;
+}
+
+/* Attaches rk to the loop: topic handles and main-queue io event. */
 static int producer_attach(pq_bthread_t *t, rd_kafka_t *rk, char *errstr, size_t errstr_size)
 {
     rd_kafka_queue_t *q;
 
-    t->rkt = rd_kafka_topic_new(rk, t->bc->topic_requests, NULL);
-    if (!t->rkt) {
-        snprintf(errstr, errstr_size, "topic %s: %s", t->bc->topic_requests,
-                 rd_kafka_err2str(rd_kafka_last_error()));
-        return -1;
-    }
-    t->rkt_results = rd_kafka_topic_new(rk, t->bc->topic_results, NULL);
-    if (!t->rkt_results) {
-        snprintf(errstr, errstr_size, "topic %s: %s", t->bc->topic_results,
-                 rd_kafka_err2str(rd_kafka_last_error()));
-        rd_kafka_topic_destroy(t->rkt);
-        t->rkt = NULL;
-        return -1;
-    }
-    t->rkt_bulk = rd_kafka_topic_new(rk, t->bc->topic_bulk, NULL);
+    t->rkt = topic_new(rk, t->bc->topic_requests, &t->kdr.requests, errstr, errstr_size);
+    t->rkt_results =
+        t->rkt ? topic_new(rk, t->bc->topic_results, &t->kdr.results, errstr, errstr_size) : NULL;
+    t->rkt_bulk =
+        t->rkt_results ? topic_new(rk, t->bc->topic_bulk, &t->kdr.bulk, errstr, errstr_size) : NULL;
     if (!t->rkt_bulk) {
-        snprintf(errstr, errstr_size, "topic %s: %s", t->bc->topic_bulk,
-                 rd_kafka_err2str(rd_kafka_last_error()));
-        rd_kafka_topic_destroy(t->rkt);
-        rd_kafka_topic_destroy(t->rkt_results);
+        if (t->rkt)
+            rd_kafka_topic_destroy(t->rkt);
+        if (t->rkt_results)
+            rd_kafka_topic_destroy(t->rkt_results);
         t->rkt = t->rkt_results = NULL;
         return -1;
     }
@@ -227,11 +232,12 @@ static void recreate_cb(evutil_socket_t fd, short what, void *arg)
     PQ_INFO("thread %d: producer recreated", t->no);
 }
 
-int pq_kprod_start(pq_bthread_t *t, char *errstr, size_t errstr_size)
+int pq_kprod_start(pq_bthread_t *t, const pq_kprod_dr_t *dr, char *errstr, size_t errstr_size)
 {
     struct timeval tick = {0, KPROD_POLL_MS * 1000};
     rd_kafka_t *rk;
 
+    t->kdr = *dr;
     if (pipe2(t->kpipe, O_NONBLOCK | O_CLOEXEC)) {
         snprintf(errstr, errstr_size, "pipe: %s", strerror(errno));
         return -1;

@@ -24,144 +24,6 @@
 /* Connections idle this long are closed. */
 #define PQ_BROKER_IDLE_S 120
 
-_Thread_local pq_bthread_t *pq_bthread_current;
-
-/* ---- slots ---- */
-
-static pq_slot_t *slot_at(pq_bthread_t *t, uint32_t idx)
-{
-    uint32_t i = idx - 1;
-
-    return &t->chunks[i / PQ_BROKER_SLOT_CHUNK][i % PQ_BROKER_SLOT_CHUNK];
-}
-
-static void slot_timer_cb(evutil_socket_t fd, short what, void *arg)
-{
-    pq_slot_t *s = arg;
-
-    switch (s->state) {
-    case PQ_SLOT_FREE:
-        break;
-    case PQ_SLOT_GET:
-        pq_jobs_timeout(s);
-        break;
-    case PQ_SLOT_WAIT:
-        pq_chat_timeout(s);
-        break;
-    case PQ_SLOT_IDEM:
-        pq_idem_timeout(s);
-        break;
-    case PQ_SLOT_CANCEL_READ:
-    case PQ_SLOT_CANCEL_CAS:
-    case PQ_SLOT_CANCEL_PUB:
-        pq_jobs_cancel_timeout(s);
-        break;
-    case PQ_SLOT_API:
-        pq_api_timeout(s);
-        break;
-    default:
-        pq_intake_timeout(s);
-        break;
-    }
-}
-
-static int slots_grow(pq_bthread_t *t)
-{
-    pq_slot_t *chunk;
-    uint32_t first = t->nslots + 1;
-
-    if (t->nslots >= PQ_BROKER_SLOTS_MAX)
-        return -1;
-    chunk = calloc(PQ_BROKER_SLOT_CHUNK, sizeof(*chunk));
-    if (!chunk)
-        return -1;
-    t->chunks[t->nslots / PQ_BROKER_SLOT_CHUNK] = chunk;
-    t->nslots += PQ_BROKER_SLOT_CHUNK;
-    for (uint32_t i = 0; i < PQ_BROKER_SLOT_CHUNK; i++) {
-        pq_slot_t *s = &chunk[i];
-
-        s->t = t;
-        s->idx = first + i;
-        s->gen = 1;
-        event_assign(&s->timer, t->base, -1, 0, slot_timer_cb, s);
-        s->next_free = (i + 1 < PQ_BROKER_SLOT_CHUNK) ? first + i + 1 : t->free_head;
-    }
-    t->free_head = first;
-    return 0;
-}
-
-pq_slot_t *pq_slot_get(pq_bthread_t *t, pq_path_t path, struct evhttp_request *req)
-{
-    pq_slot_t *s;
-
-    if (!t->free_head && slots_grow(t))
-        return NULL;
-    s = slot_at(t, t->free_head);
-    t->free_head = s->next_free;
-    s->next_free = 0;
-    s->path = path;
-    s->req = req;
-    s->created = 0;
-    s->payload = NULL;
-    s->payload_len = 0;
-    s->stream = s->include_usage = s->in_table = s->need_read = 0;
-    s->idem_owner = s->idem_durable = 0;
-    s->deadline_ms = 0;
-    s->wait_next = 0;
-    s->idem_key = NULL;
-    s->idem_tries = 0;
-    s->id[0] = s->tenant[0] = s->hash[0] = s->route[0] = s->body_hash[0] = '\0';
-    s->step = 0;
-    s->ctx = NULL;
-    s->ctx_free = NULL;
-    s->api_fn = NULL;
-    t->inflight++;
-    pq_gauge_add(t->b->m_inflight, 1);
-    return s;
-}
-
-void pq_slot_release(pq_slot_t *s)
-{
-    pq_bthread_t *t = s->t;
-
-    event_del(&s->timer);
-    pq_chat_unlink(s);
-    pq_idem_release(s);
-    free(s->payload);
-    s->payload = NULL;
-    free(s->callback_url);
-    s->callback_url = NULL;
-    if (s->ctx && s->ctx_free)
-        s->ctx_free(s->ctx);
-    s->ctx = NULL;
-    s->req = NULL;
-    s->state = PQ_SLOT_FREE;
-    s->gen++;
-    s->next_free = t->free_head;
-    t->free_head = s->idx;
-    t->inflight--;
-    pq_gauge_add(t->b->m_inflight, -1);
-}
-
-void *pq_slot_handle(const pq_slot_t *s)
-{
-    return (void *)(uintptr_t)(((uint64_t)s->gen << 32) | s->idx);
-}
-
-pq_slot_t *pq_slot_from_handle(pq_bthread_t *t, void *handle)
-{
-    uint64_t h = (uint64_t)(uintptr_t)handle;
-    uint32_t idx = (uint32_t)(h & 0xffffffffu), gen = (uint32_t)(h >> 32);
-    pq_slot_t *s;
-
-    if (idx == 0 || idx > t->nslots)
-        return NULL;
-    s = slot_at(t, idx);
-    if (s->gen != gen || s->state == PQ_SLOT_FREE)
-        return NULL;
-    return s;
-}
-
 /* ---- simple endpoints ---- */
 
 static void serve_healthz(pq_bthread_t *t, struct evhttp_request *req)
@@ -344,14 +206,10 @@ static void shutdown_tick(evutil_socket_t fd, short what, void *arg)
         int waiting = 0;
 
         for (uint32_t i = 1; i <= t->nslots; i++) {
-            pq_slot_t *s = slot_at(t, i);
+            pq_slot_t *s = pq_slot_at(t, i);
 
-            if (s->state == PQ_SLOT_PRODUCING || s->state == PQ_SLOT_REDIS_CREATE)
-                pq_intake_not_durable(s, "shutting down");
-            else if (s->state == PQ_SLOT_GET)
-                pq_jobs_timeout(s);
-            else if (s->state == PQ_SLOT_WAIT)
-                pq_chat_timeout(s);
+            if (s->state != PQ_SLOT_FREE && s->ops->stop)
+                s->ops->stop(s);
             if (s->state == PQ_SLOT_SPOOLING)
                 waiting++;
         }
@@ -409,6 +267,7 @@ void pq_bthread_poke(pq_bthread_t *t)
 int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_t errstr_size)
 {
     struct timeval tv_redis = {0, PQ_BROKER_REDIS_TIMEOUT_MS * 1000};
+    const pq_kprod_dr_t dr = {pq_intake_delivered, pq_jobs_cancel_delivered, pq_batch_delivered};
     struct event_config *cfg;
 
     t->b = b;
@@ -452,10 +311,10 @@ int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_
         snprintf(errstr, errstr_size, "cannot set up the spool completion queue");
         return -1;
     }
-    if (pq_kprod_start(t, errstr, errstr_size))
+    if (pq_kprod_start(t, &dr, errstr, errstr_size))
         return -1;
-    if (pq_rconn_start(t) || pq_chat_thread_init(t) || pq_rsub_start(t) ||
-        pq_batch_thread_init(t)) {
+    if (pq_rconn_start(t) || pq_chat_thread_init(t) ||
+        pq_rsub_start(t, pq_chat_notify, pq_chat_subscribed) || pq_batch_thread_init(t)) {
         snprintf(errstr, errstr_size, "cannot set up the Redis connections");
         return -1;
     }
@@ -554,16 +413,7 @@ void pq_bthread_free(pq_bthread_t *t)
     if (t->shutdown_ev)
         event_free(t->shutdown_ev);
     pq_bspool_thread_free(t);
-    for (uint32_t i = 0; i < t->nslots / PQ_BROKER_SLOT_CHUNK; i++) {
-        for (uint32_t j = 0; j < PQ_BROKER_SLOT_CHUNK; j++) {
-            event_del(&t->chunks[i][j].timer);
-            free(t->chunks[i][j].payload);
-            free(t->chunks[i][j].idem_key);
-            if (t->chunks[i][j].ctx && t->chunks[i][j].ctx_free)
-                t->chunks[i][j].ctx_free(t->chunks[i][j].ctx);
-        }
-        free(t->chunks[i]);
-    }
+    pq_slots_free(t);
     pq_chat_thread_free(t);
     pq_batch_thread_free(t);
     pq_rconn_dns_free(t);

@@ -49,10 +49,12 @@ static void ops_ctx_free(void *p)
 
 static void answer(pq_slot_t *s, const redisReply *mget);
 
+static void ops_redis_failed(pq_slot_t *s);
+
 static void ops_unavailable(pq_slot_t *s)
 {
     if (s->path == PQ_PATH_HEALTH) {
-        pq_ops_redis_failed(s);
+        ops_redis_failed(s);
         return;
     }
     evhttp_add_header(evhttp_request_get_output_headers(s->req), "Retry-After", "1");
@@ -60,7 +62,9 @@ static void ops_unavailable(pq_slot_t *s)
     pq_slot_release(s);
 }
 
-void pq_ops_redis_failed(pq_slot_t *s)
+/* The health keys of a /v1/health slot could not be read: answers the broker's own state with
+ * redis "down" and status "down" (releases the slot). */
+static void ops_redis_failed(pq_slot_t *s)
 {
     ops_ctx_t *c = s->ctx;
 
@@ -462,6 +466,21 @@ static int health_pattern(char *out, size_t size, const char *prefix)
     return 0;
 }
 
+/* As pq_api_ops, but /v1/health answers what the broker knows when Redis fails. */
+static void ops_slot_timeout(pq_slot_t *s)
+{
+    if (s->state != PQ_SLOT_API)
+        return;
+    if (s->path != PQ_PATH_HEALTH) {
+        pq_api_timeout(s);
+        return;
+    }
+    pq_counter_add(s->t->b->m_redis_errors, 1);
+    ops_redis_failed(s);
+}
+
+static const pq_slot_ops_t ops_slot_ops = {ops_slot_timeout, NULL, NULL};
+
 static void ops_start(pq_bthread_t *t, struct evhttp_request *req, pq_path_t path, int parked)
 {
     const char *tenant;
@@ -501,7 +520,7 @@ static void ops_start(pq_bthread_t *t, struct evhttp_request *req, pq_path_t pat
         }
         evhttp_clear_headers(&q);
     }
-    s = pq_slot_get(t, path, req);
+    s = pq_slot_get(t, path, req, &ops_slot_ops);
     if (!s) {
         ops_ctx_free(c);
         pq_http_error(t, req, path, 503, "unavailable", "too many requests in flight");
@@ -561,7 +580,7 @@ static void parked_op(pq_bthread_t *t, struct evhttp_request *req, const char *r
     parked_op_t *op;
     pq_slot_t *s;
 
-    if (pq_jobs_request_tenant(t, req, PQ_PATH_PARKED, tenant, sizeof(tenant)))
+    if (pq_api_tenant(t, req, PQ_PATH_PARKED, tenant, sizeof(tenant)))
         return;
     if (!drop && conf->napi_keys > 0) {
         /* a replay closes circuits shared by every tenant: admins only */
@@ -599,7 +618,7 @@ static void parked_op(pq_bthread_t *t, struct evhttp_request *req, const char *r
     pq_http_json_escape(op->route, sizeof(op->route), route);
     pq_strlcpy(op->tenant, tenant, sizeof(op->tenant));
     free(route);
-    s = pq_slot_get(t, PQ_PATH_PARKED, req);
+    s = pq_slot_get(t, PQ_PATH_PARKED, req, &pq_api_ops);
     if (!s) {
         free(op);
         pq_http_error(t, req, PQ_PATH_PARKED, 503, "unavailable", "too many requests in flight");

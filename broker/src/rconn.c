@@ -394,44 +394,6 @@ static void watch_cb(evutil_socket_t fd, short what, void *arg)
     pq_rsub_reset(t);
 }
 
-static void on_reply(redisAsyncContext *ac, void *r, void *handle)
-{
-    const redisReply *reply = r;
-    pq_bthread_t *t = ac->data;
-    pq_slot_t *s;
-
-    t->redis_pending--;
-    if (!reply) {
-        /* The connection is going away: send nothing more on it. */
-        t->redis_connected = 0;
-    } else {
-        t->redis_last_reply_ms = pq_mono_ms();
-        if (reply->type == REDIS_REPLY_ERROR) {
-            pq_counter_add(t->b->m_redis_errors, 1);
-            PQ_WARN("thread %d: redis error: %s", t->no, reply->str);
-            if (!strncmp(reply->str, "NOSCRIPT", 8) && t->redis_connected)
-                load_scripts(t); /* someone flushed the script cache */
-        }
-    }
-    if (!handle || !(s = pq_slot_from_handle(t, handle)))
-        return;
-    if (s->state == PQ_SLOT_GET) {
-        pq_jobs_redis_reply(s, reply);
-    } else if (s->state == PQ_SLOT_WAIT) {
-        pq_chat_redis_reply(s, reply);
-    } else if (s->state == PQ_SLOT_IDEM) {
-        pq_idem_reply(s, reply);
-    } else if (s->state == PQ_SLOT_CANCEL_READ || s->state == PQ_SLOT_CANCEL_CAS) {
-        pq_jobs_cancel_reply(s, reply);
-    } else if (s->state == PQ_SLOT_REDIS_CREATE || s->state == PQ_SLOT_PRODUCING ||
-               s->state == PQ_SLOT_SPOOLING) {
-        if (reply && reply->type == REDIS_REPLY_INTEGER)
-            pq_intake_redis_reply(s, reply->integer, 1);
-        else
-            pq_intake_redis_reply(s, 0, 0);
-    }
-}
-
 int pq_rconn_usable(const pq_bthread_t *t)
 {
     int64_t since;
@@ -451,33 +413,6 @@ static void sent(pq_bthread_t *t)
 {
     if (t->redis_pending++ == 0)
         t->redis_oldest_sent_ms = pq_mono_ms();
-}
-
-int pq_rconn_command(pq_bthread_t *t, void *handle, const char *fmt, ...)
-{
-    va_list ap;
-    int rc;
-
-    if (!pq_rconn_usable(t))
-        return -1;
-    va_start(ap, fmt);
-    rc = redisvAsyncCommand(t->rc, on_reply, handle, fmt, ap);
-    va_end(ap);
-    if (rc != REDIS_OK)
-        return -1;
-    sent(t);
-    return 0;
-}
-
-int pq_rconn_commandargv(pq_bthread_t *t, void *handle, int argc, const char **argv,
-                         const size_t *argvlen)
-{
-    if (!pq_rconn_usable(t))
-        return -1;
-    if (redisAsyncCommandArgv(t->rc, on_reply, handle, argc, argv, argvlen) != REDIS_OK)
-        return -1;
-    sent(t);
-    return 0;
 }
 
 pq_bthread_t *pq_rconn_replied(redisAsyncContext *ac, const void *r)

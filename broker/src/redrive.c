@@ -1105,7 +1105,7 @@ void pq_redrive_serve(pq_bthread_t *t, struct evhttp_request *req)
     pq_slot_t *s;
     int busy = 0, stopped = 0;
 
-    if (pq_jobs_request_tenant(t, req, PQ_PATH_DLQ, tenant, sizeof(tenant)))
+    if (pq_api_tenant(t, req, PQ_PATH_DLQ, tenant, sizeof(tenant)))
         return;
     if (len > REDRIVE_BODY_MAX) {
         pq_http_error(t, req, PQ_PATH_DLQ, 413, "too_large", "body over %d bytes",
@@ -1130,7 +1130,7 @@ void pq_redrive_serve(pq_bthread_t *t, struct evhttp_request *req)
         goto out_free;
     }
     j->ev = event_new(t->base, -1, 0, on_answer, j);
-    s = j->ev ? pq_slot_get(t, PQ_PATH_DLQ, req) : NULL;
+    s = j->ev ? pq_slot_get(t, PQ_PATH_DLQ, req, &pq_api_ops) : NULL;
     if (!s) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
         pq_http_error(t, req, PQ_PATH_DLQ, 503, "unavailable", "too many requests in flight");

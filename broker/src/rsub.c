@@ -85,13 +85,13 @@ static void on_sub_message(redisAsyncContext *ac, void *r, void *privdata)
         const redisReply *payload = reply->element[2];
 
         if (payload->type == REDIS_REPLY_STRING)
-            pq_chat_notify(t, payload->str, payload->len);
+            t->sub_message(t, payload->str, payload->len);
     } else if (!strcmp(kind->str, "subscribe")) {
         t->sub_ready = 1;
         t->sub_retry_ms = RSUB_RETRY_MIN_MS;
         pq_counter_add(t->b->m_sub_subscribed, 1);
         PQ_DBG("thread %d: subscribed to %s", t->no, t->b->reply_channel);
-        pq_chat_subscribed(t);
+        t->sub_confirmed(t);
     }
 }
 
@@ -147,8 +147,11 @@ static void retry_cb(evutil_socket_t fd, short what, void *arg)
         rsub_connect(t);
 }
 
-int pq_rsub_start(pq_bthread_t *t)
+int pq_rsub_start(pq_bthread_t *t, void (*message)(pq_bthread_t *, const char *, size_t),
+                  void (*confirmed)(pq_bthread_t *))
 {
+    t->sub_message = message;
+    t->sub_confirmed = confirmed;
     t->sub_retry_ms = RSUB_RETRY_MIN_MS;
     t->sub_retry_ev = evtimer_new(t->base, retry_cb, t);
     if (!t->sub_retry_ev)
