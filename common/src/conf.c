@@ -444,6 +444,8 @@ static const prop_t provider_props[] = {
            "probe kind: 1-token completion or model list"),
     P_ENUM(pq_provider_conf_t, "half_open", half_open, "probe", "probe|call", 0,
            "what tests a half-open circuit: the worker's probe, or the next job's real call"),
+    P_ENUM(pq_provider_conf_t, "stream_malformed", stream_malformed, "failover", "failover|skip", 0,
+           "a malformed event in a streamed answer: fail the attempt over, or skip the event"),
     P_STR(pq_provider_conf_t, "status_url", status_url, NULL, PF_NONEMPTY,
           "statuspage.io /api/v2/status.json, an extra health signal"),
     P_STR(pq_provider_conf_t, "api_version", api_version, NULL, PF_NONEMPTY,

@@ -6,6 +6,7 @@ envelopes produced straight to promptq.requests, real redis-server, promptq-devk
 promptq-sim."""
 
 import json
+import signal
 import time
 
 import harness
@@ -101,21 +102,25 @@ def test_stream_worker():
     with harness.Stack("stream_worker") as st:
         r = st.redis()
         st.devkafka(brokers=1, partitions=4)
-        s = {n: st.sim(n) for n in ("a", "b", "cut", "bad")}
+        s = {n: st.sim(n) for n in ("a", "b", "cut", "bad", "skip")}
         providers = {"a": provider("openai", s["a"]), "b": provider("anthropic", s["b"]),
-                     "cut": provider("openai", s["cut"]), "bad": provider("gemini", s["bad"])}
+                     "cut": provider("openai", s["cut"]), "bad": provider("gemini", s["bad"]),
+                     "skip": provider("openai", s["skip"], stream_malformed="skip")}
         routes = {"r": [{"provider": "a", "model": "sim-model"}],
                   "rcut": [{"provider": "cut", "model": "sim-model"},
                            {"provider": "b", "model": "sim-model"}],
                   "rbad": [{"provider": "bad", "model": "sim-model"},
-                           {"provider": "b", "model": "sim-model"}]}
+                           {"provider": "b", "model": "sim-model"}],
+                  "rskip": [{"provider": "skip", "model": "sim-model"},
+                            {"provider": "b", "model": "sim-model"}]}
         path, _ = st.config(providers=providers, routes=routes,
                             extra={"worker": {"lease_ms": 5000}})
-        st.spawn("promptq-worker", "--config", path, name="worker")
-        for n in ("a", "b", "cut", "bad"):
+        w = st.spawn("promptq-worker", "--config", path, name="worker")
+        for n in ("a", "b", "cut", "bad", "skip"):
             s[n].set_state({"chunk_ms": 100})
         s["cut"].set_state({"chunk_ms": 100, "stream_cut_after": 3})
         s["bad"].set_state({"chunk_ms": 100, "stream_malformed_at": 3})
+        s["skip"].set_state({"chunk_ms": 20, "stream_malformed_at": 3})
         key = lambda i: "promptq:stream:default:" + i  # noqa: E731
 
         # 1. chunks arrive while the job runs; their text is the stored answer; the usage chunk
@@ -158,11 +163,62 @@ def test_stream_worker():
         assert reason == "malformed", reason
         assert text_of(after) == content(res) == "echo: " + PROMPT, (es, res)
 
+        # 3b. the same fault on a provider with stream_malformed "skip": the broken event is
+        # dropped (its word is missing), nothing fails over, nothing broken is relayed
+        st.produce(REQ, [env("s-skip", route="rskip")], keys=["s-skip"])
+        es, _ = follow(r, key("s-skip"))
+        res = result(st, "s-skip")
+        assert res["status"] == "succeeded" and res["provider"] == "skip", res
+        assert [t for t, _ in es].count("restart") == 0, es
+        full, got = ("echo: " + PROMPT).split(), content(res).split()
+        assert text_of(es[:-1]) == content(res) and len(got) == len(full) - 1, (es, res)
+        assert all(word in full for word in got), res
+        wait_for(lambda: "1 malformed stream events skipped" in open(w.log_path).read(), T(5),
+                 "the skip logged")
+
         # 4. a non-streamed job writes no stream key
         st.produce(REQ, [env("s-plain", stream=False)], keys=["s-plain"])
         res = result(st, "s-plain")
         assert res["status"] == "succeeded" and content(res) == "echo: " + PROMPT, res
         assert r.cli("EXISTS", key("s-plain")) == "0"
+
+
+def test_worker_killed_mid_stream():
+    """A worker SIGKILLed while its job streams: the lease expires, the next worker runs the
+    call again and first relays a restart entry (reason "redelivered"), so the stream never
+    shows the lost attempt's partial text glued to the new answer; the new answer follows in
+    full, then end; the job has one terminal record and one result on promptq.results. A normal
+    streamed job right after works."""
+    with harness.Stack("stream_sigkill") as st:
+        r = st.redis()
+        st.devkafka(brokers=1, partitions=1)
+        a = st.sim("a")
+        path, _ = st.config(providers={"a": provider("openai", a)},
+                            routes={"r": [{"provider": "a", "model": "sim-model"}]},
+                            extra={"worker": {"lease_ms": 2000}})
+        w = st.spawn("promptq-worker", "--config", path, name="worker")
+        a.set_state({"chunk_ms": 300})
+        key = "promptq:stream:default:s-kill"
+        st.produce(REQ, [env("s-kill")], keys=["s-kill"])
+        wait_for(lambda: sum(t == "chunk" for t, _ in entries(r, key)) >= 3, T(20),
+                 "three chunks relayed", interval=0.05)
+        w.kill(signal.SIGKILL)
+        w.wait(T(10))
+        a.set_state({"chunk_ms": 20})
+        st.spawn("promptq-worker", "--config", path, name="worker2")
+        es, _ = follow(r, key)
+        res = result(st, "s-kill")
+        assert res["status"] == "succeeded", res
+        before, after, reason = split_restart(es)
+        assert len(before) >= 3 and ("echo: " + PROMPT).startswith(text_of(before)), es
+        assert reason == "redelivered", reason
+        assert text_of(after) == content(res) == "echo: " + PROMPT, (es, res)
+        time.sleep(T(1))
+        assert [json.loads(m["value"])["id"] for m in st.consume_all(RESULTS)] == ["s-kill"]
+        st.produce(REQ, [env("s-after")], keys=["s-after"])
+        es, _ = follow(r, "promptq:stream:default:s-after")
+        assert [t for t, _ in es].count("restart") == 0, es
+        assert text_of(es[:-1]) == content(result(st, "s-after")) == "echo: " + PROMPT, es
 
 
 harness.run(globals())

@@ -378,6 +378,10 @@ static pq_err_t stream_outcome(pq_job_t *j, const pq_target_t *t, json_t **compl
     json_t *v;
 
     pq_stream_finish(j->st);
+    if (pq_stream_skipped(j->st) > 0)
+        PQ_WARN("job %s/%s: %s/%s: %" PRIu64 " malformed stream events skipped "
+                "(stream_malformed \"skip\")",
+                tenant_of(j), id_of(j), t->provider, t->model, pq_stream_skipped(j->st));
     switch (pq_stream_asm_end(j->sa)) {
     case PQ_STREAM_END_CLEAN:
         *completion = pq_stream_asm_completion(j->sa, t->model, (int64_t)(pq_now_ms() / 1000));
@@ -530,6 +534,9 @@ static void job_send(pq_job_t *j, const char *key)
             pq_jobstream_clear(j);
             snprintf(msg, sizeof(msg), "out of memory for the stream decoder");
             err = PQ_ERR_NOMEM;
+        } else if (err == PQ_OK) {
+            pq_stream_skip_malformed(j->st, t->p->stream_malformed &&
+                                                strcmp(t->p->stream_malformed, "skip") == 0);
         }
     } else {
         err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));

@@ -16,7 +16,9 @@
  *              role, content deltas, the finish chunk, then the usage chunk (empty choices)
  *              when the client asked for stream_options.include_usage;
  *   t=restart  d = {"reason": "<error class>"}: an attempt failed after some of its chunks were
- *              relayed (the job itself fails over and completes durably);
+ *              relayed (the job itself fails over and completes durably); {"reason":
+ *              "redelivered"} before the first chunk of a later delivery (the worker of an
+ *              earlier one died or lost its lease, maybe mid-stream);
  *   t=end      d = "": the job's terminal write is done (the record holds the answer).
  * The first XADD also sets PEXPIRE 600000 on the key. Best effort: a failed XADD never fails
  * the job. The stored answer is the assembler's chat.completion, through the same success path
@@ -72,6 +74,13 @@ static void stream_relay(pq_job_t *j, const pq_stream_chunk_t *chunk)
     c.model = t->model;
     if (!(d = pq_stream_chunk_render(&c, t->model, (int64_t)(pq_now_ms() / 1000), NULL, &len)))
         return;
+    /* Delivered before (a worker died or lost its lease mid-call): the stream may hold a lost
+     * attempt's chunks, so the first chunk of this delivery is preceded by a restart (the
+     * broker ignores a restart that follows no chunk). */
+    if (j->stream_xadds == 0 && j->deliveries > 1) {
+        static const char d_redelivered[] = "{\"reason\":\"redelivered\"}";
+        pq_jobstream_xadd(j, "restart", d_redelivered, sizeof(d_redelivered) - 1);
+    }
     pq_jobstream_xadd(j, "chunk", d, len);
     j->stream_relayed++;
     free(d);

@@ -48,6 +48,9 @@ typedef struct pq_provider_conf_s {
     char *probe;             /* "completion" (default) | "models" */
     char *half_open;         /* "probe" (default): the worker's probe tests a half-open circuit;
                                 "call": the next job's real call does */
+    char *stream_malformed;  /* a malformed event of a streamed answer: "failover" (default):
+                                the attempt fails (the next target, or a restart); "skip": the
+                                event is dropped and the stream goes on */
     char *status_url;        /* statuspage.io status.json, or NULL */
     char *api_version;       /* azure_openai (not needed with azure_api "v1") */
     char *azure_api;         /* azure_openai: "deployments" (default):
