@@ -176,6 +176,18 @@ void pq_jobredis_issue(pq_job_t *j)
     free(err);
 }
 
+/* The terminal record a script returned as its second element (the stored result, published
+ * verbatim), when there is one: taken into j->result. Returns 1 when taken. */
+static int stored_result(pq_job_t *j, const redisReply *r)
+{
+    if (r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING && r->element[1]->len > 0) {
+        j->result = strndup(r->element[1]->str, r->element[1]->len);
+        j->result_len = r->element[1]->len;
+        return 1;
+    }
+    return 0;
+}
+
 static void on_begin(pq_job_t *j, redisReply *r)
 {
     pq_worker_t *w = j->w;
@@ -225,10 +237,7 @@ static void on_begin(pq_job_t *j, redisReply *r)
         }
     } else if (strcmp(what, "terminal") == 0) {
         j->hooks->table_remove(j);
-        if (r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING &&
-            r->element[1]->len > 0) {
-            j->result = strndup(r->element[1]->str, r->element[1]->len);
-            j->result_len = r->element[1]->len;
+        if (stored_result(j, r)) {
             j->status = "republished";
             pq_counter_add(w->m.republished, 1);
             pq_jobredis_reply(j);
@@ -316,11 +325,7 @@ static void on_finish(pq_job_t *j, redisReply *r)
         free(j->result);
         j->result = NULL;
         j->result_len = 0;
-        if (r->elements > 1 && r->element[1]->type == REDIS_REPLY_STRING &&
-            r->element[1]->len > 0) {
-            j->result = strndup(r->element[1]->str, r->element[1]->len);
-            j->result_len = r->element[1]->len;
-        }
+        stored_result(j, r);
         j->status = "republished";
         pq_counter_add(w->m.republished, 1);
     }
