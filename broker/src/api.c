@@ -2,6 +2,10 @@
  * request's tenant, 503s, and slots that wait for one Redis reply at a time (PQ_SLOT_API), the
  * reply going to the step handler the request named. */
 #include "broker.h"
+#include "api.h"
+#include "http.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -88,14 +92,14 @@ static void api_cb(redisAsyncContext *ac, void *r, void *handle)
     pq_slot_t *s = pq_slot_from_handle(t, handle);
     const redisReply *reply = r;
 
-    if (!s || s->state != PQ_SLOT_API || !s->api_fn)
+    if (!s || s->state != PQ_SLOT_API || !s->api.fn)
         return;
     event_del(&s->timer);
     if (!reply || reply->type == REDIS_REPLY_ERROR) {
         s->ops->timeout(s);
         return;
     }
-    s->api_fn(s, reply);
+    s->api.fn(s, reply);
 }
 
 int pq_api_send(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), int argc, const char **argv,
@@ -106,7 +110,7 @@ int pq_api_send(pq_slot_t *s, void (*fn)(pq_slot_t *, const void *), int argc, c
     if (pq_rconn_send(t, api_cb, pq_slot_handle(s), argc, argv, argvlen))
         return -1;
     s->state = PQ_SLOT_API;
-    s->api_fn = fn;
+    s->api.fn = fn;
     event_del(&s->timer);
     event_add(&s->timer, t->tv_redis);
     return 0;

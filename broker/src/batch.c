@@ -29,6 +29,15 @@
  * chunks (one EVAL per range, counting each as failed); running lines finish on their own; the
  * batch is finalized as cancelled (or expired) once the counters add up. */
 #include "broker.h"
+#include "api.h"
+#include "batch.h"
+#include "bspool.h"
+#include "files.h"
+#include "http.h"
+#include "idem.h"
+#include "ratelimit.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <stdarg.h>
 #include <stdint.h>
@@ -1259,8 +1268,8 @@ static void cancel_cas_reply(pq_slot_t *s, const void *r)
 
     /* whatever the outcome, answer with the batch as it is now; a batch still validating is
      * cancelled by its create walk when it ends (step -1) */
-    if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1 && s->step >= 0)
-        start_cancel(s->t, s->tenant, s->id, (uint32_t)s->step, "cancelled");
+    if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1 && s->api.step >= 0)
+        start_cancel(s->t, s->tenant, s->id, (uint32_t)s->api.step, "cancelled");
     argv[0] = "HGETALL";
     argv[1] = s->route; /* the batch key was kept here */
     {
@@ -1298,7 +1307,7 @@ static void cancel_reply(pq_slot_t *s, const void *r)
         pq_slot_release(s);
         return;
     }
-    s->step = strcmp(st, "validating") ? (int)fint(&fs, "lines") : -1;
+    s->api.step = strcmp(st, "validating") ? (int)fint(&fs, "lines") : -1;
     bkey_of(s->t, s->route, sizeof(s->route), s->tenant, s->id);
     {
         const char *argv[16];

@@ -16,6 +16,9 @@
  * a restart drains them with no special case. A fatal idempotent-producer error recreates the
  * producer; what it held is purged, nacked, and produced again by the new one. */
 #include "broker.h"
+#include "bspool.h"
+#include "kprod.h"
+#include "slot.h"
 
 #include <errno.h>
 #include <fcntl.h>

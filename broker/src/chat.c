@@ -35,6 +35,13 @@
  * Stream (see "live streams" below), and every later answer above is an event on that reply:
  * errors as {"error":{...}} events (timeout too), always ending with "data: [DONE]". */
 #include "broker.h"
+#include "chat.h"
+#include "http.h"
+#include "idem.h"
+#include "intake.h"
+#include "ratelimit.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -121,7 +128,7 @@ static void stream_free(void *ctx);
 /* The live stream of s, or NULL. */
 static stream_t *stream_of(const pq_slot_t *s)
 {
-    return s->stream && s->ctx && s->ctx_free == stream_free ? s->ctx : NULL;
+    return s->chat.stream && s->ctx && s->ctx_free == stream_free ? s->ctx : NULL;
 }
 
 /* 1 if s's headers went out: its answers are events on the started reply. */
@@ -240,10 +247,10 @@ static int table_grow(pq_bthread_t *t)
 
         while (idx) {
             pq_slot_t *s = slot_at(t, idx);
-            uint32_t next = s->wait_next;
+            uint32_t next = s->chat.wait_next;
 
-            s->wait_next = b[s->wait_hash & (n - 1)];
-            b[s->wait_hash & (n - 1)] = idx;
+            s->chat.wait_next = b[s->chat.wait_hash & (n - 1)];
+            b[s->chat.wait_hash & (n - 1)] = idx;
             idx = next;
         }
     }
@@ -258,15 +265,15 @@ static int table_link(pq_slot_t *s)
     pq_bthread_t *t = s->t;
     uint32_t *head;
 
-    if (s->in_table)
+    if (s->chat.in_table)
         return 0;
     if ((t->nwaiters + 1 > t->nwbuckets * 2 || !t->nwbuckets) && table_grow(t) && !t->nwbuckets)
         return -1;
-    s->wait_hash = wait_hash(s->tenant, s->id);
-    head = &t->wbuckets[s->wait_hash & (t->nwbuckets - 1)];
-    s->wait_next = *head;
+    s->chat.wait_hash = wait_hash(s->tenant, s->id);
+    head = &t->wbuckets[s->chat.wait_hash & (t->nwbuckets - 1)];
+    s->chat.wait_next = *head;
     *head = s->idx;
-    s->in_table = 1;
+    s->chat.in_table = 1;
     t->nwaiters++;
     pq_gauge_add(t->b->m_chat_waiting, 1);
     return 0;
@@ -277,16 +284,17 @@ void pq_chat_unlink(pq_slot_t *s)
     pq_bthread_t *t = s->t;
     uint32_t *p;
 
-    if (!s->in_table)
+    if (!s->chat.in_table)
         return;
-    for (p = &t->wbuckets[s->wait_hash & (t->nwbuckets - 1)]; *p; p = &slot_at(t, *p)->wait_next) {
+    for (p = &t->wbuckets[s->chat.wait_hash & (t->nwbuckets - 1)]; *p;
+         p = &slot_at(t, *p)->chat.wait_next) {
         if (*p == s->idx) {
-            *p = s->wait_next;
+            *p = s->chat.wait_next;
             break;
         }
     }
-    s->wait_next = 0;
-    s->in_table = 0;
+    s->chat.wait_next = 0;
+    s->chat.in_table = 0;
     s->need_read = 0;
     t->nwaiters--;
     pq_gauge_add(t->b->m_chat_waiting, -1);
@@ -332,7 +340,7 @@ static void reread_cb(evutil_socket_t fd, short what, void *arg)
     if (!t->sub_ready)
         return; /* the subscription's confirmation reads every waiter */
     for (uint32_t b = 0; b < t->nwbuckets; b++) {
-        for (uint32_t idx = t->wbuckets[b]; idx; idx = slot_at(t, idx)->wait_next) {
+        for (uint32_t idx = t->wbuckets[b]; idx; idx = slot_at(t, idx)->chat.wait_next) {
             pq_slot_t *s = slot_at(t, idx);
 
             if (s->need_read) {
@@ -348,7 +356,7 @@ static void reread_cb(evutil_socket_t fd, short what, void *arg)
 void pq_chat_subscribed(pq_bthread_t *t)
 {
     for (uint32_t b = 0; b < t->nwbuckets; b++)
-        for (uint32_t idx = t->wbuckets[b]; idx; idx = slot_at(t, idx)->wait_next)
+        for (uint32_t idx = t->wbuckets[b]; idx; idx = slot_at(t, idx)->chat.wait_next)
             read_record(slot_at(t, idx));
 }
 
@@ -360,10 +368,10 @@ void pq_chat_notify(pq_bthread_t *t, const char *msg, size_t len)
         return;
     h = msg_hash(msg, len);
     for (uint32_t idx = t->wbuckets[h & (t->nwbuckets - 1)]; idx;
-         idx = slot_at(t, idx)->wait_next) {
+         idx = slot_at(t, idx)->chat.wait_next) {
         pq_slot_t *s = slot_at(t, idx);
 
-        if (s->wait_hash == h && wait_match(s, msg, len)) {
+        if (s->chat.wait_hash == h && wait_match(s, msg, len)) {
             pq_counter_add(t->b->m_chat_notified, 1);
             read_record(s);
         }
@@ -506,7 +514,7 @@ static json_t *choice_delta(json_int_t index, json_t *delta, json_t *finish)
 static int sse_answer(pq_slot_t *s, json_t *resp, struct evbuffer *out)
 {
     json_t *choices = json_object_get(resp, "choices");
-    int u = s->include_usage;
+    int u = s->chat.include_usage;
     size_t i;
     json_t *c;
 
@@ -670,7 +678,7 @@ static void answer(pq_slot_t *s, const char *status, const char *result, size_t 
             goto out;
         }
         json_object_set_new(resp, "id", json_string(s->id));
-        if (s->stream) {
+        if (s->chat.stream) {
             if (reply_stream(s, resp)) {
                 if (!stream_started(s))
                     evbuffer_drain(evhttp_request_get_output_buffer(s->req),
@@ -1146,7 +1154,7 @@ void pq_chat_stop_waiters(pq_bthread_t *t)
 void pq_chat_wait(pq_slot_t *s)
 {
     pq_bthread_t *t = s->t;
-    int64_t left = s->deadline_ms - pq_mono_ms();
+    int64_t left = s->chat.deadline_ms - pq_mono_ms();
     struct timeval tv;
 
     s->state = PQ_SLOT_WAIT;
@@ -1164,7 +1172,7 @@ void pq_chat_wait(pq_slot_t *s)
     tv.tv_usec = (left % 1000) * 1000;
     event_add(&s->timer, &tv);
     watch_client(s);
-    if (s->stream && stream_begin(s)) /* then answered from the record as before */
+    if (s->chat.stream && stream_begin(s)) /* then answered from the record as before */
         PQ_WARN("job %s/%s: cannot start the live stream", s->tenant, s->id);
     /* Subscribed first, then read: a result written before we were linked is seen by the
      * read, one written after by the message. Not subscribed yet: the confirmation reads. */
@@ -1289,8 +1297,8 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
     s = pq_intake_slot_get(t, req, PQ_PATH_CHAT, &env, tenant, &chat_ops);
     if (!s)
         goto out;
-    s->stream = (unsigned)stream;
-    s->include_usage = (unsigned)include_usage;
+    s->chat.stream = (unsigned)stream;
+    s->chat.include_usage = (unsigned)include_usage;
     if (stream) {
         stream_t *st = calloc(1, sizeof(*st));
 
@@ -1304,7 +1312,7 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
         s->ctx = st;
         s->ctx_free = stream_free;
     }
-    s->deadline_ms = pq_mono_ms() + bc->conf->sync_timeout_ms;
+    s->chat.deadline_ms = pq_mono_ms() + bc->conf->sync_timeout_ms;
     evhttp_add_header(evhttp_request_get_output_headers(req), "x-promptq-job-id", s->id);
     evhttp_connection_set_closecb(evhttp_request_get_connection(req), on_close, pq_slot_handle(s));
     s->payload = pq_envelope_dump(&env, &s->payload_len);

@@ -11,6 +11,12 @@
  * pulled up once, the file part is located with memmem and handed to hiredis (which copies it
  * into its output buffer): nothing blocks the loop but those copies. */
 #include "broker.h"
+#include "api.h"
+#include "files.h"
+#include "http.h"
+#include "ratelimit.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -453,7 +459,7 @@ static void one_reply(pq_slot_t *s, const void *r)
     if (!el(reply, 0)) {
         pq_http_error(s->t, s->req, s->path, 404, "invalid_request_error",
                       "No such File object: %s", s->id);
-    } else if (s->step == 1) { /* content */
+    } else if (s->api.step == 1) { /* content */
         const redisReply *b = reply->element[1];
 
         evhttp_add_header(evhttp_request_get_output_headers(s->req), "Content-Type",
@@ -541,7 +547,7 @@ void pq_files_serve(pq_bthread_t *t, struct evhttp_request *req, const char *res
     }
     pq_strlcpy(s->id, id, sizeof(s->id));
     pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
-    s->step = content;
+    s->api.step = content;
     {
         const char *get[] = {"HMGET", key, "id", "bytes", "created_at", "filename", "purpose"};
         const char *getc[] = {"HMGET", key, "id", "body"};

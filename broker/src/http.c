@@ -1,5 +1,6 @@
 /* HTTP replies (every one is counted by path and status code), JSON errors and API-key auth. */
 #include "broker.h"
+#include "http.h"
 
 #include <stdarg.h>
 #include <stdio.h>

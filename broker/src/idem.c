@@ -13,6 +13,10 @@
  * the winner's job is durable or the claim is gone (then it claims the key itself); past the
  * deadline it answers 409 and the client retries. */
 #include "broker.h"
+#include "http.h"
+#include "idem.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,7 +85,7 @@ static int send_claim(pq_slot_t *s)
     argv[0] = "EVALSHA";
     argv[1] = pq_rconn_sha(pq_bscript_idem_claim);
     argv[2] = "1";
-    argv[3] = s->idem_key;
+    argv[3] = s->idem.key;
     argv[4] = value;
     argv[5] = ttl;
     for (int i = 0; i < 6; i++)
@@ -103,15 +107,15 @@ void pq_idem_start(pq_slot_t *s, const char *key, void (*first)(pq_slot_t *s),
     int ack = conf->ack_timeout_ms > 0 ? conf->ack_timeout_ms : 1000;
 
     if (pq_key_idem(rkey, sizeof(rkey), conf->redis_prefix, s->tenant, key) < 0 ||
-        !(s->idem_key = strdup(rkey))) {
+        !(s->idem.key = strdup(rkey))) {
         pq_http_error(t, s->req, s->path, 500, "internal", "out of memory");
         pq_slot_release(s);
         return;
     }
-    s->idem_first = first;
-    s->idem_repeat = repeat;
-    s->idem_tries = 0;
-    s->idem_deadline_ms = pq_mono_ms() + ack + IDEM_PENDING_EXTRA_MS;
+    s->idem.first = first;
+    s->idem.repeat = repeat;
+    s->idem.tries = 0;
+    s->idem.deadline_ms = pq_mono_ms() + ack + IDEM_PENDING_EXTRA_MS;
     if (send_claim(s))
         idem_unavailable(s, "the idempotency store (Redis) is unavailable");
 }
@@ -141,7 +145,7 @@ static void replay(pq_slot_t *s, const char *id, char state)
     s->payload = NULL;
     s->payload_len = 0;
     event_del(&s->timer);
-    s->idem_repeat(s, state == 's');
+    s->idem.repeat(s, state == 's');
 }
 
 void pq_idem_reply(pq_slot_t *s, const void *r)
@@ -162,8 +166,8 @@ void pq_idem_reply(pq_slot_t *s, const void *r)
     }
     if (reply->type == REDIS_REPLY_NIL) {
         /* first use: this request's own job */
-        s->idem_owner = 1;
-        s->idem_first(s);
+        s->idem.owner = 1;
+        s->idem.first(s);
         return;
     }
     sp1 = memchr(reply->str, ' ', reply->len);
@@ -171,7 +175,7 @@ void pq_idem_reply(pq_slot_t *s, const void *r)
     idlen = sp1 ? (size_t)(sp1 - reply->str) : 0;
     if (!sp2 || idlen == 0 || idlen > PQ_ID_MAX || sp2 - sp1 - 1 != PQ_SHA256_HEX_LEN ||
         (size_t)(sp2 + 2 - reply->str) != reply->len) {
-        PQ_WARN("idempotency key %s holds an unexpected value", s->idem_key);
+        PQ_WARN("idempotency key %s holds an unexpected value", s->idem.key);
         pq_http_error(t, s->req, s->path, 500, "internal", "idempotency record unreadable");
         pq_slot_release(s);
         return;
@@ -193,7 +197,7 @@ void pq_idem_reply(pq_slot_t *s, const void *r)
         return;
     }
     /* pending: another request holds the claim and its job is not durable yet */
-    if (pq_mono_ms() >= s->idem_deadline_ms) {
+    if (pq_mono_ms() >= s->idem.deadline_ms) {
         evhttp_add_header(evhttp_request_get_output_headers(s->req), "Retry-After", "1");
         pq_http_error(t, s->req, s->path, 409, "idempotency_key_in_use",
                       "a request with this Idempotency-Key is still being accepted; retry");
@@ -201,14 +205,14 @@ void pq_idem_reply(pq_slot_t *s, const void *r)
         return;
     }
     {
-        int ms = IDEM_RETRY_FIRST_MS << (s->idem_tries < 4 ? s->idem_tries : 4);
+        int ms = IDEM_RETRY_FIRST_MS << (s->idem.tries < 4 ? s->idem.tries : 4);
         struct timeval tv;
 
         if (ms > IDEM_RETRY_MAX_MS)
             ms = IDEM_RETRY_MAX_MS;
         tv.tv_sec = 0;
         tv.tv_usec = ms * 1000;
-        s->idem_tries++;
+        s->idem.tries++;
         s->need_read = 1;
         event_add(&s->timer, &tv);
     }
@@ -219,12 +223,12 @@ void pq_idem_durable(pq_slot_t *s, int spooled)
     pq_bthread_t *t = s->t;
     char value[PQ_ID_MAX + PQ_SHA256_HEX_LEN + 8], ttl[24];
 
-    if (!s->idem_owner || !s->idem_key)
+    if (!s->idem.owner || !s->idem.key)
         return;
-    s->idem_durable = 1;
+    s->idem.durable = 1;
     snprintf(value, sizeof(value), "%s %s %c", s->id, s->body_hash, spooled ? 's' : 'k');
     snprintf(ttl, sizeof(ttl), "%lld", (long long)t->bc->conf->idempotency_ttl_s * 1000);
-    if (pq_rconn_sendf(t, NULL, NULL, "SET %s %s XX PX %s", s->idem_key, value, ttl))
+    if (pq_rconn_sendf(t, NULL, NULL, "SET %s %s XX PX %s", s->idem.key, value, ttl))
         PQ_WARN("idempotency key of job %s/%s: Redis unavailable, a repeat waits for the claim "
                 "to expire",
                 s->tenant, s->id);
@@ -232,10 +236,10 @@ void pq_idem_durable(pq_slot_t *s, int spooled)
 
 void pq_idem_release(pq_slot_t *s)
 {
-    if (s->idem_key && s->idem_owner && !s->idem_durable)
-        pq_rconn_sendf(s->t, NULL, NULL, "DEL %s", s->idem_key);
-    free(s->idem_key);
-    s->idem_key = NULL;
-    s->idem_owner = 0;
-    s->idem_durable = 0;
+    if (s->idem.key && s->idem.owner && !s->idem.durable)
+        pq_rconn_sendf(s->t, NULL, NULL, "DEL %s", s->idem.key);
+    free(s->idem.key);
+    s->idem.key = NULL;
+    s->idem.owner = 0;
+    s->idem.durable = 0;
 }

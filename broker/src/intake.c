@@ -7,6 +7,13 @@
  * twice with the same (tenant, id): the worker runs it once (G3). The loop's producer gets its
  * own copy of the payload (RD_KAFKA_MSG_F_COPY) so the slot still has it for the spool. */
 #include "broker.h"
+#include "bspool.h"
+#include "http.h"
+#include "idem.h"
+#include "intake.h"
+#include "ratelimit.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <stdio.h>
 #include <stdlib.h>

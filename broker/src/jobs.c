@@ -26,6 +26,12 @@
  * after=last_id until has_more is false sees every match. An after that is not in the index
  * (unknown, or expired since) is a 400 naming it: an empty page would read as "no more". */
 #include "broker.h"
+#include "api.h"
+#include "http.h"
+#include "jobs.h"
+#include "ratelimit.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <ctype.h>
 #include <stdint.h>

@@ -2,6 +2,8 @@
  * loop thread: the main queue signals a pipe when it turns non-empty (io event), and a safety
  * timer polls as well because the io event fires only once until the queue is polled again. */
 #include "broker.h"
+#include "bspool.h"
+#include "kprod.h"
 
 #include <errno.h>
 #include <fcntl.h>

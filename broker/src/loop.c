@@ -1,6 +1,19 @@
 /* One broker loop thread: event base, evhttp on a SO_REUSEPORT listener, request routing,
  * the slot table, config hand-over and graceful stop. */
 #include "broker.h"
+#include "batch.h"
+#include "bspool.h"
+#include "chat.h"
+#include "files.h"
+#include "http.h"
+#include "intake.h"
+#include "jobs.h"
+#include "kprod.h"
+#include "loop.h"
+#include "ops.h"
+#include "rconn.h"
+#include "rsub.h"
+#include "slot.h"
 
 #include <errno.h>
 #include <netdb.h>

@@ -4,6 +4,10 @@
  * signals: SIGTERM/SIGINT stop the loops (each one lets its in-flight requests get their
  * delivery reports first), SIGHUP reloads API keys, routes and limits. */
 #include "broker.h"
+#include "bspool.h"
+#include "loop.h"
+#include "ratelimit.h"
+#include "redrive.h"
 
 #include <errno.h>
 #include <signal.h>

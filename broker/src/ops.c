@@ -3,6 +3,12 @@
  * (at most OPS_WORKERS_MAX), then one MGET, all on the loop's Redis connection. Replay now and
  * drop are requests the workers read from Redis (below); DLQ redrive is redrive.c. */
 #include "broker.h"
+#include "api.h"
+#include "bspool.h"
+#include "http.h"
+#include "ops.h"
+#include "redrive.h"
+#include "slot.h"
 
 #include <stdio.h>
 #include <stdlib.h>

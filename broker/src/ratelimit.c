@@ -7,6 +7,8 @@
  * they are client-chosen, so the table is capped and cleared when full (buckets then start
  * full again, which only ever errs on the side of admitting). */
 #include "broker.h"
+#include "http.h"
+#include "ratelimit.h"
 
 #include <math.h>
 #include <pthread.h>

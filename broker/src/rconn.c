@@ -2,6 +2,8 @@
  * async timeouts, a watchdog drops a connection whose replies stopped coming (each request
  * also has its own timer in its slot). */
 #include "broker.h"
+#include "rconn.h"
+#include "rsub.h"
 
 #include <netinet/in.h>
 #include <stdarg.h>

@@ -21,6 +21,12 @@
  * activates the request's event on that loop with the answer. A request whose client went
  * away is found gone through its slot handle and its answer dropped. */
 #include "broker.h"
+#include "api.h"
+#include "http.h"
+#include "intake.h"
+#include "rconn.h"
+#include "redrive.h"
+#include "slot.h"
 
 #include <stdio.h>
 #include <stdlib.h>

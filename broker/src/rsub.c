@@ -8,6 +8,8 @@
  * confirmed (re)subscription makes the waiters read their records again, since messages
  * published while the subscription was down are lost (pub/sub does not queue). */
 #include "broker.h"
+#include "rconn.h"
+#include "rsub.h"
 
 #include <string.h>
 

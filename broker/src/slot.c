@@ -2,6 +2,8 @@
  * found again through handles (index + generation); each slot's endpoint says what its timer,
  * the stop deadline and its release do (pq_slot_ops_t). */
 #include "broker.h"
+#include "rconn.h"
+#include "slot.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -64,17 +66,17 @@ pq_slot_t *pq_slot_get(pq_bthread_t *t, pq_path_t path, struct evhttp_request *r
     s->created = 0;
     s->payload = NULL;
     s->payload_len = 0;
-    s->stream = s->include_usage = s->in_table = s->need_read = 0;
-    s->idem_owner = s->idem_durable = 0;
-    s->deadline_ms = 0;
-    s->wait_next = 0;
-    s->idem_key = NULL;
-    s->idem_tries = 0;
+    s->chat.stream = s->chat.include_usage = s->chat.in_table = s->need_read = 0;
+    s->idem.owner = s->idem.durable = 0;
+    s->chat.deadline_ms = 0;
+    s->chat.wait_next = 0;
+    s->idem.key = NULL;
+    s->idem.tries = 0;
     s->id[0] = s->tenant[0] = s->hash[0] = s->route[0] = s->body_hash[0] = '\0';
-    s->step = 0;
+    s->api.step = 0;
     s->ctx = NULL;
     s->ctx_free = NULL;
-    s->api_fn = NULL;
+    s->api.fn = NULL;
     t->inflight++;
     pq_gauge_add(t->b->m_inflight, 1);
     return s;
@@ -135,7 +137,7 @@ void pq_slots_free(pq_bthread_t *t)
         for (uint32_t j = 0; j < PQ_BROKER_SLOT_CHUNK; j++) {
             event_del(&t->chunks[i][j].timer);
             free(t->chunks[i][j].payload);
-            free(t->chunks[i][j].idem_key);
+            free(t->chunks[i][j].idem.key);
             if (t->chunks[i][j].ctx && t->chunks[i][j].ctx_free)
                 t->chunks[i][j].ctx_free(t->chunks[i][j].ctx);
         }
