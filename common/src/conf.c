@@ -462,6 +462,9 @@ static const prop_t provider_props[] = {
           "default " PQ_WATSONX_VERSION_DEFAULT),
     P_STR(pq_provider_conf_t, "iam_url", iam_url, NULL, PF_NONEMPTY,
           "watsonx IAM token URL; default " DEFAULT_IAM_URL),
+    P_STR(pq_provider_conf_t, "ca_file", ca_file, NULL, PF_NONEMPTY,
+          "PEM file of the CA certificates trusted for base_url's TLS, instead of the system's "
+          "(a private CA); verification stays on"),
     P_INT(pq_provider_conf_t, "default_max_tokens", default_max_tokens, 4096, 1, 10000000,
           "anthropic max_tokens when the request has none"),
 };
@@ -1094,6 +1097,16 @@ static int load_provider(pq_provider_conf_t *p, const char *name, json_t *obj, c
             path_key(sub, sizeof(sub), path, "iam_url");
             return fail(e, sub, "must start with http:// or https://");
         }
+    }
+    if (p->ca_file) {
+        FILE *f = fopen(p->ca_file, "r");
+
+        path_key(sub, sizeof(sub), path, "ca_file");
+        if (!f)
+            return fail(e, sub, "cannot read %s: %s", p->ca_file, strerror(errno));
+        fclose(f);
+        if (strncmp(*base_url, "https://", 8) != 0)
+            return fail(e, sub, "set, but base_url is not https://");
     }
     if (p->retry_base_ms > p->retry_max_ms) {
         path_key(sub, sizeof(sub), path, "retry_base_ms");

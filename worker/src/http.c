@@ -59,6 +59,12 @@ struct shard_s {
     struct event *timer;
 };
 
+typedef struct trust_s {
+    struct trust_s *next;
+    char *prefix; /* https://host[:port][/path], no trailing slash */
+    char *ca_file;
+} trust_t;
+
 struct pq_http_s {
     struct event_base *base;
     shard_t shards[SHARDS_MAX];
@@ -67,8 +73,9 @@ struct pq_http_s {
     pq_http_req_t *free_reqs;
     size_t nfree;
     size_t active;
-    size_t peak;  /* most requests active at once: the pool's bound */
-    int priority; /* libevent priority of its events, -1 = the base's default */
+    size_t peak;    /* most requests active at once: the pool's bound */
+    int priority;   /* libevent priority of its events, -1 = the base's default */
+    trust_t *trust; /* CA files by URL prefix (pq_http_trust), a short list */
 };
 
 typedef struct sock_s {
@@ -76,6 +83,23 @@ typedef struct sock_s {
 } sock_t;
 
 static void check_done(shard_t *h);
+
+/* The CA file of the longest registered prefix of url that ends at a path boundary, or NULL
+ * (the system's trust store). */
+static const char *trust_for(const pq_http_t *h, const char *url)
+{
+    const trust_t *best = NULL;
+    size_t best_len = 0;
+
+    for (const trust_t *t = h->trust; t; t = t->next) {
+        size_t n = strlen(t->prefix);
+        char c = url[n];
+
+        if (n > best_len && strncmp(url, t->prefix, n) == 0 && (c == '\0' || c == '/' || c == '?'))
+            best = t, best_len = n;
+    }
+    return best ? best->ca_file : NULL;
+}
 
 static void on_socket_event(evutil_socket_t fd, short what, void *arg)
 {
@@ -449,12 +473,38 @@ void pq_http_set_priority(pq_http_t *h, int priority)
             event_priority_set(h->shards[i].timer, priority);
 }
 
+int pq_http_trust(pq_http_t *h, const char *url_prefix, const char *ca_file)
+{
+    trust_t *t = calloc(1, sizeof(*t));
+    size_t n;
+
+    if (!t || !(t->prefix = strdup(url_prefix)) || !(t->ca_file = strdup(ca_file))) {
+        if (t)
+            free(t->prefix);
+        free(t);
+        return -1;
+    }
+    n = strlen(t->prefix);
+    while (n > 0 && t->prefix[n - 1] == '/')
+        t->prefix[--n] = '\0';
+    t->next = h->trust;
+    h->trust = t;
+    return 0;
+}
+
 void pq_http_destroy(pq_http_t *h)
 {
     pq_http_req_t *r;
 
     if (!h)
         return;
+    while (h->trust) {
+        trust_t *t = h->trust;
+        h->trust = t->next;
+        free(t->prefix);
+        free(t->ca_file);
+        free(t);
+    }
     /* Transfers still running belong to their owners, who cancel them first; free the pool. */
     while ((r = h->free_reqs)) {
         h->free_reqs = r->next_free;
@@ -546,6 +596,11 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
     curl_easy_setopt(r->easy, CURLOPT_PIPEWAIT, strncmp(url, "https://", 8) == 0 ? 1L : 0L);
     curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(r->easy, CURLOPT_SSL_VERIFYHOST, 2L);
+    if (h->trust) {
+        const char *ca = trust_for(h, url);
+        if (ca)
+            curl_easy_setopt(r->easy, CURLOPT_CAINFO, ca);
+    }
     curl_easy_setopt(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(r->easy, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 0L);

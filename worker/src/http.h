@@ -54,6 +54,11 @@ pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errst
  * call before the first request. */
 void pq_http_set_priority(pq_http_t *h, int priority);
 
+/* Trusts the CA certificates in ca_file (PEM), instead of the system's, for every URL that
+ * starts with url_prefix at a path boundary (the longest such prefix wins). Verification of
+ * the peer and its host name stays on. Strings copied. Returns 0, -1 out of memory. */
+int pq_http_trust(pq_http_t *h, const char *url_prefix, const char *ca_file);
+
 /* Cancels every transfer (no callbacks) and frees everything. NULL is a no-op. */
 void pq_http_destroy(pq_http_t *h);
 

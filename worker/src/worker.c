@@ -483,6 +483,15 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     if (!w->ihttp)
         goto out_fail;
     pq_http_set_priority(w->ihttp, 0);
+    for (size_t i = 0; i < conf->nproviders; i++) {
+        const pq_provider_conf_t *p = &conf->providers[i];
+
+        if (p->ca_file && (pq_http_trust(w->http, p->base_url, p->ca_file) ||
+                           pq_http_trust(w->ihttp, p->base_url, p->ca_file))) {
+            snprintf(errstr, errstr_size, "out of memory");
+            goto out_fail;
+        }
+    }
     w->gen = pq_gen_new(w, (pq_conf_t *)conf, 0, errstr, errstr_size);
     if (!w->gen)
         goto out_fail;

@@ -61,6 +61,8 @@ typedef struct pq_provider_conf_s {
     char *watsonx_version;   /* watsonx chat ?version= (YYYY-MM-DD), default
                                 PQ_WATSONX_VERSION_DEFAULT */
     char *iam_url;           /* watsonx */
+    char *ca_file;           /* PEM CA certificates trusted for base_url instead of the
+                                system's (a private CA, a TLS-inspecting proxy), or NULL */
     int default_max_tokens;  /* anthropic, default 4096 */
 } pq_provider_conf_t;
 
