@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config git ca-certificates
       librdkafka-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev libevent-dev libssl-dev
-      libcmocka-dev redis-server kcat python3 curl procps)
+      libcmocka-dev redis-server kcat python3 curl procps openssl)
 
 # tests/node (the OpenAI SDK against the broker) needs Node.js 20 and npm; bookworm ships 18, so
 # a newer one (e.g. NodeSource) that is already installed is kept.
