@@ -71,6 +71,27 @@ def binary(prog):
     return path
 
 
+def make_test_ca(d):
+    """A CA and a certificate for 127.0.0.1 signed by it, made with the openssl CLI in d;
+    returns (ca_pem, cert_pem, key_pem) paths."""
+    ca_key, ca_crt = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
+    key, csr, crt = (os.path.join(d, n) for n in ("srv.key", "srv.csr", "srv.pem"))
+    ext = os.path.join(d, "ext.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+
+    def run(*a):
+        subprocess.run(a, check=True, capture_output=True)
+
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out",
+        ca_crt, "-days", "2", "-subj", "/CN=promptq test CA")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj",
+        "/CN=127.0.0.1")
+    run("openssl", "x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key,
+        "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext)
+    return ca_crt, crt, key
+
+
 def http(method, url, body=None, headers=None, timeout=None):
     """One HTTP request. body: dict/list (sent as JSON), bytes, str or None.
     Returns (status, headers with lowercase names, body bytes). Connection errors raise."""

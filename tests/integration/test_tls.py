@@ -18,23 +18,6 @@ REQ = "promptq.requests"
 RESULTS = "promptq.results"
 
 
-def make_ca(d):
-    """A CA and a certificate for 127.0.0.1 signed by it (openssl CLI); returns paths."""
-    ca_key, ca_crt = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
-    key, csr, crt = (os.path.join(d, n) for n in ("srv.key", "srv.csr", "srv.pem"))
-    ext = os.path.join(d, "ext.cnf")
-    with open(ext, "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out",
-        ca_crt, "-days", "2", "-subj", "/CN=promptq test CA")
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj",
-        "/CN=127.0.0.1")
-    run("openssl", "x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key,
-        "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext)
-    return ca_crt, crt, key
-
-
 class TlsProvider:
     """An OpenAI-compatible HTTPS server on loopback answering "tls: <prompt>"."""
 
@@ -98,7 +81,7 @@ def results(st, ids):
 
 def test_private_ca_trusted_only_where_configured():
     with harness.Stack("tls_ca") as st:
-        ca, crt, key = make_ca(st.dir)
+        ca, crt, key = harness.make_test_ca(st.dir)
         tls = TlsProvider(crt, key)
         try:
             st.redis()
