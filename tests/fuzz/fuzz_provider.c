@@ -2,6 +2,7 @@
  * and what a client asks are both outside input. The first byte picks the adapter (low 3 bits),
  * the mode (bit 3) and the HTTP status (high 4 bits); the rest is the body.
  *   answer mode: parse_response on the body. A PQ_OK completion must be a chat.completion
+ *     (and when the adapter says verbatim, the body must read back as exactly it)
  *     object with a "choices" array that dumps; errstr must be terminated; the fault's code a
  *     safe token and its reason whole UTF-8 without control bytes; none may carry a fragment
  *     of the key (the body may echo it, as providers' error bodies do: G6).
@@ -90,10 +91,19 @@ static void answer(const pq_target_t *t, const pq_provider_ops_t *ops, long stat
     json_t *completion = NULL;
     char errstr[256];
     pq_err_t err;
+    int verbatim = 0;
 
     memset(&fault, 0, sizeof(fault));
     errstr[0] = '\0';
-    err = ops->parse_response(t, status, body, len, &completion, &fault, errstr, sizeof(errstr));
+    err = ops->parse_response(t, status, body, len, &completion, &verbatim, &fault, errstr,
+                              sizeof(errstr));
+    if (verbatim) {
+        /* said to be the completion as sent: the body reads back as it, without duplicates */
+        json_t *as_sent = json_loadb(body, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, NULL);
+        if (err != PQ_OK || !json_equal(as_sent, completion))
+            abort();
+        json_decref(as_sent);
+    }
     if (err == PQ_OK) {
         char *out;
         if (!json_is_object(completion) || !json_is_array(json_object_get(completion, "choices")))

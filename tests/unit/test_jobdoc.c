@@ -290,15 +290,59 @@ static void test_raw_string(void **state)
     json_decref(s);
 }
 
-static void test_cache_entry(void **state)
+/* The provider's bytes, taken as they are, go into the result unchanged (spaces and all). */
+static void test_result_spliced(void **state)
 {
-    json_t *resp = json_pack("{s:s}", "content", "a\\u0000b"), *doc;
+    const char *raw =
+        "{\"id\": \"chatcmpl-2\", \"choices\": [ {\"n\": 1.50} ], \"c\": \"a\\u0000\"}";
+    json_t *resp = json_loadb(raw, strlen(raw), JSON_ALLOW_NUL, NULL), *o, *empty = json_object();
+    pq_jobdoc_t d;
     size_t len;
     char *s;
     (void)state;
 
-    s = pq_jobdoc_cache_entry("openai", "gpt-x", resp, &len);
+    doc_init(&d);
+    d.response = resp;
+    d.response_text = raw;
+    d.response_len = strlen(raw);
+    s = pq_jobdoc_result(&d, &len);
     assert_non_null(s);
+    assert_int_equal(len, strlen(s));
+    assert_non_null(strstr(s, raw));
+    o = json_loadb(s, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, NULL);
+    assert_non_null(o);
+    assert_true(json_equal(json_object_get(o, "response"), resp));
+    assert_string_equal(str(o, "id"), "j1");
+    assert_null(json_object_get(o, "error"));
+    json_decref(o);
+    free(s);
+    /* text without a completion object is enough; and an empty object takes it as its only member
+     */
+    d.response = NULL;
+    s = pq_jobdoc_result(&d, &len);
+    assert_non_null(strstr(s, raw));
+    assert_null(strstr(s, "\"error\""));
+    free(s);
+    s = pq_jobdoc_dump_with(empty, "response", "[1]", 3, &len);
+    assert_string_equal(s, "{\"response\":[1]}");
+    assert_int_equal(len, 16);
+    free(s);
+    json_decref(empty);
+    json_decref(resp);
+}
+
+static void test_cache_entry(void **state)
+{
+    json_t *resp = json_pack("{s:s}", "content", "a\\u0000b"), *doc;
+    size_t len;
+    char *s, *text;
+    (void)state;
+
+    text = json_dumps(resp, JSON_COMPACT);
+    s = pq_jobdoc_cache_entry("openai", "gpt-x", text, strlen(text), &len);
+    free(text);
+    assert_non_null(s);
+    assert_int_equal(len, strlen(s));
     doc = pq_jobdoc_cache_parse(s, len);
     assert_non_null(doc);
     assert_string_equal(str(doc, "provider"), "openai");
@@ -401,6 +445,7 @@ int main(void)
         cmocka_unit_test(test_dlq_small_without_envelope),
         cmocka_unit_test(test_invalid),
         cmocka_unit_test(test_raw_string),
+        cmocka_unit_test(test_result_spliced),
         cmocka_unit_test(test_cache_entry),
         cmocka_unit_test(test_park_since),
         cmocka_unit_test(test_parked_expiry),

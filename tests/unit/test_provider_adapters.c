@@ -13,7 +13,9 @@
  *     expected_completion.json (the OpenAI chat.completion; "created": "$now" means "the current
  *     time") or expected_error.json, and optional fault.json ({"code", "reason" (exact),
  *     "reason_contains", "key_wide"}: the pq_provider_fault_t parse_response fills; without it
- *     the fault is only checked for the key).
+ *     the fault is only checked for the key), and optional verbatim ("1" or "0": whether the
+ *     adapter says the body is the completion unchanged; whenever it says so, the body must
+ *     read back as the completion).
  * Every errstr and fault is checked for the key (error fixtures echo it in their messages, G6);
  * the test provider's configured key is KEY, so the reason sanitiser sees it.
  * Also: watsonx IAM token request/parse, keys echoed in error bodies, request out-param hygiene. */
@@ -318,7 +320,9 @@ static void run_response_case(const adapter_t *a, const char *name)
     json_t *exp_err = case_json(a->type, name, "expected_error.json");
     json_t *exp_fault = case_json(a->type, name, "fault.json");
     char *status_s = case_read(a->type, name, "status", NULL), errstr[512] = "";
+    char *exp_verbatim = case_read(a->type, name, "verbatim", NULL);
     pq_provider_fault_t fault;
+    int verbatim = 0;
     json_t *completion = (json_t *)1;
     size_t len = 0;
     char *body = case_read(a->type, name, "response.json", &len);
@@ -332,9 +336,17 @@ static void run_response_case(const adapter_t *a, const char *name)
     assert_true((exp_c != NULL) != (exp_err != NULL));
     fixture_init(&f, a, case_json(a->type, name, "target.json"));
     memset(&fault, 0, sizeof(fault));
-    err = a->ops->parse_response(&f.t, atol(status_s), body, len, &completion, &fault, errstr,
-                                 sizeof(errstr));
+    err = a->ops->parse_response(&f.t, atol(status_s), body, len, &completion, &verbatim, &fault,
+                                 errstr, sizeof(errstr));
     assert_no_secret(errstr);
+    if (exp_verbatim)
+        assert_int_equal(verbatim, atoi(exp_verbatim));
+    if (verbatim) {
+        json_t *as_sent = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
+        assert_int_equal(err, PQ_OK);
+        assert_json_equal(as_sent, completion, "the body said to be verbatim");
+        json_decref(as_sent);
+    }
     check_fault(exp_fault, &fault);
     if (exp_err) {
         check_expected_error(exp_err, err, errstr);
@@ -360,6 +372,7 @@ static void run_response_case(const adapter_t *a, const char *name)
     json_decref(exp_err);
     json_decref(exp_fault);
     free(status_s);
+    free(exp_verbatim);
     free(body);
 }
 
@@ -410,9 +423,9 @@ static void test_no_key_in_errstr(void **state)
                 pq_err_t err;
                 fixture_init(&f, &adapters[a], NULL);
                 memset(&fault, 0, sizeof(fault));
-                err = adapters[a].ops->parse_response(&f.t, statuses[s], bodies[b],
-                                                      strlen(bodies[b]), &c, b % 2 ? &fault : NULL,
-                                                      errstr, sizeof(errstr));
+                err = adapters[a].ops->parse_response(
+                    &f.t, statuses[s], bodies[b], strlen(bodies[b]), &c, NULL,
+                    b % 2 ? &fault : NULL, errstr, sizeof(errstr));
                 assert_int_not_equal(err, PQ_OK);
                 assert_null(c);
                 assert_no_secret(errstr);
@@ -435,7 +448,7 @@ static void test_malformed_2xx(void **state)
             pq_err_t err;
             fixture_init(&f, &adapters[a], NULL);
             err = adapters[a].ops->parse_response(&f.t, 200, bodies[b], strlen(bodies[b]), &c, NULL,
-                                                  errstr, sizeof(errstr));
+                                                  NULL, errstr, sizeof(errstr));
             if (err != PQ_ERR_MALFORMED)
                 fail_msg("%s on \"%s\": %s", adapters[a].type, bodies[b], pq_err_name(err));
             assert_true(pq_err_is_retryable(err));

@@ -419,7 +419,7 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     pq_err_t err;
     act_t act;
     int64_t tokens = -1;
-    int probe = j->probe, failure;
+    int probe = j->probe, failure, verbatim = 0;
 
     memset(&fault, 0, sizeof(fault));
     j->http = NULL;
@@ -427,8 +427,8 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     if (res->err == PQ_OK && res->streamed && j->st) {
         err = stream_outcome(j, t, &completion, &fault, msg, sizeof(msg));
     } else if (res->err == PQ_OK) {
-        err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, &fault,
-                                  msg, sizeof(msg));
+        err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, &verbatim,
+                                  &fault, msg, sizeof(msg));
     } else if (res->streamed && j->st && res->err != PQ_ERR_TIMEOUT && res->err != PQ_ERR_CONNECT &&
                pq_stream_errstr(j->st)[0]) {
         err = res->err; /* the decoder stopped the transfer: malformed, too large */
@@ -458,7 +458,8 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         attempt_note(j, t, err, res->status, res->elapsed_ms, msg, NULL, NULL);
         if (j->circ)
             pq_circuit_key_ok(j->circ, j->key);
-        j->response = completion;
+        /* the provider's own bytes go into the records when the adapter took them unchanged */
+        pq_jobrec_set_response(j, completion, verbatim ? res->body : NULL, res->body_len);
         j->err = PQ_OK;
         j->http_status = res->status;
         j->last_target = t;

@@ -256,7 +256,7 @@ static void on_probe_http(void *opaque, const pq_http_result_t *res)
             err = pq_err_from_http_status(res->status);
         else
             err = c->pv->ops->parse_response(c->target, res->status, res->body, res->body_len,
-                                             &completion, NULL, errstr, sizeof(errstr));
+                                             &completion, NULL, NULL, errstr, sizeof(errstr));
     }
     json_decref(completion);
     pq_circuit_count(c, err, res->elapsed_ms);

@@ -89,7 +89,7 @@ static void job_free(pq_job_t *j)
     evtimer_del(&j->timer);
     event_del(&j->renew);
     pq_envelope_clear(&j->env);
-    json_decref(j->response);
+    pq_jobrec_clear_response(j);
     json_decref(j->alog);
     json_decref(j->cached);
     explicit_bzero(j->token_used, sizeof(j->token_used));
@@ -372,8 +372,7 @@ static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char
                  "result record of %zu bytes exceeds the producer's message.max.bytes",
                  j->result_len);
         PQ_WARN("job %s/%s: %s: failed too_large", tenant_of(j), id_of(j), why);
-        json_decref(j->response);
-        j->response = NULL;
+        pq_jobrec_clear_response(j);
         j->slim = 1;
         j->status = "failed";
         j->err = PQ_ERR_TOO_LARGE;

@@ -123,6 +123,10 @@ struct pq_job_s {
     const pq_provider_conf_t *refused[8]; /* providers that refused the request (400/422) */
     int nrefused;
     json_t *response;
+    /* response's JSON text (pq_jobrec_response_text): a copy of the provider's bytes when its
+     * adapter took them unchanged, else response serialised once; NULL until needed */
+    char *response_text;
+    size_t response_len;
     int64_t created_ms;
     int64_t start_mono;
     const char *status;
@@ -222,10 +226,18 @@ static inline int park_expired(const pq_job_t *j)
 
 /* The inputs of j's records, borrowed from j. */
 void pq_jobrec_doc(const pq_job_t *j, pq_jobdoc_t *d);
+/* Gives j its answer: completion (taken), and when raw is not NULL its JSON text as the
+ * provider sent it (raw_len bytes, copied without the whitespace around it). */
+void pq_jobrec_set_response(pq_job_t *j, json_t *completion, const char *raw, size_t raw_len);
+/* Drops j's answer. */
+void pq_jobrec_clear_response(pq_job_t *j);
+/* The JSON text of j's answer, made once (the records splice it in); NULL when j has none or
+ * out of memory. */
+const char *pq_jobrec_response_text(pq_job_t *j, size_t *len);
 /* The "error" object. New reference. */
 json_t *pq_jobrec_error(const pq_job_t *j);
 /* The result record. New string, NULL on failure. */
-char *pq_jobrec_result(const pq_job_t *j, size_t *len);
+char *pq_jobrec_result(pq_job_t *j, size_t *len);
 /* The dlq record's small stand-in (sets j->dlq_small). New string, NULL on failure. */
 char *pq_jobrec_dlq_small(pq_job_t *j, size_t *len);
 /* Envelope + error (taken) for the dlq; the small stand-in when that is over max_msg. */

@@ -40,6 +40,39 @@ char *pq_jobdoc_dump(const json_t *o, size_t *len)
     return s;
 }
 
+char *pq_jobdoc_dump_with(const json_t *o, const char *name, const char *text, size_t text_len,
+                          size_t *len)
+{
+    size_t olen, nlen = strlen(name);
+    char *s = pq_jobdoc_dump(o, &olen), *out, *p;
+
+    *len = 0;
+    if (!s || olen < 2 || s[olen - 1] != '}') {
+        free(s);
+        return NULL;
+    }
+    /* {...} -> {...,"name":text} */
+    out = realloc(s, olen + 1 + nlen + 3 + text_len + 2);
+    if (!out) {
+        free(s);
+        return NULL;
+    }
+    p = out + olen - 1;
+    if (olen > 2)
+        *p++ = ',';
+    *p++ = '"';
+    memcpy(p, name, nlen);
+    p += nlen;
+    *p++ = '"';
+    *p++ = ':';
+    memcpy(p, text, text_len);
+    p += text_len;
+    *p++ = '}';
+    *p = '\0';
+    *len = (size_t)(p - out);
+    return out;
+}
+
 json_t *pq_jobdoc_error(const pq_jobdoc_t *d)
 {
     json_t *e = json_object();
@@ -78,9 +111,9 @@ char *pq_jobdoc_result(const pq_jobdoc_t *d, size_t *len)
                             json_pack("{s:O, s:O}", "provider",
                                       json_object_get(d->cached, "provider"), "model",
                                       json_object_get(d->cached, "model")));
-    if (d->response)
+    if (d->response && !d->response_text)
         json_object_set(o, "response", d->response);
-    else
+    else if (!d->response_text)
         json_object_set_new(o, "error", pq_jobdoc_error(d));
     json_object_set(o, "metadata", d->env->metadata && !d->slim ? d->env->metadata : json_null());
     json_object_set_new(o, "latency_ms",
@@ -91,7 +124,10 @@ char *pq_jobdoc_result(const pq_jobdoc_t *d, size_t *len)
     json_object_set_new(src, "partition", json_integer(d->partition));
     json_object_set_new(src, "offset", json_integer(d->offset));
     json_object_set_new(o, "source", src);
-    s = pq_jobdoc_dump(o, len);
+    if (d->response_text)
+        s = pq_jobdoc_dump_with(o, "response", d->response_text, d->response_len, len);
+    else
+        s = pq_jobdoc_dump(o, len);
     json_decref(o);
     return s;
 }
@@ -179,11 +215,11 @@ char *pq_jobdoc_invalid(const char *buf, size_t len, const char *why, size_t *ou
     return s;
 }
 
-char *pq_jobdoc_cache_entry(const char *provider, const char *model, json_t *response, size_t *len)
+char *pq_jobdoc_cache_entry(const char *provider, const char *model, const char *response,
+                            size_t response_len, size_t *len)
 {
-    json_t *doc =
-        json_pack("{s:s, s:s, s:O}", "provider", provider, "model", model, "response", response);
-    char *s = pq_jobdoc_dump(doc, len);
+    json_t *doc = json_pack("{s:s, s:s}", "provider", provider, "model", model);
+    char *s = doc ? pq_jobdoc_dump_with(doc, "response", response, response_len, len) : NULL;
 
     json_decref(doc);
     return s;

@@ -23,6 +23,10 @@ typedef struct pq_jobdoc_s {
     int slim;         /* without attempt log and metadata (the full record is too large) */
     json_t *cached;   /* the cache entry that answered: {"provider","model","response"} */
     json_t *response; /* the provider's completion; NULL: the record carries "error" */
+    /* response's JSON text, spliced into the records as it is (the provider's own bytes when
+     * it sent them unchanged); NULL: response is serialised */
+    const char *response_text;
+    size_t response_len;
     pq_err_t err;
     const char *errmsg;                    /* NULL or "": pq_err2str(err) */
     long http_status;                      /* <= 0: none */
@@ -68,8 +72,16 @@ char *pq_jobdoc_invalid(const char *buf, size_t len, const char *why, size_t *ou
  * bytes are not valid UTF-8. New reference (an empty string when out of memory). */
 json_t *pq_jobdoc_raw_string(const char *buf, size_t len);
 
-/* A cache entry {"provider","model","response"}. New string (free()), NULL on failure. */
-char *pq_jobdoc_cache_entry(const char *provider, const char *model, json_t *response, size_t *len);
+/* A cache entry {"provider","model","response"}, response being the JSON text of the answer
+ * (spliced in as it is). New string (free()), NULL on failure. */
+char *pq_jobdoc_cache_entry(const char *provider, const char *model, const char *response,
+                            size_t response_len, size_t *len);
+
+/* o's compact JSON text with the member name: text spliced in last. o: an object; name: a
+ * member name that needs no escaping; text: a JSON text (not checked here), text_len bytes.
+ * New string (free()), NULL on failure; *len its length. */
+char *pq_jobdoc_dump_with(const json_t *o, const char *name, const char *text, size_t text_len,
+                          size_t *len);
 
 /* Reads a cache entry: the document when it is an object with an object "response" and string
  * "provider" and "model", else NULL. New reference. buf: borrowed. */

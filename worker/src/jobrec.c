@@ -1,4 +1,5 @@
 /* A job's records from its state (job_int.h; the documents themselves: jobdoc.c). */
+#include <stdlib.h>
 #include <string.h>
 #include "job_int.h"
 
@@ -15,6 +16,8 @@ void pq_jobrec_doc(const pq_job_t *j, pq_jobdoc_t *d)
     d->slim = j->slim;
     d->cached = j->cached;
     d->response = j->response;
+    d->response_text = j->response_text;
+    d->response_len = j->response_len;
     d->err = j->err;
     d->errmsg = j->errmsg;
     d->http_status = j->http_status;
@@ -27,6 +30,43 @@ void pq_jobrec_doc(const pq_job_t *j, pq_jobdoc_t *d)
     d->offset = j->offset;
 }
 
+void pq_jobrec_set_response(pq_job_t *j, json_t *completion, const char *raw, size_t raw_len)
+{
+    pq_jobrec_clear_response(j);
+    j->response = completion;
+    if (!raw)
+        return;
+    while (raw_len && strchr(" \t\r\n", raw[0]) && raw[0]) {
+        raw++;
+        raw_len--;
+    }
+    while (raw_len && strchr(" \t\r\n", raw[raw_len - 1]) && raw[raw_len - 1])
+        raw_len--;
+    /* out of memory: the text is made from completion when needed */
+    if ((j->response_text = malloc(raw_len + 1))) {
+        memcpy(j->response_text, raw, raw_len);
+        j->response_text[raw_len] = '\0';
+        j->response_len = raw_len;
+    }
+}
+
+void pq_jobrec_clear_response(pq_job_t *j)
+{
+    json_decref(j->response);
+    j->response = NULL;
+    free(j->response_text);
+    j->response_text = NULL;
+    j->response_len = 0;
+}
+
+const char *pq_jobrec_response_text(pq_job_t *j, size_t *len)
+{
+    if (!j->response_text && j->response)
+        j->response_text = pq_jobdoc_dump(j->response, &j->response_len);
+    *len = j->response_len;
+    return j->response_text;
+}
+
 json_t *pq_jobrec_error(const pq_job_t *j)
 {
     pq_jobdoc_t d;
@@ -35,10 +75,12 @@ json_t *pq_jobrec_error(const pq_job_t *j)
     return pq_jobdoc_error(&d);
 }
 
-char *pq_jobrec_result(const pq_job_t *j, size_t *len)
+char *pq_jobrec_result(pq_job_t *j, size_t *len)
 {
     pq_jobdoc_t d;
+    size_t n;
 
+    pq_jobrec_response_text(j, &n);
     pq_jobrec_doc(j, &d);
     return pq_jobdoc_result(&d, len);
 }

@@ -70,7 +70,8 @@ void pq_jobredis_issue(pq_job_t *j)
     const pq_conf_t *c = w->conf;
     pq_script_cmd_t cmd;
     char token[512], cbwhy[300], index_key[512];
-    char *resp = NULL, *err = NULL;
+    const char *resp = NULL; /* j's, borrowed */
+    char *err = NULL;
     size_t resp_len = 0, err_len = 0;
     int64_t now = pq_now_ms();
     int eval = j->eval_text, rc = -1;
@@ -105,10 +106,9 @@ void pq_jobredis_issue(pq_job_t *j)
         pq_job_finish_args_t a = {0};
         pq_jobdoc_t d;
 
+        resp = pq_jobrec_response_text(j, &resp_len);
         pq_jobrec_doc(j, &d);
-        if (j->response) {
-            resp = pq_jobdoc_dump(j->response, &resp_len);
-        } else {
+        if (!resp) {
             json_t *e = pq_jobdoc_error(&d);
             err = pq_jobdoc_dump(e, &err_len);
             json_decref(e);
@@ -172,7 +172,6 @@ void pq_jobredis_issue(pq_job_t *j)
     } else if (j->rstep != RS_RELEASE) {
         redis_wait(j);
     }
-    free(resp);
     free(err);
 }
 
@@ -528,12 +527,15 @@ void pq_jobredis_cache_store(pq_job_t *j)
 {
     pq_worker_t *w = j->w;
     char *val, ttl[24];
-    const char *argv[6];
-    size_t lens[6], len;
+    const char *argv[6], *resp;
+    size_t lens[6], len, resp_len;
 
     if (!j->cacheable || !j->last_target || !j->cache_key[0])
         return;
-    val = pq_jobdoc_cache_entry(j->last_target->provider, j->last_target->model, j->response, &len);
+    if (!(resp = pq_jobrec_response_text(j, &resp_len)))
+        return;
+    val = pq_jobdoc_cache_entry(j->last_target->provider, j->last_target->model, resp, resp_len,
+                                &len);
     if (!val)
         return;
     snprintf(ttl, sizeof(ttl), "%" PRId64, w->conf->cache_ttl_s * 1000);
@@ -580,7 +582,7 @@ static void on_cache_get(pq_job_t *j, redisReply *r)
         pq_counter_add(w->m.cache_hits, 1);
         PQ_DBG("job %s/%s: cache hit", tenant_of(j), id_of(j));
         j->cached = doc;
-        j->response = json_incref(json_object_get(doc, "response"));
+        pq_jobrec_set_response(j, json_incref(json_object_get(doc, "response")), NULL, 0);
         j->hooks->finish(j, "succeeded", PQ_OK, NULL);
         return;
     }

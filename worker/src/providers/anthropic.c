@@ -573,7 +573,7 @@ out_fail_calls_owned:
 }
 
 static pq_err_t anthropic_parse_response(const pq_target_t *target, long status, const char *body,
-                                         size_t len, json_t **completion,
+                                         size_t len, json_t **completion, int *verbatim,
                                          pq_provider_fault_t *fault, char *errstr,
                                          size_t errstr_size)
 {
@@ -584,6 +584,7 @@ static pq_err_t anthropic_parse_response(const pq_target_t *target, long status,
     const char *type = json_string_value(json_object_get(root, "type"));
     json_int_t in, out, counts[4];
 
+    (void)verbatim; /* a converted answer is never the body */
     *completion = NULL;
     if (err == PQ_OK && type && strcmp(type, "error") == 0)
         err = PQ_ERR_MALFORMED; /* an error object in a 2xx answer */

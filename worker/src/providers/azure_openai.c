@@ -88,16 +88,16 @@ static pq_err_t azure_build_stream_request(const pq_target_t *target, const json
  * ResponsibleAIPolicyViolation: the prompt tripped the content filter) is content_filter,
  * "context_length_exceeded" context_length. */
 static pq_err_t azure_parse_response(const pq_target_t *target, long status, const char *body,
-                                     size_t len, json_t **completion, pq_provider_fault_t *fault,
-                                     char *errstr, size_t errstr_size)
+                                     size_t len, json_t **completion, int *verbatim,
+                                     pq_provider_fault_t *fault, char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     char token[64] = "";
     json_t *root, *e;
 
     if (err == PQ_OK)
-        return pq_provider_openai.parse_response(target, status, body, len, completion, fault,
-                                                 errstr, errstr_size);
+        return pq_provider_openai.parse_response(target, status, body, len, completion, verbatim,
+                                                 fault, errstr, errstr_size);
     *completion = NULL;
     root = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
     e = json_object_get(root, "error");

@@ -683,8 +683,8 @@ static const char *const usage_names[] = {"promptTokenCount", "candidatesTokenCo
                                           "thoughtsTokenCount", "totalTokenCount"};
 
 static pq_err_t gemini_parse_response(const pq_target_t *target, long status, const char *body,
-                                      size_t len, json_t **completion, pq_provider_fault_t *fault,
-                                      char *errstr, size_t errstr_size)
+                                      size_t len, json_t **completion, int *verbatim,
+                                      pq_provider_fault_t *fault, char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL), *cands, *c, *choices = NULL, *id;
@@ -692,6 +692,7 @@ static pq_err_t gemini_parse_response(const pq_target_t *target, long status, co
     json_int_t pt, ct, tt, counts[4];
     size_t i;
 
+    (void)verbatim; /* a converted answer is never the body */
     *completion = NULL;
     if (err != PQ_OK) {
         char token[80] = "";

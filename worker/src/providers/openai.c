@@ -97,15 +97,22 @@ pq_err_t pq_provider_openai_fault(const pq_target_t *target, pq_err_t err, const
 static const char *const usage_names[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
 
 static pq_err_t openai_parse_response(const pq_target_t *target, long status, const char *body,
-                                      size_t len, json_t **completion, pq_provider_fault_t *fault,
-                                      char *errstr, size_t errstr_size)
+                                      size_t len, json_t **completion, int *verbatim,
+                                      pq_provider_fault_t *fault, char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
+    /* a body with a member name twice is read (the last one counts, as jansson does) but never
+     * stored as it is: a reader that keeps the first would see what was not checked */
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, NULL);
     json_t *choices;
     json_int_t counts[3];
+    int changed = 0;
 
     *completion = NULL;
+    if (!root) {
+        root = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
+        changed = 1;
+    }
     if (err != PQ_OK) {
         char token[80] = "";
         json_t *e = json_is_object(root) ? json_object_get(root, "error") : NULL;
@@ -139,20 +146,30 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
             err = PQ_ERR_MALFORMED;
             goto out;
         }
-        if (!json_is_integer(json_object_get(c, "index")))
+        if (!json_is_integer(json_object_get(c, "index"))) {
             json_object_set_new(c, "index", json_integer((json_int_t)i));
-        if (!json_is_string(json_object_get(c, "finish_reason")))
+            changed = 1;
+        }
+        if (!json_is_string(json_object_get(c, "finish_reason"))) {
             json_object_set_new(c, "finish_reason", json_string("stop"));
+            changed = 1;
+        }
     }
     if ((err = pq_provider_usage_read(target, json_object_get(root, "usage"), usage_names, counts,
                                       3, errstr, errstr_size)) != PQ_OK)
         goto out;
-    if (!json_is_string(json_object_get(root, "object")))
+    if (!json_is_string(json_object_get(root, "object"))) {
         json_object_set_new(root, "object", json_string("chat.completion"));
-    if (!json_is_integer(json_object_get(root, "created")))
+        changed = 1;
+    }
+    if (!json_is_integer(json_object_get(root, "created"))) {
         json_object_set_new(root, "created", json_integer((json_int_t)time(NULL)));
-    if (!json_is_string(json_object_get(root, "model")))
+        changed = 1;
+    }
+    if (!json_is_string(json_object_get(root, "model"))) {
         json_object_set_new(root, "model", json_string(target->model));
+        changed = 1;
+    }
     /* the counts, checked, replace what was sent (a missing or null count is 0; other usage
      * fields such as prompt_tokens_details stay) */
     if (!json_is_object(json_object_get(root, "usage")) &&
@@ -160,10 +177,17 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
         goto out_nomem;
     if (counts[2] == 0)
         counts[2] = counts[0] + counts[1];
-    for (size_t i = 0; i < 3; i++)
-        if (json_object_set_new(json_object_get(root, "usage"), usage_names[i],
-                                json_integer(counts[i])))
+    for (size_t i = 0; i < 3; i++) {
+        json_t *usage = json_object_get(root, "usage"), *v = json_object_get(usage, usage_names[i]);
+        /* a count already there as the integer it is stays as sent */
+        if (json_is_integer(v) && json_integer_value(v) == counts[i])
+            continue;
+        changed = 1;
+        if (json_object_set_new(usage, usage_names[i], json_integer(counts[i])))
             goto out_nomem;
+    }
+    if (verbatim && !changed)
+        *verbatim = 1;
     *completion = root;
     root = NULL;
     goto out;

@@ -67,14 +67,17 @@ typedef struct pq_provider_ops_s {
 
     /* Classifies an HTTP answer (the error classes of README "Failover"). On a 2xx answer that
      * holds a usable completion, returns PQ_OK and sets *completion to a new OpenAI
-     * chat.completion object. Otherwise returns the error code: retryable (CONNECT, TIMEOUT,
+     * chat.completion object; when verbatim is not NULL (the caller sets *verbatim to 0 first),
+     * an adapter that took the body's JSON as it is, without a change and without duplicate
+     * member names, sets *verbatim to 1: the body's bytes are then a faithful JSON text of
+     * *completion, stored as they are instead of serialising *completion again. Otherwise returns the error code: retryable (CONNECT, TIMEOUT,
      * RATE_LIMITED, SERVER, OVERLOADED, MALFORMED) or permanent (AUTH, NOT_FOUND,
      * CONTEXT_LENGTH, CONTENT_FILTER, REFUSED), a short message in errstr that never quotes the
      * body (provider error bodies may echo keys, G6), and, when fault is not NULL, the
      * provider's code and sanitised reason. body: borrowed, len bytes, not NUL-terminated. */
     pq_err_t (*parse_response)(const pq_target_t *target, long status, const char *body, size_t len,
-                               json_t **completion, pq_provider_fault_t *fault, char *errstr,
-                               size_t errstr_size);
+                               json_t **completion, int *verbatim, pq_provider_fault_t *fault,
+                               char *errstr, size_t errstr_size);
 } pq_provider_ops_t;
 
 /* The adapter for a provider type, or NULL when this build has none. Borrowed (static). */

@@ -262,8 +262,8 @@ static int too_many_tokens(const json_t *m)
 }
 
 static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, const char *body,
-                                       size_t len, json_t **completion, pq_provider_fault_t *fault,
-                                       char *errstr, size_t errstr_size)
+                                       size_t len, json_t **completion, int *verbatim,
+                                       pq_provider_fault_t *fault, char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     static const char *const usage_names[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
@@ -272,6 +272,7 @@ static pq_err_t watsonx_parse_response(const pq_target_t *target, long status, c
     json_int_t counts[3];
     size_t i;
 
+    (void)verbatim; /* a converted answer is never the body */
     *completion = NULL;
     if (err != PQ_OK) {
         char token[80] = "";
