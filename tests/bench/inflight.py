@@ -66,6 +66,9 @@ def parse_args():
     ap.add_argument("--mult", type=float, default=3.0, help="jobs per run = mult x max_inflight (3)")
     ap.add_argument("--latency-ms", type=int, default=1000, help="the sim's answer delay (1000)")
     ap.add_argument("--topic", default="promptq.bulk", help="promptq.bulk or promptq.requests")
+    ap.add_argument("--prompt-bytes", type=int, default=0,
+                    help="pad each prompt to this many bytes (the sim echoes it: the answer's "
+                         "content is as long); default: a 46-byte prompt")
     ap.add_argument("--partitions", type=int, default=4, help="partitions per topic (default 4)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per run (default 180)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write every figure here")
@@ -135,9 +138,16 @@ def sim_requests(sim):
     return json.loads(body).get("requests") if status == 200 else None
 
 
+def prompt():
+    if ARGS.prompt_bytes <= len(PROMPT):
+        return PROMPT
+    filler = " and a word more"
+    return (PROMPT + filler * (ARGS.prompt_bytes // len(filler) + 1))[:ARGS.prompt_bytes]
+
+
 def envelope(job_id):
     return {"id": job_id,
-            "request": {"model": "sim-model", "messages": [{"role": "user", "content": PROMPT}]}}
+            "request": {"model": "sim-model", "messages": [{"role": "user", "content": prompt()}]}}
 
 
 def one_run(label, worker_bin, m, run, perf=None):
@@ -169,7 +179,7 @@ def one_run(label, worker_bin, m, run, perf=None):
             if t_in is None and (sim_requests(s) or 0) > 0:
                 t_in, cpu0 = time.monotonic(), proc_cpu_s(w.pid)
                 if perf:
-                    perf_p = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", perf,
+                    perf_p = subprocess.Popen(["perf", "record", "-F", "999", "--call-graph", os.environ.get("PQ_PERF_CALLGRAPH", "fp"), "-o", perf,
                                                "-p", str(w.pid)],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             c = counters(url)
@@ -226,15 +236,16 @@ def main():
             for label, b in bins:  # alternately: the machine's noise falls on both
                 perf = ARGS.perf if label == "new" and run == ARGS.runs and m == ARGS.inflight[-1] else None
                 runs.append(one_run(label, b, m, run, perf))
-    print("\nmedians of %d runs (latency %d ms, topic %s, %d partitions, jobs = %.1f x max_inflight)"
-          % (ARGS.runs, ARGS.latency_ms, ARGS.topic, ARGS.partitions, ARGS.mult))
+    print("\nmedians of %d runs (latency %d ms, topic %s, %d partitions, jobs = %.1f x max_inflight, "
+          "prompt %d bytes)" % (ARGS.runs, ARGS.latency_ms, ARGS.topic, ARGS.partitions, ARGS.mult,
+                                len(prompt())))
     print("%-6s %8s %9s %9s %10s %12s %10s %10s" % ("worker", "M", "ideal", "lane", "jobs/s",
                                                      "first->last", "CPU us/job", "RSS MB"))
     for m in ARGS.inflight:
-        ideal = m * 1000.0 / ARGS.latency_ms
+        ideal = m * 1000.0 / ARGS.latency_ms if ARGS.latency_ms else float("inf")
         slots = m if ARGS.topic.endswith("requests") else m - m // 8
         n = int(ARGS.mult * m)
-        lane = n / (-(-n // slots) * ARGS.latency_ms / 1000.0)
+        lane = n / (-(-n // slots) * ARGS.latency_ms / 1000.0) if ARGS.latency_ms else float("inf")
         for label, _ in bins:
             rs = [r for r in runs if r["label"] == label and r["max_inflight"] == m]
             med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)  # noqa: E731

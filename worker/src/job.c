@@ -83,8 +83,23 @@ static void table_remove(pq_job_t *j)
 
 /* ---- helpers ---- */
 
+/* A zeroed job, from the pool when it has one. */
+static pq_job_t *job_alloc(pq_worker_t *w)
+{
+    pq_job_t *j = w->job_pool;
+
+    if (!j)
+        return calloc(1, sizeof(*j));
+    w->job_pool = j->pool_next;
+    w->njob_pool--;
+    memset(j, 0, sizeof(*j));
+    return j;
+}
+
 static void job_free(pq_job_t *j)
 {
+    pq_worker_t *w = j->w;
+
     pq_jobstream_clear(j);
     evtimer_del(&j->timer);
     event_del(&j->renew);
@@ -92,11 +107,18 @@ static void job_free(pq_job_t *j)
     pq_jobrec_clear_response(j);
     json_decref(j->alog);
     json_decref(j->cached);
-    explicit_bzero(j->token_used, sizeof(j->token_used));
+    if (j->token_used[0])
+        explicit_bzero(j->token_used, sizeof(j->token_used));
     free(j->result);
     free(j->dlq);
     free(j->parked);
     free(j->msg_key);
+    if (w && w->njob_pool < w->job_pool_max) {
+        j->pool_next = w->job_pool;
+        w->job_pool = j;
+        w->njob_pool++;
+        return;
+    }
     free(j);
 }
 
@@ -488,7 +510,7 @@ static const pq_job_hooks_t job_hooks = {
 void pq_job_intake(pq_worker_t *w, pq_part_t *part, int topic, const rd_kafka_message_t *m,
                    int64_t delay_ms)
 {
-    pq_job_t *j = calloc(1, sizeof(*j));
+    pq_job_t *j = job_alloc(w);
     char errbuf[256];
     rd_kafka_timestamp_type_t tstype;
     int64_t ts;
@@ -640,6 +662,15 @@ void pq_job_hand_back_all(pq_worker_t *w)
 void pq_job_free_all(pq_worker_t *w)
 {
     pq_job_t *j;
+
+    /* from here on a job's memory goes straight back to malloc (some are freed later, by
+     * their Redis callbacks as the connection is torn down) */
+    w->job_pool_max = 0;
+    while ((j = w->job_pool)) {
+        w->job_pool = j->pool_next;
+        free(j);
+    }
+    w->njob_pool = 0;
 
     while ((j = TAILQ_FIRST(&w->jobs))) {
         TAILQ_REMOVE(&w->jobs, j, link);

@@ -141,6 +141,7 @@ struct pq_job_s {
     size_t parked_len;
 
     pq_job_t *hnext;
+    pq_job_t *pool_next; /* in w->job_pool */
     TAILQ_ENTRY(pq_job_s) link;
     TAILQ_ENTRY(pq_job_s) wait_link;
     TAILQ_ENTRY(pq_job_s) lane_link;

@@ -395,6 +395,11 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
     pq_conf_topic(conf, "results", w->topics[PQ_T_RESULTS], sizeof(w->topics[0]));
     pq_conf_topic(conf, "dlq", w->topics[PQ_T_DLQ], sizeof(w->topics[0]));
     w->max_inflight = conf->max_inflight > 0 ? (size_t)conf->max_inflight : 4096;
+#if defined(__SANITIZE_ADDRESS__)
+    w->job_pool_max = 0; /* every job's memory back to malloc: ASan sees any use after free */
+#else
+    w->job_pool_max = w->max_inflight;
+#endif
     pq_consumer_init(w);
     w->ttl_ms = conf->result_ttl_s * 1000;
     w->limits = pq_envelope_limits_default;
