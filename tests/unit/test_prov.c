@@ -1275,6 +1275,7 @@ static void test_token_cache(void **state)
     pq_prov_t *pv = prov(f, "wx");
     twaiter_t w[3], w4, w5, w6;
     const char *tok = NULL;
+    uint64_t gen;
     pq_err_t err = PQ_OK;
 
     /* three concurrent waiters: exactly one exchange */
@@ -1308,20 +1309,29 @@ static void test_token_cache(void **state)
     assert_non_null(strstr(f->srv.iam_body, "apikey=wk1"));
     assert_int_equal(pq_prov_token_fetches(pv), 2);
 
-    /* invalidating another token (an old one) keeps the cached one */
-    pq_prov_token_invalidate(pv, 0, "tok0");
-    pq_prov_token_invalidate(pv, 0, NULL);
-    pq_prov_token_invalidate(pv, 7, "tok1");
+    /* invalidating another token (an old one, key 1's, none, a key that is not there) keeps
+     * the cached one */
+    gen = pq_prov_token_gen(pv, 0);
+    assert_true(gen != 0);
+    assert_true(pq_prov_token_gen(pv, 1) != 0 && pq_prov_token_gen(pv, 1) != gen);
+    assert_int_equal(pq_prov_token_gen(pv, 7), 0);
+    pq_prov_token_invalidate(pv, 0, gen - 1);
+    pq_prov_token_invalidate(pv, 0, pq_prov_token_gen(pv, 1));
+    pq_prov_token_invalidate(pv, 0, 0);
+    pq_prov_token_invalidate(pv, 7, gen);
     assert_int_equal(pq_prov_token(pv, 0, &w4.w, &tok, &err), 0);
     assert_string_equal(tok, "tok1");
+    assert_true(pq_prov_token_gen(pv, 0) == gen);
 
-    /* invalidating the cached one forces a new exchange */
-    pq_prov_token_invalidate(pv, 0, "tok1");
+    /* invalidating the cached one forces a new exchange, and the new token is another generation */
+    pq_prov_token_invalidate(pv, 0, gen);
+    assert_int_equal(pq_prov_token_gen(pv, 0), 0);
     w6.f = f;
     token_queued(pv, &w6, 0);
     assert_int_equal(pq_prov_token_fetches(pv), 3);
     RUN_UNTIL(f, w6.called, 3000);
     assert_string_equal(w6.token, "tok3");
+    assert_true(pq_prov_token_gen(pv, 0) > gen);
     assert_int_equal(f->srv.iam_count, 3);
     assert_int_equal(pq_prov_token(pv, 0, &w4.w, &tok, &err), 0);
     assert_string_equal(tok, "tok3");
@@ -1384,13 +1394,13 @@ static void test_token_cancel_and_errors(void **state)
     assert_string_equal(tok, "tok4");
 
     /* destroying the providers with an exchange in flight cancels it (no callback) */
-    pq_prov_token_invalidate(pv, 1, "tok4");
+    pq_prov_token_invalidate(pv, 1, pq_prov_token_gen(pv, 1));
     a.called = 0;
     token_queued(pv, &a, 1);
     pq_prov_token_cancel(pv, &a.w); /* waiters must be gone before destroy */
 }
 
-/* Known bug (prov.c on_iam_done/tok_notify): a waiter that asks again from its failure callback
+/* Known bug (prov.c on_token_done/tok_notify): a waiter that asks again from its failure callback
  * starts a new exchange but is handed the OLD failure at once. */
 static void test_token_retry_from_callback(void **state)
 {

@@ -33,7 +33,6 @@
 
 #include "providers/provider.h"
 #include "providers/common.h"
-#include "providers/watsonx.h"
 #include "promptq/util.h"
 
 /* Not in provider.h yet (the lead adds them with the registry). */
@@ -513,9 +512,9 @@ static void test_watsonx_token_request(void **state)
     (void)state;
 
     fixture_init(&f, &adapters[3], NULL);
-    assert_int_equal(
-        pq_watsonx_token_request(&f.p, "a+b/c=d&e SECRETKEY-1", &out, errstr, sizeof(errstr)),
-        PQ_OK);
+    assert_int_equal(pq_provider_watsonx.token_request(&f.p, "a+b/c=d&e SECRETKEY-1", &out, errstr,
+                                                       sizeof(errstr)),
+                     PQ_OK);
     assert_string_equal(out.url, BASE "/identity/token");
     assert_string_equal(out.body, "grant_type=urn:ibm:params:oauth:grant-type:apikey&apikey="
                                   "a%2Bb%2Fc%3Dd%26e%20SECRETKEY-1");
@@ -526,11 +525,11 @@ static void test_watsonx_token_request(void **state)
     assert_null(header_get(out.headers, "Authorization"));
     pq_provider_req_clear(&out);
 
-    assert_int_equal(pq_watsonx_token_request(&f.p, "", &out, errstr, sizeof(errstr)),
+    assert_int_equal(pq_provider_watsonx.token_request(&f.p, "", &out, errstr, sizeof(errstr)),
                      PQ_ERR_CONFIG);
     assert_null(out.body);
     f.p.iam_url = NULL;
-    assert_int_equal(pq_watsonx_token_request(&f.p, KEY, &out, errstr, sizeof(errstr)),
+    assert_int_equal(pq_provider_watsonx.token_request(&f.p, KEY, &out, errstr, sizeof(errstr)),
                      PQ_ERR_CONFIG);
     assert_no_secret(errstr);
 }
@@ -538,7 +537,7 @@ static void test_watsonx_token_request(void **state)
 static pq_err_t token_parse(long status, const char *body, char **token, int64_t *exp, char *errstr,
                             size_t size)
 {
-    return pq_watsonx_token_parse(status, body, strlen(body), token, exp, errstr, size);
+    return pq_provider_watsonx.token_parse(status, body, strlen(body), token, exp, errstr, size);
 }
 
 static void test_watsonx_token_parse(void **state)

@@ -11,7 +11,7 @@
 
 /* ---- provider calls ----
  *
- * Per target: eligibility -> circuit check -> slot (key, concurrency, rpm/tpm) -> [watsonx
+ * Per target: eligibility -> circuit check -> slot (key, concurrency, rpm/tpm) -> [exchanged
  * token] -> build -> HTTP (connect, first byte, idle and total timeouts) -> classify. What a
  * failed attempt does next is its error class (act_of, README "Failover"): retry the same
  * target (backoff with full jitter), try the provider's next key, fail over to the next
@@ -28,11 +28,6 @@ static const char *act_name(act_t a)
 {
     static const char *const names[] = {"retry", "next_key", "failover", "end"};
     return names[a];
-}
-
-static int is_watsonx(const pq_target_t *t)
-{
-    return strcmp(t->p->type, "watsonx") == 0;
 }
 
 /* Exponential backoff with full jitter: uniform in [0, min(retry_max_ms, base * 2^(n-1))]. */
@@ -324,8 +319,8 @@ static void attempt_failed(pq_job_t *j, act_t act, pq_err_t err, long status, in
         job_end(j);
         return;
     case ACT_NEXT_KEY:
-        /* watsonx: a 401 may be an expired token; refresh it once before moving on */
-        if (is_watsonx(t) && status == 401 && !j->refreshed) {
+        /* an exchanged token (watsonx IAM) may have expired: refresh it once before moving on */
+        if (pq_prov_uses_tokens(j->prov) && status == 401 && !j->refreshed) {
             j->refreshed = 1;
             j->state = JS_BACKOFF;
             timer_in(j, 0);
@@ -440,8 +435,8 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         else
             snprintf(msg, sizeof(msg), "%s: %s", t->provider, res->detail);
     }
-    if (is_watsonx(t) && err == PQ_ERR_AUTH)
-        pq_prov_token_invalidate(j->prov, j->key, j->token_used);
+    if (pq_prov_uses_tokens(j->prov) && err == PQ_ERR_AUTH)
+        pq_prov_token_invalidate(j->prov, j->key, j->token_gen);
     if (completion) {
         total = json_object_get(json_object_get(completion, "usage"), "total_tokens");
         if (json_is_integer(total))
@@ -503,7 +498,7 @@ static int attempt_timeouts(pq_job_t *j, const pq_target_t *t, pq_timeouts_t *to
     return 0;
 }
 
-/* Builds and sends the call with key (an API key, a watsonx token, or NULL). */
+/* Builds and sends the call with key (an API key, an exchanged token, or NULL). */
 static void job_send(pq_job_t *j, const char *key)
 {
     pq_worker_t *w = j->w;
@@ -553,8 +548,8 @@ static void job_send(pq_job_t *j, const char *key)
         next_target(j);
         return;
     }
-    if (is_watsonx(t))
-        pq_strlcpy(j->token_used, key ? key : "", sizeof(j->token_used));
+    if (pq_prov_uses_tokens(j->prov))
+        j->token_gen = pq_prov_token_gen(j->prov, j->key);
     j->attempts++;
     j->pass_attempts++;
     pq_counter_add(w->m.provider_calls, 1);
@@ -592,7 +587,7 @@ static void on_token(void *opaque, const char *token, pq_err_t err)
     }
     pq_attempt_release_slot(j, -1, 1);
     pq_attempt_give_back_probe(j);
-    snprintf(msg, sizeof(msg), "%s: IAM token exchange failed (%s)", t->provider, pq_err_name(err));
+    snprintf(msg, sizeof(msg), "%s: token exchange failed (%s)", t->provider, pq_err_name(err));
     act = act_of(j, t, err, 0, PQ_HTTP_TIMEOUT_NONE);
     attempt_note(j, t, err, 0, -1, msg, act_name(act), NULL);
     j->refreshed = 1; /* a fresh token was just asked for */
@@ -602,13 +597,12 @@ static void on_token(void *opaque, const char *token, pq_err_t err)
 /* A slot (and key) is ours. */
 static void job_granted(pq_job_t *j, int key)
 {
-    const pq_target_t *t = &j->route->targets[j->target];
     const char *token = NULL;
     pq_err_t err = PQ_OK;
 
     j->slot_held = 1;
     j->key = key;
-    if (!is_watsonx(t)) {
+    if (!pq_prov_uses_tokens(j->prov)) {
         job_send(j, pq_prov_key(j->prov, key));
         return;
     }

@@ -9,7 +9,6 @@
 #include "promptq/log.h"
 #include "promptq/util.h"
 #include "providers/provider.h"
-#include "providers/watsonx.h"
 
 static void probe_start(pq_circuit_t *c);
 
@@ -314,7 +313,7 @@ static void on_probe_token(void *opaque, const char *token, pq_err_t err)
     pq_circuit_t *c = opaque;
 
     if (!token) {
-        probe_done(c, pq_err_is_retryable(err), "IAM token exchange failed");
+        probe_done(c, pq_err_is_retryable(err), "token exchange failed");
         return;
     }
     probe_send(c, token);
@@ -342,7 +341,7 @@ static void probe_start(pq_circuit_t *c)
     c->probe_own = 1;
     PQ_DBG("probing %s/%s (%s)", pv->conf->name, c->target->model,
            pv->conf->probe ? pv->conf->probe : "completion");
-    if (strcmp(pv->ops->type, "watsonx") == 0) {
+    if (pq_prov_uses_tokens(pv)) {
         c->probe_tw.cb = on_probe_token;
         c->probe_tw.opaque = c;
         switch (pq_prov_token(pv, key, &c->probe_tw, &token, &err)) {
@@ -352,7 +351,7 @@ static void probe_start(pq_circuit_t *c)
         case 1:
             break;
         default:
-            probe_done(c, 1, "IAM token unavailable");
+            probe_done(c, 1, "token unavailable");
             break;
         }
         return;

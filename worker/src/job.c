@@ -107,8 +107,6 @@ static void job_free(pq_job_t *j)
     pq_jobrec_clear_response(j);
     json_decref(j->alog);
     json_decref(j->cached);
-    if (j->token_used[0])
-        explicit_bzero(j->token_used, sizeof(j->token_used));
     free(j->result);
     free(j->dlq);
     free(j->parked);

@@ -100,14 +100,14 @@ struct pq_job_s {
     pq_circuit_t *circ;
     pq_slot_wait_t sw;
     pq_token_wait_t tw;
-    int key;           /* key index of the slot held */
-    int slot_held;     /* a provider slot is ours (released when the call ends) */
-    int probe;         /* this call is the half-open probe of circ */
-    int refreshed;     /* watsonx: token refreshed after a 401 on this target */
-    uint64_t excluded; /* keys of the current target that refused this job */
-    double cost;       /* estimated tokens (tpm) */
-    char token_used[2048];
-    json_t *alog; /* attempt log */
+    int key;            /* key index of the slot held */
+    int slot_held;      /* a provider slot is ours (released when the call ends) */
+    int probe;          /* this call is the half-open probe of circ */
+    int refreshed;      /* exchanged token refreshed after a 401 on this target */
+    uint64_t excluded;  /* keys of the current target that refused this job */
+    double cost;        /* estimated tokens (tpm) */
+    uint64_t token_gen; /* which exchanged token the call carried (pq_prov_token_gen) */
+    json_t *alog;       /* attempt log */
     int cacheable;
     char cache_key[KEY_MAX + 80];
     json_t *cached; /* the cache entry that answered, or NULL */

@@ -1,4 +1,4 @@
-/* Provider runtime state: keys, slots, rate limits, watsonx tokens, construction (circuits,
+/* Provider runtime state: keys, slots, rate limits, exchanged tokens, construction (circuits,
  * probes and status pages are in circuit.c). */
 #include "prov_int.h"
 
@@ -10,7 +10,6 @@
 #include "promptq/log.h"
 #include "promptq/util.h"
 #include "providers/provider.h"
-#include "providers/watsonx.h"
 
 /* ---- token buckets ---- */
 
@@ -249,7 +248,7 @@ const pq_provider_conf_t *pq_prov_conf(const pq_prov_t *pv)
     return pv->conf;
 }
 
-/* ---- watsonx IAM tokens ---- */
+/* ---- exchanged tokens (adapters with token hooks: watsonx IAM) ---- */
 
 static void tok_drop(tok_t *t)
 {
@@ -259,6 +258,7 @@ static void tok_drop(tok_t *t)
         t->token = NULL;
     }
     t->refresh_at = 0;
+    t->gen = 0;
 }
 
 /* Answers the waiters of the exchange that just ended, and only them: a callback may ask again
@@ -279,7 +279,7 @@ static void tok_notify(tok_t *t, pq_err_t err)
     }
 }
 
-static void on_iam_done(void *opaque, const pq_http_result_t *res)
+static void on_token_done(void *opaque, const pq_http_result_t *res)
 {
     pkey_t *k = opaque;
     pq_prov_t *pv = k->pv;
@@ -290,22 +290,35 @@ static void on_iam_done(void *opaque, const pq_http_result_t *res)
 
     t->req = NULL;
     if (err == PQ_OK)
-        err = pq_watsonx_token_parse(res->status, res->body, res->body_len, &token, &expires_at,
-                                     errstr, sizeof(errstr));
+        err = pv->ops->token_parse(res->status, res->body, res->body_len, &token, &expires_at,
+                                   errstr, sizeof(errstr));
     else
         snprintf(errstr, sizeof(errstr), "%s", res->detail);
     if (err == PQ_OK) {
         int64_t left = expires_at - pq_now_ms();
         tok_drop(t);
         t->token = token;
+        t->gen = ++pv->ps->token_gens;
         t->refresh_at = pq_mono_ms() + (left > 0 ? left : 0);
-        PQ_DBG("provider %s: IAM token for key #%d, refresh in %" PRId64 " s", pv->conf->name,
-               k->idx, left / 1000);
+        PQ_DBG("provider %s: token for key #%d, refresh in %" PRId64 " s", pv->conf->name, k->idx,
+               left / 1000);
     } else {
-        PQ_WARN("provider %s: IAM token exchange for key #%d failed: %s (%s)", pv->conf->name,
-                k->idx, pq_err_name(err), errstr);
+        PQ_WARN("provider %s: token exchange for key #%d failed: %s (%s)", pv->conf->name, k->idx,
+                pq_err_name(err), errstr);
     }
     tok_notify(t, err);
+}
+
+int pq_prov_uses_tokens(const pq_prov_t *pv)
+{
+    return pv->ops && pv->ops->token_request && pv->ops->token_parse;
+}
+
+uint64_t pq_prov_token_gen(const pq_prov_t *pv, int key)
+{
+    if (key < 0 || key >= pv->nkeys)
+        return 0;
+    return pv->keys[key].tok.gen;
 }
 
 int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token, pq_err_t *err)
@@ -315,7 +328,7 @@ int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token
     char errstr[256];
     pq_err_t e;
 
-    if (key < 0 || key >= pv->nkeys) {
+    if (key < 0 || key >= pv->nkeys || !pq_prov_uses_tokens(pv)) {
         *err = PQ_ERR_CONFIG;
         return -1;
     }
@@ -332,18 +345,18 @@ int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token
         return 1;
     }
     memset(&req, 0, sizeof(req));
-    e = pq_watsonx_token_request(pv->conf, pq_prov_key(pv, key), &req, errstr, sizeof(errstr));
+    e = pv->ops->token_request(pv->conf, pq_prov_key(pv, key), &req, errstr, sizeof(errstr));
     if (e != PQ_OK) {
         pq_provider_req_clear(&req);
-        PQ_WARN("provider %s: cannot build the IAM request: %s", pv->conf->name, errstr);
+        PQ_WARN("provider %s: cannot build the token exchange: %s", pv->conf->name, errstr);
         *err = e;
         return -1;
     }
     pv->token_fetches++;
-    t->req =
-        pq_http_post(pv->ps->http, req.url, req.headers, req.body, req.body_len,
-                     pv->conf->timeout_ms < IAM_TIMEOUT_MS ? pv->conf->timeout_ms : IAM_TIMEOUT_MS,
-                     IAM_MAX_BYTES, on_iam_done, &pv->keys[key]);
+    t->req = pq_http_post(pv->ps->http, req.url, req.headers, req.body, req.body_len,
+                          pv->conf->timeout_ms < TOKEN_TIMEOUT_MS ? pv->conf->timeout_ms
+                                                                  : TOKEN_TIMEOUT_MS,
+                          TOKEN_MAX_BYTES, on_token_done, &pv->keys[key]);
     req.headers = NULL;
     req.body = NULL; /* taken (holds the API key: http.c frees it) */
     pq_provider_req_clear(&req);
@@ -365,14 +378,14 @@ void pq_prov_token_cancel(pq_prov_t *pv, pq_token_wait_t *w)
     w->queued = 0;
 }
 
-void pq_prov_token_invalidate(pq_prov_t *pv, int key, const char *token)
+void pq_prov_token_invalidate(pq_prov_t *pv, int key, uint64_t gen)
 {
     tok_t *t;
 
     if (key < 0 || key >= pv->nkeys)
         return;
     t = &pv->keys[key].tok;
-    if (t->token && token && strcmp(t->token, token) == 0)
+    if (t->token && gen && t->gen == gen)
         tok_drop(t);
 }
 

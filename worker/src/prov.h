@@ -16,8 +16,9 @@
  *     probe (the configured probe, or a job's call when no probe is in flight; with half_open
  *     "call" always the next job's call); while it stays open it is probed every
  *     min(circuit_cooldown_ms, probe_interval_ms);
- *   - watsonx IAM tokens per (provider, key): one exchange in flight per key, waiters queue,
- *     cached until the refresh time pq_watsonx_token_parse gives;
+ *   - exchanged tokens per (provider, key), for providers whose adapter has token hooks
+ *     (providers/provider.h; watsonx: IBM Cloud IAM): one exchange in flight per key, waiters
+ *     queue, the token cached until the refresh time its token_parse gives;
  *   - metrics: promptq_worker_attempts_total{provider,model,outcome} and
  *     promptq_worker_provider_seconds{provider}.
  * Everything runs on the loop's thread. */
@@ -55,8 +56,8 @@ typedef struct pq_slot_wait_s {
     void *opaque;
 } pq_slot_wait_t;
 
-/* token: borrowed for the callback only; NULL with err set on failure (PQ_ERR_AUTH when IAM
- * refused the key). */
+/* token: borrowed for the callback only; NULL with err set on failure (PQ_ERR_AUTH when the
+ * exchange refused the key). */
 typedef void(pq_token_cb)(void *opaque, const char *token, pq_err_t err);
 
 typedef struct pq_token_wait_s {
@@ -101,18 +102,27 @@ void pq_prov_release(pq_prov_t *pv, int key, double cost, int64_t tokens, int re
  * about the whole key (auth = 0). A 429 about one model is pq_circuit_rate_limited. */
 void pq_prov_key_rest(pq_prov_t *pv, int key, int64_t ms, int auth);
 
-/* watsonx IAM token of key: returns 0 with *token set (borrowed: copy it before returning to
+/* 1 when calls to the provider carry an exchanged token instead of the API key (its adapter
+ * has token hooks). */
+int pq_prov_uses_tokens(const pq_prov_t *pv);
+
+/* The exchanged token of key: returns 0 with *token set (borrowed: use it before returning to
  * the loop), 1 when the exchange is in flight (the callback runs later), -1 on a local failure
  * (*err set). */
 int pq_prov_token(pq_prov_t *pv, int key, pq_token_wait_t *w, const char **token, pq_err_t *err);
 
+/* Which token of key is cached now (a number that changes with every token stored; 0: none):
+ * what a call remembers of the token it sent, for pq_prov_token_invalidate. */
+uint64_t pq_prov_token_gen(const pq_prov_t *pv, int key);
+
 /* Leaves the token queue (no callback). No-op when not queued. */
 void pq_prov_token_cancel(pq_prov_t *pv, pq_token_wait_t *w);
 
-/* The chat endpoint refused token: drop it from the cache if it is still the cached one. */
-void pq_prov_token_invalidate(pq_prov_t *pv, int key, const char *token);
+/* The chat endpoint refused the token of generation gen: drop it from the cache if it is still
+ * the cached one. */
+void pq_prov_token_invalidate(pq_prov_t *pv, int key, uint64_t gen);
 
-/* IAM exchanges started (tests, stats). */
+/* Token exchanges started (tests, stats). */
 uint64_t pq_prov_token_fetches(const pq_prov_t *pv);
 
 /* The circuit of (provider, model) of target (created on first use). Borrowed. */

@@ -13,8 +13,9 @@
     (2 + (PQ_ERR__RETRYABLE_END - PQ_ERR__RETRYABLE_BEGIN) +                                       \
      (PQ_ERR__PERMANENT_END - PQ_ERR__PERMANENT_BEGIN))
 #define PROBE_MAX_BYTES  (256 * 1024)
-#define IAM_TIMEOUT_MS   10000
-#define IAM_MAX_BYTES    (64 * 1024)
+#define TOKEN_TIMEOUT_MS 10000 /* a token exchange, at most (and at most the provider's timeout)   \
+                                */
+#define TOKEN_MAX_BYTES  (64 * 1024)
 #define MIN_RATIO_CALLS  10
 #define STATUS_POLL_MS   5000
 #define STATUS_MAX_BYTES (64 * 1024)
@@ -28,6 +29,7 @@ typedef struct bucket_s {
 
 typedef struct tok_s {
     char *token;
+    uint64_t gen;       /* of the cached token (pq_prov_token_gen); 0: none */
     int64_t refresh_at; /* monotonic ms */
     pq_http_req_t *req;
     uint64_t round; /* exchanges answered so far; waiters of this one carry it */
@@ -96,6 +98,7 @@ struct pq_provs_s {
     size_t nprovs;
     pq_circuit_cb *listener;
     void *listener_opaque;
+    uint64_t token_gens; /* tokens stored so far, every key of every provider: tok_t.gen */
 };
 
 /* prov.c: s as a Prometheus label value in buf (backslash, quote and newline escaped). */

@@ -8,6 +8,7 @@
 #define PQ_WORKER_PROVIDER_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <jansson.h>
 #include <curl/curl.h>
 #include "promptq/conf.h"
@@ -70,14 +71,30 @@ typedef struct pq_provider_ops_s {
      * chat.completion object; when verbatim is not NULL (the caller sets *verbatim to 0 first),
      * an adapter that took the body's JSON as it is, without a change and without duplicate
      * member names, sets *verbatim to 1: the body's bytes are then a faithful JSON text of
-     * *completion, stored as they are instead of serialising *completion again. Otherwise returns the error code: retryable (CONNECT, TIMEOUT,
-     * RATE_LIMITED, SERVER, OVERLOADED, MALFORMED) or permanent (AUTH, NOT_FOUND,
-     * CONTEXT_LENGTH, CONTENT_FILTER, REFUSED), a short message in errstr that never quotes the
-     * body (provider error bodies may echo keys, G6), and, when fault is not NULL, the
-     * provider's code and sanitised reason. body: borrowed, len bytes, not NUL-terminated. */
+     * *completion, stored as they are instead of serialising *completion again. Otherwise returns
+     * the error code: retryable (CONNECT, TIMEOUT, RATE_LIMITED, SERVER, OVERLOADED, MALFORMED) or
+     * permanent (AUTH, NOT_FOUND, CONTEXT_LENGTH, CONTENT_FILTER, REFUSED), a short message in
+     * errstr that never quotes the body (provider error bodies may echo keys, G6), and, when fault
+     * is not NULL, the provider's code and sanitised reason. body: borrowed, len bytes, not
+     * NUL-terminated. */
     pq_err_t (*parse_response)(const pq_target_t *target, long status, const char *body, size_t len,
                                json_t **completion, int *verbatim, pq_provider_fault_t *fault,
                                char *errstr, size_t errstr_size);
+
+    /* Optional (NULL: a call carries the API key itself): the provider authenticates calls with
+     * a short-lived token exchanged for the API key (watsonx: an IBM Cloud IAM access token).
+     * token_request builds the exchange for apikey (out: new fields, as build_request's; the
+     * body may hold the key); token_parse reads the answer: on PQ_OK a new *token (the caller
+     * wipes and frees it) and *expires_at_ms, the wall-clock time to stop using it; errors as
+     * parse_response's (PQ_ERR_AUTH for a key the exchange refuses). The worker (prov.h) caches
+     * one token per provider and key, runs one exchange per key at a time for all its waiting
+     * calls, passes the token as build_request's key, and when the chat endpoint answers 401
+     * drops that token and fetches a new one once before it moves on. Both pure, no secret in
+     * errstr. */
+    pq_err_t (*token_request)(const pq_provider_conf_t *p, const char *apikey,
+                              pq_provider_req_t *out, char *errstr, size_t errstr_size);
+    pq_err_t (*token_parse)(long status, const char *body, size_t len, char **token,
+                            int64_t *expires_at_ms, char *errstr, size_t errstr_size);
 } pq_provider_ops_t;
 
 /* The adapter for a provider type, or NULL when this build has none. Borrowed (static). */
@@ -86,7 +103,7 @@ const pq_provider_ops_t *pq_provider_find(const char *type);
 /* Frees the fields of req and zeroes it. Safe on a zeroed req. */
 void pq_provider_req_clear(pq_provider_req_t *req);
 
-/* Adapters (watsonx.h has the IAM token helpers of pq_provider_watsonx). */
+/* Adapters. */
 extern const pq_provider_ops_t pq_provider_openai;
 extern const pq_provider_ops_t pq_provider_azure_openai;
 extern const pq_provider_ops_t pq_provider_anthropic;

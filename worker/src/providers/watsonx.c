@@ -3,7 +3,8 @@
  *
  * POST {base_url}/ml/v1/text/chat?version={watsonx_version} (default
  * PQ_WATSONX_VERSION_DEFAULT) with Authorization: Bearer <IAM token> (the `key` given to
- * build_request is the token, see watsonx.h).
+ * build_request is the token the worker exchanged the API key for: token_request and
+ * token_parse below, the table's token hooks).
  *
  * Request mapping from OpenAI chat completions: body {model_id: target model, project_id or
  * space_id (whichever the provider config gives), messages, ...}; developer messages become system
@@ -24,7 +25,7 @@
  * tokens limit is context_length (watsonx gives it no code of its own), other 400/413/422
  * refused; the sanitised message is the fault's reason for those and 404. watsonx chat has no
  * content-filter error (its HAP/PII moderations annotate a successful answer). */
-#include "watsonx.h"
+#include "provider.h"
 #include "common.h"
 
 #include <stdio.h>
@@ -363,13 +364,6 @@ static pq_err_t watsonx_build_stream_request(const pq_target_t *target, const js
     return watsonx_build(target, request, key, out, errstr, errstr_size, 1);
 }
 
-const pq_provider_ops_t pq_provider_watsonx = {
-    .type = "watsonx",
-    .build_request = watsonx_build_request,
-    .build_stream_request = watsonx_build_stream_request,
-    .parse_response = watsonx_parse_response,
-};
-
 /* ---- IAM token exchange ---- */
 
 /* An IAM error code ("BXNIM0415E": capitals, digits, a final capital) into buf, else "". */
@@ -392,8 +386,12 @@ static void iam_code(const json_t *v, char *buf, size_t size)
     memcpy(buf, s, n + 1);
 }
 
-pq_err_t pq_watsonx_token_request(const pq_provider_conf_t *p, const char *apikey,
-                                  pq_provider_req_t *out, char *errstr, size_t errstr_size)
+/* The IAM token request: POST p->iam_url (default https://iam.cloud.ibm.com/identity/token) with
+ * Content-Type application/x-www-form-urlencoded, Accept application/json and the body
+ * grant_type=urn:ibm:params:oauth:grant-type:apikey&apikey=<URL-encoded apikey>. Errors:
+ * PQ_ERR_CONFIG (no iam_url, empty key), PQ_ERR_NOMEM. */
+static pq_err_t watsonx_token_request(const pq_provider_conf_t *p, const char *apikey,
+                                      pq_provider_req_t *out, char *errstr, size_t errstr_size)
 {
     static const char prefix[] = "grant_type=" IAM_GRANT_APIKEY "&apikey=";
     pq_err_t err = PQ_ERR_NOMEM;
@@ -439,8 +437,13 @@ out_free:
     return err;
 }
 
-pq_err_t pq_watsonx_token_parse(long status, const char *body, size_t len, char **token,
-                                int64_t *expires_at_ms, char *errstr, size_t errstr_size)
+/* The IAM answer {access_token, token_type, expires_in, expiration}: *expires_at_ms is 60 s
+ * before `expiration` (epoch seconds), or after 80 % of the lifetime for tokens that live less
+ * than 5 minutes. 400/401/403 (IAM answers a wrong or unknown API key with 400, e.g.
+ * BXNIM0415E) -> PQ_ERR_AUTH, 429 -> PQ_ERR_RATE_LIMITED, 5xx -> PQ_ERR_SERVER, a 2xx without a
+ * usable token -> PQ_ERR_MALFORMED; errstr names the IAM errorCode at most. */
+static pq_err_t watsonx_token_parse(long status, const char *body, size_t len, char **token,
+                                    int64_t *expires_at_ms, char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
     json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL), *at, *exp, *ein;
@@ -496,3 +499,12 @@ out:
     json_decref(root);
     return err;
 }
+
+const pq_provider_ops_t pq_provider_watsonx = {
+    .type = "watsonx",
+    .build_request = watsonx_build_request,
+    .build_stream_request = watsonx_build_stream_request,
+    .parse_response = watsonx_parse_response,
+    .token_request = watsonx_token_request,
+    .token_parse = watsonx_token_parse,
+};
