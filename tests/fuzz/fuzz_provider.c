@@ -97,6 +97,15 @@ static void answer(const pq_target_t *t, const pq_provider_ops_t *ops, long stat
     errstr[0] = '\0';
     err = ops->parse_response(t, status, body, len, &completion, &verbatim, &fault, errstr,
                               sizeof(errstr));
+    if (ops->answer_as_is && pq_err_from_http_status(status) == PQ_OK) {
+        /* the fast path takes an answer only when parse_response would, unchanged */
+        int64_t total = -1;
+        if (ops->answer_as_is(t, body, len, &total) &&
+            (err != PQ_OK || !verbatim ||
+             total != json_integer_value(
+                          json_object_get(json_object_get(completion, "usage"), "total_tokens"))))
+            abort();
+    }
     if (verbatim) {
         /* said to be the completion as sent: the body reads back as it, without duplicates */
         json_t *as_sent = json_loadb(body, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, NULL);

@@ -15,7 +15,8 @@
  *     "reason_contains", "key_wide"}: the pq_provider_fault_t parse_response fills; without it
  *     the fault is only checked for the key), and optional verbatim ("1" or "0": whether the
  *     adapter says the body is the completion unchanged; whenever it says so, the body must
- *     read back as the completion).
+ *     read back as the completion, and the adapter's answer_as_is fast path, when it has one,
+ *     must say the same).
  * Every errstr and fault is checked for the key (error fixtures echo it in their messages, G6);
  * the test provider's configured key is KEY, so the reason sanitiser sees it.
  * Also: watsonx IAM token request/parse, keys echoed in error bodies, request out-param hygiene. */
@@ -340,6 +341,15 @@ static void run_response_case(const adapter_t *a, const char *name)
     assert_no_secret(errstr);
     if (exp_verbatim)
         assert_int_equal(verbatim, atoi(exp_verbatim));
+    if (a->ops->answer_as_is && pq_err_from_http_status(atol(status_s)) == PQ_OK) {
+        /* the fast path agrees with parse_response: as it is exactly when verbatim */
+        int64_t total = -1;
+        int as_is = a->ops->answer_as_is(&f.t, body, len, &total);
+        assert_int_equal(as_is, verbatim);
+        if (as_is)
+            assert_int_equal(total, json_integer_value(json_object_get(
+                                        json_object_get(completion, "usage"), "total_tokens")));
+    }
     if (verbatim) {
         json_t *as_sent = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
         assert_int_equal(err, PQ_OK);

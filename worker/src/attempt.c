@@ -421,6 +421,11 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     msg[0] = '\0';
     if (res->err == PQ_OK && res->streamed && j->st) {
         err = stream_outcome(j, t, &completion, &fault, msg, sizeof(msg));
+    } else if (res->err == PQ_OK && !j->st && ops->answer_as_is &&
+               pq_err_from_http_status(res->status) == PQ_OK &&
+               ops->answer_as_is(t, res->body, res->body_len, &tokens)) {
+        err = PQ_OK; /* the answer is taken as it is: no completion object is built */
+        verbatim = 1;
     } else if (res->err == PQ_OK) {
         err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, &verbatim,
                                   &fault, msg, sizeof(msg));

@@ -110,9 +110,18 @@ static pq_err_t azure_parse_response(const pq_target_t *target, long status, con
     return err;
 }
 
+/* A 2xx answer is OpenAI's chat.completion (Azure adds members such as content_filter_results,
+ * which pass as they are). */
+static int azure_answer_as_is(const pq_target_t *target, const char *body, size_t len,
+                              int64_t *total_tokens)
+{
+    return pq_provider_openai.answer_as_is(target, body, len, total_tokens);
+}
+
 const pq_provider_ops_t pq_provider_azure_openai = {
     .type = "azure_openai",
     .build_request = azure_build_request,
     .build_stream_request = azure_build_stream_request,
     .parse_response = azure_parse_response,
+    .answer_as_is = azure_answer_as_is,
 };

@@ -23,6 +23,10 @@ typedef struct pq_provider_req_s {
     size_t body_len;
 } pq_provider_req_t;
 
+/* Deepest nesting of a provider's answer that is taken as it is (answer_as_is, the verbatim
+ * flag of parse_response); a deeper one is parsed and serialised again. */
+#define PQ_PROVIDER_JSON_DEPTH 64
+
 /* Longest provider reason passed back to clients (bytes, NUL included). */
 #define PQ_PROVIDER_REASON_MAX 320
 
@@ -80,6 +84,15 @@ typedef struct pq_provider_ops_s {
     pq_err_t (*parse_response)(const pq_target_t *target, long status, const char *body, size_t len,
                                json_t **completion, int *verbatim, pq_provider_fault_t *fault,
                                char *errstr, size_t errstr_size);
+
+    /* Optional (NULL: every answer goes through parse_response): the fast path of
+     * parse_response for a 2xx answer. Returns 1 when body, as it is, is a usable chat.completion
+     * that parse_response would return unchanged and with its verbatim flag set, checked without
+     * building it (a strict JSON text, pq_js_check, no member name twice in the objects it
+     * reads), and sets *total_tokens to its usage.total_tokens; returns 0 when the caller must
+     * call parse_response (which then classifies the answer). Pure. */
+    int (*answer_as_is)(const pq_target_t *target, const char *body, size_t len,
+                        int64_t *total_tokens);
 
     /* Optional (NULL: a call carries the API key itself): the provider authenticates calls with
      * a short-lived token exchanged for the API key (watsonx: an IBM Cloud IAM access token).
