@@ -16,6 +16,7 @@
 #include <jansson.h>
 
 #include "providers/provider.h"
+#include "promptq/jscan.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -107,8 +108,11 @@ static void answer(const pq_target_t *t, const pq_provider_ops_t *ops, long stat
             abort();
     }
     if (verbatim) {
-        /* said to be the completion as sent: the body reads back as it, without duplicates */
-        json_t *as_sent = json_loadb(body, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, NULL);
+        /* said to be the completion as sent: the body reads back as it, and is a strict text */
+        json_t *as_sent = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
+        pq_js_t v;
+        if (pq_js_check(body, len, PQ_PROVIDER_JSON_DEPTH, &v, NULL) != 0)
+            abort();
         if (err != PQ_OK || !json_equal(as_sent, completion))
             abort();
         json_decref(as_sent);

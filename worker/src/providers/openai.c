@@ -97,24 +97,80 @@ pq_err_t pq_provider_openai_fault(const pq_target_t *target, pq_err_t err, const
 
 static const char *const usage_names[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
 
+/* A content parts array as pq_provider_content_ok takes it: objects with a string "type", and
+ * a string "text" in the "text" ones. */
+static int parts_as_is(const pq_js_t *content)
+{
+    pq_js_iter_t it;
+    pq_js_t part, type, text;
+
+    pq_js_iter(content, &it);
+    while (pq_js_next_elem(&it, &part)) {
+        if (!pq_js_unique_names(&part, 64) || !pq_js_get(&part, "type", &type) ||
+            !pq_js_str_plain(&type))
+            return 0;
+        if (pq_js_str_is(&type, "text") &&
+            (!pq_js_get(&part, "text", &text) || text.type != PQ_JS_STRING))
+            return 0;
+    }
+    return 1;
+}
+
+/* openai_parse_response's checks, on the text: every one it would fix up or refuse makes this
+ * say 0, so the two agree (test_provider_adapters and fuzz_provider hold them to it). */
+static int openai_answer_as_is(const pq_target_t *target, const char *body, size_t len,
+                               int64_t *total_tokens)
+{
+    pq_js_t root, v, choices, c, msg, content, usage;
+    pq_js_iter_t it;
+    int64_t counts[3];
+    size_t n = 0;
+
+    (void)target;
+    if (pq_js_check(body, len, PQ_PROVIDER_JSON_DEPTH, &root, NULL) != 0 ||
+        !pq_js_unique_names(&root, 64))
+        return 0;
+    if (!pq_js_get(&root, "object", &v) || v.type != PQ_JS_STRING ||
+        !pq_js_get(&root, "created", &v) || v.type != PQ_JS_INTEGER ||
+        !pq_js_get(&root, "model", &v) || v.type != PQ_JS_STRING ||
+        !pq_js_get(&root, "choices", &choices) || choices.type != PQ_JS_ARRAY)
+        return 0;
+    pq_js_iter(&choices, &it);
+    while (pq_js_next_elem(&it, &c)) {
+        n++;
+        if (!pq_js_unique_names(&c, 64) || !pq_js_get(&c, "message", &msg) ||
+            !pq_js_unique_names(&msg, 64) || !pq_js_get(&c, "index", &v) ||
+            v.type != PQ_JS_INTEGER || !pq_js_get(&c, "finish_reason", &v) ||
+            v.type != PQ_JS_STRING)
+            return 0;
+        if (pq_js_get(&msg, "content", &content) && content.type != PQ_JS_NULL &&
+            content.type != PQ_JS_STRING && (content.type != PQ_JS_ARRAY || !parts_as_is(&content)))
+            return 0;
+    }
+    if (n == 0 || !pq_js_get(&root, "usage", &usage) || !pq_js_unique_names(&usage, 64))
+        return 0;
+    for (size_t i = 0; i < 3; i++)
+        if (!pq_js_get(&usage, usage_names[i], &v) || pq_js_int(&v, &counts[i]) != 0 ||
+            counts[i] < 0)
+            return 0;
+    if (counts[2] == 0 && (counts[0] != 0 || counts[1] != 0))
+        return 0; /* parse_response fills the total in */
+    *total_tokens = counts[2];
+    return 1;
+}
+
 static pq_err_t openai_parse_response(const pq_target_t *target, long status, const char *body,
                                       size_t len, json_t **completion, int *verbatim,
                                       pq_provider_fault_t *fault, char *errstr, size_t errstr_size)
 {
     pq_err_t err = pq_err_from_http_status(status);
-    /* a body with a member name twice is read (the last one counts, as jansson does) but never
-     * stored as it is: a reader that keeps the first would see what was not checked */
-    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES, NULL);
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
     json_t *choices;
     json_int_t counts[3];
-    pq_js_t strict;
+    int64_t total;
     int changed = 0;
 
     *completion = NULL;
-    if (!root) {
-        root = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
-        changed = 1;
-    }
     if (err != PQ_OK) {
         char token[80] = "";
         json_t *e = json_is_object(root) ? json_object_get(root, "error") : NULL;
@@ -188,9 +244,10 @@ static pq_err_t openai_parse_response(const pq_target_t *target, long status, co
         if (json_object_set_new(usage, usage_names[i], json_integer(counts[i])))
             goto out_nomem;
     }
-    /* and only a strict text: jansson reads a few things no other reader need (a raw NUL byte
-     * between tokens) */
-    if (verbatim && !changed && pq_js_check(body, len, PQ_PROVIDER_JSON_DEPTH, &strict, NULL) == 0)
+    /* as it is only when the fast path would take it too: a strict text (jansson reads a few
+     * things other readers need not, such as a raw NUL byte between tokens) without a member
+     * name twice where it is checked (a reader keeping the first would see what was not) */
+    if (verbatim && !changed && openai_answer_as_is(target, body, len, &total))
         *verbatim = 1;
     *completion = root;
     root = NULL;
@@ -202,68 +259,6 @@ out_nomem:
 out:
     json_decref(root);
     return err;
-}
-
-/* A content parts array as pq_provider_content_ok takes it: objects with a string "type", and
- * a string "text" in the "text" ones. */
-static int parts_as_is(const pq_js_t *content)
-{
-    pq_js_iter_t it;
-    pq_js_t part, type, text;
-
-    pq_js_iter(content, &it);
-    while (pq_js_next_elem(&it, &part)) {
-        if (!pq_js_unique_names(&part, 64) || !pq_js_get(&part, "type", &type) ||
-            !pq_js_str_plain(&type))
-            return 0;
-        if (pq_js_str_is(&type, "text") &&
-            (!pq_js_get(&part, "text", &text) || text.type != PQ_JS_STRING))
-            return 0;
-    }
-    return 1;
-}
-
-/* openai_parse_response's checks, on the text: every one it would fix up or refuse makes this
- * say 0, so the two agree (test_provider_adapters and fuzz_provider hold them to it). */
-static int openai_answer_as_is(const pq_target_t *target, const char *body, size_t len,
-                               int64_t *total_tokens)
-{
-    pq_js_t root, v, choices, c, msg, content, usage;
-    pq_js_iter_t it;
-    int64_t counts[3];
-    size_t n = 0;
-
-    (void)target;
-    if (pq_js_check(body, len, PQ_PROVIDER_JSON_DEPTH, &root, NULL) != 0 ||
-        !pq_js_unique_names(&root, 64))
-        return 0;
-    if (!pq_js_get(&root, "object", &v) || v.type != PQ_JS_STRING ||
-        !pq_js_get(&root, "created", &v) || v.type != PQ_JS_INTEGER ||
-        !pq_js_get(&root, "model", &v) || v.type != PQ_JS_STRING ||
-        !pq_js_get(&root, "choices", &choices) || choices.type != PQ_JS_ARRAY)
-        return 0;
-    pq_js_iter(&choices, &it);
-    while (pq_js_next_elem(&it, &c)) {
-        n++;
-        if (!pq_js_unique_names(&c, 64) || !pq_js_get(&c, "message", &msg) ||
-            !pq_js_unique_names(&msg, 64) || !pq_js_get(&c, "index", &v) ||
-            v.type != PQ_JS_INTEGER || !pq_js_get(&c, "finish_reason", &v) ||
-            v.type != PQ_JS_STRING)
-            return 0;
-        if (pq_js_get(&msg, "content", &content) && content.type != PQ_JS_NULL &&
-            content.type != PQ_JS_STRING && (content.type != PQ_JS_ARRAY || !parts_as_is(&content)))
-            return 0;
-    }
-    if (n == 0 || !pq_js_get(&root, "usage", &usage) || !pq_js_unique_names(&usage, 64))
-        return 0;
-    for (size_t i = 0; i < 3; i++)
-        if (!pq_js_get(&usage, usage_names[i], &v) || pq_js_int(&v, &counts[i]) != 0 ||
-            counts[i] < 0)
-            return 0;
-    if (counts[2] == 0 && (counts[0] != 0 || counts[1] != 0))
-        return 0; /* parse_response fills the total in */
-    *total_tokens = counts[2];
-    return 1;
 }
 
 const pq_provider_ops_t pq_provider_openai = {
