@@ -2,6 +2,7 @@
 #include "jobdoc.h"
 #include <stdlib.h>
 #include <string.h>
+#include "promptq/jwrite.h"
 #include "promptq/util.h"
 
 static int set(const char *s)
@@ -88,48 +89,75 @@ json_t *pq_jobdoc_error(const pq_jobdoc_t *d)
     return e;
 }
 
+/* Written member by member (jwrite.h): no tree is built for the record, and the answer's text
+ * goes in as it is. */
 char *pq_jobdoc_result(const pq_jobdoc_t *d, size_t *len)
 {
-    json_t *o = json_object(), *src = json_object();
     const char *provider = pq_jobdoc_result_provider(d), *model = pq_jobdoc_result_model(d);
     char created[40], completed[40];
-    char *s;
+    pq_jw_t w;
 
     pq_time_format(d->created_ms, created, sizeof(created));
     pq_time_format(d->now_ms, completed, sizeof(completed));
-    json_object_set_new(o, "id", json_string(pq_jobdoc_id(d)));
-    json_object_set_new(o, "tenant", json_string(pq_jobdoc_tenant(d)));
-    json_object_set_new(o, "status", json_string(d->status));
-    json_object_set_new(o, "route", d->env->model ? json_string(d->env->model) : json_null());
-    json_object_set_new(o, "provider", provider ? json_string(provider) : json_null());
-    json_object_set_new(o, "model", model ? json_string(model) : json_null());
-    json_object_set_new(o, "attempts", json_integer(d->attempts));
-    if (d->alog && !d->slim)
-        json_object_set(o, "attempt_log", d->alog);
-    if (d->cached)
-        json_object_set_new(o, "cached_from",
-                            json_pack("{s:O, s:O}", "provider",
-                                      json_object_get(d->cached, "provider"), "model",
-                                      json_object_get(d->cached, "model")));
-    if (d->response && !d->response_text)
-        json_object_set(o, "response", d->response);
-    else if (!d->response_text)
-        json_object_set_new(o, "error", pq_jobdoc_error(d));
-    json_object_set(o, "metadata", d->env->metadata && !d->slim ? d->env->metadata : json_null());
-    json_object_set_new(o, "latency_ms",
-                        json_integer(d->now_ms > d->created_ms ? d->now_ms - d->created_ms : 0));
-    json_object_set_new(o, "created_at", json_string(created));
-    json_object_set_new(o, "completed_at", json_string(completed));
-    json_object_set_new(src, "topic", json_string(d->src_topic));
-    json_object_set_new(src, "partition", json_integer(d->partition));
-    json_object_set_new(src, "offset", json_integer(d->offset));
-    json_object_set_new(o, "source", src);
-    if (d->response_text)
-        s = pq_jobdoc_dump_with(o, "response", d->response_text, d->response_len, len);
-    else
-        s = pq_jobdoc_dump(o, len);
-    json_decref(o);
-    return s;
+    pq_jw_init(&w, 768 + d->response_len);
+    pq_jw_raw(&w, "{", 1);
+    pq_jw_key(&w, "id");
+    pq_jw_str(&w, pq_jobdoc_id(d));
+    pq_jw_key(&w, "tenant");
+    pq_jw_str(&w, pq_jobdoc_tenant(d));
+    pq_jw_key(&w, "status");
+    pq_jw_str(&w, d->status);
+    pq_jw_key(&w, "route");
+    pq_jw_str(&w, d->env->model);
+    pq_jw_key(&w, "provider");
+    pq_jw_str(&w, provider);
+    pq_jw_key(&w, "model");
+    pq_jw_str(&w, model);
+    pq_jw_key(&w, "attempts");
+    pq_jw_int(&w, d->attempts);
+    if (d->alog && !d->slim) {
+        pq_jw_key(&w, "attempt_log");
+        pq_jw_json(&w, d->alog);
+    }
+    if (d->cached) {
+        pq_jw_key(&w, "cached_from");
+        pq_jw_raw(&w, "{", 1);
+        pq_jw_key(&w, "provider");
+        pq_jw_json(&w, json_object_get(d->cached, "provider"));
+        pq_jw_key(&w, "model");
+        pq_jw_json(&w, json_object_get(d->cached, "model"));
+        pq_jw_raw(&w, "}", 1);
+    }
+    if (d->response_text) {
+        pq_jw_key(&w, "response");
+        pq_jw_raw(&w, d->response_text, d->response_len);
+    } else if (d->response) {
+        pq_jw_key(&w, "response");
+        pq_jw_json(&w, d->response);
+    } else {
+        json_t *e = pq_jobdoc_error(d);
+        pq_jw_key(&w, "error");
+        pq_jw_json(&w, e);
+        json_decref(e);
+    }
+    pq_jw_key(&w, "metadata");
+    pq_jw_json(&w, d->env->metadata && !d->slim ? d->env->metadata : NULL);
+    pq_jw_key(&w, "latency_ms");
+    pq_jw_int(&w, d->now_ms > d->created_ms ? d->now_ms - d->created_ms : 0);
+    pq_jw_key(&w, "created_at");
+    pq_jw_str(&w, created);
+    pq_jw_key(&w, "completed_at");
+    pq_jw_str(&w, completed);
+    pq_jw_key(&w, "source");
+    pq_jw_raw(&w, "{", 1);
+    pq_jw_key(&w, "topic");
+    pq_jw_str(&w, d->src_topic);
+    pq_jw_key(&w, "partition");
+    pq_jw_int(&w, d->partition);
+    pq_jw_key(&w, "offset");
+    pq_jw_int(&w, d->offset);
+    pq_jw_raw(&w, "}}", 2);
+    return pq_jw_finish(&w, len);
 }
 
 char *pq_jobdoc_dlq_small(const pq_jobdoc_t *d, size_t *len)
