@@ -16,6 +16,10 @@
  * max_inflight does not create and destroy handles. Their receive buffers are kept too, up to
  * KEEP_BUF_MAX each for the first KEEP_BUFS_MAX pooled requests and KEEP_BUF_SMALL beyond:
  * memory stays near what the answers in flight need. */
+/* libcurl's receive buffer per handle (its default is 16 KB, one per call in flight): most
+ * answers of a chat call fit in one or two reads of this; measured at 10,000 in flight, peak RSS
+ * 302 -> 288 MB at the same CPU per job (BENCHMARKS.md). */
+#define RECV_BUFFER_BYTES 4096L
 #define POOL_MAX       100000
 #define KEEP_BUFS_MAX  1024
 #define KEEP_BUF_MAX   (64 * 1024)
@@ -585,6 +589,7 @@ static pq_http_req_t *http_start(pq_http_t *h, const char *url, struct curl_slis
     curl_easy_setopt(r->easy, CURLOPT_PRIVATE, r);
     curl_easy_setopt(r->easy, CURLOPT_ERRORBUFFER, r->errbuf);
     curl_easy_setopt(r->easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_BUFFERSIZE, RECV_BUFFER_BYTES);
     curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, (long)to->total_ms);
     curl_easy_setopt(r->easy, CURLOPT_CONNECTTIMEOUT_MS,
                      (long)(to->connect_ms > 0 && to->connect_ms < to->total_ms ? to->connect_ms
