@@ -54,12 +54,16 @@
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/hiredis.h>
 
+#include "promptq/jscan.h"
+#include "promptq/jwrite.h"
 #include "promptq/keys.h"
 #include "promptq/log.h"
 #include "promptq/util.h"
 
-#define WAIT_BUCKETS_MIN 1024
-#define REREAD_MS        200
+/* Deepest result record whose response is passed on as it is (answer_spliced). */
+#define RECORD_JSON_DEPTH 80
+#define WAIT_BUCKETS_MIN  1024
+#define REREAD_MS         200
 
 /* ---- errors ---- */
 
@@ -656,13 +660,62 @@ static void reply_failed(pq_slot_t *s, json_t *err)
     }
 }
 
+/* The answer of a succeeded job straight from its record's text: the stored response's bytes
+ * with its "id" made the job's, nothing parsed into a tree or serialised again. Only for a
+ * strict text whose record and response name each member once (so the response and its id
+ * are what every reader finds). Returns 0 when it answered, -1 when answer() must read the
+ * record the long way (which also tells what is wrong with it). */
+static int answer_spliced(pq_slot_t *s, const char *result, size_t len)
+{
+    struct evbuffer *out = evhttp_request_get_output_buffer(s->req);
+    pq_js_t root, resp, k, v, id = {0};
+    pq_js_iter_t it;
+    pq_jw_t w;
+    size_t idlen, members = 0;
+    char *idjson;
+
+    if (pq_js_check(result, len, RECORD_JSON_DEPTH, &root, NULL) != 0 ||
+        !pq_js_unique_names(&root, 64) || !pq_js_get(&root, "response", &resp) ||
+        !pq_js_unique_names(&resp, 256))
+        return -1;
+    pq_js_iter(&resp, &it);
+    while (pq_js_next_member(&it, &k, &v)) {
+        members++;
+        if (pq_js_str_is(&k, "id"))
+            id = v;
+    }
+    pq_jw_init(&w, 64);
+    pq_jw_str(&w, s->id);
+    if (!(idjson = pq_jw_finish(&w, &idlen)))
+        return -1;
+    if (id.p) { /* {... "id": <the job's> ...} */
+        evbuffer_add(out, resp.p, (size_t)(id.p - resp.p));
+        evbuffer_add(out, idjson, idlen);
+        evbuffer_add(out, id.p + id.n, (size_t)(resp.p + resp.n - (id.p + id.n)));
+    } else { /* {"id": <the job's>, ...} */
+        evbuffer_add(out, "{\"id\":", 6);
+        evbuffer_add(out, idjson, idlen);
+        if (members)
+            evbuffer_add(out, ",", 1);
+        evbuffer_add(out, resp.p + 1, resp.n - 1);
+    }
+    free(idjson);
+    pq_http_reply(s->t, s->req, PQ_PATH_CHAT, 200, NULL, 0);
+    return 0;
+}
+
 /* Answers from a terminal record's result JSON. */
 static void answer(pq_slot_t *s, const char *status, const char *result, size_t len)
 {
     json_error_t jerr;
     /* JSON_ALLOW_NUL: a provider's content may hold "\u0000", stored escaped */
-    json_t *doc = json_loadb(result, len, JSON_ALLOW_NUL, &jerr), *resp;
+    json_t *doc, *resp;
 
+    if (!strcmp(status, "succeeded") && !s->chat.stream && answer_spliced(s, result, len) == 0) {
+        pq_slot_release(s);
+        return;
+    }
+    doc = json_loadb(result, len, JSON_ALLOW_NUL, &jerr);
     if (!json_is_object(doc)) {
         /* jansson's text quotes the record's bytes (a prompt's answer): name the error only */
         PQ_WARN("job %s/%s: result record unreadable: %s", s->tenant, s->id,
