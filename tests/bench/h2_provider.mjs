@@ -46,6 +46,7 @@ function answer(req, res) {
 
 const srv = proto === "h2"
   ? http2.createSecureServer({ ...tls, allowHTTP1: false,
+                               maxSessionMemory: 1024, // MB; past Node's default (10) a session refuses new streams
                                settings: { maxConcurrentStreams: 100000 } }, answer)
   : https.createServer({ ...tls, ALPNProtocols: ["http/1.1"], keepAlive: true }, answer);
 srv.on("secureConnection", () => stats.connections++);

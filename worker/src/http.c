@@ -20,10 +20,10 @@
  * answers of a chat call fit in one or two reads of this; measured at 10,000 in flight, peak RSS
  * 302 -> 288 MB at the same CPU per job (BENCHMARKS.md). */
 #define RECV_BUFFER_BYTES 4096L
-#define POOL_MAX       100000
-#define KEEP_BUFS_MAX  1024
-#define KEEP_BUF_MAX   (64 * 1024)
-#define KEEP_BUF_SMALL (8 * 1024)
+#define POOL_MAX          100000
+#define KEEP_BUFS_MAX     1024
+#define KEEP_BUF_MAX      (64 * 1024)
+#define KEEP_BUF_SMALL    (8 * 1024)
 
 typedef struct shard_s shard_t;
 
@@ -56,6 +56,7 @@ struct pq_http_req_s {
  * connections are spread over several multi handles (shards), transfers round-robin. */
 #define SHARDS_MAX      8
 #define CONNS_PER_SHARD 64
+#define H2_STREAMS_MAX  1000L
 
 struct shard_s {
     pq_http_t *h;
@@ -461,6 +462,9 @@ pq_http_t *pq_http_new(struct event_base *base, long max_host_conns, char *errst
         curl_multi_setopt(sh->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
         curl_multi_setopt(sh->multi, CURLMOPT_TIMERDATA, sh);
         curl_multi_setopt(sh->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+        /* streams per HTTP/2 connection, at most what the server allows (its SETTINGS);
+         * libcurl's own default (100) opens another connection per 100 calls of a shard */
+        curl_multi_setopt(sh->multi, CURLMOPT_MAX_CONCURRENT_STREAMS, H2_STREAMS_MAX);
         if (per_shard > 0) {
             curl_multi_setopt(sh->multi, CURLMOPT_MAX_HOST_CONNECTIONS, per_shard);
             curl_multi_setopt(sh->multi, CURLMOPT_MAXCONNECTS, per_shard * 2);
