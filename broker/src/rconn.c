@@ -89,7 +89,25 @@ const char pq_bscript_jobs_list[] =
     "end\n"
     "return out\n";
 
-#define NSCRIPTS 6
+/* job_create_many: pq_script_job_create once per job, for the creates one loop iteration queued
+ * (intake.c): KEYS = (job key, index key) per job, ARGV = its 7 job_create arguments per job.
+ * Returns one element per job: job_create's integer, or that job's error (the others still
+ * run). Built from pq_script_job_create's text, so both stay one definition. */
+#define CREATE_MANY_HEAD "local function create(KEYS, ARGV)\n"
+#define CREATE_MANY_TAIL                                                                           \
+    "\nend\n"                                                                                      \
+    "local out = {}\n"                                                                             \
+    "for i = 1, #KEYS / 2 do\n"                                                                    \
+    "  local ok, r = pcall(create, {KEYS[2 * i - 1], KEYS[2 * i]},\n"                              \
+    "    {unpack(ARGV, 7 * i - 6, 7 * i)})\n"                                                      \
+    "  if ok then out[i] = r\n"                                                                    \
+    "  elseif type(r) == 'table' and r.err then out[i] = r\n"                                      \
+    "  else out[i] = {err = tostring(r)} end\n"                                                    \
+    "end\n"                                                                                        \
+    "return out\n"
+static char create_many[sizeof(CREATE_MANY_HEAD) + sizeof(CREATE_MANY_TAIL) + 4096];
+
+#define NSCRIPTS 7
 
 /* EVALSHA instead of EVAL: Redis then neither receives nor hashes the script per job. */
 static struct {
@@ -108,7 +126,10 @@ static void scripts_init(void)
     scripts[3].script = pq_bscript_cancel;
     scripts[4].script = pq_bscript_batch_status;
     scripts[5].script = pq_bscript_jobs_list;
-    for (int i = 0; i < NSCRIPTS; i++) {
+    if (snprintf(create_many, sizeof(create_many), "%s%s%s", CREATE_MANY_HEAD, pq_script_job_create,
+                 CREATE_MANY_TAIL) < (int)sizeof(create_many))
+        scripts[6].script = create_many;
+    for (int i = 0; i < NSCRIPTS && scripts[i].script; i++) {
         unsigned char md[EVP_MAX_MD_SIZE];
         unsigned int mdlen = 0;
 
@@ -125,9 +146,15 @@ const char *pq_rconn_sha(const char *script)
 {
     pthread_once(&scripts_once, scripts_init);
     for (int i = 0; i < NSCRIPTS; i++)
-        if (scripts[i].script == script)
+        if (script && scripts[i].script == script)
             return scripts[i].sha;
     return NULL;
+}
+
+const char *pq_rconn_create_many(void)
+{
+    pthread_once(&scripts_once, scripts_init);
+    return scripts[6].script;
 }
 
 static void on_setup_reply(redisAsyncContext *ac, void *r, void *privdata);
@@ -137,7 +164,7 @@ static void on_setup_reply(redisAsyncContext *ac, void *r, void *privdata);
 static void load_scripts(pq_bthread_t *t)
 {
     pthread_once(&scripts_once, scripts_init);
-    for (int i = 0; i < NSCRIPTS; i++) {
+    for (int i = 0; i < NSCRIPTS && scripts[i].script; i++) {
         if (redisAsyncCommand(t->rc, on_setup_reply, "SCRIPT LOAD", "SCRIPT LOAD %s",
                               scripts[i].script) == REDIS_OK)
             t->redis_pending++;

@@ -317,6 +317,74 @@ def test_concurrent_500_jobs():
         assert {m["key"] for m in msgs} == ids, (len(msgs), len(ids))
 
 
+def evalsha_calls(st):
+    for line in st.redis_.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def test_record_creates_batched_per_iteration():
+    """The requests one loop iteration serves share one job_create_many command, and each one
+    still gets its own answer: the broker is stopped (SIGSTOP) while 48 requests wait on 48
+    open connections, so that one iteration reads them all. 16 ids come twice: with the same
+    body both are accepted, with another body exactly one is (409 for the other), and the job
+    on the topic is the accepted one's."""
+    import http.client
+
+    with harness.Stack("broker-batched") as st:
+        p = start(st, extra={"broker": {"threads": 1}})
+        bodies = []
+        for i in range(16):
+            bodies.append(job("plain %d" % i))
+        for i in range(8):
+            bodies += [job("same %d" % i, id="same-%d" % i)] * 2
+        for i in range(8):
+            bodies += [job("first %d" % i, id="two-%d" % i), job("second %d" % i, id="two-%d" % i)]
+        conns = [http.client.HTTPConnection("127.0.0.1", st.broker_port, timeout=T(20))
+                 for _ in bodies]
+        for c in conns:
+            c.connect()
+        time.sleep(0.3)  # accepted while the loop runs
+        calls0 = evalsha_calls(st)
+        p.kill(signal.SIGSTOP)
+        try:
+            for c, b in zip(conns, bodies):
+                c.request("POST", "/v1/jobs", json.dumps(b).encode(),
+                          {"Content-Type": "application/json"})
+            time.sleep(0.3)
+        finally:
+            p.kill(signal.SIGCONT)
+        out = []
+        for c in conns:
+            r = c.getresponse()
+            out.append((r.status, json.loads(r.read())))
+            c.close()
+        calls = evalsha_calls(st) - calls0
+
+        codes = [o[0] for o in out]
+        assert codes.count(202) == 40 and codes.count(409) == 8, codes
+        assert all(o[0] == 202 for o in out[:32]), out[:32]
+        # one command carried many creates (the 48 were read in one or a few iterations)
+        assert 1 <= calls <= 8, calls
+        ids = [o[1]["id"] for o in out[:16]]
+        keys = ["promptq:job:default:%s" % j for j in ids + ["same-%d" % i for i in range(8)] +
+                ["two-%d" % i for i in range(8)]]
+        assert st.redis_.cli("EXISTS", *keys) == str(len(keys))
+        msgs = st.consume("promptq.requests", 16 + 16 + 8, timeout=T(30))
+        content = {}
+        for m in msgs:
+            env = json.loads(m["value"])
+            content.setdefault(m["key"], set()).add(env["request"]["messages"][0]["content"])
+        for i in range(8):
+            a, b = out[32 + 2 * i], out[33 + 2 * i]
+            assert sorted([a[0], b[0]]) == [202, 409], (a, b)
+            won = "first %d" % i if a[0] == 202 else "second %d" % i
+            assert content["two-%d" % i] == {won}, (i, content["two-%d" % i])
+            assert content["same-%d" % i] == {"same %d" % i}
+        assert set(ids) <= set(content)
+
+
 def test_sigterm_answers_inflight_and_exits_zero():
     with harness.Stack("broker-sigterm") as st:
         p = start(st)
