@@ -96,10 +96,11 @@ const char pq_bscript_jobs_list[] =
 #define CREATE_MANY_HEAD "local function create(KEYS, ARGV)\n"
 #define CREATE_MANY_TAIL                                                                           \
     "\nend\n"                                                                                      \
-    "local out = {}\n"                                                                             \
+    "local out, k, a = {}, {}, {}\n"                                                               \
     "for i = 1, #KEYS / 2 do\n"                                                                    \
-    "  local ok, r = pcall(create, {KEYS[2 * i - 1], KEYS[2 * i]},\n"                              \
-    "    {unpack(ARGV, 7 * i - 6, 7 * i)})\n"                                                      \
+    "  k[1], k[2] = KEYS[2 * i - 1], KEYS[2 * i]\n"                                                \
+    "  for j = 1, 7 do a[j] = ARGV[7 * (i - 1) + j] end\n"                                         \
+    "  local ok, r = pcall(create, k, a)\n"                                                        \
     "  if ok then out[i] = r\n"                                                                    \
     "  elseif type(r) == 'table' and r.err then out[i] = r\n"                                      \
     "  else out[i] = {err = tostring(r)} end\n"                                                    \

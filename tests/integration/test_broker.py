@@ -326,10 +326,11 @@ def evalsha_calls(st):
 
 def test_record_creates_batched_per_iteration():
     """The requests one loop iteration serves share one job_create_many command, and each one
-    still gets its own answer: the broker is stopped (SIGSTOP) while 48 requests wait on 48
+    still gets its own answer: the broker is stopped (SIGSTOP) while 49 requests wait on 49
     open connections, so that one iteration reads them all. 16 ids come twice: with the same
     body both are accepted, with another body exactly one is (409 for the other), and the job
-    on the topic is the accepted one's."""
+    on the topic is the accepted one's. One job's record key holds a string: only that job's
+    create fails (counted, and the job still goes to Kafka, as when Redis fails), not the batch's."""
     import http.client
 
     with harness.Stack("broker-batched") as st:
@@ -341,6 +342,9 @@ def test_record_creates_batched_per_iteration():
             bodies += [job("same %d" % i, id="same-%d" % i)] * 2
         for i in range(8):
             bodies += [job("first %d" % i, id="two-%d" % i), job("second %d" % i, id="two-%d" % i)]
+        bodies.append(job("wrong type", id="wrong-1"))
+        st.redis_.cli("SET", "promptq:job:default:wrong-1", "not a hash")
+        errors0 = metric(st, "promptq_broker_redis_errors_total")
         conns = [http.client.HTTPConnection("127.0.0.1", st.broker_port, timeout=T(20))
                  for _ in bodies]
         for c in conns:
@@ -363,15 +367,16 @@ def test_record_creates_batched_per_iteration():
         calls = evalsha_calls(st) - calls0
 
         codes = [o[0] for o in out]
-        assert codes.count(202) == 40 and codes.count(409) == 8, codes
-        assert all(o[0] == 202 for o in out[:32]), out[:32]
-        # one command carried many creates (the 48 were read in one or a few iterations)
+        assert codes.count(202) == 41 and codes.count(409) == 8, codes
+        assert all(o[0] == 202 for o in out[:32]) and out[48][0] == 202, (out[:32], out[48])
+        assert metric(st, "promptq_broker_redis_errors_total") == errors0 + 1
+        # one command carried many creates (the 49 were read in one or a few iterations)
         assert 1 <= calls <= 8, calls
         ids = [o[1]["id"] for o in out[:16]]
         keys = ["promptq:job:default:%s" % j for j in ids + ["same-%d" % i for i in range(8)] +
                 ["two-%d" % i for i in range(8)]]
         assert st.redis_.cli("EXISTS", *keys) == str(len(keys))
-        msgs = st.consume("promptq.requests", 16 + 16 + 8, timeout=T(30))
+        msgs = st.consume("promptq.requests", 16 + 16 + 8 + 1, timeout=T(30))
         content = {}
         for m in msgs:
             env = json.loads(m["value"])
@@ -382,7 +387,7 @@ def test_record_creates_batched_per_iteration():
             won = "first %d" % i if a[0] == 202 else "second %d" % i
             assert content["two-%d" % i] == {won}, (i, content["two-%d" % i])
             assert content["same-%d" % i] == {"same %d" % i}
-        assert set(ids) <= set(content)
+        assert set(ids) <= set(content) and content["wrong-1"] == {"wrong type"}
 
 
 def test_sigterm_answers_inflight_and_exits_zero():
