@@ -51,6 +51,9 @@
 #define PQ_BROKER_MAX_STREAMS 1000
 /* Outstanding Redis commands per thread before Redis is treated as unavailable. */
 #define PQ_BROKER_REDIS_PENDING_MAX 8192
+/* New jobs' record creates that one loop iteration sends in one command (intake.c); a full
+ * batch goes out at once. */
+#define PQ_BROKER_CREATE_BATCH_MAX 64
 
 /* Paths, for metrics labels and replies. */
 typedef enum {
@@ -174,6 +177,7 @@ typedef struct pq_broker_s {
 } pq_broker_t;
 
 typedef struct pq_slot_s pq_slot_t;
+typedef struct pq_create_batch_s pq_create_batch_t;
 
 struct pq_bthread_s {
     pq_broker_t *b;
@@ -238,6 +242,11 @@ struct pq_bthread_s {
     int redis_retry_ms;
     struct event *redis_retry_ev;
     struct event *redis_watch_ev;
+    /* job record creates queued in this iteration, sent together by create_ev (intake.c) */
+    pq_create_batch_t *create_q;
+    pq_create_batch_t *create_spare; /* sent batches, for reuse */
+    struct pq_create_scratch_s *create_scratch;
+    struct event *create_ev;
 
     /* spool completions, pushed by the spool's writer thread, served on this loop */
     pthread_mutex_t spool_mu;

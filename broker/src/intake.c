@@ -315,36 +315,187 @@ int pq_job_create_argv(const pq_conf_t *conf, const char *tenant, const char *id
     return 0;
 }
 
-static void create_cb(redisAsyncContext *ac, void *r, void *handle)
+/* ---- job_create, batched per loop iteration ----
+ *
+ * A new job's record check is queued on its loop; the first one queued in an iteration
+ * activates create_ev, which runs after the other requests that iteration serves and sends
+ * every queued create in one EVALSHA of job_create_many (at most PQ_BROKER_CREATE_BATCH_MAX
+ * per command: a full batch goes out at once). Redis then runs one command and one Lua call
+ * per batch instead of per job, and the loop formats, parses and dispatches one reply. Each
+ * job keeps its own timer and its own answer (an element of the reply array). */
+
+struct pq_create_batch_s {
+    struct pq_create_batch_s *next; /* spare list */
+    int n;
+    void *handles[PQ_BROKER_CREATE_BATCH_MAX]; /* the slots, by handle */
+};
+
+/* The loop's scratch for building one command (allocated once per loop). */
+struct pq_create_scratch_s {
+    pq_job_create_buf_t b[PQ_BROKER_CREATE_BATCH_MAX];
+    const char *argv[3 + 9 * PQ_BROKER_CREATE_BATCH_MAX];
+    size_t lens[3 + 9 * PQ_BROKER_CREATE_BATCH_MAX];
+    const char *jargv[PQ_BROKER_CREATE_BATCH_MAX][PQ_JOB_CREATE_ARGC - 5]; /* per job, in turn */
+    size_t jlens[PQ_BROKER_CREATE_BATCH_MAX][PQ_JOB_CREATE_ARGC - 5];
+    char nkeys[16];
+};
+
+static void batch_recycle(pq_bthread_t *t, pq_create_batch_t *q)
+{
+    q->n = 0;
+    q->next = t->create_spare;
+    t->create_spare = q;
+}
+
+static void create_many_cb(redisAsyncContext *ac, void *r, void *priv)
 {
     const redisReply *reply = r;
-    pq_slot_t *s = pq_slot_replied(ac, r, handle);
+    pq_create_batch_t *q = priv;
+    pq_bthread_t *t = pq_rconn_replied(ac, r);
 
-    if (!s || (s->state != PQ_SLOT_REDIS_CREATE && s->state != PQ_SLOT_PRODUCING &&
-               s->state != PQ_SLOT_SPOOLING))
+    for (int i = 0; i < q->n; i++) {
+        pq_slot_t *s = pq_slot_from_handle(t, q->handles[i]);
+        const redisReply *el =
+            reply && reply->type == REDIS_REPLY_ARRAY && (size_t)i < reply->elements
+                ? reply->element[i]
+                : NULL;
+
+        if (!s || (s->state != PQ_SLOT_REDIS_CREATE && s->state != PQ_SLOT_PRODUCING &&
+                   s->state != PQ_SLOT_SPOOLING))
+            continue;
+        if (el && el->type == REDIS_REPLY_INTEGER) {
+            pq_intake_redis_reply(s, el->integer, 1);
+        } else {
+            if (el && el->type == REDIS_REPLY_ERROR)
+                PQ_WARN("thread %d: job_create %s/%s: %s", t->no, s->tenant, s->id, el->str);
+            pq_intake_redis_reply(s, 0, 0);
+        }
+    }
+    batch_recycle(t, q);
+}
+
+static void produce_queued(pq_bthread_t *t, pq_create_batch_t *q)
+{
+    for (int i = 0; i < q->n; i++) {
+        pq_slot_t *s = pq_slot_from_handle(t, q->handles[i]);
+
+        if (s && s->state == PQ_SLOT_REDIS_CREATE)
+            produce(s); /* Redis unusable: best effort, produce anyway */
+    }
+    batch_recycle(t, q);
+}
+
+/* Sends the loop's queued creates (create_ev, or a full batch). */
+static void create_flush(pq_bthread_t *t)
+{
+    pq_create_batch_t *q = t->create_q;
+    struct pq_create_scratch_s *x = t->create_scratch;
+    const char *sha = pq_rconn_sha(pq_rconn_create_many());
+    int n = 0, argc;
+
+    if (!q)
         return;
-    if (reply && reply->type == REDIS_REPLY_INTEGER)
-        pq_intake_redis_reply(s, reply->integer, 1);
-    else
-        pq_intake_redis_reply(s, 0, 0);
+    t->create_q = NULL;
+    if (!sha || !pq_rconn_usable(t)) {
+        produce_queued(t, q);
+        return;
+    }
+    for (int i = 0; i < q->n; i++) {
+        pq_slot_t *s = pq_slot_from_handle(t, q->handles[i]);
+        const char *argv[PQ_JOB_CREATE_ARGC];
+        size_t lens[PQ_JOB_CREATE_ARGC];
+
+        if (!s || s->state != PQ_SLOT_REDIS_CREATE)
+            continue; /* answered meanwhile */
+        if (pq_job_create_argv(t->bc->conf, s->tenant, s->id, s->hash, s->route, s->callback_url,
+                               &x->b[n], argv, lens)) {
+            produce(s); /* a key that does not fit: no check, as when Redis is unusable */
+            continue;
+        }
+        /* KEYS: job key and index key of each job; then job_create's own 7 ARGV of each */
+        x->argv[3 + 2 * n] = argv[3];
+        x->lens[3 + 2 * n] = lens[3];
+        x->argv[3 + 2 * n + 1] = argv[4];
+        x->lens[3 + 2 * n + 1] = lens[4];
+        memcpy(x->jargv[n], &argv[5], sizeof(x->jargv[n]));
+        memcpy(x->jlens[n], &lens[5], sizeof(x->jlens[n]));
+        q->handles[n++] = q->handles[i];
+    }
+    q->n = n;
+    if (n == 0) {
+        batch_recycle(t, q);
+        return;
+    }
+    argc = 3 + 2 * n;
+    for (int i = 0; i < n; i++, argc += 7) {
+        memcpy(&x->argv[argc], x->jargv[i], sizeof(x->jargv[i]));
+        memcpy(&x->lens[argc], x->jlens[i], sizeof(x->jlens[i]));
+    }
+    snprintf(x->nkeys, sizeof(x->nkeys), "%d", 2 * n);
+    x->argv[0] = "EVALSHA";
+    x->argv[1] = sha;
+    x->argv[2] = x->nkeys;
+    for (int i = 0; i < 3; i++)
+        x->lens[i] = strlen(x->argv[i]);
+    if (pq_rconn_send(t, create_many_cb, q, argc, x->argv, x->lens))
+        produce_queued(t, q);
+}
+
+static void create_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    create_flush(arg);
+}
+
+int pq_intake_thread_init(pq_bthread_t *t)
+{
+    t->create_scratch = malloc(sizeof(*t->create_scratch));
+    t->create_ev = event_new(t->base, -1, 0, create_ev_cb, t);
+    return t->create_scratch && t->create_ev ? 0 : -1;
+}
+
+void pq_intake_thread_free(pq_bthread_t *t)
+{
+    pq_create_batch_t *q;
+
+    if (t->create_ev)
+        event_free(t->create_ev);
+    t->create_ev = NULL;
+    if (t->create_q)
+        batch_recycle(t, t->create_q);
+    t->create_q = NULL;
+    while ((q = t->create_spare)) {
+        t->create_spare = q->next;
+        free(q);
+    }
+    free(t->create_scratch);
+    t->create_scratch = NULL;
 }
 
 /* Checks that (tenant, id) is new or was used with the same request: job_create, which also
- * adds a new job to the tenant's listing index (GET /v1/jobs). */
+ * adds a new job to the tenant's listing index (GET /v1/jobs). Queued for this iteration's
+ * batch; the answer comes through pq_intake_redis_reply. */
 static int check_record(pq_slot_t *s)
 {
     pq_bthread_t *t = s->t;
-    pq_job_create_buf_t b;
-    const char *argv[PQ_JOB_CREATE_ARGC];
-    size_t argvlen[PQ_JOB_CREATE_ARGC];
+    pq_create_batch_t *q = t->create_q;
 
-    if (!pq_rconn_usable(t) ||
-        pq_job_create_argv(t->bc->conf, s->tenant, s->id, s->hash, s->route, s->callback_url, &b,
-                           argv, argvlen) ||
-        pq_rconn_send(t, create_cb, pq_slot_handle(s), PQ_JOB_CREATE_ARGC, argv, argvlen))
+    if (!t->create_ev || !pq_rconn_usable(t))
         return -1;
+    if (!q) {
+        q = t->create_spare;
+        if (q)
+            t->create_spare = q->next;
+        else if (!(q = malloc(sizeof(*q))))
+            return -1;
+        q->n = 0;
+        t->create_q = q;
+        event_active(t->create_ev, EV_TIMEOUT, 0);
+    }
+    q->handles[q->n++] = pq_slot_handle(s);
     s->state = PQ_SLOT_REDIS_CREATE;
     event_add(&s->timer, t->tv_redis);
+    if (q->n == PQ_BROKER_CREATE_BATCH_MAX)
+        create_flush(t);
     return 0;
 }
 

@@ -5,6 +5,10 @@
 #include "slot.h"
 
 /* intake.c: POST /v1/jobs */
+/* The loop's batching of job_create (its event and scratch); -1 when out of memory. free also
+ * frees the spare batches (after the Redis connection, whose callbacks recycle them). */
+int pq_intake_thread_init(pq_bthread_t *t);
+void pq_intake_thread_free(pq_bthread_t *t);
 void pq_intake_post(pq_bthread_t *t, struct evhttp_request *req);
 /* Queues the job of a slot whose id, tenant, route, hash and payload are set (job_create, then
  * produce or spool). The answer comes through pq_intake_durable or an error reply. */

@@ -32,7 +32,10 @@ static void kafka_io_cb(evutil_socket_t fd, short what, void *arg)
     pq_bthread_t *t = arg;
     char buf[256];
 
-    while (read(fd, buf, sizeof(buf)) > 0)
+    /* librdkafka writes one byte per wake-up and no more until the queue is served again
+     * (rd_kafka_q_io_event's "sent" flag): a full read means more is there, anything less
+     * drained it, so the usual wake-up costs one read, not a second one ending in EAGAIN. */
+    while (read(fd, buf, sizeof(buf)) == (ssize_t)sizeof(buf))
         ;
     poll_all(t);
 }

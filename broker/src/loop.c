@@ -324,6 +324,10 @@ int pq_bthread_init(pq_bthread_t *t, pq_broker_t *b, int no, char *errstr, size_
         snprintf(errstr, errstr_size, "cannot set up the spool completion queue");
         return -1;
     }
+    if (pq_intake_thread_init(t)) {
+        snprintf(errstr, errstr_size, "out of memory");
+        return -1;
+    }
     if (pq_kprod_start(t, &dr, errstr, errstr_size))
         return -1;
     if (pq_rconn_start(t) || pq_chat_thread_init(t) ||
@@ -430,6 +434,7 @@ void pq_bthread_free(pq_bthread_t *t)
     pq_chat_thread_free(t);
     pq_batch_thread_free(t);
     pq_rconn_dns_free(t);
+    pq_intake_thread_free(t);
     if (t->base)
         event_base_free(t->base);
     pq_bconf_unref(t->bc);

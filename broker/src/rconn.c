@@ -89,7 +89,32 @@ const char pq_bscript_jobs_list[] =
     "end\n"
     "return out\n";
 
-#define NSCRIPTS 6
+/* job_create_many: pq_lua_job_create's job_create once per job, for the creates one loop
+ * iteration queued (intake.c): KEYS = (job key, index key) per job, ARGV = job_create's 7
+ * arguments per job (pq_job_create_argv's ARGV). Each job runs under pcall, so one that fails
+ * (a key of another type) fails alone; each index a job was added to is trimmed once, after the
+ * batch, with the now and ttl of the last job added to it (pq_script_job_create trims after each
+ * add: the same entries remain). Returns one element per job: job_create's integer or that
+ * job's error. */
+#define CREATE_MANY_TAIL                                                                           \
+    "local out, zs, zlast = {}, {}, {}\n"                                                          \
+    "for i = 1, #KEYS / 2 do\n"                                                                    \
+    "  local z, o = KEYS[2 * i], 7 * (i - 1)\n"                                                    \
+    "  local ok, r = pcall(job_create, KEYS[2 * i - 1], z, unpack(ARGV, o + 1, o + 7))\n"          \
+    "  if ok then\n"                                                                               \
+    "    out[i] = r\n"                                                                             \
+    "    if r == 1 and z and ARGV[o + 7] then\n"                                                   \
+    "      if not zlast[z] then zs[#zs + 1] = z end\n"                                             \
+    "      zlast[z] = o\n"                                                                         \
+    "    end\n"                                                                                    \
+    "  elseif type(r) == 'table' and r.err then out[i] = r\n"                                      \
+    "  else out[i] = {err = tostring(r)} end\n"                                                    \
+    "end\n"                                                                                        \
+    "for _, z in ipairs(zs) do index_trim(z, ARGV[zlast[z] + 2], ARGV[zlast[z] + 3]) end\n"        \
+    "return out\n"
+static char create_many[4096 + sizeof(CREATE_MANY_TAIL)];
+
+#define NSCRIPTS 7
 
 /* EVALSHA instead of EVAL: Redis then neither receives nor hashes the script per job. */
 static struct {
@@ -108,7 +133,10 @@ static void scripts_init(void)
     scripts[3].script = pq_bscript_cancel;
     scripts[4].script = pq_bscript_batch_status;
     scripts[5].script = pq_bscript_jobs_list;
-    for (int i = 0; i < NSCRIPTS; i++) {
+    if (snprintf(create_many, sizeof(create_many), "%s%s", pq_lua_job_create, CREATE_MANY_TAIL) <
+        (int)sizeof(create_many))
+        scripts[6].script = create_many;
+    for (int i = 0; i < NSCRIPTS && scripts[i].script; i++) {
         unsigned char md[EVP_MAX_MD_SIZE];
         unsigned int mdlen = 0;
 
@@ -125,9 +153,15 @@ const char *pq_rconn_sha(const char *script)
 {
     pthread_once(&scripts_once, scripts_init);
     for (int i = 0; i < NSCRIPTS; i++)
-        if (scripts[i].script == script)
+        if (script && scripts[i].script == script)
             return scripts[i].sha;
     return NULL;
+}
+
+const char *pq_rconn_create_many(void)
+{
+    pthread_once(&scripts_once, scripts_init);
+    return scripts[6].script;
 }
 
 static void on_setup_reply(redisAsyncContext *ac, void *r, void *privdata);
@@ -137,7 +171,7 @@ static void on_setup_reply(redisAsyncContext *ac, void *r, void *privdata);
 static void load_scripts(pq_bthread_t *t)
 {
     pthread_once(&scripts_once, scripts_init);
-    for (int i = 0; i < NSCRIPTS; i++) {
+    for (int i = 0; i < NSCRIPTS && scripts[i].script; i++) {
         if (redisAsyncCommand(t->rc, on_setup_reply, "SCRIPT LOAD", "SCRIPT LOAD %s",
                               scripts[i].script) == REDIS_OK)
             t->redis_pending++;

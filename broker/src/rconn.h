@@ -23,6 +23,10 @@ void pq_rconn_dns_free(pq_bthread_t *t);
  * pq_script_job_create, pq_script_job_drop, pq_bscript_idem_claim, pq_bscript_cancel,
  * pq_bscript_batch_status, pq_bscript_jobs_list. */
 const char *pq_rconn_sha(const char *script);
+/* The text of job_create_many (rconn.c), or NULL if it could not be built: pq_lua_job_create's
+ * job_create once per job of KEYS = (job key, index key)..., ARGV = pq_script_job_create's 7
+ * arguments per job; answers an array with job_create's integer, or an error, per job. */
+const char *pq_rconn_create_many(void);
 
 /* Broker-only scripts (rconn.c).
  * idem_claim: KEYS[1] idem key; ARGV[1] value "<id> <body hash> p", ARGV[2] ttl ms. Returns nil

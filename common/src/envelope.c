@@ -476,16 +476,29 @@ out_drop:
     return rc;
 }
 
-/* jansson escapes control characters inside strings, so JSON_COMPACT output is one line. */
+/* jansson escapes control characters inside strings, so JSON_COMPACT output is one line.
+ * Dumped into a stack buffer first and copied into one allocation of the exact size (a larger
+ * envelope is dumped again into that): json_dumps would grow its buffer by doubling and then
+ * copy it, several allocations per job. */
 char *pq_envelope_dump(const pq_envelope_t *env, size_t *len)
 {
-    char *s;
+    char buf[4096], *s;
+    size_t n;
 
     if (!env || !env->root)
         return NULL;
-    s = json_dumps(env->root, JSON_COMPACT);
-    if (s && len)
-        *len = strlen(s);
+    n = json_dumpb(env->root, buf, sizeof(buf), JSON_COMPACT);
+    if (n == 0 || !(s = malloc(n + 1)))
+        return NULL;
+    if (n <= sizeof(buf))
+        memcpy(s, buf, n);
+    else if (json_dumpb(env->root, s, n, JSON_COMPACT) != n) {
+        free(s);
+        return NULL;
+    }
+    s[n] = '\0';
+    if (len)
+        *len = n;
     return s;
 }
 

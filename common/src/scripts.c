@@ -10,27 +10,35 @@
     "local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'expired' "       \
     "or s == 'cancelled' end\n"
 
-/* Lua: index_add(z, id, now, ttl) adds a newly created job to its tenant's listing index
- * (pq_key_jobs), scored by its creation time, trims the entries older than the records' TTL
- * (cheap: amortised over the adds) and lets an idle tenant's index expire with its records. */
-#define INDEX_ADD                                                                                  \
-    "local function index_add(z, id, now, ttl)\n"                                                  \
-    "  redis.call('ZADD', z, now, id)\n"                                                           \
+/* Lua: job_create(k, z, hash, now, ttl, route, cb, tenant, id), the one definition of a job
+ * record's creation: pq_script_job_create runs it once, the broker's job_create_many (broker/src
+ * /rconn.c) once per job of a batch. Returns as pq_script_job_create; a created record's id is
+ * added to the index z (when z and id), scored by its creation time; index_trim drops the entries
+ * older than the records' TTL (cheap: amortised over the adds) and lets an idle tenant's index
+ * expire with its records. */
+#define JOB_CREATE_FN                                                                              \
+    "local function job_create(k, z, hash, now, ttl, route, cb, tenant, id)\n"                     \
+    "  local h = redis.call('HGET', k, 'request_hash')\n"                                          \
+    "  if h then if h == hash then return 0 else return -1 end end\n"                              \
+    "  redis.call('HSET', k, 'status', 'queued', 'request_hash', hash, 'created_at', now,\n"       \
+    "    'updated_at', now, 'route', route, 'attempts', '0', 'deliveries', '0')\n"                 \
+    "  if cb and cb ~= '' then redis.call('HSET', k, 'callback_url', cb, 'tenant', tenant) end\n"  \
+    "  redis.call('PEXPIRE', k, ttl)\n"                                                            \
+    "  if z and id then redis.call('ZADD', z, now, id) end\n"                                      \
+    "  return 1\n"                                                                                 \
+    "end\n"                                                                                        \
+    "local function index_trim(z, now, ttl)\n"                                                     \
     "  redis.call('ZREMRANGEBYSCORE', z, '-inf', '(' .. (tonumber(now) - tonumber(ttl)))\n"        \
     "  redis.call('PEXPIRE', z, ttl)\n"                                                            \
     "end\n"
 
-const char pq_script_job_create[] = INDEX_ADD
-    "local h = redis.call('HGET', KEYS[1], 'request_hash')\n"
-    "if h then if h == ARGV[1] then return 0 else return -1 end end\n"
-    "redis.call('HSET', KEYS[1], 'status', 'queued', 'request_hash', ARGV[1], 'created_at',\n"
-    "  ARGV[2], 'updated_at', ARGV[2], 'route', ARGV[4], 'attempts', 0, 'deliveries', 0)\n"
-    "if ARGV[5] and ARGV[5] ~= '' then\n"
-    "  redis.call('HSET', KEYS[1], 'callback_url', ARGV[5], 'tenant', ARGV[6])\n"
-    "end\n"
-    "redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
-    "if KEYS[2] and ARGV[7] then index_add(KEYS[2], ARGV[7], ARGV[2], ARGV[3]) end\n"
-    "return 1\n";
+const char pq_lua_job_create[] = JOB_CREATE_FN;
+
+const char pq_script_job_create[] = JOB_CREATE_FN
+    "local r = job_create(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4],\n"
+    "  ARGV[5], ARGV[6], ARGV[7])\n"
+    "if r == 1 and KEYS[2] and ARGV[7] then index_trim(KEYS[2], ARGV[2], ARGV[3]) end\n"
+    "return r\n";
 
 const char pq_script_job_drop[] =
     "local v = redis.call('HMGET', KEYS[1], 'status', 'deliveries')\n"

@@ -14,7 +14,9 @@
 Each round runs both sides for --seconds (default 10) after a 2 s warm-up, alternating which
 goes first; the figures are medians over --runs rounds (default 3): req/s, p50 / p99 latency
 (wrk --latency), and CPU µs per request of each process of the side (utime + stime from
-/proc/PID/stat over the measured window). Not a test: not in ctest.
+/proc/PID/stat over the measured window); for the broker's intake also Redis's own count and
+time of EVALSHA per request (INFO commandstats after CONFIG RESETSTAT). Not a test: not in
+ctest.
 
     python3 tests/bench/broker_peers.py intake|chat|both [--runs 3] [--seconds 10] [--json F]
 """
@@ -96,17 +98,36 @@ def up(fn):
     return check
 
 
-def measure(name, url, body, headers, conns, seconds, pids):
-    """Warm-up, then one measured wrk run; CPU µs per request for each of pids {name: pid}."""
+def evalsha_stats(redis):
+    """(calls, usec) of EVALSHA since the last CONFIG RESETSTAT (Redis's own accounting)."""
+    for line in redis.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            f = dict(kv.split("=") for kv in line.split(":", 1)[1].split(","))
+            return int(f["calls"]), float(f["usec"])
+    return 0, 0.0
+
+
+def measure(name, url, body, headers, conns, seconds, pids, redis=None):
+    """Warm-up, then one measured wrk run; CPU µs per request for each of pids {name: pid}.
+    With redis (the stack's server): also its EVALSHA commands and time per request."""
     wrk(url, body, headers, conns, 2)
+    if redis:
+        redis.cli("CONFIG", "RESETSTAT")
     c0 = {k: cpu_s(p) for k, p in pids.items()}
     rps, p50, p99, n, bad = wrk(url, body, headers, conns, seconds)
     c1 = {k: cpu_s(p) for k, p in pids.items()}
     us = {k: round((c1[k] - c0[k]) * 1e6 / max(n, 1), 1) for k in pids}
-    print("  %-8s %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms  non-2xx %d  CPU us/req %s"
-          % (name, rps, p50, p99, bad, us), flush=True)
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": n, "non_2xx": bad,
-            "cpu_us_per_req": us}
+    extra = ""
+    out = {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": n, "non_2xx": bad,
+           "cpu_us_per_req": us}
+    if redis:
+        calls, usec = evalsha_stats(redis)
+        out["evalsha_per_req"] = round(calls / max(n, 1), 3)
+        out["evalsha_us_per_req"] = round(usec / max(n, 1), 2)
+        extra = "  EVALSHA/req %.3f (%.2f us)" % (out["evalsha_per_req"], out["evalsha_us_per_req"])
+    print("  %-8s %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms  non-2xx %d  CPU us/req %s%s"
+          % (name, rps, p50, p99, bad, us, extra), flush=True)
+    return out
 
 
 def stack(st, worker):
@@ -162,10 +183,10 @@ def round_intake(idx, conns, seconds, hello_first):
         wait_for(up(lambda: harness.http("POST", "http://127.0.0.1:%d/v1/jobs" % port,
                                          b"{}")[0] == 202), 20, "pq-bench-hello", interval=0.2)
         hdr = {"Authorization": "Bearer " + KEY, "Content-Type": "application/json"}
-        sides = [("hello", "http://127.0.0.1:%d/v1/jobs" % port, {"hello": hello.pid}),
-                 ("broker", st.broker_url + "/v1/jobs", procs)]
-        for name, url, pids in (sides if hello_first else sides[::-1]):
-            out[name] = measure(name, url, JOB, hdr, conns, seconds, pids)
+        sides = [("hello", "http://127.0.0.1:%d/v1/jobs" % port, {"hello": hello.pid}, None),
+                 ("broker", st.broker_url + "/v1/jobs", procs, st.redis_)]
+        for name, url, pids, redis in (sides if hello_first else sides[::-1]):
+            out[name] = measure(name, url, JOB, hdr, conns, seconds, pids, redis)
     return out
 
 

@@ -317,6 +317,97 @@ def test_concurrent_500_jobs():
         assert {m["key"] for m in msgs} == ids, (len(msgs), len(ids))
 
 
+def evalsha_calls(st):
+    for line in st.redis_.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def test_record_creates_batched_per_iteration():
+    """The requests one loop iteration serves share one job_create_many command, and each one
+    still gets its own answer: the broker is stopped (SIGSTOP) while 49 requests wait on 49
+    open connections, so that one iteration reads them all. 16 ids come twice: with the same
+    body both are accepted, with another body exactly one is (409 for the other), and the job
+    on the topic is the accepted one's. One job's record key holds a string: only that job's
+    create fails (counted, and the job still goes to Kafka, as when Redis fails), not the batch's."""
+    import http.client
+
+    with harness.Stack("broker-batched") as st:
+        p = start(st, extra={"broker": {"threads": 1}})
+        bodies = []
+        for i in range(16):
+            bodies.append(job("plain %d" % i))
+        for i in range(8):
+            bodies += [job("same %d" % i, id="same-%d" % i)] * 2
+        for i in range(8):
+            bodies += [job("first %d" % i, id="two-%d" % i), job("second %d" % i, id="two-%d" % i)]
+        bodies.append(job("wrong type", id="wrong-1"))
+        st.redis_.cli("SET", "promptq:job:default:wrong-1", "not a hash")
+        errors0 = metric(st, "promptq_broker_redis_errors_total")
+        conns = [http.client.HTTPConnection("127.0.0.1", st.broker_port, timeout=T(20))
+                 for _ in bodies]
+        for c in conns:
+            c.connect()
+        time.sleep(0.3)  # accepted while the loop runs
+        calls0 = evalsha_calls(st)
+        # Stopped for long enough that every request is in its socket on resume (a loaded machine
+        # may defer loopback delivery), and well under PQ_BROKER_REDIS_TIMEOUT_MS (200 ms): a
+        # command of the broker's own still waiting for its reply must not make Redis look
+        # stalled on resume (then the jobs would go ahead unchecked, as when Redis is down).
+        payloads = [json.dumps(b).encode() for b in bodies]
+        p.kill(signal.SIGSTOP)
+        try:
+            for c, b in zip(conns, payloads):
+                c.request("POST", "/v1/jobs", b, {"Content-Type": "application/json"})
+            time.sleep(0.1)
+        finally:
+            p.kill(signal.SIGCONT)
+        out = []
+        for c in conns:
+            r = c.getresponse()
+            out.append((r.status, json.loads(r.read())))
+            c.close()
+        calls = evalsha_calls(st) - calls0
+
+        codes = [o[0] for o in out]
+        assert codes.count(202) == 41 and codes.count(409) == 8, codes
+        assert all(o[0] == 202 for o in out[:32]) and out[48][0] == 202, (out[:32], out[48])
+        assert metric(st, "promptq_broker_redis_errors_total") == errors0 + 1
+        # commands carried many creates each (the 49 were read in one or a few iterations;
+        # without batching there is one per job)
+        assert 1 <= calls <= 12, (calls, codes)
+        ids = [o[1]["id"] for o in out[:16]]
+        keys = ["promptq:job:default:%s" % j for j in ids + ["same-%d" % i for i in range(8)] +
+                ["two-%d" % i for i in range(8)]]
+        assert st.redis_.cli("EXISTS", *keys) == str(len(keys))
+        # the record and the listing index as pq_script_job_create leaves them
+        rec = st.redis_.cli("HGETALL", keys[0]).split("\n")
+        rec = dict(zip(rec[::2], rec[1::2]))
+        assert rec["status"] == "queued" and rec["route"] == ROUTE, rec
+        assert rec["attempts"] == "0" and rec["deliveries"] == "0", rec
+        assert rec["created_at"] == rec["updated_at"] and len(rec["request_hash"]) == 64, rec
+        assert set(rec) == {"status", "request_hash", "created_at", "updated_at", "route",
+                            "attempts", "deliveries"}, rec
+        assert int(st.redis_.cli("PTTL", keys[0])) > 0
+        index = "promptq:jobs:default"
+        assert int(st.redis_.cli("ZCARD", index)) == 16 + 8 + 8, st.redis_.cli("ZCARD", index)
+        assert st.redis_.cli("ZSCORE", index, ids[0]) == rec["created_at"]
+        assert int(st.redis_.cli("PTTL", index)) > 0
+        msgs = st.consume("promptq.requests", 16 + 16 + 8 + 1, timeout=T(30))
+        content = {}
+        for m in msgs:
+            env = json.loads(m["value"])
+            content.setdefault(m["key"], set()).add(env["request"]["messages"][0]["content"])
+        for i in range(8):
+            a, b = out[32 + 2 * i], out[33 + 2 * i]
+            assert sorted([a[0], b[0]]) == [202, 409], (a, b)
+            won = "first %d" % i if a[0] == 202 else "second %d" % i
+            assert content["two-%d" % i] == {won}, (i, content["two-%d" % i])
+            assert content["same-%d" % i] == {"same %d" % i}
+        assert set(ids) <= set(content) and content["wrong-1"] == {"wrong type"}
+
+
 def test_sigterm_answers_inflight_and_exits_zero():
     with harness.Stack("broker-sigterm") as st:
         p = start(st)

@@ -175,6 +175,53 @@ static const char *SIMPLE =
     "{\"tenant\":\"t1\",\"request\":{\"model\":\"m\",\"messages\":[{\"role\":\"user\","
     "\"content\":\"line one\\nline two\\r\\n\\u2028end\"}]},\"metadata\":{\"k\":\"a\\nb\"}}";
 
+/* The dump is jansson's compact text, byte for byte, around its 4 KiB stack buffer: smaller,
+ * exactly that size, one byte more, and much larger. */
+static void set_content(pq_envelope_t *env, size_t n)
+{
+    json_t *msg =
+        json_array_get(json_object_get(json_object_get(env->root, "request"), "messages"), 0);
+    char *content = malloc(n + 1);
+
+    assert_non_null(content);
+    memset(content, 'x', n);
+    content[n] = '\0';
+    assert_int_equal(json_object_set_new(msg, "content", json_string(content)), 0);
+    free(content);
+}
+
+static void test_dump_sizes(void **state)
+{
+    static const size_t sizes[] = {200, 4095, 4096, 4097, 100000};
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        pq_envelope_t env;
+        char errstr[256], *want, *dump;
+        size_t len = 0, base;
+
+        assert_int_equal(
+            pq_envelope_parse(SIMPLE, strlen(SIMPLE), NULL, &env, errstr, sizeof(errstr)), PQ_OK);
+        set_content(&env, 0);
+        want = json_dumps(env.root, JSON_COMPACT);
+        assert_non_null(want);
+        base = strlen(want);
+        free(want);
+        assert_true(base < sizes[i]);
+        set_content(&env, sizes[i] - base);
+        want = json_dumps(env.root, JSON_COMPACT);
+        dump = pq_envelope_dump(&env, &len);
+        assert_non_null(want);
+        assert_non_null(dump);
+        assert_int_equal(len, sizes[i]);
+        assert_int_equal(strlen(dump), sizes[i]);
+        assert_string_equal(dump, want);
+        free(want);
+        free(dump);
+        pq_envelope_clear(&env);
+    }
+}
+
 static void test_dump_one_line(void **state)
 {
     pq_envelope_t env, again;
@@ -402,7 +449,7 @@ int main(void)
         cmocka_unit_test(test_dump_one_line),        cmocka_unit_test(test_set_id_reply_to),
         cmocka_unit_test(test_default_document_cap), cmocka_unit_test(test_reply_prefix),
         cmocka_unit_test(test_id_tenant_valid),      cmocka_unit_test(test_id_generate),
-        cmocka_unit_test(test_id_generate_threads),
+        cmocka_unit_test(test_id_generate_threads),  cmocka_unit_test(test_dump_sizes),
     };
     char path[1024], **names = NULL;
     size_t n = 0, cap = 0, nfixed = sizeof(fixed) / sizeof(fixed[0]);

@@ -29,6 +29,11 @@
  * Returns 1 created (status queued), 0 exists with the same request hash, -1 exists with another
  * request hash (409 / id_conflict). */
 extern const char pq_script_job_create[];
+/* The Lua functions behind it, for scripts that create several records (the broker's
+ * job_create_many): job_create(k, z, hash, now, ttl, route, cb, tenant, id) returns as
+ * pq_script_job_create and adds a created id to z (when z and id) without trimming;
+ * index_trim(z, now, ttl) drops z's entries older than ttl and sets its TTL. */
+extern const char pq_lua_job_create[];
 
 /* Broker, when a job it created could not be made durable. KEYS[1] job key. Deletes the record
  * only if it is still queued and never delivered. Returns 1 deleted, 0 kept. */
