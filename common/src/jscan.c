@@ -58,9 +58,7 @@ static int hex4(const char *p, const char *end, unsigned *out)
     return 0;
 }
 
-/* One UTF-8 sequence of 2 to 4 bytes at p (p[0] >= 0x80), as jansson's utf8_check_full takes
- * it: its length, or 0 when it is not valid (overlong, surrogate, above U+10FFFF, cut). */
-static size_t utf8_seq(const unsigned char *p, const unsigned char *end)
+size_t pq_js_utf8_len(const unsigned char *p, const unsigned char *end)
 {
     unsigned c = p[0], cp;
     size_t n;
@@ -106,7 +104,7 @@ static const char *scan_string(scan_t *s, const char *p, int key)
         if (c < 0x20)
             return fail(s, p); /* raw control character */
         if (c >= 0x80) {
-            size_t n = utf8_seq((const unsigned char *)p, (const unsigned char *)end);
+            size_t n = pq_js_utf8_len((const unsigned char *)p, (const unsigned char *)end);
             if (!n)
                 return fail(s, p);
             p += n;

@@ -1,5 +1,6 @@
 /* The JSON writer (jwrite.h). */
 #include "promptq/jwrite.h"
+#include "promptq/jscan.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -63,33 +64,6 @@ void pq_jw_key(pq_jw_t *w, const char *name)
     w->buf[w->len++] = ':';
 }
 
-/* The length of the valid UTF-8 character at p (p[0] >= 0x80), 0 when there is none. */
-static size_t utf8_len(const unsigned char *p, const unsigned char *end)
-{
-    unsigned c = p[0], cp;
-    size_t n;
-
-    if (c >= 0xC2 && c <= 0xDF)
-        n = 2, cp = c & 0x1F;
-    else if (c >= 0xE0 && c <= 0xEF)
-        n = 3, cp = c & 0x0F;
-    else if (c >= 0xF0 && c <= 0xF4)
-        n = 4, cp = c & 0x07;
-    else
-        return 0;
-    if ((size_t)(end - p) < n)
-        return 0;
-    for (size_t i = 1; i < n; i++) {
-        if ((p[i] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (p[i] & 0x3F);
-    }
-    if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10FFFF ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return n;
-}
-
 void pq_jw_strn(pq_jw_t *w, const char *s, size_t n)
 {
     const unsigned char *p = (const unsigned char *)s, *end = p + n;
@@ -111,7 +85,7 @@ void pq_jw_strn(pq_jw_t *w, const char *s, size_t n)
             continue;
         }
         if (c >= 0x80) {
-            if ((k = utf8_len(p, end))) {
+            if ((k = pq_js_utf8_len(p, end))) {
                 memcpy(w->buf + w->len, p, k);
                 w->len += k;
                 p += k;

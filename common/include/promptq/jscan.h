@@ -81,4 +81,8 @@ int pq_js_str_plain(const pq_js_t *v);
 /* An integer's value. Returns 0, or -1 when v is no integer. */
 int pq_js_int(const pq_js_t *v, int64_t *out);
 
+/* The length of the UTF-8 character of 2 to 4 bytes at p (p < end, p[0] >= 0x80) as jansson
+ * takes it, or 0 when it is not one (overlong, a surrogate, above U+10FFFF, cut short). */
+size_t pq_js_utf8_len(const unsigned char *p, const unsigned char *end);
+
 #endif
