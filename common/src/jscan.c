@@ -11,6 +11,9 @@
  * refused (jansson reads them; nothing promptq looks at is one). */
 #define REAL_MAX_CHARS 320
 
+/* Most members pq_js_unique_names compares (a larger max_members is taken as this). */
+#define UNIQUE_NAMES_MAX 256
+
 typedef struct scan_s {
     const char *start, *end;
     const char *fault;
@@ -446,21 +449,23 @@ int pq_js_get(const pq_js_t *obj, const char *name, pq_js_t *out)
 
 int pq_js_unique_names(const pq_js_t *obj, size_t max_members)
 {
-    pq_js_iter_t it, jt;
-    pq_js_t k, v, k2, v2;
-    size_t i = 0;
+    pq_js_t names[UNIQUE_NAMES_MAX], k, v;
+    pq_js_iter_t it;
+    size_t n = 0;
 
     if (obj->type != PQ_JS_OBJECT)
         return 0;
+    if (max_members > UNIQUE_NAMES_MAX)
+        max_members = UNIQUE_NAMES_MAX;
+    /* one walk collects the names (values are skipped once), then they are compared */
     pq_js_iter(obj, &it);
     while (pq_js_next_member(&it, &k, &v)) {
-        if (++i > max_members || memchr(k.p, '\\', k.n))
+        if (n == max_members || memchr(k.p, '\\', k.n))
             return 0;
-        /* every later member */
-        jt = it;
-        while (pq_js_next_member(&jt, &k2, &v2))
-            if (k2.n == k.n && memcmp(k2.p, k.p, k.n) == 0)
+        for (size_t i = 0; i < n; i++)
+            if (names[i].n == k.n && memcmp(names[i].p, k.p, k.n) == 0)
                 return 0;
+        names[n++] = k;
     }
     return 1;
 }

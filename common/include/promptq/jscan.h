@@ -69,7 +69,7 @@ int pq_js_get(const pq_js_t *obj, const char *name, pq_js_t *out);
 
 /* 1 when no two members of object obj have the same name and no name holds an escape (so
  * names compare as written, and every reader sees each member once); 0 otherwise, also when
- * obj has more than max_members members (the check is quadratic). */
+ * obj has more than max_members members (at most 256; the names are compared pairwise). */
 int pq_js_unique_names(const pq_js_t *obj, size_t max_members);
 
 /* 1 when v is a string written exactly s between its quotes (no escapes in v). */
