@@ -13,8 +13,7 @@
     (2 + (PQ_ERR__RETRYABLE_END - PQ_ERR__RETRYABLE_BEGIN) +                                       \
      (PQ_ERR__PERMANENT_END - PQ_ERR__PERMANENT_BEGIN))
 #define PROBE_MAX_BYTES  (256 * 1024)
-#define TOKEN_TIMEOUT_MS 10000 /* a token exchange, at most (and at most the provider's timeout)   \
-                                */
+#define TOKEN_TIMEOUT_MS 10000 /* a token exchange, at most (and the provider's timeout) */
 #define TOKEN_MAX_BYTES  (64 * 1024)
 #define MIN_RATIO_CALLS  10
 #define STATUS_POLL_MS   5000
