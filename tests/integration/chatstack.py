@@ -66,8 +66,9 @@ def queued_envelope(st, prompt, timeout=None):
     return wait_for(find, timeout or T(15), "the chat job on promptq.requests", interval=0.2)
 
 
-def finish(r, env, status, response=None, error=None, publish=True):
-    """Plays the worker: terminal write of the record, then PUBLISH on reply_to."""
+def finish(r, env, status, response=None, error=None, publish=True, response_text=None):
+    """Plays the worker: terminal write of the record, then PUBLISH on reply_to.
+    response_text: the response as these exact bytes (spacing, escapes, duplicate names)."""
     rec = {"id": env["id"], "tenant": env["tenant"], "status": status, "route": "m1",
            "provider": "sim", "model": "x", "attempts": 1, "metadata": None, "latency_ms": 5,
            "created_at": "2026-01-01T00:00:00.000Z", "completed_at": "2026-01-01T00:00:01.000Z",
@@ -77,7 +78,10 @@ def finish(r, env, status, response=None, error=None, publish=True):
     if error is not None:
         rec["error"] = error
     key = "promptq:job:%s:%s" % (env["tenant"], env["id"])
-    r.cli("HSET", key, "status", status, "result", json.dumps(rec))
+    text = json.dumps(rec)
+    if response_text is not None:
+        text = text[:-1] + ', "response": ' + response_text + "}"
+    r.cli("HSET", key, "status", status, "result", text)
     if publish:
         r.cli("PUBLISH", env["reply_to"], "%s:%s" % (env["tenant"], env["id"]))
 

@@ -70,6 +70,34 @@ def test_reply_to_answer_and_sse():
         assert doc["id"] == env["id"], doc  # the job id, not the provider's
         assert doc["choices"][0]["message"]["content"] == "echo: p-plain"
         assert doc["usage"]["total_tokens"] == 5
+        # the stored response's own bytes: spacing, escapes and member order kept, the id the
+        # job's (inserted when the provider gave none); a response naming "id" twice is read
+        # the long way, so every reader sees the job's id
+        stored = {
+            "no-id": ' { "object" : "chat.completion", "note": "caf\\u00e9 \\"q\\"", '
+                     '"choices": [{"index": 0, "message": {"role": "assistant", "content": '
+                     '"spliced"}, "finish_reason": "stop"}] } ',
+            "two-ids": '{"id": "chatcmpl-a", "object": "chat.completion", "id": "chatcmpl-b", '
+                       '"choices": []}',
+            "empty": "{}",
+        }
+        for case, text in stored.items():
+            c = Call(st, chat_body("p-" + case))
+            env = queued_envelope(st, "p-" + case)
+            finish(r, env, "succeeded", response_text=text)
+            status, hdrs, raw = c.answer()
+            assert status == 200, (case, status, raw)
+            doc = json.loads(raw)
+            assert doc["id"] == env["id"], (case, raw)
+            if case == "no-id":
+                assert raw.decode().startswith('{"id":"%s", "object" : ' % env["id"]), raw
+                assert 'caf\\u00e9 \\"q\\"' in raw.decode(), raw
+                assert doc["note"] == 'caf\u00e9 "q"', doc
+                assert doc["choices"][0]["message"]["content"] == "spliced", doc
+            elif case == "two-ids":
+                assert raw.decode().count('"id"') == 1, raw
+            else:
+                assert doc == {"id": env["id"]}, doc
 
         c = Call(st, chat_body("p-sse", stream=True, stream_options={"include_usage": True}))
         env = queued_envelope(st, "p-sse")
