@@ -276,13 +276,17 @@ void pq_bspool_kafka_changed(pq_broker_t *b)
 static void drain_set_up(pq_drain_t *d, int up)
 {
     pq_broker_t *b = d->b;
+    int was = atomic_exchange(&d->up, up);
 
-    if (atomic_exchange(&d->up, up) == up)
+    if (was == up)
         return;
-    if (up) {
-        /* A loop whose producer has nothing to send may not reconnect by itself (sparse
-         * connections): let it try producing again; if Kafka is not there for it after all,
-         * its jobs are spooled at the ack deadline. */
+    if (up && was == 0) {
+        /* Kafka is back after the drainer saw it gone. A loop whose producer has nothing to
+         * send may not reconnect by itself (sparse connections): let it try producing again;
+         * if Kafka is not there for it after all, its jobs are spooled at the ack deadline.
+         * Not on the drainer's first contact (was -1): that says nothing about a down a loop
+         * saw since, and its statistics may predate that down (test_spool saw the loops
+         * marked up for good right after Kafka went away). */
         for (int i = 0; i < b->nthreads; i++) {
             int down = 0;
 
