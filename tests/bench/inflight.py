@@ -66,6 +66,9 @@ def parse_args():
     ap.add_argument("--mult", type=float, default=3.0, help="jobs per run = mult x max_inflight (3)")
     ap.add_argument("--latency-ms", type=int, default=1000, help="the sim's answer delay (1000)")
     ap.add_argument("--topic", default="promptq.bulk", help="promptq.bulk or promptq.requests")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="worker processes in one group, each with worker.max_inflight M "
+                         "(jobs = mult x M x workers; CPU summed over them, RSS the largest)")
     ap.add_argument("--prompt-bytes", type=int, default=0,
                     help="pad each prompt to this many bytes (the sim echoes it: the answer's "
                          "content is as long); default: a 46-byte prompt")
@@ -77,8 +80,8 @@ def parse_args():
                          "into this file (the last run of the new worker only)")
     a = ap.parse_args()
     a.inflight = [int(x) for x in a.inflight.split(",") if x]
-    if a.runs < 1 or not a.inflight or min(a.inflight) < 1 or a.mult <= 0:
-        ap.error("runs >= 1, inflight values >= 1, mult > 0")
+    if a.runs < 1 or not a.inflight or min(a.inflight) < 1 or a.mult <= 0 or a.workers < 1:
+        ap.error("runs >= 1, inflight values >= 1, mult > 0, workers >= 1")
     return a
 
 
@@ -129,6 +132,29 @@ def counters(url):
     return out
 
 
+def settled(log_path):
+    """True when the worker's last rebalance in its log assigned it partitions."""
+    last = None
+    for line in open(log_path):
+        if "pq_consumer_on_rebalance: assigned" in line:
+            last = "assigned"
+        elif "pq_consumer_on_rebalance: revoked" in line:
+            last = "revoked"
+    return last == "assigned"
+
+
+def counters_of(urls):
+    """The workers' promptq_worker_jobs_total summed, or None while any endpoint is not up."""
+    out = {}
+    for u in urls:
+        c = counters(u)
+        if c is None:
+            return None
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def sim_requests(sim):
     """Calls the simulator has received so far (its control listener), or None."""
     try:
@@ -151,24 +177,37 @@ def envelope(job_id):
 
 
 def one_run(label, worker_bin, m, run, perf=None):
-    n = int(ARGS.mult * m)
+    n = int(ARGS.mult * m) * ARGS.workers
     name = "inflight-%s-%d-%d" % (label, m, run)
     with harness.Stack(name) as st:
         st.redis()
         st.devkafka(brokers=1, partitions=ARGS.partitions)
         s = st.sim("a")
         s.set_state({"mode": "ok", "latency_ms": ARGS.latency_ms})
-        port = harness.free_port()
-        path, _ = st.config(
-            providers={"sim": {"type": "openai", "base_url": s.api, "max_concurrency": 0}},
-            extra={"worker": {"max_inflight": m, "metrics_listen": "127.0.0.1:%d" % port}})
+        ports, paths = [], []
+        for k in range(ARGS.workers):
+            ports.append(harness.free_port())
+            paths.append(st.config(
+                providers={"sim": {"type": "openai", "base_url": s.api, "max_concurrency": 0}},
+                extra={"worker": {"max_inflight": m,
+                                  "metrics_listen": "127.0.0.1:%d" % ports[-1]}},
+                name="config-%d.json" % k)[0])
         ids = ["j%07d" % i for i in range(n)]
         envs = [envelope(i) for i in ids]
         req_bytes = sum(len(json.dumps(e, separators=(",", ":"))) + len(i) for e, i in zip(envs, ids))
-        st.produce(ARGS.topic, envs, keys=ids, timeout=120)
-        url = "http://127.0.0.1:%d" % port
+        urls = ["http://127.0.0.1:%d" % p for p in ports]
+        if ARGS.workers == 1:  # one worker: the jobs are waiting when it starts
+            st.produce(ARGS.topic, envs, keys=ids, timeout=120)
         load0 = loadavg()
-        w = st.spawn(worker_bin, "--config", path, name="worker")
+        ws = [st.spawn(worker_bin, "--config", path, name="worker-%d" % k if k else "worker")
+              for k, path in enumerate(paths)]
+        w = ws[0]
+        if ARGS.workers > 1:
+            # several: the group settles first (each worker's last rebalance an assignment),
+            # so the run measures the workers, not their join
+            wait_for(lambda: all(settled(x.log_path) for x in ws), 60, "the group to settle")
+            time.sleep(1.0)
+            st.produce(ARGS.topic, envs, keys=ids, timeout=120)
         load_t0 = time.monotonic()
         deadline = time.monotonic() + ARGS.timeout
         t_in = t_res = t_last = None
@@ -177,12 +216,12 @@ def one_run(label, worker_bin, m, run, perf=None):
         timeline = []  # (s since start, received, succeeded) every 20 ms
         while time.monotonic() < deadline:
             if t_in is None and (sim_requests(s) or 0) > 0:
-                t_in, cpu0 = time.monotonic(), proc_cpu_s(w.pid)
+                t_in, cpu0 = time.monotonic(), sum(proc_cpu_s(x.pid) for x in ws)
                 if perf:
                     perf_p = subprocess.Popen(["perf", "record", "-F", "999", "--call-graph", os.environ.get("PQ_PERF_CALLGRAPH", "fp"), "-o", perf,
                                                "-p", str(w.pid)],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            c = counters(url)
+            c = counters_of(urls)
             now = time.monotonic()
             if c:
                 timeline.append((round(now - load_t0, 3), c.get("received", 0), c.get("succeeded", 0)))
@@ -191,22 +230,23 @@ def one_run(label, worker_bin, m, run, perf=None):
                 if t_in is not None and c.get("succeeded", 0) >= n:
                     t_last = now
                     break
-            if not w.alive():
+            if not all(x.alive() for x in ws):
                 break
             time.sleep(0.02)
         if t_last is None:
             raise AssertionError("%s: %s jobs of %d succeeded in %.0f s" %
-                                 (name, (counters(url) or {}).get("succeeded"), n, ARGS.timeout))
-        cpu = proc_cpu_s(w.pid) - cpu0
+                                 (name, (counters_of(urls) or {}).get("succeeded"), n,
+                                  ARGS.timeout))
+        cpu = sum(proc_cpu_s(x.pid) for x in ws) - cpu0
         if perf:
             perf_p.send_signal(signal.SIGINT)
             perf_p.wait(60)
-        hwm = proc_hwm_kb(w.pid)
+        hwm = max(proc_hwm_kb(x.pid) for x in ws)
         sample = st.consume("promptq.results", 200, timeout=30)
         res_avg = statistics.mean(len(x["value"] or "") + len(x["key"] or "") for x in sample)
-        paused = sum(1 for line in open(w.log_path) if "consumption paused" in line)
+        paused = sum(1 for x in ws for line in open(x.log_path) if "consumption paused" in line)
         r = {
-            "label": label, "max_inflight": m, "run": run, "jobs": n,
+            "label": label, "max_inflight": m, "workers": ARGS.workers, "run": run, "jobs": n,
             "jobs_s": n / (t_last - t_in),
             "first_last_s": (n - c_res) / (t_last - t_res) if t_last > t_res else None,
             "window_s": t_last - t_in,
@@ -236,15 +276,16 @@ def main():
             for label, b in bins:  # alternately: the machine's noise falls on both
                 perf = ARGS.perf if label == "new" and run == ARGS.runs and m == ARGS.inflight[-1] else None
                 runs.append(one_run(label, b, m, run, perf))
-    print("\nmedians of %d runs (latency %d ms, topic %s, %d partitions, jobs = %.1f x max_inflight, "
-          "prompt %d bytes)" % (ARGS.runs, ARGS.latency_ms, ARGS.topic, ARGS.partitions, ARGS.mult,
-                                len(prompt())))
+    print("\nmedians of %d runs (latency %d ms, topic %s, %d partitions, jobs = %.1f x max_inflight "
+          "x %d worker(s), prompt %d bytes)" % (ARGS.runs, ARGS.latency_ms, ARGS.topic,
+                                                ARGS.partitions, ARGS.mult, ARGS.workers,
+                                                len(prompt())))
     print("%-6s %8s %9s %9s %10s %12s %10s %10s" % ("worker", "M", "ideal", "lane", "jobs/s",
                                                      "first->last", "CPU us/job", "RSS MB"))
     for m in ARGS.inflight:
-        ideal = m * 1000.0 / ARGS.latency_ms if ARGS.latency_ms else float("inf")
-        slots = m if ARGS.topic.endswith("requests") else m - m // 8
-        n = int(ARGS.mult * m)
+        ideal = m * ARGS.workers * 1000.0 / ARGS.latency_ms if ARGS.latency_ms else float("inf")
+        slots = (m if ARGS.topic.endswith("requests") else m - m // 8) * ARGS.workers
+        n = int(ARGS.mult * m) * ARGS.workers
         lane = n / (-(-n // slots) * ARGS.latency_ms / 1000.0) if ARGS.latency_ms else float("inf")
         for label, _ in bins:
             rs = [r for r in runs if r["label"] == label and r["max_inflight"] == m]
