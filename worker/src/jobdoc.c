@@ -41,39 +41,6 @@ char *pq_jobdoc_dump(const json_t *o, size_t *len)
     return s;
 }
 
-char *pq_jobdoc_dump_with(const json_t *o, const char *name, const char *text, size_t text_len,
-                          size_t *len)
-{
-    size_t olen, nlen = strlen(name);
-    char *s = pq_jobdoc_dump(o, &olen), *out, *p;
-
-    *len = 0;
-    if (!s || olen < 2 || s[olen - 1] != '}') {
-        free(s);
-        return NULL;
-    }
-    /* {...} -> {...,"name":text} */
-    out = realloc(s, olen + 1 + nlen + 3 + text_len + 2);
-    if (!out) {
-        free(s);
-        return NULL;
-    }
-    p = out + olen - 1;
-    if (olen > 2)
-        *p++ = ',';
-    *p++ = '"';
-    memcpy(p, name, nlen);
-    p += nlen;
-    *p++ = '"';
-    *p++ = ':';
-    memcpy(p, text, text_len);
-    p += text_len;
-    *p++ = '}';
-    *p = '\0';
-    *len = (size_t)(p - out);
-    return out;
-}
-
 json_t *pq_jobdoc_error(const pq_jobdoc_t *d)
 {
     json_t *e = json_object();
@@ -246,11 +213,18 @@ char *pq_jobdoc_invalid(const char *buf, size_t len, const char *why, size_t *ou
 char *pq_jobdoc_cache_entry(const char *provider, const char *model, const char *response,
                             size_t response_len, size_t *len)
 {
-    json_t *doc = json_pack("{s:s, s:s}", "provider", provider, "model", model);
-    char *s = doc ? pq_jobdoc_dump_with(doc, "response", response, response_len, len) : NULL;
+    pq_jw_t w;
 
-    json_decref(doc);
-    return s;
+    pq_jw_init(&w, 64 + response_len);
+    pq_jw_raw(&w, "{", 1);
+    pq_jw_key(&w, "provider");
+    pq_jw_str(&w, provider);
+    pq_jw_key(&w, "model");
+    pq_jw_str(&w, model);
+    pq_jw_key(&w, "response");
+    pq_jw_raw(&w, response, response_len);
+    pq_jw_raw(&w, "}", 1);
+    return pq_jw_finish(&w, len);
 }
 
 json_t *pq_jobdoc_cache_parse(const char *buf, size_t len)

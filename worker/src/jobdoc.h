@@ -77,12 +77,6 @@ json_t *pq_jobdoc_raw_string(const char *buf, size_t len);
 char *pq_jobdoc_cache_entry(const char *provider, const char *model, const char *response,
                             size_t response_len, size_t *len);
 
-/* o's compact JSON text with the member name: text spliced in last. o: an object; name: a
- * member name that needs no escaping; text: a JSON text (not checked here), text_len bytes.
- * New string (free()), NULL on failure; *len its length. */
-char *pq_jobdoc_dump_with(const json_t *o, const char *name, const char *text, size_t text_len,
-                          size_t *len);
-
 /* Reads a cache entry: the document when it is an object with an object "response" and string
  * "provider" and "model", else NULL. New reference. buf: borrowed. */
 json_t *pq_jobdoc_cache_parse(const char *buf, size_t len);
