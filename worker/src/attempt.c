@@ -427,7 +427,9 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         err = PQ_OK; /* the answer is taken as it is: no completion object is built */
         verbatim = 1;
     } else if (res->err == PQ_OK) {
-        err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, &verbatim,
+        /* no verbatim flag: for an adapter with answer_as_is it would repeat the check that
+         * just said no, and the others never set it */
+        err = ops->parse_response(t, res->status, res->body, res->body_len, &completion, NULL,
                                   &fault, msg, sizeof(msg));
     } else if (res->streamed && j->st && res->err != PQ_ERR_TIMEOUT && res->err != PQ_ERR_CONNECT &&
                pq_stream_errstr(j->st)[0]) {
