@@ -51,7 +51,11 @@ is wrong. Unknown keys are errors, so a typo never silently falls back to a defa
   producers. Keys that would break promptq's guarantees are refused with the reason
   (`enable.idempotence`, `acks`, `retries`, `max.in.flight...`, `transactional.id`,
   `enable.auto.commit`, `enable.auto.offset.store`, `auto.offset.reset`, `isolation.level`,
-  `group.id`: use `worker.group_id`, ...).
+  `group.id`: use `worker.group_id`, ...). promptq's own defaults, which a key here replaces:
+  `linger.ms` 1 on producers; `auto.commit.interval.ms` 1000 and
+  `topic.metadata.refresh.interval.ms` 5000 on the workers' consumers (offsets stored by the worker
+  are committed every second, so a rebalance redelivers at most about a second of finished jobs,
+  whose stored results are re-published, not recomputed).
 
 ## Environment
 

@@ -160,6 +160,12 @@ rd_kafka_conf_t *pq_kafka_conf_new(const pq_conf_t *conf, pq_kafka_role_t role, 
             set_fixed(rk, "enable.partition.eof", "false", errstr, errstr_size) ||
             set_fixed(rk, REFRESH_KEY, "5000", errstr, errstr_size))
             goto out_destroy;
+        /* librdkafka's default is 5 s. A rebalance redelivers what finished since the last
+         * commit (the commit on revoke may be refused mid-rebalance: the embedded mock cluster
+         * always refuses it), so commit the stored offsets every second. */
+        if (!kv_get(conf, "auto.commit.interval.ms") &&
+            set_fixed(rk, "auto.commit.interval.ms", "1000", errstr, errstr_size))
+            goto out_destroy;
     }
 
     for (size_t i = 0; conf && i < conf->nkafka; i++) {

@@ -487,6 +487,9 @@ class Stack:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.failed = True
+            # the reason first: a CI log clipped in the middle still shows it
+            sys.stderr.write("----- %s failed: %s\n" % (self.name, "".join(
+                traceback.format_exception_only(exc_type, exc)).strip()[:2000]))
             self.print_tails()
         self.close()
         _current_stacks.remove(self)
@@ -567,6 +570,9 @@ class Stack:
                                  "heartbeat.interval.ms": "1000",
                                  "fetch.wait.max.ms": "5",
                                  "topic.metadata.refresh.interval.ms": "1000"})
+            if os.environ.get("PQ_KDEBUG"):  # e.g. PQ_KDEBUG=cgrp: librdkafka's debug contexts
+                cfg["kafka"]["debug"] = os.environ["PQ_KDEBUG"]
+                cfg["log"] = {"level": "debug"}
         if self.redis_:
             cfg["redis"]["url"] = self.redis_.url
         if extra:

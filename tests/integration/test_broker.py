@@ -374,9 +374,10 @@ def test_record_creates_batched_per_iteration():
         assert codes.count(202) == 41 and codes.count(409) == 8, codes
         assert all(o[0] == 202 for o in out[:32]) and out[48][0] == 202, (out[:32], out[48])
         assert metric(st, "promptq_broker_redis_errors_total") == errors0 + 1
-        # commands carried many creates each (the 49 were read in one or a few iterations;
-        # without batching there is one per job)
-        assert 1 <= calls <= 12, (calls, codes)
+        # commands carried many creates each: without batching there is one per job (49). How
+        # many loop iterations read the 49 depends on how the kernel delivers them (a loaded CI
+        # machine was seen to need 16), so the bound is half of that, not a timing guess.
+        assert 1 <= calls <= len(bodies) // 2, (calls, codes)
         ids = [o[1]["id"] for o in out[:16]]
         keys = ["promptq:job:default:%s" % j for j in ids + ["same-%d" % i for i in range(8)] +
                 ["two-%d" % i for i in range(8)]]

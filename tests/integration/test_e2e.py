@@ -71,8 +71,12 @@ def results_by_id(st, want_ids, timeout):
         wait_for(scan, timeout, "results for %d ids" % len(want), interval=1.0)
     except AssertionError:
         missing = want - set(by_id)
-        raise AssertionError("lost %d of %d acknowledged ids, e.g. %s" %
-                             (len(missing), len(want), sorted(missing)[:5]))
+        # where the first few stand in Redis: lost, still running, or done but not on the topic
+        where = {j: st.redis_.cli("HGET", "promptq:job:default:" + j, "status")
+                 for j in sorted(missing)[:5]}
+        raise AssertionError("no result for %d of %d acknowledged ids (%d results read); "
+                             "their Redis status: %s" %
+                             (len(missing), len(want), sum(map(len, by_id.values())), where))
     return by_id
 
 

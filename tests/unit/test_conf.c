@@ -580,6 +580,7 @@ static void test_kafka_conf(void **state)
     assert_string_equal(kget(k, "auto.offset.reset", buf, sizeof(buf)), "smallest");
     assert_string_equal(kget(k, "group.id", buf, sizeof(buf)), "g1");
     assert_string_equal(kget(k, "topic.metadata.refresh.interval.ms", buf, sizeof(buf)), "5000");
+    assert_string_equal(kget(k, "auto.commit.interval.ms", buf, sizeof(buf)), "1000");
     assert_string_equal(kget(k, "client.id", buf, sizeof(buf)), "pq-test");
     rd_kafka_conf_destroy(k);
     pq_conf_destroy(c);
@@ -600,6 +601,18 @@ static void test_kafka_conf(void **state)
     k = pq_kafka_conf_new(c, PQ_KAFKA_CONSUMER, err, sizeof(err));
     assert_non_null(k);
     assert_string_equal(kget(k, "topic.metadata.refresh.interval.ms", buf, sizeof(buf)), "1000");
+    rd_kafka_conf_destroy(k);
+    pq_conf_destroy(c);
+
+    /* the user's commit interval replaces promptq's */
+    c = load_str("{\"kafka\":{\"auto.commit.interval.ms\":\"250\"},"
+                 "\"providers\":{\"p\":{\"type\":\"openai\"}},"
+                 "\"routes\":{\"r\":[{\"provider\":\"p\",\"model\":\"m\"}]}}",
+                 err, sizeof(err));
+    assert_non_null(c);
+    k = pq_kafka_conf_new(c, PQ_KAFKA_CONSUMER, err, sizeof(err));
+    assert_non_null(k);
+    assert_string_equal(kget(k, "auto.commit.interval.ms", buf, sizeof(buf)), "250");
     rd_kafka_conf_destroy(k);
     pq_conf_destroy(c);
 
