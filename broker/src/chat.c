@@ -34,6 +34,7 @@
  * as soon as the job is durable, the worker's chunks are relayed live from the job's Redis
  * Stream (see "live streams" below), and every later answer above is an event on that reply:
  * errors as {"error":{...}} events (timeout too), always ending with "data: [DONE]". */
+#include "api.h"
 #include "broker.h"
 #include "chat.h"
 #include "http.h"
@@ -123,7 +124,9 @@ typedef struct {
     int64_t xread_sent_ms;   /* monotonic, 0 when no XREAD is outstanding */
     unsigned started : 1;    /* headers sent: the rest goes out as chunks */
     unsigned ended : 1;      /* the stream said end before any chunk: the record answers */
-    unsigned terminal : 1;   /* the record is terminal (status, result kept) */
+    unsigned terminal : 1;   /* the record is terminal (status kept) */
+    unsigned resumed : 1;    /* GET /v1/jobs/{id}/stream: the stream existed (or the job was not
+                              * terminal) when it was opened: entries answer, not the record */
     char status[16];
 } stream_t;
 
@@ -172,7 +175,7 @@ static void chat_fail(pq_slot_t *s, int code, const char *type, const char *errc
 
     va_start(ap, fmt);
     if (!stream_started(s)) {
-        openai_error(s->t, s->req, PQ_PATH_CHAT, code, type, errcode, fmt, ap);
+        openai_error(s->t, s->req, s->path, code, type, errcode, fmt, ap);
         va_end(ap);
         return;
     }
@@ -445,7 +448,7 @@ static void on_close(struct evhttp_connection *evcon, void *handle)
     pq_bthread_t *t = pq_bthread_current;
     pq_slot_t *s;
 
-    if (!t || !(s = pq_slot_from_handle(t, handle)) || s->path != PQ_PATH_CHAT ||
+    if (!t || !(s = pq_slot_from_handle(t, handle)) || (s->path != PQ_PATH_CHAT && !stream_of(s)) ||
         s->state != PQ_SLOT_WAIT || !s->req || evhttp_request_get_connection(s->req))
         return;
     pq_counter_add(t->b->m_chat_abandoned, 1);
@@ -464,7 +467,7 @@ static void reply_json(pq_slot_t *s, int code, json_t *doc)
         pq_chat_error(s->t, s->req, 500, "server_error", "internal", "out of memory");
         return;
     }
-    pq_http_reply(s->t, s->req, PQ_PATH_CHAT, code, text, strlen(text));
+    pq_http_reply(s->t, s->req, s->path, code, text, strlen(text));
     free(text);
 }
 
@@ -605,7 +608,7 @@ static int reply_stream(pq_slot_t *s, json_t *resp)
         return -1;
     evhttp_add_header(h, "Content-Type", "text/event-stream");
     evhttp_add_header(h, "Cache-Control", "no-cache");
-    pq_http_reply(s->t, s->req, PQ_PATH_CHAT, 200, NULL, 0);
+    pq_http_reply(s->t, s->req, s->path, 200, NULL, 0);
     return 0;
 }
 
@@ -700,7 +703,7 @@ static int answer_spliced(pq_slot_t *s, const char *result, size_t len)
         evbuffer_add(out, resp.p + 1, resp.n - 1);
     }
     free(idjson);
-    pq_http_reply(s->t, s->req, PQ_PATH_CHAT, 200, NULL, 0);
+    pq_http_reply(s->t, s->req, s->path, 200, NULL, 0);
     return 0;
 }
 
@@ -970,8 +973,13 @@ static int relay_entries(pq_slot_t *s, stream_t *st, const redisReply *reply, st
             return 1;
         } else if (!strcmp(ty->str, "end")) {
             if (st->chunks)
-                return 1;  /* a plain "data: [DONE]", as OpenAI ends a stream */
-            st->ended = 1; /* nothing relayed: the terminal record answers */
+                return 1; /* a plain "data: [DONE]", as OpenAI ends a stream */
+            /* nothing relayed: the terminal record answers, read now (a resumed stream's
+             * broker gets no reply_to message) */
+            st->ended = 1;
+            st->terminal = 0;
+            evtimer_del(st->grace);
+            read_record(s);
             return 0;
         }
     }
@@ -999,6 +1007,8 @@ static void reader_reply(redisAsyncContext *ac, void *r, void *handle)
         reader_drop(st);
         return;
     }
+    if (reply->type == REDIS_REPLY_NIL && st->resumed && !st->terminal)
+        read_record(s); /* a block with no entry: cheap insurance, once per STREAM_BLOCK_MS */
     if (reply->type == REDIS_REPLY_ARRAY && (buf = evbuffer_new())) {
         done = relay_entries(s, st, reply, buf);
         if (done) {
@@ -1096,6 +1106,24 @@ static void reader_open(pq_slot_t *s)
     reader_xread(s);
 }
 
+/* A resumed stream's job is terminal and nothing was relayed yet: entries to come (a stream
+ * was written before the terminal record) or none (a job that did not stream: its record). */
+static void resumed_exists_cb(redisAsyncContext *ac, void *reply, void *handle)
+{
+    pq_slot_t *s = pq_slot_replied(ac, reply, handle);
+    const redisReply *r = reply;
+    stream_t *st = s ? stream_of(s) : NULL;
+
+    if (!st || s->state != PQ_SLOT_WAIT || st->chunks || st->ended)
+        return;
+    if (r && r->type == REDIS_REPLY_INTEGER && r->integer == 0) {
+        st->ended = 1;
+        st->terminal = 0;
+        evtimer_del(st->grace);
+        read_record(s);
+    }
+}
+
 /* The record of a started stream is terminal. */
 static void stream_terminal(pq_slot_t *s, const char *status, const char *result, size_t len)
 {
@@ -1103,7 +1131,9 @@ static void stream_terminal(pq_slot_t *s, const char *status, const char *result
 
     if (st->terminal)
         return;
-    if (!st->chunks) {
+    if (st->resumed && !st->chunks && !st->ended)
+        pq_rconn_sendf(s->t, resumed_exists_cb, pq_slot_handle(s), "EXISTS %s", st->key);
+    if (!st->chunks && (!st->resumed || st->ended)) {
         /* nothing relayed: the whole answer from the record (cache hit, a worker that does
          * not stream, a replay) */
         answer(s, status, result, len);
@@ -1111,7 +1141,9 @@ static void stream_terminal(pq_slot_t *s, const char *status, const char *result
     }
     st->terminal = 1;
     snprintf(st->status, sizeof(st->status), "%s", status);
-    arm(st->grace, STREAM_GRACE_MS);
+    /* a resumed stream of a finished job reads entries that are all there already: its
+     * grace is only for a slow reader connection */
+    arm(st->grace, st->resumed ? 5 * STREAM_GRACE_MS : STREAM_GRACE_MS);
 }
 
 /* The stream's job is durable: headers out, reader started. Returns 0, or -1 (the slot then
@@ -1130,10 +1162,11 @@ static int stream_begin(pq_slot_t *s)
         !(st->keepalive = evtimer_new(t->base, keepalive_cb, pq_slot_handle(s))) ||
         !(st->grace = evtimer_new(t->base, grace_cb, pq_slot_handle(s))))
         return -1;
-    strcpy(st->last, "0-0");
+    if (!st->last[0])
+        strcpy(st->last, "0-0"); /* a resumed stream starts after its Last-Event-ID */
     evhttp_add_header(h, "Content-Type", "text/event-stream");
     evhttp_add_header(h, "Cache-Control", "no-cache");
-    pq_http_reply_start(t, s->req, PQ_PATH_CHAT, 200);
+    pq_http_reply_start(t, s->req, s->path, 200);
     st->started = 1;
     /* evhttp now owns the connection's callbacks; reading stays on to see a close, and the
      * idle timeouts go: the slot's deadline (sync_timeout_ms) bounds the stream */
@@ -1379,6 +1412,153 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
     return;
 out:
     pq_envelope_clear(&env);
+}
+
+/* ---- GET /v1/jobs/{id}/stream: a job's live stream, joined or resumed ----
+ *
+ * Any job whose request has "stream": true (a chat call or a POST /v1/jobs job) can be followed
+ * here, on any broker: the job's record is looked up (404 if absent), then the slot waits as a
+ * stream waiter does. Last-Event-ID (an entry id the client saw) resumes after that entry;
+ * without it the stream is read from its start. While the job's Redis Stream exists (or the job
+ * is not finished yet) its entries answer: chunks, then [DONE] on its end, an error event on a
+ * restart after something was relayed. A finished job whose stream has expired (TTL 10 min) is
+ * answered whole from its record, as events without ids. This broker may get no reply_to
+ * message for the job: the stream's end entry, or a block with no entry, reads the record. */
+
+static void resume_timeout(pq_slot_t *s)
+{
+    if (s->state == PQ_SLOT_WAIT) {
+        pq_chat_timeout(s);
+    } else {
+        pq_http_error(s->t, s->req, PQ_PATH_JOB, 503, "unavailable",
+                      "job store (Redis) did not answer");
+        pq_slot_release(s);
+    }
+}
+
+static const pq_slot_ops_t resume_ops = {resume_timeout, resume_timeout, pq_chat_unlink};
+
+/* An SSE event id as the worker's XADD makes them: <ms>-<seq>. */
+static int entry_id_valid(const char *v)
+{
+    const char *dash = strchr(v, '-');
+    size_t n = strlen(v);
+
+    if (!dash || n >= sizeof(((stream_t *)0)->last) || dash == v || !dash[1])
+        return 0;
+    for (const char *p = v; *p; p++)
+        if (p != dash && (*p < '0' || *p > '9'))
+            return 0;
+    return 1;
+}
+
+/* HGET status: what the EXISTS reply that follows it needs. */
+static void resume_status_cb(redisAsyncContext *ac, void *reply, void *handle)
+{
+    pq_slot_t *s = pq_slot_replied(ac, reply, handle);
+    const redisReply *r = reply;
+    stream_t *st = s ? stream_of(s) : NULL;
+
+    if (!st || s->state != PQ_SLOT_GET)
+        return;
+    if (r && r->type == REDIS_REPLY_STRING)
+        pq_strlcpy(st->status, r->str, sizeof(st->status));
+    else if (r && r->type == REDIS_REPLY_NIL)
+        strcpy(st->status, "-"); /* no such job */
+}
+
+static void resume_exists_cb(redisAsyncContext *ac, void *reply, void *handle)
+{
+    pq_slot_t *s = pq_slot_replied(ac, reply, handle);
+    const redisReply *r = reply;
+    stream_t *st = s ? stream_of(s) : NULL;
+
+    if (!st || s->state != PQ_SLOT_GET)
+        return;
+    if (!r || r->type != REDIS_REPLY_INTEGER || !st->status[0]) {
+        evhttp_add_header(evhttp_request_get_output_headers(s->req), "Retry-After", "1");
+        pq_http_error(s->t, s->req, PQ_PATH_JOB, 503, "unavailable",
+                      "job store (Redis) unavailable");
+        pq_slot_release(s);
+        return;
+    }
+    if (!strcmp(st->status, "-")) {
+        pq_http_error(s->t, s->req, PQ_PATH_JOB, 404, "not_found", "no such job");
+        pq_slot_release(s);
+        return;
+    }
+    st->resumed = r->integer > 0 || !is_terminal(st->status);
+    if (!st->resumed)
+        st->chunks = 0; /* the entries expired: the whole answer from the record */
+    st->status[0] = '\0';
+    s->chat.deadline_ms = pq_mono_ms() + s->t->bc->conf->sync_timeout_ms;
+    evhttp_add_header(evhttp_request_get_output_headers(s->req), "x-promptq-job-id", s->id);
+    evhttp_connection_set_closecb(evhttp_request_get_connection(s->req), on_close,
+                                  pq_slot_handle(s));
+    pq_chat_wait(s);
+}
+
+void pq_chat_resume(pq_bthread_t *t, struct evhttp_request *req, const char *id)
+{
+    const char *last = evhttp_find_header(evhttp_request_get_input_headers(req), "Last-Event-ID");
+    char tenant[PQ_TENANT_MAX + 1], jkey[512];
+    stream_t *st;
+    pq_slot_t *s;
+
+    if (pq_api_tenant(t, req, PQ_PATH_JOB, tenant, sizeof(tenant)) ||
+        pq_http_ratelimit(t, req, PQ_PATH_JOB, tenant))
+        return;
+    if (!pq_id_valid(id)) {
+        pq_http_error(t, req, PQ_PATH_JOB, 404, "not_found", "no such job");
+        return;
+    }
+    if (last && *last && !entry_id_valid(last)) {
+        pq_http_error(t, req, PQ_PATH_JOB, 400, "invalid_request",
+                      "Last-Event-ID: expected the id of an event of this stream (<ms>-<seq>)");
+        return;
+    }
+    if (atomic_load(&t->b->nstreams) >= PQ_BROKER_MAX_STREAMS) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        pq_http_error(t, req, PQ_PATH_JOB, 429, "too_many_streams",
+                      "%d streams are open on this broker; retry shortly", PQ_BROKER_MAX_STREAMS);
+        return;
+    }
+    if (!pq_rconn_usable(t) ||
+        pq_key_job(jkey, sizeof(jkey), t->bc->conf->redis_prefix, tenant, id) < 0) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
+        return;
+    }
+    if (!(st = calloc(1, sizeof(*st))) || !(s = pq_slot_get(t, PQ_PATH_JOB, req, &resume_ops))) {
+        free(st);
+        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "too many requests in flight");
+        return;
+    }
+    st->t = t;
+    atomic_fetch_add(&t->b->nstreams, 1);
+    s->ctx = st;
+    s->ctx_free = stream_free;
+    s->chat.stream = 1;
+    pq_strlcpy(s->id, id, sizeof(s->id));
+    pq_strlcpy(s->tenant, tenant, sizeof(s->tenant));
+    if (last && *last) {
+        pq_strlcpy(st->last, last, sizeof(st->last));
+        st->chunks = 1; /* the client has events of this stream: a restart is news to it */
+    }
+    if (pq_key_stream(st->key, sizeof(st->key), t->bc->conf->redis_prefix, tenant, id) < 0) {
+        pq_http_error(t, req, PQ_PATH_JOB, 404, "not_found", "no such job");
+        pq_slot_release(s);
+        return;
+    }
+    s->state = PQ_SLOT_GET;
+    event_add(&s->timer, t->tv_redis);
+    if (pq_rconn_sendf(t, resume_status_cb, pq_slot_handle(s), "HGET %s status", jkey) ||
+        pq_rconn_sendf(t, resume_exists_cb, pq_slot_handle(s), "EXISTS %s", st->key)) {
+        /* the first may be on its way: its answer finds the slot gone */
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", "1");
+        pq_http_error(t, req, PQ_PATH_JOB, 503, "unavailable", "job store (Redis) unavailable");
+        pq_slot_release(s);
+    }
 }
 
 /* ---- GET /v1/models ---- */

@@ -22,6 +22,8 @@ int pq_chat_thread_init(pq_bthread_t *t);
 void pq_chat_thread_free(pq_bthread_t *t);
 /* Answers every waiter 504 (stop deadline). */
 void pq_chat_stop_waiters(pq_bthread_t *t);
+/* GET /v1/jobs/{id}/stream: the job's live stream from its start, or after Last-Event-ID. */
+void pq_chat_resume(pq_bthread_t *t, struct evhttp_request *req, const char *id);
 void pq_models_get(pq_bthread_t *t, struct evhttp_request *req, const char *id);
 /* OpenAI-shaped error for the chat path: {"error":{"message","type","param":null,"code"}}. */
 void pq_chat_error(pq_bthread_t *t, struct evhttp_request *req, int code, const char *type,

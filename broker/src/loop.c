@@ -116,7 +116,7 @@ static void on_request(struct evhttp_request *req, void *arg)
 {
     pq_bthread_t *t = arg;
     const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
-    const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
+    const char *path = uri ? evhttp_uri_get_path(uri) : NULL, *p;
 
     if (!path)
         path = "";
@@ -142,6 +142,16 @@ static void on_request(struct evhttp_request *req, void *arg)
             pq_jobs_delete(t, req, path + 9);
         else
             method_not_allowed(t, req, PQ_PATH_JOB, "GET, DELETE");
+    } else if (!strncmp(path, "/v1/jobs/", 9) && path[9] && (p = strchr(path + 9, '/')) &&
+               !strcmp(p, "/stream") && p - (path + 9) <= PQ_ID_MAX) {
+        char id[PQ_ID_MAX + 1];
+
+        memcpy(id, path + 9, (size_t)(p - (path + 9)));
+        id[p - (path + 9)] = '\0';
+        if (method_is(req, EVHTTP_REQ_GET, EVHTTP_REQ_HEAD))
+            pq_chat_resume(t, req, id);
+        else
+            method_not_allowed(t, req, PQ_PATH_JOB, "GET");
     } else if (!strcmp(path, "/v1/chat/completions")) {
         if (evhttp_request_get_command(req) == EVHTTP_REQ_POST)
             pq_chat_post(t, req);

@@ -30,18 +30,27 @@ from chatstack import (AUTH, DEAD, KEY, ROUTES, TENANT, chat_body, cmdstat, comp
 class StreamClient(threading.Thread):
     """One streaming chat call over a raw socket; records when the head and each event came."""
 
-    def __init__(self, st, body):
+    def __init__(self, st, body=None, get=None, headers=None):
+        """POST body to /v1/chat/completions, or GET the path get with extra headers."""
         super().__init__(daemon=True)
-        data = json.dumps(body).encode()
         self.sock = socket.create_connection(("127.0.0.1", st.broker_port), timeout=T(60))
-        self.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                          b"Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items()).encode()
+        if get is not None:
+            self.sock.sendall(b"GET " + get.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                              b"Authorization: Bearer " + KEY.encode() + b"\r\n" + extra +
+                              b"\r\n")
+        else:
+            data = json.dumps(body).encode()
+            self.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                              b"Authorization: Bearer " + KEY.encode() + b"\r\n" + extra +
+                              b"Content-Type: application/json\r\nContent-Length: " +
+                              str(len(data)).encode() + b"\r\n\r\n" + data)
         self.status, self.headers, self.head_at = None, {}, None
         self.events = []  # (monotonic time, event text)
         self.done = threading.Event()
         self.error = None
         self.buf = b""
+        self.body = None  # a reply that is not a stream (an error)
         self.start()
 
     def _fill(self):
@@ -67,6 +76,12 @@ class StreamClient(threading.Thread):
             for ln in lines[1:]:
                 k, v = ln.split(":", 1)
                 self.headers[k.strip().lower()] = v.strip()
+            if "chunked" not in self.headers.get("transfer-encoding", ""):
+                n = int(self.headers.get("content-length", "0"))
+                while len(self.buf) < n:
+                    self._fill()
+                self.body = self.buf[:n]
+                return
             pending = b""
             while True:
                 size = int(self._line().split(b";")[0], 16)
@@ -134,6 +149,16 @@ def start(st, r, prompt, **kw):
     assert c.headers["x-promptq-job-id"] == env["id"], c.headers
     assert r.cli("EXISTS", skey(env)) == "0"  # the head went out before any chunk
     return c, env
+
+
+def resume(st, job_id, last=None):
+    """GET /v1/jobs/{id}/stream (with Last-Event-ID: last)."""
+    return StreamClient(st, get="/v1/jobs/%s/stream" % job_id,
+                        headers={"Last-Event-ID": last} if last else None)
+
+
+def event_id(ev):
+    return ev.split("\n", 1)[0][len("id: "):] if ev.startswith("id: ") else None
 
 
 def readers(r):
@@ -247,6 +272,124 @@ def test_stream_relay():
         status, _, doc = harness.http_json("GET", st.broker_url + "/v1/jobs/" + env["id"],
                                            headers=AUTH)
         assert status == 200 and doc["status"] == "queued", doc
+
+
+def test_stream_resume():
+    """GET /v1/jobs/{id}/stream, one stack, case after case: a client that lost its chat stream
+    comes back with Last-Event-ID and gets the rest, live; a finished job's stream is read again
+    from its entries, or from its record once the entries expired; a POST /v1/jobs stream job is
+    followed the same way; bad requests get 400/404 and touch nothing."""
+    with harness.Stack("stream-resume") as st:
+        r = no_worker_stack(st)
+
+        # a chat stream cut after two chunks, resumed after the first: the second at once,
+        # then the live tail
+        c, env = start(st, r, "p-cut")
+        ids = [xadd(r, env, "chunk", chunk_json(env, "", "assistant")),
+               xadd(r, env, "chunk", chunk_json(env, "Hel"))]
+        c.wait_events(2)
+        c.close()
+        wait_for(lambda: metric(st, "promptq_broker_chat_waiting") == 0, T(5), "waiter freed")
+        c2 = resume(st, env["id"], ids[0])
+        got = c2.wait_events(1)
+        assert c2.status == 200 and c2.headers["x-promptq-job-id"] == env["id"], c2.headers
+        assert c2.headers["content-type"].startswith("text/event-stream"), c2.headers
+        assert event_id(got[0][1]) == ids[1], got
+        ids.append(xadd(r, env, "chunk", chunk_json(env, "lo")))
+        assert event_id(c2.wait_events(2)[1][1]) == ids[2]
+        ids.append(xadd(r, env, "chunk", chunk_json(env, finish_reason="stop")))
+        xadd(r, env, "end")
+        events = c2.finished()
+        assert [event_id(e) for e in events] == ids[1:] + [None], events
+        assert events[-1] == "data: [DONE]", events
+        finish(r, env, "succeeded", completion("Hello"))
+        c2.close()
+
+        # the finished job: from its start (the stream's entries, with their ids), and after
+        # its last chunk ([DONE] only)
+        c3 = resume(st, env["id"])
+        events = c3.finished()
+        assert [event_id(e) for e in events] == ids + [None], events
+        c3.close()
+        c4 = resume(st, env["id"], ids[-1])
+        assert c4.finished() == ["data: [DONE]"]
+        c4.close()
+
+        # the entries expired: the whole answer from the record, as events without ids
+        r.cli("DEL", skey(env))
+        c5 = resume(st, env["id"], ids[1])
+        events = c5.finished()
+        assert events[-1] == "data: [DONE]" and all(event_id(e) is None for e in events), events
+        docs = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        assert all("choices" in d for d in docs), events
+        text = "".join(d["choices"][0]["delta"].get("content") or "" for d in docs if d["choices"])
+        assert text == "Hello", events
+        c5.close()
+
+        # bad requests: named, and nothing else changes
+        for path, hdrs, code in [("/v1/jobs/no-such-job/stream", {}, 404),
+                                 ("/v1/jobs/%s/stream" % env["id"], {"Last-Event-ID": "x"}, 400),
+                                 ("/v1/jobs/%s/stream" % env["id"], {"Last-Event-ID": "1-"}, 400)]:
+            status, _, doc = harness.http_json("GET", st.broker_url + path,
+                                               headers=dict(AUTH, **hdrs))
+            assert status == code, (path, status, doc)
+            assert doc["error"]["message"], doc
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/jobs/%s/stream" % env["id"])
+        assert status == 401, (status, doc)
+        status, _, _ = harness.http_json("POST", st.broker_url + "/v1/jobs/%s/stream" % env["id"],
+                                         {}, headers=AUTH)
+        assert status == 405
+
+        # a POST /v1/jobs job with "stream": true, followed before it starts; a restart after
+        # a chunk the client had is news to it (an error event); the job's broker gets no
+        # reply_to message here, so the block-timeout read or the end entry answers
+        status, _, doc = harness.http_json(
+            "POST", st.broker_url + "/v1/jobs",
+            {"request": {"model": "m1", "stream": True,
+                         "messages": [{"role": "user", "content": "p-jobs"}]}}, headers=AUTH)
+        assert status == 202, doc
+        jenv = {"id": doc["id"], "tenant": TENANT}
+        c6 = resume(st, jenv["id"])
+        wait_for(lambda: c6.head_at is not None, T(10), "headers of a queued job's stream")
+        assert c6.status == 200 and not c6.events, (c6.status, c6.events)
+        first = xadd(r, jenv, "chunk", chunk_json(jenv, "part", "assistant"))
+        c6.wait_events(1)
+        c6.close()
+        rid = xadd(r, jenv, "restart", json.dumps({"reason": "upstream reset"}))
+        c7 = resume(st, jenv["id"], first)
+        events = c7.finished()
+        assert event_id(events[0]) == rid and events[-1] == "data: [DONE]", events
+        assert json.loads(events[0].split("data: ", 1)[1])["error"]["code"] == \
+            "stream_restarted", events
+        c7.close()
+        # the new attempt's chunks and end, then the record: from the start, the reader stops
+        # at the restart as the live client did; after it, the new answer
+        nid = xadd(r, jenv, "chunk", chunk_json(jenv, "whole", "assistant"))
+        xadd(r, jenv, "end")
+        finish(r, jenv, "succeeded", completion("whole"), publish=False)
+        c8 = resume(st, jenv["id"], rid)
+        events = c8.finished()
+        assert [event_id(e) for e in events] == [nid, None], events
+        c8.close()
+
+        # a job without stream entries at all (no "stream": true): answered from its record by
+        # the read after a block without entries
+        status, _, doc = harness.http_json(
+            "POST", st.broker_url + "/v1/jobs",
+            {"request": {"model": "m1", "messages": [{"role": "user", "content": "p-plain"}]}},
+            headers=AUTH)
+        assert status == 202, doc
+        penv = {"id": doc["id"], "tenant": TENANT}
+        c9 = resume(st, penv["id"])
+        wait_for(lambda: c9.head_at is not None, T(10), "headers")
+        finish(r, penv, "succeeded", completion("plain answer"), publish=False)
+        events = c9.finished(T(25))
+        assert events[-1] == "data: [DONE]" and "plain answer" in "".join(events), events
+        c9.close()
+
+        # nothing left open
+        wait_for(lambda: readers(r) == 0 and metric(st, "promptq_broker_inflight_requests") == 0,
+                 T(5), "readers and slots freed")
 
 
 harness.run(globals())
