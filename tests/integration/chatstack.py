@@ -3,6 +3,8 @@ with an API key on a real redis-server and promptq-devkafka, and the worker's pa
 test (the terminal write of a job record and the PUBLISH on its reply_to)."""
 
 import json
+import socket
+import threading
 import time
 
 import harness
@@ -92,3 +94,104 @@ def completion(content, model="x"):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+class StreamClient(threading.Thread):
+    """One streaming chat call over a raw socket; records when the head and each event came."""
+
+    def __init__(self, st, body=None, get=None, headers=None):
+        """POST body to /v1/chat/completions, or GET the path get with extra headers."""
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", st.broker_port), timeout=T(60))
+        extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items()).encode()
+        if get is not None:
+            self.sock.sendall(b"GET " + get.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                              b"Authorization: Bearer " + KEY.encode() + b"\r\n" + extra +
+                              b"\r\n")
+        else:
+            data = json.dumps(body).encode()
+            self.sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                              b"Authorization: Bearer " + KEY.encode() + b"\r\n" + extra +
+                              b"Content-Type: application/json\r\nContent-Length: " +
+                              str(len(data)).encode() + b"\r\n\r\n" + data)
+        self.status, self.headers, self.head_at = None, {}, None
+        self.events = []  # (monotonic time, event text)
+        self.done = threading.Event()
+        self.error = None
+        self.buf = b""
+        self.body = None  # a reply that is not a stream (an error)
+        self.start()
+
+    def _fill(self):
+        d = self.sock.recv(65536)
+        if not d:
+            raise EOFError("connection closed")
+        self.buf += d
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def run(self):
+        try:
+            while b"\r\n\r\n" not in self.buf:
+                self._fill()
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            self.head_at = time.monotonic()
+            lines = head.decode().split("\r\n")
+            self.status = int(lines[0].split()[1])
+            for ln in lines[1:]:
+                k, v = ln.split(":", 1)
+                self.headers[k.strip().lower()] = v.strip()
+            if "chunked" not in self.headers.get("transfer-encoding", ""):
+                n = int(self.headers.get("content-length", "0"))
+                while len(self.buf) < n:
+                    self._fill()
+                self.body = self.buf[:n]
+                return
+            pending = b""
+            while True:
+                size = int(self._line().split(b";")[0], 16)
+                if size == 0:
+                    break
+                while len(self.buf) < size + 2:
+                    self._fill()
+                pending += self.buf[:size]
+                self.buf = self.buf[size + 2:]
+                while b"\n\n" in pending:
+                    ev, pending = pending.split(b"\n\n", 1)
+                    self.events.append((time.monotonic(), ev.decode()))
+        except Exception as e:  # noqa: BLE001 - checked by the test
+            self.error = e
+        finally:
+            self.done.set()
+
+    def wait_events(self, n, timeout=None):
+        wait_for(lambda: len(self.events) >= n or self.done.is_set(), timeout or T(10),
+                 "%d events" % n, interval=0.005)
+        assert len(self.events) >= n, (self.events, self.error)
+        return self.events[:n]
+
+    def finished(self, timeout=None):
+        assert self.done.wait(timeout or T(15)), "stream not ended"
+        assert self.error is None, (self.error, self.events)
+        return [e for _, e in self.events]
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # a FIN now, though run() is in recv
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def resume(st, job_id, last=None):
+    """GET /v1/jobs/{id}/stream (with Last-Event-ID: last)."""
+    return StreamClient(st, get="/v1/jobs/%s/stream" % job_id,
+                        headers={"Last-Event-ID": last} if last else None)
+
+
+def event_id(ev):
+    return ev.split("\n", 1)[0][len("id: "):] if ev.startswith("id: ") else None

@@ -13,6 +13,7 @@ Two parts:
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -20,8 +21,9 @@ import time
 
 import harness
 from harness import T, wait_for
-from chatstack import (AUTH, DEAD, KEY, ROUTES, TENANT, chat_body, cmdstat, completion, finish,
-                       metric, no_worker_stack, queued_envelope, start_broker)
+from chatstack import (AUTH, DEAD, KEY, ROUTES, TENANT, StreamClient, chat_body, cmdstat,
+                       completion, event_id, finish, metric, no_worker_stack, queued_envelope,
+                       resume, start_broker)
 
 ROOT = harness.ROOT
 NODE_DIR = os.path.join(ROOT, "tests", "node")
@@ -366,6 +368,79 @@ def test_openai_node_sdk_with_worker():
             text = f.read().decode(errors="replace")
         assert out.returncode == 0, "node tests failed:\n" + text[-6000:]
         assert "pass 5" in text and "fail 0" in text, text[-3000:]
+
+
+def stream_text(events):
+    out = ""
+    for e in events:
+        if e.startswith("id: ") or e.startswith("data: {"):
+            doc = json.loads(e.split("data: ", 1)[1])
+            assert "error" not in doc, doc
+            for ch in doc.get("choices", []):
+                out += ch["delta"].get("content") or ""
+    return out
+
+
+def test_stream_cut_and_resumed_with_worker():
+    """A real worker streams a paced answer (the sim sends one word every 100 ms): the first
+    chunk reaches the client long before the last is generated; the client drops after three
+    events and comes back with Last-Event-ID; the two parts are the whole answer, once, and
+    the job's record holds the same answer. Then the worker is SIGKILLed mid-stream: the
+    client's stream ends with a restart error event, and a resume after it gets the new
+    answer of the worker that took the job over."""
+    with harness.Stack("chat-resume") as st:
+        st.redis()
+        st.devkafka(brokers=1, partitions=4)
+        sim = st.sim("paced")
+        sim.set_state({"chunk_ms": 100})
+        path, _ = st.config(providers={"sim": {"type": "openai", "base_url": sim.api}},
+                            routes={"sim-model": [{"provider": "sim", "model": "sim-model"}]},
+                            extra={"broker": {"api_keys": {KEY: TENANT}},
+                                   "worker": {"lease_ms": 2000}})
+        w = st.spawn("promptq-worker", "--config", path, name="worker")
+        start_broker(st, path)
+        prompt = " ".join("w%d" % i for i in range(20))
+        want = "echo: " + prompt
+
+        c = StreamClient(st, chat_body(prompt, model="sim-model", stream=True))
+        first = c.wait_events(3, T(30))
+        t_first = first[0][0]
+        c.close()
+        jid = c.headers["x-promptq-job-id"]
+        last = event_id(first[-1][1])
+        c2 = resume(st, jid, last)
+        rest = c2.finished(T(30))
+        t_last = c2.events[-1][0]
+        c2.close()
+        print("first event to last: %.2f s" % (t_last - t_first))
+        assert t_last - t_first > 1.0, (t_first, t_last)  # 21 words at 100 ms: ~2 s
+        ids = [event_id(e) for _, e in first] + [event_id(e) for e in rest[:-1]]
+        assert len(set(ids)) == len(ids) and None not in ids, ids
+        assert rest[-1] == "data: [DONE]", rest
+        assert stream_text([e for _, e in first]) + stream_text(rest) == want, (first, rest)
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/jobs/" + jid, headers=AUTH)
+        assert status == 200 and doc["response"]["choices"][0]["message"]["content"] == want, doc
+
+        # the worker killed mid-stream: the live client sees a clean restart marker; a resume
+        # after it follows the new attempt to its end
+        sim.set_state({"chunk_ms": 150})
+        c3 = StreamClient(st, chat_body(prompt + " again", model="sim-model", stream=True))
+        c3.wait_events(3, T(30))
+        w.kill(signal.SIGKILL)
+        w.wait(T(10))
+        w.start()
+        events = c3.finished(T(60))
+        c3.close()
+        err = json.loads(events[-2].split("data: ", 1)[1])["error"]
+        assert err["code"] == "stream_restarted", events
+        jid = c3.headers["x-promptq-job-id"]
+        c4 = resume(st, jid, event_id(events[-2]))
+        rest = c4.finished(T(60))
+        c4.close()
+        assert rest[-1] == "data: [DONE]" and stream_text(rest) == want + " again", rest
+        status, _, doc = harness.http_json("GET", st.broker_url + "/v1/jobs/" + jid, headers=AUTH)
+        assert doc["status"] == "succeeded" and \
+            doc["response"]["choices"][0]["message"]["content"] == want + " again", doc
 
 
 harness.run(globals())
