@@ -444,6 +444,10 @@ static const prop_t provider_props[] = {
            "probe kind: 1-token completion or model list"),
     P_ENUM(pq_provider_conf_t, "half_open", half_open, "probe", "probe|call", 0,
            "what tests a half-open circuit: the worker's probe, or the next job's real call"),
+    P_BOOL(pq_provider_conf_t, "supports_prefill", supports_prefill, 0,
+           "continues a trailing assistant message (Anthropic does): a streamed answer cut "
+           "after chunks reached the client continues here from what was sent, without a "
+           "restart"),
     P_ENUM(pq_provider_conf_t, "stream_malformed", stream_malformed, "failover", "failover|skip", 0,
            "a malformed event in a streamed answer: fail the attempt over, or skip the event"),
     P_STR(pq_provider_conf_t, "status_url", status_url, NULL, PF_NONEMPTY,
@@ -484,6 +488,9 @@ static const prop_t target_props[] = {
           "-1 = the provider's"),
     P_INT(pq_target_t, "idle_timeout_ms", timeouts.idle_ms, -1, -1, ONE_HOUR_MS,
           "-1 = the provider's"),
+    P_INT(pq_target_t, "supports_prefill", supports_prefill, -1, -1, 1,
+          "1/0: this model continues (does not continue) an assistant prefill; -1 = the "
+          "provider's supports_prefill"),
 };
 
 /* A route as an object (the list form is "targets" alone). */
@@ -1587,6 +1594,13 @@ void pq_conf_destroy(pq_conf_t *c)
     free(c->routes);
     free(c->path);
     free(c);
+}
+
+int pq_target_prefill(const pq_target_t *t)
+{
+    if (t->supports_prefill >= 0)
+        return t->supports_prefill;
+    return t->p && t->p->supports_prefill;
 }
 
 const pq_route_t *pq_conf_route(const pq_conf_t *conf, const char *name)

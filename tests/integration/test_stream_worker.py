@@ -102,22 +102,31 @@ def test_stream_worker():
     with harness.Stack("stream_worker") as st:
         r = st.redis()
         st.devkafka(brokers=1, partitions=4)
-        s = {n: st.sim(n) for n in ("a", "b", "cut", "bad", "skip")}
+        s = {n: st.sim(n) for n in ("a", "b", "cut", "bad", "skip", "dead")}
         providers = {"a": provider("openai", s["a"]), "b": provider("anthropic", s["b"]),
                      "cut": provider("openai", s["cut"]), "bad": provider("gemini", s["bad"]),
-                     "skip": provider("openai", s["skip"], stream_malformed="skip")}
+                     "skip": provider("openai", s["skip"], stream_malformed="skip"),
+                     "bp": provider("anthropic", s["b"], supports_prefill=True),
+                     "dead": provider("openai", s["dead"], supports_prefill=True)}
         routes = {"r": [{"provider": "a", "model": "sim-model"}],
                   "rcut": [{"provider": "cut", "model": "sim-model"},
                            {"provider": "b", "model": "sim-model"}],
                   "rbad": [{"provider": "bad", "model": "sim-model"},
                            {"provider": "b", "model": "sim-model"}],
                   "rskip": [{"provider": "skip", "model": "sim-model"},
-                            {"provider": "b", "model": "sim-model"}]}
+                            {"provider": "b", "model": "sim-model"}],
+                  "rpre": [{"provider": "cut", "model": "sim-model"},
+                           {"provider": "bp", "model": "sim-model"}],
+                  "rnopre": [{"provider": "cut", "model": "sim-model"},
+                             {"provider": "bp", "model": "sim-model", "supports_prefill": 0}],
+                  "rpark": [{"provider": "cut", "model": "sim-model"},
+                            {"provider": "dead", "model": "sim-model"}]}
         path, _ = st.config(providers=providers, routes=routes,
                             extra={"worker": {"lease_ms": 5000}})
         w = st.spawn("promptq-worker", "--config", path, name="worker")
         for n in ("a", "b", "cut", "bad", "skip"):
             s[n].set_state({"chunk_ms": 100})
+        s["dead"].set_state({"mode": "down"})
         s["cut"].set_state({"chunk_ms": 100, "stream_cut_after": 3})
         s["bad"].set_state({"chunk_ms": 100, "stream_malformed_at": 3})
         s["skip"].set_state({"chunk_ms": 20, "stream_malformed_at": 3})
@@ -175,6 +184,38 @@ def test_stream_worker():
         assert all(word in full for word in got), res
         wait_for(lambda: "1 malformed stream events skipped" in open(w.log_path).read(), T(5),
                  "the skip logged")
+
+        # 5. the same cut with a fallback that continues an assistant prefill: no restart, the
+        # fallback is asked to go on from the text relayed so far (trailing whitespace left
+        # out, as Anthropic requires) and its continuation follows under the same stream, no
+        # role again, no whitespace twice; the client's text and the stored answer are whole
+        b_calls = s["b"].stats()["by_path"].get("/v1/messages", 0)
+        st.produce(REQ, [env("s-pre", route="rpre")], keys=["s-pre"])
+        es, _ = follow(r, key("s-pre"))
+        res = result(st, "s-pre")
+        assert res["status"] == "succeeded" and res["provider"] == "bp", res
+        assert [t for t, _ in es].count("restart") == 0, es
+        assert text_of(es[:-1]) == content(res) == "echo: " + PROMPT, (es, res)
+        roles = [json.loads(d)["choices"][0]["delta"].get("role") for t, d in es[:-1]]
+        assert roles.count("assistant") == 1 and roles[0] == "assistant", roles
+        assert s["b"].stats()["by_path"].get("/v1/messages", 0) == b_calls + 1
+        assert res["attempts"] == 2, res
+
+        # 6. the same fallback marked supports_prefill 0 on this target: a restart, as case 2
+        st.produce(REQ, [env("s-nopre", route="rnopre")], keys=["s-nopre"])
+        es, _ = follow(r, key("s-nopre"))
+        res = result(st, "s-nopre")
+        before, after, reason = split_restart(es)
+        assert before and text_of(after) == content(res) == "echo: " + PROMPT, (es, res)
+
+        # 7. the target that would continue is down: the job parks, and the client's stream
+        # gets its restart at once (it would otherwise wait for a continuation)
+        st.produce(REQ, [env("s-park", route="rpark")], keys=["s-park"])
+        wait_for(lambda: [t for t, _ in entries(r, key("s-park"))][-1:] == ["restart"], T(30),
+                 "the restart of a parked job's cut stream", interval=0.1)
+        wait_for(lambda: r.cli("HGET", "promptq:job:default:s-park", "status") == "parked",
+                 T(30), "s-park parked")
+        assert "end" not in [t for t, _ in entries(r, key("s-park"))]
 
         # 4. a non-streamed job writes no stream key
         st.produce(REQ, [env("s-plain", stream=False)], keys=["s-plain"])

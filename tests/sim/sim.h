@@ -147,6 +147,10 @@ int pq_sim_core_answer(const char *prompt, size_t len, int64_t max_tokens, pq_si
 
 void pq_sim_answer_free(pq_sim_answer_t *a);
 
+/* An assistant prefill: when the answer starts with it, the answer becomes the rest (the model
+ * continues the prefill). Pure. */
+void pq_sim_core_continue(pq_sim_answer_t *a, const char *prefill, size_t len);
+
 /* Token estimate: bytes / 4 rounded up, at least 1. */
 int64_t pq_sim_core_tokens(size_t bytes);
 
@@ -290,8 +294,11 @@ int pq_sim_call_header(pq_sim_call_t *call, const char *name, char *buf, size_t 
 typedef struct {
     json_t *doc;       /* the parsed body (owned) */
     const char *model; /* borrowed from doc; NULL when absent and not required */
-    char *text;        /* text of the last message (owned) */
+    char *text;        /* text of the last message (owned); the one before an assistant
+                          prefill when the last message is the assistant's */
     size_t text_len;
+    char *prefill; /* a trailing assistant message's text (owned), or NULL */
+    size_t prefill_len;
     size_t prompt_bytes; /* text bytes of all messages (token estimate) */
     int64_t max_tokens;  /* max_completion_tokens or max_tokens; 0: none */
 } pq_sim_prompt_t;

@@ -155,7 +155,8 @@ static void anthropic_messages(pq_sim_call_t *call)
     const char *body, *model, *role, *prev_role = "";
     json_t *temp;
     size_t len, i, prompt_bytes = 0, text_len = 0;
-    char *text = NULL, msg[MSG_MAX], id[48], version[64];
+    char *text = NULL, *prompt = NULL, msg[MSG_MAX], id[48], version[64];
+    size_t prompt_len = 0;
     pq_sim_answer_t ans;
     int64_t itok, otok;
     long nb;
@@ -237,6 +238,13 @@ static void anthropic_messages(pq_sim_call_t *call)
             goto out_free;
         }
         prev_role = role;
+        if (i + 1 == json_array_size(messages) && i > 0 && !strcmp(role, "assistant")) {
+            /* a trailing assistant message: a prefill the answer continues */
+            prompt = text;
+            prompt_len = text_len;
+            text = NULL;
+            text_len = 0;
+        }
         nb = content_bytes(json_object_get(m, "content"), &text, &text_len);
         if (nb < 0) {
             snprintf(msg, sizeof(msg),
@@ -246,10 +254,17 @@ static void anthropic_messages(pq_sim_call_t *call)
         }
         prompt_bytes += (size_t)nb;
     }
-    if (pq_sim_core_answer(text, text_len, json_integer_value(maxt), &ans)) {
+    if (prompt && text_len && strchr(" \t\r\n", text[text_len - 1])) {
+        invalid(call, "messages: final assistant content cannot end with trailing whitespace");
+        goto out_free;
+    }
+    if (pq_sim_core_answer(prompt ? prompt : text, prompt ? prompt_len : text_len,
+                           json_integer_value(maxt), &ans)) {
         pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "out of memory", NULL, NULL);
         goto out_free;
     }
+    if (prompt)
+        pq_sim_core_continue(&ans, text, text_len);
     pq_sim_model_seen(sim, model);
     itok = pq_sim_core_tokens(prompt_bytes);
     otok = pq_sim_core_tokens(ans.len);
@@ -274,6 +289,7 @@ static void anthropic_messages(pq_sim_call_t *call)
     pq_sim_answer_free(&ans);
 out_free:
     free(text);
+    free(prompt);
     json_decref(doc);
 }
 

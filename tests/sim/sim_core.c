@@ -49,6 +49,14 @@ int pq_sim_core_answer(const char *prompt, size_t len, int64_t max_tokens, pq_si
     return 0;
 }
 
+void pq_sim_core_continue(pq_sim_answer_t *a, const char *prefill, size_t len)
+{
+    if (!prefill || !len || len > a->len || memcmp(a->text, prefill, len))
+        return;
+    memmove(a->text, a->text + len, a->len - len + 1);
+    a->len -= len;
+}
+
 void pq_sim_answer_free(pq_sim_answer_t *a)
 {
     if (!a)

@@ -266,6 +266,7 @@ void pq_sim_prompt_free(pq_sim_prompt_t *p)
     if (!p)
         return;
     free(p->text);
+    free(p->prefill);
     json_decref(p->doc);
     memset(p, 0, sizeof(*p));
 }
@@ -311,6 +312,20 @@ int pq_sim_openai_parse(pq_sim_call_t *call, int require_model, pq_sim_prompt_t 
         goto out_fail;
     if (max_tokens_get(call, p->doc, &p->max_tokens))
         goto out_fail;
+    {
+        /* a trailing assistant message is a prefill the answer continues */
+        json_t *msgs = json_object_get(p->doc, "messages");
+        size_t n = json_array_size(msgs);
+        const char *role = json_string_value(json_object_get(last, "role"));
+
+        if (n >= 2 && role && !strcmp(role, "assistant")) {
+            if (pq_sim_core_text(json_object_get(last, "content"), &p->prefill, &p->prefill_len)) {
+                pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "out of memory", NULL, NULL);
+                goto out_fail;
+            }
+            last = json_array_get(msgs, n - 2);
+        }
+    }
     if (pq_sim_core_text(json_object_get(last, "content"), &p->text, &p->text_len)) {
         pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "out of memory", NULL, NULL);
         goto out_fail;
@@ -394,6 +409,7 @@ void pq_sim_openai_reply(pq_sim_call_t *call, const char *model, const pq_sim_pr
         pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "out of memory", NULL, NULL);
         return;
     }
+    pq_sim_core_continue(&ans, p->prefill, p->prefill_len);
     pq_sim_model_seen(sim, model);
     ptok = pq_sim_core_tokens(p->prompt_bytes);
     ctok = pq_sim_core_tokens(ans.len);

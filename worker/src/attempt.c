@@ -468,11 +468,12 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         if (j->st)
             pq_jobstream_relay_usage(j, completion);
         pq_jobstream_clear(j);
+        pq_jobstream_prefill_drop(j);
         j->hooks->cache_store(j);
         j->hooks->finish(j, "succeeded", PQ_OK, NULL);
         return;
     }
-    pq_jobstream_restart(j, err);
+    pq_jobstream_failed(j, err);
     pq_jobstream_clear(j);
     pq_counter_add(w->m.provider_errors, 1);
     act = act_of(j, t, err, res->status, res->timeout);
@@ -529,19 +530,34 @@ static void job_send(pq_job_t *j, const char *key)
     j->stream_usage = json_is_true(
         json_object_get(json_object_get(j->env.request, "stream_options"), "include_usage"));
     if (json_is_true(json_object_get(j->env.request, "stream")) && ops->build_stream_request) {
-        err = ops->build_stream_request(t, j->env.request, key, &req, msg, sizeof(msg));
+        /* a cut answer the client has part of: continued here, or it restarts now */
+        json_t *with = NULL;
+
+        if (!pq_target_prefill(t))
+            pq_jobstream_flush(j);
+        else
+            with = pq_jobstream_prefill_request(j, j->env.request);
+        err =
+            ops->build_stream_request(t, with ? with : j->env.request, key, &req, msg, sizeof(msg));
+        json_decref(with);
+        if (err != PQ_OK)
+            pq_jobstream_flush(j);
         if (err == PQ_OK &&
             (!(j->st = pq_stream_new(pq_stream_format_for(t->p->type), 0, msg, sizeof(msg))) ||
              !(j->sa = pq_stream_asm_new(w->max_response)))) {
             pq_provider_req_clear(&req);
             pq_jobstream_clear(j);
+            pq_jobstream_flush(j);
             snprintf(msg, sizeof(msg), "out of memory for the stream decoder");
             err = PQ_ERR_NOMEM;
         } else if (err == PQ_OK) {
             pq_stream_skip_malformed(j->st, t->p->stream_malformed &&
                                                 strcmp(t->p->stream_malformed, "skip") == 0);
+            if (with)
+                pq_jobstream_prefill_seed(j);
         }
     } else {
+        pq_jobstream_flush(j);
         err = ops->build_request(t, j->env.request, key, &req, msg, sizeof(msg));
     }
     if (err != PQ_OK) {

@@ -101,6 +101,7 @@ static void job_free(pq_job_t *j)
     pq_worker_t *w = j->w;
 
     pq_jobstream_clear(j);
+    pq_jobstream_prefill_drop(j);
     evtimer_del(&j->timer);
     event_del(&j->renew);
     pq_envelope_clear(&j->env);
@@ -353,6 +354,7 @@ static void job_all_targets_down(pq_job_t *j)
 {
     const pq_provider_conf_t *p0 = j->route->targets[0].p;
 
+    pq_jobstream_flush(j); /* parked: the client's stream must not wait for a continuation */
     if (park_expired(j)) {
         job_finish(j, "expired", PQ_ERR_EXPIRED, "parked longer than worker.park_ttl_s");
         return;
@@ -377,6 +379,7 @@ static void job_all_targets_down(pq_job_t *j)
 
 static void job_finish(pq_job_t *j, const char *status, pq_err_t err, const char *msg)
 {
+    pq_jobstream_flush(j); /* a cut stream not continued: its restart before the end */
     j->status = status;
     j->err = err;
     if (msg)

@@ -84,11 +84,19 @@ struct pq_job_s {
     pq_http_req_t *http;
     /* live streaming (the request has "stream": true): each attempt's decoder and assembler,
      * the relay into the job's Redis Stream (stream_key) */
-    int stream_usage;    /* ... and for the usage chunk (stream_options.include_usage) */
-    int stream_xadds;    /* XADDs sent to stream_key (the first one sets its TTL) */
-    int stream_relayed;  /* chunks of the current attempt relayed */
-    pq_stream_t *st;     /* the current attempt's decoder, NULL when it does not stream */
-    pq_stream_asm_t *sa; /* its assembler */
+    int stream_usage;   /* ... and for the usage chunk (stream_options.include_usage) */
+    int stream_xadds;   /* XADDs sent to stream_key (the first one sets its TTL) */
+    int stream_relayed; /* chunks relayed since the last restart entry (what the client has) */
+    /* an assistant prefill: what the client has of an answer cut mid-stream, pending for the
+     * next attempt (continued on a target that takes it, else a restart entry) */
+    char *prefill;        /* the text relayed so far, or NULL */
+    size_t prefill_len;   /* its bytes */
+    size_t prefill_sent;  /* ... sent to the provider (trailing whitespace left out) */
+    size_t prefill_skip;  /* whitespace the continuation may repeat, dropped from it */
+    pq_err_t prefill_err; /* why the cut attempt failed (the restart's reason) */
+    int continuing;       /* the current attempt continues a prefill */
+    pq_stream_t *st;      /* the current attempt's decoder, NULL when it does not stream */
+    pq_stream_asm_t *sa;  /* its assembler */
     char stream_key[KEY_MAX + 80];
     size_t target;
     int tries;  /* retryable failures on the current target */
@@ -292,7 +300,23 @@ pq_err_t pq_jobstream_on_data(void *opaque, const char *buf, size_t len);
 /* Relays the usage chunk of completion when the client asked for it. */
 void pq_jobstream_relay_usage(pq_job_t *j, const json_t *completion);
 
-/* An attempt that relayed chunks failed with err: relays a restart event. */
-void pq_jobstream_restart(pq_job_t *j, pq_err_t err);
+/* The current streamed attempt failed with err. Nothing relayed: nothing to do. Else what the
+ * client has is kept as a prefill for the next attempt when a target of the route continues
+ * one (pq_target_prefill), or a restart entry goes out now. */
+void pq_jobstream_failed(pq_job_t *j, pq_err_t err);
+
+/* A pending prefill that target cannot continue (or a call that does not stream): its restart
+ * entry now. The job's end (finish, park) flushes it too. */
+void pq_jobstream_flush(pq_job_t *j);
+
+/* A new reference: request with the pending prefill as a trailing assistant message, or NULL
+ * when there is none (or out of memory: then the prefill is flushed). */
+json_t *pq_jobstream_prefill_request(pq_job_t *j, const json_t *request);
+
+/* The new attempt's assembler holds the prefill: its answer is the whole text. */
+void pq_jobstream_prefill_seed(pq_job_t *j);
+
+/* Forgets the pending prefill (a clean answer). */
+void pq_jobstream_prefill_drop(pq_job_t *j);
 
 #endif

@@ -33,7 +33,7 @@ void pq_jobstream_clear(pq_job_t *j)
     j->st = NULL;
     pq_stream_asm_destroy(j->sa);
     j->sa = NULL;
-    j->stream_relayed = 0;
+    j->continuing = 0;
 }
 
 /* XADD <stream_key> MAXLEN ~ 4096 * t <type> d <data> (and the key's TTL with the first). */
@@ -87,13 +87,32 @@ static void stream_relay(pq_job_t *j, const pq_stream_chunk_t *chunk)
 }
 
 /* A chunk of the current attempt: into the assembler; deltas relayed at once (usage waits for
- * the end: the last count is the answer's; errors and [DONE] are not relayed). */
+ * the end: the last count is the answer's; errors and [DONE] are not relayed). A continuation
+ * says no role again (the client has it), and whitespace it repeats of what was left out of
+ * the prefill is dropped, so the client's text and the stored one stay the same. */
 static pq_err_t on_stream_chunk(const pq_stream_chunk_t *chunk, void *opaque)
 {
     pq_job_t *j = opaque;
-    pq_err_t err = pq_stream_asm_add(j->sa, chunk);
+    pq_stream_chunk_t c;
+    pq_err_t err;
 
-    if (err != PQ_OK)
+    if (j->continuing && chunk->kind == PQ_STREAM_CHUNK_DELTA) {
+        c = *chunk;
+        c.role = NULL;
+        while (j->prefill_skip && c.text && c.text_len && strchr(" \t\r\n", c.text[0])) {
+            c.text++;
+            c.text_len--;
+            j->prefill_skip--;
+        }
+        if (c.text && c.text_len)
+            j->prefill_skip = 0;
+        if (c.text && !c.text_len)
+            c.text = NULL;
+        if (!c.text && !c.tool && !c.finish)
+            return PQ_OK; /* nothing left to say */
+        chunk = &c;
+    }
+    if ((err = pq_stream_asm_add(j->sa, chunk)) != PQ_OK)
         return err;
     if (chunk->kind == PQ_STREAM_CHUNK_DELTA)
         stream_relay(j, chunk);
@@ -124,8 +143,8 @@ void pq_jobstream_relay_usage(pq_job_t *j, const json_t *completion)
     stream_relay(j, &c);
 }
 
-/* The current attempt failed: a t=restart entry when some of its chunks were relayed. */
-void pq_jobstream_restart(pq_job_t *j, pq_err_t err)
+/* A t=restart entry when something was relayed since the last one. */
+static void restart(pq_job_t *j, pq_err_t err)
 {
     char d[96];
     int n;
@@ -135,4 +154,118 @@ void pq_jobstream_restart(pq_job_t *j, pq_err_t err)
     n = snprintf(d, sizeof(d), "{\"reason\":\"%s\"}", pq_err_name(err));
     pq_jobstream_xadd(j, "restart", d, (size_t)n);
     j->stream_relayed = 0;
+}
+
+/* ---- assistant prefill ----
+ *
+ * A streamed attempt that fails after chunks reached the client would make it start over (a
+ * restart entry: the broker ends the client's stream with an error event). When a target of
+ * the route continues a trailing assistant message (supports_prefill), the text relayed so far
+ * is kept instead and the next attempt that lands on such a target gets the request with that
+ * text appended as an assistant message: its answer continues the client's, under the same
+ * stream, and the stored answer is the whole text. Only a single-choice text answer is
+ * continued (no tool calls). A target that cannot continue it gets a fresh call, after the
+ * restart entry. */
+
+void pq_jobstream_prefill_drop(pq_job_t *j)
+{
+    free(j->prefill);
+    j->prefill = NULL;
+    j->prefill_len = j->prefill_sent = j->prefill_skip = 0;
+}
+
+void pq_jobstream_flush(pq_job_t *j)
+{
+    if (!j->prefill)
+        return;
+    restart(j, j->prefill_err);
+    pq_jobstream_prefill_drop(j);
+}
+
+static int route_continues(const pq_job_t *j)
+{
+    for (size_t i = 0; i < j->route->ntargets; i++)
+        if (pq_target_prefill(&j->route->targets[i]))
+            return 1;
+    return 0;
+}
+
+/* What the client has of the failed attempt's answer (its assembler, seeded with any earlier
+ * prefill), as the pending prefill. 0, or -1 when it cannot be continued. */
+static int prefill_take(pq_job_t *j)
+{
+    json_t *c = j->sa ? pq_stream_asm_completion(j->sa, "", 0) : NULL;
+    json_t *choices = json_object_get(c, "choices");
+    json_t *msg = json_object_get(json_array_get(choices, 0), "message");
+    const char *text = json_string_value(json_object_get(msg, "content"));
+    size_t len = text ? json_string_length(json_object_get(msg, "content")) : 0, sent = len;
+    char *copy;
+
+    if (json_array_size(choices) != 1 || json_object_get(msg, "tool_calls") || !len ||
+        memchr(text, '\0', len) || !(copy = malloc(len + 1))) {
+        json_decref(c);
+        return -1;
+    }
+    memcpy(copy, text, len + 1);
+    json_decref(c);
+    /* providers refuse a prefill that ends in whitespace (Anthropic does): leave it out */
+    while (sent && strchr(" \t\r\n", copy[sent - 1]))
+        sent--;
+    if (!sent) {
+        free(copy);
+        return -1;
+    }
+    pq_jobstream_prefill_drop(j);
+    j->prefill = copy;
+    j->prefill_len = len;
+    j->prefill_sent = sent;
+    return 0;
+}
+
+void pq_jobstream_failed(pq_job_t *j, pq_err_t err)
+{
+    if (j->stream_relayed == 0)
+        return;
+    if (!route_continues(j) || prefill_take(j) != 0) {
+        pq_jobstream_prefill_drop(j);
+        restart(j, err);
+        return;
+    }
+    j->prefill_err = err;
+}
+
+json_t *pq_jobstream_prefill_request(pq_job_t *j, const json_t *request)
+{
+    json_t *copy, *msgs, *m;
+
+    if (!j->prefill)
+        return NULL;
+    copy = json_deep_copy(request);
+    msgs = json_object_get(copy, "messages");
+    m = json_pack("{s:s, s:s%}", "role", "assistant", "content", j->prefill, j->prefill_sent);
+    if (!json_is_array(msgs) || !m || json_array_append_new(msgs, m)) {
+        json_decref(copy);
+        pq_jobstream_flush(j);
+        return NULL;
+    }
+    return copy;
+}
+
+void pq_jobstream_prefill_seed(pq_job_t *j)
+{
+    pq_stream_chunk_t c;
+
+    if (!j->prefill || !j->sa)
+        return;
+    memset(&c, 0, sizeof(c));
+    c.kind = PQ_STREAM_CHUNK_DELTA;
+    c.role = "assistant";
+    c.text = j->prefill;
+    c.text_len = j->prefill_len;
+    if (pq_stream_asm_add(j->sa, &c) != PQ_OK) {
+        pq_jobstream_flush(j);
+        return;
+    }
+    j->prefill_skip = j->prefill_len - j->prefill_sent;
+    j->continuing = 1;
 }

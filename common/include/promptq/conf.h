@@ -48,6 +48,8 @@ typedef struct pq_provider_conf_s {
     char *probe;             /* "completion" (default) | "models" */
     char *half_open;         /* "probe" (default): the worker's probe tests a half-open circuit;
                                 "call": the next job's real call does */
+    int supports_prefill;    /* continues a trailing assistant message (an assistant prefill):
+                              * a stream cut after chunks went out continues here; default 0 */
     char *stream_malformed;  /* a malformed event of a streamed answer: "failover" (default):
                                 the attempt fails (the next target, or a restart); "skip": the
                                 event is dropped and the stream goes on */
@@ -77,6 +79,7 @@ typedef struct pq_target_s {
     const pq_provider_conf_t *p; /* resolved at load */
     int64_t max_context_tokens;  /* context window; 0 = not given */
     pq_timeouts_t timeouts;      /* the target's own, else its provider's (resolved at load) */
+    int supports_prefill;        /* -1: the provider's; 0/1 this target's (pq_target_prefill) */
 } pq_target_t;
 
 typedef enum { PQ_BAD_REQUEST_NEXT_PROVIDER = 0, PQ_BAD_REQUEST_END } pq_bad_request_t;
@@ -195,6 +198,8 @@ int pq_conf_route_budget_ms(const pq_conf_t *conf, const pq_route_t *route);
 
 /* Finds a route or provider by name; NULL if absent. Borrowed. */
 const pq_route_t *pq_conf_route(const pq_conf_t *conf, const char *name);
+/* 1 if target continues an assistant prefill (its own supports_prefill, else its provider's). */
+int pq_target_prefill(const pq_target_t *t);
 const pq_provider_conf_t *pq_conf_provider(const pq_conf_t *conf, const char *name);
 
 /* Value of a kafka pass-through property, or NULL. Borrowed. */
