@@ -787,6 +787,20 @@ out:
 
 static void reader_open(pq_slot_t *s);
 
+/* An SSE event id as the worker's XADD makes them: <ms>-<seq>. */
+static int entry_id_valid(const char *v)
+{
+    const char *dash = strchr(v, '-');
+    size_t n = strlen(v);
+
+    if (!dash || n >= sizeof(((stream_t *)0)->last) || dash == v || !dash[1])
+        return 0;
+    for (const char *p = v; *p; p++)
+        if (p != dash && (*p < '0' || *p > '9'))
+            return 0;
+    return 1;
+}
+
 static void arm(struct event *ev, int ms)
 {
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
@@ -1300,12 +1314,22 @@ static void chat_durable(pq_slot_t *s, int spooled)
     pq_chat_wait(s);
 }
 
-/* An idempotent repeat: wait for the first request's job (its id answers the header). */
+/* An idempotent repeat: wait for the first request's job (its id answers the header). A
+ * stream repeated with Last-Event-ID resumes after that event, as GET /v1/jobs/{id}/stream. */
 static void chat_repeat(pq_slot_t *s, int spooled)
 {
     struct evkeyvalq *h = evhttp_request_get_output_headers(s->req);
+    const char *last =
+        s->req ? evhttp_find_header(evhttp_request_get_input_headers(s->req), "Last-Event-ID")
+               : NULL;
+    stream_t *st = stream_of(s);
 
     (void)spooled;
+    if (st && last && entry_id_valid(last)) {
+        pq_strlcpy(st->last, last, sizeof(st->last));
+        st->chunks = 1;
+        st->resumed = 1;
+    }
     evhttp_remove_header(h, "x-promptq-job-id");
     evhttp_add_header(h, "x-promptq-job-id", s->id);
     pq_chat_wait(s);
@@ -1334,6 +1358,17 @@ void pq_chat_post(pq_bthread_t *t, struct evhttp_request *req)
         return;
     if (pq_idem_header(t, req, PQ_PATH_CHAT, &idem))
         return;
+    {
+        const char *last =
+            evhttp_find_header(evhttp_request_get_input_headers(req), "Last-Event-ID");
+
+        if (last && *last && !entry_id_valid(last)) {
+            pq_chat_error(t, req, 400, "invalid_request_error", "invalid_request",
+                          "Last-Event-ID: expected the id of an event of this stream "
+                          "(<ms>-<seq>)");
+            return;
+        }
+    }
     if (len > bc->max_body) {
         pq_chat_error(t, req, 413, "invalid_request_error", "too_large",
                       "request body of %zu bytes exceeds the limit of %zu bytes", len,
@@ -1437,20 +1472,6 @@ static void resume_timeout(pq_slot_t *s)
 }
 
 static const pq_slot_ops_t resume_ops = {resume_timeout, resume_timeout, pq_chat_unlink};
-
-/* An SSE event id as the worker's XADD makes them: <ms>-<seq>. */
-static int entry_id_valid(const char *v)
-{
-    const char *dash = strchr(v, '-');
-    size_t n = strlen(v);
-
-    if (!dash || n >= sizeof(((stream_t *)0)->last) || dash == v || !dash[1])
-        return 0;
-    for (const char *p = v; *p; p++)
-        if (p != dash && (*p < '0' || *p > '9'))
-            return 0;
-    return 1;
-}
 
 /* HGET status: what the EXISTS reply that follows it needs. */
 static void resume_status_cb(redisAsyncContext *ac, void *reply, void *handle)

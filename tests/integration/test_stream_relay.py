@@ -281,6 +281,28 @@ def test_stream_resume():
         assert events[-1] == "data: [DONE]" and "plain answer" in "".join(events), events
         c9.close()
 
+        # a chat stream repeated with its Idempotency-Key and Last-Event-ID: the same job, the
+        # events after that one; a malformed Last-Event-ID on a chat is 400
+        body = chat_body("p-idem", stream=True)
+        hdr = {"Idempotency-Key": "resume-1"}
+        c10 = StreamClient(st, body, headers=hdr)
+        ienv = queued_envelope(st, "p-idem")
+        ids = [xadd(r, ienv, "chunk", chunk_json(ienv, "", "assistant")),
+               xadd(r, ienv, "chunk", chunk_json(ienv, "one"))]
+        c10.wait_events(2)
+        c10.close()
+        c11 = StreamClient(st, body, headers=dict(hdr, **{"Last-Event-ID": ids[0]}))
+        got = c11.wait_events(1)
+        assert c11.headers["x-promptq-job-id"] == ienv["id"], c11.headers
+        assert event_id(got[0][1]) == ids[1], got
+        xadd(r, ienv, "end")
+        assert c11.finished()[-1] == "data: [DONE]"
+        c11.close()
+        status, _, doc = harness.http_json("POST", st.broker_url + "/v1/chat/completions",
+                                           chat_body("p-bad-id", stream=True),
+                                           headers=dict(AUTH, **{"Last-Event-ID": "abc"}))
+        assert status == 400 and "Last-Event-ID" in doc["error"]["message"], (status, doc)
+
         # nothing left open
         wait_for(lambda: readers(r) == 0 and metric(st, "promptq_broker_inflight_requests") == 0,
                  T(5), "readers and slots freed")
