@@ -102,12 +102,13 @@ def test_stream_worker():
     with harness.Stack("stream_worker") as st:
         r = st.redis()
         st.devkafka(brokers=1, partitions=4)
-        s = {n: st.sim(n) for n in ("a", "b", "cut", "bad", "skip", "dead")}
+        s = {n: st.sim(n) for n in ("a", "b", "cut", "bad", "skip", "dead", "rej")}
         providers = {"a": provider("openai", s["a"]), "b": provider("anthropic", s["b"]),
                      "cut": provider("openai", s["cut"]), "bad": provider("gemini", s["bad"]),
                      "skip": provider("openai", s["skip"], stream_malformed="skip"),
                      "bp": provider("anthropic", s["b"], supports_prefill=True),
-                     "dead": provider("openai", s["dead"], supports_prefill=True)}
+                     "dead": provider("openai", s["dead"], supports_prefill=True),
+                     "brej": provider("anthropic", s["rej"], supports_prefill=True)}
         routes = {"r": [{"provider": "a", "model": "sim-model"}],
                   "rcut": [{"provider": "cut", "model": "sim-model"},
                            {"provider": "b", "model": "sim-model"}],
@@ -119,6 +120,8 @@ def test_stream_worker():
                            {"provider": "bp", "model": "sim-model"}],
                   "rnopre": [{"provider": "cut", "model": "sim-model"},
                              {"provider": "bp", "model": "sim-model", "supports_prefill": 0}],
+                  "rrej": [{"provider": "cut", "model": "sim-model"},
+                           {"provider": "brej", "model": "sim-model"}],
                   "rpark": [{"provider": "cut", "model": "sim-model"},
                             {"provider": "dead", "model": "sim-model"}]}
         path, _ = st.config(providers=providers, routes=routes,
@@ -127,6 +130,7 @@ def test_stream_worker():
         for n in ("a", "b", "cut", "bad", "skip"):
             s[n].set_state({"chunk_ms": 100})
         s["dead"].set_state({"mode": "down"})
+        s["rej"].set_state({"chunk_ms": 20, "reject_prefill": True})
         s["cut"].set_state({"chunk_ms": 100, "stream_cut_after": 3})
         s["bad"].set_state({"chunk_ms": 100, "stream_malformed_at": 3})
         s["skip"].set_state({"chunk_ms": 20, "stream_malformed_at": 3})
@@ -207,6 +211,16 @@ def test_stream_worker():
         res = result(st, "s-nopre")
         before, after, reason = split_restart(es)
         assert before and text_of(after) == content(res) == "echo: " + PROMPT, (es, res)
+
+        # 6b. a fallback marked supports_prefill that refuses the prefill anyway (400): the
+        # refusal is the continuation's, not the job's: a restart, then a fresh call there
+        st.produce(REQ, [env("s-rej", route="rrej")], keys=["s-rej"])
+        es, _ = follow(r, key("s-rej"))
+        res = result(st, "s-rej")
+        assert res["status"] == "succeeded" and res["provider"] == "brej", res
+        before, after, reason = split_restart(es)
+        assert before and text_of(after) == content(res) == "echo: " + PROMPT, (es, res)
+        assert s["rej"].stats()["by_path"].get("/v1/messages") == 2, s["rej"].stats()
 
         # 7. the target that would continue is down: the job parks, and the client's stream
         # gets its restart at once (it would otherwise wait for a continuation)

@@ -90,6 +90,7 @@ struct pq_sim_state_s {
     int64_t stream_cut_after;    /* streamed: close the connection after N events; 0: never */
     int64_t stream_malformed_at; /* streamed: event N's data is broken JSON; 0: none */
     int stream_no_done;          /* streamed: leave out the end marker ([DONE], message_stop) */
+    int reject_prefill;          /* a trailing assistant message (a prefill) is a 400 */
     double failure_rate;         /* ok mode: this fraction of answers become `status` */
     char *error_body;            /* owned; NULL: the format's own error JSON */
     char *error_code;    /* owned; NULL: none. The format's own error code (error documents) */
@@ -288,6 +289,9 @@ int pq_sim_key_valid(pq_sim_t *sim, const char *key);
 
 /* Copies the request header name (case-insensitive) into buf; 0, or -1 if absent/too long. */
 int pq_sim_call_header(pq_sim_call_t *call, const char *name, char *buf, size_t size);
+
+/* 1 if the state the call runs under refuses an assistant prefill (reject_prefill). */
+int pq_sim_call_rejects_prefill(const pq_sim_call_t *call);
 
 /* ---- OpenAI-style chat bodies (sim_openai.c), shared by OpenAI-like formats ---- */
 

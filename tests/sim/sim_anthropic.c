@@ -254,6 +254,10 @@ static void anthropic_messages(pq_sim_call_t *call)
         }
         prompt_bytes += (size_t)nb;
     }
+    if (prompt && pq_sim_call_rejects_prefill(call)) {
+        invalid(call, "messages: this model does not support assistant message prefill");
+        goto out_free;
+    }
     if (prompt && text_len && strchr(" \t\r\n", text[text_len - 1])) {
         invalid(call, "messages: final assistant content cannot end with trailing whitespace");
         goto out_free;

@@ -30,7 +30,7 @@ static void usage(FILE *f)
         "                     \"models\":{\"MODEL\":{STATE}}, \"revoke_tokens\":false,\n"
         "                     \"chunk_ms\":0, \"stream_cut_after\":0, "
         "\"stream_malformed_at\":0,\n"
-        "                     \"stream_no_done\":false}\n"
+        "                     \"stream_no_done\":false, \"reject_prefill\":false}\n"
         "                    replaces the whole state (absent fields: defaults)\n"
         "  GET  /_sim/state, GET /_sim/stats, GET /_sim/log (last 1000 chat calls),\n"
         "  POST /_sim/reset (zeroes the stats, clears the log)\n"
@@ -44,7 +44,8 @@ static void usage(FILE *f)
         "Anthropic, watsonx), /ml/v1/text/chat_stream, Gemini M:streamGenerateContent?alt=sse.\n"
         "chunk_ms: delay between events (0: all at once); stream_cut_after N: close after the\n"
         "Nth event; stream_malformed_at N: the Nth event is not JSON; stream_no_done: no\n"
-        "[DONE] / message_stop.\n"
+        "[DONE] / message_stop. A trailing assistant message is a prefill the answer continues;\n"
+        "reject_prefill: such a request is a 400.\n"
         "Prints \"listening=HOST:PORT control=HOST:PORT\" once bound (port 0: any).\n"
         "--key (repeatable): requests must carry one of the keys in the format's header.\n");
 }

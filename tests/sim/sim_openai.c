@@ -405,6 +405,12 @@ void pq_sim_openai_reply(pq_sim_call_t *call, const char *model, const pq_sim_pr
     json_t *resp;
     char id[40];
 
+    if (p->prefill && pq_sim_call_rejects_prefill(call)) {
+        pq_sim_call_error(call, 400, PQ_SIM_E_INVALID,
+                          "This model does not support assistant message prefill.", "messages",
+                          "unsupported_value");
+        return;
+    }
     if (pq_sim_core_answer(p->text, p->text_len, p->max_tokens, &ans)) {
         pq_sim_call_error(call, 500, PQ_SIM_E_SERVER, "out of memory", NULL, NULL);
         return;

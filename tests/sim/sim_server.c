@@ -117,6 +117,7 @@ struct pq_sim_call_s {
     size_t nev, cap, next_ev, nsent;
     int64_t chunk_ms, cut_after, malformed_at;
     int no_done;
+    int reject_prefill;
 };
 
 typedef struct {
@@ -878,6 +879,7 @@ static void call_prepare(pq_sim_call_t *c, const pq_sim_state_t *st)
     c->cut_after = st->stream_cut_after;
     c->malformed_at = st->stream_malformed_at;
     c->no_done = st->stream_no_done;
+    c->reject_prefill = st->reject_prefill;
     c->tokens = 0;
     c->action = ACT_SEND;
     c->outcome = OUT_OK;
@@ -1401,6 +1403,11 @@ int pq_sim_call_query(pq_sim_call_t *call, const char *name, char *buf, size_t s
     }
     evhttp_clear_headers(&params);
     return rc;
+}
+
+int pq_sim_call_rejects_prefill(const pq_sim_call_t *call)
+{
+    return call->reject_prefill;
 }
 
 int pq_sim_call_header(pq_sim_call_t *call, const char *name, char *buf, size_t size)

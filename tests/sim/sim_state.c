@@ -301,6 +301,12 @@ static int parse_object(json_t *doc, level_t level, const char *path, pq_sim_sta
             if (get_int(v, "stream_malformed_at", 0, INT32_MAX, &out->stream_malformed_at, errstr,
                         errstr_size))
                 goto out_path;
+        } else if (!strcmp(key, "reject_prefill")) {
+            if (!json_is_boolean(v)) {
+                snprintf(errstr, errstr_size, "%sreject_prefill: must be true or false", path);
+                return -1;
+            }
+            out->reject_prefill = json_is_true(v);
         } else if (!strcmp(key, "stream_no_done")) {
             if (!json_is_boolean(v)) {
                 snprintf(errstr, errstr_size, "%sstream_no_done: must be true or false", path);
@@ -417,9 +423,10 @@ static json_t *state_json(const pq_sim_state_t *st)
     if (doc)
         json_object_update_new(
             doc,
-            json_pack("{s:I, s:I, s:I, s:b}", "chunk_ms", (json_int_t)st->chunk_ms,
+            json_pack("{s:I, s:I, s:I, s:b, s:b}", "chunk_ms", (json_int_t)st->chunk_ms,
                       "stream_cut_after", (json_int_t)st->stream_cut_after, "stream_malformed_at",
-                      (json_int_t)st->stream_malformed_at, "stream_no_done", st->stream_no_done));
+                      (json_int_t)st->stream_malformed_at, "stream_no_done", st->stream_no_done,
+                      "reject_prefill", st->reject_prefill));
     if (doc && st->sched_down)
         json_object_set_new(doc, "schedule",
                             json_pack("{s:I, s:I, s:o}", "period_ms", (json_int_t)st->period_ms,

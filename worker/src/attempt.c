@@ -22,11 +22,13 @@
 #define ATTEMPT_LOG_MAX 64
 #define MIN_ATTEMPT_MS  500 /* a budget with less left than this is spent */
 
-typedef enum { ACT_RETRY, ACT_NEXT_KEY, ACT_FAILOVER, ACT_END } act_t;
+/* ACT_AFRESH: the same target again at once, not counted as a retry (it refused the assistant
+ * prefill of a continuation, not the job). */
+typedef enum { ACT_RETRY, ACT_NEXT_KEY, ACT_FAILOVER, ACT_END, ACT_AFRESH } act_t;
 
 static const char *act_name(act_t a)
 {
-    static const char *const names[] = {"retry", "next_key", "failover", "end"};
+    static const char *const names[] = {"retry", "next_key", "failover", "end", "afresh"};
     return names[a];
 }
 
@@ -342,6 +344,9 @@ static void attempt_failed(pq_job_t *j, act_t act, pq_err_t err, long status, in
             j->refused[j->nrefused++] = t->p;
         next_target(j);
         return;
+    case ACT_AFRESH:
+        pq_attempt_run(j);
+        return;
     case ACT_RETRY:
         break;
     }
@@ -414,7 +419,7 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     pq_err_t err;
     act_t act;
     int64_t tokens = -1;
-    int probe = j->probe, failure, verbatim = 0;
+    int probe = j->probe, failure, verbatim = 0, continuing;
 
     memset(&fault, 0, sizeof(fault));
     j->http = NULL;
@@ -473,10 +478,15 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         j->hooks->finish(j, "succeeded", PQ_OK, NULL);
         return;
     }
-    pq_jobstream_failed(j, err);
+    continuing = j->continuing;
+    if (continuing && err == PQ_ERR_REFUSED)
+        pq_jobstream_flush(j); /* it refused the prefill, not the job: restart, call afresh */
+    else
+        pq_jobstream_failed(j, err);
     pq_jobstream_clear(j);
     pq_counter_add(w->m.provider_errors, 1);
-    act = act_of(j, t, err, res->status, res->timeout);
+    act = continuing && err == PQ_ERR_REFUSED ? ACT_AFRESH
+                                              : act_of(j, t, err, res->status, res->timeout);
     attempt_note(j, t, err, res->status, res->elapsed_ms, msg, act_name(act),
                  err == PQ_ERR_TIMEOUT ? pq_http_timeout_name(res->timeout) : NULL);
     attempt_failed(j, act, err, res->status, res->retry_after_ms, msg,
