@@ -421,12 +421,12 @@ static json_t *state_json(const pq_sim_state_t *st)
         st->error_message ? json_string(st->error_message) : json_null());
 
     if (doc)
-        json_object_update_new(
-            doc,
-            json_pack("{s:I, s:I, s:I, s:b, s:b}", "chunk_ms", (json_int_t)st->chunk_ms,
-                      "stream_cut_after", (json_int_t)st->stream_cut_after, "stream_malformed_at",
-                      (json_int_t)st->stream_malformed_at, "stream_no_done", st->stream_no_done,
-                      "reject_prefill", st->reject_prefill));
+        json_object_update_new(doc,
+                               json_pack("{s:I, s:I, s:I, s:b, s:b}", "chunk_ms",
+                                         (json_int_t)st->chunk_ms, "stream_cut_after",
+                                         (json_int_t)st->stream_cut_after, "stream_malformed_at",
+                                         (json_int_t)st->stream_malformed_at, "stream_no_done",
+                                         st->stream_no_done, "reject_prefill", st->reject_prefill));
     if (doc && st->sched_down)
         json_object_set_new(doc, "schedule",
                             json_pack("{s:I, s:I, s:o}", "period_ms", (json_int_t)st->period_ms,
