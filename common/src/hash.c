@@ -83,6 +83,25 @@ static int hash_feed(const char *buffer, size_t size, void *data)
 }
 
 /* Streams jansson's canonical dump straight into the digest: no copy of the request text. */
+int pq_request_cache_hash(const json_t *request, const char *request_hash,
+                          char out[PQ_SHA256_HEX_LEN + 1])
+{
+    json_t *copy;
+    int rc;
+
+    if (!json_object_get(request, "stream") && !json_object_get(request, "stream_options")) {
+        memcpy(out, request_hash, PQ_SHA256_HEX_LEN + 1);
+        return request_hash[0] ? 0 : -1;
+    }
+    if (!(copy = json_copy((json_t *)request))) /* shallow: members shared, not copied */
+        return -1;
+    json_object_del(copy, "stream");
+    json_object_del(copy, "stream_options");
+    rc = pq_request_hash(copy, out);
+    json_decref(copy);
+    return rc;
+}
+
 int pq_request_hash(const json_t *request, char out[PQ_SHA256_HEX_LEN + 1])
 {
     unsigned char md[EVP_MAX_MD_SIZE];

@@ -231,6 +231,20 @@ def test_stream_worker():
                  T(30), "s-park parked")
         assert "end" not in [t for t, _ in entries(r, key("s-park"))]
 
+        # 8. the response cache ignores "stream" and "stream_options": a streamed request
+        # after the same plain one is a cache hit, answered from the record (the stream has
+        # only its end)
+        plain = dict(env("c-plain", stream=False), cache=True)
+        st.produce(REQ, [plain], keys=["c-plain"])
+        assert result(st, "c-plain")["provider"] == "a"
+        calls = s["a"].stats()["by_path"].get("/v1/chat/completions")
+        st.produce(REQ, [dict(env("c-stream", usage=True), cache=True)], keys=["c-stream"])
+        res = result(st, "c-stream")
+        assert res["status"] == "succeeded" and res["provider"] == "cache", res
+        assert content(res) == "echo: " + PROMPT, res
+        assert s["a"].stats()["by_path"].get("/v1/chat/completions") == calls
+        wait_for(lambda: entries(r, key("c-stream")) == [("end", "")], T(5), "only the end")
+
         # 4. a non-streamed job writes no stream key
         st.produce(REQ, [env("s-plain", stream=False)], keys=["s-plain"])
         res = result(st, "s-plain")

@@ -72,6 +72,36 @@ static void test_request_hash(void **state)
     json_decref(c);
 }
 
+static void test_request_cache_hash(void **state)
+{
+    char plain[PQ_SHA256_HEX_LEN + 1], ph[PQ_SHA256_HEX_LEN + 1], sh[PQ_SHA256_HEX_LEN + 1],
+        oh[PQ_SHA256_HEX_LEN + 1], out[PQ_SHA256_HEX_LEN + 1];
+    json_t *p = load("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}");
+    json_t *s =
+        load("{\"stream\":true,\"model\":\"m\",\"stream_options\":"
+             "{\"include_usage\":true},\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}");
+    json_t *o = load("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+                     "\"temperature\":0.5,\"stream\":true}");
+
+    assert_int_equal(pq_request_hash(p, plain), 0);
+    assert_int_equal(pq_request_hash(s, sh), 0);
+    assert_int_equal(pq_request_hash(o, oh), 0);
+    assert_string_not_equal(plain, sh); /* the request hash (ids, idempotency) tells them apart */
+    /* a request without the members: its own hash, as given */
+    assert_int_equal(pq_request_cache_hash(p, plain, ph), 0);
+    assert_string_equal(ph, plain);
+    /* streamed: the plain call's cache hash; the request itself is untouched */
+    assert_int_equal(pq_request_cache_hash(s, sh, out), 0);
+    assert_string_equal(out, plain);
+    assert_non_null(json_object_get(s, "stream_options"));
+    /* any other difference still counts */
+    assert_int_equal(pq_request_cache_hash(o, oh, out), 0);
+    assert_string_not_equal(out, plain);
+    json_decref(p);
+    json_decref(s);
+    json_decref(o);
+}
+
 static void test_kafka_id(void **state)
 {
     char out[PQ_KAFKA_ID_LEN + 1];
@@ -90,9 +120,8 @@ static void test_kafka_id(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sha256_vectors),
-        cmocka_unit_test(test_hmac_rfc4231),
-        cmocka_unit_test(test_request_hash),
+        cmocka_unit_test(test_sha256_vectors), cmocka_unit_test(test_hmac_rfc4231),
+        cmocka_unit_test(test_request_hash),   cmocka_unit_test(test_request_cache_hash),
         cmocka_unit_test(test_kafka_id),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -559,9 +559,12 @@ void pq_jobredis_run(pq_job_t *j)
 {
     pq_worker_t *w = j->w;
 
+    char hash[PQ_SHA256_HEX_LEN + 1];
+
     j->cacheable = job_cacheable(j);
-    if (j->cacheable && pq_key_cache(j->cache_key, sizeof(j->cache_key), w->conf->redis_prefix,
-                                     tenant_of(j), j->env.request_hash) >= 0) {
+    if (j->cacheable && pq_request_cache_hash(j->env.request, j->env.request_hash, hash) == 0 &&
+        pq_key_cache(j->cache_key, sizeof(j->cache_key), w->conf->redis_prefix, tenant_of(j),
+                     hash) >= 0) {
         j->state = JS_CACHE;
         j->rstep = RS_CACHE_GET;
         pq_jobredis_issue(j);

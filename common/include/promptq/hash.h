@@ -24,4 +24,11 @@ void pq_hmac_sha256_hex2(const void *key, size_t keylen, const void *head, size_
  * request: borrowed. */
 int pq_request_hash(const json_t *request, char out[PQ_SHA256_HEX_LEN + 1]);
 
+/* The response cache's hash of request: pq_request_hash without "stream" and "stream_options"
+ * (they change how the answer is delivered, not the answer), so a streamed and a plain call
+ * share cached answers. request_hash: the request's pq_request_hash, returned as it is when
+ * neither member is there. 0, or -1 (out of memory). */
+int pq_request_cache_hash(const json_t *request, const char *request_hash,
+                          char out[PQ_SHA256_HEX_LEN + 1]);
+
 #endif
