@@ -436,7 +436,8 @@ static rd_kafka_t *drain_producer_new(pq_drain_t *d, char *errstr, size_t errstr
 {
     const pq_conf_t *conf = d->bc->conf;
     rd_kafka_conf_t *kc = pq_kprod_conf(conf, errstr, errstr_size);
-    rd_kafka_t *rk;
+    pq_kafka_cbs_t cbs = {
+        .opaque = d, .dr_msg = drain_dr_cb, .error = drain_error_cb, .stats = drain_stats_cb};
 
     if (!kc)
         return NULL;
@@ -447,14 +448,7 @@ static rd_kafka_t *drain_producer_new(pq_drain_t *d, char *errstr, size_t errstr
         rd_kafka_conf_destroy(kc);
         return NULL;
     }
-    rd_kafka_conf_set_opaque(kc, d);
-    rd_kafka_conf_set_dr_msg_cb(kc, drain_dr_cb);
-    rd_kafka_conf_set_error_cb(kc, drain_error_cb);
-    rd_kafka_conf_set_stats_cb(kc, drain_stats_cb);
-    rk = rd_kafka_new(RD_KAFKA_PRODUCER, kc, errstr, errstr_size);
-    if (!rk)
-        rd_kafka_conf_destroy(kc);
-    return rk;
+    return pq_kafka_client_new(RD_KAFKA_PRODUCER, kc, &cbs, errstr, errstr_size);
 }
 
 /* Fails everything the producer holds (each record is nacked by its delivery report) and

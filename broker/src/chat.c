@@ -55,6 +55,7 @@
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/hiredis.h>
 
+#include "promptq/rasync.h"
 #include "promptq/jscan.h"
 #include "promptq/jwrite.h"
 #include "promptq/keys.h"
@@ -1090,33 +1091,26 @@ static void reader_open(pq_slot_t *s)
     const pq_conf_t *conf = t->bc->conf;
     stream_t *st = stream_of(s);
     redisAsyncContext *ac;
-    char db[16];
+    pq_rasync_opts_t o = {.base = t->base,
+                          .port = conf->redis_port,
+                          .password = conf->redis_password,
+                          .db = conf->redis_db,
+                          .data = pq_slot_handle(s),
+                          .on_connect = reader_connected,
+                          .on_disconnect = reader_disconnected,
+                          .on_setup = reader_setup_reply,
+                          .priority = -1};
+    char err[128];
 
     /* the address the loop's own connection reached (resolved already, never blocking) */
     if (st->ac || !t->rc || !t->redis_connected || !t->rc->c.tcp.host)
         return;
-    ac = redisAsyncConnect(t->rc->c.tcp.host, conf->redis_port);
-    if (!ac)
-        return;
-    if (ac->err) {
-        PQ_WARN("job %s/%s: stream reader: %s", s->tenant, s->id, ac->errstr);
-        redisAsyncFree(ac);
+    o.addr = t->rc->c.tcp.host;
+    if (!(ac = pq_rasync_open(&o, NULL, err, sizeof(err)))) {
+        PQ_WARN("job %s/%s: stream reader: %s", s->tenant, s->id, err);
         return;
     }
-    ac->data = pq_slot_handle(s);
-    if (redisLibeventAttach(ac, t->base) != REDIS_OK) {
-        redisAsyncFree(ac);
-        return;
-    }
-    redisAsyncSetConnectCallback(ac, reader_connected);
-    redisAsyncSetDisconnectCallback(ac, reader_disconnected);
     st->ac = ac;
-    if (conf->redis_password)
-        redisAsyncCommand(ac, reader_setup_reply, "AUTH", "AUTH %s", conf->redis_password);
-    if (conf->redis_db) {
-        snprintf(db, sizeof(db), "%d", conf->redis_db);
-        redisAsyncCommand(ac, reader_setup_reply, "SELECT", "SELECT %s", db);
-    }
     reader_xread(s);
 }
 

@@ -132,21 +132,10 @@ rd_kafka_conf_t *pq_kprod_conf(const pq_conf_t *conf, char *errstr, size_t errst
 
 static rd_kafka_t *producer_new(pq_bthread_t *t, char *errstr, size_t errstr_size)
 {
-    rd_kafka_conf_t *kc = pq_kprod_conf(t->bc->conf, errstr, errstr_size);
-    rd_kafka_t *rk;
+    pq_kafka_cbs_t cbs = {.opaque = t, .dr_msg = dr_cb, .error = error_cb, .stats = stats_cb};
 
-    if (!kc)
-        return NULL;
-    rd_kafka_conf_set_opaque(kc, t);
-    rd_kafka_conf_set_dr_msg_cb(kc, dr_cb);
-    rd_kafka_conf_set_error_cb(kc, error_cb);
-    rd_kafka_conf_set_stats_cb(kc, stats_cb);
-    rk = rd_kafka_new(RD_KAFKA_PRODUCER, kc, errstr, errstr_size);
-    if (!rk) {
-        rd_kafka_conf_destroy(kc);
-        return NULL;
-    }
-    return rk;
+    return pq_kafka_client_new(RD_KAFKA_PRODUCER, pq_kprod_conf(t->bc->conf, errstr, errstr_size),
+                               &cbs, errstr, errstr_size);
 }
 
 /* A topic handle whose delivery reports go to *fn. */

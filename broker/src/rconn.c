@@ -17,6 +17,7 @@
 #include <hiredis/hiredis.h>
 #include <openssl/evp.h>
 
+#include "promptq/rasync.h"
 #include "promptq/log.h"
 #include "promptq/scripts.h"
 #include "promptq/util.h"
@@ -364,38 +365,27 @@ static void connect_addr(pq_bthread_t *t, const char *addr)
         }
         return;
     }
-    ac = redisAsyncConnect(addr, conf->redis_port);
+    pq_rasync_opts_t o = {.base = t->base,
+                          .addr = addr,
+                          .port = conf->redis_port,
+                          .password = conf->redis_password,
+                          .db = conf->redis_db,
+                          .data = t,
+                          .on_connect = on_connect,
+                          .on_disconnect = on_disconnect,
+                          .on_setup = on_setup_reply,
+                          .priority = -1};
+    char err[128];
+    int nsetup = 0;
 
+    ac = pq_rasync_open(&o, &nsetup, err, sizeof(err));
     if (!ac) {
+        PQ_WARN("thread %d: redis %s:%d: %s", t->no, conf->redis_host, conf->redis_port, err);
         schedule_retry(t);
         return;
     }
-    if (ac->err) {
-        PQ_WARN("thread %d: redis %s:%d: %s", t->no, conf->redis_host, conf->redis_port,
-                ac->errstr);
-        redisAsyncFree(ac);
-        schedule_retry(t);
-        return;
-    }
-    ac->data = t;
-    if (redisLibeventAttach(ac, t->base) != REDIS_OK) {
-        redisAsyncFree(ac);
-        schedule_retry(t);
-        return;
-    }
-    redisAsyncSetConnectCallback(ac, on_connect);
-    redisAsyncSetDisconnectCallback(ac, on_disconnect);
     t->rc = ac;
-    t->redis_pending = 0;
-    /* Queued before the connection is up; hiredis sends them first. */
-    if (conf->redis_password) {
-        t->redis_pending++;
-        redisAsyncCommand(ac, on_setup_reply, "AUTH", "AUTH %s", conf->redis_password);
-    }
-    if (conf->redis_db) {
-        t->redis_pending++;
-        redisAsyncCommand(ac, on_setup_reply, "SELECT", "SELECT %d", conf->redis_db);
-    }
+    t->redis_pending = nsetup; /* AUTH and SELECT, queued first */
     load_scripts(t);
 }
 

@@ -520,6 +520,7 @@ static rd_kafka_t *producer_new(struct pq_redrive_s *r, char *errstr, size_t siz
 {
     const pq_conf_t *conf = r->bc->conf;
     rd_kafka_conf_t *kc = pq_kafka_conf_new(conf, PQ_KAFKA_PRODUCER, errstr, size);
+    pq_kafka_cbs_t cbs = {0};
     rd_kafka_t *rk;
 
     if (!kc)
@@ -531,14 +532,11 @@ static rd_kafka_t *producer_new(struct pq_redrive_s *r, char *errstr, size_t siz
         rd_kafka_conf_destroy(kc);
         return NULL;
     }
-    rd_kafka_conf_set_opaque(kc, r);
-    rd_kafka_conf_set_dr_msg_cb(kc, dr_cb);
-    rd_kafka_conf_set_error_cb(kc, kafka_error_cb);
-    rk = rd_kafka_new(RD_KAFKA_PRODUCER, kc, errstr, size);
-    if (!rk) {
-        rd_kafka_conf_destroy(kc);
+    cbs.opaque = r;
+    cbs.dr_msg = dr_cb;
+    cbs.error = kafka_error_cb;
+    if (!(rk = pq_kafka_client_new(RD_KAFKA_PRODUCER, kc, &cbs, errstr, size)))
         return NULL;
-    }
     r->rkt_bulk = rd_kafka_topic_new(rk, r->bc->topic_bulk, NULL);
     if (!r->rkt_bulk) {
         snprintf(errstr, size, "topic %s: %s", r->bc->topic_bulk,
@@ -569,6 +567,7 @@ static rd_kafka_t *consumer_new(struct pq_redrive_s *r, char *errstr, size_t siz
     const pq_conf_t *conf = r->bc->conf;
     rd_kafka_conf_t *kc = pq_kafka_conf_new(conf, PQ_KAFKA_CONSUMER, errstr, size);
     char group[256];
+    pq_kafka_cbs_t cbs = {0};
     rd_kafka_t *rk;
 
     if (!kc)
@@ -581,12 +580,9 @@ static rd_kafka_t *consumer_new(struct pq_redrive_s *r, char *errstr, size_t siz
         rd_kafka_conf_destroy(kc);
         return NULL;
     }
-    rd_kafka_conf_set_error_cb(kc, kafka_error_cb);
-    rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errstr, size);
-    if (!rk) {
-        rd_kafka_conf_destroy(kc);
+    cbs.error = kafka_error_cb;
+    if (!(rk = pq_kafka_client_new(RD_KAFKA_CONSUMER, kc, &cbs, errstr, size)))
         return NULL;
-    }
     r->rkt_dlq = rd_kafka_topic_new(rk, r->topic_dlq, NULL);
     if (!r->rkt_dlq) {
         snprintf(errstr, size, "topic %s: %s", r->topic_dlq,

@@ -16,6 +16,7 @@
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/hiredis.h>
 
+#include "promptq/rasync.h"
 #include "promptq/log.h"
 
 #define RSUB_RETRY_MIN_MS 100
@@ -115,28 +116,24 @@ static void rsub_connect_addr(pq_bthread_t *t, const char *addr)
             rsub_schedule(t);
         return;
     }
-    ac = redisAsyncConnect(addr, conf->redis_port);
-    if (!ac) {
+    /* no SELECT: channels are the same in every database */
+    pq_rasync_opts_t o = {.base = t->base,
+                          .addr = addr,
+                          .port = conf->redis_port,
+                          .password = conf->redis_password,
+                          .data = t,
+                          .on_connect = on_sub_connect,
+                          .on_disconnect = on_sub_disconnect,
+                          .on_setup = on_auth,
+                          .priority = -1};
+    char err[128];
+
+    if (!(ac = pq_rasync_open(&o, NULL, err, sizeof(err)))) {
         rsub_schedule(t);
         return;
     }
-    if (ac->err) {
-        redisAsyncFree(ac);
-        rsub_schedule(t);
-        return;
-    }
-    ac->data = t;
-    if (redisLibeventAttach(ac, t->base) != REDIS_OK) {
-        redisAsyncFree(ac);
-        rsub_schedule(t);
-        return;
-    }
-    redisAsyncSetConnectCallback(ac, on_sub_connect);
-    redisAsyncSetDisconnectCallback(ac, on_sub_disconnect);
     t->sub = ac;
     t->sub_ready = 0;
-    if (conf->redis_password)
-        redisAsyncCommand(ac, on_auth, NULL, "AUTH %s", conf->redis_password);
     redisAsyncCommand(ac, on_sub_message, NULL, "SUBSCRIBE %b", t->b->reply_channel,
                       strlen(t->b->reply_channel));
 }

@@ -133,6 +133,30 @@ void pq_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *
         PQ_DBG("kafka %s: %s", fac, buf);
 }
 
+rd_kafka_t *pq_kafka_client_new(rd_kafka_type_t type, rd_kafka_conf_t *kc,
+                                const pq_kafka_cbs_t *cbs, char *errstr, size_t errstr_size)
+{
+    rd_kafka_t *rk;
+
+    if (!kc)
+        return NULL;
+    rd_kafka_conf_set_opaque(kc, cbs->opaque);
+    if (cbs->dr_msg)
+        rd_kafka_conf_set_dr_msg_cb(kc, cbs->dr_msg);
+    if (cbs->error)
+        rd_kafka_conf_set_error_cb(kc, cbs->error);
+    if (cbs->stats)
+        rd_kafka_conf_set_stats_cb(kc, cbs->stats);
+    if (cbs->log)
+        rd_kafka_conf_set_log_cb(kc, cbs->log);
+    if (cbs->rebalance)
+        rd_kafka_conf_set_rebalance_cb(kc, cbs->rebalance);
+    rk = rd_kafka_new(type, kc, errstr, errstr_size);
+    if (!rk)
+        rd_kafka_conf_destroy(kc); /* rd_kafka_new took it only on success */
+    return rk;
+}
+
 rd_kafka_conf_t *pq_kafka_conf_new(const pq_conf_t *conf, pq_kafka_role_t role, char *errstr,
                                    size_t errstr_size)
 {

@@ -11,6 +11,7 @@
 #include <event2/util.h>
 #include <hiredis/async.h>
 #include <hiredis/adapters/libevent.h>
+#include "promptq/rasync.h"
 #include "promptq/log.h"
 #include "promptq/scripts.h"
 #include "promptq/util.h"
@@ -128,12 +129,9 @@ static void on_connect(const redisAsyncContext *ac, int status)
             set_down(r, ac->errstr[0] ? ac->errstr : "connect failed");
         return;
     }
-    if (r->password)
-        redisAsyncCommand(r->ac, NULL, NULL, "AUTH %s", r->password);
-    if (r->db)
-        redisAsyncCommand(r->ac, NULL, NULL, "SELECT %d", r->db);
-    /* every EVALSHA sent on this connection then finds its script, also on a Redis restarted
-     * empty; a later SCRIPT FLUSH is answered NOSCRIPT and the caller sends EVAL */
+    /* AUTH and SELECT went first (queued by pq_rasync_open); every EVALSHA sent on this connection
+     * then finds its script, also on a Redis restarted empty; a later SCRIPT FLUSH is answered
+     * NOSCRIPT and the caller sends EVAL */
     for (int i = 0; i < PQ_SCRIPT__CNT; i++) {
         const char *text = pq_script_text((pq_script_id_t)i);
         const char *argv[3] = {"SCRIPT", "LOAD", text};
@@ -154,27 +152,26 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
 /* Connects to a numeric address (hiredis resolves nothing then). */
 static void connect_addr(pq_redis_t *r, const char *addr)
 {
-    redisAsyncContext *ac = redisAsyncConnect(addr, r->port);
+    pq_rasync_opts_t o = {.base = r->base,
+                          .addr = addr,
+                          .port = r->port,
+                          .password = r->password,
+                          .db = r->db,
+                          .data = r,
+                          .on_connect = on_connect,
+                          .on_disconnect = on_disconnect,
+                          .priority = r->priority};
+    char err[128];
+    redisAsyncContext *ac = pq_rasync_open(&o, NULL, err, sizeof(err));
 
-    if (!ac || ac->err) {
-        PQ_WARN("redis %s:%d: %s", r->host, r->port, ac ? ac->errstr : "out of memory");
-        if (ac)
-            redisAsyncFree(ac);
+    if (!ac) {
+        PQ_WARN("redis %s:%d: %s", r->host, r->port, err);
         schedule_reconnect(r);
         return;
     }
-    ac->data = r;
     r->ac = ac;
     r->pending = 0;
     r->last_progress_ms = pq_mono_ms();
-    redisLibeventAttach(ac, r->base);
-    if (r->priority >= 0 && ac->ev.data) {
-        redisLibeventEvents *e = ac->ev.data;
-        event_priority_set(e->rev, r->priority);
-        event_priority_set(e->wev, r->priority);
-    }
-    redisAsyncSetConnectCallback(ac, on_connect);
-    redisAsyncSetDisconnectCallback(ac, on_disconnect);
 }
 
 /* A lookup's link back to its connection: cut when the connection is destroyed first (a

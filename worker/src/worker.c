@@ -55,18 +55,7 @@ static void on_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const
                buf);
         return;
     }
-    /* The one "kafka" section feeds both clients: consumer-only keys on the producer (and the
-     * other way round) are expected, not worth a warning. */
-    if (strcmp(fac, "CONFWARN") == 0 && strstr(buf, "will be ignored by this"))
-        level = LOG_DEBUG;
-    if (level <= LOG_ERR)
-        PQ_ERR("kafka %s: %s", fac, buf);
-    else if (level == LOG_WARNING)
-        PQ_WARN("kafka %s: %s", fac, buf);
-    else if (level <= LOG_INFO)
-        PQ_INFO("kafka %s: %s", fac, buf);
-    else
-        PQ_DBG("kafka %s: %s", fac, buf);
+    pq_kafka_log(rk, level, fac, buf);
 }
 
 static void on_kafka_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
@@ -329,7 +318,10 @@ static void metrics_init(pq_worker_t *w)
 static rd_kafka_t *consumer_new(pq_worker_t *w, char *errstr, size_t errstr_size)
 {
     rd_kafka_conf_t *kc = pq_kafka_conf_new(w->conf, PQ_KAFKA_CONSUMER, errstr, errstr_size);
-    rd_kafka_t *rk;
+    pq_kafka_cbs_t cbs = {.opaque = w,
+                          .error = on_kafka_error,
+                          .log = on_kafka_log,
+                          .rebalance = pq_consumer_on_rebalance};
 
     if (!kc)
         return NULL;
@@ -343,31 +335,17 @@ static rd_kafka_t *consumer_new(pq_worker_t *w, char *errstr, size_t errstr_size
     }
     if (!pq_conf_kafka_get(w->conf, "queued.max.messages.kbytes"))
         rd_kafka_conf_set(kc, "queued.max.messages.kbytes", "16384", NULL, 0);
-    rd_kafka_conf_set_opaque(kc, w);
-    rd_kafka_conf_set_rebalance_cb(kc, pq_consumer_on_rebalance);
-    rd_kafka_conf_set_log_cb(kc, on_kafka_log);
-    rd_kafka_conf_set_error_cb(kc, on_kafka_error);
-    rk = rd_kafka_new(RD_KAFKA_CONSUMER, kc, errstr, errstr_size);
-    if (!rk)
-        rd_kafka_conf_destroy(kc);
-    return rk;
+    return pq_kafka_client_new(RD_KAFKA_CONSUMER, kc, &cbs, errstr, errstr_size);
 }
 
 static rd_kafka_t *producer_new(pq_worker_t *w, char *errstr, size_t errstr_size)
 {
-    rd_kafka_conf_t *kc = pq_kafka_conf_new(w->conf, PQ_KAFKA_PRODUCER, errstr, errstr_size);
-    rd_kafka_t *rk;
+    pq_kafka_cbs_t cbs = {
+        .opaque = w, .dr_msg = on_delivery, .error = on_kafka_error, .log = on_kafka_log};
 
-    if (!kc)
-        return NULL;
-    rd_kafka_conf_set_opaque(kc, w);
-    rd_kafka_conf_set_dr_msg_cb(kc, on_delivery);
-    rd_kafka_conf_set_log_cb(kc, on_kafka_log);
-    rd_kafka_conf_set_error_cb(kc, on_kafka_error);
-    rk = rd_kafka_new(RD_KAFKA_PRODUCER, kc, errstr, errstr_size);
-    if (!rk)
-        rd_kafka_conf_destroy(kc);
-    return rk;
+    return pq_kafka_client_new(RD_KAFKA_PRODUCER,
+                               pq_kafka_conf_new(w->conf, PQ_KAFKA_PRODUCER, errstr, errstr_size),
+                               &cbs, errstr, errstr_size);
 }
 
 pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_size)

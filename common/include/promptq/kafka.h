@@ -36,6 +36,22 @@ void pq_kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *
 rd_kafka_conf_t *pq_kafka_conf_new(const pq_conf_t *conf, pq_kafka_role_t role, char *errstr,
                                    size_t errstr_size);
 
+/* The callbacks of a client (NULL: none, or librdkafka's own; log NULL keeps pq_kafka_log). */
+typedef struct {
+    void *opaque;
+    void (*dr_msg)(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque);
+    void (*error)(rd_kafka_t *rk, int err, const char *reason, void *opaque);
+    int (*stats)(rd_kafka_t *rk, char *json, size_t len, void *opaque);
+    void (*log)(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
+    void (*rebalance)(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                      rd_kafka_topic_partition_list_t *parts, void *opaque);
+} pq_kafka_cbs_t;
+
+/* The one constructor of the programs' producers and consumers: kc (from pq_kafka_conf_new,
+ * with the caller's own defaults; taken, also on failure) with cbs set. NULL with errstr set. */
+rd_kafka_t *pq_kafka_client_new(rd_kafka_type_t type, rd_kafka_conf_t *kc,
+                                const pq_kafka_cbs_t *cbs, char *errstr, size_t errstr_size);
+
 /* 1 if a pass-through kafka property is refused because it would break a guarantee. */
 int pq_kafka_key_refused(const char *key);
 
