@@ -55,10 +55,21 @@ def wait_for(pred, timeout, what, interval=0.05):
         time.sleep(interval)
 
 
+_ports_given = set()
+
+
 def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on now, never one this process handed out before: the
+    kernel may give the same ephemeral port to two binds in a row (seen in CI: a sim's listen
+    and control ports came out equal, and the second bind failed)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+    raise AssertionError("no fresh loopback port in 100 tries")
 
 
 def binary(prog):
