@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 secs="${PQ_FUZZ_SECONDS:-20}"
 CC=clang cmake -S . -B build-fuzz -DPQ_FUZZ=ON -DPQ_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     >/dev/null
-targets=(envelope stream provider rate_hints conf spool jscan multipart)
+targets=(envelope stream provider rate_hints conf spool jscan multipart callback_url)
 cmake --build build-fuzz -j"$(nproc)" --target "${targets[@]/#/fuzz_}" >/dev/null
 failed=0
 for t in "${targets[@]}"; do
