@@ -450,8 +450,8 @@ static int line_parse(pq_btask_t *bt, const char *p, size_t n, uint32_t line, js
 
     o = json_loadb(p, n, JSON_REJECT_DUPLICATES, &jerr);
     if (!o || !json_is_object(o)) {
-        invalid_line(bt, line, NULL, "invalid_json_line", "line %u: not a JSON object: %s", line,
-                     o ? "" : jerr.text);
+        invalid_line(bt, line, NULL, "invalid_json_line", "line %u: not a JSON object%s%s", line,
+                     o ? "" : ": ", o ? "" : pq_json_error_what(&jerr));
         json_decref(o);
         return 0;
     }

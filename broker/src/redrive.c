@@ -183,7 +183,9 @@ static int parse_body(rjob_t *j, const char *buf, size_t len, char *errstr, size
         return 0;
     j->body = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!j->body) {
-        snprintf(errstr, size, "body: invalid JSON: %s", jerr.text);
+        /* jansson's text may quote the body: the fixed description and the place only */
+        snprintf(errstr, size, "body: invalid JSON: %s at byte %d", pq_json_error_what(&jerr),
+                 jerr.position);
         return -1;
     }
     if (!json_is_object(j->body)) {

@@ -193,7 +193,7 @@ def test_batch_end_to_end():
 
         # invalid lines: bad JSON, wrong url, wrong method, missing and duplicate custom_id,
         # unknown model; blank lines are skipped
-        bad = [line("ok-1", "one"), "{not json", line("x-url", "u", url="/v1/embeddings"),
+        bad = [line("ok-1", "one"), "{zq9secret json", line("x-url", "u", url="/v1/embeddings"),
                line("x-method", "m", method="GET"),
                json.dumps({"method": "POST", "url": "/v1/chat/completions",
                            "body": {"model": MODEL, "messages": [{"role": "user",
@@ -220,6 +220,8 @@ def test_batch_end_to_end():
                                 "missing_custom_id", "duplicate_custom_id",
                                 "model_not_found"]), codes
         assert all(e["response"] is None and e["error"]["message"] for e in errs)
+        # an error text never quotes the line's bytes (jansson's own text would)
+        assert not any("zq9secret" in e["error"]["message"] for e in errs), errs
         assert {e["custom_id"] for e in errs} >= {"x-url", "x-method", "x-model"}
         assert d2["errors"]["data"] and d2["errors"]["data"][0]["line"] == 2, d2["errors"]
 

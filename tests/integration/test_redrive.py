@@ -134,6 +134,9 @@ def test_redrive():
             status, _, doc = redrive(st, "key-a", raw=body)
             assert status == 400, (body, status, doc)
             assert want in doc["error"]["message"], (body, doc)
+        status, _, doc = redrive(st, "key-a", raw=b'{"zq9secret')
+        assert status == 400 and "JSON" in doc["error"]["message"], doc
+        assert "zq9secret" not in doc["error"]["message"], doc  # never the body's bytes
         status, _, doc = redrive(st, None, {})
         assert status == 401, (status, doc)
         status, _, doc = redrive(st, "wrong-key", {})
