@@ -4,6 +4,7 @@ called directly, N concurrent streams.
 
     PQ_BIN_DIR=build/bin STREAMS=100 RUNS=3 python3 tests/bench/ttft.py
     FETCH_WAIT_MS=1 ...   # the worker's fetch.wait.max.ms (the harness's: 5)
+    KAFKA='{"linger.ms": "0"}' ...   # any other librdkafka properties of the kafka section
 
 One stack: redis-server, promptq-devkafka, promptq-broker, promptq-worker and one promptq-sim
 (OpenAI format) that streams one word per chunk every CHUNK_MS (default 50). Each round opens
@@ -101,6 +102,8 @@ with harness.Stack("bench_ttft") as st:
     extra = {"broker": {"api_keys": {KEY: "t"}}}
     if os.environ.get("FETCH_WAIT_MS"):  # the mock answers an empty fetch only after this
         extra["kafka"] = {"fetch.wait.max.ms": os.environ["FETCH_WAIT_MS"]}
+    if os.environ.get("KAFKA"):  # more librdkafka properties, as JSON: '{"linger.ms": "0"}'
+        extra.setdefault("kafka", {}).update(json.loads(os.environ["KAFKA"]))
     path, _ = st.config(providers=providers, routes=routes, extra=extra)
     worker = st.spawn("promptq-worker", "--config", path, name="worker")
     broker = st.broker(path)
