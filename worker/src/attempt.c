@@ -169,6 +169,8 @@ static void note_error(pq_job_t *j, const pq_target_t *t, pq_err_t err, long sta
 static act_t act_of(const pq_job_t *j, const pq_target_t *t, pq_err_t err, long status,
                     pq_http_timeout_t timeout)
 {
+    if (err == PQ_ERR_REFUSED && j->continuing)
+        return ACT_AFRESH; /* it refused the continuation's prefill, not the job */
     switch (err) {
     case PQ_ERR_TIMEOUT:
         /* a provider's 408 is worth a retry; our own timeouts move on unless asked not to */
@@ -419,7 +421,7 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
     pq_err_t err;
     act_t act;
     int64_t tokens = -1;
-    int probe = j->probe, failure, verbatim = 0, continuing;
+    int probe = j->probe, failure, verbatim = 0;
 
     memset(&fault, 0, sizeof(fault));
     j->http = NULL;
@@ -478,15 +480,13 @@ static void on_http_done(void *opaque, const pq_http_result_t *res)
         j->hooks->finish(j, "succeeded", PQ_OK, NULL);
         return;
     }
-    continuing = j->continuing;
-    if (continuing && err == PQ_ERR_REFUSED)
-        pq_jobstream_flush(j); /* it refused the prefill, not the job: restart, call afresh */
+    act = act_of(j, t, err, res->status, res->timeout);
+    if (act == ACT_AFRESH)
+        pq_jobstream_flush(j); /* the restart entry; the same target is called without it */
     else
         pq_jobstream_failed(j, err);
     pq_jobstream_clear(j);
     pq_counter_add(w->m.provider_errors, 1);
-    act = continuing && err == PQ_ERR_REFUSED ? ACT_AFRESH
-                                              : act_of(j, t, err, res->status, res->timeout);
     attempt_note(j, t, err, res->status, res->elapsed_ms, msg, act_name(act),
                  err == PQ_ERR_TIMEOUT ? pq_http_timeout_name(res->timeout) : NULL);
     attempt_failed(j, act, err, res->status, res->retry_after_ms, msg,
