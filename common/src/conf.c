@@ -366,8 +366,10 @@ static const prop_t worker_props[] = {
     P_INT(pq_conf_t, "lease_ms", lease_ms, 30000, 1000, ONE_HOUR_MS, "job lease, renewed"),
     P_INT(pq_conf_t, "max_attempts", max_attempts, 10, 1, 1000,
           "provider calls per job per pass over its route"),
-    P_STR(pq_conf_t, "metrics_listen", metrics_listen, "", 0,
-          "HOST:PORT serving GET /metrics and /healthz; empty = off"),
+    P_STR(pq_conf_t, "metrics_listen", metrics_listen, PQ_WORKER_METRICS_DEFAULT, 0,
+          "HOST:PORT serving GET /metrics and /healthz; empty = off. The default address "
+          "already taken (a second worker on the machine) is a warning, any other a start-up "
+          "error"),
 };
 
 static const prop_t callback_props[] = {

@@ -194,7 +194,7 @@ static void test_defaults(void **state)
     assert_int_equal(c->max_response_bytes, 4194304);
     assert_int_equal(c->max_deliveries, 5);
     assert_int_equal(c->lease_ms, 30000);
-    assert_string_equal(c->metrics_listen, "");
+    assert_string_equal(c->metrics_listen, "127.0.0.1:9464"); /* on, loopback only */
     assert_string_equal(c->log_level, "info");
     assert_int_equal(c->log_json, 0);
 

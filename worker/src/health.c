@@ -143,6 +143,8 @@ int pq_health_metrics_listen(pq_worker_t *w, const char *spec, char *errstr, siz
     evhttp_set_gencb(w->mhttp, on_metrics_http, w);
     if (!evhttp_bind_socket_with_handle(w->mhttp, host[0] ? host : "0.0.0.0", (ev_uint16_t)port)) {
         snprintf(errstr, errstr_size, "worker.metrics_listen %s: cannot bind", spec);
+        evhttp_free(w->mhttp);
+        w->mhttp = NULL;
         return -1;
     }
     PQ_INFO("metrics on http://%s/metrics", spec);

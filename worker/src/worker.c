@@ -572,8 +572,13 @@ pq_worker_t *pq_worker_new(const pq_conf_t *conf, char *errstr, size_t errstr_si
         goto out_fail;
     }
     if (conf->metrics_listen && conf->metrics_listen[0] &&
-        pq_health_metrics_listen(w, conf->metrics_listen, errstr, errstr_size) != 0)
-        goto out_fail;
+        pq_health_metrics_listen(w, conf->metrics_listen, errstr, errstr_size) != 0) {
+        /* the default port is one per machine: another worker here has it */
+        if (strcmp(conf->metrics_listen, PQ_WORKER_METRICS_DEFAULT) != 0)
+            goto out_fail;
+        PQ_WARN("%s: no metrics for this worker (set worker.metrics_listen)", errstr);
+        errstr[0] = '\0';
+    }
     PQ_INFO("worker %s: group %s, topics %s %s, max_inflight %zu, cluster %s", w->owner,
             conf->group_id, w->topics[PQ_T_REQUESTS], w->topics[PQ_T_BULK], w->max_inflight,
             w->cluster_id);

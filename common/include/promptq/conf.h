@@ -197,6 +197,9 @@ int pq_conf_warn(const pq_conf_t *conf, FILE *out, const char *prefix);
 int pq_conf_route_budget_ms(const pq_conf_t *conf, const pq_route_t *route);
 
 /* Finds a route or provider by name; NULL if absent. Borrowed. */
+/* worker.metrics_listen's default: on, loopback only. */
+#define PQ_WORKER_METRICS_DEFAULT "127.0.0.1:9464"
+
 const pq_route_t *pq_conf_route(const pq_conf_t *conf, const char *name);
 /* 1 if target continues an assistant prefill (its own supports_prefill, else its provider's). */
 int pq_target_prefill(const pq_target_t *t);
