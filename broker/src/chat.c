@@ -989,12 +989,14 @@ static int relay_entries(pq_slot_t *s, stream_t *st, const redisReply *reply, st
         } else if (!strcmp(ty->str, "end")) {
             if (st->chunks)
                 return 1; /* a plain "data: [DONE]", as OpenAI ends a stream */
-            /* nothing relayed: the terminal record answers, read now (a resumed stream's
-             * broker gets no reply_to message) */
+            /* nothing relayed: the terminal record answers: the reply_to message reads it, and
+             * a resumed stream (whose broker may get no message) reads it now */
             st->ended = 1;
-            st->terminal = 0;
-            evtimer_del(st->grace);
-            read_record(s);
+            if (st->resumed) {
+                st->terminal = 0;
+                evtimer_del(st->grace);
+                read_record(s);
+            }
             return 0;
         }
     }

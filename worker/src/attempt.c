@@ -550,21 +550,22 @@ static void job_send(pq_job_t *j, const char *key)
         err =
             ops->build_stream_request(t, with ? with : j->env.request, key, &req, msg, sizeof(msg));
         json_decref(with);
-        if (err != PQ_OK)
-            pq_jobstream_flush(j);
         if (err == PQ_OK &&
             (!(j->st = pq_stream_new(pq_stream_format_for(t->p->type), 0, msg, sizeof(msg))) ||
              !(j->sa = pq_stream_asm_new(w->max_response)))) {
             pq_provider_req_clear(&req);
             pq_jobstream_clear(j);
-            pq_jobstream_flush(j);
             snprintf(msg, sizeof(msg), "out of memory for the stream decoder");
+            err = PQ_ERR_NOMEM;
+        } else if (err == PQ_OK && with && pq_jobstream_prefill_seed(j) != 0) {
+            /* the request carries the prefill: never sent without its assembler seeded */
+            pq_provider_req_clear(&req);
+            pq_jobstream_clear(j);
+            snprintf(msg, sizeof(msg), "out of memory for the continued stream");
             err = PQ_ERR_NOMEM;
         } else if (err == PQ_OK) {
             pq_stream_skip_malformed(j->st, t->p->stream_malformed &&
                                                 strcmp(t->p->stream_malformed, "skip") == 0);
-            if (with)
-                pq_jobstream_prefill_seed(j);
         }
     } else {
         pq_jobstream_flush(j);

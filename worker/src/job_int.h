@@ -305,16 +305,18 @@ void pq_jobstream_relay_usage(pq_job_t *j, const json_t *completion);
  * one (pq_target_prefill), or a restart entry goes out now. */
 void pq_jobstream_failed(pq_job_t *j, pq_err_t err);
 
-/* A pending prefill that target cannot continue (or a call that does not stream): its restart
- * entry now. The job's end (finish, park) flushes it too. */
+/* A pending prefill that a target cannot continue (or a call that does not stream): its restart
+ * entry now. The job's end (finish, park) flushes it too. A target skipped (it cannot express
+ * the request) or an attempt that fails before its call leaves it pending for the next. */
 void pq_jobstream_flush(pq_job_t *j);
 
 /* A new reference: request with the pending prefill as a trailing assistant message, or NULL
  * when there is none (or out of memory: then the prefill is flushed). */
 json_t *pq_jobstream_prefill_request(pq_job_t *j, const json_t *request);
 
-/* The new attempt's assembler holds the prefill: its answer is the whole text. */
-void pq_jobstream_prefill_seed(pq_job_t *j);
+/* The new attempt's assembler takes the prefill, so its answer is the whole text. 0, or -1 (out
+ * of memory; the prefill stays pending): the call must not go out with it then. */
+int pq_jobstream_prefill_seed(pq_job_t *j);
 
 /* Forgets the pending prefill (a clean answer). */
 void pq_jobstream_prefill_drop(pq_job_t *j);

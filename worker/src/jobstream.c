@@ -251,21 +251,20 @@ json_t *pq_jobstream_prefill_request(pq_job_t *j, const json_t *request)
     return copy;
 }
 
-void pq_jobstream_prefill_seed(pq_job_t *j)
+int pq_jobstream_prefill_seed(pq_job_t *j)
 {
     pq_stream_chunk_t c;
 
     if (!j->prefill || !j->sa)
-        return;
+        return -1;
     memset(&c, 0, sizeof(c));
     c.kind = PQ_STREAM_CHUNK_DELTA;
     c.role = "assistant";
     c.text = j->prefill;
     c.text_len = j->prefill_len;
-    if (pq_stream_asm_add(j->sa, &c) != PQ_OK) {
-        pq_jobstream_flush(j);
-        return;
-    }
+    if (pq_stream_asm_add(j->sa, &c) != PQ_OK)
+        return -1; /* still pending: the next attempt tries again */
     j->prefill_skip = j->prefill_len - j->prefill_sent;
     j->continuing = 1;
+    return 0;
 }
